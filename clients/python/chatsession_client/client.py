@@ -1,0 +1,248 @@
+"""SessionClient: a small typed async client over the generated stubs.
+
+async with SessionClient("localhost:50051") as client:
+    session = await client.create_session("alice", title="Trip planning")
+    await client.append(session.session_id, [user("Hi!", tokens=3)])
+    page = await client.list_messages(session.session_id, page_size=20)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import field_mask_pb2
+
+from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
+from chatsession_client.errors import from_rpc_error
+from chatsession_client.retry import Retry
+
+T = TypeVar("T")
+Session = session_pb2.Session
+Message = session_pb2.Message
+
+_ROLES = {
+    "system": session_pb2.ROLE_SYSTEM,
+    "user": session_pb2.ROLE_USER,
+    "assistant": session_pb2.ROLE_ASSISTANT,
+    "tool": session_pb2.ROLE_TOOL,
+}
+
+
+def message(
+    role: str | int,
+    content: str,
+    *,
+    tokens: int = 0,
+    name: str = "",
+    metadata: Mapping[str, str] | None = None,
+    tool_calls: Iterable[tuple[str, str, str]] = (),
+    tool_call_id: str = "",
+) -> Message:
+    """Build a Message; `role` is "system"/"user"/"assistant"/"tool" or a Role value.
+    `tool_calls` are (id, name, arguments) triples."""
+    return Message(
+        role=_ROLES[role] if isinstance(role, str) else role,  # type: ignore[arg-type]
+        content=content,
+        tokens=tokens,
+        name=name,
+        metadata=dict(metadata or {}),
+        tool_calls=[session_pb2.ToolCall(id=i, name=n, arguments=a) for i, n, a in tool_calls],
+        tool_call_id=tool_call_id,
+    )
+
+
+def system(content: str, **kw: Any) -> Message:
+    return message("system", content, **kw)
+
+
+def user(content: str, **kw: Any) -> Message:
+    return message("user", content, **kw)
+
+
+def assistant(content: str, **kw: Any) -> Message:
+    return message("assistant", content, **kw)
+
+
+def tool(content: str, **kw: Any) -> Message:
+    return message("tool", content, **kw)
+
+
+class SessionClient:
+    """Async client for chatsession.v1.SessionService. Errors are ChatSessionError subclasses."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float | None = 10.0,
+        retry: Retry | None = None,
+    ) -> None:
+        self._own_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = session_service_pb2_grpc.SessionServiceStub(self._channel)
+        self._timeout = timeout
+        self._retry = retry or Retry()
+
+    async def __aenter__(self) -> SessionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_channel:
+            await self._channel.close()
+
+    async def _call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
+        async def attempt(timeout: float | None) -> T:
+            try:
+                return await rpc(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from exc
+
+        return await self._retry.run(attempt, self._timeout)
+
+    async def create_session(
+        self,
+        user_id: str,
+        *,
+        session_id: str = "",
+        model: str = "",
+        title: str = "",
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int = 0,
+        max_messages: int = 0,
+        request_id: str | None = None,
+    ) -> Session:
+        """Create a session. A request_id is generated when not given, so retries are safe."""
+        request = session_service_pb2.CreateSessionRequest(
+            session_id=session_id,
+            user_id=user_id,
+            model=model,
+            title=title,
+            labels=dict(labels or {}),
+            ttl_seconds=ttl_seconds,
+            max_messages=max_messages,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        return (await self._call(self._stub.CreateSession, request)).session
+
+    async def get_session(self, session_id: str) -> Session:
+        request = session_service_pb2.GetSessionRequest(session_id=session_id)
+        return (await self._call(self._stub.GetSession, request)).session
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        model: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
+        max_messages: int | None = None,
+    ) -> Session:
+        """Change the given fields only (an update mask is built from the arguments that are not None)."""
+        session = Session(session_id=session_id)
+        paths: list[str] = []
+        if title is not None:
+            session.title = title
+            paths.append("title")
+        if model is not None:
+            session.model = model
+            paths.append("model")
+        if ttl_seconds is not None:
+            session.ttl_seconds = ttl_seconds
+            paths.append("ttl_seconds")
+        if max_messages is not None:
+            session.max_messages = max_messages
+            paths.append("max_messages")
+        if labels is not None:
+            session.labels.update(labels)
+            paths.append("labels")
+        request = session_service_pb2.UpdateSessionRequest(
+            session=session, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        )
+        return (await self._call(self._stub.UpdateSession, request)).session
+
+    async def delete_session(self, session_id: str, *, allow_missing: bool = False) -> None:
+        """Delete a session. A retry that finds it gone (deleted by the first attempt) succeeds."""
+        request = session_service_pb2.DeleteSessionRequest(session_id=session_id, allow_missing=allow_missing)
+        attempts = 0
+
+        async def once(req: session_service_pb2.DeleteSessionRequest, timeout: float | None) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                req = session_service_pb2.DeleteSessionRequest(session_id=session_id, allow_missing=True)
+            await self._stub.DeleteSession(req, timeout=timeout)
+
+        await self._call(once, request)
+
+    async def list_sessions_page(
+        self, user_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> session_service_pb2.ListSessionsResponse:
+        request = session_service_pb2.ListSessionsRequest(
+            user_id=user_id, page_size=page_size, page_token=page_token
+        )
+        return await self._call(self._stub.ListSessions, request)
+
+    async def list_sessions(self, user_id: str, *, page_size: int = 0) -> AsyncIterator[Session]:
+        """Every live session of the user, most recently active first, fetched page by page."""
+        token = ""
+        while True:
+            page = await self.list_sessions_page(user_id, page_size=page_size, page_token=token)
+            for session in page.sessions:
+                yield session
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        *,
+        request_id: str | None = None,
+        expected_last_seq: int | None = None,
+    ) -> session_service_pb2.AppendMessagesResponse:
+        """Append messages. A request_id is generated when not given, so a retry never duplicates."""
+        request = session_service_pb2.AppendMessagesRequest(
+            session_id=session_id,
+            messages=list(messages),
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        if expected_last_seq is not None:
+            request.expected_last_seq = expected_last_seq
+        return await self._call(self._stub.AppendMessages, request)
+
+    async def list_messages(
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+    ) -> session_service_pb2.ListMessagesResponse:
+        """The newest messages, or those after `after_seq` / before `before_seq` (ascending seq)."""
+        request = session_service_pb2.ListMessagesRequest(session_id=session_id, page_size=page_size)
+        if after_seq is not None:
+            request.after_seq = after_seq
+        if before_seq is not None:
+            request.before_seq = before_seq
+        return await self._call(self._stub.ListMessages, request)
+
+    async def iter_messages(
+        self, session_id: str, *, after_seq: int = 0, page_size: int = 0
+    ) -> AsyncIterator[Message]:
+        """Every stored message after `after_seq`, oldest first, fetched page by page."""
+        while True:
+            page = await self.list_messages(session_id, page_size=page_size, after_seq=after_seq)
+            for m in page.messages:
+                yield m
+            if not page.has_more or not page.messages:
+                return
+            after_seq = page.messages[-1].seq

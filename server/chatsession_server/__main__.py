@@ -1,0 +1,3 @@
+from chatsession_server.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""gRPC side: protobuf <-> domain, validation, status mapping. Never imports glide."""

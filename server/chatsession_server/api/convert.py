@@ -1,0 +1,52 @@
+"""Domain values -> protobuf messages."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chatsession.v1 import session_pb2
+from chatsession_server.domain import Role, Session, StoredMessage
+
+_ROLE_TO_PROTO = {
+    Role.SYSTEM: session_pb2.ROLE_SYSTEM,
+    Role.USER: session_pb2.ROLE_USER,
+    Role.ASSISTANT: session_pb2.ROLE_ASSISTANT,
+    Role.TOOL: session_pb2.ROLE_TOOL,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    whole = int(seconds)
+    return Timestamp(seconds=whole, nanos=round((seconds - whole) * 1_000_000) * 1000)
+
+
+def session_to_proto(s: Session) -> session_pb2.Session:
+    return session_pb2.Session(
+        session_id=s.session_id,
+        user_id=s.user_id,
+        model=s.model,
+        title=s.title,
+        labels=dict(s.labels),
+        created_at=timestamp(s.created_at),
+        last_active=timestamp(s.last_active),
+        message_count=s.message_count,
+        token_count=s.token_count,
+        messages_stored=s.messages_stored,
+        expires_in_seconds=s.expires_in_seconds,
+        ttl_seconds=s.ttl_seconds,
+        max_messages=s.max_messages,
+    )
+
+
+def message_to_proto(m: StoredMessage) -> session_pb2.Message:
+    return session_pb2.Message(
+        seq=m.seq,
+        role=_ROLE_TO_PROTO[m.role],
+        content=m.content,
+        tokens=m.tokens,
+        name=m.name,
+        metadata=dict(m.metadata),
+        created_at=timestamp(m.created_at),
+        tool_calls=[session_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls],
+        tool_call_id=m.tool_call_id,
+    )

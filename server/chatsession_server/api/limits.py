@@ -1,0 +1,43 @@
+"""Input limits and defaults the validators apply, taken from Settings once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatsession_server.settings import Settings
+
+MAX_ID_LENGTH = 128
+MAX_MODEL_LENGTH = 256
+MAX_TITLE_LENGTH = 1024
+MAX_LABELS = 64
+MAX_LABEL_KEY_LENGTH = 128
+MAX_LABEL_VALUE_LENGTH = 1024
+MAX_NAME_LENGTH = 256
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY_LENGTH = 128
+MAX_METADATA_VALUE_LENGTH = 4096
+MAX_TOOL_CALLS = 128
+MAX_TOKENS_PER_MESSAGE = 1 << 31
+MAX_WINDOW = 1_000_000
+DEFAULT_SESSIONS_PAGE = 50
+DEFAULT_MESSAGES_PAGE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    default_ttl_seconds: int
+    max_ttl_seconds: int
+    default_max_messages: int
+    max_content_bytes: int
+    max_messages_per_append: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            default_ttl_seconds=settings.default_ttl_seconds,
+            max_ttl_seconds=settings.max_ttl_seconds,
+            default_max_messages=settings.default_max_messages,
+            max_content_bytes=settings.max_content_bytes,
+            max_messages_per_append=settings.max_messages_per_append,
+        )

@@ -1,0 +1,88 @@
+"""SessionService: validate, call the store, convert. No Valkey, no business rules."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+from grpc import aio
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession.v1 import session_service_pb2_grpc
+from chatsession_server.api import validation
+from chatsession_server.api.convert import message_to_proto, session_to_proto
+from chatsession_server.api.limits import Limits
+from chatsession_server.api.page_token import PageTokens
+from chatsession_server.errors import SessionNotFound
+from chatsession_server.ports import SessionStorage
+
+Context: TypeAlias = aio.ServicerContext[Any, Any]
+
+
+class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
+    def __init__(self, store: SessionStorage, limits: Limits, page_tokens: PageTokens) -> None:
+        self._store = store
+        self._limits = limits
+        self._tokens = page_tokens
+
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Context
+    ) -> pb.CreateSessionResponse:
+        new = validation.create_session(request, self._limits)
+        session, _ = await self._store.create(new)
+        return pb.CreateSessionResponse(session=session_to_proto(session))
+
+    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
+        session = await self._store.get(validation.session_id(request.session_id))
+        return pb.GetSessionResponse(session=session_to_proto(session))
+
+    async def UpdateSession(
+        self, request: pb.UpdateSessionRequest, context: Context
+    ) -> pb.UpdateSessionResponse:
+        session_id, patch = validation.update_session(request, self._limits)
+        session = await self._store.update(session_id, patch)
+        return pb.UpdateSessionResponse(session=session_to_proto(session))
+
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
+        session_id = validation.session_id(request.session_id)
+        if not await self._store.delete(session_id) and not request.allow_missing:
+            raise SessionNotFound(session_id)
+        return pb.DeleteSessionResponse()
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        user_id, limit = validation.list_sessions(request)
+        cursor = self._tokens.decode(request.page_token, user_id) if request.page_token else None
+        page = await self._store.list_sessions(user_id, limit, cursor)
+        token = self._tokens.encode(user_id, page.next_cursor) if page.next_cursor else ""
+        return pb.ListSessionsResponse(
+            sessions=[session_to_proto(s) for s in page.sessions], next_page_token=token
+        )
+
+    async def AppendMessages(
+        self, request: pb.AppendMessagesRequest, context: Context
+    ) -> pb.AppendMessagesResponse:
+        session_id, messages, request_id, expected = validation.append_messages(request, self._limits)
+        result = await self._store.append(
+            session_id, messages, request_id=request_id, expected_last_seq=expected
+        )
+        return pb.AppendMessagesResponse(
+            messages=[message_to_proto(m) for m in result.messages],
+            session=session_to_proto(result.session),
+            replayed=result.replayed,
+        )
+
+    async def ListMessages(
+        self, request: pb.ListMessagesRequest, context: Context
+    ) -> pb.ListMessagesResponse:
+        session_id, query = validation.list_messages(request)
+        page = await self._store.list_messages(session_id, query)
+        return pb.ListMessagesResponse(
+            messages=[message_to_proto(m) for m in page.messages],
+            has_more=page.has_more,
+            last_seq=page.last_seq,
+            window_start_seq=page.window_start_seq,
+            history_trimmed=page.history_trimmed,
+        )

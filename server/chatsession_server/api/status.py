@@ -1,0 +1,84 @@
+"""The one table from domain errors to gRPC status codes, with google.rpc rich details."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from chatsession_server.errors import (
+    ChatSessionError,
+    InvalidArgument,
+    PreconditionFailed,
+    SessionAlreadyExists,
+    SessionNotFound,
+    StoreTimeout,
+    StoreUnavailable,
+)
+
+SESSION_RESOURCE = "chatsession.v1.Session"
+
+
+def _bad_request(e: ChatSessionError) -> list[Message]:
+    assert isinstance(e, InvalidArgument)
+    return [
+        error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in e.violations
+            ]
+        )
+    ]
+
+
+def _resource(e: ChatSessionError) -> list[Message]:
+    assert isinstance(e, SessionNotFound | SessionAlreadyExists)
+    return [error_details_pb2.ResourceInfo(resource_type=SESSION_RESOURCE, resource_name=e.session_id)]
+
+
+def _precondition(e: ChatSessionError) -> list[Message]:
+    assert isinstance(e, PreconditionFailed)
+    violation = error_details_pb2.PreconditionFailure.Violation(
+        type=e.kind, subject=e.subject, description=e.description
+    )
+    return [error_details_pb2.PreconditionFailure(violations=[violation])]
+
+
+def _retry_soon(e: ChatSessionError) -> list[Message]:
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromMilliseconds(200)
+    return [info]
+
+
+def _none(e: ChatSessionError) -> list[Message]:
+    return []
+
+
+ERROR_TABLE: dict[type[ChatSessionError], tuple[int, Callable[[ChatSessionError], list[Message]]]] = {
+    InvalidArgument: (code_pb2.INVALID_ARGUMENT, _bad_request),
+    SessionNotFound: (code_pb2.NOT_FOUND, _resource),
+    SessionAlreadyExists: (code_pb2.ALREADY_EXISTS, _resource),
+    PreconditionFailed: (code_pb2.FAILED_PRECONDITION, _precondition),
+    StoreUnavailable: (code_pb2.UNAVAILABLE, _retry_soon),
+    StoreTimeout: (code_pb2.DEADLINE_EXCEEDED, _none),
+}
+
+
+def to_grpc_status(error: ChatSessionError) -> grpc.Status:
+    for cls in type(error).__mro__:
+        if cls in ERROR_TABLE:
+            code, details = ERROR_TABLE[cls]
+            break
+    else:
+        code, details = code_pb2.INTERNAL, _none
+    status = status_pb2.Status(code=code, message=str(error))
+    for detail in details(error):
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    grpc_status: grpc.Status = rpc_status.to_status(status)
+    return grpc_status

@@ -1,0 +1,279 @@
+"""Request validation: each function turns a request into domain values or raises InvalidArgument
+naming every bad field. Nothing reaches the store before it passes here."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+
+from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession_server.api import limits as L
+from chatsession_server.api.limits import Limits
+from chatsession_server.domain import (
+    MessageQuery,
+    NewMessage,
+    NewSession,
+    Role,
+    SessionPatch,
+    ToolCall,
+)
+from chatsession_server.errors import FieldViolation, InvalidArgument
+
+# Ids end up inside key names and `{}` hash tags: keep them to a safe alphabet.
+_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_ID_RULE = "must be 1-128 characters from [A-Za-z0-9_.:-]"
+_ROLES = {
+    session_pb2.ROLE_SYSTEM: Role.SYSTEM,
+    session_pb2.ROLE_USER: Role.USER,
+    session_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
+    session_pb2.ROLE_TOOL: Role.TOOL,
+}
+# Derives session ids from (user_id, request_id) so a retried create lands on the same id.
+_SESSION_ID_NAMESPACE = uuid.UUID("8c0f3a52-58a4-4c39-9d0b-2f6c7c3f1a10")
+UPDATABLE_FIELDS = ("title", "model", "labels", "ttl_seconds", "max_messages")
+
+
+class Violations:
+    """Collects every problem of a request, so the caller can fix them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    def id(self, field: str, value: str, *, required: bool = True) -> None:
+        if not value:
+            if required:
+                self.add(field, "is required")
+        elif not _ID.fullmatch(value):
+            self.add(field, _ID_RULE)
+
+    def text(self, field: str, value: str, max_length: int) -> None:
+        if len(value) > max_length:
+            self.add(field, f"must be at most {max_length} characters")
+
+    def string_map(
+        self, field: str, values: Mapping[str, str], entries: int, key_len: int, value_len: int
+    ) -> None:
+        if len(values) > entries:
+            self.add(field, f"must have at most {entries} entries")
+        for key, value in values.items():
+            if not key or len(key) > key_len:
+                self.add(f"{field}[{key!r}]", f"keys must be 1-{key_len} characters")
+            if len(value) > value_len:
+                self.add(f"{field}[{key!r}]", f"values must be at most {value_len} characters")
+
+    def page_size(self, value: int) -> None:
+        if value < 0:
+            self.add("page_size", "must not be negative")
+
+
+def _ttl(v: Violations, field: str, value: int, limits: Limits) -> int:
+    if value < 0 or value > limits.max_ttl_seconds:
+        v.add(field, f"must be between 0 (server default) and {limits.max_ttl_seconds}")
+    return value or limits.default_ttl_seconds
+
+
+def _window(v: Violations, field: str, value: int, limits: Limits) -> int:
+    if value < -1 or value > L.MAX_WINDOW:
+        v.add(field, f"must be -1 (keep all), 0 (server default) or 1-{L.MAX_WINDOW}")
+    return value or limits.default_max_messages
+
+
+def session_id_for(user_id: str, session_id: str, request_id: str) -> str:
+    if session_id:
+        return session_id
+    if request_id:
+        return uuid.uuid5(_SESSION_ID_NAMESPACE, f"{user_id}\x00{request_id}").hex
+    return uuid.uuid4().hex
+
+
+def create_session(request: session_service_pb2.CreateSessionRequest, limits: Limits) -> NewSession:
+    v = Violations()
+    v.id("session_id", request.session_id, required=False)
+    v.id("user_id", request.user_id)
+    v.id("request_id", request.request_id, required=False)
+    v.text("model", request.model, L.MAX_MODEL_LENGTH)
+    v.text("title", request.title, L.MAX_TITLE_LENGTH)
+    v.string_map("labels", request.labels, L.MAX_LABELS, L.MAX_LABEL_KEY_LENGTH, L.MAX_LABEL_VALUE_LENGTH)
+    ttl = _ttl(v, "ttl_seconds", request.ttl_seconds, limits)
+    window = _window(v, "max_messages", request.max_messages, limits)
+    v.raise_if_any()
+    return NewSession(
+        session_id=session_id_for(request.user_id, request.session_id, request.request_id),
+        user_id=request.user_id,
+        model=request.model,
+        title=request.title,
+        labels=dict(request.labels),
+        ttl_seconds=ttl,
+        max_messages=window,
+        request_id=request.request_id,
+    )
+
+
+def session_id(session_id: str) -> str:
+    v = Violations()
+    v.id("session_id", session_id)
+    v.raise_if_any()
+    return session_id
+
+
+def update_session(
+    request: session_service_pb2.UpdateSessionRequest, limits: Limits
+) -> tuple[str, SessionPatch]:
+    v = Violations()
+    if not request.HasField("session"):
+        v.add("session", "is required")
+        v.raise_if_any()
+    s = request.session
+    v.id("session.session_id", s.session_id)
+    if request.HasField("update_mask"):
+        paths = list(request.update_mask.paths)
+        if paths == ["*"]:
+            paths = list(UPDATABLE_FIELDS)
+    else:  # AIP-134: without a mask, apply the fields that are set
+        paths = [f for f in UPDATABLE_FIELDS if (s.labels if f == "labels" else getattr(s, f))]
+    title: str | None = None
+    model: str | None = None
+    ttl: int | None = None
+    window: int | None = None
+    replace_labels: dict[str, str] | None = None
+    set_labels: dict[str, str] = {}
+    remove_labels: set[str] = set()
+    for path in paths:
+        if path == "title":
+            v.text("session.title", s.title, L.MAX_TITLE_LENGTH)
+            title = s.title
+        elif path == "model":
+            v.text("session.model", s.model, L.MAX_MODEL_LENGTH)
+            model = s.model
+        elif path == "ttl_seconds":
+            ttl = _ttl(v, "session.ttl_seconds", s.ttl_seconds, limits)
+        elif path == "max_messages":
+            window = _window(v, "session.max_messages", s.max_messages, limits)
+        elif path == "labels":
+            v.string_map(
+                "session.labels", s.labels, L.MAX_LABELS, L.MAX_LABEL_KEY_LENGTH, L.MAX_LABEL_VALUE_LENGTH
+            )
+            replace_labels = dict(s.labels)
+        elif path.startswith("labels.") and len(path) > len("labels."):
+            key = path[len("labels.") :]
+            if len(key) > L.MAX_LABEL_KEY_LENGTH:
+                v.add("update_mask", f"label keys must be 1-{L.MAX_LABEL_KEY_LENGTH} characters")
+            elif key in s.labels:
+                v.text(f"session.labels[{key!r}]", s.labels[key], L.MAX_LABEL_VALUE_LENGTH)
+                set_labels[key] = s.labels[key]
+            else:
+                remove_labels.add(key)
+        else:
+            v.add(
+                "update_mask",
+                f"unknown or immutable field {path!r}; updatable: {', '.join(UPDATABLE_FIELDS)}",
+            )
+    if replace_labels is not None and (set_labels or remove_labels):
+        v.add("update_mask", "'labels' and 'labels.<key>' cannot be combined")
+    v.raise_if_any()
+    patch = SessionPatch(
+        title=title,
+        model=model,
+        ttl_seconds=ttl,
+        max_messages=window,
+        replace_labels=replace_labels,
+        set_labels=set_labels,
+        remove_labels=frozenset(remove_labels),
+    )
+    return s.session_id, patch
+
+
+def list_sessions(request: session_service_pb2.ListSessionsRequest) -> tuple[str, int]:
+    v = Violations()
+    v.id("user_id", request.user_id)
+    v.page_size(request.page_size)
+    v.raise_if_any()
+    return request.user_id, min(request.page_size or L.DEFAULT_SESSIONS_PAGE, L.MAX_PAGE_SIZE)
+
+
+def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) -> NewMessage | None:
+    role = _ROLES.get(m.role)
+    if role is None:
+        v.add(f"{field}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
+    size = len(m.content.encode())
+    if size > limits.max_content_bytes:
+        v.add(f"{field}.content", f"is {size} bytes; the limit is {limits.max_content_bytes}")
+    if not m.content and not (role is Role.ASSISTANT and m.tool_calls):
+        v.add(f"{field}.content", "must not be empty (except on an assistant message with tool_calls)")
+    if m.tokens < 0:
+        v.add(f"{field}.tokens", "must not be negative")
+    elif m.tokens > L.MAX_TOKENS_PER_MESSAGE:
+        v.add(f"{field}.tokens", f"must be at most {L.MAX_TOKENS_PER_MESSAGE}")
+    v.text(f"{field}.name", m.name, L.MAX_NAME_LENGTH)
+    v.string_map(
+        f"{field}.metadata",
+        m.metadata,
+        L.MAX_METADATA_ENTRIES,
+        L.MAX_METADATA_KEY_LENGTH,
+        L.MAX_METADATA_VALUE_LENGTH,
+    )
+    if m.tool_calls and role is not Role.ASSISTANT:
+        v.add(f"{field}.tool_calls", "only assistant messages carry tool_calls")
+    if len(m.tool_calls) > L.MAX_TOOL_CALLS:
+        v.add(f"{field}.tool_calls", f"must have at most {L.MAX_TOOL_CALLS} entries")
+    for j, call in enumerate(m.tool_calls):
+        v.text(f"{field}.tool_calls[{j}].id", call.id, L.MAX_NAME_LENGTH)
+        if not call.name or len(call.name) > L.MAX_NAME_LENGTH:
+            v.add(f"{field}.tool_calls[{j}].name", f"must be 1-{L.MAX_NAME_LENGTH} characters")
+        if len(call.arguments.encode()) > limits.max_content_bytes:
+            v.add(f"{field}.tool_calls[{j}].arguments", f"must be at most {limits.max_content_bytes} bytes")
+    if m.tool_call_id and role is not Role.TOOL:
+        v.add(f"{field}.tool_call_id", "only tool messages carry tool_call_id")
+    v.text(f"{field}.tool_call_id", m.tool_call_id, L.MAX_NAME_LENGTH)
+    if role is None:
+        return None
+    return NewMessage(
+        role=role,
+        content=m.content,
+        tokens=m.tokens,
+        name=m.name,
+        metadata=dict(m.metadata),
+        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+        tool_call_id=m.tool_call_id,
+    )
+
+
+def append_messages(
+    request: session_service_pb2.AppendMessagesRequest, limits: Limits
+) -> tuple[str, list[NewMessage], str, int | None]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    v.id("request_id", request.request_id, required=False)
+    if not request.messages:
+        v.add("messages", "must hold at least one message")
+    elif len(request.messages) > limits.max_messages_per_append:
+        v.add("messages", f"must hold at most {limits.max_messages_per_append} messages")
+    expected = request.expected_last_seq if request.HasField("expected_last_seq") else None
+    if expected is not None and expected < 0:
+        v.add("expected_last_seq", "must not be negative")
+    messages = [_message(v, f"messages[{i}]", m, limits) for i, m in enumerate(request.messages)]
+    v.raise_if_any()
+    return request.session_id, [m for m in messages if m is not None], request.request_id, expected
+
+
+def list_messages(request: session_service_pb2.ListMessagesRequest) -> tuple[str, MessageQuery]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    v.page_size(request.page_size)
+    after = request.after_seq if request.HasField("after_seq") else None
+    before = request.before_seq if request.HasField("before_seq") else None
+    if after is not None and after < 0:
+        v.add("after_seq", "must not be negative")
+    if before is not None and before < 1:
+        v.add("before_seq", "must be at least 1")
+    v.raise_if_any()
+    limit = min(request.page_size or L.DEFAULT_MESSAGES_PAGE, L.MAX_PAGE_SIZE)
+    return request.session_id, MessageQuery(limit=limit, after_seq=after, before_seq=before)

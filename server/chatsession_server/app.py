@@ -1,0 +1,122 @@
+"""Wiring: Valkey connection, store, servicer, health and reflection, start and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
+from chatsession_server.api.interceptors import ErrorMappingInterceptor
+from chatsession_server.api.limits import Limits
+from chatsession_server.api.page_token import PageTokens
+from chatsession_server.api.servicer import SessionServicer
+from chatsession_server.embedded import EmbeddedValkey
+from chatsession_server.settings import Settings, ValkeyAddress
+from chatsession_server.store import SessionStore, ValkeyConnection
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_send_message_length", settings.max_request_bytes),
+        # Keep idle connections (and, later, idle watch streams) alive through proxies.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server and what it owns; `stop()` releases all of it."""
+
+    server: aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    connection: ValkeyConnection
+    store: SessionStore
+
+    async def stop(self, grace: float) -> None:
+        # NOT_SERVING first, so load balancers stop sending new calls while we drain.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.connection.close()
+
+
+async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
+    """Connect to Valkey and start serving on `settings.listen` (port 0 picks a free port)."""
+    connection = await ValkeyConnection.connect(
+        valkey,
+        request_timeout_ms=settings.valkey_timeout_ms,
+        connect_timeout_ms=settings.valkey_connect_timeout_ms,
+        inflight_limit=settings.valkey_inflight_limit,
+    )
+    store = SessionStore(
+        connection,
+        max_ttl_seconds=settings.max_ttl_seconds,
+        idempotency_limit=settings.idempotency_keys_per_session,
+    )
+    server = aio.server(
+        interceptors=[ErrorMappingInterceptor(f"/{SERVICE_NAME}/")],
+        options=grpc_options(settings),
+    )
+    servicer = SessionServicer(store, Limits.from_settings(settings), PageTokens(settings.page_token_key))
+    session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.listen)
+    except RuntimeError as exc:
+        await connection.close()
+        raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health_servicer, connection, store)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain and release everything (embedded Valkey included)."""
+    embedded: EmbeddedValkey | None = None
+    valkey = settings.valkey
+    if valkey is None:
+        embedded = EmbeddedValkey()
+        embedded.start()
+        log.info(
+            "no Valkey URL configured: started an embedded valkey-server at %s (data is not kept)",
+            embedded.url,
+        )
+        valkey = ValkeyAddress.parse(embedded.url)
+    try:
+        running = await start_server(settings, valkey)
+        host = settings.listen.rpartition(":")[0]
+        log.info("chatsession serving on %s:%d (Valkey %s)", host, running.port, valkey.redacted())
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
+        await running.stop(settings.grace_seconds)
+    finally:
+        if embedded is not None:
+            with contextlib.suppress(Exception):
+                embedded.stop()
+    log.info("stopped")

@@ -1,0 +1,137 @@
+"""Domain types shared by the servicer and the store: no protobuf, no Valkey."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class Role(enum.StrEnum):
+    """Message author; the value is what the stored JSON says (`"role": "user"`)."""
+
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message as the caller sends it, before the store assigns seq and created_at."""
+
+    role: Role
+    content: str
+    tokens: int = 0
+    name: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    seq: int
+    role: Role
+    content: str
+    tokens: int
+    created_at: float
+    name: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+
+UNLIMITED = -1
+"""`max_messages` value for a session without a sliding window."""
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: str
+    user_id: str
+    model: str
+    title: str
+    labels: Mapping[str, str]
+    created_at: float
+    last_active: float
+    message_count: int
+    token_count: int
+    messages_stored: int
+    expires_in_seconds: int
+    ttl_seconds: int
+    max_messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """What CreateSession asks for, with defaults already resolved by the caller."""
+
+    session_id: str
+    user_id: str
+    model: str
+    title: str
+    labels: Mapping[str, str]
+    ttl_seconds: int
+    max_messages: int
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPatch:
+    """UpdateSession's changes; None leaves a field as it is."""
+
+    title: str | None = None
+    model: str | None = None
+    ttl_seconds: int | None = None
+    max_messages: int | None = None
+    replace_labels: Mapping[str, str] | None = None
+    """The whole new label map, or None to keep the labels (then `set_labels`/`remove_labels` apply)."""
+    set_labels: Mapping[str, str] = field(default_factory=dict)
+    remove_labels: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    messages: tuple[StoredMessage, ...]
+    session: Session
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCursor:
+    """Position in a user's index, newest first: the last row a page returned."""
+
+    last_active: float
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    sessions: tuple[Session, ...]
+    next_cursor: SessionCursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    """ListMessages' range: forward after `after_seq`, else backward before `before_seq` (or the newest)."""
+
+    limit: int
+    after_seq: int | None = None
+    before_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: tuple[StoredMessage, ...]
+    has_more: bool
+    last_seq: int
+    window_start_seq: int
+    history_trimmed: bool

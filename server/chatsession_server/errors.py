@@ -1,0 +1,51 @@
+"""Domain errors. The store and the servicer raise these; `api/status.py` maps them to gRPC codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class ChatSessionError(Exception):
+    """Base of every error the service reports to its callers on purpose."""
+
+
+class InvalidArgument(ChatSessionError):
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class SessionNotFound(ChatSessionError):
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} not found (it may have expired)")
+
+
+class SessionAlreadyExists(ChatSessionError):
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        super().__init__(f"session {session_id!r} already exists")
+
+
+class PreconditionFailed(ChatSessionError):
+    """The request is valid but the session's state forbids it; `kind` is a stable machine-readable tag."""
+
+    def __init__(self, kind: str, subject: str, description: str) -> None:
+        self.kind = kind
+        self.subject = subject
+        self.description = description
+        super().__init__(description)
+
+
+class StoreUnavailable(ChatSessionError):
+    """Valkey cannot be reached (connection refused or lost). Safe to retry."""
+
+
+class StoreTimeout(ChatSessionError):
+    """Valkey did not answer within the request timeout. The write may or may not have happened."""

@@ -1,0 +1,41 @@
+"""What the API layer needs from storage, as a Protocol: the servicer depends on this, not on GLIDE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from chatsession_server.domain import (
+    AppendResult,
+    MessagePage,
+    MessageQuery,
+    NewMessage,
+    NewSession,
+    Session,
+    SessionCursor,
+    SessionPage,
+    SessionPatch,
+)
+
+
+class SessionStorage(Protocol):
+    async def create(self, new: NewSession) -> tuple[Session, bool]: ...
+
+    async def get(self, session_id: str) -> Session: ...
+
+    async def update(self, session_id: str, patch: SessionPatch) -> Session: ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage: ...
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        request_id: str = "",
+        expected_last_seq: int | None = None,
+    ) -> AppendResult: ...
+
+    async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage: ...

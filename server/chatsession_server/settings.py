@@ -1,0 +1,152 @@
+"""Server settings: one frozen dataclass, built once at the edge from flags and environment.
+
+Every field is a flag (`--default-ttl-seconds`) and an environment variable
+(`CHATSESSION_DEFAULT_TTL_SECONDS`); a flag wins over the environment, the environment over the
+default. A new option is one new field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+ENV_PREFIX = "CHATSESSION_"
+
+
+@dataclass(frozen=True, slots=True)
+class ValkeyAddress:
+    """Where Valkey is, parsed from `valkey[s]://[user:password@]host:port[/db]`."""
+
+    host: str
+    port: int
+    use_tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    database: int = 0
+
+    @classmethod
+    def parse(cls, url: str) -> ValkeyAddress:
+        parts = urlsplit(url)
+        schemes = {"valkey": False, "redis": False, "valkeys": True, "rediss": True}
+        if parts.scheme not in schemes:
+            raise ValueError(f"Valkey URL must start with valkey:// or valkeys://, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"Valkey URL has no host: {url!r}")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ValueError(f"Valkey URL database must be a number, got {path!r}")
+        return cls(
+            host=parts.hostname,
+            port=parts.port or 6379,
+            use_tls=schemes[parts.scheme],
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            database=int(path) if path else 0,
+        )
+
+    def redacted(self) -> str:
+        scheme = "valkeys" if self.use_tls else "valkey"
+        auth = "***@" if self.password else ""
+        return f"{scheme}://{auth}{self.host}:{self.port}/{self.database}"
+
+
+def _meta(help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help_text, **extra}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = field(default="127.0.0.1:50051", metadata=_meta("gRPC address to listen on, HOST:PORT"))
+    valkey_url: str = field(
+        default="",
+        repr=False,
+        metadata=_meta("valkey[s]://[user:password@]host:port[/db]; empty starts an embedded valkey-server"),
+    )
+    default_ttl_seconds: int = field(default=86_400, metadata=_meta("idle lifetime of a new session"))
+    max_ttl_seconds: int = field(default=30 * 86_400, metadata=_meta("largest ttl_seconds a session may ask"))
+    default_max_messages: int = field(
+        default=-1, metadata=_meta("sliding window of a new session; -1 keeps every message")
+    )
+    max_content_bytes: int = field(default=256 * 1024, metadata=_meta("largest message content, UTF-8"))
+    max_messages_per_append: int = field(default=1000, metadata=_meta("most messages in one AppendMessages"))
+    max_request_bytes: int = field(default=64 * 1024 * 1024, metadata=_meta("largest gRPC request"))
+    idempotency_keys_per_session: int = field(
+        default=1000, metadata=_meta("newest request_ids remembered per session")
+    )
+    valkey_timeout_ms: int = field(default=2000, metadata=_meta("Valkey request timeout"))
+    valkey_connect_timeout_ms: int = field(default=2000, metadata=_meta("Valkey connection timeout"))
+    valkey_inflight_limit: int = field(default=5000, metadata=_meta("most Valkey requests in flight"))
+    grace_seconds: float = field(
+        default=10.0, metadata=_meta("how long in-flight RPCs may finish on SIGTERM")
+    )
+    page_token_key: str = field(
+        default="chatsession-page-tokens",
+        repr=False,
+        metadata=_meta("key that signs page tokens; set the same value on every replica"),
+    )
+    log_level: str = field(default="INFO", metadata=_meta("DEBUG, INFO, WARNING or ERROR"))
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if self.valkey_url:
+            ValkeyAddress.parse(self.valkey_url)
+        if not 1 <= self.default_ttl_seconds <= self.max_ttl_seconds:
+            raise ValueError("default_ttl_seconds must be between 1 and max_ttl_seconds")
+        if self.default_max_messages == 0 or self.default_max_messages < -1:
+            raise ValueError("default_max_messages must be positive or -1")
+        for name in ("max_content_bytes", "max_messages_per_append", "idempotency_keys_per_session"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.max_messages_per_append > 5000:
+            raise ValueError("max_messages_per_append must be at most 5000 (Lua argument limits)")
+
+    @property
+    def valkey(self) -> ValkeyAddress | None:
+        return ValkeyAddress.parse(self.valkey_url) if self.valkey_url else None
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        environ = os.environ if environ is None else environ
+        parser = argparse.ArgumentParser(
+            prog="chatsession-server",
+            description="gRPC session store for LLM conversations, on Valkey.",
+            epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.",
+        )
+        for f in dataclasses.fields(cls):
+            env_name = ENV_PREFIX + f.name.upper()
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=_field_type(f),
+                default=None,
+                help=f"{f.metadata.get('help', '')} (env {env_name}, default {f.default!r})",
+            )
+        args = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            flag_value = getattr(args, f.name)
+            env_value = environ.get(ENV_PREFIX + f.name.upper())
+            if flag_value is not None:
+                values[f.name] = flag_value
+            elif env_value is not None:
+                try:
+                    values[f.name] = _field_type(f)(env_value)
+                except ValueError as exc:
+                    parser.error(f"{ENV_PREFIX}{f.name.upper()}: {exc}")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+
+def _field_type(f: dataclasses.Field[Any]) -> type:
+    return {"int": int, "float": float, "str": str}[str(f.type)]

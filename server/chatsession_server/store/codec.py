@@ -1,0 +1,155 @@
+"""Stored forms: message JSON in the chat LIST, fields of the meta HASH."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from chatsession_server.domain import NewMessage, Role, Session, StoredMessage, ToolCall
+
+LABEL_FIELD_PREFIX = "label:"
+
+
+def format_time(seconds: float) -> str:
+    """Unix seconds as the decimal string the meta HASH holds (microsecond precision)."""
+    return f"{seconds:.6f}"
+
+
+def encode_body(message: NewMessage, created_at: float) -> str:
+    """The message's JSON without its opening `{"seq":N,`, which the append script prepends.
+
+    `role` comes first so the scripts can tell system and tool messages from the prefix alone.
+    """
+    obj: dict[str, Any] = {"role": message.role.value, "content": message.content, "tokens": message.tokens}
+    obj["created_at"] = round(created_at, 6)
+    if message.name:
+        obj["name"] = message.name
+    if message.metadata:
+        obj["metadata"] = dict(message.metadata)
+    if message.tool_calls:
+        obj["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        obj["tool_call_id"] = message.tool_call_id
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return text[1:]
+
+
+def stored_json(seq: int, body: str) -> str:
+    """Exactly what the append script stores for `body` at `seq`."""
+    return f'{{"seq":{seq},{body}'
+
+
+def fingerprint(messages: Sequence[NewMessage]) -> str:
+    """Identifies a request's content (not its timing) so a reused request_id can be told apart."""
+    canonical = [
+        [
+            m.role.value,
+            m.content,
+            m.tokens,
+            m.name,
+            sorted(m.metadata.items()),
+            [[c.id, c.name, c.arguments] for c in m.tool_calls],
+            m.tool_call_id,
+        ]
+        for m in messages
+    ]
+    raw = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def decode_message(raw: bytes | str) -> StoredMessage:
+    obj = json.loads(raw)
+    calls = tuple(
+        ToolCall(
+            id=str(c.get("id", "")),
+            name=str(c.get("function", {}).get("name", "")),
+            arguments=str(c.get("function", {}).get("arguments", "")),
+        )
+        for c in obj.get("tool_calls") or ()
+    )
+    return StoredMessage(
+        seq=int(obj["seq"]),
+        role=Role(obj["role"]),
+        content=str(obj.get("content") or ""),
+        tokens=int(obj.get("tokens") or 0),
+        created_at=float(obj.get("created_at") or 0.0),
+        name=str(obj.get("name") or ""),
+        metadata={str(k): str(v) for k, v in (obj.get("metadata") or {}).items()},
+        tool_calls=calls,
+        tool_call_id=str(obj.get("tool_call_id") or ""),
+    )
+
+
+def new_session_fields(
+    *,
+    user_id: str,
+    model: str,
+    title: str,
+    labels: Mapping[str, str],
+    created_at: float,
+    ttl_seconds: int,
+    max_messages: int,
+    request_id: str,
+) -> list[str]:
+    """Field/value pairs of a new meta HASH, flat, ready for HSET."""
+    now = format_time(created_at)
+    fields = {
+        "user_id": user_id,
+        "model": model,
+        "title": title,
+        "created_at": now,
+        "last_active": now,
+        "message_count": "0",
+        "token_count": "0",
+        "ttl_seconds": str(ttl_seconds),
+        "max_messages": str(max_messages),
+        "pinned": "0",
+    }
+    if request_id:
+        fields["create_request_id"] = request_id
+    for key, value in labels.items():
+        fields[LABEL_FIELD_PREFIX + key] = value
+    return flatten(fields.items())
+
+
+def flatten(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    return [item for pair in pairs for item in pair]
+
+
+def _text(value: bytes | None, default: str = "") -> str:
+    return value.decode() if value is not None else default
+
+
+def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, ttl: int) -> Session:
+    """A Session from HGETALL meta, LLEN chat and TTL meta."""
+    labels = {
+        k.decode()[len(LABEL_FIELD_PREFIX) :]: v.decode()
+        for k, v in meta.items()
+        if k.startswith(LABEL_FIELD_PREFIX.encode())
+    }
+    created_at = float(_text(meta.get(b"created_at"), "0"))
+    return Session(
+        session_id=session_id,
+        user_id=_text(meta.get(b"user_id")),
+        model=_text(meta.get(b"model")),
+        title=_text(meta.get(b"title")),
+        labels=labels,
+        created_at=created_at,
+        last_active=float(_text(meta.get(b"last_active"), str(created_at))),
+        message_count=int(_text(meta.get(b"message_count"), "0")),
+        token_count=int(_text(meta.get(b"token_count"), "0")),
+        messages_stored=stored,
+        expires_in_seconds=max(ttl, 0),
+        ttl_seconds=int(_text(meta.get(b"ttl_seconds"), "0")),
+        max_messages=int(_text(meta.get(b"max_messages"), "-1")),
+    )
+
+
+def pairs_to_map(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """HGETALL as a Lua script returns it (a flat array) into a dict."""
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

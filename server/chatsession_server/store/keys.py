@@ -1,0 +1,30 @@
+"""Key and channel names. `{...}` hash tags keep each session's keys in one cluster slot."""
+
+CHAT_PREFIX = "chat:"
+META_PREFIX = "meta:"
+REQUESTS_PREFIX = "reqs:"
+USER_INDEX_PREFIX = "user_sessions:"
+
+
+def chat_key(session_id: str) -> str:
+    """LIST of the session's messages as JSON, oldest first."""
+    return f"{CHAT_PREFIX}{{{session_id}}}"
+
+
+def meta_key(session_id: str) -> str:
+    """HASH of the session's metadata and counters."""
+    return f"{META_PREFIX}{{{session_id}}}"
+
+
+def requests_key(session_id: str) -> str:
+    """HASH request_id -> "fingerprint first_seq count": AppendMessages' idempotency records."""
+    return f"{REQUESTS_PREFIX}{{{session_id}}}"
+
+
+def user_index_key(user_id: str) -> str:
+    """ZSET of a user's session ids scored by last_active."""
+    return f"{USER_INDEX_PREFIX}{{{user_id}}}"
+
+
+USER_INDEX_KEY_HEAD = f"{USER_INDEX_PREFIX}{{"
+"""What a script puts before a user id (and `}` after) to name that user's index."""

@@ -1,0 +1,82 @@
+"""ListSessions: newest first, signed page tokens, expired sessions pruned from the index."""
+
+from __future__ import annotations
+
+from glide import GlideClient
+
+from chatsession_client import InvalidArgumentError, SessionClient, user
+from tests.helpers import raises, violated_fields
+
+
+async def test_newest_active_first_across_pages(client: SessionClient, raw: GlideClient, uid: str) -> None:
+    ids = [
+        (await client.create_session(uid, session_id=f"{uid}-{i:02d}", title=f"T{i}")).session_id
+        for i in range(25)
+    ]
+    # Activity reorders: the oldest session becomes the most recent.
+    await client.append(ids[0], [user("bump")])
+    page1 = await client.list_sessions_page(uid, page_size=10)
+    assert page1.sessions[0].session_id == ids[0]
+    assert page1.sessions[0].title == "T0"
+    assert page1.next_page_token
+    seen = [s.session_id async for s in client.list_sessions(uid, page_size=10)]
+    assert seen == [ids[0], *reversed(ids[1:])]
+    assert len(set(seen)) == 25
+    last_active = [s.last_active.ToNanoseconds() async for s in client.list_sessions(uid, page_size=7)]
+    assert last_active == sorted(last_active, reverse=True)
+
+
+async def test_last_page_has_no_token_and_empty_user(client: SessionClient, uid: str) -> None:
+    for i in range(3):
+        await client.create_session(uid, session_id=f"{uid}-{i}")
+    page = await client.list_sessions_page(uid, page_size=3)
+    assert len(page.sessions) == 3
+    assert page.next_page_token == ""
+    empty = await client.list_sessions_page(f"{uid}-nobody")
+    assert (list(empty.sessions), empty.next_page_token) == ([], "")
+
+
+async def test_expired_and_deleted_sessions_are_not_listed_and_get_pruned(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    keep = [(await client.create_session(uid, session_id=f"{uid}-k{i}")).session_id for i in range(3)]
+    gone = [(await client.create_session(uid, session_id=f"{uid}-g{i}")).session_id for i in range(4)]
+    for session_id in gone:  # as if their TTL ran out
+        await raw.delete([f"meta:{{{session_id}}}", f"chat:{{{session_id}}}"])
+    assert await raw.zcard(f"user_sessions:{{{uid}}}") == 7
+    page = await client.list_sessions_page(uid, page_size=2)
+    listed = [s.session_id for s in page.sessions]
+    assert len(listed) == 2
+    rest = [s.session_id async for s in client.list_sessions(uid, page_size=2)]
+    assert sorted(rest) == sorted(keep)
+    assert await raw.zcard(f"user_sessions:{{{uid}}}") == 3
+
+
+async def test_index_entries_older_than_the_max_ttl_are_dropped(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await raw.zadd(f"user_sessions:{{{uid}}}", {"ancient": 1000.0})
+    live = await client.create_session(uid)
+    sessions = [s.session_id async for s in client.list_sessions(uid)]
+    assert sessions == [live.session_id]
+    assert await raw.zscore(f"user_sessions:{{{uid}}}", "ancient") is None
+
+
+async def test_tampered_or_foreign_page_token_is_rejected(client: SessionClient, uid: str) -> None:
+    for i in range(3):
+        await client.create_session(uid, session_id=f"{uid}-{i}")
+    token = (await client.list_sessions_page(uid, page_size=1)).next_page_token
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_token=tampered))
+    assert violated_fields(err) == {"page_token"}
+    err = await raises(InvalidArgumentError, client.list_sessions_page(f"{uid}-other", page_token=token))
+    assert violated_fields(err) == {"page_token"}
+    err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_token="not a token!"))
+    assert violated_fields(err) == {"page_token"}
+
+
+async def test_page_size_rules(client: SessionClient, uid: str) -> None:
+    err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_size=-1))
+    assert violated_fields(err) == {"page_size"}
+    err = await raises(InvalidArgumentError, client.list_sessions_page("bad user{x}"))
+    assert violated_fields(err) == {"user_id"}

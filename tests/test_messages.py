@@ -1,0 +1,236 @@
+"""AppendMessages and ListMessages: seqs, counters, window, idempotency, concurrency, paging."""
+
+from __future__ import annotations
+
+import asyncio
+
+from glide import GlideClient
+
+from chatsession_client import (
+    FailedPreconditionError,
+    NotFoundError,
+    SessionClient,
+    assistant,
+    system,
+    tool,
+    user,
+)
+from tests.helpers import meta, raises, stored_messages
+
+
+async def test_append_stores_json_and_counts_in_one_step(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, ttl_seconds=900)
+    r = await client.append(
+        s.session_id,
+        [
+            user("What's the weather?", tokens=6, name="alice", metadata={"lang": "en"}),
+            assistant("", tokens=9, tool_calls=[("call_1", "get_weather", '{"city":"Oslo"}')]),
+            tool("-3C, snow", tokens=4, name="get_weather", tool_call_id="call_1"),
+        ],
+    )
+    assert [m.seq for m in r.messages] == [1, 2, 3]
+    assert (r.session.message_count, r.session.token_count, r.session.messages_stored) == (3, 19, 3)
+    assert not r.replayed
+    stored = await stored_messages(raw, s.session_id)
+    assert stored[0]["role"] == "user"
+    assert stored[0]["content"] == "What's the weather?"
+    assert (stored[0]["seq"], stored[0]["tokens"], stored[0]["name"]) == (1, 6, "alice")
+    assert stored[0]["metadata"] == {"lang": "en"}
+    assert stored[0]["created_at"] == r.messages[0].created_at.ToNanoseconds() / 1e9
+    assert stored[1]["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+        }
+    ]
+    assert stored[2]["tool_call_id"] == "call_1"
+    m = await meta(raw, s.session_id)
+    assert (m["message_count"], m["token_count"]) == ("3", "19")
+    assert float(m["last_active"]) > float(m["created_at"])
+    index_score = await raw.zscore(f"user_sessions:{{{uid}}}", s.session_id)
+    assert index_score == float(m["last_active"])
+
+
+async def test_append_refreshes_expiry_of_both_keys(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, ttl_seconds=300)
+    await raw.expire(f"meta:{{{s.session_id}}}", 10)
+    r = await client.append(s.session_id, [user("x")])
+    assert r.session.expires_in_seconds >= 295
+    assert await raw.ttl(f"meta:{{{s.session_id}}}") >= 295
+    assert await raw.ttl(f"chat:{{{s.session_id}}}") >= 295
+
+
+async def test_append_to_missing_session_is_not_found_and_writes_nothing(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await raises(NotFoundError, client.append(f"{uid}-nope", [user("x")]))
+    assert await raw.exists([f"chat:{{{uid}-nope}}", f"meta:{{{uid}-nope}}"]) == 0
+
+
+async def test_concurrent_appends_keep_counters_exact(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    n = 200
+    results = await asyncio.gather(
+        *(client.append(s.session_id, [user(f"m{i}", tokens=i)]) for i in range(n))
+    )
+    seqs = sorted(r.messages[0].seq for r in results)
+    assert seqs == list(range(1, n + 1))
+    m = await meta(raw, s.session_id)
+    assert int(m["message_count"]) == n
+    assert int(m["token_count"]) == sum(range(n))
+    stored = await stored_messages(raw, s.session_id)
+    assert [x["seq"] for x in stored] == list(range(1, n + 1))
+    assert sorted(x["content"] for x in stored) == sorted(f"m{i}" for i in range(n))
+
+
+async def test_retry_with_same_request_id_appends_nothing(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    batch = [user("hi", tokens=2), assistant("hello", tokens=3)]
+    first = await client.append(s.session_id, batch, request_id="req-42")
+    again = await client.append(s.session_id, batch, request_id="req-42")
+    assert again.replayed
+    assert [m.seq for m in again.messages] == [1, 2]
+    assert [m.content for m in again.messages] == ["hi", "hello"]
+    assert again.messages[0].created_at == first.messages[0].created_at
+    assert len(await stored_messages(raw, s.session_id)) == 2
+    assert (await meta(raw, s.session_id))["token_count"] == "5"
+    # Concurrent duplicates of one request: exactly one is applied.
+    dup = [user("once")]
+    rs = await asyncio.gather(*(client.append(s.session_id, dup, request_id="req-43") for _ in range(20)))
+    assert sum(not r.replayed for r in rs) == 1
+    assert len({r.messages[0].seq for r in rs}) == 1
+    assert len(await stored_messages(raw, s.session_id)) == 3
+
+
+async def test_reused_request_id_with_other_messages_fails(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    await client.append(s.session_id, [user("a")], request_id="r")
+    err = await raises(FailedPreconditionError, client.append(s.session_id, [user("b")], request_id="r"))
+    assert err.precondition_failures[0][:2] == ("REQUEST_ID_REUSED", "request_id")
+    assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a"]
+
+
+async def test_expected_last_seq_guards_interleaving(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    await client.append(s.session_id, [user("a")], expected_last_seq=0)
+    err = await raises(FailedPreconditionError, client.append(s.session_id, [user("b")], expected_last_seq=0))
+    assert err.precondition_failures[0][0] == "LAST_SEQ_MISMATCH"
+    await client.append(s.session_id, [user("b")], expected_last_seq=1)
+    assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a", "b"]
+
+
+async def test_window_trims_oldest_and_keeps_counting(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, max_messages=5)
+    for i in range(12):
+        r = await client.append(s.session_id, [user(f"m{i + 1}", tokens=1)])
+    assert r.messages[0].seq == 12
+    assert (r.session.message_count, r.session.token_count, r.session.messages_stored) == (12, 12, 5)
+    assert [m["seq"] for m in await stored_messages(raw, s.session_id)] == [8, 9, 10, 11, 12]
+
+
+async def test_window_keeps_the_system_prompt(client: SessionClient, raw: GlideClient, uid: str) -> None:
+    s = await client.create_session(uid, max_messages=4)
+    await client.append(s.session_id, [system("You are terse."), system("Answer in French.")])
+    for i in range(6):
+        await client.append(s.session_id, [user(f"q{i}")])
+    stored = await stored_messages(raw, s.session_id)
+    assert [m["seq"] for m in stored] == [1, 2, 7, 8]
+    assert [m["role"] for m in stored[:2]] == ["system", "system"]
+    # A later system message is an ordinary message: it is trimmed like any other.
+    await client.append(s.session_id, [system("late"), user("a"), user("b")])
+    assert [m["seq"] for m in await stored_messages(raw, s.session_id)] == [1, 2, 10, 11]
+
+
+async def test_window_never_leaves_a_tool_result_without_its_call(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, max_messages=3)
+    await client.append(
+        s.session_id,
+        [
+            user("weather in Oslo and Rome?"),
+            assistant("", tool_calls=[("c1", "weather", "{}"), ("c2", "weather", "{}")]),
+            tool("-3C", tool_call_id="c1"),
+            tool("18C", tool_call_id="c2"),
+            assistant("Cold in Oslo, mild in Rome."),
+        ],
+    )
+    # Keeping the newest 3 would start at a tool result whose call is gone: those go too.
+    stored = await stored_messages(raw, s.session_id)
+    assert [m["seq"] for m in stored] == [5]
+    await client.append(s.session_id, [user("thanks")])
+    assert [m["seq"] for m in await stored_messages(raw, s.session_id)] == [5, 6]
+
+
+async def test_list_messages_newest_and_paging_backward(client: SessionClient, uid: str) -> None:
+    s = await client.create_session(uid)
+    await client.append(s.session_id, [user(f"m{i}") for i in range(1, 26)])
+    page = await client.list_messages(s.session_id, page_size=10)
+    assert [m.seq for m in page.messages] == list(range(16, 26))
+    assert page.has_more
+    assert page.last_seq == 25
+    page = await client.list_messages(s.session_id, page_size=10, before_seq=page.messages[0].seq)
+    assert [m.seq for m in page.messages] == list(range(6, 16))
+    page = await client.list_messages(s.session_id, page_size=10, before_seq=6)
+    assert [m.seq for m in page.messages] == [1, 2, 3, 4, 5]
+    assert not page.has_more
+    default = await client.list_messages(s.session_id)
+    assert len(default.messages) == 25
+
+
+async def test_list_messages_forward_after_seq(client: SessionClient, uid: str) -> None:
+    s = await client.create_session(uid)
+    await client.append(s.session_id, [user(f"m{i}") for i in range(1, 8)])
+    page = await client.list_messages(s.session_id, after_seq=0, page_size=3)
+    assert [m.seq for m in page.messages] == [1, 2, 3]
+    assert page.has_more
+    page = await client.list_messages(s.session_id, after_seq=5, page_size=3)
+    assert [m.seq for m in page.messages] == [6, 7]
+    assert not page.has_more
+    page = await client.list_messages(s.session_id, after_seq=7)
+    assert list(page.messages) == []
+    bounded = await client.list_messages(s.session_id, after_seq=2, before_seq=5)
+    assert [m.seq for m in bounded.messages] == [3, 4]
+    everything = [m.seq async for m in client.iter_messages(s.session_id, page_size=2)]
+    assert everything == list(range(1, 8))
+
+
+async def test_list_messages_reports_trimmed_history(client: SessionClient, uid: str) -> None:
+    s = await client.create_session(uid, max_messages=4)
+    await client.append(s.session_id, [system("prompt")] + [user(f"m{i}") for i in range(2, 11)])
+    page = await client.list_messages(s.session_id, after_seq=1, page_size=10)
+    assert [m.seq for m in page.messages] == [8, 9, 10]
+    assert page.history_trimmed
+    assert page.window_start_seq == 8
+    page = await client.list_messages(s.session_id, after_seq=0, page_size=2)
+    assert [m.seq for m in page.messages] == [1, 8]
+    assert page.history_trimmed
+    page = await client.list_messages(s.session_id, after_seq=8)
+    assert [m.seq for m in page.messages] == [9, 10]
+    assert not page.history_trimmed
+    newest = await client.list_messages(s.session_id, page_size=3)
+    assert [m.seq for m in newest.messages] == [8, 9, 10]
+    assert not newest.history_trimmed
+    assert newest.has_more  # the prompt is older
+    older = await client.list_messages(s.session_id, before_seq=8)
+    assert [m.seq for m in older.messages] == [1]
+    assert older.history_trimmed
+
+
+async def test_list_messages_of_missing_session(client: SessionClient, uid: str) -> None:
+    await raises(NotFoundError, client.list_messages(f"{uid}-none"))
