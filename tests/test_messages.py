@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from glide import GlideClient
 
 from chatsession_client import (
@@ -38,7 +39,7 @@ async def test_append_stores_json_and_counts_in_one_step(
     assert stored[0]["content"] == "What's the weather?"
     assert (stored[0]["seq"], stored[0]["tokens"], stored[0]["name"]) == (1, 6, "alice")
     assert stored[0]["metadata"] == {"lang": "en"}
-    assert stored[0]["created_at"] == r.messages[0].created_at.ToNanoseconds() / 1e9
+    assert stored[0]["created_at"] == pytest.approx(r.messages[0].created_at.ToNanoseconds() / 1e9, abs=1e-6)
     assert stored[1]["tool_calls"] == [
         {
             "id": "call_1",

@@ -8,6 +8,7 @@ import logging
 import signal
 from dataclasses import dataclass
 
+from glide import GlideClientConfiguration
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,6 +21,8 @@ from chatsession_server.api.servicer import SessionServicer
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
+from chatsession_server.store.feed import SessionFeed
+from chatsession_server.store.valkey import glide_config
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +51,35 @@ class RunningServer:
     health: health.aio.HealthServicer
     connection: ValkeyConnection
     store: SessionStore
+    feed: SessionFeed
 
     async def stop(self, grace: float) -> None:
         # NOT_SERVING first, so load balancers stop sending new calls while we drain.
         await self.health.enter_graceful_shutdown()
+        # Watches would hold the drain open forever: end them now (UNAVAILABLE: go elsewhere).
+        await self.feed.close()
         await self.server.stop(grace)
         await self.connection.close()
 
 
 async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
     """Connect to Valkey and start serving on `settings.listen` (port 0 picks a free port)."""
-    connection = await ValkeyConnection.connect(
-        valkey,
-        request_timeout_ms=settings.valkey_timeout_ms,
-        connect_timeout_ms=settings.valkey_connect_timeout_ms,
-        inflight_limit=settings.valkey_inflight_limit,
+
+    def config(name: str) -> GlideClientConfiguration:
+        return glide_config(
+            valkey,
+            request_timeout_ms=settings.valkey_timeout_ms,
+            connect_timeout_ms=settings.valkey_connect_timeout_ms,
+            inflight_limit=settings.valkey_inflight_limit,
+            client_name=name,
+        )
+
+    connection = await ValkeyConnection.connect(valkey, config("chatsession"))
+    feed = await SessionFeed.start(
+        config("chatsession-watch"),
+        connection,
+        buffer=settings.watch_buffer_events,
+        poll_seconds=settings.watch_poll_seconds,
     )
     store = SessionStore(
         connection,
@@ -73,7 +90,13 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         interceptors=[ErrorMappingInterceptor(f"/{SERVICE_NAME}/")],
         options=grpc_options(settings),
     )
-    servicer = SessionServicer(store, Limits.from_settings(settings), PageTokens(settings.page_token_key))
+    servicer = SessionServicer(
+        store,
+        feed,
+        Limits.from_settings(settings),
+        PageTokens(settings.page_token_key),
+        heartbeat_seconds=settings.watch_heartbeat_seconds,
+    )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -84,12 +107,13 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
     try:
         port = server.add_insecure_port(settings.listen)
     except RuntimeError as exc:
+        await feed.close()
         await connection.close()
         raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, connection, store)
+    return RunningServer(server, port, health_servicer, connection, store, feed)
 
 
 async def serve(settings: Settings) -> None:

@@ -135,3 +135,50 @@ class MessagePage:
     last_seq: int
     window_start_seq: int
     history_trimmed: bool
+
+
+# --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Seqs first..last were appended; `messages` holds them when they came inline."""
+
+    first_seq: int
+    last_seq: int
+    messages: tuple[StoredMessage, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Behind:
+    """Something may have been missed (lost publish, full buffer): re-read after your cursor.
+    `last_seq` is the newest seq known, or 0 when unknown."""
+
+    last_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """The session was deleted or expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class Closing:
+    """This server is shutting down."""
+
+
+FeedEvent = Appended | Behind | Deleted | Closing
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    last_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Trimmed:
+    first_missing_seq: int
+    last_missing_seq: int
+
+
+WatchEvent = StoredMessage | Heartbeat | Trimmed

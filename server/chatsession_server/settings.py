@@ -89,6 +89,15 @@ class Settings:
         repr=False,
         metadata=_meta("key that signs page tokens; set the same value on every replica"),
     )
+    watch_heartbeat_seconds: float = field(
+        default=15.0, metadata=_meta("idle time after which a watch stream gets a heartbeat")
+    )
+    watch_poll_seconds: float = field(
+        default=2.0, metadata=_meta("how often watched sessions are checked for missed appends and expiry")
+    )
+    watch_buffer_events: int = field(
+        default=256, metadata=_meta("events buffered per watcher before it falls back to re-reading")
+    )
     log_level: str = field(default="INFO", metadata=_meta("DEBUG, INFO, WARNING or ERROR"))
 
     def __post_init__(self) -> None:
@@ -101,8 +110,15 @@ class Settings:
             raise ValueError("default_ttl_seconds must be between 1 and max_ttl_seconds")
         if self.default_max_messages == 0 or self.default_max_messages < -1:
             raise ValueError("default_max_messages must be positive or -1")
-        for name in ("max_content_bytes", "max_messages_per_append", "idempotency_keys_per_session"):
-            if getattr(self, name) < 1:
+        for name in (
+            "max_content_bytes",
+            "max_messages_per_append",
+            "idempotency_keys_per_session",
+            "watch_buffer_events",
+            "watch_heartbeat_seconds",
+            "watch_poll_seconds",
+        ):
+            if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_messages_per_append > 5000:
             raise ValueError("max_messages_per_append must be at most 5000 (Lua argument limits)")

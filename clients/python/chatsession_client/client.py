@@ -8,6 +8,9 @@ async with SessionClient("localhost:50051") as client:
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -16,7 +19,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
-from chatsession_client.errors import from_rpc_error
+from chatsession_client.errors import UnavailableError, from_rpc_error
 from chatsession_client.retry import Retry
 
 T = TypeVar("T")
@@ -246,3 +249,57 @@ class SessionClient:
             if not page.has_more or not page.messages:
                 return
             after_seq = page.messages[-1].seq
+
+    async def watch(
+        self,
+        session_id: str,
+        *,
+        after_seq: int | None = None,
+        include_heartbeats: bool = False,
+    ) -> AsyncIterator[session_service_pb2.WatchMessagesResponse]:
+        """Follow a session live: events with a `message` (in seq order, each once) or a
+        `history_trimmed`. `after_seq=None` starts with new messages only, 0 with the oldest kept.
+
+        When the stream breaks with UNAVAILABLE (a server shutting down, a network blip) it
+        reconnects by itself and resumes after the last seq it delivered, retrying with backoff
+        for up to the retry policy's deadline since the last event. Other errors (NOT_FOUND when
+        the session is deleted or expires) end the iteration by raising.
+        """
+        cursor = after_seq
+        backoff = self._retry.initial_backoff
+        last_progress = time.monotonic()
+        while True:
+            request = session_service_pb2.WatchMessagesRequest(session_id=session_id)
+            if cursor is not None:
+                request.after_seq = cursor
+            call = self._stub.WatchMessages(request)
+            try:
+                async for event in call:
+                    last_progress = time.monotonic()
+                    backoff = self._retry.initial_backoff
+                    kind = event.WhichOneof("event")
+                    if kind == "message":
+                        cursor = event.message.seq
+                    elif kind == "history_trimmed":
+                        cursor = event.history_trimmed.last_missing_seq
+                    elif kind == "heartbeat":
+                        cursor = (
+                            event.heartbeat.last_seq
+                            if cursor is None
+                            else max(cursor, event.heartbeat.last_seq)
+                        )
+                        if not include_heartbeats:
+                            continue
+                    yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if (
+                    not isinstance(error, UnavailableError)
+                    or time.monotonic() - last_progress > self._retry.deadline
+                ):
+                    raise error from exc
+            finally:
+                call.cancel()
+            await asyncio.sleep(random.uniform(0, backoff))
+            backoff = min(backoff * self._retry.multiplier, self._retry.max_backoff)

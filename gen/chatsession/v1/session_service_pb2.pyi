@@ -502,3 +502,121 @@ class ListMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class WatchMessagesRequest(_message.Message):
+    """Request for WatchMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session. Required."""
+    after_seq: _builtins.int
+    """Deliver every message with seq > after_seq (0: from the oldest still stored). When absent,
+    only messages appended after the watch starts are delivered.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        after_seq: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "after_seq", b"after_seq", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
+    _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_seq) -> _WhichOneofReturnType__after_seq | None: ...
+
+Global___WatchMessagesRequest: _TypeAlias = WatchMessagesRequest  # noqa: Y015
+
+@_typing.final
+class WatchMessagesResponse(_message.Message):
+    """One event of a WatchMessages stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    HISTORY_TRIMMED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> _session_pb2.Message:
+        """A message, in seq order."""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Sent first, once the watch is live, and whenever the stream has been idle for a while."""
+
+    @_builtins.property
+    def history_trimmed(self) -> Global___HistoryTrimmed:
+        """Messages the client asked for were trimmed by the sliding window and will never come."""
+
+    def __init__(
+        self,
+        *,
+        message: _session_pb2.Message | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+        history_trimmed: Global___HistoryTrimmed | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["message", "heartbeat", "history_trimmed"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchMessagesResponse: _TypeAlias = WatchMessagesResponse  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    """Keeps an idle stream alive and says where the client stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    last_seq: _builtins.int
+    """Seq of the last message delivered on this stream (for the first heartbeat: the seq the
+    watch starts after). Reconnect with this as `after_seq` to resume without loss.
+    """
+    def __init__(
+        self,
+        *,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class HistoryTrimmed(_message.Message):
+    """A range of seqs the client would have received had the window not trimmed them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_MISSING_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_MISSING_SEQ_FIELD_NUMBER: _builtins.int
+    first_missing_seq: _builtins.int
+    """First seq that is gone."""
+    last_missing_seq: _builtins.int
+    """Last seq that is gone; delivery resumes after it."""
+    def __init__(
+        self,
+        *,
+        first_missing_seq: _builtins.int = ...,
+        last_missing_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_missing_seq", b"first_missing_seq", "last_missing_seq", b"last_missing_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryTrimmed: _TypeAlias = HistoryTrimmed  # noqa: Y015

@@ -33,8 +33,6 @@ class SessionServiceStub:
     carries a google.rpc.PreconditionFailure; UNAVAILABLE and DEADLINE_EXCEEDED mean
     Valkey could not be reached in time and the call may be retried (AppendMessages
     safely so with a `request_id`).
-
-    WatchMessages (a live, resumable tail of a session) is reserved for the next version.
     """
 
     def __init__(self, channel):
@@ -78,6 +76,11 @@ class SessionServiceStub:
                 request_serializer=chatsession_dot_v1_dot_session__service__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=chatsession_dot_v1_dot_session__service__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.WatchMessages = channel.unary_stream(
+                '/chatsession.v1.SessionService/WatchMessages',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -88,8 +91,6 @@ class SessionServiceServicer:
     carries a google.rpc.PreconditionFailure; UNAVAILABLE and DEADLINE_EXCEEDED mean
     Valkey could not be reached in time and the call may be retried (AppendMessages
     safely so with a `request_id`).
-
-    WatchMessages (a live, resumable tail of a session) is reserved for the next version.
     """
 
     def CreateSession(self, request, context):
@@ -141,6 +142,16 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMessages(self, request, context):
+        """Follows a session live: first the stored messages after `after_seq`, then each new one
+        as it is appended through any server, in seq order, each exactly once. The stream ends
+        with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
+        server shuts down: reconnect with `after_seq` set to the last seq received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +190,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     request_deserializer=chatsession_dot_v1_dot_session__service__pb2.ListMessagesRequest.FromString,
                     response_serializer=chatsession_dot_v1_dot_session__service__pb2.ListMessagesResponse.SerializeToString,
             ),
+            'WatchMessages': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMessages,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'chatsession.v1.SessionService', rpc_method_handlers)
@@ -195,8 +211,6 @@ class SessionService:
     carries a google.rpc.PreconditionFailure; UNAVAILABLE and DEADLINE_EXCEEDED mean
     Valkey could not be reached in time and the call may be retried (AppendMessages
     safely so with a `request_id`).
-
-    WatchMessages (a live, resumable tail of a session) is reserved for the next version.
     """
 
     @staticmethod
@@ -378,6 +392,33 @@ class SessionService:
             '/chatsession.v1.SessionService/ListMessages',
             chatsession_dot_v1_dot_session__service__pb2.ListMessagesRequest.SerializeToString,
             chatsession_dot_v1_dot_session__service__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chatsession.v1.SessionService/WatchMessages',
+            chatsession_dot_v1_dot_session__service__pb2.WatchMessagesRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.WatchMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,8 +20,6 @@ class SessionServiceStub:
     carries a google.rpc.PreconditionFailure; UNAVAILABLE and DEADLINE_EXCEEDED mean
     Valkey could not be reached in time and the call may be retried (AppendMessages
     safely so with a `request_id`).
-
-    WatchMessages (a live, resumable tail of a session) is reserved for the next version.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -39,6 +37,12 @@ class SessionServiceStub:
     """Appends messages atomically: counters, sliding window and expiry change in the same step."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]
     """Reads messages: the newest page, the page before a seq, or the page after a seq."""
+    WatchMessages: _aio.UnaryStreamMultiCallable[_session_service_pb2.WatchMessagesRequest, _session_service_pb2.WatchMessagesResponse]
+    """Follows a session live: first the stored messages after `after_seq`, then each new one
+    as it is appended through any server, in seq order, each exactly once. The stream ends
+    with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
+    server shuts down: reconnect with `after_seq` set to the last seq received.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -48,8 +52,6 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     carries a google.rpc.PreconditionFailure; UNAVAILABLE and DEADLINE_EXCEEDED mean
     Valkey could not be reached in time and the call may be retried (AppendMessages
     safely so with a `request_id`).
-
-    WatchMessages (a live, resumable tail of a session) is reserved for the next version.
     """
 
     @_abc_1.abstractmethod
@@ -107,5 +109,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_session_service_pb2.ListMessagesRequest, _abc.Awaitable[_session_service_pb2.ListMessagesResponse]],
     ) -> _abc.Awaitable[_session_service_pb2.ListMessagesResponse]:
         """Reads messages: the newest page, the page before a seq, or the page after a seq."""
+
+    @_abc_1.abstractmethod
+    def WatchMessages(
+        self,
+        request: _session_service_pb2.WatchMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.WatchMessagesRequest, _abc.AsyncIterator[_session_service_pb2.WatchMessagesResponse]],
+    ) -> _abc.AsyncIterator[_session_service_pb2.WatchMessagesResponse]:
+        """Follows a session live: first the stored messages after `after_seq`, then each new one
+        as it is appended through any server, in seq order, each exactly once. The stream ends
+        with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
+        server shuts down: reconnect with `after_seq` set to the last seq received.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from chatsession.v1 import session_pb2
-from chatsession_server.domain import Role, Session, StoredMessage
+from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession_server.domain import Heartbeat, Role, Session, StoredMessage, Trimmed, WatchEvent
 
 _ROLE_TO_PROTO = {
     Role.SYSTEM: session_pb2.ROLE_SYSTEM,
@@ -50,3 +50,17 @@ def message_to_proto(m: StoredMessage) -> session_pb2.Message:
         tool_calls=[session_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls],
         tool_call_id=m.tool_call_id,
     )
+
+
+def watch_event_to_proto(event: WatchEvent) -> session_service_pb2.WatchMessagesResponse:
+    if isinstance(event, StoredMessage):
+        return session_service_pb2.WatchMessagesResponse(message=message_to_proto(event))
+    if isinstance(event, Heartbeat):
+        return session_service_pb2.WatchMessagesResponse(
+            heartbeat=session_service_pb2.Heartbeat(last_seq=event.last_seq)
+        )
+    assert isinstance(event, Trimmed)
+    trimmed = session_service_pb2.HistoryTrimmed(
+        first_missing_seq=event.first_missing_seq, last_missing_seq=event.last_missing_seq
+    )
+    return session_service_pb2.WatchMessagesResponse(history_trimmed=trimmed)

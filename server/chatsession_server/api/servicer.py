@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from grpc import aio
@@ -9,20 +10,31 @@ from grpc import aio
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_server.api import validation
-from chatsession_server.api.convert import message_to_proto, session_to_proto
+from chatsession_server.api.convert import message_to_proto, session_to_proto, watch_event_to_proto
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.errors import SessionNotFound
-from chatsession_server.ports import SessionStorage
+from chatsession_server.ports import MessageFeed, SessionStorage
+from chatsession_server.watch import watch_session
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
 class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, store: SessionStorage, limits: Limits, page_tokens: PageTokens) -> None:
+    def __init__(
+        self,
+        store: SessionStorage,
+        feed: MessageFeed,
+        limits: Limits,
+        page_tokens: PageTokens,
+        *,
+        heartbeat_seconds: float,
+    ) -> None:
         self._store = store
+        self._feed = feed
         self._limits = limits
         self._tokens = page_tokens
+        self._heartbeat_seconds = heartbeat_seconds
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Context
@@ -86,3 +98,13 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             window_start_seq=page.window_start_seq,
             history_trimmed=page.history_trimmed,
         )
+
+    async def WatchMessages(
+        self, request: pb.WatchMessagesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchMessagesResponse]:
+        session_id, after_seq = validation.watch_messages(request)
+        events = watch_session(
+            self._store, self._feed, session_id, after_seq, heartbeat_seconds=self._heartbeat_seconds
+        )
+        async for event in events:
+            yield watch_event_to_proto(event)

@@ -16,6 +16,7 @@ from chatsession_server.errors import (
     PreconditionFailed,
     SessionAlreadyExists,
     SessionNotFound,
+    ShuttingDown,
     StoreTimeout,
     StoreUnavailable,
 )
@@ -64,6 +65,7 @@ ERROR_TABLE: dict[type[ChatSessionError], tuple[int, Callable[[ChatSessionError]
     SessionAlreadyExists: (code_pb2.ALREADY_EXISTS, _resource),
     PreconditionFailed: (code_pb2.FAILED_PRECONDITION, _precondition),
     StoreUnavailable: (code_pb2.UNAVAILABLE, _retry_soon),
+    ShuttingDown: (code_pb2.UNAVAILABLE, _retry_soon),
     StoreTimeout: (code_pb2.DEADLINE_EXCEEDED, _none),
 }
 

@@ -264,6 +264,16 @@ def append_messages(
     return request.session_id, [m for m in messages if m is not None], request.request_id, expected
 
 
+def watch_messages(request: session_service_pb2.WatchMessagesRequest) -> tuple[str, int | None]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    after = request.after_seq if request.HasField("after_seq") else None
+    if after is not None and after < 0:
+        v.add("after_seq", "must not be negative")
+    v.raise_if_any()
+    return request.session_id, after
+
+
 def list_messages(request: session_service_pb2.ListMessagesRequest) -> tuple[str, MessageQuery]:
     v = Violations()
     v.id("session_id", request.session_id)

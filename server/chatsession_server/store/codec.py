@@ -63,7 +63,10 @@ def fingerprint(messages: Sequence[NewMessage]) -> str:
 
 
 def decode_message(raw: bytes | str) -> StoredMessage:
-    obj = json.loads(raw)
+    return message_from_obj(json.loads(raw))
+
+
+def message_from_obj(obj: dict[str, Any]) -> StoredMessage:
     calls = tuple(
         ToolCall(
             id=str(c.get("id", "")),

@@ -26,5 +26,17 @@ def user_index_key(user_id: str) -> str:
     return f"{USER_INDEX_PREFIX}{{{user_id}}}"
 
 
+WATCH_PREFIX = "watch:"
+
+
+def watch_channel(session_id: str) -> str:
+    """Pub/sub channel announcing a session's appends and deletion (same hash tag: sharded later)."""
+    return f"{WATCH_PREFIX}{{{session_id}}}"
+
+
+def session_of_channel(channel: str) -> str:
+    return channel[len(WATCH_PREFIX) + 1 : -1]
+
+
 USER_INDEX_KEY_HEAD = f"{USER_INDEX_PREFIX}{{"
 """What a script puts before a user id (and `}` after) to name that user's index."""

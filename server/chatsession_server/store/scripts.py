@@ -83,8 +83,10 @@ return {'created', describe(chat, meta)}
 )
 
 # KEYS: chat, meta, reqs. ARGV: now, request_id, fingerprint, expected_last_seq ('' = none),
-# token sum, index key head, session_id, idempotency limit, then one body per message
-# (its JSON without the opening `{"seq":N,`).
+# token sum, index key head, session_id, idempotency limit, watch channel, most bytes to publish
+# inline, then one body per message (its JSON without the opening `{"seq":N,`).
+# Publishes "M<first> <last>" on the watch channel, followed by "\n[<messages>]" when they are
+# small enough: watchers get them without a read, and re-read the LIST when they are not there.
 APPEND = (
     PRELUDE
     + r"""
@@ -110,7 +112,7 @@ if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= mc then return {'seq_mismatch', mc} en
 
 local items = {}
 local first = mc + 1
-for i = 9, #ARGV do
+for i = 11, #ARGV do
   local seq = first + #items
   local body = ARGV[i]
   -- System messages before any other message form the prompt the window keeps.
@@ -147,6 +149,11 @@ redis.call('EXPIRE', chat, ttl)
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', reqs, ttl)
 redis.call('ZADD', ARGV[6] .. m[1] .. '}', 'GT', last_active, ARGV[7])
+local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', first + #items - 1)
+local size = 0
+for _, item in ipairs(items) do size = size + #item end
+if size <= tonumber(ARGV[10]) then payload = payload .. '\n[' .. table.concat(items, ',') .. ']' end
+redis.call('PUBLISH', ARGV[9], payload)
 return {'ok', first, describe(chat, meta)}
 """
 )
@@ -227,12 +234,13 @@ return {'ok', describe(chat, meta)}
 """
 )
 
-# KEYS: chat, meta, reqs. ARGV: index key head, session_id.
+# KEYS: chat, meta, reqs. ARGV: index key head, session_id, watch channel.
 DELETE = r"""
 local uid = redis.call('HGET', KEYS[2], 'user_id')
 if not uid then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', ARGV[1] .. uid .. '}', ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'D')
 return 1
 """
 

@@ -23,6 +23,9 @@ from chatsession_server.errors import PreconditionFailed, SessionAlreadyExists, 
 from chatsession_server.store import codec, keys, scripts
 from chatsession_server.store.valkey import ValkeyConnection, make_script
 
+# Appends up to this size travel to watchers inside the publish; larger ones are only announced.
+INLINE_PUBLISH_BYTES = 64 * 1024
+
 
 class SessionStore:
     def __init__(
@@ -114,7 +117,9 @@ class SessionStore:
     async def delete(self, session_id: str) -> bool:
         """Delete a session; False when there was none."""
         deleted = await self._conn.script(
-            self._delete, self._session_keys(session_id), [keys.USER_INDEX_KEY_HEAD, session_id]
+            self._delete,
+            self._session_keys(session_id),
+            [keys.USER_INDEX_KEY_HEAD, session_id, keys.watch_channel(session_id)],
         )
         return bool(deleted)
 
@@ -140,6 +145,8 @@ class SessionStore:
                 keys.USER_INDEX_KEY_HEAD,
                 session_id,
                 str(self._idempotency_limit),
+                keys.watch_channel(session_id),
+                str(INLINE_PUBLISH_BYTES),
                 *bodies,
             ],
         )

@@ -59,6 +59,31 @@ def translate_errors() -> Iterator[None]:
         raise
 
 
+def glide_config(
+    address: ValkeyAddress,
+    *,
+    request_timeout_ms: int,
+    connect_timeout_ms: int,
+    inflight_limit: int,
+    client_name: str = "chatsession",
+) -> GlideClientConfiguration:
+    """A fresh GLIDE configuration for `address` (each client needs its own object)."""
+    credentials = None
+    if address.password is not None:
+        credentials = ServerCredentials(password=address.password, username=address.username)
+    return GlideClientConfiguration(
+        [NodeAddress(address.host, address.port)],
+        use_tls=address.use_tls,
+        credentials=credentials,
+        database_id=address.database or None,
+        request_timeout=request_timeout_ms,
+        client_name=client_name,
+        inflight_requests_limit=inflight_limit,
+        reconnect_strategy=BackoffStrategy(num_of_retries=8, factor=50, exponent_base=2),
+        advanced_config=AdvancedGlideClientConfiguration(connection_timeout=connect_timeout_ms),
+    )
+
+
 def make_script(code: str) -> Script:
     """A Script (GLIDE keeps its SHA for EVALSHA and reloads it by itself after a restart)."""
     return Script(code)  # type: ignore[no-untyped-call]
@@ -73,30 +98,8 @@ class ValkeyConnection:
         self._down_until = 0.0
 
     @classmethod
-    async def connect(
-        cls,
-        address: ValkeyAddress,
-        *,
-        request_timeout_ms: int,
-        connect_timeout_ms: int,
-        inflight_limit: int,
-        client_name: str = "chatsession",
-    ) -> ValkeyConnection:
+    async def connect(cls, address: ValkeyAddress, config: GlideClientConfiguration) -> ValkeyConnection:
         """Connect (call it inside the server's running loop: GLIDE binds to the first loop it sees)."""
-        credentials = None
-        if address.password is not None:
-            credentials = ServerCredentials(password=address.password, username=address.username)
-        config = GlideClientConfiguration(
-            [NodeAddress(address.host, address.port)],
-            use_tls=address.use_tls,
-            credentials=credentials,
-            database_id=address.database or None,
-            request_timeout=request_timeout_ms,
-            client_name=client_name,
-            inflight_requests_limit=inflight_limit,
-            reconnect_strategy=BackoffStrategy(num_of_retries=8, factor=50, exponent_base=2),
-            advanced_config=AdvancedGlideClientConfiguration(connection_timeout=connect_timeout_ms),
-        )
         with translate_errors():
             client = await GlideClient.create(config)
         return cls(client, address)

@@ -1,0 +1,219 @@
+"""SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
+
+Appends publish on `watch:{<id>}` (see scripts.APPEND). The feed subscribes a session's channel
+when its first local watcher arrives and unsubscribes when the last leaves. Pub/sub is only a
+doorbell: each watcher keeps a cursor and re-reads the LIST whenever an event cannot be trusted
+to follow on (a gap, a full buffer, a publish lost while Valkey was away).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from typing import Any
+
+from glide import GlideClient, GlideClientConfiguration, PubSubMsg
+
+from chatsession_server.domain import Appended, Behind, Closing, Deleted, FeedEvent, StoredMessage
+from chatsession_server.errors import ChatSessionError
+from chatsession_server.ports import FeedSubscription
+from chatsession_server.store import codec, keys
+from chatsession_server.store.valkey import ValkeyConnection, translate_errors
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """One watcher's bounded inbox. A full inbox collapses into a single `Behind`: the watcher
+    then re-reads from the LIST, so a slow consumer costs neither memory nor other watchers."""
+
+    __slots__ = ("_events", "_limit", "_wake", "session_id")
+
+    def __init__(self, session_id: str, limit: int) -> None:
+        self.session_id = session_id
+        self._limit = limit
+        self._events: deque[FeedEvent] = deque()
+        self._wake = asyncio.Event()
+
+    def offer(self, event: FeedEvent) -> None:
+        if isinstance(event, Deleted | Closing):
+            self._events.clear()
+        elif len(self._events) >= self._limit:
+            self._events.clear()
+            event = Behind()
+        self._events.append(event)
+        self._wake.set()
+
+    async def next(self, timeout: float) -> FeedEvent | None:
+        """The next event, or None after `timeout` seconds without one."""
+        if not self._events:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if not self._events:
+                return None
+        return self._events.popleft()
+
+
+class _Channel:
+    __slots__ = ("last_seq", "lock", "subscribed", "watchers")
+
+    def __init__(self) -> None:
+        self.watchers: set[Subscription] = set()
+        self.lock = asyncio.Lock()
+        self.subscribed = False
+        self.last_seq = 0  # newest seq this process has heard of
+
+
+class SessionFeed:
+    def __init__(
+        self, pubsub: GlideClient, commands: ValkeyConnection, *, buffer: int, poll_seconds: float
+    ) -> None:
+        self._pubsub = pubsub
+        self._commands = commands
+        self._buffer = buffer
+        self._poll_seconds = poll_seconds
+        self._channels: dict[str, _Channel] = {}
+        self._closed = False
+        self._poller: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(
+        cls, base: GlideClientConfiguration, commands: ValkeyConnection, *, buffer: int, poll_seconds: float
+    ) -> SessionFeed:
+        """Open the pub/sub connection (inside the running loop) and start the poller."""
+        holder: list[SessionFeed] = []
+
+        def on_message(msg: PubSubMsg, context: Any) -> None:
+            holder[0]._dispatch(msg)
+
+        base.pubsub_subscriptions = GlideClientConfiguration.PubSubSubscriptions(
+            channels_and_patterns={}, callback=on_message, context=None
+        )
+        with translate_errors():
+            client = await GlideClient.create(base)
+        feed = cls(client, commands, buffer=buffer, poll_seconds=poll_seconds)
+        holder.append(feed)
+        feed._poller = asyncio.create_task(feed._poll_forever(), name="chatsession-watch-poll")
+        return feed
+
+    @property
+    def watcher_count(self) -> int:
+        return sum(len(c.watchers) for c in self._channels.values())
+
+    async def join(self, session_id: str) -> Subscription:
+        """Register a watcher; returns once this process is subscribed to the session's channel."""
+        if self._closed:
+            return self._closing_subscription(session_id)
+        channel = self._channels.get(session_id)
+        if channel is None:
+            channel = self._channels[session_id] = _Channel()
+        subscription = Subscription(session_id, self._buffer)
+        channel.watchers.add(subscription)
+        try:
+            async with channel.lock:
+                if not channel.subscribed:
+                    with translate_errors():
+                        await self._pubsub.subscribe({keys.watch_channel(session_id)}, timeout_ms=5000)
+                    channel.subscribed = True
+        except BaseException:
+            await self.leave(subscription)
+            raise
+        return subscription
+
+    async def leave(self, subscription: FeedSubscription) -> None:
+        session_id = subscription.session_id
+        channel = self._channels.get(session_id)
+        if channel is None:
+            return
+        channel.watchers.discard(subscription)
+        if channel.watchers:
+            return
+        async with channel.lock:
+            if channel.watchers:
+                return
+            if channel.subscribed and not self._closed:
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe({keys.watch_channel(session_id)}, timeout_ms=5000)
+                channel.subscribed = False
+            if not channel.watchers and self._channels.get(session_id) is channel:
+                del self._channels[session_id]
+
+    def _closing_subscription(self, session_id: str) -> Subscription:
+        subscription = Subscription(session_id, 1)
+        subscription.offer(Closing())
+        return subscription
+
+    def _dispatch(self, msg: PubSubMsg) -> None:
+        """GLIDE's callback, on the loop thread: parse once, hand the same event to every watcher."""
+        channel_name = msg.channel.decode() if isinstance(msg.channel, bytes) else str(msg.channel)
+        channel = self._channels.get(keys.session_of_channel(channel_name))
+        if channel is None or not channel.watchers:
+            return
+        try:
+            event = _parse(msg.message if isinstance(msg.message, bytes) else str(msg.message).encode())
+        except (ValueError, KeyError) as exc:
+            log.warning("unreadable watch publish on %s: %s", channel_name, exc)
+            event = Behind()
+        if isinstance(event, Appended):
+            channel.last_seq = max(channel.last_seq, event.last_seq)
+        for subscription in channel.watchers:
+            subscription.offer(event)
+
+    async def _poll_forever(self) -> None:
+        """Catch what pub/sub cannot promise: publishes lost while Valkey was away, and expiry."""
+        while not self._closed:
+            await asyncio.sleep(self._poll_seconds)
+            with contextlib.suppress(ChatSessionError):
+                await self.poll_once()
+
+    async def poll_once(self) -> None:
+        session_ids = list(self._channels)
+        if not session_ids:
+            return
+        batch = self._commands.batch(atomic=False)
+        for session_id in session_ids:
+            batch.hget(keys.meta_key(session_id), "message_count")
+        counts = await self._commands.run(batch)
+        for session_id, count in zip(session_ids, counts, strict=True):
+            channel = self._channels.get(session_id)
+            if channel is None:
+                continue
+            if count is None:
+                event: FeedEvent = Deleted()
+            elif int(count) > channel.last_seq:
+                channel.last_seq = int(count)
+                event = Behind(int(count))
+            else:
+                continue
+            for subscription in channel.watchers:
+                subscription.offer(event)
+
+    async def close(self) -> None:
+        """End every watch (they report UNAVAILABLE) and drop the pub/sub connection."""
+        self._closed = True
+        for channel in self._channels.values():
+            for subscription in channel.watchers:
+                subscription.offer(Closing())
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        with contextlib.suppress(Exception):
+            await self._pubsub.close()
+
+
+def _parse(payload: bytes) -> FeedEvent:
+    if payload == b"D":
+        return Deleted()
+    if not payload.startswith(b"M"):
+        raise ValueError(f"unknown event {payload[:16]!r}")
+    head, _, body = payload.partition(b"\n")
+    first, last = (int(x) for x in head[1:].split(b" "))
+    messages: tuple[StoredMessage, ...] | None = None
+    if body:
+        messages = tuple(codec.message_from_obj(obj) for obj in json.loads(body))
+    return Appended(first, last, messages)

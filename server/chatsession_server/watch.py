@@ -1,0 +1,83 @@
+"""WatchMessages as domain logic: backlog from the LIST, then live events, by seq, exactly once.
+
+The watcher joins the feed BEFORE reading the backlog, so nothing appended in between is missed;
+events at or below its cursor are dropped, so nothing is delivered twice; any event it cannot
+chain onto its cursor sends it back to the LIST, which is the source of truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from chatsession_server.domain import (
+    Appended,
+    Behind,
+    Closing,
+    Deleted,
+    Heartbeat,
+    MessageQuery,
+    Trimmed,
+    WatchEvent,
+)
+from chatsession_server.errors import PreconditionFailed, SessionNotFound, ShuttingDown
+from chatsession_server.ports import MessageFeed, SessionStorage
+
+READ_PAGE = 200
+
+
+async def watch_session(
+    storage: SessionStorage,
+    feed: MessageFeed,
+    session_id: str,
+    after_seq: int | None,
+    *,
+    heartbeat_seconds: float,
+) -> AsyncIterator[WatchEvent]:
+    subscription = await feed.join(session_id)
+    try:
+        last_seq = (await storage.get(session_id)).message_count
+        if after_seq is not None and after_seq > last_seq:
+            raise PreconditionFailed(
+                "AFTER_SEQ_AHEAD",
+                "after_seq",
+                f"after_seq {after_seq} is beyond the session's last seq {last_seq} (was it re-created?)",
+            )
+        cursor = last_seq if after_seq is None else after_seq
+        must_read = cursor < last_seq
+        yield Heartbeat(cursor)  # live from here: the resume point
+        while True:
+            while must_read:
+                page = await storage.list_messages(
+                    session_id, MessageQuery(limit=READ_PAGE, after_seq=cursor)
+                )
+                for message in page.messages:
+                    if message.seq > cursor + 1:
+                        yield Trimmed(cursor + 1, message.seq - 1)
+                    yield message
+                    cursor = message.seq
+                if not page.has_more:
+                    if page.last_seq > cursor:  # everything after the cursor is gone
+                        yield Trimmed(cursor + 1, page.last_seq)
+                        cursor = page.last_seq
+                    must_read = False
+            event = await subscription.next(heartbeat_seconds)
+            if event is None:
+                yield Heartbeat(cursor)
+            elif isinstance(event, Appended):
+                if event.last_seq <= cursor:
+                    continue
+                if event.messages is None or event.first_seq > cursor + 1:
+                    must_read = True
+                    continue
+                for message in event.messages:
+                    if message.seq > cursor:
+                        yield message
+                        cursor = message.seq
+            elif isinstance(event, Behind):
+                must_read = event.last_seq == 0 or event.last_seq > cursor
+            elif isinstance(event, Deleted):
+                raise SessionNotFound(session_id)
+            elif isinstance(event, Closing):
+                raise ShuttingDown("server is shutting down: reconnect with after_seq set to your last seq")
+    finally:
+        await feed.leave(subscription)
