@@ -49,7 +49,7 @@ fmt: venv
 	$(BIN)/buf format -w
 
 bench: venv  ## benchmarks: figures and ratios against in-run baselines
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/watch_bench.py
 
 check: lint gen-check test
 

@@ -1,0 +1,173 @@
+"""WatchMessages benchmark: append-to-delivery latency and memory per idle watcher.
+
+Starts the real server as a separate process (with its embedded Valkey), drives it over real
+gRPC from this process, and prints medians with the baseline of the same run: the AppendMessages
+round trip (the append alone, acknowledged) next to the append-to-delivery latency.
+
+    python bench/watch_bench.py                      # 1, 100 and 1000 watchers; 10,000 idle
+    python bench/watch_bench.py --idle 2000 --appends 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession_client import NO_RETRY, SessionClient, user
+
+ROOT = Path(__file__).resolve().parent.parent
+CHANNELS = 16  # spread streams over several HTTP/2 connections, as many clients would
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def start_server() -> tuple[asyncio.subprocess.Process, int]:
+    env = {k: v for k, v in os.environ.items() if k != "CHATSESSION_VALKEY_URL"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatsession_server", "--listen", "127.0.0.1:0",
+        stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        if not line:
+            raise RuntimeError("server exited")
+        if m := re.search(r"serving on [\d.]+:(\d+)", line):
+            # Keep draining its log so a full pipe never stalls it.
+            asyncio.get_running_loop().create_task(proc.stderr.read())
+            return proc, int(m.group(1))
+
+
+async def watcher(
+    stub: object, session_id: str, arrivals: dict[int, list[float]], ready: asyncio.Event, total: int
+) -> None:
+    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id))  # type: ignore[attr-defined]
+    seen = 0
+    async for event in call:
+        if event.WhichOneof("event") == "heartbeat" and not seen:
+            ready.set()
+            continue
+        if event.WhichOneof("event") == "message":
+            arrivals.setdefault(event.message.seq, []).append(time.perf_counter())
+            seen += 1
+            if seen >= total:
+                call.cancel()
+                return
+
+
+async def latency_run(target: str, channels: list[grpc.aio.Channel], watchers: int, appends: int) -> None:
+    from chatsession.v1 import session_service_pb2_grpc
+
+    async with SessionClient(target, retry=NO_RETRY) as client:
+        session = await client.create_session("bench", title=f"{watchers} watchers")
+        arrivals: dict[int, list[float]] = {}
+        readies = [asyncio.Event() for _ in range(watchers)]
+        stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
+        tasks = [
+            asyncio.create_task(
+                watcher(stubs[i % len(stubs)], session.session_id, arrivals, readies[i], appends)
+            )
+            for i in range(watchers)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 120)
+        sent: dict[int, float] = {}
+        round_trips: list[float] = []
+        for _ in range(appends):
+            t0 = time.perf_counter()
+            reply = await client.append(session.session_id, [user("ping", tokens=1)])
+            round_trips.append(time.perf_counter() - t0)
+            sent[reply.messages[0].seq] = t0
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        delivery = [(t - sent[seq]) * 1000 for seq, times in arrivals.items() for t in times]
+        last = [(max(times) - sent[seq]) * 1000 for seq, times in arrivals.items()]
+        rtt = [x * 1000 for x in round_trips]
+        print(
+            f"watchers={watchers:5d} appends={appends} deliveries={len(delivery)}  "
+            f"append RTT p50={statistics.median(rtt):.2f}ms p99={pct(rtt, 99):.2f}ms | "
+            f"delivery p50={statistics.median(delivery):.2f}ms p99={pct(delivery, 99):.2f}ms "
+            f"(p50/RTT={statistics.median(delivery) / statistics.median(rtt):.2f}) | "
+            f"last watcher p50={statistics.median(last):.2f}ms"
+        )
+
+
+async def idle_run(target: str, channels: list[grpc.aio.Channel], pid: int, idle: int) -> None:
+    from chatsession.v1 import session_service_pb2_grpc
+
+    async with SessionClient(target, retry=NO_RETRY) as client:
+        sessions = [(await client.create_session("idle", title=str(i))).session_id for i in range(100)]
+        stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
+        # Warm the server's allocators and gRPC paths first, so the figure is per watcher.
+        calls = []
+        for i in range(200):
+            calls.append(
+                stubs[i % len(stubs)].WatchMessages(pb.WatchMessagesRequest(session_id=sessions[i % 100]))
+            )
+        for call in calls:
+            await call.read()
+        before = rss_kib(pid)
+        start = time.perf_counter()
+        more = []
+        for i in range(idle):
+            more.append(
+                stubs[i % len(stubs)].WatchMessages(pb.WatchMessagesRequest(session_id=sessions[i % 100]))
+            )
+        for call in more:
+            await call.read()  # the first heartbeat: the watch is live
+        elapsed = time.perf_counter() - start
+        await asyncio.sleep(1.0)
+        after = rss_kib(pid)
+        print(
+            f"idle watchers={idle} on 100 sessions: opened in {elapsed:.1f}s; "
+            f"server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB = "
+            f"{(after - before) / idle:.1f} KiB per idle watcher"
+        )
+        for call in calls + more:
+            call.cancel()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--watchers", type=int, nargs="*", default=[1, 100, 1000])
+    parser.add_argument("--appends", type=int, default=200)
+    parser.add_argument("--idle", type=int, default=10_000)
+    args = parser.parse_args()
+    proc, port = await start_server()
+    target = f"127.0.0.1:{port}"
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CHANNELS)
+    ]
+    try:
+        for n in args.watchers:
+            await latency_run(target, channels, n, args.appends)
+        if args.idle:
+            await idle_run(target, channels, proc.pid, args.idle)
+    finally:
+        for c in channels:
+            await c.close()
+        proc.terminate()
+        await proc.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
