@@ -169,6 +169,36 @@ async def test_hundred_watchers_see_the_same_complete_sequence(
     assert await subscribers(raw, channel) == 0
 
 
+async def test_a_reconnect_storm_of_thousands_of_watchers_is_all_served(
+    client: SessionClient, target: str, uid: str
+) -> None:
+    """After a restart every watcher reconnects at once. gRPC core's default would cancel
+    calls beyond 1000 waiting to be picked up; each of these must get its stream."""
+    from chatsession.v1 import session_service_pb2_grpc
+
+    sessions = [(await client.create_session(uid)).session_id for _ in range(30)]
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(2)
+    ]
+    try:
+        stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
+        calls = [
+            stubs[i % 2].WatchMessages(pb.WatchMessagesRequest(session_id=sessions[i % 30]))
+            for i in range(3000)
+        ]
+        firsts = await asyncio.wait_for(asyncio.gather(*(next_event(c) for c in calls)), 60)
+        assert {e.WhichOneof("event") for e in firsts} == {"heartbeat"}
+        await client.append(sessions[7], [user("to the crowd")])
+        crowd = [c for i, c in enumerate(calls) if i % 30 == 7]
+        delivered = await asyncio.wait_for(asyncio.gather(*(next_event(c) for c in crowd)), 30)
+        assert [e.message.content for e in delivered] == ["to the crowd"] * 100
+        for call in calls:
+            call.cancel()
+    finally:
+        for c in channels:
+            await c.close()
+
+
 async def test_slow_watcher_does_not_delay_a_fast_one(valkey_url: str, uid: str) -> None:
     async with serving(valkey_url, watch_buffer_events=4) as running:
         target = f"127.0.0.1:{running.port}"

@@ -39,6 +39,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # grpc.aio picks up new calls one at a time; beyond 1000 waiting calls gRPC core cancels
+        # them at random (soft limit) or all (hard limit). Thousands of watchers reconnecting at
+        # once after a restart are normal here, so the limits follow the setting.
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
     ]
 
 

@@ -81,6 +81,10 @@ class Settings:
     valkey_timeout_ms: int = field(default=2000, metadata=_meta("Valkey request timeout"))
     valkey_connect_timeout_ms: int = field(default=2000, metadata=_meta("Valkey connection timeout"))
     valkey_inflight_limit: int = field(default=5000, metadata=_meta("most Valkey requests in flight"))
+    max_pending_calls: int = field(
+        default=20_000,
+        metadata=_meta("calls that may wait to be picked up, as in a reconnect storm of watchers"),
+    )
     grace_seconds: float = field(
         default=10.0, metadata=_meta("how long in-flight RPCs may finish on SIGTERM")
     )
@@ -117,6 +121,7 @@ class Settings:
             "watch_buffer_events",
             "watch_heartbeat_seconds",
             "watch_poll_seconds",
+            "max_pending_calls",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
