@@ -4,8 +4,12 @@ Starts the real server as a separate process (with its embedded Valkey), drives 
 gRPC from this process, and prints medians with the baseline of the same run: the AppendMessages
 round trip (the append alone, acknowledged) next to the append-to-delivery latency.
 
+The idle-watcher figure has its baseline too: the same streams held open on a bare grpc.aio
+server (bench/bare_stream_server.py) with the same options, so the difference is what we add.
+
     python bench/watch_bench.py                      # 1, 100 and 1000 watchers; 10,000 idle
     python bench/watch_bench.py --idle 2000 --appends 100
+    python bench/watch_bench.py --watchers --idle 10000 --idle-sessions 10000   # memory only
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def start_server() -> tuple[asyncio.subprocess.Process, int]:
+SERVER = ["-m", "chatsession_server", "--listen", "127.0.0.1:0"]
+BARE_SERVER = [str(ROOT / "bench" / "bare_stream_server.py")]
+
+
+async def start_server(args: list[str]) -> tuple[asyncio.subprocess.Process, int]:
     env = {k: v for k, v in os.environ.items() if k != "CHATSESSION_VALKEY_URL"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "chatsession_server", "--listen", "127.0.0.1:0",
-        stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
-    )  # fmt: skip
+        sys.executable, *args, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT
+    )
     assert proc.stderr is not None
     while True:
         line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
@@ -110,39 +117,63 @@ async def latency_run(target: str, channels: list[grpc.aio.Channel], watchers: i
         )
 
 
-async def idle_run(target: str, channels: list[grpc.aio.Channel], pid: int, idle: int) -> None:
+async def idle_run(channels: list[grpc.aio.Channel], pid: int, session_ids: list[str], idle: int) -> float:
+    """Open `idle` watches over `session_ids` and return the server's RSS growth per watch, in KiB."""
     from chatsession.v1 import session_service_pb2_grpc
 
-    async with SessionClient(target, retry=NO_RETRY) as client:
-        sessions = [(await client.create_session("idle", title=str(i))).session_id for i in range(100)]
-        stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
-        # Warm the server's allocators and gRPC paths first, so the figure is per watcher.
-        calls = []
-        for i in range(200):
-            calls.append(
-                stubs[i % len(stubs)].WatchMessages(pb.WatchMessagesRequest(session_id=sessions[i % 100]))
-            )
-        for call in calls:
-            await call.read()
-        before = rss_kib(pid)
-        start = time.perf_counter()
-        more = []
-        for i in range(idle):
-            more.append(
-                stubs[i % len(stubs)].WatchMessages(pb.WatchMessagesRequest(session_id=sessions[i % 100]))
-            )
-        for call in more:
-            await call.read()  # the first heartbeat: the watch is live
-        elapsed = time.perf_counter() - start
-        await asyncio.sleep(1.0)
-        after = rss_kib(pid)
-        print(
-            f"idle watchers={idle} on 100 sessions: opened in {elapsed:.1f}s; "
-            f"server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB = "
-            f"{(after - before) / idle:.1f} KiB per idle watcher"
-        )
-        for call in calls + more:
-            call.cancel()
+    stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
+
+    def open_watch(i: int) -> grpc.aio.UnaryStreamCall:  # type: ignore[type-arg]
+        request = pb.WatchMessagesRequest(session_id=session_ids[i % len(session_ids)])
+        return stubs[i % len(stubs)].WatchMessages(request)
+
+    # Warm the server's allocators and gRPC paths first, so the figure is per watcher.
+    warm = [open_watch(i) for i in range(200)]
+    for call in warm:
+        await call.read()
+    await asyncio.sleep(1.0)
+    before = rss_kib(pid)
+    start = time.perf_counter()
+    calls = [open_watch(i) for i in range(idle)]  # all at once, like a reconnect storm
+    for call in calls:
+        await call.read()  # the first heartbeat: the watch is live
+    elapsed = time.perf_counter() - start
+    await asyncio.sleep(1.0)
+    after = rss_kib(pid)
+    for call in warm + calls:
+        call.cancel()
+    print(
+        f"  {idle} watches on {len(session_ids)} sessions opened in {elapsed:.1f}s; "
+        f"server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB"
+    )
+    return (after - before) / idle
+
+
+async def idle_comparison(idle: int, sessions: int) -> None:
+    print(f"idle watchers: {idle} on {sessions} sessions, 16 connections")
+    figures: dict[str, float] = {}
+    for name, args in (("bare grpc.aio stream (baseline)", BARE_SERVER), ("chatsession", SERVER)):
+        proc, port = await start_server(args)
+        target = f"127.0.0.1:{port}"
+        channels = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CHANNELS)
+        ]
+        try:
+            if args is SERVER:
+                async with SessionClient(target, retry=NO_RETRY) as client:
+                    ids = [(await client.create_session("idle")).session_id for _ in range(sessions)]
+            else:
+                ids = [f"s{i}" for i in range(sessions)]
+            figures[name] = await idle_run(channels, proc.pid, ids, idle)
+        finally:
+            for c in channels:
+                await c.close()
+            proc.terminate()
+            await proc.wait()
+        print(f"  {name}: {figures[name]:.1f} KiB per idle watcher")
+    bare, ours = figures.values()
+    print(f"  chatsession / bare = {ours / bare:.2f}; chatsession adds {ours - bare:.1f} KiB per watcher")
 
 
 async def main() -> None:
@@ -150,23 +181,25 @@ async def main() -> None:
     parser.add_argument("--watchers", type=int, nargs="*", default=[1, 100, 1000])
     parser.add_argument("--appends", type=int, default=200)
     parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--idle-sessions", type=int, default=100)
     args = parser.parse_args()
-    proc, port = await start_server()
-    target = f"127.0.0.1:{port}"
-    channels = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(CHANNELS)
-    ]
-    try:
-        for n in args.watchers:
-            await latency_run(target, channels, n, args.appends)
-        if args.idle:
-            await idle_run(target, channels, proc.pid, args.idle)
-    finally:
-        for c in channels:
-            await c.close()
-        proc.terminate()
-        await proc.wait()
+    if args.watchers:
+        proc, port = await start_server(SERVER)
+        target = f"127.0.0.1:{port}"
+        channels = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(CHANNELS)
+        ]
+        try:
+            for n in args.watchers:
+                await latency_run(target, channels, n, args.appends)
+        finally:
+            for c in channels:
+                await c.close()
+            proc.terminate()
+            await proc.wait()
+    if args.idle:
+        await idle_comparison(args.idle, args.idle_sessions)
 
 
 if __name__ == "__main__":

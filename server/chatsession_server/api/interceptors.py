@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -22,6 +22,10 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
     def __init__(self, service_prefix: str) -> None:
         self._prefix = service_prefix
+        # gRPC asks for a handler on every call; wrap each handler once, not once per call (an
+        # idle watch stream would otherwise keep its own copy of the wrapper alive). Keyed by
+        # method and checked by identity, so interceptors after this one still run every time.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -32,6 +36,15 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
@@ -68,11 +81,12 @@ def _wrap_unary(behaviour: Any, method: str) -> Any:
 
 
 def _wrap_stream(behaviour: Any, method: str) -> Any:
-    async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    # A coroutine that writes, not a generator that yields: one frame less per open stream.
+    async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         try:
             async for item in behaviour(request, context):
-                yield item
-        except (asyncio.CancelledError, aio.AbortError, GeneratorExit):
+                await context.write(item)
+        except (asyncio.CancelledError, aio.AbortError):
             raise
         except Exception as exc:
             await _abort_for(exc, context, method)

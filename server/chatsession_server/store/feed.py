@@ -1,7 +1,8 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
 Appends publish on `watch:{<id>}` (see scripts.APPEND). The feed subscribes a session's channel
-when its first local watcher arrives and unsubscribes when the last leaves. Pub/sub is only a
+when its first local watcher arrives and unsubscribes when the last leaves (in batches, see
+channel_sync.py). Pub/sub is only a
 doorbell: each watcher keeps a cursor and re-reads the LIST whenever an event cannot be trusted
 to follow on (a gap, a full buffer, a publish lost while Valkey was away).
 """
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections import deque
 from typing import Any
 
 from glide import GlideClient, GlideClientConfiguration, PubSubMsg
@@ -21,50 +21,18 @@ from chatsession_server.domain import Appended, Behind, Closing, Deleted, FeedEv
 from chatsession_server.errors import ChatSessionError
 from chatsession_server.ports import FeedSubscription
 from chatsession_server.store import codec, keys
+from chatsession_server.store.channel_sync import ChannelSync
+from chatsession_server.store.subscription import Subscription
 from chatsession_server.store.valkey import ValkeyConnection, translate_errors
 
 log = logging.getLogger(__name__)
 
 
-class Subscription:
-    """One watcher's bounded inbox. A full inbox collapses into a single `Behind`: the watcher
-    then re-reads from the LIST, so a slow consumer costs neither memory nor other watchers."""
-
-    __slots__ = ("_events", "_limit", "_wake", "session_id")
-
-    def __init__(self, session_id: str, limit: int) -> None:
-        self.session_id = session_id
-        self._limit = limit
-        self._events: deque[FeedEvent] = deque()
-        self._wake = asyncio.Event()
-
-    def offer(self, event: FeedEvent) -> None:
-        if isinstance(event, Deleted | Closing):
-            self._events.clear()
-        elif len(self._events) >= self._limit:
-            self._events.clear()
-            event = Behind()
-        self._events.append(event)
-        self._wake.set()
-
-    async def next(self, timeout: float) -> FeedEvent | None:
-        """The next event, or None after `timeout` seconds without one."""
-        if not self._events:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            if not self._events:
-                return None
-        return self._events.popleft()
-
-
 class _Channel:
-    __slots__ = ("last_seq", "lock", "subscribed", "watchers")
+    __slots__ = ("last_seq", "watchers")
 
     def __init__(self) -> None:
         self.watchers: set[Subscription] = set()
-        self.lock = asyncio.Lock()
-        self.subscribed = False
         self.last_seq = 0  # newest seq this process has heard of
 
 
@@ -73,6 +41,7 @@ class SessionFeed:
         self, pubsub: GlideClient, commands: ValkeyConnection, *, buffer: int, poll_seconds: float
     ) -> None:
         self._pubsub = pubsub
+        self._sync = ChannelSync(pubsub, lambda: [keys.watch_channel(s) for s in self._channels])
         self._commands = commands
         self._buffer = buffer
         self._poll_seconds = poll_seconds
@@ -114,11 +83,7 @@ class SessionFeed:
         subscription = Subscription(session_id, self._buffer)
         channel.watchers.add(subscription)
         try:
-            async with channel.lock:
-                if not channel.subscribed:
-                    with translate_errors():
-                        await self._pubsub.subscribe({keys.watch_channel(session_id)}, timeout_ms=5000)
-                    channel.subscribed = True
+            await self._sync.subscribed(keys.watch_channel(session_id))
         except BaseException:
             await self.leave(subscription)
             raise
@@ -130,17 +95,10 @@ class SessionFeed:
         if channel is None:
             return
         channel.watchers.discard(subscription)
-        if channel.watchers:
-            return
-        async with channel.lock:
-            if channel.watchers:
-                return
-            if channel.subscribed and not self._closed:
-                with contextlib.suppress(Exception):
-                    await self._pubsub.unsubscribe({keys.watch_channel(session_id)}, timeout_ms=5000)
-                channel.subscribed = False
-            if not channel.watchers and self._channels.get(session_id) is channel:
-                del self._channels[session_id]
+        if not channel.watchers:
+            del self._channels[session_id]
+            if not self._closed:
+                self._sync.changed()  # the next round unsubscribes
 
     def _closing_subscription(self, session_id: str) -> Subscription:
         subscription = Subscription(session_id, 1)
@@ -202,6 +160,7 @@ class SessionFeed:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        await self._sync.close()
         with contextlib.suppress(Exception):
             await self._pubsub.close()
 

@@ -1,0 +1,50 @@
+"""Baseline for the idle-watcher figure: the same service on grpc.aio with nothing behind it.
+
+WatchMessages sends one heartbeat and then waits forever, with the server options and event loop
+of the real server. What one idle stream costs here is gRPC's own floor; the real server's figure
+minus this one is what chatsession adds.
+
+    python bench/bare_stream_server.py      # prints "serving on 127.0.0.1:PORT" on stderr
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import uvloop
+from grpc import aio
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession_server.app import SERVICE_NAME, grpc_options
+from chatsession_server.settings import Settings
+
+
+async def watch_messages(
+    request: pb.WatchMessagesRequest, context: Any
+) -> AsyncIterator[pb.WatchMessagesResponse]:
+    yield pb.WatchMessagesResponse(heartbeat=pb.Heartbeat(last_seq=0))
+    await asyncio.get_running_loop().create_future()  # idle until cancelled
+
+
+async def main() -> None:
+    server = aio.server(options=grpc_options(Settings()))
+    handler = grpc.unary_stream_rpc_method_handler(
+        watch_messages,
+        request_deserializer=pb.WatchMessagesRequest.FromString,
+        response_serializer=pb.WatchMessagesResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE_NAME, {"WatchMessages": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"serving on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
