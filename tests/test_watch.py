@@ -199,6 +199,56 @@ async def test_a_reconnect_storm_of_thousands_of_watchers_is_all_served(
             await c.close()
 
 
+async def commandstat_calls(raw: GlideClient, command: str) -> int:
+    info = await raw.custom_command(["INFO", "commandstats"])
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    m = re.search(rf"cmdstat_{command}:calls=(\d+)", text)
+    return int(m.group(1)) if m else 0
+
+
+async def test_many_sessions_subscribe_in_batches_and_leave_nothing_behind(
+    valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    # Polling is slowed to a minute, so a live delivery here can only come through pub/sub.
+    async with serving(valkey_url, watch_poll_seconds=60) as running:
+        target = f"127.0.0.1:{running.port}"
+        async with SessionClient(target, retry=NO_RETRY) as c:
+            ids = [(await c.create_session(uid, session_id=f"{uid}-{i}")).session_id for i in range(500)]
+            before = await commandstat_calls(raw, "subscribe")
+            calls = [c._stub.WatchMessages(pb.WatchMessagesRequest(session_id=i)) for i in ids]
+            await asyncio.wait_for(asyncio.gather(*(next_event(call) for call in calls)), 30)
+            subscribe_calls = await commandstat_calls(raw, "subscribe") - before
+            assert 1 <= subscribe_calls <= 150, subscribe_calls  # one per channel would be 500
+            assert [await subscribers(raw, f"watch:{{{i}}}") for i in ids[::50]] == [1] * 10
+            await c.append(ids[123], [user("live")])
+            event = await asyncio.wait_for(next_event(calls[123]), 5)
+            assert event.message.content == "live"
+            for call in calls:
+                call.cancel()
+            await asyncio.sleep(0.5)
+            left: Any = await raw.custom_command(["PUBSUB", "CHANNELS", f"watch:{{{uid}-*"])
+            assert left == []
+
+
+async def test_a_session_watched_again_while_being_unsubscribed_stays_live(valkey_url: str, uid: str) -> None:
+    async with (
+        serving(valkey_url, watch_poll_seconds=60) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
+    ):
+        s = await c.create_session(uid)
+        for round_no in range(100):
+            leaving = c._stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id))
+            await next_event(leaving)
+            leaving.cancel()  # the last watcher leaves: an unsubscribe is on its way...
+            await asyncio.sleep(0.0003 * (round_no % 10))
+            staying = c._stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id))
+            await next_event(staying)  # ...and a new one arrives around it
+            reply = await c.append(s.session_id, [user(f"r{round_no}")])
+            event = await asyncio.wait_for(next_event(staying), 5)
+            assert event.message.seq == reply.messages[0].seq
+            staying.cancel()
+
+
 async def test_slow_watcher_does_not_delay_a_fast_one(valkey_url: str, uid: str) -> None:
     async with serving(valkey_url, watch_buffer_events=4) as running:
         target = f"127.0.0.1:{running.port}"

@@ -1,0 +1,85 @@
+"""ChannelSync against a real Valkey: batched rounds, and a join racing an unsubscribe."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from glide import GlideClient, GlideClientConfiguration, NodeAddress
+
+from chatsession_server.settings import ValkeyAddress
+from chatsession_server.store.channel_sync import ChannelSync
+
+
+async def pubsub_client(valkey_url: str) -> GlideClient:
+    address = ValkeyAddress.parse(valkey_url)
+    config = GlideClientConfiguration([NodeAddress(address.host, address.port)], request_timeout=2000)
+    config.pubsub_subscriptions = GlideClientConfiguration.PubSubSubscriptions(
+        channels_and_patterns={}, callback=lambda msg, context: None, context=None
+    )
+    return await GlideClient.create(config)
+
+
+async def subscribers(raw: GlideClient, channel: str) -> int:
+    reply: Any = await raw.custom_command(["PUBSUB", "NUMSUB", channel])
+    return int(reply[channel.encode()])
+
+
+class GatedUnsubscribe:
+    """The real client, except that UNSUBSCRIBE waits for the test to open the gate."""
+
+    def __init__(self, client: GlideClient) -> None:
+        self.client = client
+        self.gate = asyncio.Event()
+        self.unsubscribing = asyncio.Event()
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self.client.subscribe(channels, timeout_ms=timeout_ms)
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        self.unsubscribing.set()
+        await self.gate.wait()
+        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
+
+
+async def test_a_join_during_an_unsubscribe_waits_and_is_subscribed_again(
+    valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    client = await pubsub_client(valkey_url)
+    gated = GatedUnsubscribe(client)
+    channel = f"watch:{{{uid}}}"
+    wanted = {channel}
+    sync = ChannelSync(cast(GlideClient, gated), lambda: wanted)
+    try:
+        await sync.subscribed(channel)
+        assert await subscribers(raw, channel) == 1
+        wanted.clear()
+        sync.changed()
+        await asyncio.wait_for(gated.unsubscribing.wait(), 5)  # the round is out, unsubscribing
+        wanted.add(channel)  # a watcher comes back meanwhile
+        joining = asyncio.create_task(sync.subscribed(channel))
+        await asyncio.sleep(0.1)
+        assert not joining.done()  # it must not trust a subscription that is going away
+        gated.gate.set()
+        await asyncio.wait_for(joining, 5)
+        assert await subscribers(raw, channel) == 1
+    finally:
+        await sync.close()
+        await client.close()
+
+
+async def test_many_channels_come_and_go_together(valkey_url: str, raw: GlideClient, uid: str) -> None:
+    client = await pubsub_client(valkey_url)
+    channels = {f"watch:{{{uid}-{i}}}" for i in range(200)}
+    wanted: set[str] = set()
+    sync = ChannelSync(client, lambda: wanted)
+    try:
+        wanted |= channels
+        await asyncio.gather(*(sync.subscribed(c) for c in channels))
+        assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [1] * 5
+        wanted.clear()
+        await sync.changed()
+        assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [0] * 5
+    finally:
+        await sync.close()
+        await client.close()
