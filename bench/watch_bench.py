@@ -39,6 +39,11 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -117,8 +122,11 @@ async def latency_run(target: str, channels: list[grpc.aio.Channel], watchers: i
         )
 
 
-async def idle_run(channels: list[grpc.aio.Channel], pid: int, session_ids: list[str], idle: int) -> float:
-    """Open `idle` watches over `session_ids` and return the server's RSS growth per watch, in KiB."""
+async def idle_run(
+    channels: list[grpc.aio.Channel], pid: int, session_ids: list[str], idle: int, cpu_window: float
+) -> float:
+    """Open `idle` watches over `session_ids` and return the server's RSS growth per watch, in KiB.
+    Also prints the CPU the server spends holding them idle (heartbeats, keepalive, polling)."""
     from chatsession.v1 import session_service_pb2_grpc
 
     stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
@@ -140,16 +148,21 @@ async def idle_run(channels: list[grpc.aio.Channel], pid: int, session_ids: list
     elapsed = time.perf_counter() - start
     await asyncio.sleep(1.0)
     after = rss_kib(pid)
+    busy = cpu_seconds(pid)
+    await asyncio.sleep(cpu_window)
+    idle_cpu = (cpu_seconds(pid) - busy) / cpu_window * 100
+    settled = rss_kib(pid)  # after a round of heartbeats and polls
     for call in warm + calls:
         call.cancel()
     print(
         f"  {idle} watches on {len(session_ids)} sessions opened in {elapsed:.1f}s; "
-        f"server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB"
+        f"server RSS {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
+        f"{settled / 1024:.1f} MiB after {cpu_window:.0f}s idle at {idle_cpu:.1f}% of a core"
     )
-    return (after - before) / idle
+    return (max(after, settled) - before) / idle
 
 
-async def idle_comparison(idle: int, sessions: int) -> None:
+async def idle_comparison(idle: int, sessions: int, cpu_window: float) -> None:
     print(f"idle watchers: {idle} on {sessions} sessions, 16 connections")
     figures: dict[str, float] = {}
     for name, args in (("bare grpc.aio stream (baseline)", BARE_SERVER), ("chatsession", SERVER)):
@@ -165,7 +178,7 @@ async def idle_comparison(idle: int, sessions: int) -> None:
                     ids = [(await client.create_session("idle")).session_id for _ in range(sessions)]
             else:
                 ids = [f"s{i}" for i in range(sessions)]
-            figures[name] = await idle_run(channels, proc.pid, ids, idle)
+            figures[name] = await idle_run(channels, proc.pid, ids, idle, cpu_window)
         finally:
             for c in channels:
                 await c.close()
@@ -182,6 +195,7 @@ async def main() -> None:
     parser.add_argument("--appends", type=int, default=200)
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--idle-sessions", type=int, default=100)
+    parser.add_argument("--idle-cpu-seconds", type=float, default=16.0, help="a heartbeat period and more")
     args = parser.parse_args()
     if args.watchers:
         proc, port = await start_server(SERVER)
@@ -199,7 +213,7 @@ async def main() -> None:
             proc.terminate()
             await proc.wait()
     if args.idle:
-        await idle_comparison(args.idle, args.idle_sessions)
+        await idle_comparison(args.idle, args.idle_sessions, args.idle_cpu_seconds)
 
 
 if __name__ == "__main__":
