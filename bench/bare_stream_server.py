@@ -1,6 +1,6 @@
 """Baseline for the idle-watcher figure: the same service on grpc.aio with nothing behind it.
 
-WatchMessages sends one heartbeat and then waits forever, with the server options and event loop
+WatchMessages writes one heartbeat and then waits forever, with the server options and event loop
 of the real server. What one idle stream costs here is gRPC's own floor; the real server's figure
 minus this one is what chatsession adds.
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -23,10 +22,10 @@ from chatsession_server.app import SERVICE_NAME, grpc_options
 from chatsession_server.settings import Settings
 
 
-async def watch_messages(
-    request: pb.WatchMessagesRequest, context: Any
-) -> AsyncIterator[pb.WatchMessagesResponse]:
-    yield pb.WatchMessagesResponse(heartbeat=pb.Heartbeat(last_seq=0))
+async def watch_messages(request: pb.WatchMessagesRequest, context: Any) -> None:
+    # Written through context.write, as the real server's handlers are (the cheaper of grpc.aio's
+    # two streaming styles: an async generator costs about 1 KiB more per open stream).
+    await context.write(pb.WatchMessagesResponse(heartbeat=pb.Heartbeat(last_seq=0)))
     await asyncio.get_running_loop().create_future()  # idle until cancelled
 
 

@@ -85,6 +85,7 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         connection,
         buffer=settings.watch_buffer_events,
         poll_seconds=settings.watch_poll_seconds,
+        sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
     )
     store = SessionStore(
         connection,

@@ -38,22 +38,36 @@ class _Channel:
 
 class SessionFeed:
     def __init__(
-        self, pubsub: GlideClient, commands: ValkeyConnection, *, buffer: int, poll_seconds: float
+        self,
+        pubsub: GlideClient,
+        commands: ValkeyConnection,
+        *,
+        buffer: int,
+        poll_seconds: float,
+        sweep_seconds: float,
     ) -> None:
         self._pubsub = pubsub
         self._sync = ChannelSync(pubsub, lambda: [keys.watch_channel(s) for s in self._channels])
         self._commands = commands
         self._buffer = buffer
         self._poll_seconds = poll_seconds
+        self._sweep_seconds = sweep_seconds
         self._channels: dict[str, _Channel] = {}
         self._closed = False
-        self._poller: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def start(
-        cls, base: GlideClientConfiguration, commands: ValkeyConnection, *, buffer: int, poll_seconds: float
+        cls,
+        base: GlideClientConfiguration,
+        commands: ValkeyConnection,
+        *,
+        buffer: int,
+        poll_seconds: float,
+        sweep_seconds: float,
     ) -> SessionFeed:
-        """Open the pub/sub connection (inside the running loop) and start the poller."""
+        """Open the pub/sub connection (inside the running loop); start the poller and the sweep
+        that wakes idle watchers every `sweep_seconds` (their heartbeat timers, shared)."""
         holder: list[SessionFeed] = []
 
         def on_message(msg: PubSubMsg, context: Any) -> None:
@@ -64,9 +78,12 @@ class SessionFeed:
         )
         with translate_errors():
             client = await GlideClient.create(base)
-        feed = cls(client, commands, buffer=buffer, poll_seconds=poll_seconds)
+        feed = cls(client, commands, buffer=buffer, poll_seconds=poll_seconds, sweep_seconds=sweep_seconds)
         holder.append(feed)
-        feed._poller = asyncio.create_task(feed._poll_forever(), name="chatsession-watch-poll")
+        feed._tasks = [
+            asyncio.create_task(feed._poll_forever(), name="chatsession-watch-poll"),
+            asyncio.create_task(feed._sweep_forever(), name="chatsession-watch-sweep"),
+        ]
         return feed
 
     @property
@@ -121,6 +138,15 @@ class SessionFeed:
         for subscription in channel.watchers:
             subscription.offer(event)
 
+    async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(self._sweep_seconds)
+            now = loop.time()
+            for channel in list(self._channels.values()):
+                for subscription in channel.watchers:
+                    subscription.expire(now)
+
     async def _poll_forever(self) -> None:
         """Catch what pub/sub cannot promise: publishes lost while Valkey was away, and expiry."""
         while not self._closed:
@@ -156,10 +182,10 @@ class SessionFeed:
         for channel in self._channels.values():
             for subscription in channel.watchers:
                 subscription.offer(Closing())
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+                await task
         await self._sync.close()
         with contextlib.suppress(Exception):
             await self._pubsub.close()

@@ -12,16 +12,18 @@ class Subscription:
     """A full inbox collapses into a single `Behind`: the watcher then re-reads from the LIST,
     so a slow consumer costs neither memory nor other watchers.
 
-    Most watchers sit idle for minutes, so an idle one holds no queue and no task: only a future
-    and a timer while it waits (asyncio.Event plus wait_for would cost about 3 KiB more)."""
+    Most watchers sit idle for minutes, so an idle one holds no queue, task or timer: only a
+    future while it waits, and a deadline that the feed's sweep checks (asyncio.Event plus
+    wait_for cost about 3 KiB more per watcher, and a timer per wait on every delivery)."""
 
-    __slots__ = ("_events", "_limit", "_waiter", "session_id")
+    __slots__ = ("_deadline", "_events", "_limit", "_waiter", "session_id")
 
     def __init__(self, session_id: str, limit: int) -> None:
         self.session_id = session_id
         self._limit = limit
         self._events: deque[FeedEvent] | None = None  # made on the first event, dropped when drained
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0  # loop time at which a waiting next() gives up
 
     def offer(self, event: FeedEvent) -> None:
         events = self._events
@@ -35,16 +37,21 @@ class Subscription:
         events.append(event)
         _wake(self._waiter)
 
+    def expire(self, now: float) -> None:
+        """The feed's sweep: a waiting next() past its deadline returns None."""
+        if now >= self._deadline:
+            _wake(self._waiter)
+
     async def next(self, timeout: float) -> FeedEvent | None:
-        """The next event, or None after `timeout` seconds without one."""
+        """The next event, or None after `timeout` seconds without one (give or take the feed's
+        sweep interval)."""
         if not self._events:
             loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + timeout
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
             if not self._events:
                 return None
