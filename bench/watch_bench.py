@@ -21,6 +21,8 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -162,28 +164,35 @@ async def idle_run(
     return (max(after, settled) - before) / idle
 
 
+@asynccontextmanager
+async def serving(args: list[str]) -> AsyncIterator[tuple[int, str, list[grpc.aio.Channel]]]:
+    """A server process (pid, target) and CHANNELS client connections to it."""
+    proc, port = await start_server(args)
+    target = f"127.0.0.1:{port}"
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(CHANNELS)
+    ]
+    try:
+        yield proc.pid, target, channels
+    finally:
+        for c in channels:
+            await c.close()
+        proc.terminate()
+        await proc.wait()
+
+
 async def idle_comparison(idle: int, sessions: int, cpu_window: float) -> None:
     print(f"idle watchers: {idle} on {sessions} sessions, 16 connections")
     figures: dict[str, float] = {}
     for name, args in (("bare grpc.aio stream (baseline)", BARE_SERVER), ("chatsession", SERVER)):
-        proc, port = await start_server(args)
-        target = f"127.0.0.1:{port}"
-        channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(CHANNELS)
-        ]
-        try:
+        async with serving(args) as (pid, target, channels):
             if args is SERVER:
                 async with SessionClient(target, retry=NO_RETRY) as client:
                     ids = [(await client.create_session("idle")).session_id for _ in range(sessions)]
             else:
                 ids = [f"s{i}" for i in range(sessions)]
-            figures[name] = await idle_run(channels, proc.pid, ids, idle, cpu_window)
-        finally:
-            for c in channels:
-                await c.close()
-            proc.terminate()
-            await proc.wait()
+            figures[name] = await idle_run(channels, pid, ids, idle, cpu_window)
         print(f"  {name}: {figures[name]:.1f} KiB per idle watcher")
     bare, ours = figures.values()
     print(f"  chatsession / bare = {ours / bare:.2f}; chatsession adds {ours - bare:.1f} KiB per watcher")
@@ -198,20 +207,9 @@ async def main() -> None:
     parser.add_argument("--idle-cpu-seconds", type=float, default=16.0, help="a heartbeat period and more")
     args = parser.parse_args()
     if args.watchers:
-        proc, port = await start_server(SERVER)
-        target = f"127.0.0.1:{port}"
-        channels = [
-            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(CHANNELS)
-        ]
-        try:
+        async with serving(SERVER) as (_, target, channels):
             for n in args.watchers:
                 await latency_run(target, channels, n, args.appends)
-        finally:
-            for c in channels:
-                await c.close()
-            proc.terminate()
-            await proc.wait()
     if args.idle:
         await idle_comparison(args.idle, args.idle_sessions, args.idle_cpu_seconds)
 
