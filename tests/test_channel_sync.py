@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import glide
+import pytest
 from glide import GlideClient, GlideClientConfiguration, NodeAddress
 
+from chatsession_server.errors import StoreTimeout
 from chatsession_server.settings import ValkeyAddress
 from chatsession_server.store.channel_sync import ChannelSync
 
@@ -80,6 +83,39 @@ async def test_many_channels_come_and_go_together(valkey_url: str, raw: GlideCli
         wanted.clear()
         await sync.changed()
         assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [0] * 5
+    finally:
+        await sync.close()
+        await client.close()
+
+
+class SubscribeThenTimeOut:
+    """The real client, but SUBSCRIBE reports a timeout after it has in fact taken effect."""
+
+    def __init__(self, client: GlideClient) -> None:
+        self.client = client
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self.client.subscribe(channels, timeout_ms=timeout_ms)
+        raise glide.TimeoutError("reply lost")
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
+
+
+async def test_a_failed_subscribe_that_took_effect_is_undone_once_unwanted(
+    valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    client = await pubsub_client(valkey_url)
+    channel = f"watch:{{{uid}}}"
+    wanted = {channel}
+    sync = ChannelSync(cast(GlideClient, SubscribeThenTimeOut(client)), lambda: wanted)
+    try:
+        with pytest.raises(StoreTimeout):  # the join fails and leaves...
+            await sync.subscribed(channel)
+        assert await subscribers(raw, channel) == 1  # ...but Valkey did subscribe
+        wanted.clear()
+        await sync.changed()
+        assert await subscribers(raw, channel) == 0
     finally:
         await sync.close()
         await client.close()

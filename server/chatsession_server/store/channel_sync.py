@@ -31,6 +31,9 @@ class ChannelSync:
         self._client = client
         self._wanted = wanted  # the channel names wanted now, read at the start of each round
         self._subscribed: set[str] = set()
+        # A SUBSCRIBE that failed (a timeout, say) may still have taken effect in GLIDE, which
+        # keeps retrying what it was asked for: unsubscribe these once nobody wants them.
+        self._uncertain: set[str] = set()
         self._removing: frozenset[str] = frozenset()  # being unsubscribed right now
         self._next: asyncio.Future[None] | None = None  # done when a round started later ends
         self._worker: asyncio.Task[None] | None = None
@@ -67,11 +70,16 @@ class ChannelSync:
     async def _round(self) -> None:
         wanted = set(self._wanted())
         to_add = wanted - self._subscribed
-        to_remove = self._subscribed - wanted
+        to_remove = (self._subscribed | self._uncertain) - wanted
         if to_add:
-            with translate_errors():
-                await self._client.subscribe(to_add, timeout_ms=TIMEOUT_MS)
+            try:
+                with translate_errors():
+                    await self._client.subscribe(to_add, timeout_ms=TIMEOUT_MS)
+            except BaseException:
+                self._uncertain |= to_add
+                raise
             self._subscribed |= to_add
+            self._uncertain -= to_add
         if to_remove:
             # A join for one of these while the call is out must wait for the next round.
             self._removing = frozenset(to_remove)
@@ -81,6 +89,7 @@ class ChannelSync:
                 log.warning("unsubscribing %d watch channels failed: %s", len(to_remove), exc)
             else:
                 self._subscribed -= to_remove
+                self._uncertain -= to_remove
             finally:
                 self._removing = frozenset()
 
