@@ -11,6 +11,7 @@ from glide import GlideClient, GlideClientConfiguration, NodeAddress
 
 from chatsession_server.errors import StoreTimeout
 from chatsession_server.settings import ValkeyAddress
+from chatsession_server.store import channel_sync
 from chatsession_server.store.channel_sync import ChannelSync
 
 
@@ -116,6 +117,117 @@ async def test_a_failed_subscribe_that_took_effect_is_undone_once_unwanted(
         wanted.clear()
         await sync.changed()
         assert await subscribers(raw, channel) == 0
+    finally:
+        await sync.close()
+        await client.close()
+
+
+class GatedSubscribe:
+    """The real client, except that SUBSCRIBE waits for the test to open the gate."""
+
+    def __init__(self, client: GlideClient) -> None:
+        self.client = client
+        self.gate = asyncio.Event()
+        self.subscribing = asyncio.Event()
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        self.subscribing.set()
+        await self.gate.wait()
+        await self.client.subscribe(channels, timeout_ms=timeout_ms)
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
+
+
+async def test_a_join_during_a_round_that_will_unsubscribe_it_waits_for_the_next(
+    valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    client = await pubsub_client(valkey_url)
+    gated = GatedSubscribe(client)
+    leaving, arriving = f"watch:{{{uid}-x}}", f"watch:{{{uid}-y}}"
+    wanted = {leaving}
+    sync = ChannelSync(cast(GlideClient, gated), lambda: wanted)
+    try:
+        gated.gate.set()
+        await sync.subscribed(leaving)
+        gated.gate.clear()
+        gated.subscribing.clear()
+        wanted.discard(leaving)  # its last watcher leaves while another session's first arrives:
+        wanted.add(arriving)  # one round subscribes y, then unsubscribes x
+        sync.changed()
+        await asyncio.wait_for(gated.subscribing.wait(), 5)
+        wanted.add(leaving)  # x is watched again while that round is out
+        joining = asyncio.create_task(sync.subscribed(leaving))
+        await asyncio.sleep(0.1)
+        assert not joining.done()
+        gated.gate.set()
+        await asyncio.wait_for(joining, 5)
+        assert await subscribers(raw, leaving) == 1
+        assert await subscribers(raw, arriving) == 1
+    finally:
+        await sync.close()
+        await client.close()
+
+
+class UnsubscribeFails:
+    """The real client, but UNSUBSCRIBE reports a timeout: after taking effect, or without."""
+
+    def __init__(self, client: GlideClient, *, takes_effect: bool) -> None:
+        self.client = client
+        self.takes_effect = takes_effect
+        self.failures = 1
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self.client.subscribe(channels, timeout_ms=timeout_ms)
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        if self.failures and not self.takes_effect:
+            self.failures -= 1
+            raise glide.TimeoutError("no answer")
+        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
+        if self.failures:
+            self.failures -= 1
+            raise glide.TimeoutError("reply lost")
+
+
+async def test_after_a_failed_unsubscribe_that_took_effect_a_join_subscribes_again(
+    valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    client = await pubsub_client(valkey_url)
+    channel = f"watch:{{{uid}}}"
+    wanted = {channel}
+    sync = ChannelSync(cast(GlideClient, UnsubscribeFails(client, takes_effect=True)), lambda: wanted)
+    try:
+        await sync.subscribed(channel)
+        wanted.clear()
+        await sync.changed()
+        assert await subscribers(raw, channel) == 0
+        wanted.add(channel)
+        await asyncio.wait_for(sync.subscribed(channel), 5)
+        assert await subscribers(raw, channel) == 1
+    finally:
+        await sync.close()
+        await client.close()
+
+
+async def test_a_failed_unsubscribe_is_retried_by_itself(
+    valkey_url: str, raw: GlideClient, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(channel_sync, "RETRY_SECONDS", 0.1)
+    client = await pubsub_client(valkey_url)
+    channel = f"watch:{{{uid}}}"
+    wanted = {channel}
+    sync = ChannelSync(cast(GlideClient, UnsubscribeFails(client, takes_effect=False)), lambda: wanted)
+    try:
+        await sync.subscribed(channel)
+        wanted.clear()
+        await sync.changed()
+        assert await subscribers(raw, channel) == 1  # the first attempt failed
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if await subscribers(raw, channel) == 0:
+                break
+        assert await subscribers(raw, channel) == 0  # nobody asked again: the retry did it
     finally:
         await sync.close()
         await client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sys
@@ -16,6 +17,7 @@ import pytest
 from glide import GlideClient
 
 from chatsession.v1 import session_service_pb2 as pb
+from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import (
     NO_RETRY,
     FailedPreconditionError,
@@ -174,7 +176,6 @@ async def test_a_reconnect_storm_of_thousands_of_watchers_is_all_served(
 ) -> None:
     """After a restart every watcher reconnects at once. gRPC core's default would cancel
     calls beyond 1000 waiting to be picked up; each of these must get its stream."""
-    from chatsession.v1 import session_service_pb2_grpc
 
     sessions = [(await client.create_session(uid)).session_id for _ in range(30)]
     channels = [
@@ -247,6 +248,35 @@ async def test_a_session_watched_again_while_being_unsubscribed_stays_live(valke
             event = await asyncio.wait_for(next_event(staying), 5)
             assert event.message.seq == reply.messages[0].seq
             staying.cancel()
+
+
+async def test_a_client_leaving_mid_write_is_no_error_and_leaves_the_feed(
+    valkey_url: str, uid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(valkey_url) as running:
+        target = f"127.0.0.1:{running.port}"
+        async with SessionClient(target, retry=NO_RETRY) as c:
+            s = await c.create_session(uid)
+            for _ in range(10):  # 40 MB of backlog: far more than HTTP/2 flow control lets through
+                await c.append(s.session_id, [user("x" * 200_000) for _ in range(20)])
+        with caplog.at_level(logging.DEBUG, logger="chatsession_server"):
+            for leave in ("cancel", "close"):
+                channel = grpc.aio.insecure_channel(target)
+                stub = session_service_pb2_grpc.SessionServiceStub(channel)
+                call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id, after_seq=0))
+                await next_event(call)
+                await next_event(call)
+                await asyncio.sleep(0.3)  # the server is now blocked writing
+                assert running.feed.watcher_count == 1
+                if leave == "cancel":
+                    call.cancel()
+                await channel.close()
+                for _ in range(50):
+                    await asyncio.sleep(0.05)
+                    if running.feed.watcher_count == 0:
+                        break
+                assert running.feed.watcher_count == 0
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_slow_watcher_does_not_delay_a_fast_one(valkey_url: str, uid: str) -> None:

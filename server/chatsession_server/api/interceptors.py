@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,11 +85,21 @@ def _wrap_stream(behaviour: Any, method: str) -> Any:
     # A coroutine that writes, not a generator that yields: one frame less per open stream.
     async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         try:
-            async for item in behaviour(request, context):
-                await context.write(item)
+            # aclosing: the generator's cleanup (a watcher leaving its feed) runs now, not at GC.
+            async with contextlib.aclosing(behaviour(request, context)) as items:
+                async for item in items:
+                    try:
+                        await context.write(item)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # grpc.aio gave up on the call: the client has gone
+                        log.debug("%s: stream ended by the client (%s)", method, type(exc).__name__)
+                        return
         except (asyncio.CancelledError, aio.AbortError):
             raise
         except Exception as exc:
+            if context.cancelled() or context.done():
+                return  # the client has gone (a write failed under it): nobody to tell
             await _abort_for(exc, context, method)
 
     return stream

@@ -24,6 +24,7 @@ TIMEOUT_MS = 5000
 # How long a round waits for more changes. A storm of joins arrives one call at a time, so
 # without a pause each round would carry a single channel; 1 ms turns 500 calls into ~60.
 COALESCE_SECONDS = 0.001
+RETRY_SECONDS = 1.0  # after an UNSUBSCRIBE failed
 
 
 class ChannelSync:
@@ -37,6 +38,7 @@ class ChannelSync:
         self._removing: frozenset[str] = frozenset()  # being unsubscribed right now
         self._next: asyncio.Future[None] | None = None  # done when a round started later ends
         self._worker: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def subscribed(self, channel: str) -> None:
         """Returns once `channel` is subscribed (it must be wanted); raises what the round raised."""
@@ -71,29 +73,44 @@ class ChannelSync:
         wanted = set(self._wanted())
         to_add = wanted - self._subscribed
         to_remove = (self._subscribed | self._uncertain) - wanted
-        if to_add:
-            try:
-                with translate_errors():
-                    await self._client.subscribe(to_add, timeout_ms=TIMEOUT_MS)
-            except BaseException:
-                self._uncertain |= to_add
-                raise
-            self._subscribed |= to_add
-            self._uncertain -= to_add
-        if to_remove:
-            # A join for one of these while the call is out must wait for the next round.
-            self._removing = frozenset(to_remove)
-            try:
-                await self._client.unsubscribe(to_remove, timeout_ms=TIMEOUT_MS)
-            except Exception as exc:  # harmless: publishes for them are ignored; retried next round
-                log.warning("unsubscribing %d watch channels failed: %s", len(to_remove), exc)
-            else:
-                self._subscribed -= to_remove
-                self._uncertain -= to_remove
-            finally:
-                self._removing = frozenset()
+        # From here until the round ends, a join for one of these must wait for the next round:
+        # the channel may be gone by the time it would return.
+        self._removing = frozenset(to_remove)
+        try:
+            if to_add:
+                try:
+                    with translate_errors():
+                        await self._client.subscribe(to_add, timeout_ms=TIMEOUT_MS)
+                except BaseException:
+                    self._uncertain |= to_add
+                    raise
+                self._subscribed |= to_add
+                self._uncertain -= to_add
+            if to_remove:
+                await self._unsubscribe(to_remove)
+        finally:
+            self._removing = frozenset()
+
+    async def _unsubscribe(self, channels: set[str]) -> None:
+        try:
+            await self._client.unsubscribe(channels, timeout_ms=TIMEOUT_MS)
+        except Exception as exc:
+            # It may have taken effect even so: a join must subscribe again, and a later round
+            # tries once more. Until then publishes for them are only ignored.
+            log.warning("unsubscribing %d watch channels failed: %s", len(channels), exc)
+            self._subscribed -= channels
+            self._uncertain |= channels
+            asyncio.get_running_loop().call_later(RETRY_SECONDS, self._retry)
+        else:
+            self._subscribed -= channels
+            self._uncertain -= channels
+
+    def _retry(self) -> None:
+        if not self._closed:
+            self.changed()
 
     async def close(self) -> None:
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
