@@ -1,8 +1,13 @@
-"""ChannelSync against a real Valkey: batched rounds, and a join racing an unsubscribe."""
+"""ChannelSync against a real Valkey: batched rounds, and joins racing rounds and failures.
+
+Some tests put a thin layer over the real GLIDE client to hold a call at a gate or to report a
+timeout, so the races and failures happen on cue; Valkey underneath is always the real one."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import glide
@@ -15,13 +20,25 @@ from chatsession_server.store import channel_sync
 from chatsession_server.store.channel_sync import ChannelSync
 
 
-async def pubsub_client(valkey_url: str) -> GlideClient:
+@pytest.fixture
+async def pubsub(valkey_url: str) -> AsyncIterator[GlideClient]:
     address = ValkeyAddress.parse(valkey_url)
     config = GlideClientConfiguration([NodeAddress(address.host, address.port)], request_timeout=2000)
     config.pubsub_subscriptions = GlideClientConfiguration.PubSubSubscriptions(
         channels_and_patterns={}, callback=lambda msg, context: None, context=None
     )
-    return await GlideClient.create(config)
+    client = await GlideClient.create(config)
+    yield client
+    await client.close()
+
+
+@asynccontextmanager
+async def syncing(client: object, wanted: set[str]) -> AsyncIterator[ChannelSync]:
+    sync = ChannelSync(cast(GlideClient, client), lambda: wanted)
+    try:
+        yield sync
+    finally:
+        await sync.close()
 
 
 async def subscribers(raw: GlideClient, channel: str) -> int:
@@ -29,37 +46,93 @@ async def subscribers(raw: GlideClient, channel: str) -> int:
     return int(reply[channel.encode()])
 
 
-class GatedUnsubscribe:
-    """The real client, except that UNSUBSCRIBE waits for the test to open the gate."""
+class Layer:
+    """The real client; subclasses change one call."""
 
     def __init__(self, client: GlideClient) -> None:
         self.client = client
-        self.gate = asyncio.Event()
-        self.unsubscribing = asyncio.Event()
 
     async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
         await self.client.subscribe(channels, timeout_ms=timeout_ms)
 
     async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
-        self.unsubscribing.set()
-        await self.gate.wait()
         await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
 
 
+class Gated(Layer):
+    """`call` ("subscribe" or "unsubscribe") waits for the gate; `entered` says it has begun."""
+
+    def __init__(self, client: GlideClient, call: str) -> None:
+        super().__init__(client)
+        self.call = call
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def _hold(self, call: str) -> None:
+        if call == self.call:
+            self.entered.set()
+            await self.gate.wait()
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self._hold("subscribe")
+        await super().subscribe(channels, timeout_ms)
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self._hold("unsubscribe")
+        await super().unsubscribe(channels, timeout_ms)
+
+
+class TimesOutOnce(Layer):
+    """`call` reports a timeout once: after it took effect, or without doing anything."""
+
+    def __init__(self, client: GlideClient, call: str, *, takes_effect: bool) -> None:
+        super().__init__(client)
+        self.call = call
+        self.takes_effect = takes_effect
+        self.pending = True
+
+    async def _fail(self, call: str, effect: Any) -> None:
+        if call != self.call or not self.pending:
+            await effect
+            return
+        self.pending = False
+        if self.takes_effect:
+            await effect
+        else:
+            effect.close()
+        raise glide.TimeoutError("reply lost")
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self._fail("subscribe", super().subscribe(channels, timeout_ms))
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self._fail("unsubscribe", super().unsubscribe(channels, timeout_ms))
+
+
+async def test_many_channels_come_and_go_together(pubsub: GlideClient, raw: GlideClient, uid: str) -> None:
+    channels = {f"watch:{{{uid}-{i}}}" for i in range(200)}
+    wanted: set[str] = set()
+    async with syncing(pubsub, wanted) as sync:
+        wanted |= channels
+        await asyncio.gather(*(sync.subscribed(c) for c in channels))
+        assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [1] * 5
+        wanted.clear()
+        await sync.changed()
+        assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [0] * 5
+
+
 async def test_a_join_during_an_unsubscribe_waits_and_is_subscribed_again(
-    valkey_url: str, raw: GlideClient, uid: str
+    pubsub: GlideClient, raw: GlideClient, uid: str
 ) -> None:
-    client = await pubsub_client(valkey_url)
-    gated = GatedUnsubscribe(client)
+    gated = Gated(pubsub, "unsubscribe")
     channel = f"watch:{{{uid}}}"
     wanted = {channel}
-    sync = ChannelSync(cast(GlideClient, gated), lambda: wanted)
-    try:
+    async with syncing(gated, wanted) as sync:
         await sync.subscribed(channel)
         assert await subscribers(raw, channel) == 1
         wanted.clear()
         sync.changed()
-        await asyncio.wait_for(gated.unsubscribing.wait(), 5)  # the round is out, unsubscribing
+        await asyncio.wait_for(gated.entered.wait(), 5)  # the round is out, unsubscribing
         wanted.add(channel)  # a watcher comes back meanwhile
         joining = asyncio.create_task(sync.subscribed(channel))
         await asyncio.sleep(0.1)
@@ -67,95 +140,23 @@ async def test_a_join_during_an_unsubscribe_waits_and_is_subscribed_again(
         gated.gate.set()
         await asyncio.wait_for(joining, 5)
         assert await subscribers(raw, channel) == 1
-    finally:
-        await sync.close()
-        await client.close()
-
-
-async def test_many_channels_come_and_go_together(valkey_url: str, raw: GlideClient, uid: str) -> None:
-    client = await pubsub_client(valkey_url)
-    channels = {f"watch:{{{uid}-{i}}}" for i in range(200)}
-    wanted: set[str] = set()
-    sync = ChannelSync(client, lambda: wanted)
-    try:
-        wanted |= channels
-        await asyncio.gather(*(sync.subscribed(c) for c in channels))
-        assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [1] * 5
-        wanted.clear()
-        await sync.changed()
-        assert [await subscribers(raw, c) for c in sorted(channels)[:5]] == [0] * 5
-    finally:
-        await sync.close()
-        await client.close()
-
-
-class SubscribeThenTimeOut:
-    """The real client, but SUBSCRIBE reports a timeout after it has in fact taken effect."""
-
-    def __init__(self, client: GlideClient) -> None:
-        self.client = client
-
-    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
-        await self.client.subscribe(channels, timeout_ms=timeout_ms)
-        raise glide.TimeoutError("reply lost")
-
-    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
-        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
-
-
-async def test_a_failed_subscribe_that_took_effect_is_undone_once_unwanted(
-    valkey_url: str, raw: GlideClient, uid: str
-) -> None:
-    client = await pubsub_client(valkey_url)
-    channel = f"watch:{{{uid}}}"
-    wanted = {channel}
-    sync = ChannelSync(cast(GlideClient, SubscribeThenTimeOut(client)), lambda: wanted)
-    try:
-        with pytest.raises(StoreTimeout):  # the join fails and leaves...
-            await sync.subscribed(channel)
-        assert await subscribers(raw, channel) == 1  # ...but Valkey did subscribe
-        wanted.clear()
-        await sync.changed()
-        assert await subscribers(raw, channel) == 0
-    finally:
-        await sync.close()
-        await client.close()
-
-
-class GatedSubscribe:
-    """The real client, except that SUBSCRIBE waits for the test to open the gate."""
-
-    def __init__(self, client: GlideClient) -> None:
-        self.client = client
-        self.gate = asyncio.Event()
-        self.subscribing = asyncio.Event()
-
-    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
-        self.subscribing.set()
-        await self.gate.wait()
-        await self.client.subscribe(channels, timeout_ms=timeout_ms)
-
-    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
-        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
 
 
 async def test_a_join_during_a_round_that_will_unsubscribe_it_waits_for_the_next(
-    valkey_url: str, raw: GlideClient, uid: str
+    pubsub: GlideClient, raw: GlideClient, uid: str
 ) -> None:
-    client = await pubsub_client(valkey_url)
-    gated = GatedSubscribe(client)
+    gated = Gated(pubsub, "subscribe")
     leaving, arriving = f"watch:{{{uid}-x}}", f"watch:{{{uid}-y}}"
     wanted = {leaving}
-    sync = ChannelSync(cast(GlideClient, gated), lambda: wanted)
-    try:
+    async with syncing(gated, wanted) as sync:
         gated.gate.set()
         await sync.subscribed(leaving)
         gated.gate.clear()
-        gated.subscribing.clear()
+        gated.entered.clear()
         wanted.discard(leaving)  # its last watcher leaves while another session's first arrives:
         wanted.add(arriving)  # one round subscribes y, then unsubscribes x
         sync.changed()
-        await asyncio.wait_for(gated.subscribing.wait(), 5)
+        await asyncio.wait_for(gated.entered.wait(), 5)
         wanted.add(leaving)  # x is watched again while that round is out
         joining = asyncio.create_task(sync.subscribed(leaving))
         await asyncio.sleep(0.1)
@@ -164,40 +165,28 @@ async def test_a_join_during_a_round_that_will_unsubscribe_it_waits_for_the_next
         await asyncio.wait_for(joining, 5)
         assert await subscribers(raw, leaving) == 1
         assert await subscribers(raw, arriving) == 1
-    finally:
-        await sync.close()
-        await client.close()
 
 
-class UnsubscribeFails:
-    """The real client, but UNSUBSCRIBE reports a timeout: after taking effect, or without."""
-
-    def __init__(self, client: GlideClient, *, takes_effect: bool) -> None:
-        self.client = client
-        self.takes_effect = takes_effect
-        self.failures = 1
-
-    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
-        await self.client.subscribe(channels, timeout_ms=timeout_ms)
-
-    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
-        if self.failures and not self.takes_effect:
-            self.failures -= 1
-            raise glide.TimeoutError("no answer")
-        await self.client.unsubscribe(channels, timeout_ms=timeout_ms)
-        if self.failures:
-            self.failures -= 1
-            raise glide.TimeoutError("reply lost")
+async def test_a_failed_subscribe_that_took_effect_is_undone_once_unwanted(
+    pubsub: GlideClient, raw: GlideClient, uid: str
+) -> None:
+    channel = f"watch:{{{uid}}}"
+    wanted = {channel}
+    async with syncing(TimesOutOnce(pubsub, "subscribe", takes_effect=True), wanted) as sync:
+        with pytest.raises(StoreTimeout):  # the join fails and leaves...
+            await sync.subscribed(channel)
+        assert await subscribers(raw, channel) == 1  # ...but Valkey did subscribe
+        wanted.clear()
+        await sync.changed()
+        assert await subscribers(raw, channel) == 0
 
 
 async def test_after_a_failed_unsubscribe_that_took_effect_a_join_subscribes_again(
-    valkey_url: str, raw: GlideClient, uid: str
+    pubsub: GlideClient, raw: GlideClient, uid: str
 ) -> None:
-    client = await pubsub_client(valkey_url)
     channel = f"watch:{{{uid}}}"
     wanted = {channel}
-    sync = ChannelSync(cast(GlideClient, UnsubscribeFails(client, takes_effect=True)), lambda: wanted)
-    try:
+    async with syncing(TimesOutOnce(pubsub, "unsubscribe", takes_effect=True), wanted) as sync:
         await sync.subscribed(channel)
         wanted.clear()
         await sync.changed()
@@ -205,20 +194,15 @@ async def test_after_a_failed_unsubscribe_that_took_effect_a_join_subscribes_aga
         wanted.add(channel)
         await asyncio.wait_for(sync.subscribed(channel), 5)
         assert await subscribers(raw, channel) == 1
-    finally:
-        await sync.close()
-        await client.close()
 
 
 async def test_a_failed_unsubscribe_is_retried_by_itself(
-    valkey_url: str, raw: GlideClient, uid: str, monkeypatch: pytest.MonkeyPatch
+    pubsub: GlideClient, raw: GlideClient, uid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(channel_sync, "RETRY_SECONDS", 0.1)
-    client = await pubsub_client(valkey_url)
     channel = f"watch:{{{uid}}}"
     wanted = {channel}
-    sync = ChannelSync(cast(GlideClient, UnsubscribeFails(client, takes_effect=False)), lambda: wanted)
-    try:
+    async with syncing(TimesOutOnce(pubsub, "unsubscribe", takes_effect=False), wanted) as sync:
         await sync.subscribed(channel)
         wanted.clear()
         await sync.changed()
@@ -228,6 +212,3 @@ async def test_a_failed_unsubscribe_is_retried_by_itself(
             if await subscribers(raw, channel) == 0:
                 break
         assert await subscribers(raw, channel) == 0  # nobody asked again: the retry did it
-    finally:
-        await sync.close()
-        await client.close()
