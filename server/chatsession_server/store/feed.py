@@ -2,9 +2,9 @@
 
 Appends publish on `watch:{<id>}` (see scripts.APPEND). The feed subscribes a session's channel
 when its first local watcher arrives and unsubscribes when the last leaves (in batches, see
-channel_sync.py). Pub/sub is only a
-doorbell: each watcher keeps a cursor and re-reads the LIST whenever an event cannot be trusted
-to follow on (a gap, a full buffer, a publish lost while Valkey was away).
+channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a cursor and re-reads the LIST
+whenever an event cannot be trusted to follow on (a gap, a full buffer, a publish lost while
+Valkey was away).
 """
 
 from __future__ import annotations
