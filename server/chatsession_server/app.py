@@ -8,21 +8,20 @@ import logging
 import signal
 from dataclasses import dataclass
 
-from glide import GlideClientConfiguration
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
-from chatsession_server.api.limits import Limits
+from chatsession_server.api.limits import MAX_LABELS, Limits
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.api.servicer import SessionServicer
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
-from chatsession_server.store.valkey import glide_config
+from chatsession_server.store.valkey import AnyConfig, glide_config
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +69,22 @@ class RunningServer:
 async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
     """Connect to Valkey and start serving on `settings.listen` (port 0 picks a free port)."""
 
-    def config(name: str) -> GlideClientConfiguration:
+    def config(name: str) -> AnyConfig:
         return glide_config(
             valkey,
+            cluster=settings.valkey_cluster,
             request_timeout_ms=settings.valkey_timeout_ms,
             connect_timeout_ms=settings.valkey_connect_timeout_ms,
             inflight_limit=settings.valkey_inflight_limit,
             client_name=name,
         )
 
-    connection = await ValkeyConnection.connect(valkey, config("chatsession"))
+    connection = await ValkeyConnection.connect(
+        valkey,
+        config("chatsession"),
+        wait_replicas=settings.valkey_wait_replicas,
+        wait_timeout_ms=settings.valkey_wait_timeout_ms,
+    )
     feed = await SessionFeed.start(
         config("chatsession-watch"),
         connection,
@@ -91,6 +96,7 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         connection,
         max_ttl_seconds=settings.max_ttl_seconds,
         idempotency_limit=settings.idempotency_keys_per_session,
+        max_labels=MAX_LABELS,
     )
     server = aio.server(
         interceptors=[ErrorMappingInterceptor(f"/{SERVICE_NAME}/")],

@@ -47,6 +47,11 @@ class StoreUnavailable(ChatSessionError):
     """Valkey cannot be reached (connection refused or lost). Safe to retry."""
 
 
+class WriteNotReplicated(StoreUnavailable):
+    """The write is on the primary but fewer replicas than required confirmed it. Retry (with
+    the same request_id): a failover could still lose it."""
+
+
 class StoreTimeout(ChatSessionError):
     """Valkey did not answer within the request timeout. The write may or may not have happened."""
 

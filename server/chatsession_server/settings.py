@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -20,39 +20,76 @@ ENV_PREFIX = "CHATSESSION_"
 
 @dataclass(frozen=True, slots=True)
 class ValkeyAddress:
-    """Where Valkey is, parsed from `valkey[s]://[user:password@]host:port[/db]`."""
+    """Where Valkey is, parsed from `valkey[s]://[user:password@]host:port[,host:port...][/db]`.
 
-    host: str
-    port: int
+    Several `host:port` seeds name nodes of one cluster (any one of them is enough to find the rest).
+    """
+
+    nodes: tuple[tuple[str, int], ...]
     use_tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     database: int = 0
 
+    @property
+    def host(self) -> str:
+        return self.nodes[0][0]
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0][1]
+
     @classmethod
     def parse(cls, url: str) -> ValkeyAddress:
-        parts = urlsplit(url)
         schemes = {"valkey": False, "redis": False, "valkeys": True, "rediss": True}
-        if parts.scheme not in schemes:
-            raise ValueError(f"Valkey URL must start with valkey:// or valkeys://, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"Valkey URL has no host: {url!r}")
-        path = parts.path.strip("/")
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in schemes:
+            raise ValueError(f"Valkey URL must start with valkey:// or valkeys://, got {_redact(url)!r}")
+        location, _, path = rest.partition("/")
+        userinfo, at, hosts = location.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) if user else None
+            password = unquote(secret) if colon and secret else None
+        nodes = tuple(_node(seed, url) for seed in hosts.split(","))
+        path = path.strip("/")
         if path and not path.isdigit():
             raise ValueError(f"Valkey URL database must be a number, got {path!r}")
         return cls(
-            host=parts.hostname,
-            port=parts.port or 6379,
-            use_tls=schemes[parts.scheme],
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            nodes=nodes,
+            use_tls=schemes[scheme],
+            username=username,
+            password=password,
             database=int(path) if path else 0,
         )
 
     def redacted(self) -> str:
         scheme = "valkeys" if self.use_tls else "valkey"
         auth = "***@" if self.password else ""
-        return f"{scheme}://{auth}{self.host}:{self.port}/{self.database}"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
+        return f"{scheme}://{auth}{hosts}/{self.database}"
+
+
+def _node(seed: str, url: str) -> tuple[str, int]:
+    """One `host:port` (or `[v6]:port`, or a bare host) of a Valkey URL."""
+    parts = urlsplit(f"//{seed}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"Valkey URL has a bad port in {seed!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"Valkey URL has no host: {_redact(url)!r}")
+    return parts.hostname, port
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced, for error messages."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{rest[len(userinfo) + 1 :]}"
 
 
 def _meta(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -77,6 +114,19 @@ class Settings:
     max_request_bytes: int = field(default=64 * 1024 * 1024, metadata=_meta("largest gRPC request"))
     idempotency_keys_per_session: int = field(
         default=1000, metadata=_meta("newest request_ids remembered per session")
+    )
+    valkey_cluster: bool = field(
+        default=False,
+        metadata=_meta("Valkey is a cluster: --valkey-url names one or more seed nodes, host:port,host:port"),
+    )
+    valkey_wait_replicas: int = field(
+        default=0,
+        metadata=_meta(
+            "acknowledge a write only once this many replicas of its primary have it (WAIT); 0 does not wait"
+        ),
+    )
+    valkey_wait_timeout_ms: int = field(
+        default=1000, metadata=_meta("how long a write waits for --valkey-wait-replicas before UNAVAILABLE")
     )
     valkey_timeout_ms: int = field(default=2000, metadata=_meta("Valkey request timeout"))
     valkey_connect_timeout_ms: int = field(default=2000, metadata=_meta("Valkey connection timeout"))
@@ -109,7 +159,13 @@ class Settings:
         if not sep or not host or not port.isdigit():
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
         if self.valkey_url:
-            ValkeyAddress.parse(self.valkey_url)
+            address = ValkeyAddress.parse(self.valkey_url)
+            if len(address.nodes) > 1 and not self.valkey_cluster:
+                raise ValueError("several Valkey nodes in valkey_url need --valkey-cluster")
+        if self.valkey_wait_replicas < 0 or self.valkey_wait_timeout_ms <= 0:
+            raise ValueError(
+                "valkey_wait_replicas must not be negative, valkey_wait_timeout_ms must be positive"
+            )
         if not 1 <= self.default_ttl_seconds <= self.max_ttl_seconds:
             raise ValueError("default_ttl_seconds must be between 1 and max_ttl_seconds")
         if self.default_max_messages == 0 or self.default_max_messages < -1:
@@ -144,11 +200,15 @@ class Settings:
         )
         for f in dataclasses.fields(cls):
             env_name = ENV_PREFIX + f.name.upper()
+            # A bare boolean flag (`--valkey-cluster`) means true; `--valkey-cluster false` also works.
+            is_bool = f.type == "bool"
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 type=_field_type(f),
                 default=None,
+                nargs="?" if is_bool else None,
+                const=True if is_bool else None,
                 help=f"{f.metadata.get('help', '')} (env {env_name}, default {f.default!r})",
             )
         args = parser.parse_args(argv)
@@ -169,5 +229,15 @@ class Settings:
             parser.error(str(exc))
 
 
-def _field_type(f: dataclasses.Field[Any]) -> type:
-    return {"int": int, "float": float, "str": str}[str(f.type)]
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    parsers: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+    return parsers[str(f.type)]

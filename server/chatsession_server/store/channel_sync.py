@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Collection
+from typing import Protocol
 
-from glide import GlideClient
+from glide import GlideClusterClient
 
 from chatsession_server.errors import ShuttingDown
 from chatsession_server.store.valkey import translate_errors
@@ -27,8 +28,29 @@ COALESCE_SECONDS = 0.001
 RETRY_SECONDS = 1.0  # after an UNSUBSCRIBE failed
 
 
+class PubSubControl(Protocol):
+    """What ChannelSync needs of a pub/sub client: a GlideClient as it is, or `Sharded`."""
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None: ...
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None: ...
+
+
+class Sharded:
+    """A cluster client's sharded pub/sub (SSUBSCRIBE: each channel on the node of its slot)."""
+
+    def __init__(self, client: GlideClusterClient) -> None:
+        self._client = client
+
+    async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self._client.ssubscribe(channels, timeout_ms=timeout_ms)
+
+    async def unsubscribe(self, channels: set[str], timeout_ms: int) -> None:
+        await self._client.sunsubscribe(channels, timeout_ms=timeout_ms)
+
+
 class ChannelSync:
-    def __init__(self, client: GlideClient, wanted: Callable[[], Collection[str]]) -> None:
+    def __init__(self, client: PubSubControl, wanted: Callable[[], Collection[str]]) -> None:
         self._client = client
         self._wanted = wanted  # the channel names wanted now, read at the start of each round
         self._subscribed: set[str] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -10,6 +11,31 @@ from typing import Any
 from chatsession_server.domain import NewMessage, Role, Session, StoredMessage, ToolCall
 
 LABEL_FIELD_PREFIX = "label:"
+SEQ_HEAD = '{"seq":'
+"""How every stored message begins: the append script writes SEQ_HEAD, the seq, a comma, the body."""
+
+
+class MetaField(enum.StrEnum):
+    """Fields of the meta HASH (besides `label:<key>`), as the scripts and the decoder name them."""
+
+    USER_ID = "user_id"
+    MODEL = "model"
+    TITLE = "title"
+    CREATED_AT = "created_at"
+    LAST_ACTIVE = "last_active"
+    MESSAGE_COUNT = "message_count"
+    TOKEN_COUNT = "token_count"
+    TTL_SECONDS = "ttl_seconds"
+    MAX_MESSAGES = "max_messages"
+    PINNED = "pinned"
+    """how many leading system messages form the pinned prompt"""
+    CREATE_REQUEST_ID = "create_request_id"
+
+
+def body_prefix(role: Role) -> str:
+    """What `encode_body` output starts with for a message of `role`: the scripts tell system and
+    tool messages apart by this prefix alone, without decoding JSON."""
+    return f'"role":{json.dumps(role.value)},'
 
 
 def format_time(seconds: float) -> str:
@@ -41,7 +67,7 @@ def encode_body(message: NewMessage, created_at: float) -> str:
 
 def stored_json(seq: int, body: str) -> str:
     """Exactly what the append script stores for `body` at `seq`."""
-    return f'{{"seq":{seq},{body}'
+    return f"{SEQ_HEAD}{seq},{body}"
 
 
 def fingerprint(messages: Sequence[NewMessage]) -> str:
@@ -101,20 +127,20 @@ def new_session_fields(
 ) -> list[str]:
     """Field/value pairs of a new meta HASH, flat, ready for HSET."""
     now = format_time(created_at)
-    fields = {
-        "user_id": user_id,
-        "model": model,
-        "title": title,
-        "created_at": now,
-        "last_active": now,
-        "message_count": "0",
-        "token_count": "0",
-        "ttl_seconds": str(ttl_seconds),
-        "max_messages": str(max_messages),
-        "pinned": "0",
+    fields: dict[str, str] = {
+        MetaField.USER_ID: user_id,
+        MetaField.MODEL: model,
+        MetaField.TITLE: title,
+        MetaField.CREATED_AT: now,
+        MetaField.LAST_ACTIVE: now,
+        MetaField.MESSAGE_COUNT: "0",
+        MetaField.TOKEN_COUNT: "0",
+        MetaField.TTL_SECONDS: str(ttl_seconds),
+        MetaField.MAX_MESSAGES: str(max_messages),
+        MetaField.PINNED: "0",
     }
     if request_id:
-        fields["create_request_id"] = request_id
+        fields[MetaField.CREATE_REQUEST_ID] = request_id
     for key, value in labels.items():
         fields[LABEL_FIELD_PREFIX + key] = value
     return flatten(fields.items())
@@ -124,7 +150,8 @@ def flatten(pairs: Iterable[tuple[str, str]]) -> list[str]:
     return [item for pair in pairs for item in pair]
 
 
-def _text(value: bytes | None, default: str = "") -> str:
+def _text(meta: Mapping[bytes, bytes], field: MetaField, default: str = "") -> str:
+    value = meta.get(field.encode())
     return value.decode() if value is not None else default
 
 
@@ -135,21 +162,21 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         for k, v in meta.items()
         if k.startswith(LABEL_FIELD_PREFIX.encode())
     }
-    created_at = float(_text(meta.get(b"created_at"), "0"))
+    created_at = float(_text(meta, MetaField.CREATED_AT, "0"))
     return Session(
         session_id=session_id,
-        user_id=_text(meta.get(b"user_id")),
-        model=_text(meta.get(b"model")),
-        title=_text(meta.get(b"title")),
+        user_id=_text(meta, MetaField.USER_ID),
+        model=_text(meta, MetaField.MODEL),
+        title=_text(meta, MetaField.TITLE),
         labels=labels,
         created_at=created_at,
-        last_active=float(_text(meta.get(b"last_active"), str(created_at))),
-        message_count=int(_text(meta.get(b"message_count"), "0")),
-        token_count=int(_text(meta.get(b"token_count"), "0")),
+        last_active=float(_text(meta, MetaField.LAST_ACTIVE, str(created_at))),
+        message_count=int(_text(meta, MetaField.MESSAGE_COUNT, "0")),
+        token_count=int(_text(meta, MetaField.TOKEN_COUNT, "0")),
         messages_stored=stored,
         expires_in_seconds=max(ttl, 0),
-        ttl_seconds=int(_text(meta.get(b"ttl_seconds"), "0")),
-        max_messages=int(_text(meta.get(b"max_messages"), "-1")),
+        ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
+        max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
     )
 
 

@@ -1,10 +1,12 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
-Appends publish on `watch:{<id>}` (see scripts.APPEND). The feed subscribes a session's channel
-when its first local watcher arrives and unsubscribes when the last leaves (in batches, see
-channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a cursor and re-reads the LIST
-whenever an event cannot be trusted to follow on (a gap, a full buffer, a publish lost while
-Valkey was away).
+Appends publish on `watch:{<id>}` (see scripts.APPEND); in a cluster with SPUBLISH, and the feed
+subscribes with SSUBSCRIBE: a sharded channel lives on the node of its session's slot, so a
+publish reaches only that node's subscribers instead of every node of the cluster. The feed
+subscribes a session's channel when its first local watcher arrives and unsubscribes when the
+last leaves (in batches, see channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a
+cursor and re-reads the LIST whenever an event cannot be trusted to follow on (a gap, a full
+buffer, a publish lost while Valkey was away).
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import json
 import logging
 from typing import Any
 
-from glide import GlideClient, GlideClientConfiguration, PubSubMsg
+from glide import (
+    GlideClientConfiguration,
+    GlideClusterClient,
+    GlideClusterClientConfiguration,
+    PubSubMsg,
+)
 
 from chatsession_server.domain import Appended, Behind, Closing, Deleted, FeedEvent, StoredMessage
 from chatsession_server.errors import ChatSessionError
 from chatsession_server.ports import FeedSubscription
 from chatsession_server.store import codec, keys
-from chatsession_server.store.channel_sync import ChannelSync
+from chatsession_server.store.channel_sync import ChannelSync, PubSubControl, Sharded
 from chatsession_server.store.subscription import Subscription
-from chatsession_server.store.valkey import ValkeyConnection, translate_errors
+from chatsession_server.store.valkey import AnyClient, AnyConfig, ValkeyConnection, create_client
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ class _Channel:
 class SessionFeed:
     def __init__(
         self,
-        pubsub: GlideClient,
+        pubsub: AnyClient,
         commands: ValkeyConnection,
         *,
         buffer: int,
@@ -47,7 +54,8 @@ class SessionFeed:
         sweep_seconds: float,
     ) -> None:
         self._pubsub = pubsub
-        self._sync = ChannelSync(pubsub, lambda: [keys.watch_channel(s) for s in self._channels])
+        control: PubSubControl = Sharded(pubsub) if isinstance(pubsub, GlideClusterClient) else pubsub
+        self._sync = ChannelSync(control, lambda: [keys.watch_channel(s) for s in self._channels])
         self._commands = commands
         self._buffer = buffer
         self._poll_seconds = poll_seconds
@@ -59,7 +67,7 @@ class SessionFeed:
     @classmethod
     async def start(
         cls,
-        base: GlideClientConfiguration,
+        base: AnyConfig,
         commands: ValkeyConnection,
         *,
         buffer: int,
@@ -73,11 +81,15 @@ class SessionFeed:
         def on_message(msg: PubSubMsg, context: Any) -> None:
             holder[0]._dispatch(msg)
 
-        base.pubsub_subscriptions = GlideClientConfiguration.PubSubSubscriptions(
-            channels_and_patterns={}, callback=on_message, context=None
-        )
-        with translate_errors():
-            client = await GlideClient.create(base)
+        if isinstance(base, GlideClusterClientConfiguration):
+            base.pubsub_subscriptions = GlideClusterClientConfiguration.PubSubSubscriptions(
+                channels_and_patterns={}, callback=on_message, context=None
+            )
+        else:
+            base.pubsub_subscriptions = GlideClientConfiguration.PubSubSubscriptions(
+                channels_and_patterns={}, callback=on_message, context=None
+            )
+        client = await create_client(base)
         feed = cls(client, commands, buffer=buffer, poll_seconds=poll_seconds, sweep_seconds=sweep_seconds)
         holder.append(feed)
         feed._tasks = [

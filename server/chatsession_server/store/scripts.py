@@ -7,17 +7,139 @@ Layout of a session (see also keys.py):
   meta:{id}  HASH: user_id model title created_at last_active message_count token_count
              ttl_seconds max_messages pinned [create_request_id] label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count".
-All three expire together. Standalone Valkey lets a script also touch the owner's index
-`user_sessions:{uid}` (named from the meta HASH), which keeps the index exact.
+All three expire together, and every per-session script touches only them (one cluster slot).
+On standalone Valkey the create, append and delete scripts also keep the owner's index
+`user_sessions:{uid}` exact in the same step; in a cluster the index lives in another slot and
+session_store.py updates it in a second step.
+
+The contract between the two languages is defined here, once, on the Python side: each script's
+KEYS and ARGV are named (a keys tuple and an argument dataclass whose field order is ARGV's);
+`LuaScript` prepends Lua locals of those names, of the reply statuses (`Status`), of the meta
+field names (`codec.MetaField`) and of the stored-JSON prefixes the scripts match. A Lua body
+refers only to those names; Valkey refuses a script that reads an undefined global, so a name
+that drifts fails every test that runs the script.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from glide import Script
+
+from chatsession_server.domain import Role
+from chatsession_server.store import codec
+
+
+class Status(enum.StrEnum):
+    """First element of every script's reply."""
+
+    OK = "ok"
+    CREATED = "created"
+    REPLAYED = "replayed"
+    EXISTS = "exists"
+    NOT_FOUND = "not_found"
+    REQUEST_ID_REUSED = "request_id_reused"
+    SEQ_MISMATCH = "seq_mismatch"
+    TOO_MANY_LABELS = "too_many_labels"
+
+    @classmethod
+    def of(cls, reply: Any) -> Status:
+        head = reply[0]
+        return cls(head.decode() if isinstance(head, bytes) else head)
+
+
+def _lua_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _constants() -> str:
+    names = [f"ST_{s.name}" for s in Status] + [f"F_{f.name}" for f in codec.MetaField]
+    values = [s.value for s in Status] + [f.value for f in codec.MetaField]
+    lines = [f"local {n} = {_lua_string(v)}" for n, v in zip(names, values, strict=True)]
+    lines += [
+        f"local LABEL_PREFIX = {_lua_string(codec.LABEL_FIELD_PREFIX)}",
+        f"local SYSTEM_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.SYSTEM))}",
+        f"local TOOL_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.TOOL))}",
+        f"local SEQ_HEAD = {_lua_string(codec.SEQ_HEAD)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+A = TypeVar("A")
+
+
+class LuaScript(Generic[A]):
+    """A Lua script with named KEYS (`keys`) and ARGV (the fields of the dataclass `args`, in
+    order). A field typed as a sequence must come last: it fills the rest of ARGV, and the body
+    finds its first index as `<name>_from`. Values travel as strings: None is '', a bool is
+    '1'/'0', a number its decimal form. Trailing keys may be left out: they are nil in Lua."""
+
+    def __init__(self, keys: tuple[str, ...], args: type[A], body: str, *, read_only: bool = False) -> None:
+        self.key_names = keys
+        self._fields = [f.name for f in dataclasses.fields(args)]  # type: ignore[arg-type]
+        header = [f"local {', '.join(keys)} = {', '.join(f'KEYS[{i + 1}]' for i in range(len(keys)))}"]
+        for i, name in enumerate(self._fields):
+            if i == len(self._fields) - 1 and _is_sequence(args, name):
+                header.append(f"local {name}_from = {i + 1}")
+            else:
+                header.append(f"local {name} = ARGV[{i + 1}]")
+        self.source = (
+            ("#!lua flags=no-writes\n" if read_only else "")
+            + _constants()
+            + "\n".join(header)
+            + "\n"
+            + PRELUDE
+            + body
+        )
+        self.script = Script(self.source)  # type: ignore[no-untyped-call]
+
+    def keys(self, *names: str) -> list[str]:
+        if len(names) > len(self.key_names):
+            raise ValueError(f"the script takes at most {len(self.key_names)} keys")
+        return list(names)
+
+    def argv(self, args: A) -> list[str]:
+        out: list[str] = []
+        for name in self._fields:
+            value = getattr(args, name)
+            if isinstance(value, list | tuple):
+                out.extend(value)
+            else:
+                out.append(_arg(value))
+        return out
+
+
+def _is_sequence(args: type[Any], name: str) -> bool:
+    annotation = str(args.__annotations__[name])
+    return annotation.startswith(("Sequence[", "list[", "tuple["))
+
+
+def _arg(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"cannot pass {type(value).__name__} to a script")
+
 
 PRELUDE = r"""
 local function describe(chat, meta)
   return {redis.call('HGETALL', meta), redis.call('LLEN', chat), redis.call('TTL', meta)}
 end
 
-local function is_tool(item)
-  return item and string.find(item, '^{"seq":%d+,"role":"tool"') ~= nil
+-- A stored item is SEQ_HEAD .. seq .. ',' .. body; the body starts with its role.
+local function has_role(item, prefix)
+  if not item then return false end
+  local comma = string.find(item, ',', #SEQ_HEAD + 1, true)
+  return comma ~= nil and string.sub(item, comma + 1, comma + #prefix) == prefix
 end
 
 -- Keep the pinned prompt and the newest max-pinned messages (at least one); never leave a
@@ -28,7 +150,7 @@ local function trim_window(chat, max, pinned)
   local unpinned = len - pinned
   local drop = unpinned - math.max(max - pinned, 1)
   if drop <= 0 then return end
-  while drop < unpinned and is_tool(redis.call('LINDEX', chat, pinned + drop)) do
+  while drop < unpinned and has_role(redis.call('LINDEX', chat, pinned + drop), TOOL_BODY_PREFIX) do
     drop = drop + 1
   end
   if pinned == 0 then
@@ -60,77 +182,111 @@ local function read_range(chat, mc, len, pinned, lo, hi)
 end
 """
 
-# KEYS: chat, meta, reqs, index. ARGV: now, ttl, request_id, user_id, session_id, field/value...
-CREATE = (
-    PRELUDE
-    + r"""
-local chat, meta, reqs, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local existing = redis.call('HMGET', meta, 'user_id', 'create_request_id', 'last_active')
+# The index key of a user, built in Lua from the owner named in meta: standalone only (a key
+# the script does not declare, in another slot).
+_INDEX_OF = "index_key_head .. uid .. '}'"
+
+
+@dataclass(frozen=True, slots=True)
+class CreateArgs:
+    now: str
+    ttl: int
+    request_id: str
+    user_id: str
+    session_id: str
+    fields: Sequence[str]
+    """flat field/value pairs of the new meta HASH"""
+
+
+# KEYS: index is given on standalone Valkey only (in a cluster the caller adds the entry first).
+CREATE = LuaScript(
+    ("chat", "meta", "reqs", "index"),
+    CreateArgs,
+    r"""
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE)
 if existing[1] then
-  if ARGV[3] ~= '' and existing[1] == ARGV[4] and existing[2] == ARGV[3] then
-    redis.call('ZADD', index, 'NX', existing[3], ARGV[5])
-    return {'replayed', describe(chat, meta)}
+  if request_id ~= '' and existing[1] == user_id and existing[2] == request_id then
+    if index then redis.call('ZADD', index, 'NX', existing[3], session_id) end
+    return {ST_REPLAYED, describe(chat, meta)}
   end
-  return {'exists'}
+  return {ST_EXISTS}
 end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
 redis.call('DEL', chat, reqs)
-redis.call('HSET', meta, unpack(ARGV, 6))
-redis.call('EXPIRE', meta, ARGV[2])
-redis.call('ZADD', index, ARGV[1], ARGV[5])
-return {'created', describe(chat, meta)}
-"""
+redis.call('HSET', meta, unpack(ARGV, fields_from))
+redis.call('EXPIRE', meta, ttl)
+if index then redis.call('ZADD', index, now, session_id) end
+return {ST_CREATED, describe(chat, meta)}
+""",
 )
 
-# KEYS: chat, meta, reqs. ARGV: now, request_id, fingerprint, expected_last_seq ('' = none),
-# token sum, index key head, session_id, idempotency limit, watch channel, most bytes to publish
-# inline, then one body per message (its JSON without the opening `{"seq":N,`).
+
+@dataclass(frozen=True, slots=True)
+class AppendArgs:
+    now: str
+    request_id: str
+    fingerprint: str
+    expected_last_seq: int | None
+    token_sum: int
+    index_key_head: str
+    """'' in a cluster: the caller updates the owner's index in a second step"""
+    session_id: str
+    idempotency_limit: int
+    publish_command: str
+    """PUBLISH, or SPUBLISH (sharded, in the session's slot) in a cluster"""
+    channel: str
+    inline_publish_bytes: int
+    bodies: Sequence[str]
+    """one per message: its JSON without the opening `{"seq":N,`"""
+
+
 # Publishes "M<first> <last>" on the watch channel, followed by "\n[<messages>]" when they are
 # small enough: watchers get them without a read, and re-read the LIST when they are not there.
-APPEND = (
-    PRELUDE
-    + r"""
-local chat, meta, reqs = KEYS[1], KEYS[2], KEYS[3]
-local m = redis.call('HMGET', meta, 'user_id', 'message_count', 'ttl_seconds', 'max_messages', 'pinned',
-                     'last_active')
-if not m[1] then return {'not_found'} end
+APPEND = LuaScript(
+    ("chat", "meta", "reqs"),
+    AppendArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
+                     F_LAST_ACTIVE)
+if not m[1] then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
-local rid = ARGV[2]
-if rid ~= '' then
-  local rec = redis.call('HGET', reqs, rid)
+if request_id ~= '' then
+  local rec = redis.call('HGET', reqs, request_id)
   if rec then
     local fp, first, count = string.match(rec, '^(%S+) (%d+) (%d+)$')
-    if fp ~= ARGV[3] then return {'request_id_reused'} end
+    if fp ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
     first, count = tonumber(first), tonumber(count)
     local len = redis.call('LLEN', chat)
     local replay = read_range(chat, mc, len, pinned, first, first + count - 1)
-    return {'replayed', first, replay, describe(chat, meta)}
+    return {ST_REPLAYED, first, replay, describe(chat, meta)}
   end
 end
-if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= mc then return {'seq_mismatch', mc} end
+if expected_last_seq ~= '' and tonumber(expected_last_seq) ~= mc then return {ST_SEQ_MISMATCH, mc} end
 
 local items = {}
 local first = mc + 1
-for i = 11, #ARGV do
+for i = bodies_from, #ARGV do
   local seq = first + #items
   local body = ARGV[i]
   -- System messages before any other message form the prompt the window keeps.
-  if pinned == seq - 1 and string.sub(body, 1, 16) == '"role":"system",' then pinned = seq end
-  items[#items + 1] = '{"seq":' .. string.format('%d', seq) .. ',' .. body
+  if pinned == seq - 1 and string.sub(body, 1, #SYSTEM_BODY_PREFIX) == SYSTEM_BODY_PREFIX then
+    pinned = seq
+  end
+  items[#items + 1] = SEQ_HEAD .. string.format('%d', seq) .. ',' .. body
 end
 redis.call('RPUSH', chat, unpack(items))
 local last_active = m[6]
-if tonumber(ARGV[1]) > tonumber(last_active) then last_active = ARGV[1] end
-redis.call('HINCRBY', meta, 'message_count', #items)
-redis.call('HINCRBY', meta, 'token_count', ARGV[5])
-redis.call('HSET', meta, 'last_active', last_active, 'pinned', pinned)
+if tonumber(now) > tonumber(last_active) then last_active = now end
+redis.call('HINCRBY', meta, F_MESSAGE_COUNT, #items)
+redis.call('HINCRBY', meta, F_TOKEN_COUNT, token_sum)
+redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
 trim_window(chat, tonumber(m[4]), pinned)
 
-if rid ~= '' then
-  redis.call('HSET', reqs, rid, ARGV[3] .. ' ' .. string.format('%d', first) .. ' ' .. #items)
+if request_id ~= '' then
+  redis.call('HSET', reqs, request_id, fingerprint .. ' ' .. string.format('%d', first) .. ' ' .. #items)
   -- Forget the oldest records in bulk once half as many again as the limit pile up.
-  local limit = tonumber(ARGV[8])
+  local limit = tonumber(idempotency_limit)
   local n = redis.call('HLEN', reqs)
   if n > limit + math.floor(limit / 2) then
     local all = redis.call('HGETALL', reqs)
@@ -148,31 +304,44 @@ local ttl = m[3]
 redis.call('EXPIRE', chat, ttl)
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', reqs, ttl)
-redis.call('ZADD', ARGV[6] .. m[1] .. '}', 'GT', last_active, ARGV[7])
+if index_key_head ~= '' then
+  local uid = m[1]
+  redis.call('ZADD', """
+    + _INDEX_OF
+    + r""", 'GT', last_active, session_id)
+end
 local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', first + #items - 1)
 local size = 0
 for _, item in ipairs(items) do size = size + #item end
-if size <= tonumber(ARGV[10]) then payload = payload .. '\n[' .. table.concat(items, ',') .. ']' end
-redis.call('PUBLISH', ARGV[9], payload)
-return {'ok', first, describe(chat, meta)}
-"""
+if size <= tonumber(inline_publish_bytes) then
+  payload = payload .. '\n[' .. table.concat(items, ',') .. ']'
+end
+redis.call(publish_command, channel, payload)
+return {ST_OK, first, describe(chat, meta)}
+""",
 )
 
-# KEYS: chat, meta. ARGV: limit, after_seq ('' = none), before_seq ('' = none).
-LIST_MESSAGES = (
-    "#!lua flags=no-writes\n"
-    + PRELUDE
-    + r"""
-local chat, meta = KEYS[1], KEYS[2]
-local m = redis.call('HMGET', meta, 'message_count', 'pinned')
-if not m[1] then return {'not_found'} end
+
+@dataclass(frozen=True, slots=True)
+class ListMessagesArgs:
+    limit: int
+    after_seq: int | None
+    before_seq: int | None
+
+
+LIST_MESSAGES = LuaScript(
+    ("chat", "meta"),
+    ListMessagesArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED)
+if not m[1] then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
 local base = mc - (len - pinned)
-local limit = tonumber(ARGV[1])
-local forward = ARGV[2] ~= ''
-local lo = forward and tonumber(ARGV[2]) + 1 or 1
-local hi = ARGV[3] ~= '' and math.min(tonumber(ARGV[3]) - 1, mc) or mc
+local limit = tonumber(limit)
+local forward = after_seq ~= ''
+local lo = forward and tonumber(after_seq) + 1 or 1
+local hi = before_seq ~= '' and math.min(tonumber(before_seq) - 1, mc) or mc
 -- The stored seqs within [lo, hi] form two runs: the pinned prompt and the window.
 local a1, a2 = math.max(lo, 1), math.min(hi, pinned)
 local b1, b2 = math.max(lo, base + 1), hi
@@ -196,61 +365,175 @@ if #items > 0 then
   if forward then span_hi = p_hi else span_lo = p_lo end
 end
 local trimmed = (math.max(span_lo, pinned + 1) <= math.min(span_hi, base)) and 1 or 0
-return {'ok', items, has_more, mc, base + 1, trimmed}
-"""
+return {ST_OK, items, has_more, mc, base + 1, trimmed}
+""",
+    read_only=True,
 )
 
-# KEYS: chat, meta, reqs. ARGV: ttl ('' = keep), max_messages ('' = keep), clear labels ('1'/'0'),
-# number of field/value pairs to set, the pairs, then fields to delete.
-UPDATE = (
-    PRELUDE
-    + r"""
-local chat, meta, reqs = KEYS[1], KEYS[2], KEYS[3]
-local m = redis.call('HMGET', meta, 'user_id', 'ttl_seconds', 'pinned')
-if not m[1] then return {'not_found'} end
-if ARGV[3] == '1' then
+
+@dataclass(frozen=True, slots=True)
+class UpdateArgs:
+    ttl: int | None
+    max_messages: int | None
+    clear_labels: bool
+    max_labels: int
+    set_count: int
+    """how many field/value pairs lead `changes`"""
+    changes: Sequence[str]
+    """set_count field/value pairs to set, then the fields to delete"""
+
+
+# Checks the label count the change would leave before it writes anything.
+UPDATE = LuaScript(
+    ("chat", "meta", "reqs"),
+    UpdateArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
+if not m[1] then return {ST_NOT_FOUND} end
+local n_set = tonumber(set_count)
+local first_delete = changes_from + 2 * n_set
+local labels = {}
+if clear_labels ~= '1' then
   for _, f in ipairs(redis.call('HKEYS', meta)) do
-    if string.sub(f, 1, 6) == 'label:' then redis.call('HDEL', meta, f) end
+    if string.sub(f, 1, #LABEL_PREFIX) == LABEL_PREFIX then labels[f] = true end
   end
 end
-local n_set = tonumber(ARGV[4])
-if n_set > 0 then redis.call('HSET', meta, unpack(ARGV, 5, 4 + 2 * n_set)) end
-if #ARGV >= 5 + 2 * n_set then redis.call('HDEL', meta, unpack(ARGV, 5 + 2 * n_set)) end
-if ARGV[2] ~= '' then
-  redis.call('HSET', meta, 'max_messages', ARGV[2])
-  trim_window(chat, tonumber(ARGV[2]), tonumber(m[3] or '0'))
+for i = first_delete, #ARGV do labels[ARGV[i]] = nil end
+for i = changes_from, first_delete - 1, 2 do
+  if string.sub(ARGV[i], 1, #LABEL_PREFIX) == LABEL_PREFIX then labels[ARGV[i]] = true end
 end
-if ARGV[1] ~= '' then
-  redis.call('HSET', meta, 'ttl_seconds', ARGV[1])
-  redis.call('EXPIRE', chat, ARGV[1])
-  redis.call('EXPIRE', meta, ARGV[1])
-  redis.call('EXPIRE', reqs, ARGV[1])
-elseif ARGV[2] ~= '' then
+local count = 0
+for _ in pairs(labels) do count = count + 1 end
+if count > tonumber(max_labels) then return {ST_TOO_MANY_LABELS, count} end
+
+if clear_labels == '1' then
+  for _, f in ipairs(redis.call('HKEYS', meta)) do
+    if string.sub(f, 1, #LABEL_PREFIX) == LABEL_PREFIX then redis.call('HDEL', meta, f) end
+  end
+end
+if n_set > 0 then redis.call('HSET', meta, unpack(ARGV, changes_from, first_delete - 1)) end
+if #ARGV >= first_delete then redis.call('HDEL', meta, unpack(ARGV, first_delete)) end
+if max_messages ~= '' then
+  redis.call('HSET', meta, F_MAX_MESSAGES, max_messages)
+  trim_window(chat, tonumber(max_messages), tonumber(m[3] or '0'))
+end
+if ttl ~= '' then
+  redis.call('HSET', meta, F_TTL_SECONDS, ttl)
+  redis.call('EXPIRE', chat, ttl)
+  redis.call('EXPIRE', meta, ttl)
+  redis.call('EXPIRE', reqs, ttl)
+elseif max_messages ~= '' then
   -- A trim may have emptied and re-created the list, dropping its expiry: copy meta's.
   local pttl = redis.call('PTTL', meta)
   if pttl > 0 then redis.call('PEXPIRE', chat, pttl) end
 end
-return {'ok', describe(chat, meta)}
-"""
+return {ST_OK, describe(chat, meta)}
+""",
 )
 
-# KEYS: chat, meta, reqs. ARGV: index key head, session_id, watch channel.
-DELETE = r"""
-local uid = redis.call('HGET', KEYS[2], 'user_id')
-if not uid then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('ZREM', ARGV[1] .. uid .. '}', ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'D')
-return 1
-"""
 
-# KEYS: index. ARGV: user_id, then (session_id, meta key) of each session the listing found dead.
-# Removes those still missing (or owned by someone else) now, so one re-created meanwhile stays.
-PRUNE_INDEX = r"""
+@dataclass(frozen=True, slots=True)
+class DeleteArgs:
+    index_key_head: str
+    """'' in a cluster: the caller removes the index entry in a second step"""
+    session_id: str
+    publish_command: str
+    channel: str
+
+
+DELETE = LuaScript(
+    ("chat", "meta", "reqs"),
+    DeleteArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
+local uid = m[1]
+if not uid then return {ST_NOT_FOUND} end
+redis.call('DEL', chat, meta, reqs)
+if index_key_head ~= '' then redis.call('ZREM', """
+    + _INDEX_OF
+    + r""", session_id) end
+redis.call(publish_command, channel, 'D')
+return {ST_OK, uid, m[2]}
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneIndexArgs:
+    user_id: str
+    dead: Sequence[str]
+    """(session_id, meta key) pairs"""
+
+
+# Standalone only (reads meta keys of other slots). Removes the entries whose session is still
+# missing (or owned by someone else) now, so one re-created meanwhile stays.
+PRUNE_INDEX = LuaScript(
+    ("index",),
+    PruneIndexArgs,
+    r"""
 local removed = 0
-for i = 2, #ARGV, 2 do
-  local owner = redis.call('HGET', ARGV[i + 1], 'user_id')
-  if owner ~= ARGV[1] then removed = removed + redis.call('ZREM', KEYS[1], ARGV[i]) end
+for i = dead_from, #ARGV, 2 do
+  local owner = redis.call('HGET', ARGV[i + 1], F_USER_ID)
+  if owner ~= user_id then removed = removed + redis.call('ZREM', index, ARGV[i]) end
 end
 return removed
-"""
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneStaleArgs:
+    cutoff: str
+    """entries scored at or after this (unix seconds) are left alone"""
+    seen: Sequence[str]
+    """(session_id, score the listing saw) pairs"""
+
+
+# Cluster: the index cannot look at sessions, so it removes an entry the listing found dead only
+# if its score is unchanged since (nothing touched it meanwhile) and older than the cutoff (no
+# create can still be between its two steps).
+PRUNE_STALE = LuaScript(
+    ("index",),
+    PruneStaleArgs,
+    r"""
+local removed = 0
+local limit = tonumber(cutoff)
+for i = seen_from, #ARGV, 2 do
+  local score = redis.call('ZSCORE', index, ARGV[i])
+  local seen = tonumber(ARGV[i + 1])
+  if score and tonumber(score) == seen and seen < limit then
+    removed = removed + redis.call('ZREM', index, ARGV[i])
+  end
+end
+return removed
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UnindexArgs:
+    session_id: str
+    last_active: str
+    """the deleted session's; a newer score belongs to a namesake created since"""
+
+
+UNINDEX = LuaScript(
+    ("index",),
+    UnindexArgs,
+    r"""
+local score = redis.call('ZSCORE', index, session_id)
+if score and tonumber(score) <= tonumber(last_active) then return redis.call('ZREM', index, session_id) end
+return 0
+""",
+)
+
+ALL: tuple[LuaScript[Any], ...] = (
+    CREATE,
+    APPEND,
+    LIST_MESSAGES,
+    UPDATE,
+    DELETE,
+    PRUNE_INDEX,
+    PRUNE_STALE,
+    UNINDEX,
+)

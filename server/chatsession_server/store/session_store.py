@@ -1,12 +1,30 @@
-"""SessionStore: every RPC's storage step, one Valkey round trip each where the data allows."""
+"""SessionStore: every RPC's storage step, one Valkey round trip each where the data allows.
+
+The owner's index (`user_sessions:{uid}`) and a session live in different cluster slots. On
+standalone Valkey the scripts keep the index exact in the same step. In a cluster it is a
+second step, ordered so that a crash or error between the two steps never hides a live session
+from its owner's listing and never shows one that does not exist:
+- create: index entry first (ZADD GT, now), then the session. A crash in between leaves an
+  entry without a session: listings skip it (they describe every candidate) and remove it once
+  it is older than INDEX_PRUNE_GRACE_SECONDS, and only if its score is unchanged. The session
+  step is refused once CREATE_STEP_GAP_SECONDS have passed since the entry was written, so no
+  create can complete after its entry was pruned.
+- append: the session first, then ZADD GT of its new last_active. A failure in between leaves
+  a stale (lower) score: the session is still listed; the next append or a listing that meets
+  it repairs the score. The append itself is acknowledged (the message is stored).
+- delete: the session first, then the entry is removed unless its score is newer than the
+  deleted session's last_active (a namesake created since keeps its entry). A failure in
+  between leaves an entry without a session: skipped, then pruned as above.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from glide import InfBound, Limit, RangeByScore, ScoreBoundary
+from glide import InfBound, Limit, RangeByScore, ScoreBoundary, UpdateOptions
 
 from chatsession_server.domain import (
     AppendResult,
@@ -19,12 +37,28 @@ from chatsession_server.domain import (
     SessionPage,
     SessionPatch,
 )
-from chatsession_server.errors import PreconditionFailed, SessionAlreadyExists, SessionNotFound
+from chatsession_server.errors import (
+    ChatSessionError,
+    FieldViolation,
+    InvalidArgument,
+    PreconditionFailed,
+    SessionAlreadyExists,
+    SessionNotFound,
+    StoreUnavailable,
+)
 from chatsession_server.store import codec, keys, scripts
-from chatsession_server.store.valkey import ValkeyConnection, make_script
+from chatsession_server.store.scripts import Status
+from chatsession_server.store.valkey import ValkeyConnection
+
+log = logging.getLogger(__name__)
 
 # Appends up to this size travel to watchers inside the publish; larger ones are only announced.
 INLINE_PUBLISH_BYTES = 64 * 1024
+# Cluster only (see the module docstring): how old an index entry without a session must be
+# before a listing removes it, and the most time a create may take between its two steps.
+INDEX_PRUNE_GRACE_SECONDS = 600.0
+CREATE_STEP_GAP_SECONDS = 60.0
+MAX_INDEX_READ = 1000
 
 
 class SessionStore:
@@ -34,22 +68,42 @@ class SessionStore:
         *,
         max_ttl_seconds: int,
         idempotency_limit: int = 1000,
+        max_labels: int = 64,
         clock: Callable[[], float] = time.time,
+        prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
     ) -> None:
         self._conn = conn
         self._max_ttl_seconds = max_ttl_seconds
         self._idempotency_limit = idempotency_limit
+        self._max_labels = max_labels
         self._clock = clock
-        self._create = make_script(scripts.CREATE)
-        self._append = make_script(scripts.APPEND)
-        self._list_messages = make_script(scripts.LIST_MESSAGES)
-        self._update = make_script(scripts.UPDATE)
-        self._delete = make_script(scripts.DELETE)
-        self._prune_index = make_script(scripts.PRUNE_INDEX)
+        self._prune_grace_seconds = prune_grace_seconds
+        # Standalone: the scripts keep the index themselves (they are given its key or its head).
+        self._index_in_script = not conn.cluster
+        self._index_head = "" if conn.cluster else keys.USER_INDEX_KEY_HEAD
+        self._publish = "SPUBLISH" if conn.cluster else "PUBLISH"
 
     @staticmethod
     def _session_keys(session_id: str) -> list[str]:
         return [keys.chat_key(session_id), keys.meta_key(session_id), keys.requests_key(session_id)]
+
+    async def _run(self, script: scripts.LuaScript[Any], keys_: Sequence[str], args: Any) -> Any:
+        return await self._conn.script(script.script, script.keys(*keys_), script.argv(args))
+
+    # --- the owner's index as a step of its own (cluster) -----------------------------------
+
+    async def _index_touch(self, user_id: str, session_id: str, score: float) -> None:
+        """Adds the entry or raises its score (never lowers it: GT)."""
+        index = keys.user_index_key(user_id)
+        batch = self._conn.batch(atomic=False)
+        batch.zadd(index, {session_id: score}, update_condition=UpdateOptions.GREATER_THAN)
+        await self._conn.run(batch)
+        await self._conn.replicated(index)
+
+    async def _unindex(self, user_id: str, session_id: str, last_active: str) -> None:
+        index = keys.user_index_key(user_id)
+        await self._run(scripts.UNINDEX, [index], scripts.UnindexArgs(session_id, last_active))
+        await self._conn.replicated(index)
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         """Create a session; returns it and whether this was a replay of an earlier create."""
@@ -64,22 +118,28 @@ class SessionStore:
             max_messages=new.max_messages,
             request_id=new.request_id,
         )
-        reply = await self._conn.script(
-            self._create,
-            [*self._session_keys(new.session_id), keys.user_index_key(new.user_id)],
-            [
-                codec.format_time(now),
-                str(new.ttl_seconds),
-                new.request_id,
-                new.user_id,
-                new.session_id,
-                *fields,
-            ],
+        session_keys = self._session_keys(new.session_id)
+        if self._index_in_script:
+            session_keys.append(keys.user_index_key(new.user_id))
+        else:
+            await self._index_touch(new.user_id, new.session_id, now)
+            indexed_at = time.monotonic()
+        args = scripts.CreateArgs(
+            now=codec.format_time(now),
+            ttl=new.ttl_seconds,
+            request_id=new.request_id,
+            user_id=new.user_id,
+            session_id=new.session_id,
+            fields=fields,
         )
-        status = reply[0]
-        if status == b"exists":
+        if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
+            raise StoreUnavailable("creating the session took too long; retry with the same request_id")
+        reply = await self._run(scripts.CREATE, session_keys, args)
+        status = Status.of(reply)
+        if status is Status.EXISTS:
             raise SessionAlreadyExists(new.session_id)
-        return _session_from(new.session_id, reply[1]), status == b"replayed"
+        await self._conn.replicated(keys.meta_key(new.session_id))
+        return _session_from(new.session_id, reply[1]), status is Status.REPLAYED
 
     async def get(self, session_id: str) -> Session:
         batch = self._conn.batch(atomic=True)
@@ -101,27 +161,45 @@ class SessionStore:
         for key, value in labels_to_set.items():
             to_set[codec.LABEL_FIELD_PREFIX + key] = value
         to_delete = [codec.LABEL_FIELD_PREFIX + key for key in sorted(patch.remove_labels)]
-        args = [
-            "" if patch.ttl_seconds is None else str(patch.ttl_seconds),
-            "" if patch.max_messages is None else str(patch.max_messages),
-            "1" if patch.replace_labels is not None else "0",
-            str(len(to_set)),
-            *codec.flatten(to_set.items()),
-            *to_delete,
-        ]
-        reply = await self._conn.script(self._update, self._session_keys(session_id), args)
-        if reply[0] == b"not_found":
+        args = scripts.UpdateArgs(
+            ttl=patch.ttl_seconds,
+            max_messages=patch.max_messages,
+            clear_labels=patch.replace_labels is not None,
+            max_labels=self._max_labels,
+            set_count=len(to_set),
+            changes=[*codec.flatten(to_set.items()), *to_delete],
+        )
+        reply = await self._run(scripts.UPDATE, self._session_keys(session_id), args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
+        if status is Status.TOO_MANY_LABELS:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "session.labels",
+                        f"the session would have {int(reply[1])} labels; the limit is {self._max_labels}",
+                    )
+                ]
+            )
+        await self._conn.replicated(keys.meta_key(session_id))
         return _session_from(session_id, reply[1])
 
     async def delete(self, session_id: str) -> bool:
         """Delete a session; False when there was none."""
-        deleted = await self._conn.script(
-            self._delete,
-            self._session_keys(session_id),
-            [keys.USER_INDEX_KEY_HEAD, session_id, keys.watch_channel(session_id)],
+        args = scripts.DeleteArgs(
+            index_key_head=self._index_head,
+            session_id=session_id,
+            publish_command=self._publish,
+            channel=keys.watch_channel(session_id),
         )
-        return bool(deleted)
+        reply = await self._run(scripts.DELETE, self._session_keys(session_id), args)
+        if Status.of(reply) is Status.NOT_FOUND:
+            return False
+        await self._conn.replicated(keys.meta_key(session_id))
+        if not self._index_in_script:
+            await self._unindex(reply[1].decode(), session_id, reply[2].decode())
+        return True
 
     async def append(
         self,
@@ -133,59 +211,65 @@ class SessionStore:
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
-        reply = await self._conn.script(
-            self._append,
-            self._session_keys(session_id),
-            [
-                codec.format_time(now),
-                request_id,
-                codec.fingerprint(messages) if request_id else "",
-                "" if expected_last_seq is None else str(expected_last_seq),
-                str(sum(m.tokens for m in messages)),
-                keys.USER_INDEX_KEY_HEAD,
-                session_id,
-                str(self._idempotency_limit),
-                keys.watch_channel(session_id),
-                str(INLINE_PUBLISH_BYTES),
-                *bodies,
-            ],
+        args = scripts.AppendArgs(
+            now=codec.format_time(now),
+            request_id=request_id,
+            fingerprint=codec.fingerprint(messages) if request_id else "",
+            expected_last_seq=expected_last_seq,
+            token_sum=sum(m.tokens for m in messages),
+            index_key_head=self._index_head,
+            session_id=session_id,
+            idempotency_limit=self._idempotency_limit,
+            publish_command=self._publish,
+            channel=keys.watch_channel(session_id),
+            inline_publish_bytes=INLINE_PUBLISH_BYTES,
+            bodies=bodies,
         )
-        status = reply[0]
-        if status == b"not_found":
+        reply = await self._run(scripts.APPEND, self._session_keys(session_id), args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
-        if status == b"request_id_reused":
+        if status is Status.REQUEST_ID_REUSED:
             raise PreconditionFailed(
                 "REQUEST_ID_REUSED",
                 "request_id",
                 f"request_id {request_id!r} was already used for different messages in this session",
             )
-        if status == b"seq_mismatch":
+        if status is Status.SEQ_MISMATCH:
             raise PreconditionFailed(
                 "LAST_SEQ_MISMATCH",
                 "expected_last_seq",
                 f"the session's last seq is {int(reply[1])}, not {expected_last_seq}",
             )
-        if status == b"replayed":
+        if status is Status.REPLAYED:
             stored = tuple(codec.decode_message(raw) for raw in reply[2])
-            return AppendResult(stored, _session_from(session_id, reply[3]), replayed=True)
-        first_seq = int(reply[1])
-        # The script stored exactly stored_json(seq, body): decode our own copy, no read-back.
-        stored = tuple(
-            codec.decode_message(codec.stored_json(first_seq + i, body)) for i, body in enumerate(bodies)
-        )
-        return AppendResult(stored, _session_from(session_id, reply[2]), replayed=False)
+            result = AppendResult(stored, _session_from(session_id, reply[3]), replayed=True)
+        else:
+            first_seq = int(reply[1])
+            # The script stored exactly stored_json(seq, body): decode our own copy, no read-back.
+            stored = tuple(
+                codec.decode_message(codec.stored_json(first_seq + i, body)) for i, body in enumerate(bodies)
+            )
+            result = AppendResult(stored, _session_from(session_id, reply[2]), replayed=False)
+        # A replay repeats the index step too: it may be what failed the first time.
+        await self._conn.replicated(keys.meta_key(session_id))
+        if not self._index_in_script:
+            session = result.session
+            try:
+                await self._index_touch(session.user_id, session_id, session.last_active)
+            except ChatSessionError as exc:
+                # The messages are stored: acknowledge them. The score stays stale until the
+                # next append or a listing repairs it; the session stays listed meanwhile.
+                log.warning("session %s: index score not updated (%s); repaired later", session_id, exc)
+        return result
 
     async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage:
-        reply = await self._conn.script(
-            self._list_messages,
+        reply = await self._run(
+            scripts.LIST_MESSAGES,
             [keys.chat_key(session_id), keys.meta_key(session_id)],
-            [
-                str(query.limit),
-                "" if query.after_seq is None else str(query.after_seq),
-                "" if query.before_seq is None else str(query.before_seq),
-            ],
+            scripts.ListMessagesArgs(query.limit, query.after_seq, query.before_seq),
         )
-        if reply[0] == b"not_found":
+        if Status.of(reply) is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
         _, items, has_more, last_seq, window_start, trimmed = reply
         return MessagePage(
@@ -200,7 +284,9 @@ class SessionStore:
         """A page of the user's live sessions, most recently active first.
 
         Reads the index by score (no SCAN), describes the candidates in one pipeline, and prunes
-        index entries whose session has expired, so a page holds only live sessions.
+        index entries whose session has expired, so a page holds only live sessions. Each read
+        that meets dead entries reads twice as many next time (up to MAX_INDEX_READ), so a page
+        behind thousands of expired entries takes a few round trips, not hundreds.
         """
         index = keys.user_index_key(user_id)
         top: InfBound | ScoreBoundary = (
@@ -208,8 +294,9 @@ class SessionStore:
         )
         found: list[tuple[Session, float]] = []
         offset = 0
+        read = limit + 1  # one more than needed tells whether a next page exists
         while True:
-            fetch = limit - len(found) + 1  # one more than needed tells whether a next page exists
+            fetch = max(limit - len(found) + 1, read)
             batch = self._conn.batch(atomic=False)
             if offset == 0:
                 # Sessions idle longer than the largest TTL are gone for sure: drop them in bulk.
@@ -222,13 +309,14 @@ class SessionStore:
             rows = [(member.decode(), float(score)) for member, score in ranked.items()]
             candidates = [row for row in rows if cursor is None or _after_cursor(cursor, *row)]
             live, dead = await self._describe_many(user_id, candidates)
-            removed = 0
-            if dead:
-                removed = int(await self._conn.script(self._prune_index, [index], [user_id, *dead]))
+            removed = await self._prune(user_id, dead) if dead else 0
+            await self._repair_scores(user_id, live)
             found.extend(live)
             offset += len(rows) - removed
             if len(found) > limit or len(rows) < fetch:
                 break
+            if dead:
+                read = min(2 * fetch, MAX_INDEX_READ)
         next_cursor = None
         if len(found) > limit:
             del found[limit:]
@@ -236,11 +324,33 @@ class SessionStore:
             next_cursor = SessionCursor(score, last.session_id)
         return SessionPage(tuple(session for session, _ in found), next_cursor)
 
+    async def _prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> int:
+        """Removes index entries found dead; returns how many went."""
+        index = keys.user_index_key(user_id)
+        if self._index_in_script:
+            pairs = [item for session_id, _ in dead for item in (session_id, keys.meta_key(session_id))]
+            removed = await self._run(scripts.PRUNE_INDEX, [index], scripts.PruneIndexArgs(user_id, pairs))
+        else:
+            cutoff = codec.format_time(self._clock() - self._prune_grace_seconds)
+            seen = [item for session_id, score in dead for item in (session_id, repr(score))]
+            removed = await self._run(scripts.PRUNE_STALE, [index], scripts.PruneStaleArgs(cutoff, seen))
+        return int(removed)
+
+    async def _repair_scores(self, user_id: str, live: Sequence[tuple[Session, float]]) -> None:
+        """Raises index scores that lag their session's last_active (an append whose index step
+        failed, in a cluster). Never needed on standalone Valkey, where the scripts keep them."""
+        behind = {
+            session.session_id: session.last_active for session, score in live if session.last_active > score
+        }
+        if behind:
+            batch = self._conn.batch(atomic=False)
+            batch.zadd(keys.user_index_key(user_id), behind, update_condition=UpdateOptions.GREATER_THAN)
+            await self._conn.run(batch)
+
     async def _describe_many(
         self, user_id: str, candidates: Sequence[tuple[str, float]]
-    ) -> tuple[list[tuple[Session, float]], list[str]]:
-        """Live sessions (with their index score) for index rows, in order, and the dead rows as
-        flat (session_id, meta key) pairs for PRUNE_INDEX."""
+    ) -> tuple[list[tuple[Session, float]], list[tuple[str, float]]]:
+        """Live sessions (with their index score) for index rows, in order, and the dead rows."""
         if not candidates:
             return [], []
         batch = self._conn.batch(atomic=False)
@@ -249,11 +359,12 @@ class SessionStore:
             batch.hgetall(meta).llen(keys.chat_key(session_id)).ttl(meta)
         rows = await self._conn.run(batch)
         live: list[tuple[Session, float]] = []
-        dead: list[str] = []
+        dead: list[tuple[str, float]] = []
+        owner = codec.MetaField.USER_ID.encode()
         for i, (session_id, score) in enumerate(candidates):
             meta, stored, ttl = rows[3 * i : 3 * i + 3]
-            if not meta or meta.get(b"user_id") != user_id.encode():
-                dead.extend([session_id, keys.meta_key(session_id)])
+            if not meta or meta.get(owner) != user_id.encode():
+                dead.append((session_id, score))
                 continue
             live.append((codec.decode_session(session_id, meta, int(stored), int(ttl)), score))
         return live, dead

@@ -1,7 +1,8 @@
 """The one place the store reaches Valkey through: a GLIDE client plus error translation.
 
-Holds a `GlideClient` today; a `GlideClusterClient` has the same command methods, so cluster
-support adds a constructor and `ClusterBatch` here, not changes across the store.
+Holds a `GlideClient` (standalone) or a `GlideClusterClient`: they have the same command
+methods, so the rest of the store only asks `cluster` where the two modes really differ (the
+per-user index and the pub/sub flavour, see session_store.py and feed.py).
 """
 
 from __future__ import annotations
@@ -11,26 +12,36 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import glide
 from glide import (
     AdvancedGlideClientConfiguration,
+    AdvancedGlideClusterClientConfiguration,
     BackoffStrategy,
     Batch,
     BatchOptions,
+    ClusterBatch,
+    ClusterBatchOptions,
     GlideClient,
     GlideClientConfiguration,
+    GlideClusterClient,
+    GlideClusterClientConfiguration,
     NodeAddress,
     Script,
     ServerCredentials,
+    SlotKeyRoute,
+    SlotType,
 )
 
-from chatsession_server.errors import StoreTimeout, StoreUnavailable
+from chatsession_server.errors import StoreTimeout, StoreUnavailable, WriteNotReplicated
 from chatsession_server.settings import ValkeyAddress
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+AnyClient: TypeAlias = GlideClient | GlideClusterClient
+AnyConfig: TypeAlias = GlideClientConfiguration | GlideClusterClientConfiguration
+AnyBatch: TypeAlias = Batch | ClusterBatch
 
 # After a probe finds Valkey unreachable, calls fail at once for this long instead of each
 # waiting out the request timeout: clients get UNAVAILABLE quickly and back off.
@@ -62,47 +73,80 @@ def translate_errors() -> Iterator[None]:
 def glide_config(
     address: ValkeyAddress,
     *,
+    cluster: bool,
     request_timeout_ms: int,
     connect_timeout_ms: int,
     inflight_limit: int,
     client_name: str = "chatsession",
-) -> GlideClientConfiguration:
+) -> AnyConfig:
     """A fresh GLIDE configuration for `address` (each client needs its own object)."""
     credentials = None
     if address.password is not None:
         credentials = ServerCredentials(password=address.password, username=address.username)
+    nodes = [NodeAddress(host, port) for host, port in address.nodes]
+    reconnect = BackoffStrategy(num_of_retries=8, factor=50, exponent_base=2)
+    if cluster:
+        return GlideClusterClientConfiguration(
+            nodes,
+            use_tls=address.use_tls,
+            credentials=credentials,
+            database_id=address.database or None,
+            request_timeout=request_timeout_ms,
+            client_name=client_name,
+            inflight_requests_limit=inflight_limit,
+            reconnect_strategy=reconnect,
+            advanced_config=AdvancedGlideClusterClientConfiguration(connection_timeout=connect_timeout_ms),
+        )
     return GlideClientConfiguration(
-        [NodeAddress(address.host, address.port)],
+        nodes,
         use_tls=address.use_tls,
         credentials=credentials,
         database_id=address.database or None,
         request_timeout=request_timeout_ms,
         client_name=client_name,
         inflight_requests_limit=inflight_limit,
-        reconnect_strategy=BackoffStrategy(num_of_retries=8, factor=50, exponent_base=2),
+        reconnect_strategy=reconnect,
         advanced_config=AdvancedGlideClientConfiguration(connection_timeout=connect_timeout_ms),
     )
 
 
-def make_script(code: str) -> Script:
-    """A Script (GLIDE keeps its SHA for EVALSHA and reloads it by itself after a restart)."""
-    return Script(code)  # type: ignore[no-untyped-call]
+async def create_client(config: AnyConfig) -> AnyClient:
+    """Connect a GLIDE client of the configuration's kind (inside the running loop)."""
+    with translate_errors():
+        if isinstance(config, GlideClusterClientConfiguration):
+            return await GlideClusterClient.create(config)
+        return await GlideClient.create(config)
 
 
 class ValkeyConnection:
-    """A connected GLIDE client and the few primitives the store needs."""
+    """A connected GLIDE client and the few primitives the store needs.
 
-    def __init__(self, client: GlideClient, address: ValkeyAddress) -> None:
+    `wait_replicas` > 0: every write waits (WAIT) until that many replicas of its primary have
+    it, and fails with WriteNotReplicated otherwise (see `replicated`).
+    """
+
+    def __init__(
+        self,
+        client: AnyClient,
+        address: ValkeyAddress,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
         self.client = client
+        self.cluster = isinstance(client, GlideClusterClient)
         self._address = address
         self._down_until = 0.0
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = wait_timeout_ms
 
     @classmethod
-    async def connect(cls, address: ValkeyAddress, config: GlideClientConfiguration) -> ValkeyConnection:
+    async def connect(
+        cls, address: ValkeyAddress, config: AnyConfig, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+    ) -> ValkeyConnection:
         """Connect (call it inside the server's running loop: GLIDE binds to the first loop it sees)."""
-        with translate_errors():
-            client = await GlideClient.create(config)
-        return cls(client, address)
+        client = await create_client(config)
+        return cls(client, address, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         """Run one request; tell "Valkey is gone" (UNAVAILABLE) from "Valkey is slow" (timeout).
@@ -135,17 +179,49 @@ class ValkeyConnection:
             await writer.wait_closed()
         return True
 
-    def batch(self, *, atomic: bool) -> Batch:
-        """A transaction (atomic) or a pipeline; the cluster variant will return a ClusterBatch."""
-        return Batch(is_atomic=atomic)
+    def batch(self, *, atomic: bool) -> AnyBatch:
+        """A transaction (atomic: one slot in a cluster) or a pipeline (any keys)."""
+        return ClusterBatch(is_atomic=atomic) if self.cluster else Batch(is_atomic=atomic)
 
-    async def run(self, batch: Batch, *, timeout_ms: int | None = None) -> list[Any]:
-        options = BatchOptions(timeout=timeout_ms) if timeout_ms else None
-        result = await self._call(lambda: self.client.exec(batch, raise_on_error=True, options=options))
+    async def run(self, batch: AnyBatch, *, timeout_ms: int | None = None) -> list[Any]:
+        client = self.client
+        if isinstance(client, GlideClusterClient):
+            assert isinstance(batch, ClusterBatch)
+            cluster_options = ClusterBatchOptions(timeout=timeout_ms) if timeout_ms else None
+            result = await self._call(
+                lambda: client.exec(batch, raise_on_error=True, options=cluster_options)
+            )
+        else:
+            assert isinstance(batch, Batch)
+            options = BatchOptions(timeout=timeout_ms) if timeout_ms else None
+            result = await self._call(lambda: client.exec(batch, raise_on_error=True, options=options))
         return list(result or [])
 
     async def script(self, script: Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """EVALSHA; every key must be in one slot (GLIDE routes the call to its primary)."""
         return await self._call(lambda: self.client.invoke_script(script, keys=list(keys), args=list(args)))
+
+    async def replicated(self, key: str) -> None:
+        """Returns once the writes so far on the connection to `key`'s primary have reached
+        `wait_replicas` replicas; raises WriteNotReplicated when fewer confirmed in time.
+
+        WAIT counts the writes of the connection it runs on: GLIDE keeps one connection per node,
+        the one our write went through, so it covers that write (and holds that connection's
+        other requests while it waits: the price of the option, see README)."""
+        if self._wait_replicas <= 0:
+            return
+        command = ["WAIT", str(self._wait_replicas), str(self._wait_timeout_ms)]
+        client = self.client
+        if isinstance(client, GlideClusterClient):
+            route = SlotKeyRoute(SlotType.PRIMARY, key)
+            acked = await self._call(lambda: client.custom_command(command, route=route))
+        else:
+            acked = await self._call(lambda: client.custom_command(command))
+        if int(acked) < self._wait_replicas:
+            raise WriteNotReplicated(
+                f"the write reached {int(acked)} of {self._wait_replicas} replicas in time; "
+                "retry with the same request_id"
+            )
 
     async def ping(self) -> None:
         await self._call(self.client.ping)
