@@ -19,8 +19,9 @@ venv: $(BIN)/chatsession-server
 run: venv  ## run the server with an embedded Valkey on 127.0.0.1:50051
 	$(BIN)/chatsession-server
 
-test: venv  ## the whole test suite (starts its own Valkey)
+test: venv  ## the whole test suite, against standalone Valkey and against a local Valkey Cluster
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --valkey-cluster $(PYTEST_ARGS)
 
 gen: venv  ## regenerate gen/ from protos/
 	rm -rf gen/chatsession

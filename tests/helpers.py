@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
-from glide import GlideClient
+from glide import AllPrimaries, GlideClient, GlideClusterClient, SlotKeyRoute, SlotType
 
 from chatsession_client import ChatSessionError
 
@@ -34,3 +35,42 @@ async def meta(raw: GlideClient, session_id: str) -> dict[str, str]:
 
 async def session_keys_exist(raw: GlideClient, session_id: str) -> int:
     return await raw.exists([f"chat:{{{session_id}}}", f"meta:{{{session_id}}}", f"reqs:{{{session_id}}}"])
+
+
+# Pub/sub as the server uses it: plain channels on standalone Valkey, sharded ones in a cluster
+# (asked of the node that serves the channel's slot, or of every primary).
+
+
+async def subscribers(raw: GlideClient, channel: str) -> int:
+    if isinstance(raw, GlideClusterClient):
+        route = SlotKeyRoute(SlotType.PRIMARY, channel)
+        reply: Any = await raw.custom_command(["PUBSUB", "SHARDNUMSUB", channel], route=route)
+    else:
+        reply = await raw.custom_command(["PUBSUB", "NUMSUB", channel])
+    return int(reply[channel.encode()])
+
+
+async def channels_matching(raw: GlideClient, pattern: str) -> list[bytes]:
+    if isinstance(raw, GlideClusterClient):
+        # GLIDE combines the nodes' answers into one list.
+        combined: Any = await raw.custom_command(["PUBSUB", "SHARDCHANNELS", pattern], route=AllPrimaries())
+        return list(combined)
+    reply: Any = await raw.custom_command(["PUBSUB", "CHANNELS", pattern])
+    return list(reply)
+
+
+async def subscribe_calls(raw: GlideClient) -> int:
+    """SUBSCRIBE (or SSUBSCRIBE) commands Valkey has served, over every primary."""
+    if isinstance(raw, GlideClusterClient):
+        per_node: Any = await raw.custom_command(["INFO", "commandstats"], route=AllPrimaries())
+        texts = [t.decode() if isinstance(t, bytes) else str(t) for t in per_node.values()]
+        command = "ssubscribe"
+    else:
+        info = await raw.custom_command(["INFO", "commandstats"])
+        texts = [info.decode() if isinstance(info, bytes) else str(info)]
+        command = "subscribe"
+    total = 0
+    for text in texts:
+        if m := re.search(rf"cmdstat_{command}:calls=(\d+)", text):
+            total += int(m.group(1))
+    return total

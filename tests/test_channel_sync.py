@@ -8,48 +8,52 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
 import glide
 import pytest
-from glide import GlideClient, GlideClientConfiguration, NodeAddress
+from glide import GlideClient, GlideClusterClient
 
 from chatsession_server.errors import StoreTimeout
 from chatsession_server.settings import ValkeyAddress
 from chatsession_server.store import channel_sync
-from chatsession_server.store.channel_sync import ChannelSync
+from chatsession_server.store.channel_sync import ChannelSync, PubSubControl, Sharded
+from chatsession_server.store.valkey import create_client, glide_config
+from tests.helpers import subscribers
 
 
 @pytest.fixture
-async def pubsub(valkey_url: str) -> AsyncIterator[GlideClient]:
-    address = ValkeyAddress.parse(valkey_url)
-    config = GlideClientConfiguration([NodeAddress(address.host, address.port)], request_timeout=2000)
-    config.pubsub_subscriptions = GlideClientConfiguration.PubSubSubscriptions(
+async def pubsub(valkey_url: str, valkey_cluster: bool) -> AsyncIterator[PubSubControl]:
+    """A pub/sub client as the feed makes one: plain on standalone Valkey, sharded in a cluster."""
+    config = glide_config(
+        ValkeyAddress.parse(valkey_url),
+        cluster=valkey_cluster,
+        request_timeout_ms=2000,
+        connect_timeout_ms=2000,
+        inflight_limit=1000,
+    )
+    subscriptions = type(config).PubSubSubscriptions(
         channels_and_patterns={}, callback=lambda msg, context: None, context=None
     )
-    client = await GlideClient.create(config)
-    yield client
+    config.pubsub_subscriptions = subscriptions
+    client = await create_client(config)
+    yield Sharded(client) if isinstance(client, GlideClusterClient) else client
     await client.close()
 
 
 @asynccontextmanager
-async def syncing(client: object, wanted: set[str]) -> AsyncIterator[ChannelSync]:
-    sync = ChannelSync(cast(GlideClient, client), lambda: wanted)
+async def syncing(client: PubSubControl, wanted: set[str]) -> AsyncIterator[ChannelSync]:
+    sync = ChannelSync(client, lambda: wanted)
     try:
         yield sync
     finally:
         await sync.close()
 
 
-async def subscribers(raw: GlideClient, channel: str) -> int:
-    reply: Any = await raw.custom_command(["PUBSUB", "NUMSUB", channel])
-    return int(reply[channel.encode()])
-
-
 class Layer:
     """The real client; subclasses change one call."""
 
-    def __init__(self, client: GlideClient) -> None:
+    def __init__(self, client: PubSubControl) -> None:
         self.client = client
 
     async def subscribe(self, channels: set[str], timeout_ms: int) -> None:
@@ -62,7 +66,7 @@ class Layer:
 class Gated(Layer):
     """`call` ("subscribe" or "unsubscribe") waits for the gate; `entered` says it has begun."""
 
-    def __init__(self, client: GlideClient, call: str) -> None:
+    def __init__(self, client: PubSubControl, call: str) -> None:
         super().__init__(client)
         self.call = call
         self.gate = asyncio.Event()
@@ -85,7 +89,7 @@ class Gated(Layer):
 class TimesOutOnce(Layer):
     """`call` reports a timeout once: after it took effect, or without doing anything."""
 
-    def __init__(self, client: GlideClient, call: str, *, takes_effect: bool) -> None:
+    def __init__(self, client: PubSubControl, call: str, *, takes_effect: bool) -> None:
         super().__init__(client)
         self.call = call
         self.takes_effect = takes_effect
@@ -109,7 +113,7 @@ class TimesOutOnce(Layer):
         await self._fail("unsubscribe", super().unsubscribe(channels, timeout_ms))
 
 
-async def test_many_channels_come_and_go_together(pubsub: GlideClient, raw: GlideClient, uid: str) -> None:
+async def test_many_channels_come_and_go_together(pubsub: PubSubControl, raw: GlideClient, uid: str) -> None:
     channels = {f"watch:{{{uid}-{i}}}" for i in range(200)}
     wanted: set[str] = set()
     async with syncing(pubsub, wanted) as sync:
@@ -122,7 +126,7 @@ async def test_many_channels_come_and_go_together(pubsub: GlideClient, raw: Glid
 
 
 async def test_a_join_during_an_unsubscribe_waits_and_is_subscribed_again(
-    pubsub: GlideClient, raw: GlideClient, uid: str
+    pubsub: PubSubControl, raw: GlideClient, uid: str
 ) -> None:
     gated = Gated(pubsub, "unsubscribe")
     channel = f"watch:{{{uid}}}"
@@ -143,7 +147,7 @@ async def test_a_join_during_an_unsubscribe_waits_and_is_subscribed_again(
 
 
 async def test_a_join_during_a_round_that_will_unsubscribe_it_waits_for_the_next(
-    pubsub: GlideClient, raw: GlideClient, uid: str
+    pubsub: PubSubControl, raw: GlideClient, uid: str
 ) -> None:
     gated = Gated(pubsub, "subscribe")
     leaving, arriving = f"watch:{{{uid}-x}}", f"watch:{{{uid}-y}}"
@@ -168,7 +172,7 @@ async def test_a_join_during_a_round_that_will_unsubscribe_it_waits_for_the_next
 
 
 async def test_a_failed_subscribe_that_took_effect_is_undone_once_unwanted(
-    pubsub: GlideClient, raw: GlideClient, uid: str
+    pubsub: PubSubControl, raw: GlideClient, uid: str
 ) -> None:
     channel = f"watch:{{{uid}}}"
     wanted = {channel}
@@ -182,7 +186,7 @@ async def test_a_failed_subscribe_that_took_effect_is_undone_once_unwanted(
 
 
 async def test_after_a_failed_unsubscribe_that_took_effect_a_join_subscribes_again(
-    pubsub: GlideClient, raw: GlideClient, uid: str
+    pubsub: PubSubControl, raw: GlideClient, uid: str
 ) -> None:
     channel = f"watch:{{{uid}}}"
     wanted = {channel}
@@ -197,7 +201,7 @@ async def test_after_a_failed_unsubscribe_that_took_effect_a_join_subscribes_aga
 
 
 async def test_a_failed_unsubscribe_is_retried_by_itself(
-    pubsub: GlideClient, raw: GlideClient, uid: str, monkeypatch: pytest.MonkeyPatch
+    pubsub: PubSubControl, raw: GlideClient, uid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(channel_sync, "RETRY_SECONDS", 0.1)
     channel = f"watch:{{{uid}}}"

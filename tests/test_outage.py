@@ -14,6 +14,9 @@ from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.helpers import raises
 
+# Each test runs a standalone Valkey of its own: the cluster pass has nothing to add.
+pytestmark = pytest.mark.standalone_only
+
 
 @pytest.fixture
 def private_valkey() -> Iterator[EmbeddedValkey]:

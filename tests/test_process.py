@@ -10,7 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from chatsession_client import SessionClient, user
+
+# Each test runs a standalone Valkey of its own: the cluster pass has nothing to add.
+pytestmark = pytest.mark.standalone_only
 
 ROOT = Path(__file__).resolve().parent.parent
 

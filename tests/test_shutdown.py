@@ -12,8 +12,10 @@ from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 
 
-async def test_stop_reports_not_serving_and_lets_inflight_calls_finish(valkey_url: str) -> None:
-    running = await start_server(Settings(listen="127.0.0.1:0"), ValkeyAddress.parse(valkey_url))
+async def test_stop_reports_not_serving_and_lets_inflight_calls_finish(
+    settings: Settings, valkey_url: str
+) -> None:
+    running = await start_server(settings, ValkeyAddress.parse(valkey_url))
     target = f"127.0.0.1:{running.port}"
     async with (
         grpc.aio.insecure_channel(target) as channel,

@@ -120,13 +120,13 @@ def new_session_fields(
     model: str,
     title: str,
     labels: Mapping[str, str],
-    created_at: float,
+    created_at: str,
     ttl_seconds: int,
     max_messages: int,
     request_id: str,
 ) -> list[str]:
-    """Field/value pairs of a new meta HASH, flat, ready for HSET."""
-    now = format_time(created_at)
+    """Field/value pairs of a new meta HASH, flat, ready for HSET (`created_at` as format_time gives it)."""
+    now = created_at
     fields: dict[str, str] = {
         MetaField.USER_ID: user_id,
         MetaField.MODEL: model,

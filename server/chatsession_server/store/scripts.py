@@ -209,7 +209,7 @@ if existing[1] then
     if index then redis.call('ZADD', index, 'NX', existing[3], session_id) end
     return {ST_REPLAYED, describe(chat, meta)}
   end
-  return {ST_EXISTS}
+  return {ST_EXISTS, existing[1], existing[3]}
 end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
 redis.call('DEL', chat, reqs)
@@ -527,6 +527,28 @@ return 0
 """,
 )
 
+@dataclass(frozen=True, slots=True)
+class RevertIndexArgs:
+    session_id: str
+    score_set: str
+    """what the create wrote; any other score means someone has touched the entry since"""
+    previous: str
+    """the score to put back, or '' to remove the entry"""
+
+
+# Cluster: a create that found the id taken undoes its index step.
+REVERT_INDEX = LuaScript(
+    ("index",),
+    RevertIndexArgs,
+    r"""
+local score = redis.call('ZSCORE', index, session_id)
+if not score or tonumber(score) ~= tonumber(score_set) then return 0 end
+if previous == '' then return redis.call('ZREM', index, session_id) end
+redis.call('ZADD', index, 'XX', previous, session_id)
+return 1
+""",
+)
+
 ALL: tuple[LuaScript[Any], ...] = (
     CREATE,
     APPEND,
@@ -536,4 +558,5 @@ ALL: tuple[LuaScript[Any], ...] = (
     PRUNE_INDEX,
     PRUNE_STALE,
     UNINDEX,
+    REVERT_INDEX,
 )

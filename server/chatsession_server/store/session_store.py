@@ -107,7 +107,7 @@ class SessionStore:
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         """Create a session; returns it and whether this was a replay of an earlier create."""
-        now = self._clock()
+        now = codec.format_time(self._clock())
         fields = codec.new_session_fields(
             user_id=new.user_id,
             model=new.model,
@@ -122,10 +122,10 @@ class SessionStore:
         if self._index_in_script:
             session_keys.append(keys.user_index_key(new.user_id))
         else:
-            await self._index_touch(new.user_id, new.session_id, now)
+            await self._index_touch(new.user_id, new.session_id, float(now))
             indexed_at = time.monotonic()
         args = scripts.CreateArgs(
-            now=codec.format_time(now),
+            now=now,
             ttl=new.ttl_seconds,
             request_id=new.request_id,
             user_id=new.user_id,
@@ -137,9 +137,24 @@ class SessionStore:
         reply = await self._run(scripts.CREATE, session_keys, args)
         status = Status.of(reply)
         if status is Status.EXISTS:
+            if not self._index_in_script:
+                owner, last_active = reply[1].decode(), reply[2].decode()
+                await self._revert_index(new, now, last_active if owner == new.user_id else "")
             raise SessionAlreadyExists(new.session_id)
         await self._conn.replicated(keys.meta_key(new.session_id))
         return _session_from(new.session_id, reply[1]), status is Status.REPLAYED
+
+    async def _revert_index(self, new: NewSession, score_set: str, previous: str) -> None:
+        """Undo a refused create's index step (cluster): put back the owner's score, or remove an
+        entry that another user's session id does not deserve. Best effort: an entry left
+        behind is skipped by listings and pruned after the grace period."""
+        args = scripts.RevertIndexArgs(new.session_id, score_set, previous)
+        try:
+            await self._run(scripts.REVERT_INDEX, [keys.user_index_key(new.user_id)], args)
+        except ChatSessionError as exc:
+            log.warning(
+                "session %s: index entry of a refused create left to pruning (%s)", new.session_id, exc
+            )
 
     async def get(self, session_id: str) -> Session:
         batch = self._conn.batch(atomic=True)

@@ -1,0 +1,69 @@
+"""The Lua <-> Python contract: what the scripts match in stored JSON, and how they are called."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chatsession_server.domain import NewMessage, Role, ToolCall
+from chatsession_server.store import codec, scripts
+
+texts = st.text(max_size=50)
+
+
+@given(
+    role=st.sampled_from(list(Role)),
+    content=texts,
+    name=texts,
+    metadata=st.dictionaries(texts, texts, max_size=3),
+    call=st.tuples(texts, texts, texts),
+    seq=st.integers(1, 10**12),
+)
+def test_stored_json_starts_with_what_the_scripts_match(
+    role: Role, content: str, name: str, metadata: dict[str, str], call: tuple[str, str, str], seq: int
+) -> None:
+    message = NewMessage(
+        role=role,
+        content=content,
+        name=name,
+        metadata=metadata,
+        tool_calls=(ToolCall(*call),) if role is Role.ASSISTANT else (),
+        tool_call_id="c1" if role is Role.TOOL else "",
+    )
+    body = codec.encode_body(message, 1710000000.5)
+    assert body.startswith(codec.body_prefix(role))
+    # A content that looks like another role's prefix cannot fool the match: the role comes first.
+    for other in Role:
+        assert body.startswith(codec.body_prefix(other)) == (other is role)
+    stored = codec.stored_json(seq, body)
+    assert stored.startswith(f"{codec.SEQ_HEAD}{seq},{codec.body_prefix(role)}")
+    assert codec.decode_message(stored).seq == seq
+
+
+@pytest.mark.parametrize("script", scripts.ALL)
+def test_scripts_name_every_key_and_argument_instead_of_indexing(script: scripts.LuaScript[object]) -> None:
+    header, _, body = script.source.partition("\nlocal function describe")
+    assert "KEYS[" not in body
+    assert "ARGV[" not in re.sub(r"ARGV\[i( \+ 1)?\]|unpack\(ARGV", "", body)
+    assert "#!lua" not in script.source or script.source.startswith("#!lua flags=no-writes\n")
+    assert f"local {', '.join(script.key_names)} = " in header
+
+
+def test_arguments_are_encoded_in_field_order() -> None:
+    args = scripts.ListMessagesArgs(limit=20, after_seq=None, before_seq=7)
+    assert scripts.LIST_MESSAGES.argv(args) == ["20", "", "7"]
+    update = scripts.UpdateArgs(
+        ttl=None,
+        max_messages=5,
+        clear_labels=True,
+        max_labels=64,
+        set_count=1,
+        changes=["title", "t", "label:x"],
+    )
+    assert scripts.UPDATE.argv(update) == ["", "5", "1", "64", "1", "title", "t", "label:x"]
+    assert "local changes_from = 6" in scripts.UPDATE.source
+    with pytest.raises(ValueError, match="at most 2 keys"):
+        scripts.LIST_MESSAGES.keys("a", "b", "c")
