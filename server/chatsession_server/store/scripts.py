@@ -527,6 +527,7 @@ return 0
 """,
 )
 
+
 @dataclass(frozen=True, slots=True)
 class RevertIndexArgs:
     session_id: str
