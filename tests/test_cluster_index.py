@@ -1,0 +1,140 @@
+"""Cluster: the owner's index is a second step. A failure between the two steps never hides a
+live session from its owner's listing and never lists one that does not exist.
+
+Each test makes one step fail inside the real server (the store's own call raises, as a lost
+connection would), with real Valkey underneath, and checks the keys with a raw client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from glide import GlideClient, UpdateOptions
+
+from chatsession_client import AlreadyExistsError, SessionClient, UnavailableError, user
+from chatsession_server.app import RunningServer
+from chatsession_server.errors import StoreUnavailable
+from chatsession_server.store import scripts
+from chatsession_server.store.session_store import SessionStore
+from tests.helpers import meta, raises
+
+pytestmark = pytest.mark.cluster_only
+
+
+def fail_script(monkeypatch: pytest.MonkeyPatch, store: SessionStore, script: Any) -> None:
+    original = store._run
+
+    async def run(which: Any, keys_: Any, args: Any) -> Any:
+        if which is script:
+            raise StoreUnavailable("injected: the connection to the node was lost")
+        return await original(which, keys_, args)
+
+    monkeypatch.setattr(store, "_run", run)
+
+
+def fail_index_step(monkeypatch: pytest.MonkeyPatch, store: SessionStore, name: str) -> None:
+    async def broken(*args: Any) -> None:
+        raise StoreUnavailable("injected: the index node is unreachable")
+
+    monkeypatch.setattr(store, name, broken)
+
+
+async def listed(client: SessionClient, user_id: str) -> list[str]:
+    return [s.session_id async for s in client.list_sessions(user_id)]
+
+
+async def age(raw: GlideClient, index: str, session_id: str, seconds: float) -> None:
+    """Make an index entry look `seconds` older, as time passing would."""
+    score = await raw.zscore(index, session_id)
+    assert score is not None
+    await raw.zadd(index, {session_id: score - seconds}, update_condition=UpdateOptions.LESS_THAN)
+
+
+async def test_a_create_cut_off_after_its_index_step_is_never_listed_and_its_entry_goes(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    index = f"user_sessions:{{{uid}}}"
+    fail_script(monkeypatch, server.store, scripts.CREATE)
+    await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-a", request_id="r1"))
+    assert await raw.zscore(index, f"{uid}-a") is not None  # the first step happened...
+    assert await raw.exists([f"meta:{{{uid}-a}}"]) == 0  # ...the second did not
+    assert await listed(client, uid) == []
+    assert await raw.zscore(index, f"{uid}-a") is not None  # too recent to prune: a create may be under way
+    await age(raw, index, f"{uid}-a", 3600)
+    assert await listed(client, uid) == []
+    assert await raw.zscore(index, f"{uid}-a") is None
+    # The retry (same request_id) completes the create, and the session is listed.
+    monkeypatch.undo()
+    s = await client.create_session(uid, session_id=f"{uid}-a", request_id="r1")
+    assert await listed(client, uid) == [s.session_id]
+
+
+async def test_a_create_whose_index_step_fails_creates_nothing(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    fail_index_step(monkeypatch, server.store, "_index_touch")
+    await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-b"))
+    assert await raw.exists([f"meta:{{{uid}-b}}", f"user_sessions:{{{uid}}}"]) == 0
+
+
+async def test_an_append_whose_index_step_fails_is_acknowledged_and_the_listing_repairs_the_score(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    index = f"user_sessions:{{{uid}}}"
+    older = await client.create_session(uid, session_id=f"{uid}-old")
+    newer = await client.create_session(uid, session_id=f"{uid}-new")
+    fail_index_step(monkeypatch, server.store, "_index_touch")
+    appended = await client.append(older.session_id, [user("still stored")])
+    assert [m.seq for m in appended.messages] == [1]
+    last_active = float((await meta(raw, older.session_id))["last_active"])
+    assert (await raw.zscore(index, older.session_id) or 0) < last_active  # the score lags
+    monkeypatch.undo()
+    # Listed all the same (in the lagging order), and the listing raises the score.
+    assert await listed(client, uid) == [newer.session_id, older.session_id]
+    assert await raw.zscore(index, older.session_id) == last_active
+    assert await listed(client, uid) == [older.session_id, newer.session_id]
+
+
+async def test_a_delete_whose_index_step_fails_is_acknowledged_and_its_entry_goes_later(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    index = f"user_sessions:{{{uid}}}"
+    s = await client.create_session(uid, session_id=f"{uid}-d")
+    fail_index_step(monkeypatch, server.store, "_unindex")
+    await client.delete_session(s.session_id)
+    monkeypatch.undo()
+    assert await raw.exists([f"meta:{{{uid}-d}}"]) == 0
+    assert await raw.zscore(index, s.session_id) is not None
+    assert await listed(client, uid) == []
+    await age(raw, index, s.session_id, 3600)
+    assert await listed(client, uid) == []
+    assert await raw.zscore(index, s.session_id) is None
+
+
+async def test_a_late_index_removal_spares_a_namesake_created_since(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    store = server.store
+    held: list[tuple[str, str, str]] = []
+
+    async def hold(user_id: str, session_id: str, last_active: str) -> None:
+        held.append((user_id, session_id, last_active))
+
+    s = await client.create_session(uid, session_id=f"{uid}-n")
+    monkeypatch.setattr(store, "_unindex", hold)
+    await client.delete_session(s.session_id)
+    monkeypatch.undo()
+    again = await client.create_session(uid, session_id=f"{uid}-n")
+    await store._unindex(*held[0])  # the first delete's second step arrives late
+    assert await listed(client, uid) == [again.session_id]
+
+
+async def test_a_refused_create_leaves_the_index_as_it_was(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    mine = await client.create_session(uid, session_id=f"{uid}-mine")
+    before = await raw.zscore(f"user_sessions:{{{uid}}}", mine.session_id)
+    await raises(AlreadyExistsError, client.create_session(uid, session_id=f"{uid}-mine"))
+    await raises(AlreadyExistsError, client.create_session(f"{uid}-other", session_id=f"{uid}-mine"))
+    assert await raw.zscore(f"user_sessions:{{{uid}}}", mine.session_id) == before
+    assert await raw.exists([f"user_sessions:{{{uid}-other}}"]) == 0
