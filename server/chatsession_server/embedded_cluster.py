@@ -150,6 +150,17 @@ class EmbeddedCluster:
                         return next(n for n in self.nodes if n.port == port)
         raise RuntimeError(f"no node serves slot {slot}")
 
+    def wait_for_new_primary(self, key: str, old: ClusterNode, timeout: float = 30.0) -> ClusterNode:
+        """After `old` was killed: the node that took over `key`'s slot (asked of live nodes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError, StopIteration):
+                node = self.primary_for(key)
+                if node is not old:
+                    return node
+            time.sleep(0.1)
+        raise RuntimeError(f"no replica took over {key!r} within {timeout}s")
+
     def stop(self) -> None:
         for node in self.nodes:
             with contextlib.suppress(Exception):

@@ -48,6 +48,19 @@ AnyBatch: TypeAlias = Batch | ClusterBatch
 DOWN_HOLD_SECONDS = 0.5
 PROBE_TIMEOUT_SECONDS = 0.3
 
+_TRANSIENT = (
+    "inflight requests",
+    "connection refused",
+    "broken pipe",
+    "moved:",
+    "ask:",
+    "tryagain",
+    "clusterdown",
+    "loading",
+    "readonly",
+    "masterdown",
+)
+
 # glide.TimeoutError / glide.ConnectionError shadow the builtins and do not subclass them.
 GlideTimeout = glide.TimeoutError
 GlideConnectionError = glide.ConnectionError
@@ -63,9 +76,10 @@ def translate_errors() -> Iterator[None]:
     except (GlideConnectionError, glide.ClosingError) as exc:
         raise StoreUnavailable(f"Valkey is unreachable: {exc}") from exc
     except glide.RequestError as exc:
-        text = str(exc)
-        # Overload and refused connections surface as plain RequestErrors.
-        if "inflight requests" in text or "Connection refused" in text or "broken pipe" in text.lower():
+        text = str(exc).lower()
+        # Overload, refused connections and a cluster changing hands (failover, resharding,
+        # a node loading its data) surface as plain RequestErrors: all are worth a retry.
+        if any(sign in text for sign in _TRANSIENT):
             raise StoreUnavailable(f"Valkey is unavailable: {exc}") from exc
         raise
 
@@ -151,8 +165,14 @@ class ValkeyConnection:
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         """Run one request; tell "Valkey is gone" (UNAVAILABLE) from "Valkey is slow" (timeout).
 
-        While Valkey is down GLIDE only reports timeouts, so a timeout triggers a TCP probe.
+        Standalone: while Valkey is down GLIDE only reports timeouts, so a timeout triggers a
+        TCP probe, and once it failed calls fail at once for a moment. A cluster has no single
+        node to probe, and one node down must not fail the others' slots: GLIDE follows the
+        topology (failovers included) and its errors pass through as they are.
         """
+        if self.cluster:
+            with translate_errors():
+                return await make()
         if time.monotonic() < self._down_until:
             raise StoreUnavailable("Valkey is unreachable")
         try:

@@ -1,0 +1,122 @@
+"""Cluster failover under load: 3 primaries + 3 replicas, the primary of a session is killed
+while appends run; after the replica's promotion appends succeed again, no append is stored
+twice, and with --valkey-wait-replicas 1 every acknowledged append is stored. Without it the
+test prints how many acknowledged appends were lost (the README quotes these runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from glide import GlideClusterClient, GlideClusterClientConfiguration, NodeAddress
+
+from chatsession_client import ChatSessionError, Retry, SessionClient, user
+from chatsession_server.app import RunningServer, start_server
+from chatsession_server.embedded_cluster import EmbeddedCluster
+from chatsession_server.settings import Settings, ValkeyAddress
+
+pytestmark = pytest.mark.cluster_only
+
+
+@pytest.fixture
+def replicated() -> Iterator[EmbeddedCluster]:
+    with EmbeddedCluster(primaries=3, replicas=1) as cluster:
+        yield cluster
+
+
+@dataclass
+class Run:
+    acknowledged: list[str] = field(default_factory=list)
+    failed: int = 0
+    acknowledged_after_kill: int = 0
+    ack_times: list[float] = field(default_factory=list)
+    killed_at: float = 0.0
+
+    @property
+    def unavailable_seconds(self) -> float:
+        """The longest time without any acknowledged append, from the kill on."""
+        times = [self.killed_at] + [t for t in self.ack_times if t >= self.killed_at]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+async def append_through_a_failover(
+    cluster: EmbeddedCluster, server: RunningServer, session_id: str, *, writers: int = 8
+) -> Run:
+    """Writers append (each with its request_id, the client retrying) while the session's primary
+    is killed; the killed node comes back (empty) as a replica, as a restarted pod would."""
+    run = Run()
+    stop = asyncio.Event()
+    retry = Retry(initial_backoff=0.05, max_backoff=0.5, deadline=15)
+    async with SessionClient(f"127.0.0.1:{server.port}", retry=retry) as client:
+
+        async def writer(w: int) -> None:
+            i = 0
+            while not stop.is_set():
+                content = f"w{w}-{i}"
+                try:
+                    await client.append(session_id, [user(content)], request_id=f"{session_id}-{content}")
+                except ChatSessionError:
+                    run.failed += 1
+                else:
+                    run.acknowledged.append(content)
+                    run.ack_times.append(time.monotonic())
+                    if run.killed_at:
+                        run.acknowledged_after_kill += 1
+                i += 1
+
+        tasks = [asyncio.create_task(writer(w)) for w in range(writers)]
+        await asyncio.sleep(1.0)
+        victim = cluster.primary_for(f"chat:{{{session_id}}}")
+        victim.kill()
+        run.killed_at = time.monotonic()
+        # Only once its replica has taken over: a primary without persistence that came back
+        # before that would serve its slots again, empty (Valkey's own rule, not ours).
+        promoted = await asyncio.to_thread(cluster.wait_for_new_primary, f"chat:{{{session_id}}}", victim)
+        assert promoted is not victim
+        victim.start()  # rejoins as a replica of the promoted node
+        deadline = time.monotonic() + 30
+        while run.acknowledged_after_kill < 50 * writers and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert run.acknowledged_after_kill > 0, "appends never succeeded again after the failover"
+    return run
+
+
+async def stored_contents(cluster: EmbeddedCluster, session_id: str) -> list[str]:
+    nodes = [NodeAddress(n.host, n.port) for n in cluster.primaries]
+    raw = await GlideClusterClient.create(GlideClusterClientConfiguration(nodes, request_timeout=2000))
+    try:
+        items = await raw.lrange(f"chat:{{{session_id}}}", 0, -1)
+    finally:
+        await raw.close()
+    return [json.loads(item)["content"] for item in items]
+
+
+@pytest.mark.parametrize("wait_replicas", [1, 0])
+async def test_failover_under_concurrent_appends(
+    replicated: EmbeddedCluster, wait_replicas: int, uid: str
+) -> None:
+    settings = Settings(listen="127.0.0.1:0", valkey_cluster=True, valkey_wait_replicas=wait_replicas)
+    server = await start_server(settings, ValkeyAddress.parse(replicated.url))
+    try:
+        async with SessionClient(f"127.0.0.1:{server.port}") as client:
+            s = await client.create_session(uid, session_id=f"{uid}-fo")
+        run = await append_through_a_failover(replicated, server, s.session_id)
+    finally:
+        await server.stop(1.0)
+    stored = await stored_contents(replicated, s.session_id)
+    assert len(stored) == len(set(stored)), "an append was stored twice"
+    lost = set(run.acknowledged) - set(stored)
+    print(
+        f"\nfailover, --valkey-wait-replicas {wait_replicas}: {len(run.acknowledged)} appends acknowledged, "
+        f"{len(lost)} of them lost, {run.failed} failed after the client's retries, "
+        f"{run.unavailable_seconds:.2f}s without an acknowledged append"
+    )
+    if wait_replicas:
+        assert not lost, f"{len(lost)} acknowledged appends lost"
