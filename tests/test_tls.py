@@ -18,7 +18,7 @@ from chatsession_client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from chatsession_server.api.tls import server_credentials
+from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.helpers import raises
@@ -212,3 +212,10 @@ def test_client_rejects_both_credentials_and_pem(pki: Pki) -> None:
             root_certificates=pki.ca.cert_pem,
             credentials=grpc.ssl_channel_credentials(),
         )
+
+
+def test_cert_lines_without_a_client_ca_are_warned_about() -> None:
+    warnings = exposure_warnings("127.0.0.1:1", tls=True, mtls=False, auth=True, cert_callers=True)
+    assert len(warnings) == 1
+    assert "--tls-client-ca is not set" in warnings[0]
+    assert exposure_warnings("127.0.0.1:1", tls=True, mtls=True, auth=True, cert_callers=True) == []

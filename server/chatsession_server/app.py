@@ -82,6 +82,10 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         if settings.auth_tokens_file
         else None
     )
+    if credentials is not None:
+        log.info("TLS on%s", ", client certificates required" if settings.tls_client_ca else "")
+    if auth is not None:
+        log.info("callers from %s: %d", settings.auth_tokens_file, len(auth.callers))
     for warning in exposure_warnings(
         settings.listen,
         tls=credentials is not None,
