@@ -101,6 +101,9 @@ async def test_python_client_over_tls(tls_target: str, pki: Pki, uid: str) -> No
     async with tls_client(tls_target, pki) as client:
         created = await client.create_session(ALICE, session_id=uid, title="over TLS")
         assert (await client.get_session(created.session_id)).title == "over TLS"
+    ready_made = grpc.ssl_channel_credentials(pki.ca.cert_pem)
+    async with SessionClient(tls_target, credentials=ready_made, tls=True, retry=NO_RETRY) as client:
+        assert (await client.get_session(created.session_id)).title == "over TLS"
 
 
 async def test_plaintext_or_untrusting_client_cannot_talk_to_a_tls_server(tls_target: str, pki: Pki) -> None:

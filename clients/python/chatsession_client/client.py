@@ -103,7 +103,7 @@ class SessionClient:
         pem_given = root_certificates is not None or private_key is not None or certificate_chain is not None
         if credentials is not None and pem_given:
             raise ValueError("pass either credentials or root_certificates/private_key/certificate_chain")
-        if tls or pem_given:
+        if credentials is None and (tls or pem_given):
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         if channel is not None and credentials is not None:
             raise ValueError("TLS options configure the client's own channel: not with channel=")

@@ -159,10 +159,10 @@ def authenticate(callers: Callers, context: aio.ServicerContext[Any, Any]) -> Gr
         # Filled by gRPC only from a client certificate it verified against --tls-client-ca.
         peer = context.auth_context()
         for name in peer.get("x509_common_name", ()):
-            if (grant := callers.by_common_name.get(name.decode())) is not None:
+            if (grant := callers.by_common_name.get(name.decode(errors="replace"))) is not None:
                 return grant
         for name in peer.get("x509_subject_alternative_name", ()):
-            if (grant := callers.by_alt_name.get(name.decode())) is not None:
+            if (grant := callers.by_alt_name.get(name.decode(errors="replace"))) is not None:
                 return grant
     raise Unauthenticated("no credentials: send 'authorization: Bearer <token>'")
 
