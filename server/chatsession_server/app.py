@@ -13,10 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
+from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.api.servicer import SessionServicer
+from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
@@ -26,6 +28,7 @@ from chatsession_server.store.valkey import AnyConfig, glide_config
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -56,6 +59,7 @@ class RunningServer:
     connection: ValkeyConnection
     store: SessionStore
     feed: SessionFeed
+    auth: AuthInterceptor | None = None
 
     async def stop(self, grace: float) -> None:
         # NOT_SERVING first, so load balancers stop sending new calls while we drain.
@@ -68,6 +72,27 @@ class RunningServer:
 
 async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
     """Connect to Valkey and start serving on `settings.listen` (port 0 picks a free port)."""
+    # Security files first: a bad one fails start-up before anything is connected.
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    auth = (
+        AuthInterceptor(
+            settings.auth_tokens_file, open_services=(HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+        )
+        if settings.auth_tokens_file
+        else None
+    )
+    if credentials is not None:
+        log.info("TLS on%s", ", client certificates required" if settings.tls_client_ca else "")
+    if auth is not None:
+        log.info("callers from %s: %d", settings.auth_tokens_file, len(auth.callers))
+    for warning in exposure_warnings(
+        settings.listen,
+        tls=credentials is not None,
+        mtls=bool(settings.tls_client_ca),
+        auth=auth is not None,
+        cert_callers=auth is not None and auth.callers.has_certificates,
+    ):
+        log.warning("%s", warning)
 
     def config(name: str) -> AnyConfig:
         return glide_config(
@@ -98,12 +123,12 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         idempotency_limit=settings.idempotency_keys_per_session,
         max_labels=MAX_LABELS,
     )
-    server = aio.server(
-        interceptors=[ErrorMappingInterceptor(f"/{SERVICE_NAME}/")],
-        options=grpc_options(settings),
-    )
+    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(f"/{SERVICE_NAME}/")]
+    if auth is not None:
+        interceptors.append(auth)
+    server = aio.server(interceptors=interceptors, options=grpc_options(settings))
     servicer = SessionServicer(
-        store,
+        store if auth is None else AuthorizedStorage(store),
         feed,
         Limits.from_settings(settings),
         PageTokens(settings.page_token_key),
@@ -113,11 +138,15 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME],
         server,
     )
     try:
-        port = server.add_insecure_port(settings.listen)
+        port = (
+            server.add_insecure_port(settings.listen)
+            if credentials is None
+            else server.add_secure_port(settings.listen, credentials)
+        )
     except RuntimeError as exc:
         await feed.close()
         await connection.close()
@@ -125,7 +154,7 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, connection, store, feed)
+    return RunningServer(server, port, health_servicer, connection, store, feed, auth)
 
 
 async def serve(settings: Settings) -> None:
@@ -148,6 +177,8 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        if running.auth is not None:
+            loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
         await stopping.wait()
         log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
         await running.stop(settings.grace_seconds)

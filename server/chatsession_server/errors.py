@@ -58,3 +58,11 @@ class StoreTimeout(ChatSessionError):
 
 class ShuttingDown(ChatSessionError):
     """This server is stopping; the caller should reconnect (to another replica)."""
+
+
+class Unauthenticated(ChatSessionError):
+    """No credentials this server knows: no token, an unknown token, an unmapped certificate."""
+
+
+class PermissionDenied(ChatSessionError):
+    """The caller is known but may not act for the user the request names."""

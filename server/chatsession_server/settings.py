@@ -153,6 +153,18 @@ class Settings:
         default=256, metadata=_meta("events buffered per watcher before it falls back to re-reading")
     )
     log_level: str = field(default="INFO", metadata=_meta("DEBUG, INFO, WARNING or ERROR"))
+    # Transport security and caller authorization (README "Security"); the files are read at start-up.
+    tls_cert: str = field(default="", metadata=_meta("PEM certificate chain: serve TLS (with --tls-key)"))
+    tls_key: str = field(default="", metadata=_meta("PEM private key of --tls-cert"))
+    tls_client_ca: str = field(
+        default="", metadata=_meta("PEM CA certificates: require client certificates they signed (mTLS)")
+    )
+    auth_tokens_file: str = field(
+        default="",
+        metadata=_meta(
+            "callers and the users each may act for: '<token> <user_id>[,...]' lines; SIGHUP re-reads it"
+        ),
+    )
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")

@@ -19,6 +19,8 @@ from chatsession_client.errors import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from chatsession_client.retry import NO_RETRY, Retry
@@ -34,9 +36,11 @@ __all__ = [
     "InvalidArgumentError",
     "Message",
     "NotFoundError",
+    "PermissionDeniedError",
     "Retry",
     "Session",
     "SessionClient",
+    "UnauthenticatedError",
     "UnavailableError",
     "assistant",
     "message",

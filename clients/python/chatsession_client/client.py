@@ -4,6 +4,10 @@ async with SessionClient("localhost:50051") as client:
     session = await client.create_session("alice", title="Trip planning")
     await client.append(session.session_id, [user("Hi!", tokens=3)])
     page = await client.list_messages(session.session_id, page_size=20)
+
+Over TLS, as a caller of a server with --auth-tokens-file:
+
+    SessionClient("chat.internal:50051", token="...", root_certificates=ca_pem)
 """
 
 from __future__ import annotations
@@ -74,7 +78,13 @@ def tool(content: str, **kw: Any) -> Message:
 
 
 class SessionClient:
-    """Async client for chatsession.v1.SessionService. Errors are ChatSessionError subclasses."""
+    """Async client for chatsession.v1.SessionService. Errors are ChatSessionError subclasses.
+
+    `token` is sent as `authorization: Bearer <token>` on every call. TLS is on with `tls=True`
+    (the system's root certificates), with any of `root_certificates` (PEM of the CA that signed the
+    server's certificate), `private_key` and `certificate_chain` (PEM of a client certificate, for
+    mTLS), or with ready-made `credentials`. Without any of them the channel is plaintext.
+    """
 
     def __init__(
         self,
@@ -83,12 +93,36 @@ class SessionClient:
         channel: grpc.aio.Channel | None = None,
         timeout: float | None = 10.0,
         retry: Retry | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        pem_given = root_certificates is not None or private_key is not None or certificate_chain is not None
+        if credentials is not None and pem_given:
+            raise ValueError("pass either credentials or root_certificates/private_key/certificate_chain")
+        if credentials is None and (tls or pem_given):
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+        if channel is not None and credentials is not None:
+            raise ValueError("TLS options configure the client's own channel: not with channel=")
         self._own_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        if channel is None:
+            channel = (
+                grpc.aio.insecure_channel(target)
+                if credentials is None
+                else grpc.aio.secure_channel(target, credentials)
+            )
+        self._channel = channel
         self._stub = session_service_pb2_grpc.SessionServiceStub(self._channel)
         self._timeout = timeout
         self._retry = retry or Retry()
+        # Plain metadata rather than call credentials: those need TLS, and a token over plaintext
+        # to a server on the same host is a normal development setup.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            () if token is None else (("authorization", f"Bearer {token}"),)
+        )
 
     async def __aenter__(self) -> SessionClient:
         return self
@@ -103,7 +137,7 @@ class SessionClient:
     async def _call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
         async def attempt(timeout: float | None) -> T:
             try:
-                return await rpc(request, timeout=timeout)
+                return await rpc(request, timeout=timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc) from exc
 
@@ -176,12 +210,14 @@ class SessionClient:
         request = session_service_pb2.DeleteSessionRequest(session_id=session_id, allow_missing=allow_missing)
         attempts = 0
 
-        async def once(req: session_service_pb2.DeleteSessionRequest, timeout: float | None) -> None:
+        async def once(
+            req: session_service_pb2.DeleteSessionRequest, **call: Any
+        ) -> session_service_pb2.DeleteSessionResponse:
             nonlocal attempts
             attempts += 1
             if attempts > 1:
                 req = session_service_pb2.DeleteSessionRequest(session_id=session_id, allow_missing=True)
-            await self._stub.DeleteSession(req, timeout=timeout)
+            return await self._stub.DeleteSession(req, **call)
 
         await self._call(once, request)
 
@@ -272,7 +308,7 @@ class SessionClient:
             request = session_service_pb2.WatchMessagesRequest(session_id=session_id)
             if cursor is not None:
                 request.after_seq = cursor
-            call = self._stub.WatchMessages(request)
+            call = self._stub.WatchMessages(request, metadata=self._metadata)
             try:
                 async for event in call:
                     last_progress = time.monotonic()

@@ -13,12 +13,14 @@ from grpc_status import rpc_status
 from chatsession_server.errors import (
     ChatSessionError,
     InvalidArgument,
+    PermissionDenied,
     PreconditionFailed,
     SessionAlreadyExists,
     SessionNotFound,
     ShuttingDown,
     StoreTimeout,
     StoreUnavailable,
+    Unauthenticated,
 )
 
 SESSION_RESOURCE = "chatsession.v1.Session"
@@ -67,6 +69,8 @@ ERROR_TABLE: dict[type[ChatSessionError], tuple[int, Callable[[ChatSessionError]
     StoreUnavailable: (code_pb2.UNAVAILABLE, _retry_soon),
     ShuttingDown: (code_pb2.UNAVAILABLE, _retry_soon),
     StoreTimeout: (code_pb2.DEADLINE_EXCEEDED, _none),
+    Unauthenticated: (code_pb2.UNAUTHENTICATED, _none),
+    PermissionDenied: (code_pb2.PERMISSION_DENIED, _none),
 }
 
 

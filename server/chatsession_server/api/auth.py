@@ -1,0 +1,322 @@
+"""Caller authentication and per-user authorization (README "Security").
+
+A tokens file says which users each caller may act for. `AuthInterceptor` authenticates every call
+but health and reflection (UNAUTHENTICATED otherwise) and puts the caller's `Grant` in `CALLER` for
+that call; `AuthorizedStorage` is the servicer's storage as that caller sees it: a session of another
+user does not exist for it (NOT_FOUND), and listing or creating for another user is PERMISSION_DENIED.
+
+Tokens are kept only as SHA-256 digests: a lookup by digest takes no time that depends on how much
+of a guessed token is right, and the plaintext is dropped as soon as a line is parsed. Never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from chatsession_server.api.status import to_grpc_status
+from chatsession_server.domain import (
+    AppendResult,
+    MessagePage,
+    MessageQuery,
+    NewMessage,
+    NewSession,
+    Session,
+    SessionCursor,
+    SessionPage,
+    SessionPatch,
+)
+from chatsession_server.errors import PermissionDenied, SessionNotFound, Unauthenticated
+from chatsession_server.ports import SessionStorage
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", str, bytes)
+MIN_TOKEN_LENGTH = 16
+LINE_FORMAT = "expected '<token> <user_id>[,<user_id>...]' or 'cert:CN=<name> <user_ids>' (users '*' = all)"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The users a caller may act for: those listed, or every user (`*`)."""
+
+    users: frozenset[str]
+    every_user: bool = False
+
+    def allows(self, user_id: str) -> bool:
+        return self.every_user or user_id in self.users
+
+
+CALLER: ContextVar[Grant | None] = ContextVar("chatsession_caller", default=None)
+"""The current call's grant. Each gRPC call runs in its own task, so a value set for one call never
+reaches another."""
+
+
+@dataclass(frozen=True, slots=True)
+class Callers:
+    """A parsed tokens file."""
+
+    by_token_digest: Mapping[bytes, Grant]
+    by_common_name: Mapping[str, Grant]
+    """Client certificate subject CN (mTLS) -> grant."""
+    by_alt_name: Mapping[str, Grant]
+    """Any client certificate subjectAltName (URI, DNS, ...) -> grant."""
+
+    def __len__(self) -> int:
+        return len(self.by_token_digest) + len(self.by_common_name) + len(self.by_alt_name)
+
+    @property
+    def has_certificates(self) -> bool:
+        return bool(self.by_common_name or self.by_alt_name)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _grant(users: str) -> Grant | None:
+    if users == "*":
+        return Grant(frozenset(), every_user=True)
+    names = users.split(",")
+    if any(not name or name == "*" for name in names):
+        return None
+    return Grant(frozenset(names))
+
+
+def _add(table: dict[K, Grant], key: K, grant: Grant, where: str) -> None:
+    if key in table:
+        raise RuntimeError(f"{where}: the same token or certificate name as an earlier line")
+    table[key] = grant
+
+
+def load_callers(path: str) -> Callers:
+    """Parse a tokens file; any problem is a one-line RuntimeError naming the line, never its token."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RuntimeError(f"cannot read auth tokens file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise RuntimeError(f"auth tokens file {path} is not UTF-8 text") from None
+    tokens: dict[bytes, Grant] = {}
+    common_names: dict[str, Grant] = {}
+    alt_names: dict[str, Grant] = {}
+    cert_tables = {"CN": common_names, "SAN": alt_names}
+    for number, line in enumerate(text.splitlines(), 1):
+        content = line.strip()
+        if not content or content.startswith("#"):
+            continue
+        where = f"auth tokens file {path}, line {number}"
+        fields = content.split()
+        grant = _grant(fields[1]) if len(fields) == 2 else None
+        if grant is None:
+            raise RuntimeError(f"{where}: {LINE_FORMAT}")
+        credential = fields[0]
+        if credential.startswith("cert:"):
+            kind, equals, name = credential.removeprefix("cert:").partition("=")
+            if not equals or not name or kind not in cert_tables:
+                raise RuntimeError(f"{where}: expected cert:CN=<common name> or cert:SAN=<alternative name>")
+            _add(cert_tables[kind], name, grant, where)
+        else:
+            if len(credential) < MIN_TOKEN_LENGTH:
+                raise RuntimeError(f"{where}: token shorter than {MIN_TOKEN_LENGTH} characters")
+            if not (credential.isascii() and credential.isprintable()):
+                raise RuntimeError(f"{where}: token must be printable ASCII")
+            _add(tokens, _digest(credential), grant, where)
+    return Callers(tokens, common_names, alt_names)
+
+
+def _bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    values = [value for key, value in metadata if key == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Unauthenticated("more than one authorization header")
+    scheme, _, token = str(values[0]).partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("the authorization header must be 'Bearer <token>'")
+    return token
+
+
+def authenticate(callers: Callers, context: aio.ServicerContext[Any, Any]) -> Grant:
+    """The grant of a bearer token if the call has one, else of its verified client certificate."""
+    token = _bearer_token(context.invocation_metadata() or ())
+    if token is not None:
+        grant = callers.by_token_digest.get(_digest(token))
+        if grant is None:
+            raise Unauthenticated("unknown token")
+        return grant
+    if callers.has_certificates:
+        # Filled by gRPC only from a client certificate it verified against --tls-client-ca.
+        peer = context.auth_context()
+        for name in peer.get("x509_common_name", ()):
+            if (grant := callers.by_common_name.get(name.decode(errors="replace"))) is not None:
+                return grant
+        for name in peer.get("x509_subject_alternative_name", ()):
+            if (grant := callers.by_alt_name.get(name.decode(errors="replace"))) is not None:
+                return grant
+    raise Unauthenticated("no credentials: send 'authorization: Bearer <token>'")
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Authenticates every call except those to `open_services`; `reload()` re-reads the tokens file."""
+
+    def __init__(self, tokens_file: str, open_services: Collection[str]) -> None:
+        self._path = tokens_file
+        self._callers = load_callers(tokens_file)
+        self._open = tuple(f"/{service}/" for service in open_services)
+        # Wrap each handler once, not once per call (as ErrorMappingInterceptor does).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    @property
+    def callers(self) -> Callers:
+        return self._callers
+
+    def reload(self) -> bool:
+        """Re-read the tokens file (SIGHUP); a bad file keeps the current table. Calls already
+        running (open watch streams) keep the grant they started with."""
+        try:
+            callers = load_callers(self._path)
+        except RuntimeError as exc:
+            log.error("%s; keeping the previous %d callers", exc, len(self._callers))
+            return False
+        self._callers = callers
+        log.info("auth tokens file %s reloaded: %d callers", self._path, len(callers))
+        return True
+
+    async def _authenticate(self, context: aio.ServicerContext[Any, Any]) -> None:
+        try:
+            CALLER.set(authenticate(self._callers, context))
+        except Unauthenticated as exc:
+            await context.abort_with_status(to_grpc_status(exc))
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(self._open):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    # The handlers are the servicer's coroutines and async generators; grpc's stubs type them as sync.
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        if handler.unary_unary:
+            respond: Any = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                await self._authenticate(context)
+                return await respond(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            produce: Any = handler.unary_stream
+
+            async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                await self._authenticate(context)
+                async with contextlib.aclosing(produce(request, context)) as items:
+                    async for item in items:
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # Fail closed: a new kind of RPC must not slip through unauthenticated.
+        raise TypeError(f"{method}: AuthInterceptor does not cover client-streaming RPCs")
+
+
+def _caller() -> Grant:
+    grant = CALLER.get()
+    if grant is None:  # AuthorizedStorage used outside an authenticated call: refuse, never allow
+        raise Unauthenticated("no authenticated caller")
+    return grant
+
+
+def _require_user(user_id: str) -> None:
+    if not _caller().allows(user_id):
+        raise PermissionDenied(f"this caller may not act for user {user_id!r}")
+
+
+class AuthorizedStorage:
+    """The store as the current caller (`CALLER`) sees it; the servicer uses it unchanged.
+
+    The owner of a session lives in Valkey, so a session-scoped call costs one extra read of it
+    (`get`) before the operation, unless the caller may act for every user. The check and the
+    operation are two round trips: a session deleted and re-created under the same id by another
+    user in between would be acted on. Moving the owner check into the store's scripts removes both.
+    """
+
+    def __init__(self, store: SessionStorage) -> None:
+        self._store = store
+
+    async def _check_owner(self, session_id: str) -> None:
+        grant = _caller()
+        if not grant.every_user:
+            await self._owned(grant, session_id)
+
+    async def _owned(self, grant: Grant, session_id: str) -> Session:
+        session = await self._store.get(session_id)
+        if not grant.allows(session.user_id):
+            raise SessionNotFound(session_id)  # the same answer as for a session that does not exist
+        return session
+
+    async def create(self, new: NewSession) -> tuple[Session, bool]:
+        _require_user(new.user_id)
+        return await self._store.create(new)
+
+    async def get(self, session_id: str) -> Session:
+        return await self._owned(_caller(), session_id)
+
+    async def update(self, session_id: str, patch: SessionPatch) -> Session:
+        await self._check_owner(session_id)
+        return await self._store.update(session_id, patch)
+
+    async def delete(self, session_id: str) -> bool:
+        try:
+            await self._check_owner(session_id)
+        except SessionNotFound:
+            return False
+        return await self._store.delete(session_id)
+
+    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
+        _require_user(user_id)
+        return await self._store.list_sessions(user_id, limit, cursor)
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        request_id: str = "",
+        expected_last_seq: int | None = None,
+    ) -> AppendResult:
+        await self._check_owner(session_id)
+        return await self._store.append(
+            session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
+        )
+
+    async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage:
+        await self._check_owner(session_id)
+        return await self._store.list_messages(session_id, query)

@@ -1,0 +1,419 @@
+"""Caller authentication and per-user authorization through a real server, Valkey and channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from glide import GlideClient
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession.v1 import session_service_pb2_grpc
+from chatsession_client import (
+    NO_RETRY,
+    NotFoundError,
+    PermissionDeniedError,
+    SessionClient,
+    UnauthenticatedError,
+    user,
+)
+from chatsession_server.api.auth import load_callers
+from chatsession_server.api.tls import is_loopback
+from chatsession_server.app import RunningServer, start_server
+from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import meta, raises, stored_messages
+from tests.test_grpcurl import grpcurl
+from tests.test_process import ROOT, start_server_process
+
+RUN = uuid.uuid4().hex[:8]
+ALICE, BOB, CAROL = f"alice-{RUN}", f"bob-{RUN}", f"carol-{RUN}"
+ALICE_TOKEN = "alice-token-" + uuid.uuid4().hex
+BOB_TOKEN = "bob-token-" + uuid.uuid4().hex
+SERVICE_TOKEN = "service-token-" + uuid.uuid4().hex
+TOKENS = f"""\
+# callers of the test server
+{ALICE_TOKEN} {ALICE},{CAROL}
+
+{BOB_TOKEN}   {BOB}
+{SERVICE_TOKEN} *
+"""
+
+
+@contextlib.asynccontextmanager
+async def serving(valkey_url: str, **settings: str) -> AsyncIterator[RunningServer]:
+    running = await start_server(
+        Settings(listen="127.0.0.1:0", default_ttl_seconds=3600, **settings),  # type: ignore[arg-type]
+        ValkeyAddress.parse(valkey_url),
+    )
+    try:
+        yield running
+    finally:
+        await running.stop(1.0)
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(TOKENS)
+    return path
+
+
+@pytest.fixture(scope="module")
+async def auth_target(valkey_url: str, tokens_file: Path) -> AsyncIterator[str]:
+    async with serving(valkey_url, auth_tokens_file=str(tokens_file)) as running:
+        yield f"127.0.0.1:{running.port}"
+
+
+@contextlib.asynccontextmanager
+async def client_for(target: str, token: str | None) -> AsyncIterator[SessionClient]:
+    async with SessionClient(target, token=token, retry=NO_RETRY) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def alice(auth_target: str) -> AsyncIterator[SessionClient]:
+    async with client_for(auth_target, ALICE_TOKEN) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def bob(auth_target: str) -> AsyncIterator[SessionClient]:
+    async with client_for(auth_target, BOB_TOKEN) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+async def service(auth_target: str) -> AsyncIterator[SessionClient]:
+    async with client_for(auth_target, SERVICE_TOKEN) as c:
+        yield c
+
+
+async def first_event(client: SessionClient, session_id: str) -> pb.WatchMessagesResponse:
+    async for event in client.watch(session_id, after_seq=0):
+        return event
+    raise AssertionError("the watch ended without an event")
+
+
+# --- the tokens file ---------------------------------------------------------------------------
+
+
+def test_tokens_file_grants(tokens_file: Path) -> None:
+    callers = load_callers(str(tokens_file))
+    assert len(callers) == 3
+    grants = sorted(callers.by_token_digest.values(), key=lambda g: sorted(g.users))
+    assert [(sorted(g.users), g.every_user) for g in grants] == [
+        ([], True),
+        ([ALICE, CAROL], False),
+        ([BOB], False),
+    ]
+    assert ALICE_TOKEN.encode() not in repr(callers).encode()
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        (f"{ALICE_TOKEN}", "expected '<token> <user_id>"),
+        (f"{ALICE_TOKEN} alice bob", "expected '<token> <user_id>"),
+        (f"{ALICE_TOKEN} alice,,bob", "expected '<token> <user_id>"),
+        (f"{ALICE_TOKEN} *,alice", "expected '<token> <user_id>"),
+        ("short-secret alice", "shorter than 16"),
+        (f"{ALICE_TOKEN}é alice", "printable ASCII"),
+        (f"{ALICE_TOKEN} alice", "the same token"),
+        ("cert:OU=team alice", "cert:CN=<common name>"),
+        ("cert:CN= alice", "cert:CN=<common name>"),
+    ],
+)
+def test_malformed_line_is_one_line_error_naming_the_line_not_the_token(
+    tmp_path: Path, line: str, says: str
+) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"# header\n{ALICE_TOKEN} alice\n\n{line}\n")
+    with pytest.raises(RuntimeError) as info:
+        load_callers(str(path))
+    message = str(info.value)
+    assert f"{path}, line 4: " in message
+    assert says in message
+    assert "\n" not in message
+    assert ALICE_TOKEN not in message
+    assert "short-secret" not in message
+
+
+def test_unreadable_tokens_file(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"cannot read auth tokens file .*missing: No such file"):
+        load_callers(str(tmp_path / "missing"))
+
+
+# --- authentication ----------------------------------------------------------------------------
+
+
+async def test_missing_or_unknown_token_is_unauthenticated_and_writes_nothing(
+    auth_target: str, alice: SessionClient, raw: GlideClient
+) -> None:
+    own = await alice.create_session(ALICE, title="mine")
+    for token in (None, "not-a-known-token-at-all", ALICE_TOKEN + "x"):
+        async with client_for(auth_target, token) as c:
+            error = await raises(UnauthenticatedError, c.get_session(own.session_id))
+            assert ("no credentials" if token is None else "unknown token") in error.message
+            await raises(UnauthenticatedError, c.create_session(ALICE, session_id=f"{own.session_id}-2"))
+            await raises(UnauthenticatedError, c.list_sessions_page(ALICE))
+            await raises(UnauthenticatedError, c.append(own.session_id, [user("sneaky")]))
+            await raises(UnauthenticatedError, c.delete_session(own.session_id))
+            await raises(UnauthenticatedError, first_event(c, own.session_id))
+    assert not await raw.exists([f"meta:{{{own.session_id}-2}}"])
+    assert await stored_messages(raw, own.session_id) == []
+    assert (await alice.get_session(own.session_id)).title == "mine"
+
+
+@pytest.mark.parametrize(
+    "header", [f"Basic {ALICE_TOKEN}", ALICE_TOKEN, "Bearer ", f"Bearer {ALICE_TOKEN}, Bearer x"]
+)
+async def test_malformed_authorization_header_is_unauthenticated(auth_target: str, header: str) -> None:
+    async with grpc.aio.insecure_channel(auth_target) as channel:
+        stub = session_service_pb2_grpc.SessionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListSessions(
+                pb.ListSessionsRequest(user_id=ALICE), metadata=(("authorization", header),)
+            )
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_two_authorization_headers_are_unauthenticated(auth_target: str) -> None:
+    async with grpc.aio.insecure_channel(auth_target) as channel:
+        stub = session_service_pb2_grpc.SessionServiceStub(channel)
+        headers = (("authorization", f"Bearer {ALICE_TOKEN}"), ("authorization", f"Bearer {BOB_TOKEN}"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ListSessions(pb.ListSessionsRequest(user_id=ALICE), metadata=headers)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one" in (info.value.details() or "")
+
+
+async def test_health_and_reflection_need_no_token(auth_target: str) -> None:
+    code, out = await grpcurl("-plaintext", auth_target, "list")
+    assert code == 0, out
+    assert "chatsession.v1.SessionService" in out.split()
+    code, out = await grpcurl("-plaintext", auth_target, "describe", "chatsession.v1.SessionService")
+    assert code == 0, out
+    code, out = await grpcurl("-plaintext", auth_target, "grpc.health.v1.Health/Check")
+    assert code == 0, out
+    assert "SERVING" in out
+
+    body = json.dumps({"user_id": ALICE, "page_size": 1})
+    method = "chatsession.v1.SessionService/ListSessions"
+    code, out = await grpcurl("-plaintext", "-d", body, auth_target, method)
+    assert code != 0
+    assert "Unauthenticated" in out
+    header = f"authorization: Bearer {ALICE_TOKEN}"
+    code, out = await grpcurl("-plaintext", "-H", header, "-d", body, auth_target, method)
+    assert code == 0, out
+
+
+# --- authorization -----------------------------------------------------------------------------
+
+
+async def test_another_users_session_is_not_found_and_stays_unchanged(
+    alice: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    session = await bob.create_session(BOB, session_id=f"{uid}-bob", title="bob's", ttl_seconds=3600)
+    await bob.append(session.session_id, [user("private", tokens=2)])
+    before = (await meta(raw, session.session_id), await stored_messages(raw, session.session_id))
+    missing = await raises(NotFoundError, alice.get_session(f"{uid}-nobody"))
+
+    attempts = {
+        "get": alice.get_session(session.session_id),
+        "update": alice.update_session(session.session_id, title="mine now", ttl_seconds=1),
+        "delete": alice.delete_session(session.session_id),
+        "append": alice.append(session.session_id, [user("hijack")]),
+        "list_messages": alice.list_messages(session.session_id),
+        "watch": first_event(alice, session.session_id),
+    }
+    for name, attempt in attempts.items():
+        error = await raises(NotFoundError, attempt)
+        # Word for word what a session that does not exist gets: nothing tells them apart.
+        assert error.message == missing.message.replace(f"{uid}-nobody", session.session_id), name
+    await alice.delete_session(session.session_id, allow_missing=True)  # "gone" as far as alice knows
+
+    assert (await meta(raw, session.session_id), await stored_messages(raw, session.session_id)) == before
+    assert await raw.ttl(f"meta:{{{session.session_id}}}") > 3000
+    assert (await bob.get_session(session.session_id)).title == "bob's"
+
+
+async def test_listing_or_creating_for_another_user_is_permission_denied(
+    alice: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await bob.create_session(BOB, session_id=f"{uid}-b")
+    index_before = await raw.zcard(f"user_sessions:{{{BOB}}}")
+
+    error = await raises(PermissionDeniedError, alice.list_sessions_page(BOB))
+    assert BOB in error.message
+    await raises(PermissionDeniedError, alice.create_session(BOB, session_id=f"{uid}-forged"))
+
+    assert not await raw.exists([f"meta:{{{uid}-forged}}"])
+    assert await raw.zcard(f"user_sessions:{{{BOB}}}") == index_before
+
+
+async def test_a_caller_may_act_for_each_of_its_users(alice: SessionClient, uid: str) -> None:
+    for owner in (ALICE, CAROL):
+        session = await alice.create_session(owner, session_id=f"{uid}-{owner}", title="t")
+        await alice.append(session.session_id, [user("hello", tokens=1)])
+        assert (await first_event(alice, session.session_id)).message.content == "hello"
+        assert [m.content for m in (await alice.list_messages(session.session_id)).messages] == ["hello"]
+        assert (await alice.update_session(session.session_id, title="t2")).title == "t2"
+        assert session.session_id in [s.session_id async for s in alice.list_sessions(owner)]
+        await alice.delete_session(session.session_id)
+        await raises(NotFoundError, alice.get_session(session.session_id))
+
+
+async def test_star_may_act_for_every_user(
+    service: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    session = await bob.create_session(BOB, session_id=f"{uid}-s")
+    await service.append(session.session_id, [user("from the service")])
+    assert (await service.get_session(session.session_id)).message_count == 1
+    assert session.session_id in [s.session_id async for s in service.list_sessions(BOB)]
+    created = await service.create_session(ALICE, session_id=f"{uid}-for-alice")
+    assert created.user_id == ALICE
+    await service.delete_session(session.session_id)
+    assert not await raw.exists([f"meta:{{{session.session_id}}}"])
+
+
+# --- reload and logs ---------------------------------------------------------------------------
+
+
+async def test_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones(
+    valkey_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    new_token = "new-alice-token-" + uuid.uuid4().hex
+    path = tmp_path / "tokens"
+    path.write_text(f"{ALICE_TOKEN} {ALICE}\n")
+    async with serving(valkey_url, auth_tokens_file=str(path)) as running:
+        target = f"127.0.0.1:{running.port}"
+        assert running.auth is not None
+        async with client_for(target, ALICE_TOKEN) as old, client_for(target, new_token) as new:
+            await old.list_sessions_page(ALICE)
+            await raises(UnauthenticatedError, new.list_sessions_page(ALICE))
+
+            path.write_text(f"# rotated\n{new_token} {ALICE}\n")
+            assert running.auth.reload()
+            await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
+            await new.list_sessions_page(ALICE)
+
+            caplog.clear()
+            path.write_text(f"{ALICE_TOKEN} {ALICE}\n{new_token}\n")
+            assert not running.auth.reload()
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1
+            assert "line 2" in errors[0].getMessage()
+            assert "keeping the previous 1 callers" in errors[0].getMessage()
+            await new.list_sessions_page(ALICE)  # the table before the bad file still holds
+            await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
+    assert ALICE_TOKEN not in caplog.text
+    assert new_token not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("listen", "auth", "expected"),
+    [
+        ("0.0.0.0:0", False, {"NO CALLER AUTHENTICATION", "NO TLS"}),
+        ("0.0.0.0:0", True, {"NO TLS"}),
+        ("127.0.0.1:0", False, set()),
+    ],
+)
+async def test_exposed_listener_warns_loudly(
+    valkey_url: str,
+    tokens_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    listen: str,
+    auth: bool,
+    expected: set[str],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="chatsession_server")
+    settings = Settings(listen=listen, auth_tokens_file=str(tokens_file) if auth else "")
+    running = await start_server(settings, ValkeyAddress.parse(valkey_url))
+    await running.stop(0)
+    found = {head for head in ("NO CALLER AUTHENTICATION", "NO TLS") if head in caplog.text}
+    assert found == expected
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "NO " in r.getMessage())
+
+
+@pytest.mark.parametrize(
+    ("listen", "loopback"),
+    [
+        ("127.0.0.1:1", True),
+        ("127.9.9.9:1", True),
+        ("localhost:1", True),
+        ("[::1]:1", True),
+        ("0.0.0.0:1", False),
+        ("[::]:1", False),
+        ("10.0.0.5:1", False),
+        ("chat.internal:1", False),
+    ],
+)
+def test_is_loopback(listen: str, loopback: bool) -> None:
+    assert is_loopback(listen) is loopback
+
+
+# --- the real process --------------------------------------------------------------------------
+
+
+async def test_sighup_reloads_the_tokens_file_of_a_running_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new_token = "rotated-token-" + uuid.uuid4().hex
+    path = tmp_path / "tokens"
+    path.write_text(f"{ALICE_TOKEN} {ALICE}\n")
+    monkeypatch.setenv("CHATSESSION_AUTH_TOKENS_FILE", str(path))  # the environment variable works too
+    proc, port, _ = await start_server_process()
+    assert proc.stderr is not None
+    try:
+        target = f"127.0.0.1:{port}"
+        async with client_for(target, ALICE_TOKEN) as old, client_for(target, new_token) as new:
+            await old.list_sessions_page(ALICE)
+            path.write_text(f"{new_token} {ALICE}\n")
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            log = ""
+            while "reloaded" not in log:
+                line = await asyncio.wait_for(proc.stderr.readline(), max(deadline - time.monotonic(), 0.1))
+                assert line, "server exited"
+                log += line.decode()
+            await new.list_sessions_page(ALICE)
+            await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
+        proc.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(proc.communicate(), 20))[1].decode()
+        assert proc.returncode == 0
+        assert ALICE_TOKEN not in log + rest
+        assert new_token not in log + rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_malformed_tokens_file_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"# ok\n{ALICE_TOKEN} {ALICE}\n{BOB_TOKEN}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATSESSION_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatsession_server", "--listen", "127.0.0.1:0",
+        "--auth-tokens-file", str(path), stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    text = err.decode()
+    assert proc.returncode == 1, text
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, text
+    assert f"{path}, line 3: expected" in errors[0]
+    assert "Traceback" not in text
+    assert BOB_TOKEN not in text
