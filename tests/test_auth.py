@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -51,9 +52,10 @@ TOKENS = f"""\
 
 
 @contextlib.asynccontextmanager
-async def serving(valkey_url: str, **settings: str) -> AsyncIterator[RunningServer]:
+async def serving(base: Settings, valkey_url: str, **settings: str) -> AsyncIterator[RunningServer]:
+    """A server of its own with `settings` changed, on the suite's Valkey (standalone or cluster)."""
     running = await start_server(
-        Settings(listen="127.0.0.1:0", default_ttl_seconds=3600, **settings),  # type: ignore[arg-type]
+        dataclasses.replace(base, listen="127.0.0.1:0", **settings),  # type: ignore[arg-type]
         ValkeyAddress.parse(valkey_url),
     )
     try:
@@ -70,8 +72,8 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def auth_target(valkey_url: str, tokens_file: Path) -> AsyncIterator[str]:
-    async with serving(valkey_url, auth_tokens_file=str(tokens_file)) as running:
+async def auth_target(settings: Settings, valkey_url: str, tokens_file: Path) -> AsyncIterator[str]:
+    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file)) as running:
         yield f"127.0.0.1:{running.port}"
 
 
@@ -291,13 +293,13 @@ async def test_star_may_act_for_every_user(
 
 
 async def test_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones(
-    valkey_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    settings: Settings, valkey_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     new_token = "new-alice-token-" + uuid.uuid4().hex
     path = tmp_path / "tokens"
     path.write_text(f"{ALICE_TOKEN} {ALICE}\n")
-    async with serving(valkey_url, auth_tokens_file=str(path)) as running:
+    async with serving(settings, valkey_url, auth_tokens_file=str(path)) as running:
         target = f"127.0.0.1:{running.port}"
         assert running.auth is not None
         async with client_for(target, ALICE_TOKEN) as old, client_for(target, new_token) as new:
@@ -331,6 +333,7 @@ async def test_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones(
     ],
 )
 async def test_exposed_listener_warns_loudly(
+    valkey_cluster: bool,
     valkey_url: str,
     tokens_file: Path,
     caplog: pytest.LogCaptureFixture,
@@ -339,7 +342,9 @@ async def test_exposed_listener_warns_loudly(
     expected: set[str],
 ) -> None:
     caplog.set_level(logging.WARNING, logger="chatsession_server")
-    settings = Settings(listen=listen, auth_tokens_file=str(tokens_file) if auth else "")
+    settings = Settings(
+        listen=listen, auth_tokens_file=str(tokens_file) if auth else "", valkey_cluster=valkey_cluster
+    )
     running = await start_server(settings, ValkeyAddress.parse(valkey_url))
     await running.stop(0)
     found = {head for head in ("NO CALLER AUTHENTICATION", "NO TLS") if head in caplog.text}

@@ -59,18 +59,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture(scope="module")
-async def tls_target(valkey_url: str, pki: Pki) -> AsyncIterator[str]:
-    async with serving(valkey_url, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key)) as running:
+async def tls_target(settings: Settings, valkey_url: str, pki: Pki) -> AsyncIterator[str]:
+    async with serving(
+        settings, valkey_url, tls_cert=str(pki.server.cert), tls_key=str(pki.server.key)
+    ) as running:
         yield f"127.0.0.1:{running.port}"
 
 
 @pytest.fixture(scope="module")
 async def mtls_target(
-    valkey_url: str, pki: Pki, tmp_path_factory: pytest.TempPathFactory
+    settings: Settings, valkey_url: str, pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[str]:
     tokens = tmp_path_factory.mktemp("mtls") / "tokens"
     tokens.write_text(f"cert:CN=svc-alice {ALICE}\ncert:SAN={SPIFFE_BOB} {BOB}\n{BOB_TOKEN} {BOB}\n")
     async with serving(
+        settings,
         valkey_url,
         tls_cert=str(pki.server.cert),
         tls_key=str(pki.server.key),
