@@ -22,6 +22,8 @@ from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
+from chatsession_server.store.keys import page_token_secret_key
+from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.valkey import glide_config
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,13 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         )
 
     connection = await ValkeyConnection.connect(valkey, config("chatsession"))
+    try:
+        token_key = settings.page_token_key.encode() or await shared_secret(
+            connection, page_token_secret_key()
+        )
+    except BaseException:
+        await connection.close()
+        raise
     feed = await SessionFeed.start(
         config("chatsession-watch"),
         connection,
@@ -100,7 +109,7 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         store,
         feed,
         Limits.from_settings(settings),
-        PageTokens(settings.page_token_key),
+        PageTokens(token_key),
         heartbeat_seconds=settings.watch_heartbeat_seconds,
     )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
