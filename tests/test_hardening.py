@@ -39,6 +39,8 @@ UNDECODABLE = {
     "truncated": b"\x0a\x64x",
     # a wire type that does not exist
     "bad wire type": b"\x0f\x00",
+    # unknown groups nested past the parser's depth limit
+    "deep nesting": b"\x0b" * 1000,
 }
 
 
