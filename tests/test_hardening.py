@@ -14,7 +14,7 @@ import pytest
 from glide import GlideClient
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
 from chatsession_client import InvalidArgumentError, SessionClient, assistant, user
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.app import RunningServer, start_server
@@ -338,3 +338,17 @@ async def test_request_over_the_transport_limit_never_reaches_the_servicer(
         )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await raw.llen(f"chat:{{{s.session_id}}}") == 0
+
+
+async def test_replies_are_capped_by_the_client_not_by_the_request_limit(
+    default_server: RunningServer, default_client: SessionClient, uid: str
+) -> None:
+    # Until pages are cut by bytes a page may outgrow 4 MiB: a client that raised its limit gets it.
+    s = await default_client.create_session(uid)
+    for _ in range(2):
+        await default_client.append(s.session_id, [user("x" * 250 * KIB) for _ in range(10)])
+    request = session_service_pb2.ListMessagesRequest(session_id=s.session_id)
+    options = [("grpc.max_receive_message_length", 16 * MIB)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{default_server.port}", options=options) as channel:
+        page = await session_service_pb2_grpc.SessionServiceStub(channel).ListMessages(request, timeout=10)
+    assert len(page.messages) == 20

@@ -34,7 +34,8 @@ SERVICE_NAME = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
-        ("grpc.max_send_message_length", settings.max_request_bytes),
+        # Replies are not capped here: a reply too big for a client fails on the client's side
+        # (RESOURCE_EXHAUSTED) either way, and a cap here would add a traceback per call to our log.
         # Keep idle connections (and, later, idle watch streams) alive through proxies.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
