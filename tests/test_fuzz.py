@@ -286,7 +286,7 @@ async def test_no_request_is_internal_or_unknown_and_refusals_write_nothing(
                 assert _stable(after, volatile) == _stable(before, volatile), (method.name, code, payload)
 
         @settings(
-            max_examples=int(os.environ.get("FUZZ_N", "150")),
+            max_examples=int(os.environ.get("CHATSESSION_TEST_FUZZ_EXAMPLES", "150")),
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

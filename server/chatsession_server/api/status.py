@@ -33,7 +33,7 @@ MAX_VIOLATION_TEXT_BYTES = 256
 MAX_BAD_REQUEST_BYTES = 3 * 1024
 
 
-def clip(text: str, max_bytes: int) -> str:
+def _clip(text: str, max_bytes: int) -> str:
     """`text` cut to at most `max_bytes` of UTF-8, marked with an ellipsis when cut."""
     encoded = text.encode()
     if len(encoded) <= max_bytes:
@@ -46,8 +46,8 @@ def _bad_request(e: ChatSessionError) -> list[Message]:
     bad = error_details_pb2.BadRequest()
     for shown, v in enumerate(e.violations):
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=clip(v.field, MAX_VIOLATION_TEXT_BYTES),
-            description=clip(v.description, MAX_VIOLATION_TEXT_BYTES),
+            field=_clip(v.field, MAX_VIOLATION_TEXT_BYTES),
+            description=_clip(v.description, MAX_VIOLATION_TEXT_BYTES),
         )
         if shown == MAX_SHOWN_VIOLATIONS or bad.ByteSize() + violation.ByteSize() > MAX_BAD_REQUEST_BYTES:
             more = len(e.violations) - shown
@@ -66,8 +66,8 @@ def _precondition(e: ChatSessionError) -> list[Message]:
     assert isinstance(e, PreconditionFailed)
     violation = error_details_pb2.PreconditionFailure.Violation(
         type=e.kind,
-        subject=clip(e.subject, MAX_VIOLATION_TEXT_BYTES),
-        description=clip(e.description, MAX_VIOLATION_TEXT_BYTES),
+        subject=_clip(e.subject, MAX_VIOLATION_TEXT_BYTES),
+        description=_clip(e.description, MAX_VIOLATION_TEXT_BYTES),
     )
     return [error_details_pb2.PreconditionFailure(violations=[violation])]
 
@@ -100,7 +100,7 @@ def to_grpc_status(error: ChatSessionError) -> grpc.Status:
             break
     else:
         code, details = code_pb2.INTERNAL, _none
-    status = status_pb2.Status(code=code, message=clip(str(error), MAX_STATUS_MESSAGE_BYTES))
+    status = status_pb2.Status(code=code, message=_clip(str(error), MAX_STATUS_MESSAGE_BYTES))
     for detail in details(error):
         packed = any_pb2.Any()
         packed.Pack(detail)
