@@ -261,8 +261,8 @@ async def test_a_client_leaving_mid_write_is_no_error_and_leaves_the_feed(
         target = f"127.0.0.1:{running.port}"
         async with SessionClient(target, retry=NO_RETRY) as c:
             s = await c.create_session(uid)
-            for _ in range(10):  # 40 MB of backlog: far more than HTTP/2 flow control lets through
-                await c.append(s.session_id, [user("x" * 200_000) for _ in range(20)])
+            for _ in range(20):  # 40 MB of backlog: far more than HTTP/2 flow control lets through
+                await c.append(s.session_id, [user("x" * 200_000) for _ in range(10)])
         with caplog.at_level(logging.DEBUG, logger="chatsession_server"):
             for leave in ("cancel", "close"):
                 channel = grpc.aio.insecure_channel(target)

@@ -23,6 +23,8 @@ from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
+from chatsession_server.store.keys import page_token_secret_key
+from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.valkey import AnyConfig, glide_config
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
-        ("grpc.max_send_message_length", settings.max_request_bytes),
+        # Replies are not capped here: a reply too big for a client fails on the client's side
+        # (RESOURCE_EXHAUSTED) either way, and a cap here would add a traceback per call to our log.
         # Keep idle connections (and, later, idle watch streams) alive through proxies.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -110,6 +113,13 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         wait_replicas=settings.valkey_wait_replicas,
         wait_timeout_ms=settings.valkey_wait_timeout_ms,
     )
+    try:
+        token_key = settings.page_token_key.encode() or await shared_secret(
+            connection, page_token_secret_key()
+        )
+    except BaseException:
+        await connection.close()
+        raise
     feed = await SessionFeed.start(
         config("chatsession-watch"),
         connection,
@@ -131,7 +141,7 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         store if auth is None else AuthorizedStorage(store),
         feed,
         Limits.from_settings(settings),
-        PageTokens(settings.page_token_key),
+        PageTokens(token_key),
         heartbeat_seconds=settings.watch_heartbeat_seconds,
     )
     session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)

@@ -111,7 +111,6 @@ class Settings:
     )
     max_content_bytes: int = field(default=256 * 1024, metadata=_meta("largest message content, UTF-8"))
     max_messages_per_append: int = field(default=1000, metadata=_meta("most messages in one AppendMessages"))
-    max_request_bytes: int = field(default=64 * 1024 * 1024, metadata=_meta("largest gRPC request"))
     idempotency_keys_per_session: int = field(
         default=1000, metadata=_meta("newest request_ids remembered per session")
     )
@@ -139,9 +138,12 @@ class Settings:
         default=10.0, metadata=_meta("how long in-flight RPCs may finish on SIGTERM")
     )
     page_token_key: str = field(
-        default="chatsession-page-tokens",
+        default="",
         repr=False,
-        metadata=_meta("key that signs page tokens; set the same value on every replica"),
+        metadata=_meta(
+            "key that signs page tokens; empty: a random key kept in Valkey "
+            "(chatsession:page_token_key), which every replica shares"
+        ),
     )
     watch_heartbeat_seconds: float = field(
         default=15.0, metadata=_meta("idle time after which a watch stream gets a heartbeat")
@@ -164,6 +166,19 @@ class Settings:
         metadata=_meta(
             "callers and the users each may act for: '<token> <user_id>[,...]' lines; SIGHUP re-reads it"
         ),
+    )
+    # -- request size limits. gRPC clients receive at most 4 MiB by default: requests are held to
+    # that, and an append to 3 MiB so that its reply (the messages echoed with seq and created_at,
+    # plus the session, labels and all) always fits a default client.
+    max_request_bytes: int = field(
+        default=4 * 1024 * 1024, metadata=_meta("largest gRPC request (RESOURCE_EXHAUSTED above it)")
+    )
+    max_message_bytes: int = field(
+        default=1024 * 1024,
+        metadata=_meta("largest message, protobuf-encoded: content, name, metadata and tool calls together"),
+    )
+    max_append_bytes: int = field(
+        default=3 * 1024 * 1024, metadata=_meta("largest AppendMessages, its messages protobuf-encoded")
     )
 
     def __post_init__(self) -> None:
@@ -190,6 +205,9 @@ class Settings:
             "watch_heartbeat_seconds",
             "watch_poll_seconds",
             "max_pending_calls",
+            "max_request_bytes",
+            "max_message_bytes",
+            "max_append_bytes",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

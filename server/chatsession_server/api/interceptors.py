@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from chatsession_server.api.status import to_grpc_status
-from chatsession_server.errors import ChatSessionError
+from chatsession_server.errors import ChatSessionError, FieldViolation, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +51,52 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse. A deserializer that raised would reach
+    grpc.aio's generic path (UNKNOWN and a traceback per call); the handler wrapper turns this into
+    INVALID_ARGUMENT instead."""
+
+    reason: str
+
+
+class UndecodableRequest(InvalidArgument):
+    """The request is not a valid protobuf message: there is no single field to name."""
+
+    def __init__(self, method: str, reason: str) -> None:
+        super().__init__([FieldViolation("", reason)])
+        self.args = (f"the request to {method} does not parse: {reason}",)
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:  # says which message type and what broke, never the bytes
+            return _Undecodable(str(exc))
+
+    return parse
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if isinstance(request, _Undecodable):
+        log.debug("%s: request does not parse (%s)", method, request.reason)
+        raise UndecodableRequest(method, request.reason)
 
 
 async def _abort_for(exc: BaseException, context: aio.ServicerContext[Any, Any], method: str) -> None:
@@ -72,6 +110,7 @@ async def _abort_for(exc: BaseException, context: aio.ServicerContext[Any, Any],
 def _wrap_unary(behaviour: Any, method: str) -> Any:
     async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         try:
+            _check_decoded(request, method)
             return await behaviour(request, context)
         except (asyncio.CancelledError, aio.AbortError):
             raise
@@ -85,6 +124,7 @@ def _wrap_stream(behaviour: Any, method: str) -> Any:
     # A coroutine that writes, not a generator that yields: one frame less per open stream.
     async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         try:
+            _check_decoded(request, method)
             # aclosing: the generator's cleanup (a watcher leaving its feed) runs now, not at GC.
             async with contextlib.aclosing(behaviour(request, context)) as items:
                 async for item in items:

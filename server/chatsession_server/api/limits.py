@@ -31,6 +31,8 @@ class Limits:
     default_max_messages: int
     max_content_bytes: int
     max_messages_per_append: int
+    max_message_bytes: int
+    max_append_bytes: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -40,4 +42,6 @@ class Limits:
             default_max_messages=settings.default_max_messages,
             max_content_bytes=settings.max_content_bytes,
             max_messages_per_append=settings.max_messages_per_append,
+            max_message_bytes=settings.max_message_bytes,
+            max_append_bytes=settings.max_append_bytes,
         )

@@ -1,7 +1,9 @@
 """Opaque, signed page tokens for ListSessions (AIP-158).
 
 A token carries the cursor (last row's score and id) and the user it was issued for; the HMAC
-makes a tampered or foreign token an INVALID_ARGUMENT instead of a silently wrong page.
+makes a tampered or foreign token an INVALID_ARGUMENT instead of a silently wrong page. Whatever
+does not verify or parse into exactly what `encode` writes is INVALID_ARGUMENT too, so a leaked
+key still cannot smuggle a NaN or a huge number into the store's range queries.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
+from typing import NoReturn
 
+from chatsession_server.api.validation import is_valid_id
 from chatsession_server.domain import SessionCursor
 from chatsession_server.errors import FieldViolation, InvalidArgument
 
@@ -19,9 +24,29 @@ _MAC_BYTES = 16
 _VERSION = 1
 
 
+def _no_constants(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a score")
+
+
+def _parse(payload: bytes) -> tuple[SessionCursor, str]:
+    data = json.loads(payload, parse_constant=_no_constants)
+    if not isinstance(data, dict) or data.get("v") != _VERSION:
+        raise ValueError("unknown version")
+    score, session_id, owner = data.get("s"), data.get("i"), data.get("u")
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise ValueError("score is not a number")
+    if not math.isfinite(float(score)):  # OverflowError for a huge int
+        raise ValueError("score is not finite")
+    if not isinstance(session_id, str) or not is_valid_id(session_id):
+        raise ValueError("not a session id")
+    if not isinstance(owner, str):
+        raise ValueError("not a user id")
+    return SessionCursor(float(score), session_id), owner
+
+
 class PageTokens:
-    def __init__(self, key: str) -> None:
-        self._key = key.encode()
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
@@ -39,12 +64,8 @@ class PageTokens:
             payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
             if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, self._mac(payload)):
                 raise ValueError("bad signature")
-            data = json.loads(payload)
-            if data.get("v") != _VERSION:
-                raise ValueError("unknown version")
-            cursor = SessionCursor(float(data["s"]), str(data["i"]))
-            owner = str(data["u"])
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            cursor, owner = _parse(payload)
+        except (ValueError, OverflowError, RecursionError, binascii.Error) as exc:
             raise InvalidArgument(
                 [FieldViolation("page_token", "is not a token this service issued")]
             ) from exc

@@ -25,17 +25,38 @@ from chatsession_server.errors import (
 
 SESSION_RESOURCE = "chatsession.v1.Session"
 
+# The status travels in trailers, and clients refuse trailers over 16 KiB (gRPC core also starts
+# dropping them at random above 8 KiB). The message goes out percent-encoded (up to 3x) and again
+# inside the base64 details (4/3x), so keep the whole error to about 6 KiB on the wire however
+# many fields were bad or however long the names they echo.
+MAX_STATUS_MESSAGE_BYTES = 512
+MAX_SHOWN_VIOLATIONS = 20
+MAX_VIOLATION_TEXT_BYTES = 256
+MAX_BAD_REQUEST_BYTES = 3 * 1024
+
+
+def _clip(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, marked with an ellipsis when cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "…"
+
 
 def _bad_request(e: ChatSessionError) -> list[Message]:
     assert isinstance(e, InvalidArgument)
-    return [
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in e.violations
-            ]
+    bad = error_details_pb2.BadRequest()
+    for shown, v in enumerate(e.violations):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(v.field, MAX_VIOLATION_TEXT_BYTES),
+            description=_clip(v.description, MAX_VIOLATION_TEXT_BYTES),
         )
-    ]
+        if shown == MAX_SHOWN_VIOLATIONS or bad.ByteSize() + violation.ByteSize() > MAX_BAD_REQUEST_BYTES:
+            more = len(e.violations) - shown
+            bad.field_violations.add(description=f"and {more} more violations not shown")
+            break
+        bad.field_violations.append(violation)
+    return [bad]
 
 
 def _resource(e: ChatSessionError) -> list[Message]:
@@ -46,7 +67,9 @@ def _resource(e: ChatSessionError) -> list[Message]:
 def _precondition(e: ChatSessionError) -> list[Message]:
     assert isinstance(e, PreconditionFailed)
     violation = error_details_pb2.PreconditionFailure.Violation(
-        type=e.kind, subject=e.subject, description=e.description
+        type=e.kind,
+        subject=_clip(e.subject, MAX_VIOLATION_TEXT_BYTES),
+        description=_clip(e.description, MAX_VIOLATION_TEXT_BYTES),
     )
     return [error_details_pb2.PreconditionFailure(violations=[violation])]
 
@@ -81,7 +104,7 @@ def to_grpc_status(error: ChatSessionError) -> grpc.Status:
             break
     else:
         code, details = code_pb2.INTERNAL, _none
-    status = status_pb2.Status(code=code, message=str(error))
+    status = status_pb2.Status(code=code, message=_clip(str(error), MAX_STATUS_MESSAGE_BYTES))
     for detail in details(error):
         packed = any_pb2.Any()
         packed.Pack(detail)

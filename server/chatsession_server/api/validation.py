@@ -32,6 +32,12 @@ _ROLES = {
 # Derives session ids from (user_id, request_id) so a retried create lands on the same id.
 _SESSION_ID_NAMESPACE = uuid.UUID("8c0f3a52-58a4-4c39-9d0b-2f6c7c3f1a10")
 UPDATABLE_FIELDS = ("title", "model", "labels", "ttl_seconds", "max_messages")
+# Each field once, or a label path per label a session may hold.
+MAX_MASK_PATHS = len(UPDATABLE_FIELDS) + L.MAX_LABELS
+
+
+def is_valid_id(value: str) -> bool:
+    return _ID.fullmatch(value) is not None
 
 
 class Violations:
@@ -139,6 +145,14 @@ def update_session(
             paths = list(UPDATABLE_FIELDS)
     else:  # AIP-134: without a mask, apply the fields that are set
         paths = [f for f in UPDATABLE_FIELDS if (s.labels if f == "labels" else getattr(s, f))]
+    # Bounded before anything else: every path becomes work (and a Lua argument) in the store.
+    if len(paths) > MAX_MASK_PATHS:
+        v.add("update_mask", f"must have at most {MAX_MASK_PATHS} paths")
+        v.raise_if_any()
+    if len(set(paths)) < len(paths):
+        v.add("update_mask", "must not name a path twice")
+    if sum(p.startswith("labels.") for p in paths) > L.MAX_LABELS:
+        v.add("update_mask", f"must have at most {L.MAX_LABELS} 'labels.<key>' paths")
     title: str | None = None
     model: str | None = None
     ttl: int | None = None
@@ -233,6 +247,9 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
     if m.tool_call_id and role is not Role.TOOL:
         v.add(f"{field}.tool_call_id", "only tool messages carry tool_call_id")
     v.text(f"{field}.tool_call_id", m.tool_call_id, L.MAX_NAME_LENGTH)
+    size = m.ByteSize()
+    if size > limits.max_message_bytes:
+        v.add(field, f"is {size} bytes encoded; the limit is {limits.max_message_bytes}")
     if role is None:
         return None
     return NewMessage(
@@ -256,6 +273,9 @@ def append_messages(
         v.add("messages", "must hold at least one message")
     elif len(request.messages) > limits.max_messages_per_append:
         v.add("messages", f"must hold at most {limits.max_messages_per_append} messages")
+    size = sum(m.ByteSize() for m in request.messages)
+    if size > limits.max_append_bytes:
+        v.add("messages", f"are {size} bytes encoded; the limit per append is {limits.max_append_bytes}")
     expected = request.expected_last_seq if request.HasField("expected_last_seq") else None
     if expected is not None and expected < 0:
         v.add("expected_last_seq", "must not be negative")

@@ -40,3 +40,9 @@ def session_of_channel(channel: str) -> str:
 
 USER_INDEX_KEY_HEAD = f"{USER_INDEX_PREFIX}{{"
 """What a script puts before a user id (and `}` after) to name that user's index."""
+
+
+def page_token_secret_key() -> str:
+    """STRING: the random secret that signs ListSessions page tokens when none is configured
+    (created once by the first server to start, then shared by every replica). No expiry."""
+    return "chatsession:page_token_key"
