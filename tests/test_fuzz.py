@@ -33,6 +33,9 @@ from chatsession_client import SessionClient, assistant, system, user
 from chatsession_server.app import RunningServer, start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 
+# It isolates itself in a database of its own (db+1), which a cluster does not offer.
+pytestmark = pytest.mark.standalone_only
+
 T = TypeVar("T")
 SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 MAX_DEPTH = 3

@@ -156,9 +156,11 @@ async def test_token_forged_with_the_old_default_key_is_rejected(client: Session
 
 
 @pytest.fixture(scope="module")
-async def second_server(valkey_url: str) -> AsyncIterator[RunningServer]:
+async def second_server(valkey_url: str, valkey_cluster: bool) -> AsyncIterator[RunningServer]:
     """Another replica on the same Valkey, configured with no page-token key either."""
-    running = await start_server(Settings(listen="127.0.0.1:0"), ValkeyAddress.parse(valkey_url))
+    running = await start_server(
+        Settings(listen="127.0.0.1:0", valkey_cluster=valkey_cluster), ValkeyAddress.parse(valkey_url)
+    )
     yield running
     await running.stop(1.0)
 
@@ -188,8 +190,8 @@ async def test_replicas_share_a_generated_key_and_other_deployments_do_not(
             await other.stop(1.0)
 
 
-async def test_configured_key_still_signs(valkey_url: str, uid: str) -> None:
-    settings = Settings(listen="127.0.0.1:0", page_token_key="replica-secret")
+async def test_configured_key_still_signs(valkey_url: str, valkey_cluster: bool, uid: str) -> None:
+    settings = Settings(listen="127.0.0.1:0", page_token_key="replica-secret", valkey_cluster=valkey_cluster)
     first = await start_server(settings, ValkeyAddress.parse(valkey_url))
     second = await start_server(settings, ValkeyAddress.parse(valkey_url))
     try:
@@ -255,9 +257,11 @@ async def test_mask_paths_must_be_distinct_and_label_keys_valid(
 
 
 @pytest.fixture(scope="module")
-async def default_server(valkey_url: str) -> AsyncIterator[RunningServer]:
+async def default_server(valkey_url: str, valkey_cluster: bool) -> AsyncIterator[RunningServer]:
     """A server with the default limits (the shared one runs with a 1 KiB content limit)."""
-    running = await start_server(Settings(listen="127.0.0.1:0"), ValkeyAddress.parse(valkey_url))
+    running = await start_server(
+        Settings(listen="127.0.0.1:0", valkey_cluster=valkey_cluster), ValkeyAddress.parse(valkey_url)
+    )
     yield running
     await running.stop(1.0)
 
