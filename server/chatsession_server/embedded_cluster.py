@@ -141,7 +141,11 @@ class EmbeddedCluster:
 
     def primary_for(self, key: str) -> ClusterNode:
         """The node serving `key`'s slot now (asks the cluster, so it follows failovers)."""
-        slot = int(self.nodes[0].call("CLUSTER", "KEYSLOT", key))
+        slot = -1
+        for node in self.nodes:  # any live node can tell the slot
+            with contextlib.suppress(OSError, RuntimeError):
+                slot = int(node.call("CLUSTER", "KEYSLOT", key))
+                break
         for node in self.nodes:
             with contextlib.suppress(OSError, RuntimeError):
                 for lo, hi, *owners in node.call("CLUSTER", "SLOTS"):
@@ -154,7 +158,7 @@ class EmbeddedCluster:
         """After `old` was killed: the node that took over `key`'s slot (asked of live nodes)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(RuntimeError, StopIteration):
+            with contextlib.suppress(OSError, RuntimeError, StopIteration):
                 node = self.primary_for(key)
                 if node is not old:
                     return node
