@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -43,10 +42,13 @@ AnyClient: TypeAlias = GlideClient | GlideClusterClient
 AnyConfig: TypeAlias = GlideClientConfiguration | GlideClusterClientConfiguration
 AnyBatch: TypeAlias = Batch | ClusterBatch
 
-# After a probe finds Valkey unreachable, calls fail at once for this long instead of each
-# waiting out the request timeout: clients get UNAVAILABLE quickly and back off.
-DOWN_HOLD_SECONDS = 0.5
+# Once Valkey is known down (standalone), calls fail at once and a probe asks it every
+# PROBE_INTERVAL_SECONDS; the first answer lets calls through again.
+PROBE_INTERVAL_SECONDS = 0.1
 PROBE_TIMEOUT_SECONDS = 0.3
+# GLIDE reconnects with these delays (ms: factor * base^attempt, capped at num_of_retries), so a
+# returning Valkey is back in use within a few hundred milliseconds, not GLIDE's seconds.
+RECONNECT = {"num_of_retries": 5, "factor": 10, "exponent_base": 2}
 
 _TRANSIENT = (
     "inflight requests",
@@ -98,7 +100,7 @@ def glide_config(
     if address.password is not None:
         credentials = ServerCredentials(password=address.password, username=address.username)
     nodes = [NodeAddress(host, port) for host, port in address.nodes]
-    reconnect = BackoffStrategy(num_of_retries=8, factor=50, exponent_base=2)
+    reconnect = BackoffStrategy(**RECONNECT)
     if cluster:
         return GlideClusterClientConfiguration(
             nodes,
@@ -150,7 +152,8 @@ class ValkeyConnection:
         self.client = client
         self.cluster = isinstance(client, GlideClusterClient)
         self._address = address
-        self._down_until = 0.0
+        self._down: asyncio.Task[None] | None = None  # the probe, while Valkey is known down
+        self._closed = False
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
 
@@ -166,38 +169,63 @@ class ValkeyConnection:
         """Run one request; tell "Valkey is gone" (UNAVAILABLE) from "Valkey is slow" (timeout).
 
         Standalone: while Valkey is down GLIDE only reports timeouts, so a timeout triggers a
-        TCP probe, and once it failed calls fail at once for a moment. A cluster has no single
-        node to probe, and one node down must not fail the others' slots: GLIDE follows the
-        topology (failovers included) and its errors pass through as they are.
+        TCP probe. Once Valkey is known down, calls fail at once (no one waits out the request
+        timeout) until a probe every PROBE_INTERVAL_SECONDS finds it answering again. A cluster
+        has no single node to probe, and one node down must not fail the others' slots: GLIDE
+        follows the topology (failovers included) and its errors pass through as they are.
         """
         if self.cluster:
             with translate_errors():
                 return await make()
-        if time.monotonic() < self._down_until:
+        if self._down is not None:
             raise StoreUnavailable("Valkey is unreachable")
         try:
             with translate_errors():
                 return await make()
         except StoreTimeout:
-            if await self._reachable():
+            if await self._answers():
                 raise
-            self._down_until = time.monotonic() + DOWN_HOLD_SECONDS
+            self._mark_down()
             raise StoreUnavailable("Valkey is unreachable") from None
         except StoreUnavailable:
-            self._down_until = time.monotonic() + DOWN_HOLD_SECONDS
+            self._mark_down()
             raise
 
-    async def _reachable(self) -> bool:
+    def _mark_down(self) -> None:
+        if self._down is None and not self._closed:
+            log.warning("Valkey at %s is unreachable: calls fail at once until it answers", self._where)
+            self._down = asyncio.create_task(self._probe_until_up(), name="chatsession-valkey-probe")
+
+    @property
+    def _where(self) -> str:
+        return f"{self._address.host}:{self._address.port}"
+
+    async def _probe_until_up(self) -> None:
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._address.host, self._address.port), PROBE_TIMEOUT_SECONDS
-            )
+            while not await self._answers():  # noqa: ASYNC110 (a remote condition: polled)
+                await asyncio.sleep(PROBE_INTERVAL_SECONDS)
+            log.info("Valkey at %s answers again", self._where)
+        finally:
+            self._down = None
+
+    async def _answers(self) -> bool:
+        """Valkey accepts a connection and (without TLS) answers a PING."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                reader, writer = await asyncio.open_connection(self._address.host, self._address.port)
+                try:
+                    if self._address.use_tls:
+                        return True
+                    writer.write(b"PING\r\n")
+                    reply = await reader.readline()
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
         except (TimeoutError, OSError):
             return False
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return True
+        # Any answer will do (an auth error too), except from a server not ready to serve.
+        return reply[:1] in (b"+", b"-") and not reply.startswith((b"-LOADING", b"-BUSY"))
 
     def batch(self, *, atomic: bool) -> AnyBatch:
         """A transaction (atomic: one slot in a cluster) or a pipeline (any keys)."""
@@ -247,5 +275,8 @@ class ValkeyConnection:
         await self._call(self.client.ping)
 
     async def close(self) -> None:
+        self._closed = True
+        if self._down is not None:
+            self._down.cancel()
         with contextlib.suppress(Exception):
             await self.client.close()
