@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
 from chatsession_client import NO_RETRY, SessionClient, UnavailableError, user
 from chatsession_server.embedded import EmbeddedValkey, free_port
 from tests.helpers import raises
@@ -27,6 +28,17 @@ async def start_serving(*args: str) -> tuple[ServerProcess, int, int]:
     valkey_pid = int((await server.wait_for(VALKEY_PID))[0].group(1))
     port = int((await server.wait_for(SERVING))[0].group(1))
     return server, port, valkey_pid
+
+
+async def watch_status(port: int) -> grpc.StatusCode:
+    """How a WatchMessages stream ends (the streaming call has its own handler kind)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = session_service_pb2_grpc.SessionServiceStub(channel)
+        call = stub.WatchMessages(session_service_pb2.WatchMessagesRequest(session_id="s"))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for _ in call:
+                pass
+        return ended.value.code()
 
 
 def error_lines(server: ServerProcess) -> list[str]:
@@ -118,6 +130,7 @@ async def test_the_server_waits_for_valkey_not_serving_until_it_answers() -> Non
         async with SessionClient(f"127.0.0.1:{port}", retry=NO_RETRY) as client:
             error = await raises(UnavailableError, client.create_session("u"))
             assert "waiting for Valkey" in str(error)
+            assert await watch_status(port) == grpc.StatusCode.UNAVAILABLE
             valkey.start()
             await server.wait_for(SERVING)
             assert await health_status(port) == [health_pb2.HealthCheckResponse.SERVING] * 2
