@@ -107,7 +107,8 @@ class _WorkerGroup:
             for number, process in self._processes.items():
                 if process.returncode is None:
                     log.warning("worker %d (pid %d) did not stop in time: killing it", number, process.pid)
-                    process.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
             await asyncio.wait(keepers)
         log.info("all workers stopped")
         return 0
@@ -118,28 +119,36 @@ class _WorkerGroup:
         delay = FIRST_RESTART_DELAY
         while True:
             started = loop.time()
+            ended = await self._run_once(number)
+            if self._stopping.is_set():
+                return
+            if loop.time() - started >= STABLE_RUN_SECONDS:
+                delay = FIRST_RESTART_DELAY
+            log.warning("worker %d %s: restarting it in %.1fs", number, ended, delay)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                return
+            except TimeoutError:
+                delay = min(2 * delay, MAX_RESTART_DELAY)
+
+    async def _run_once(self, number: int) -> str:
+        """Start worker `number` and wait for it to end; how it ended."""
+        try:
             process = await asyncio.create_subprocess_exec(
                 *die_with_parent_prefix(),
                 *self._command,
                 env={**os.environ, WORKER_ENV: f"{number}:{os.getpid()}"},
                 process_group=0,
             )
-            self._processes[number] = process
-            log.info("started worker %d (pid %d)", number, process.pid)
-            if self._stopping.is_set():  # the stop came while it was being started
-                self._terminate(process)
-            code = await process.wait()
-            if self._stopping.is_set():
-                return
-            if loop.time() - started >= STABLE_RUN_SECONDS:
-                delay = FIRST_RESTART_DELAY
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            log.warning("worker %d (pid %d) %s: restarting it in %.1fs", number, process.pid, how, delay)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
-                return
-            except TimeoutError:
-                delay = min(2 * delay, MAX_RESTART_DELAY)
+        except OSError as exc:  # e.g. out of processes or memory: try again later
+            return f"could not be started ({exc})"
+        self._processes[number] = process
+        log.info("started worker %d (pid %d)", number, process.pid)
+        if self._stopping.is_set():  # the stop came while it was being started
+            self._terminate(process)
+        code = await process.wait()
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"(pid {process.pid}) {how}"
 
     @staticmethod
     def _terminate(process: asyncio.subprocess.Process) -> None:
