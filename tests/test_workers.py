@@ -6,6 +6,7 @@ import os
 import signal
 
 from chatsession_client import NO_RETRY, SessionClient
+from chatsession_server.supervisor import WORKER_ENV
 from tests.processes import ServerProcess, alive, gone, parent_of
 
 STARTED = r"started worker (\d) \(pid (\d+)\)"
@@ -81,3 +82,15 @@ async def test_sigkill_of_the_supervisor_leaves_no_worker_and_no_valkey() -> Non
     assert all(alive(pid) for pid in (valkey_pid, *workers.values()))
     await supervisor.kill()
     assert await gone(valkey_pid, *workers.values(), timeout=5)
+
+
+async def test_a_worker_whose_supervisor_is_gone_does_not_start() -> None:
+    """A worker is started armed to die with its supervisor; if the supervisor died before that,
+    nothing would stop the worker, so it checks its parent and exits."""
+    orphan = await ServerProcess.start(
+        "--listen", "127.0.0.1:0", "--valkey-url", "valkey://127.0.0.1:1",
+        env={WORKER_ENV: "1:1"},  # pid 1 is not its parent
+    )  # fmt: skip
+    assert await orphan.exit_code() == 1
+    [line] = orphan.lines
+    assert "the supervisor is gone" in line
