@@ -98,10 +98,15 @@ class ServerProcess:
         try:
             return await asyncio.wait_for(enough(), timeout)
         except TimeoutError:
+            await self.kill()  # a failed test leaves no server behind
             raise AssertionError(f"no {count} x {pattern!r} within {timeout}s:\n{self.text}") from None
 
     async def exit_code(self, timeout: float = 30.0) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise AssertionError(f"still running after {timeout}s:\n{self.text}") from None
         await self._reader
         return code
 
@@ -110,7 +115,8 @@ class ServerProcess:
         return "\n".join(self.lines)
 
     async def kill(self) -> None:
-        """Clean up after a test that failed half-way."""
+        """SIGKILL it (if still running) and reap it."""
         if self.proc.returncode is None:
             self.proc.kill()
-        await self.exit_code()
+        await self.proc.wait()
+        await self._reader
