@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,8 +33,8 @@ from chatsession_server.api.tls import is_loopback
 from chatsession_server.app import RunningServer, start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.helpers import meta, raises, stored_messages
+from tests.processes import ROOT, ServerProcess
 from tests.test_grpcurl import grpcurl
-from tests.test_process import ROOT, start_server_process
 
 RUN = uuid.uuid4().hex[:8]
 ALICE, BOB, CAROL = f"alice-{RUN}", f"bob-{RUN}", f"carol-{RUN}"
@@ -372,38 +371,30 @@ def test_is_loopback(listen: str, loopback: bool) -> None:
 # --- the real process --------------------------------------------------------------------------
 
 
-async def test_sighup_reloads_the_tokens_file_of_a_running_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_sighup_reloads_the_tokens_file_of_a_running_process(tmp_path: Path) -> None:
     new_token = "rotated-token-" + uuid.uuid4().hex
     path = tmp_path / "tokens"
     path.write_text(f"{ALICE_TOKEN} {ALICE}\n")
-    monkeypatch.setenv("CHATSESSION_AUTH_TOKENS_FILE", str(path))  # the environment variable works too
-    proc, port, _ = await start_server_process()
-    assert proc.stderr is not None
+    # The environment variable works too.
+    server = await ServerProcess.start(
+        "--listen", "127.0.0.1:0", env={"CHATSESSION_AUTH_TOKENS_FILE": str(path)}
+    )
     try:
-        target = f"127.0.0.1:{port}"
+        [serving] = await server.wait_for(r"serving on [\d.]+:(\d+)")
+        target = f"127.0.0.1:{serving.group(1)}"
         async with client_for(target, ALICE_TOKEN) as old, client_for(target, new_token) as new:
             await old.list_sessions_page(ALICE)
             path.write_text(f"{new_token} {ALICE}\n")
-            proc.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 20
-            log = ""
-            while "reloaded" not in log:
-                line = await asyncio.wait_for(proc.stderr.readline(), max(deadline - time.monotonic(), 0.1))
-                assert line, "server exited"
-                log += line.decode()
+            server.proc.send_signal(signal.SIGHUP)
+            await server.wait_for("reloaded", timeout=20)
             await new.list_sessions_page(ALICE)
             await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
-        proc.send_signal(signal.SIGTERM)
-        rest = (await asyncio.wait_for(proc.communicate(), 20))[1].decode()
-        assert proc.returncode == 0
-        assert ALICE_TOKEN not in log + rest
-        assert new_token not in log + rest
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code(20) == 0
+        assert ALICE_TOKEN not in server.text
+        assert new_token not in server.text
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await server.kill()
 
 
 async def test_malformed_tokens_file_stops_start_up_with_one_line(tmp_path: Path) -> None:

@@ -38,3 +38,38 @@ def test_invalid_values_are_rejected() -> None:
         Settings.from_sources(["--listen", "nonsense"], {})
     with pytest.raises(SystemExit):
         Settings.from_sources([], {"CHATSESSION_DEFAULT_TTL_SECONDS": "abc"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--log-level", "nonsense"], {}, "log_level must be one of DEBUG, INFO, WARNING, ERROR"),
+        (["--listen", "127.0.0.1:65536"], {}, "listen port must be 0..65535, got 65536"),
+        (["--listen", "127.0.0.1:-1"], {}, "listen port must be 0..65535, got -1"),
+        (["--listen", "127.0.0.1"], {}, "listen must be HOST:PORT"),
+        (["--listen", "[::1:50051"], {}, "listen must be HOST:PORT"),
+        (["--listen", ":50051"], {}, "listen must be HOST:PORT"),
+        (["--workers", "-1"], {}, "workers must be 0"),
+        (["--workers", "two"], {}, "argument --workers: invalid int value: 'two'"),
+        ([], {"CHATSESSION_WORKERS": "two"}, "CHATSESSION_WORKERS: invalid literal"),
+        (["--valkey-startup-timeout", "0"], {}, "valkey_startup_timeout must be positive"),
+        (["--grace-seconds", "-1"], {}, "grace_seconds must not be negative"),
+        (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_configuration_errors_are_one_line_and_exit_2(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        Settings.from_sources(argv, env)
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("chatsession-server: error: ")
+    assert message in line
+
+
+def test_workers_and_startup_wait_come_from_flags_or_environment() -> None:
+    s = Settings.from_sources(["--valkey-startup-timeout", "2.5"], {"CHATSESSION_WORKERS": "0"})
+    assert (s.workers, s.valkey_startup_timeout) == (0, 2.5)
+    assert (s.listen_host, s.listen_port) == ("127.0.0.1", 50051)
+    assert Settings(listen="[::]:0").listen_host == "[::]"

@@ -1,4 +1,9 @@
-"""Wiring: Valkey connection, store, servicer, health and reflection, start and graceful stop."""
+"""Wiring: Valkey connection, store, servicer, health and reflection, start and graceful stop.
+
+Start-up is two steps, so that health answers while Valkey is awaited: `open_server` listens
+(health NOT_SERVING, SessionService calls UNAVAILABLE), then `ListeningServer.connect` waits for
+Valkey, wires the store and turns SERVING. `start_server` does both.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,12 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
+import glide
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,6 +29,8 @@ from chatsession_server.api.page_token import PageTokens
 from chatsession_server.api.servicer import SessionServicer
 from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
+from chatsession_server.errors import StoreTimeout, StoreUnavailable
+from chatsession_server.listen_address import claim_listen_port
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
@@ -28,13 +39,24 @@ from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.valkey import AnyConfig, glide_config
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+# Waiting for Valkey at start: retry delays double from the first to the last.
+FIRST_RETRY_SECONDS = 0.2
+MAX_RETRY_SECONDS = 2.0
+# Failures that mean "Valkey is not (yet) there": wait and try again.
+_NOT_YET = (OSError, TimeoutError, StoreUnavailable, StoreTimeout, glide.GlideError)
+
+
+def grpc_options(settings: Settings, *, share_port: bool = False) -> list[tuple[str, int]]:
     return [
+        # gRPC turns SO_REUSEPORT on by default: a second server on a busy port would bind and
+        # silently share it. Only the workers of one supervisor share a port.
+        ("grpc.so_reuseport", int(share_port)),
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         # Replies are not capped here: a reply too big for a client fails on the client's side
         # (RESOURCE_EXHAUSTED) either way, and a cap here would add a traceback per call to our log.
@@ -50,6 +72,54 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
     ]
+
+
+class _SessionServiceSlot(grpc.GenericRpcHandler):
+    """Where SessionService is registered: its handlers once Valkey answers, UNAVAILABLE until then.
+
+    gRPC takes handlers only before the server starts, and the server starts (for health) before
+    the servicer's store exists. Calls are then found through this generic handler rather than
+    gRPC's registered-method table, at the cost of one dict lookup.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def fill(self, servicer: SessionServicer) -> None:
+        capture = _HandlerCapture()
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, cast(aio.Server, capture))
+        self._handlers = {f"/{SERVICE_NAME}/{name}": h for name, h in capture.handlers.items()}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        if self._handlers:
+            return self._handlers.get(method)
+        return _NOT_READY if method.startswith(f"/{SERVICE_NAME}/") else None
+
+
+class _HandlerCapture:
+    """Stands in for the server to collect the method handlers the generated code makes."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers = handlers
+
+
+async def _not_ready(request: bytes, context: aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "starting: waiting for Valkey")
+
+
+# A unary handler answers the streaming WatchMessages too: it ends the call before any reply.
+_NOT_READY: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(cast(Any, _not_ready))
 
 
 @dataclass
@@ -73,9 +143,41 @@ class RunningServer:
         await self.connection.close()
 
 
-async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
-    """Connect to Valkey and start serving on `settings.listen` (port 0 picks a free port)."""
-    # Security files first: a bad one fails start-up before anything is connected.
+@dataclass
+class ListeningServer:
+    """A started gRPC server answering health (NOT_SERVING) and reflection, not yet connected."""
+
+    server: aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    slot: _SessionServiceSlot
+    auth: AuthInterceptor | None
+
+    async def connect(self, settings: Settings, valkey: ValkeyAddress) -> RunningServer:
+        """Wait for Valkey (up to `valkey_startup_timeout`), wire the service, turn SERVING."""
+        connection, feed, token_key = await _connect_when_valkey_answers(settings, valkey)
+        store = SessionStore(
+            connection,
+            max_ttl_seconds=settings.max_ttl_seconds,
+            idempotency_limit=settings.idempotency_keys_per_session,
+            max_labels=MAX_LABELS,
+        )
+        servicer = SessionServicer(
+            store if self.auth is None else AuthorizedStorage(store),
+            feed,
+            Limits.from_settings(settings),
+            PageTokens(token_key),
+            heartbeat_seconds=settings.watch_heartbeat_seconds,
+        )
+        self.slot.fill(servicer)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return RunningServer(self.server, self.port, self.health, connection, store, feed, self.auth)
+
+
+async def open_server(settings: Settings, *, share_port: bool = False) -> ListeningServer:
+    """Listen on `settings.listen` (port 0 picks a free port) with health NOT_SERVING."""
+    # Security files first: a bad one fails start-up before anything listens or connects.
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     auth = (
         AuthInterceptor(
@@ -96,6 +198,78 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         cert_callers=auth is not None and auth.callers.has_certificates,
     ):
         log.warning("%s", warning)
+    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(f"/{SERVICE_NAME}/")]
+    if auth is not None:
+        interceptors.append(auth)
+    server = aio.server(interceptors=interceptors, options=grpc_options(settings, share_port=share_port))
+    slot = _SessionServiceSlot()
+    server.add_generic_rpc_handlers([slot])
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        port = (
+            server.add_insecure_port(settings.listen)
+            if credentials is None
+            else server.add_secure_port(settings.listen, credentials)
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
+    await server.start()
+    return ListeningServer(server, port, health_servicer, slot, auth)
+
+
+async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
+    """Listen on `settings.listen` (port 0 picks a free port), connect to Valkey, serve."""
+    listening = await open_server(settings)
+    try:
+        return await listening.connect(settings, valkey)
+    except BaseException:
+        await listening.server.stop(None)
+        raise
+
+
+async def _connect_when_valkey_answers(
+    settings: Settings, valkey: ValkeyAddress
+) -> tuple[ValkeyConnection, SessionFeed, bytes]:
+    """Connect, retrying with backoff for up to `valkey_startup_timeout`; one log line per failed try."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.valkey_startup_timeout
+    delay = FIRST_RETRY_SECONDS
+    attempt = 1
+    while True:
+        try:
+            return await _connect(settings, valkey)
+        except _NOT_YET as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RuntimeError(
+                    f"Valkey at {valkey.redacted()} did not answer within "
+                    f"{settings.valkey_startup_timeout:g}s: {reason}"
+                ) from None
+            wait = min(delay, left)
+            log.warning(
+                "Valkey at %s not answering (attempt %d: %s); next try in %.1fs",
+                valkey.redacted(), attempt, reason, wait,
+            )  # fmt: skip
+            await asyncio.sleep(wait)
+            delay = min(2 * delay, MAX_RETRY_SECONDS)
+            attempt += 1
+
+
+async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyConnection, SessionFeed, bytes]:
+    """The store's connection, the watch feed, and the key that signs page tokens."""
+    # GLIDE's create() blocks the event loop for the whole connect timeout when nothing answers:
+    # a plain TCP connect first keeps the loop (and health) responsive while Valkey is away.
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(valkey.host, valkey.port), settings.valkey_connect_timeout_ms / 1000
+    )
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
     def config(name: str) -> AnyConfig:
         return glide_config(
@@ -117,58 +291,30 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         token_key = settings.page_token_key.encode() or await shared_secret(
             connection, page_token_secret_key()
         )
+        feed = await SessionFeed.start(
+            config("chatsession-watch"),
+            connection,
+            buffer=settings.watch_buffer_events,
+            poll_seconds=settings.watch_poll_seconds,
+            sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
+        )
     except BaseException:
         await connection.close()
         raise
-    feed = await SessionFeed.start(
-        config("chatsession-watch"),
-        connection,
-        buffer=settings.watch_buffer_events,
-        poll_seconds=settings.watch_poll_seconds,
-        sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
-    )
-    store = SessionStore(
-        connection,
-        max_ttl_seconds=settings.max_ttl_seconds,
-        idempotency_limit=settings.idempotency_keys_per_session,
-        max_labels=MAX_LABELS,
-    )
-    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(f"/{SERVICE_NAME}/")]
-    if auth is not None:
-        interceptors.append(auth)
-    server = aio.server(interceptors=interceptors, options=grpc_options(settings))
-    servicer = SessionServicer(
-        store if auth is None else AuthorizedStorage(store),
-        feed,
-        Limits.from_settings(settings),
-        PageTokens(token_key),
-        heartbeat_seconds=settings.watch_heartbeat_seconds,
-    )
-    session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME],
-        server,
-    )
-    try:
-        port = (
-            server.add_insecure_port(settings.listen)
-            if credentials is None
-            else server.add_secure_port(settings.listen, credentials)
-        )
-    except RuntimeError as exc:
-        await feed.close()
-        await connection.close()
-        raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, connection, store, feed, auth)
+    return connection, feed, token_key
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then drain and release everything (embedded Valkey included)."""
+async def serve(settings: Settings, *, share_port: bool = False) -> None:
+    """Run until SIGTERM/SIGINT, then drain and release everything (embedded Valkey included).
+
+    `share_port`: a supervised worker, sharing the port with its siblings (and given a Valkey URL).
+    """
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    if not share_port and settings.listen_port:
+        claim_listen_port(settings.listen_host, settings.listen_port)  # before an embedded Valkey starts
     embedded: EmbeddedValkey | None = None
     valkey = settings.valkey
     if valkey is None:
@@ -180,20 +326,39 @@ async def serve(settings: Settings) -> None:
         )
         valkey = ValkeyAddress.parse(embedded.url)
     try:
-        running = await start_server(settings, valkey)
-        host = settings.listen.rpartition(":")[0]
-        log.info("chatsession serving on %s:%d (Valkey %s)", host, running.port, valkey.redacted())
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        if running.auth is not None:
-            loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
-        await stopping.wait()
-        log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
-        await running.stop(settings.grace_seconds)
+        listening = await open_server(settings, share_port=share_port)
+        host = settings.listen_host
+        log.info("listening on %s:%d; connecting to Valkey at %s", host, listening.port, valkey.redacted())
+        try:
+            running = await _unless_stopped(listening.connect(settings, valkey), stopping)
+        except BaseException:
+            await listening.server.stop(None)
+            raise
+        if running is None:
+            await listening.server.stop(None)
+        else:
+            log.info("chatsession serving on %s:%d (Valkey %s)", host, running.port, valkey.redacted())
+            if running.auth is not None:
+                loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
+            await stopping.wait()
+            log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
+            await running.stop(settings.grace_seconds)
     finally:
         if embedded is not None:
             with contextlib.suppress(Exception):
                 embedded.stop()
     log.info("stopped")
+
+
+async def _unless_stopped(work: Awaitable[T], stopping: asyncio.Event) -> T | None:
+    """`work`'s result, or None if `stopping` is set first (then `work` is cancelled)."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()

