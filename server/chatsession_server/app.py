@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -264,12 +264,8 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
     """The store's connection, the watch feed, and the key that signs page tokens."""
     # GLIDE's create() blocks the event loop for the whole connect timeout when nothing answers:
     # a plain TCP connect first keeps the loop (and health) responsive while Valkey is away.
-    _, writer = await asyncio.wait_for(
-        asyncio.open_connection(valkey.host, valkey.port), settings.valkey_connect_timeout_ms / 1000
-    )
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    # Any seed of a cluster will do.
+    await _any_accepts(valkey.nodes, settings.valkey_connect_timeout_ms / 1000)
 
     def config(name: str) -> AnyConfig:
         return glide_config(
@@ -302,6 +298,22 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
         await connection.close()
         raise
     return connection, feed, token_key
+
+
+async def _any_accepts(nodes: Sequence[tuple[str, int]], timeout: float) -> None:
+    """Returns once one of `nodes` accepts a TCP connection; raises the last failure otherwise."""
+    failure: BaseException = OSError("no Valkey node given")
+    for host, port in nodes:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            failure = exc
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
+    raise failure
 
 
 async def serve(settings: Settings, *, share_port: bool = False) -> None:
