@@ -53,9 +53,14 @@ def test_scripts_name_every_key_and_argument_instead_of_indexing(script: scripts
 
 
 def test_arguments_are_encoded_in_field_order() -> None:
-    args = scripts.ListMessagesArgs(limit=20, after_seq=None, before_seq=7)
-    assert scripts.LIST_MESSAGES.argv(args) == ["20", "", "7"]
+    args = scripts.ListMessagesArgs(
+        owners=scripts.owners_arg({"bob", "al"}), limit=20, after_seq=None, before_seq=7
+    )
+    assert scripts.LIST_MESSAGES.argv(args) == [" al bob ", "20", "", "7"]
+    assert scripts.owners_arg(None) == ""  # anyone's
+    assert scripts.owners_arg(()) == " "  # nobody's
     update = scripts.UpdateArgs(
+        owners="",
         ttl=None,
         max_messages=5,
         clear_labels=True,
@@ -63,7 +68,7 @@ def test_arguments_are_encoded_in_field_order() -> None:
         set_count=1,
         changes=["title", "t", "label:x"],
     )
-    assert scripts.UPDATE.argv(update) == ["", "5", "1", "64", "1", "title", "t", "label:x"]
-    assert "local changes_from = 6" in scripts.UPDATE.source
+    assert scripts.UPDATE.argv(update) == ["", "", "5", "1", "64", "1", "title", "t", "label:x"]
+    assert "local changes_from = 7" in scripts.UPDATE.source
     with pytest.raises(ValueError, match="at most 2 keys"):
         scripts.LIST_MESSAGES.keys("a", "b", "c")

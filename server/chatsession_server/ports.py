@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from chatsession_server.domain import (
@@ -20,13 +20,19 @@ from chatsession_server.domain import (
 
 
 class SessionStorage(Protocol):
+    """`owners`, where taken: the user ids whose sessions the caller may touch (None: anyone's).
+    A session of another user is SessionNotFound (delete: False), checked in the same atomic step
+    as the operation, so no owner can change in between."""
+
     async def create(self, new: NewSession) -> tuple[Session, bool]: ...
 
-    async def get(self, session_id: str) -> Session: ...
+    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session: ...
 
-    async def update(self, session_id: str, patch: SessionPatch) -> Session: ...
+    async def update(
+        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
+    ) -> Session: ...
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool: ...
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage: ...
 
@@ -37,9 +43,12 @@ class SessionStorage(Protocol):
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
+        owners: Collection[str] | None = None,
     ) -> AppendResult: ...
 
-    async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage: ...
+    async def list_messages(
+        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+    ) -> MessagePage: ...
 
 
 class FeedSubscription(Protocol):

@@ -35,7 +35,7 @@ from chatsession_server.domain import (
     SessionPage,
     SessionPatch,
 )
-from chatsession_server.errors import PermissionDenied, SessionNotFound, Unauthenticated
+from chatsession_server.errors import PermissionDenied, Unauthenticated
 from chatsession_server.ports import SessionStorage
 
 log = logging.getLogger(__name__)
@@ -262,43 +262,28 @@ def _require_user(user_id: str) -> None:
 class AuthorizedStorage:
     """The store as the current caller (`CALLER`) sees it; the servicer uses it unchanged.
 
-    The owner of a session lives in Valkey, so a session-scoped call costs one extra read of it
-    (`get`) before the operation, unless the caller may act for every user. The check and the
-    operation are two round trips: a session deleted and re-created under the same id by another
-    user in between would be acted on. Moving the owner check into the store's scripts removes both.
+    Session-scoped calls pass the caller's users down as `owners`: the store checks the owner in
+    the same atomic step as the operation (no extra round trip, no window in which the session
+    could change hands). Calls naming a user are checked here.
     """
 
     def __init__(self, store: SessionStorage) -> None:
         self._store = store
 
-    async def _check_owner(self, session_id: str) -> None:
-        grant = _caller()
-        if not grant.every_user:
-            await self._owned(grant, session_id)
-
-    async def _owned(self, grant: Grant, session_id: str) -> Session:
-        session = await self._store.get(session_id)
-        if not grant.allows(session.user_id):
-            raise SessionNotFound(session_id)  # the same answer as for a session that does not exist
-        return session
-
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         _require_user(new.user_id)
         return await self._store.create(new)
 
-    async def get(self, session_id: str) -> Session:
-        return await self._owned(_caller(), session_id)
+    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
+        return await self._store.get(session_id, owners=_owners(owners))
 
-    async def update(self, session_id: str, patch: SessionPatch) -> Session:
-        await self._check_owner(session_id)
-        return await self._store.update(session_id, patch)
+    async def update(
+        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
+    ) -> Session:
+        return await self._store.update(session_id, patch, owners=_owners(owners))
 
-    async def delete(self, session_id: str) -> bool:
-        try:
-            await self._check_owner(session_id)
-        except SessionNotFound:
-            return False
-        return await self._store.delete(session_id)
+    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+        return await self._store.delete(session_id, owners=_owners(owners))
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         _require_user(user_id)
@@ -311,12 +296,26 @@ class AuthorizedStorage:
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
+        owners: Collection[str] | None = None,
     ) -> AppendResult:
-        await self._check_owner(session_id)
         return await self._store.append(
-            session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
+            session_id,
+            messages,
+            request_id=request_id,
+            expected_last_seq=expected_last_seq,
+            owners=_owners(owners),
         )
 
-    async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage:
-        await self._check_owner(session_id)
-        return await self._store.list_messages(session_id, query)
+    async def list_messages(
+        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+    ) -> MessagePage:
+        return await self._store.list_messages(session_id, query, owners=_owners(owners))
+
+
+def _owners(asked: Collection[str] | None) -> Collection[str] | None:
+    """The users whose sessions this call may touch: the caller's (None when it may act for
+    anyone), narrowed to `asked` when the caller of the storage named some itself."""
+    grant = _caller()
+    if grant.every_user:
+        return asked
+    return grant.users if asked is None else grant.users & frozenset(asked)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -70,6 +70,13 @@ def _constants() -> str:
 
 
 A = TypeVar("A")
+
+
+def owners_arg(owners: Collection[str] | None) -> str:
+    """The `owners` argument: the user ids whose sessions the caller may touch (None: anyone's)."""
+    if owners is None:
+        return ""
+    return " " + " ".join(sorted(owners)) + " " if owners else " "
 
 
 class LuaScript(Generic[A]):
@@ -131,6 +138,11 @@ def _arg(value: object) -> str:
 
 
 PRELUDE = r"""
+-- `owners` is ' ' .. user ids .. ' ' (ids hold no spaces), or '' for a caller acting for anyone.
+local function owned(owners, uid)
+  return owners == '' or string.find(owners, ' ' .. uid .. ' ', 1, true) ~= nil
+end
+
 local function describe(chat, meta)
   return {redis.call('HGETALL', meta), redis.call('LLEN', chat), redis.call('TTL', meta)}
 end
@@ -223,6 +235,8 @@ return {ST_CREATED, describe(chat, meta)}
 
 @dataclass(frozen=True, slots=True)
 class AppendArgs:
+    owners: str
+    """see `owners_arg`: a session of anyone else is not found"""
     now: str
     request_id: str
     fingerprint: str
@@ -248,7 +262,7 @@ APPEND = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
                      F_LAST_ACTIVE)
-if not m[1] then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
 if request_id ~= '' then
@@ -324,6 +338,7 @@ return {ST_OK, first, describe(chat, meta)}
 
 @dataclass(frozen=True, slots=True)
 class ListMessagesArgs:
+    owners: str
     limit: int
     after_seq: int | None
     before_seq: int | None
@@ -333,8 +348,8 @@ LIST_MESSAGES = LuaScript(
     ("chat", "meta"),
     ListMessagesArgs,
     r"""
-local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED)
-if not m[1] then return {ST_NOT_FOUND} end
+local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID)
+if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
 local base = mc - (len - pinned)
@@ -373,6 +388,7 @@ return {ST_OK, items, has_more, mc, base + 1, trimmed}
 
 @dataclass(frozen=True, slots=True)
 class UpdateArgs:
+    owners: str
     ttl: int | None
     max_messages: int | None
     clear_labels: bool
@@ -389,7 +405,7 @@ UPDATE = LuaScript(
     UpdateArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
-if not m[1] then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local n_set = tonumber(set_count)
 local first_delete = changes_from + 2 * n_set
 local labels = {}
@@ -434,6 +450,7 @@ return {ST_OK, describe(chat, meta)}
 
 @dataclass(frozen=True, slots=True)
 class DeleteArgs:
+    owners: str
     index_key_head: str
     """'' in a cluster: the caller removes the index entry in a second step"""
     session_id: str
@@ -447,7 +464,7 @@ DELETE = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
 local uid = m[1]
-if not uid then return {ST_NOT_FOUND} end
+if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
 redis.call('DEL', chat, meta, reqs)
 if index_key_head ~= '' then redis.call('ZREM', """
     + _INDEX_OF

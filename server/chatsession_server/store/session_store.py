@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from glide import InfBound, Limit, RangeByScore, ScoreBoundary, UpdateOptions
@@ -158,7 +158,8 @@ class SessionStore:
                 "session %s: index entry of a refused create left to pruning (%s)", new.session_id, exc
             )
 
-    async def get(self, session_id: str) -> Session:
+    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
+        """The session; not found when it belongs to none of `owners` (None: anyone's)."""
         batch = self._conn.batch(atomic=True)
         batch.hgetall(keys.meta_key(session_id)).llen(keys.chat_key(session_id)).ttl(
             keys.meta_key(session_id)
@@ -166,9 +167,14 @@ class SessionStore:
         meta, stored, ttl = await self._conn.run(batch)
         if not meta:
             raise SessionNotFound(session_id)
-        return codec.decode_session(session_id, meta, int(stored), int(ttl))
+        session = codec.decode_session(session_id, meta, int(stored), int(ttl))
+        if owners is not None and session.user_id not in owners:
+            raise SessionNotFound(session_id)
+        return session
 
-    async def update(self, session_id: str, patch: SessionPatch) -> Session:
+    async def update(
+        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
+    ) -> Session:
         to_set: dict[str, str] = {}
         if patch.title is not None:
             to_set["title"] = patch.title
@@ -179,6 +185,7 @@ class SessionStore:
             to_set[codec.LABEL_FIELD_PREFIX + key] = value
         to_delete = [codec.LABEL_FIELD_PREFIX + key for key in sorted(patch.remove_labels)]
         args = scripts.UpdateArgs(
+            owners=scripts.owners_arg(owners),
             ttl=patch.ttl_seconds,
             max_messages=patch.max_messages,
             clear_labels=patch.replace_labels is not None,
@@ -202,9 +209,10 @@ class SessionStore:
         await self._conn.replicated(keys.meta_key(session_id))
         return _session_from(session_id, reply[1])
 
-    async def delete(self, session_id: str) -> bool:
-        """Delete a session; False when there was none."""
+    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+        """Delete a session; False when there was none (of `owners`)."""
         args = scripts.DeleteArgs(
+            owners=scripts.owners_arg(owners),
             index_key_head=self._index_head,
             session_id=session_id,
             publish_command=self._publish,
@@ -229,10 +237,12 @@ class SessionStore:
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
+        owners: Collection[str] | None = None,
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
         args = scripts.AppendArgs(
+            owners=scripts.owners_arg(owners),
             now=codec.format_time(now),
             request_id=request_id,
             fingerprint=codec.fingerprint(messages) if request_id else "",
@@ -284,11 +294,15 @@ class SessionStore:
                 log.warning("session %s: index score not updated (%s); repaired later", session_id, exc)
         return result
 
-    async def list_messages(self, session_id: str, query: MessageQuery) -> MessagePage:
+    async def list_messages(
+        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+    ) -> MessagePage:
         reply = await self._run(
             scripts.LIST_MESSAGES,
             [keys.chat_key(session_id), keys.meta_key(session_id)],
-            scripts.ListMessagesArgs(query.limit, query.after_seq, query.before_seq),
+            scripts.ListMessagesArgs(
+                scripts.owners_arg(owners), query.limit, query.after_seq, query.before_seq
+            ),
         )
         if Status.of(reply) is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
