@@ -20,12 +20,14 @@ from chatsession_server.api.page_token import PageTokens
 from chatsession_server.api.servicer import SessionServicer
 from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
+from chatsession_server.errors import StoreTimeout, StoreUnavailable
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
 from chatsession_server.store.keys import page_token_secret_key
 from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.valkey import AnyConfig, glide_config
+from chatsession_server.store.valkey_tls import connect_failure
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,11 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
         log.info("TLS on%s", ", client certificates required" if settings.tls_client_ca else "")
     if auth is not None:
         log.info("callers from %s: %d", settings.auth_tokens_file, len(auth.callers))
+    root_certificates = settings.valkey_root_certificates()
+    if settings.valkey_tls_insecure:
+        log.warning(
+            "--valkey-tls-insecure: the Valkey server's certificate is not checked (for testing only)"
+        )
     for warning in exposure_warnings(
         settings.listen,
         tls=credentials is not None,
@@ -105,14 +112,22 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
             connect_timeout_ms=settings.valkey_connect_timeout_ms,
             inflight_limit=settings.valkey_inflight_limit,
             client_name=name,
+            root_certificates=root_certificates,
+            insecure_tls=settings.valkey_tls_insecure,
         )
 
-    connection = await ValkeyConnection.connect(
-        valkey,
-        config("chatsession"),
-        wait_replicas=settings.valkey_wait_replicas,
-        wait_timeout_ms=settings.valkey_wait_timeout_ms,
-    )
+    try:
+        connection = await ValkeyConnection.connect(
+            valkey,
+            config("chatsession"),
+            wait_replicas=settings.valkey_wait_replicas,
+            wait_timeout_ms=settings.valkey_wait_timeout_ms,
+        )
+    except (StoreUnavailable, StoreTimeout) as exc:  # one line at start-up, not a traceback
+        why = await connect_failure(
+            valkey, exc, root_certificates=root_certificates, insecure_tls=settings.valkey_tls_insecure
+        )
+        raise RuntimeError(why) from None
     try:
         token_key = settings.page_token_key.encode() or await shared_secret(
             connection, page_token_secret_key()
