@@ -37,6 +37,7 @@ from chatsession_server.store.feed import SessionFeed
 from chatsession_server.store.keys import page_token_secret_key
 from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.valkey import AnyConfig, glide_config
+from chatsession_server.store.valkey_tls import connect_failure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -190,6 +191,11 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
         log.info("TLS on%s", ", client certificates required" if settings.tls_client_ca else "")
     if auth is not None:
         log.info("callers from %s: %d", settings.auth_tokens_file, len(auth.callers))
+    settings.valkey_root_certificates()  # an unreadable CA file fails start-up now, not later
+    if settings.valkey_tls_insecure:
+        log.warning(
+            "--valkey-tls-insecure: the Valkey server's certificate is not checked (for testing only)"
+        )
     for warning in exposure_warnings(
         settings.listen,
         tls=credentials is not None,
@@ -266,6 +272,7 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
     # a plain TCP connect first keeps the loop (and health) responsive while Valkey is away.
     # Any seed of a cluster will do.
     await _any_accepts(valkey.nodes, settings.valkey_connect_timeout_ms / 1000)
+    root_certificates = settings.valkey_root_certificates()
 
     def config(name: str) -> AnyConfig:
         return glide_config(
@@ -275,14 +282,26 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
             connect_timeout_ms=settings.valkey_connect_timeout_ms,
             inflight_limit=settings.valkey_inflight_limit,
             client_name=name,
+            root_certificates=root_certificates,
+            insecure_tls=settings.valkey_tls_insecure,
         )
 
-    connection = await ValkeyConnection.connect(
-        valkey,
-        config("chatsession"),
-        wait_replicas=settings.valkey_wait_replicas,
-        wait_timeout_ms=settings.valkey_wait_timeout_ms,
-    )
+    try:
+        connection = await ValkeyConnection.connect(
+            valkey,
+            config("chatsession"),
+            wait_replicas=settings.valkey_wait_replicas,
+            wait_timeout_ms=settings.valkey_wait_timeout_ms,
+        )
+    except (StoreUnavailable, StoreTimeout) as exc:
+        # A wrong password or certificate ends start-up at once, in one line; anything else may
+        # be a Valkey still starting: the caller waits and tries again.
+        refused = await connect_failure(
+            valkey, exc, root_certificates=root_certificates, insecure_tls=settings.valkey_tls_insecure
+        )
+        if refused:
+            raise RuntimeError(refused) from None
+        raise
     try:
         token_key = settings.page_token_key.encode() or await shared_secret(
             connection, page_token_secret_key()

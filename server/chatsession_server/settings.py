@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -189,6 +191,25 @@ class Settings:
     valkey_startup_timeout: float = field(
         default=30.0, metadata=_meta("how long to wait for Valkey at start before giving up, in seconds")
     )
+    # -- Valkey TLS and credentials (README "Valkey TLS and credentials"). The password is given one
+    # way only: in --valkey-url, in --valkey-password (better: its environment variable, which `ps`
+    # does not show) or in --valkey-password-file; the files are read once, at start-up.
+    valkey_ca_file: str = field(
+        default="",
+        metadata=_meta("PEM CA certificates that verify the Valkey server (valkeys://); empty: the system's"),
+    )
+    valkey_tls_insecure: bool = field(
+        default=False,
+        metadata=_meta("valkeys:// without verifying the server's certificate: for testing only"),
+    )
+    valkey_password: str = field(
+        default="",
+        repr=False,
+        metadata=_meta("Valkey password; prefer the environment variable or --valkey-password-file"),
+    )
+    valkey_password_file: str = field(
+        default="", metadata=_meta("file holding the Valkey password (a trailing newline is ignored)")
+    )
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -204,10 +225,10 @@ class Settings:
             raise ValueError("valkey_startup_timeout must be positive")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must not be negative")
-        if self.valkey_url:
-            address = ValkeyAddress.parse(self.valkey_url)
-            if len(address.nodes) > 1 and not self.valkey_cluster:
-                raise ValueError("several Valkey nodes in valkey_url need --valkey-cluster")
+        address = ValkeyAddress.parse(self.valkey_url) if self.valkey_url else None
+        if address is not None and len(address.nodes) > 1 and not self.valkey_cluster:
+            raise ValueError("several Valkey nodes in valkey_url need --valkey-cluster")
+        self._check_valkey_security(address)
         if self.valkey_wait_replicas < 0 or self.valkey_wait_timeout_ms <= 0:
             raise ValueError(
                 "valkey_wait_replicas must not be negative, valkey_wait_timeout_ms must be positive"
@@ -233,6 +254,31 @@ class Settings:
         if self.max_messages_per_append > 5000:
             raise ValueError("max_messages_per_append must be at most 5000 (Lua argument limits)")
 
+    def _check_valkey_security(self, address: ValkeyAddress | None) -> None:
+        """The Valkey TLS and password options fit together (the messages never hold a secret)."""
+        tls = address is not None and address.use_tls
+        if self.valkey_ca_file and not tls:
+            raise ValueError("--valkey-ca-file needs a valkeys:// URL (TLS)")
+        if self.valkey_tls_insecure and not tls:
+            raise ValueError("--valkey-tls-insecure needs a valkeys:// URL (TLS)")
+        if self.valkey_tls_insecure and self.valkey_ca_file:
+            raise ValueError("--valkey-tls-insecure verifies nothing: it does not go with --valkey-ca-file")
+        sources = [
+            name
+            for name, given in (
+                ("the URL", address is not None and address.password is not None),
+                (f"--valkey-password ({ENV_PREFIX}VALKEY_PASSWORD)", bool(self.valkey_password)),
+                ("--valkey-password-file", bool(self.valkey_password_file)),
+            )
+            if given
+        ]
+        if sources and address is None:
+            raise ValueError(f"a Valkey password in {sources[0]} needs --valkey-url")
+        if len(sources) > 1:
+            raise ValueError(
+                f"the Valkey password is given more than once ({', '.join(sources)}): give it one way"
+            )
+
     @property
     def listen_host(self) -> str:
         """The host part of `listen` as written (an IPv6 address keeps its brackets)."""
@@ -244,7 +290,37 @@ class Settings:
 
     @property
     def valkey(self) -> ValkeyAddress | None:
-        return ValkeyAddress.parse(self.valkey_url) if self.valkey_url else None
+        """Where Valkey is, with its password from wherever it was given; None: start an embedded one.
+
+        This reads --valkey-password-file (RuntimeError, one line, when it cannot): ask once, at start-up.
+        """
+        if not self.valkey_url:
+            return None
+        address = ValkeyAddress.parse(self.valkey_url)
+        if self.valkey_password_file:
+            return dataclasses.replace(address, password=read_password_file(self.valkey_password_file))
+        if self.valkey_password:
+            return dataclasses.replace(address, password=self.valkey_password)
+        return address
+
+    def valkey_root_certificates(self) -> bytes | None:
+        """The PEM CA certificates of --valkey-ca-file (read now), or None for the system's."""
+        if not self.valkey_ca_file:
+            return None
+        try:
+            pem = Path(self.valkey_ca_file).read_bytes()
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot read --valkey-ca-file {self.valkey_ca_file}: {exc.strerror or exc}"
+            ) from None
+        # GLIDE would only time out on a file it cannot use; OpenSSL says so now.
+        try:
+            ssl.create_default_context(cadata=pem.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):
+            raise RuntimeError(
+                f"--valkey-ca-file {self.valkey_ca_file}: no PEM CA certificate in it"
+            ) from None
+        return pem
 
     @classmethod
     def from_sources(
@@ -292,6 +368,19 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def read_password_file(path: str) -> str:
+    """The password in `path`, without the trailing newline editors and `echo` leave."""
+    try:
+        password = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise RuntimeError(f"cannot read --valkey-password-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:  # its message would quote the bytes
+        raise RuntimeError(f"cannot read --valkey-password-file {path}: not UTF-8 text") from None
+    if not password:
+        raise RuntimeError(f"--valkey-password-file {path} is empty")
+    return password
 
 
 def _parse_bool(text: str) -> bool:

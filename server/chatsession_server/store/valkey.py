@@ -31,6 +31,7 @@ from glide import (
     ServerCredentials,
     SlotKeyRoute,
     SlotType,
+    TlsAdvancedConfiguration,
 )
 
 from chatsession_server.errors import StoreTimeout, StoreUnavailable, WriteNotReplicated
@@ -94,13 +95,24 @@ def glide_config(
     connect_timeout_ms: int,
     inflight_limit: int,
     client_name: str = "chatsession",
+    root_certificates: bytes | None = None,
+    insecure_tls: bool = False,
 ) -> AnyConfig:
-    """A fresh GLIDE configuration for `address` (each client needs its own object)."""
+    """A fresh GLIDE configuration for `address` (each client needs its own object).
+
+    With TLS (valkeys://) the server's certificate is checked against `root_certificates` (PEM),
+    or the system's roots when None; `insecure_tls` checks nothing (for testing only).
+    """
     credentials = None
     if address.password is not None:
         credentials = ServerCredentials(password=address.password, username=address.username)
     nodes = [NodeAddress(host, port) for host, port in address.nodes]
     reconnect = BackoffStrategy(**RECONNECT)
+    tls = (
+        TlsAdvancedConfiguration(use_insecure_tls=insecure_tls, root_pem_cacerts=root_certificates)
+        if address.use_tls
+        else None
+    )
     if cluster:
         return GlideClusterClientConfiguration(
             nodes,
@@ -111,7 +123,9 @@ def glide_config(
             client_name=client_name,
             inflight_requests_limit=inflight_limit,
             reconnect_strategy=reconnect,
-            advanced_config=AdvancedGlideClusterClientConfiguration(connection_timeout=connect_timeout_ms),
+            advanced_config=AdvancedGlideClusterClientConfiguration(
+                connection_timeout=connect_timeout_ms, tls_config=tls
+            ),
         )
     return GlideClientConfiguration(
         nodes,
@@ -122,7 +136,9 @@ def glide_config(
         client_name=client_name,
         inflight_requests_limit=inflight_limit,
         reconnect_strategy=reconnect,
-        advanced_config=AdvancedGlideClientConfiguration(connection_timeout=connect_timeout_ms),
+        advanced_config=AdvancedGlideClientConfiguration(
+            connection_timeout=connect_timeout_ms, tls_config=tls
+        ),
     )
 
 
