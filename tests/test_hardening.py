@@ -14,7 +14,7 @@ import pytest
 from glide import GlideClient
 from google.protobuf.field_mask_pb2 import FieldMask
 
-from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
+from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client import InvalidArgumentError, SessionClient, assistant, user
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.app import RunningServer, start_server
@@ -344,15 +344,29 @@ async def test_request_over_the_transport_limit_never_reaches_the_servicer(
     assert await raw.llen(f"chat:{{{s.session_id}}}") == 0
 
 
-async def test_replies_are_capped_by_the_client_not_by_the_request_limit(
-    default_server: RunningServer, default_client: SessionClient, uid: str
+async def test_pages_are_cut_by_bytes_so_every_reply_fits_a_default_client(
+    default_client: SessionClient, uid: str
 ) -> None:
-    # Until pages are cut by bytes a page may outgrow 4 MiB: a client that raised its limit gets it.
     s = await default_client.create_session(uid)
-    for _ in range(2):
+    for _ in range(2):  # 5 MB of messages: no page may hold them all
         await default_client.append(s.session_id, [user("x" * 250 * KIB) for _ in range(10)])
-    request = session_service_pb2.ListMessagesRequest(session_id=s.session_id)
-    options = [("grpc.max_receive_message_length", 16 * MIB)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{default_server.port}", options=options) as channel:
-        page = await session_service_pb2_grpc.SessionServiceStub(channel).ListMessages(request, timeout=10)
-    assert len(page.messages) == 20
+    newest = await default_client.list_messages(s.session_id, page_size=100)
+    assert 1 <= len(newest.messages) < 20
+    assert newest.has_more
+    assert newest.messages[-1].seq == 20  # a backward page keeps the newest
+    seen = [m.seq for m in newest.messages]
+    while seen[0] > 1:  # page backward with before_seq until the oldest
+        older = await default_client.list_messages(s.session_id, page_size=100, before_seq=seen[0])
+        seen = [m.seq for m in older.messages] + seen
+    assert seen == list(range(1, 21))
+    forward = await default_client.list_messages(s.session_id, page_size=100, after_seq=0)
+    assert forward.messages[0].seq == 1  # a forward page keeps the oldest
+    assert forward.has_more
+    # A watch of the whole backlog gets every message, page by page.
+    delivered = []
+    async for event in default_client.watch(s.session_id, after_seq=0):
+        if event.HasField("message"):
+            delivered.append(event.message.seq)
+            if event.message.seq == 20:
+                break
+    assert delivered == list(range(1, 21))

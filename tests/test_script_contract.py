@@ -54,9 +54,9 @@ def test_scripts_name_every_key_and_argument_instead_of_indexing(script: scripts
 
 def test_arguments_are_encoded_in_field_order() -> None:
     args = scripts.ListMessagesArgs(
-        owners=scripts.owners_arg({"bob", "al"}), limit=20, after_seq=None, before_seq=7
+        owners=scripts.owners_arg({"bob", "al"}), limit=20, after_seq=None, before_seq=7, max_bytes=100
     )
-    assert scripts.LIST_MESSAGES.argv(args) == [" al bob ", "20", "", "7"]
+    assert scripts.LIST_MESSAGES.argv(args) == [" al bob ", "20", "", "7", "100"]
     assert scripts.owners_arg(None) == ""  # anyone's
     assert scripts.owners_arg(()) == " "  # nobody's
     update = scripts.UpdateArgs(

@@ -143,6 +143,10 @@ local function owned(owners, uid)
   return owners == '' or string.find(owners, ' ' .. uid .. ' ', 1, true) ~= nil
 end
 
+local function seq_of(item)
+  return tonumber(string.sub(item, #SEQ_HEAD + 1, string.find(item, ',', #SEQ_HEAD + 1, true) - 1))
+end
+
 local function describe(chat, meta)
   return {redis.call('HGETALL', meta), redis.call('LLEN', chat), redis.call('TTL', meta)}
 end
@@ -342,6 +346,8 @@ class ListMessagesArgs:
     limit: int
     after_seq: int | None
     before_seq: int | None
+    max_bytes: int
+    """a page stops short of this many bytes of stored JSON (but holds at least one message)"""
 
 
 LIST_MESSAGES = LuaScript(
@@ -373,6 +379,26 @@ else
 end
 local items = {}
 if na + nb > 0 and limit > 0 then items = read_range(chat, mc, len, pinned, p_lo, p_hi) end
+-- Cut by size from the far end (a forward page keeps its oldest, a backward one its newest), so
+-- a reply always fits what a client receives; the reader pages on from where it stopped.
+local budget, size = tonumber(max_bytes), 0
+local first, last, step = 1, #items, 1
+if not forward then first, last, step = #items, 1, -1 end
+local cut = nil
+for i = first, last, step do
+  size = size + #items[i]
+  if size > budget and i ~= first then cut = i break end
+end
+if cut then
+  local kept = {}
+  if forward then
+    for i = 1, cut - 1 do kept[#kept + 1] = items[i] end
+  else
+    for i = cut + 1, #items do kept[#kept + 1] = items[i] end
+  end
+  items = kept
+  p_lo, p_hi = seq_of(items[1]), seq_of(items[#items])
+end
 local has_more = (#items < na + nb) and 1 or 0
 -- Trimmed seqs are pinned+1..base; did the part of the range this page covers lose any?
 local span_lo, span_hi = lo, hi

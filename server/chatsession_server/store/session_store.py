@@ -61,6 +61,9 @@ INLINE_PUBLISH_BYTES = 64 * 1024
 INDEX_PRUNE_GRACE_SECONDS = 600.0
 CREATE_STEP_GAP_SECONDS = 60.0
 MAX_INDEX_READ = 1000
+# A page of messages stops short of this much stored JSON, so that its reply fits the 4 MiB a
+# gRPC client receives by default (a message alone is at most 1 MiB: a page of one always fits).
+PAGE_BYTES = 3 * 1024 * 1024
 
 
 class SessionStore:
@@ -301,7 +304,7 @@ class SessionStore:
             scripts.LIST_MESSAGES,
             [keys.chat_key(session_id), keys.meta_key(session_id)],
             scripts.ListMessagesArgs(
-                scripts.owners_arg(owners), query.limit, query.after_seq, query.before_seq
+                scripts.owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
             ),
         )
         if Status.of(reply) is Status.NOT_FOUND:
