@@ -6,6 +6,7 @@ test prints how many acknowledged appends were lost (the README quotes these run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -36,6 +37,8 @@ class Run:
     acknowledged_after_kill: int = 0
     ack_times: list[float] = field(default_factory=list)
     killed_at: float = 0.0
+    watched: list[int] = field(default_factory=list)
+    """seqs a watcher on the server received, through the failover"""
 
     @property
     def unavailable_seconds(self) -> float:
@@ -69,6 +72,12 @@ async def append_through_a_failover(
                         run.acknowledged_after_kill += 1
                 i += 1
 
+        async def watcher() -> None:
+            async for event in client.watch(session_id, after_seq=0):  # resumes by itself
+                if event.HasField("message"):
+                    run.watched.append(event.message.seq)
+
+        watching = asyncio.create_task(watcher())
         tasks = [asyncio.create_task(writer(w)) for w in range(writers)]
         await asyncio.sleep(1.0)
         victim = cluster.primary_for(f"chat:{{{session_id}}}")
@@ -84,6 +93,15 @@ async def append_through_a_failover(
             await asyncio.sleep(0.2)
         stop.set()
         await asyncio.gather(*tasks)
+        # The watcher catches up (sharded subscriptions move to the new primary; the poll covers
+        # the gap), then stops.
+        final = (await client.get_session(session_id)).message_count
+        deadline = time.monotonic() + 20
+        while (not run.watched or run.watched[-1] < final) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
     assert run.acknowledged_after_kill > 0, "appends never succeeded again after the failover"
     return run
 
@@ -120,3 +138,5 @@ async def test_failover_under_concurrent_appends(
     )
     if wait_replicas:
         assert not lost, f"{len(lost)} acknowledged appends lost"
+    # The watcher saw every stored message once, in order, through the failover.
+    assert run.watched == list(range(1, len(stored) + 1))
