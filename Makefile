@@ -51,6 +51,7 @@ fmt: venv
 
 bench: venv  ## benchmarks: figures and ratios against in-run baselines
 	$(BIN)/python bench/watch_bench.py
+	$(BIN)/python bench/scale_bench.py
 
 check: lint gen-check test
 
