@@ -22,7 +22,8 @@ def requests_key(session_id: str) -> str:
 
 
 def user_index_key(user_id: str) -> str:
-    """ZSET of a user's session ids scored by last_active."""
+    """ZSET of a user's session ids scored by last_active. Its own slot: in a cluster it is kept
+    in a second step (see session_store.py); on standalone Valkey, in the session's scripts."""
     return f"{USER_INDEX_PREFIX}{{{user_id}}}"
 
 
@@ -30,7 +31,8 @@ WATCH_PREFIX = "watch:"
 
 
 def watch_channel(session_id: str) -> str:
-    """Pub/sub channel announcing a session's appends and deletion (same hash tag: sharded later)."""
+    """Pub/sub channel announcing a session's appends and deletion; in the session's slot, so a
+    cluster publishes it sharded (SPUBLISH) on the session's node only."""
     return f"{WATCH_PREFIX}{{{session_id}}}"
 
 
@@ -39,7 +41,8 @@ def session_of_channel(channel: str) -> str:
 
 
 USER_INDEX_KEY_HEAD = f"{USER_INDEX_PREFIX}{{"
-"""What a script puts before a user id (and `}` after) to name that user's index."""
+"""What a script puts before a user id (and `}` after) to name that user's index (standalone only:
+a key the script does not declare)."""
 
 
 def page_token_secret_key() -> str:
