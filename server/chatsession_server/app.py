@@ -17,9 +17,11 @@ from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
 from chatsession_server.api.page_token import PageTokens
+from chatsession_server.api.quotas import SessionQuota, WatchQuota
 from chatsession_server.api.servicer import SessionServicer
 from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
+from chatsession_server.ports import SessionStorage
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
@@ -62,6 +64,7 @@ class RunningServer:
     connection: ValkeyConnection
     store: SessionStore
     feed: SessionFeed
+    watch_quota: WatchQuota
     auth: AuthInterceptor | None = None
 
     async def stop(self, grace: float) -> None:
@@ -136,9 +139,21 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
     interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(f"/{SERVICE_NAME}/")]
     if auth is not None:
         interceptors.append(auth)
+    # After auth: a caller that is turned away does not hold a place.
+    watch_quota = WatchQuota(
+        f"/{SERVICE_NAME}/WatchMessages",
+        max_watchers=settings.max_watchers,
+        max_per_connection=settings.max_watchers_per_connection,
+    )
+    interceptors.append(watch_quota)
     server = aio.server(interceptors=interceptors, options=grpc_options(settings))
+    storage: SessionStorage = store
+    if settings.max_sessions_per_user:
+        storage = SessionQuota(storage, settings.max_sessions_per_user)
+    if auth is not None:  # outermost: PERMISSION_DENIED before anything is counted
+        storage = AuthorizedStorage(storage)
     servicer = SessionServicer(
-        store if auth is None else AuthorizedStorage(store),
+        storage,
         feed,
         Limits.from_settings(settings),
         PageTokens(token_key),
@@ -164,7 +179,7 @@ async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServ
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer, connection, store, feed, auth)
+    return RunningServer(server, port, health_servicer, connection, store, feed, watch_quota, auth)
 
 
 async def serve(settings: Settings) -> None:
