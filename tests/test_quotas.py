@@ -64,9 +64,12 @@ async def connections(
             await c.close()
 
 
-async def watch(stub: session_service_pb2_grpc.SessionServiceStub, session_id: str) -> Any:
+async def watch(
+    stub: session_service_pb2_grpc.SessionServiceStub, session_id: str, token: str | None = None
+) -> Any:
     """A watch that the server has admitted: its first event (the heartbeat) has come."""
-    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id))
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id), metadata=metadata)
     first = await asyncio.wait_for(call.read(), 10)
     assert isinstance(first, pb.WatchMessagesResponse)
     assert first.WhichOneof("event") == "heartbeat"
@@ -222,11 +225,7 @@ async def test_callers_turned_away_by_authentication_are_not_counted(
         async with SessionClient(target, retry=NO_RETRY, token=token) as client:
             session_id = (await client.create_session(uid)).session_id
         async with connections(target, 1) as (stub,):
-            call = stub.WatchMessages(
-                pb.WatchMessagesRequest(session_id=session_id),
-                metadata=(("authorization", f"Bearer {token}"),),
-            )
-            assert (await asyncio.wait_for(call.read(), 10)).WhichOneof("event") == "heartbeat"
+            call = await watch(stub, session_id, token)
             # The server is full, but an unknown caller hears only that it is unknown.
             for _ in range(3):
                 with pytest.raises(grpc.aio.AioRpcError) as info:
