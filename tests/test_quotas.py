@@ -105,6 +105,25 @@ async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
             await asyncio.sleep(0.02)
 
 
+def test_quota_settings_come_from_flags_and_environment() -> None:
+    defaults = Settings()
+    assert (defaults.max_watchers, defaults.max_watchers_per_connection) == (20_000, 5000)
+    assert defaults.max_sessions_per_user == 0
+    s = Settings.from_sources(
+        ["--max-watchers", "7", "--max-sessions-per-user", "3"],
+        {"CHATSESSION_MAX_WATCHERS_PER_CONNECTION": "2"},
+    )
+    assert (s.max_watchers, s.max_watchers_per_connection, s.max_sessions_per_user) == (7, 2, 3)
+    for name, bad in (
+        ("max_watchers", 0),
+        ("max_watchers_per_connection", -1),
+        ("max_sessions_per_user", -1),
+    ):
+        change: dict[str, Any] = {name: bad}
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(defaults, **change)
+
+
 async def test_watches_per_connection_are_limited_and_a_cancel_frees_a_place(
     quota_server: RunningServer, raw: GlideClient, uid: str
 ) -> None:
