@@ -26,11 +26,13 @@ from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
 from chatsession_server.api.page_token import PageTokens
+from chatsession_server.api.quotas import SessionQuota, WatchQuota
 from chatsession_server.api.servicer import SessionServicer
 from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.errors import StoreTimeout, StoreUnavailable
 from chatsession_server.listen_address import claim_listen_port
+from chatsession_server.ports import SessionStorage
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
@@ -133,6 +135,7 @@ class RunningServer:
     connection: ValkeyConnection
     store: SessionStore
     feed: SessionFeed
+    watch_quota: WatchQuota
     auth: AuthInterceptor | None = None
 
     async def stop(self, grace: float) -> None:
@@ -153,6 +156,7 @@ class ListeningServer:
     health: health.aio.HealthServicer
     slot: _SessionServiceSlot
     auth: AuthInterceptor | None
+    watch_quota: WatchQuota
 
     async def connect(self, settings: Settings, valkey: ValkeyAddress) -> RunningServer:
         """Wait for Valkey (up to `valkey_startup_timeout`), wire the service, turn SERVING."""
@@ -163,8 +167,13 @@ class ListeningServer:
             idempotency_limit=settings.idempotency_keys_per_session,
             max_labels=MAX_LABELS,
         )
+        storage: SessionStorage = store
+        if settings.max_sessions_per_user:
+            storage = SessionQuota(storage, settings.max_sessions_per_user)
+        if self.auth is not None:  # outermost: PERMISSION_DENIED before anything is counted
+            storage = AuthorizedStorage(storage)
         servicer = SessionServicer(
-            store if self.auth is None else AuthorizedStorage(store),
+            storage,
             feed,
             Limits.from_settings(settings),
             PageTokens(token_key),
@@ -173,7 +182,9 @@ class ListeningServer:
         self.slot.fill(servicer)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return RunningServer(self.server, self.port, self.health, connection, store, feed, self.auth)
+        return RunningServer(
+            self.server, self.port, self.health, connection, store, feed, self.watch_quota, self.auth
+        )
 
 
 async def open_server(settings: Settings, *, share_port: bool = False) -> ListeningServer:
@@ -207,6 +218,13 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
     interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(f"/{SERVICE_NAME}/")]
     if auth is not None:
         interceptors.append(auth)
+    # After auth: a caller that is turned away does not hold a place.
+    watch_quota = WatchQuota(
+        f"/{SERVICE_NAME}/WatchMessages",
+        max_watchers=settings.max_watchers,
+        max_per_connection=settings.max_watchers_per_connection,
+    )
+    interceptors.append(watch_quota)
     server = aio.server(interceptors=interceptors, options=grpc_options(settings, share_port=share_port))
     slot = _SessionServiceSlot()
     server.add_generic_rpc_handlers([slot])
@@ -224,7 +242,7 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
     except RuntimeError as exc:
         raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
     await server.start()
-    return ListeningServer(server, port, health_servicer, slot, auth)
+    return ListeningServer(server, port, health_servicer, slot, auth, watch_quota)
 
 
 async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:

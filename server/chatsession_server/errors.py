@@ -66,3 +66,15 @@ class Unauthenticated(ChatSessionError):
 
 class PermissionDenied(ChatSessionError):
     """The caller is known but may not act for the user the request names."""
+
+
+class QuotaExceeded(ChatSessionError):
+    """A usage limit of this server is reached (open watches, sessions of a user). `limit` names
+    the setting (a stable tag), `value` its value, `subject` what it counts against."""
+
+    def __init__(self, limit: str, value: int, subject: str, description: str) -> None:
+        self.limit = limit
+        self.value = value
+        self.subject = subject
+        self.description = description
+        super().__init__(description)

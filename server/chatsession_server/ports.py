@@ -51,6 +51,49 @@ class SessionStorage(Protocol):
     ) -> MessagePage: ...
 
 
+class StorageLayer:
+    """A SessionStorage that hands every call to `inner`: a layer (authorization, quotas)
+    overrides only the calls it changes."""
+
+    def __init__(self, inner: SessionStorage) -> None:
+        self._inner = inner
+
+    async def create(self, new: NewSession) -> tuple[Session, bool]:
+        return await self._inner.create(new)
+
+    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
+        return await self._inner.get(session_id, owners=owners)
+
+    async def update(
+        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
+    ) -> Session:
+        return await self._inner.update(session_id, patch, owners=owners)
+
+    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+        return await self._inner.delete(session_id, owners=owners)
+
+    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
+        return await self._inner.list_sessions(user_id, limit, cursor)
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        request_id: str = "",
+        expected_last_seq: int | None = None,
+        owners: Collection[str] | None = None,
+    ) -> AppendResult:
+        return await self._inner.append(
+            session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq, owners=owners
+        )
+
+    async def list_messages(
+        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+    ) -> MessagePage:
+        return await self._inner.list_messages(session_id, query, owners=owners)
+
+
 class FeedSubscription(Protocol):
     session_id: str
 

@@ -210,6 +210,19 @@ class Settings:
     valkey_password_file: str = field(
         default="", metadata=_meta("file holding the Valkey password (a trailing newline is ignored)")
     )
+    # -- quotas (README "Quotas"): RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure beyond them.
+    max_watchers: int = field(
+        default=20_000, metadata=_meta("most WatchMessages streams open at once in this process")
+    )
+    # A quarter of the process: one client cannot take it all, yet a backend multiplexing its
+    # users' watches over one connection (gRPC channels to one target share it) has room.
+    max_watchers_per_connection: int = field(
+        default=5000, metadata=_meta("most WatchMessages streams open at once on one client connection")
+    )
+    max_sessions_per_user: int = field(
+        default=0,
+        metadata=_meta("most live sessions a user may have (checked at CreateSession, soft); 0: no limit"),
+    )
 
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -253,6 +266,10 @@ class Settings:
                 raise ValueError(f"{name} must be positive")
         if self.max_messages_per_append > 5000:
             raise ValueError("max_messages_per_append must be at most 5000 (Lua argument limits)")
+        if self.max_watchers <= 0 or self.max_watchers_per_connection <= 0:
+            raise ValueError("max_watchers and max_watchers_per_connection must be positive")
+        if self.max_sessions_per_user < 0:
+            raise ValueError("max_sessions_per_user must not be negative (0: no limit)")
 
     def _check_valkey_security(self, address: ValkeyAddress | None) -> None:
         """The Valkey TLS and password options fit together (the messages never hold a secret)."""

@@ -36,7 +36,7 @@ from chatsession_server.domain import (
     SessionPatch,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
-from chatsession_server.ports import SessionStorage
+from chatsession_server.ports import StorageLayer
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _require_user(user_id: str) -> None:
         raise PermissionDenied(f"this caller may not act for user {user_id!r}")
 
 
-class AuthorizedStorage:
+class AuthorizedStorage(StorageLayer):
     """The store as the current caller (`CALLER`) sees it; the servicer uses it unchanged.
 
     Session-scoped calls pass the caller's users down as `owners`: the store checks the owner in
@@ -267,27 +267,24 @@ class AuthorizedStorage:
     could change hands). Calls naming a user are checked here.
     """
 
-    def __init__(self, store: SessionStorage) -> None:
-        self._store = store
-
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         _require_user(new.user_id)
-        return await self._store.create(new)
+        return await super().create(new)
 
     async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
-        return await self._store.get(session_id, owners=_owners(owners))
+        return await super().get(session_id, owners=_owners(owners))
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
     ) -> Session:
-        return await self._store.update(session_id, patch, owners=_owners(owners))
+        return await super().update(session_id, patch, owners=_owners(owners))
 
     async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
-        return await self._store.delete(session_id, owners=_owners(owners))
+        return await super().delete(session_id, owners=_owners(owners))
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         _require_user(user_id)
-        return await self._store.list_sessions(user_id, limit, cursor)
+        return await super().list_sessions(user_id, limit, cursor)
 
     async def append(
         self,
@@ -298,7 +295,7 @@ class AuthorizedStorage:
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
     ) -> AppendResult:
-        return await self._store.append(
+        return await super().append(
             session_id,
             messages,
             request_id=request_id,
@@ -309,7 +306,7 @@ class AuthorizedStorage:
     async def list_messages(
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage:
-        return await self._store.list_messages(session_id, query, owners=_owners(owners))
+        return await super().list_messages(session_id, query, owners=_owners(owners))
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

@@ -15,6 +15,7 @@ from chatsession_server.errors import (
     InvalidArgument,
     PermissionDenied,
     PreconditionFailed,
+    QuotaExceeded,
     SessionAlreadyExists,
     SessionNotFound,
     ShuttingDown,
@@ -74,6 +75,17 @@ def _precondition(e: ChatSessionError) -> list[Message]:
     return [error_details_pb2.PreconditionFailure(violations=[violation])]
 
 
+def _quota(e: ChatSessionError) -> list[Message]:
+    assert isinstance(e, QuotaExceeded)
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=_clip(e.subject, MAX_VIOLATION_TEXT_BYTES),
+        description=_clip(e.description, MAX_VIOLATION_TEXT_BYTES),
+        quota_id=e.limit,
+        quota_value=e.value,
+    )
+    return [error_details_pb2.QuotaFailure(violations=[violation])]
+
+
 def _retry_soon(e: ChatSessionError) -> list[Message]:
     info = error_details_pb2.RetryInfo()
     info.retry_delay.FromMilliseconds(200)
@@ -89,6 +101,7 @@ ERROR_TABLE: dict[type[ChatSessionError], tuple[int, Callable[[ChatSessionError]
     SessionNotFound: (code_pb2.NOT_FOUND, _resource),
     SessionAlreadyExists: (code_pb2.ALREADY_EXISTS, _resource),
     PreconditionFailed: (code_pb2.FAILED_PRECONDITION, _precondition),
+    QuotaExceeded: (code_pb2.RESOURCE_EXHAUSTED, _quota),
     StoreUnavailable: (code_pb2.UNAVAILABLE, _retry_soon),
     ShuttingDown: (code_pb2.UNAVAILABLE, _retry_soon),
     StoreTimeout: (code_pb2.DEADLINE_EXCEEDED, _none),

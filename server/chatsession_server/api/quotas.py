@@ -1,0 +1,143 @@
+"""Quotas: how much of one server its callers may hold (README "Quotas").
+
+`WatchQuota` counts open WatchMessages streams, per process and per client connection, in one
+place: an interceptor that admits a stream before the watch subscribes anything and lets it go
+in a `finally` (a stream that ends, fails, or is cancelled by its client). `SessionQuota` is the
+servicer's storage with a limit on each user's live sessions, checked at create.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from chatsession_server.domain import (
+    NewSession,
+    Session,
+)
+from chatsession_server.errors import QuotaExceeded, SessionNotFound
+from chatsession_server.ports import SessionStorage, StorageLayer
+
+
+class WatchQuota(aio.ServerInterceptor):
+    """Refuses a WatchMessages stream (RESOURCE_EXHAUSTED) beyond `max_watchers` open in this
+    server or `max_per_connection` open on the caller's connection (`context.peer()`, the remote
+    address and port of one HTTP/2 connection).
+
+    The counts belong to this object, not the module: servers sharing a process count apart.
+    grpc.aio runs every call on one event loop and the check and the increment have no await
+    between them, so no lock is needed.
+    """
+
+    def __init__(self, watch_method: str, *, max_watchers: int, max_per_connection: int) -> None:
+        self._method = watch_method
+        self._max = max_watchers
+        self._max_per_connection = max_per_connection
+        self._open = 0
+        self._open_by_peer: dict[str, int] = {}
+        # Wrap the handler once, not once per call (as ErrorMappingInterceptor does).
+        self._wrapped: tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]] | None = None
+
+    @property
+    def watchers(self) -> int:
+        """WatchMessages streams open now."""
+        return self._open
+
+    def _admit(self, peer: str) -> None:
+        if self._open >= self._max:
+            raise QuotaExceeded(
+                "max_watchers",
+                self._max,
+                "server",
+                f"this server holds {self._open} WatchMessages streams, its limit (--max-watchers): "
+                "retry later or on another replica",
+            )
+        held = self._open_by_peer.get(peer, 0)
+        if held >= self._max_per_connection:
+            raise QuotaExceeded(
+                "max_watchers_per_connection",
+                self._max_per_connection,
+                f"connection {peer}",
+                f"this connection holds {held} WatchMessages streams, the limit per connection "
+                "(--max-watchers-per-connection): close some or open another connection",
+            )
+        self._open += 1
+        self._open_by_peer[peer] = held + 1
+
+    def _release(self, peer: str) -> None:
+        self._open -= 1
+        held = self._open_by_peer[peer] - 1
+        if held:
+            self._open_by_peer[peer] = held
+        else:  # a connection's entry goes with its last stream: no growth with connections seen
+            del self._open_by_peer[peer]
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        # Not a stream: the stand-in that answers UNAVAILABLE while the server waits for Valkey.
+        if handler is None or handler_call_details.method != self._method or handler.unary_stream is None:
+            return handler
+        if self._wrapped is None or self._wrapped[0] is not handler:
+            self._wrapped = (handler, self._wrap(handler))
+        return self._wrapped[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        # The handler is the servicer's async generator; grpc's stubs type it as sync.
+        produce: Any = handler.unary_stream
+
+        async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            peer = context.peer()
+            self._admit(peer)  # raises before the watch below has joined the feed
+            try:
+                async with contextlib.aclosing(produce(request, context)) as items:
+                    async for item in items:
+                        yield item
+            finally:
+                self._release(peer)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class SessionQuota(StorageLayer):
+    """The store with at most `max_sessions_per_user` live sessions per user, checked at create.
+
+    A soft limit: the count (a listing of up to that many of the user's sessions) and the create
+    are two steps, so creates racing for a user's last free place can each succeed and overshoot
+    by their number. A create of a session that already exists (a retry with its request_id)
+    always reaches the store, which replays it or says ALREADY_EXISTS, as without a limit.
+    """
+
+    def __init__(self, store: SessionStorage, max_sessions_per_user: int) -> None:
+        super().__init__(store)
+        self._max = max_sessions_per_user
+
+    async def create(self, new: NewSession) -> tuple[Session, bool]:
+        page = await self._inner.list_sessions(new.user_id, self._max, None)
+        if len(page.sessions) >= self._max and not await self._exists(new.session_id):
+            raise QuotaExceeded(
+                "max_sessions_per_user",
+                self._max,
+                f"user {new.user_id}",
+                f"user {new.user_id!r} has {self._max} live sessions, the limit per user "
+                "(--max-sessions-per-user): delete some first",
+            )
+        return await self._inner.create(new)
+
+    async def _exists(self, session_id: str) -> bool:
+        try:
+            await self._inner.get(session_id)
+        except SessionNotFound:
+            return False
+        return True

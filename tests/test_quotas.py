@@ -1,0 +1,303 @@
+"""Quotas through a real server, channel and Valkey: open watches per connection and per process,
+live sessions per user."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from glide import GlideClient
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession.v1 import session_service_pb2_grpc
+from chatsession_client import NO_RETRY, SessionClient, user
+from chatsession_client.errors import ResourceExhaustedError
+from chatsession_server.app import RunningServer, start_server
+from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import raises, session_keys_exist, subscribe_calls, subscribers
+
+PER_CONNECTION = 3
+PER_PROCESS = 5
+
+
+@contextlib.asynccontextmanager
+async def serving(base: Settings, valkey_url: str, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """A server of its own with small quotas, on the suite's Valkey (standalone or cluster)."""
+    running = await start_server(
+        dataclasses.replace(base, listen="127.0.0.1:0", **overrides), ValkeyAddress.parse(valkey_url)
+    )
+    try:
+        yield running
+    finally:
+        await running.stop(1.0)
+
+
+@pytest.fixture
+async def quota_server(settings: Settings, valkey_url: str) -> AsyncIterator[RunningServer]:
+    async with serving(
+        settings, valkey_url, max_watchers=PER_PROCESS, max_watchers_per_connection=PER_CONNECTION
+    ) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def connections(
+    target: str, n: int
+) -> AsyncIterator[list[session_service_pb2_grpc.SessionServiceStub]]:
+    """Stubs over `n` HTTP/2 connections of their own (gRPC channels to one target would share one)."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)
+    ]
+    try:
+        yield [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
+    finally:
+        for c in channels:
+            await c.close()
+
+
+async def watch(
+    stub: session_service_pb2_grpc.SessionServiceStub, session_id: str, token: str | None = None
+) -> Any:
+    """A watch that the server has admitted: its first event (the heartbeat) has come."""
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id), metadata=metadata)
+    first = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(first, pb.WatchMessagesResponse)
+    assert first.WhichOneof("event") == "heartbeat"
+    return call
+
+
+async def refused_watch(stub: session_service_pb2_grpc.SessionServiceStub, session_id: str) -> Any:
+    """The QuotaFailure violation of a watch that must be refused with RESOURCE_EXHAUSTED."""
+    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call.read(), 10)
+    return quota_violation(info.value)
+
+
+def quota_violation(error: grpc.aio.AioRpcError) -> error_details_pb2.QuotaFailure.Violation:
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    status = rpc_status.from_call(error)
+    assert status is not None
+    failures = []
+    for detail in status.details:
+        failure = error_details_pb2.QuotaFailure()
+        assert detail.Unpack(failure)
+        failures.append(failure)
+    assert [len(f.violations) for f in failures] == [1], status
+    violation: error_details_pb2.QuotaFailure.Violation = failures[0].violations[0]
+    return violation
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Waits for the server to notice something a client did (a cancel reaches it asynchronously)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+def test_quota_settings_come_from_flags_and_environment() -> None:
+    defaults = Settings()
+    assert (defaults.max_watchers, defaults.max_watchers_per_connection) == (20_000, 5000)
+    assert defaults.max_sessions_per_user == 0
+    s = Settings.from_sources(
+        ["--max-watchers", "7", "--max-sessions-per-user", "3"],
+        {"CHATSESSION_MAX_WATCHERS_PER_CONNECTION": "2"},
+    )
+    assert (s.max_watchers, s.max_watchers_per_connection, s.max_sessions_per_user) == (7, 2, 3)
+    for name, bad in (
+        ("max_watchers", 0),
+        ("max_watchers_per_connection", -1),
+        ("max_sessions_per_user", -1),
+    ):
+        change: dict[str, Any] = {name: bad}
+        with pytest.raises(ValueError, match=name):
+            dataclasses.replace(defaults, **change)
+
+
+async def test_watches_per_connection_are_limited_and_a_cancel_frees_a_place(
+    quota_server: RunningServer, raw: GlideClient, uid: str
+) -> None:
+    target = f"127.0.0.1:{quota_server.port}"
+    async with SessionClient(target, retry=NO_RETRY) as client:
+        watched = (await client.create_session(uid)).session_id
+        unwatched = (await client.create_session(uid)).session_id
+    async with connections(target, 2) as (first, second):
+        calls = [await watch(first, watched) for _ in range(PER_CONNECTION)]
+        assert quota_server.watch_quota.watchers == PER_CONNECTION
+        subscribes_before = await subscribe_calls(raw)
+
+        violation = await refused_watch(first, unwatched)
+        assert violation.quota_id == "max_watchers_per_connection"
+        assert violation.quota_value == PER_CONNECTION
+        assert violation.subject.startswith("connection ipv")
+        assert "--max-watchers-per-connection" in violation.description
+        assert quota_server.watch_quota.watchers == PER_CONNECTION
+        # Refused before the watch joined the feed: nothing was subscribed for it.
+        await asyncio.sleep(0.3)  # what a subscription batch would take to go out
+        assert await subscribers(raw, f"watch:{{{unwatched}}}") == 0
+        assert await subscribe_calls(raw) == subscribes_before
+
+        # Another connection has places of its own.
+        other = await watch(second, unwatched)
+        assert quota_server.watch_quota.watchers == PER_CONNECTION + 1
+
+        calls.pop().cancel()
+        await until(lambda: quota_server.watch_quota.watchers == PER_CONNECTION)
+        calls.append(await watch(first, watched))
+
+        # The watchers that were let in are served as usual.
+        async with SessionClient(target, retry=NO_RETRY) as client:
+            await client.append(watched, [user("to all three")])
+        events = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), 10)
+        assert [e.message.content for e in events] == ["to all three"] * PER_CONNECTION
+        for call in [*calls, other]:
+            call.cancel()
+        await until(lambda: quota_server.watch_quota.watchers == 0)
+
+
+async def test_watches_per_process_are_limited_over_all_connections(
+    quota_server: RunningServer, uid: str
+) -> None:
+    target = f"127.0.0.1:{quota_server.port}"
+    async with SessionClient(target, retry=NO_RETRY) as client:
+        session_id = (await client.create_session(uid)).session_id
+    async with connections(target, 3) as (first, second, third):
+        calls = [await watch(first, session_id) for _ in range(PER_CONNECTION)]
+        calls += [await watch(second, session_id) for _ in range(PER_PROCESS - PER_CONNECTION)]
+        assert quota_server.watch_quota.watchers == PER_PROCESS
+        for stub in (second, third):  # both have room on their connection, the server has none
+            violation = await refused_watch(stub, session_id)
+            assert violation.quota_id == "max_watchers"
+            assert violation.quota_value == PER_PROCESS
+            assert "--max-watchers" in violation.description
+        assert quota_server.watch_quota.watchers == PER_PROCESS
+
+        calls.pop(0).cancel()  # a place on the first connection frees a place in the server
+        await until(lambda: quota_server.watch_quota.watchers == PER_PROCESS - 1)
+        calls.append(await watch(third, session_id))
+        for call in calls:
+            call.cancel()
+        await until(lambda: quota_server.watch_quota.watchers == 0)
+
+
+async def test_watches_that_end_on_their_own_give_their_place_back(
+    quota_server: RunningServer, uid: str
+) -> None:
+    target = f"127.0.0.1:{quota_server.port}"
+    async with SessionClient(target, retry=NO_RETRY) as client:
+        session_id = (await client.create_session(uid)).session_id
+        async with connections(target, 1) as (stub,):
+            # Refused by the watch itself, after it was admitted: FAILED_PRECONDITION, NOT_FOUND.
+            for request in (
+                pb.WatchMessagesRequest(session_id=session_id, after_seq=99),
+                pb.WatchMessagesRequest(session_id=f"{uid}-missing"),
+            ):
+                for _ in range(PER_CONNECTION + 1):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await stub.WatchMessages(request).read()
+                    assert info.value.code() in (
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        grpc.StatusCode.NOT_FOUND,
+                    )
+            assert quota_server.watch_quota.watchers == 0
+            calls = [await watch(stub, session_id) for _ in range(PER_CONNECTION)]
+            await client.delete_session(session_id)  # ends every watch of it with NOT_FOUND
+            for call in calls:
+                assert await asyncio.wait_for(call.code(), 10) == grpc.StatusCode.NOT_FOUND
+            assert quota_server.watch_quota.watchers == 0
+
+
+async def test_servers_in_one_process_count_their_own_watchers(
+    quota_server: RunningServer, settings: Settings, valkey_url: str, uid: str
+) -> None:
+    async with serving(settings, valkey_url, max_watchers=1) as other:
+        target = f"127.0.0.1:{other.port}"
+        async with SessionClient(target, retry=NO_RETRY) as client:
+            session_id = (await client.create_session(uid)).session_id
+        async with connections(target, 1) as (stub,):
+            call = await watch(stub, session_id)
+            assert (other.watch_quota.watchers, quota_server.watch_quota.watchers) == (1, 0)
+            call.cancel()
+            await until(lambda: other.watch_quota.watchers == 0)
+
+
+async def test_callers_turned_away_by_authentication_are_not_counted(
+    settings: Settings, valkey_url: str, tmp_path: Path, uid: str
+) -> None:
+    token = "quota-token-" + uuid.uuid4().hex
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} *\n")
+    async with serving(
+        settings, valkey_url, auth_tokens_file=str(tokens), max_watchers=1, max_watchers_per_connection=1
+    ) as running:
+        target = f"127.0.0.1:{running.port}"
+        async with SessionClient(target, retry=NO_RETRY, token=token) as client:
+            session_id = (await client.create_session(uid)).session_id
+        async with connections(target, 1) as (stub,):
+            call = await watch(stub, session_id, token)
+            # The server is full, but an unknown caller hears only that it is unknown.
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id)).read()
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert running.watch_quota.watchers == 1
+            call.cancel()
+            await until(lambda: running.watch_quota.watchers == 0)
+
+
+async def test_sessions_per_user_are_limited_at_create(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    alice, bob = f"{uid}-alice", f"{uid}-bob"
+    async with (
+        serving(settings, valkey_url, max_sessions_per_user=2) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as client,
+    ):
+        first = await client.create_session(alice, request_id="first")
+        second = await client.create_session(alice, request_id="second")
+        refused = f"{uid}-third"
+        error = await raises(ResourceExhaustedError, client.create_session(alice, session_id=refused))
+        assert "--max-sessions-per-user" in error.message
+        assert await session_keys_exist(raw, refused) == 0
+        assert await raw.zscore(f"user_sessions:{{{alice}}}", refused) is None
+        assert [s.session_id async for s in client.list_sessions(alice)] == [
+            second.session_id,
+            first.session_id,
+        ]
+        # A retry of a create that went through is a replay, not a new session.
+        assert (await client.create_session(alice, request_id="second")).session_id == second.session_id
+        # Each user counts apart; a deleted or expired session frees its place.
+        await client.create_session(bob)
+        await client.delete_session(first.session_id)
+        short = await client.create_session(alice, ttl_seconds=1)
+        await raises(ResourceExhaustedError, client.create_session(alice))
+        await asyncio.sleep(1.5)
+        assert await session_keys_exist(raw, short.session_id) == 0
+        await client.create_session(alice, session_id=refused)
+        assert {s.session_id async for s in client.list_sessions(alice)} == {second.session_id, refused}
+
+
+async def test_the_quota_failure_of_a_refused_create_names_the_user_and_limit(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_sessions_per_user=1) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = session_service_pb2_grpc.SessionServiceStub(channel)
+        await stub.CreateSession(pb.CreateSessionRequest(user_id=uid))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.CreateSession(pb.CreateSessionRequest(user_id=uid))
+        violation = quota_violation(info.value)
+        assert (violation.quota_id, violation.quota_value) == ("max_sessions_per_user", 1)
+        assert violation.subject == f"user {uid}"
