@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
-from chatsession_client.errors import UnavailableError, from_rpc_error
+from chatsession_client.errors import from_rpc_error
 from chatsession_client.retry import Retry
 
 T = TypeVar("T")
@@ -296,7 +296,8 @@ class SessionClient:
         """Follow a session live: events with a `message` (in seq order, each once) or a
         `history_trimmed`. `after_seq=None` starts with new messages only, 0 with the oldest kept.
 
-        When the stream breaks with UNAVAILABLE (a server shutting down, a network blip) it
+        When the stream breaks with a code the retry policy retries (UNAVAILABLE: a server
+        shutting down, a network blip; DEADLINE_EXCEEDED: Valkey slow, as in a failover) it
         reconnects by itself and resumes after the last seq it delivered, retrying with backoff
         for up to the retry policy's deadline since the last event. Other errors (NOT_FOUND when
         the session is deleted or expires) end the iteration by raising.
@@ -330,8 +331,10 @@ class SessionClient:
                 return
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
+                # The retry policy's codes (UNAVAILABLE, DEADLINE_EXCEEDED by default): a watch is a
+                # read, and resuming from the cursor never repeats nor loses a message.
                 if (
-                    not isinstance(error, UnavailableError)
+                    error.code not in self._retry.codes
                     or time.monotonic() - last_progress > self._retry.deadline
                 ):
                     raise error from exc
