@@ -235,3 +235,15 @@ async def test_list_messages_reports_trimmed_history(client: SessionClient, uid:
 
 async def test_list_messages_of_missing_session(client: SessionClient, uid: str) -> None:
     await raises(NotFoundError, client.list_messages(f"{uid}-none"))
+
+
+async def test_a_page_that_reaches_the_oldest_stored_message_reports_what_was_trimmed(
+    client: SessionClient, uid: str
+) -> None:
+    s = await client.create_session(uid, max_messages=1)
+    await client.append(s.session_id, [user("a"), user("b")])
+    newest = await client.list_messages(s.session_id, page_size=10)
+    assert ([m.seq for m in newest.messages], newest.has_more) == ([2], False)
+    assert newest.history_trimmed  # seq 1 is gone, and this page covers where it was
+    oldest_first = await client.list_messages(s.session_id, after_seq=0, page_size=10)
+    assert oldest_first.history_trimmed

@@ -232,12 +232,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert [(m.seq, m.role, m.content) for m in page.messages] == s.stored, sid
             base = s.message_count - (len(s.stored) - s.pinned)
             assert (page.last_seq, page.window_start_seq, page.has_more) == (s.message_count, base + 1, False)
-            trimmed = base > s.pinned
-            # Known store bug (LIST_MESSAGES, reported): a backward page that reaches the oldest
-            # stored message (has_more false) says nothing of the trimmed seqs below it unless a
-            # pinned prompt is stored. Only that case is left unchecked until it is fixed.
-            if s.pinned or not trimmed:
-                assert page.history_trimmed == trimmed, sid
+            assert page.history_trimmed == (base > s.pinned), sid
         for user_id, listed in zip(self.users, listings, strict=True):
             expected = {sid for sid, s in live.items() if s.user_id == user_id}
             assert {row.session_id for row in listed} == expected, user_id

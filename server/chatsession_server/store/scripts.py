@@ -400,9 +400,10 @@ if cut then
   p_lo, p_hi = seq_of(items[1]), seq_of(items[#items])
 end
 local has_more = (#items < na + nb) and 1 or 0
--- Trimmed seqs are pinned+1..base; did the part of the range this page covers lose any?
+-- Trimmed seqs are pinned+1..base; did the part of the range this page covers lose any? A page
+-- that leaves nothing more to read covers the whole range, its trimmed part included.
 local span_lo, span_hi = lo, hi
-if #items > 0 then
+if #items > 0 and has_more == 1 then
   if forward then span_hi = p_hi else span_lo = p_lo end
 end
 local trimmed = (math.max(span_lo, pinned + 1) <= math.min(span_hi, base)) and 1 or 0
