@@ -9,7 +9,14 @@ from glide import GlideClient
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from chatsession.v1 import session_pb2, session_service_pb2
-from chatsession_client import NO_RETRY, InvalidArgumentError, SessionClient, UnavailableError, user
+from chatsession_client import (
+    NO_RETRY,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SessionClient,
+    UnavailableError,
+    user,
+)
 from chatsession_client.errors import from_rpc_error
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
@@ -79,3 +86,37 @@ async def test_without_the_replicas_asked_for_a_write_is_unavailable_never_ok(
 def test_wait_replicas_must_not_be_negative(replicas: int) -> None:
     with pytest.raises(ValueError, match="valkey_wait_replicas"):
         Settings(valkey_wait_replicas=replicas)
+
+
+async def stored_bytes(raw: GlideClient, session_id: str) -> tuple[int, int]:
+    """The session's stored_bytes count, and what its LIST really holds."""
+    items = await raw.lrange(f"chat:{{{session_id}}}", 0, -1)
+    return int((await meta(raw, session_id))["stored_bytes"]), sum(len(i) for i in items)
+
+
+async def test_a_session_stores_at_most_max_session_bytes(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    capped = Settings(listen="127.0.0.1:0", valkey_cluster=settings.valkey_cluster, max_session_bytes=4000)
+    server = await start_server(capped, ValkeyAddress.parse(valkey_url))
+    try:
+        async with SessionClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
+            keeps_all = await c.create_session(uid)
+            for i in range(3):
+                await c.append(keeps_all.session_id, [user("x" * 1000)], request_id=f"r{i}")
+            counted, real = await stored_bytes(raw, keeps_all.session_id)
+            assert counted == real
+            err = await raises(ResourceExhaustedError, c.append(keeps_all.session_id, [user("y" * 1000)]))
+            assert "max-session-bytes" in err.message
+            assert await stored_bytes(raw, keeps_all.session_id) == (counted, real)  # nothing written
+            # A window keeps a session under the cap: trims give their bytes back.
+            windowed = await c.create_session(uid, max_messages=2)
+            for _ in range(20):
+                await c.append(windowed.session_id, [user("z" * 1000)])
+                counted, real = await stored_bytes(raw, windowed.session_id)
+                assert counted == real
+            await c.update_session(windowed.session_id, max_messages=1)
+            counted, real = await stored_bytes(raw, windowed.session_id)
+            assert counted == real < 1100
+    finally:
+        await server.stop(0.5)

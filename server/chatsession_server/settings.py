@@ -219,6 +219,10 @@ class Settings:
     max_watchers_per_connection: int = field(
         default=5000, metadata=_meta("most WatchMessages streams open at once on one client connection")
     )
+    max_session_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_meta("most bytes of messages one session may store (before its window trims); 0: no cap"),
+    )
     max_sessions_per_user: int = field(
         default=0,
         metadata=_meta("most live sessions a user may have (checked at CreateSession, soft); 0: no limit"),

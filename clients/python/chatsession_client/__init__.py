@@ -20,6 +20,7 @@ from chatsession_client.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "Message",
     "NotFoundError",
     "PermissionDeniedError",
+    "ResourceExhaustedError",
     "Retry",
     "Session",
     "SessionClient",

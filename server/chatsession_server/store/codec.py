@@ -29,6 +29,8 @@ class MetaField(enum.StrEnum):
     MAX_MESSAGES = "max_messages"
     PINNED = "pinned"
     """how many leading system messages form the pinned prompt"""
+    STORED_BYTES = "stored_bytes"
+    """bytes of JSON the chat LIST holds now (appends add, window trims subtract)"""
     CREATE_REQUEST_ID = "create_request_id"
 
 
@@ -138,6 +140,7 @@ def new_session_fields(
         MetaField.TTL_SECONDS: str(ttl_seconds),
         MetaField.MAX_MESSAGES: str(max_messages),
         MetaField.PINNED: "0",
+        MetaField.STORED_BYTES: "0",
     }
     if request_id:
         fields[MetaField.CREATE_REQUEST_ID] = request_id

@@ -45,6 +45,7 @@ class Status(enum.StrEnum):
     REQUEST_ID_REUSED = "request_id_reused"
     SEQ_MISMATCH = "seq_mismatch"
     TOO_MANY_LABELS = "too_many_labels"
+    TOO_LARGE = "too_large"
 
     @classmethod
     def of(cls, reply: Any) -> Status:
@@ -160,7 +161,7 @@ end
 
 -- Keep the pinned prompt and the newest max-pinned messages (at least one); never leave a
 -- tool result at the head of the window, since the call it answers was trimmed.
-local function trim_window(chat, max, pinned)
+local function trim_window(chat, meta, max, pinned)
   if max <= 0 then return end
   local len = redis.call('LLEN', chat)
   local unpinned = len - pinned
@@ -168,6 +169,12 @@ local function trim_window(chat, max, pinned)
   if drop <= 0 then return end
   while drop < unpinned and has_role(redis.call('LINDEX', chat, pinned + drop), TOOL_BODY_PREFIX) do
     drop = drop + 1
+  end
+  local freed = 0
+  for _, item in ipairs(redis.call('LRANGE', chat, pinned, pinned + drop - 1)) do freed = freed + #item end
+  -- A session stored before the count existed starts from 0: never let it go negative.
+  if redis.call('HINCRBY', meta, F_STORED_BYTES, -freed) < 0 then
+    redis.call('HSET', meta, F_STORED_BYTES, 0)
   end
   if pinned == 0 then
     redis.call('LTRIM', chat, drop, -1)
@@ -254,6 +261,8 @@ class AppendArgs:
     """PUBLISH, or SPUBLISH (sharded, in the session's slot) in a cluster"""
     channel: str
     inline_publish_bytes: int
+    max_session_bytes: int
+    """refuse (TOO_LARGE) an append that would take the session's stored JSON past this; 0: no cap"""
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -265,7 +274,7 @@ APPEND = LuaScript(
     AppendArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
-                     F_LAST_ACTIVE)
+                     F_LAST_ACTIVE, F_STORED_BYTES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
@@ -293,13 +302,19 @@ for i = bodies_from, #ARGV do
   end
   items[#items + 1] = SEQ_HEAD .. string.format('%d', seq) .. ',' .. body
 end
+local size = 0
+for _, item in ipairs(items) do size = size + #item end
+local stored = tonumber(m[7] or '0')
+local cap = tonumber(max_session_bytes)
+if cap > 0 and stored + size > cap then return {ST_TOO_LARGE, stored, size} end
 redis.call('RPUSH', chat, unpack(items))
+redis.call('HINCRBY', meta, F_STORED_BYTES, size)
 local last_active = m[6]
 if tonumber(now) > tonumber(last_active) then last_active = now end
 redis.call('HINCRBY', meta, F_MESSAGE_COUNT, #items)
 redis.call('HINCRBY', meta, F_TOKEN_COUNT, token_sum)
 redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
-trim_window(chat, tonumber(m[4]), pinned)
+trim_window(chat, meta, tonumber(m[4]), pinned)
 
 if request_id ~= '' then
   redis.call('HSET', reqs, request_id, fingerprint .. ' ' .. string.format('%d', first) .. ' ' .. #items)
@@ -329,8 +344,6 @@ if index_key_head ~= '' then
     + r""", 'GT', last_active, session_id)
 end
 local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', first + #items - 1)
-local size = 0
-for _, item in ipairs(items) do size = size + #item end
 if size <= tonumber(inline_publish_bytes) then
   payload = payload .. '\n[' .. table.concat(items, ',') .. ']'
 end
@@ -458,7 +471,7 @@ if n_set > 0 then redis.call('HSET', meta, unpack(ARGV, changes_from, first_dele
 if #ARGV >= first_delete then redis.call('HDEL', meta, unpack(ARGV, first_delete)) end
 if max_messages ~= '' then
   redis.call('HSET', meta, F_MAX_MESSAGES, max_messages)
-  trim_window(chat, tonumber(max_messages), tonumber(m[3] or '0'))
+  trim_window(chat, meta, tonumber(max_messages), tonumber(m[3] or '0'))
 end
 if ttl ~= '' then
   redis.call('HSET', meta, F_TTL_SECONDS, ttl)

@@ -44,6 +44,7 @@ from chatsession_server.errors import (
     FieldViolation,
     InvalidArgument,
     PreconditionFailed,
+    QuotaExceeded,
     SessionAlreadyExists,
     SessionNotFound,
     StoreUnavailable,
@@ -74,6 +75,7 @@ class SessionStore:
         max_ttl_seconds: int,
         idempotency_limit: int = 1000,
         max_labels: int = 64,
+        max_session_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
     ) -> None:
@@ -81,6 +83,7 @@ class SessionStore:
         self._max_ttl_seconds = max_ttl_seconds
         self._idempotency_limit = idempotency_limit
         self._max_labels = max_labels
+        self._max_session_bytes = max_session_bytes
         self._clock = clock
         self._prune_grace_seconds = prune_grace_seconds
         # Standalone: the scripts keep the index themselves (they are given its key or its head).
@@ -257,6 +260,7 @@ class SessionStore:
             publish_command=self._publish,
             channel=keys.watch_channel(session_id),
             inline_publish_bytes=INLINE_PUBLISH_BYTES,
+            max_session_bytes=self._max_session_bytes,
             bodies=bodies,
         )
         reply = await self._run(scripts.APPEND, self._session_keys(session_id), args)
@@ -268,6 +272,15 @@ class SessionStore:
                 "REQUEST_ID_REUSED",
                 "request_id",
                 f"request_id {request_id!r} was already used for different messages in this session",
+            )
+        if status is Status.TOO_LARGE:
+            raise QuotaExceeded(
+                "max_session_bytes",
+                self._max_session_bytes,
+                f"session {session_id}",
+                f"session {session_id!r} stores {int(reply[1])} bytes and this append adds {int(reply[2])}: "
+                f"the limit per session is {self._max_session_bytes} (--max-session-bytes); set a window "
+                "(max_messages) or start a new session",
             )
         if status is Status.SEQ_MISMATCH:
             raise PreconditionFailed(
