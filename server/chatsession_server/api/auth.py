@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.api.status import to_grpc_status
 from chatsession_server.domain import (
     AppendResult,
@@ -167,15 +168,14 @@ def authenticate(callers: Callers, context: aio.ServicerContext[Any, Any]) -> Gr
     raise Unauthenticated("no credentials: send 'authorization: Bearer <token>'")
 
 
-class AuthInterceptor(aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     """Authenticates every call except those to `open_services`; `reload()` re-reads the tokens file."""
 
     def __init__(self, tokens_file: str, open_services: Collection[str]) -> None:
+        super().__init__()
         self._path = tokens_file
         self._callers = load_callers(tokens_file)
         self._open = tuple(f"/{service}/" for service in open_services)
-        # Wrap each handler once, not once per call (as ErrorMappingInterceptor does).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     @property
     def callers(self) -> Callers:
@@ -199,24 +199,11 @@ class AuthInterceptor(aio.ServerInterceptor):
         except Unauthenticated as exc:
             await context.abort_with_status(to_grpc_status(exc))
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(self._open):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def applies(self, method: str, handler: Handler) -> bool:
+        return not method.startswith(self._open)
 
     # The handlers are the servicer's coroutines and async generators; grpc's stubs type them as sync.
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         if handler.unary_unary:
             respond: Any = handler.unary_unary
 

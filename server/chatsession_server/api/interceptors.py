@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -19,35 +19,54 @@ from chatsession_server.errors import ChatSessionError, FieldViolation, InvalidA
 log = logging.getLogger(__name__)
 
 
-class ErrorMappingInterceptor(aio.ServerInterceptor):
-    """Maps ChatSessionError to its status; anything unexpected becomes a bare INTERNAL (logged
-    here with its traceback, never sent to the caller)."""
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
 
-    def __init__(self, service_prefix: str) -> None:
-        self._prefix = service_prefix
-        # gRPC asks for a handler on every call; wrap each handler once, not once per call (an
-        # idle watch stream would otherwise keep its own copy of the wrapper alive). Keyed by
-        # method and checked by identity, so interceptors after this one still run every time.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+class WrappingInterceptor(aio.ServerInterceptor):
+    """Replaces the handler of each method it `applies` to with `wrap(handler, method)`.
+
+    gRPC asks for a handler on every call; each is wrapped once, not once per call (an idle watch
+    stream would otherwise keep its own copy of the wrapper alive). Keyed by method and checked by
+    identity, so interceptors after this one still run every time."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def applies(self, method: str, handler: Handler) -> bool:
+        raise NotImplementedError
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or not method.startswith(self._prefix):
+        if handler is None or not self.applies(method, handler):
             return handler
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler, method)
+        wrapped = self.wrap(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+
+class ErrorMappingInterceptor(WrappingInterceptor):
+    """Maps ChatSessionError to its status; anything unexpected becomes a bare INTERNAL (logged
+    here with its traceback, never sent to the caller)."""
+
+    def __init__(self, service_prefix: str) -> None:
+        super().__init__()
+        self._prefix = service_prefix
+
+    def applies(self, method: str, handler: Handler) -> bool:
+        return method.startswith(self._prefix)
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),

@@ -9,12 +9,13 @@ servicer's storage with a limit on each user's live sessions, checked at create.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.domain import (
     NewSession,
     Session,
@@ -23,7 +24,7 @@ from chatsession_server.errors import QuotaExceeded, SessionNotFound
 from chatsession_server.ports import SessionStorage, StorageLayer
 
 
-class WatchQuota(aio.ServerInterceptor):
+class WatchQuota(WrappingInterceptor):
     """Refuses a WatchMessages stream (RESOURCE_EXHAUSTED) beyond `max_watchers` open in this
     server or `max_per_connection` open on the caller's connection (`context.peer()`, the remote
     address and port of one HTTP/2 connection).
@@ -34,13 +35,12 @@ class WatchQuota(aio.ServerInterceptor):
     """
 
     def __init__(self, watch_method: str, *, max_watchers: int, max_per_connection: int) -> None:
+        super().__init__()
         self._method = watch_method
         self._max = max_watchers
         self._max_per_connection = max_per_connection
         self._open = 0
         self._open_by_peer: dict[str, int] = {}
-        # Wrap the handler once, not once per call (as ErrorMappingInterceptor does).
-        self._wrapped: tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]] | None = None
 
     @property
     def watchers(self) -> int:
@@ -76,20 +76,11 @@ class WatchQuota(aio.ServerInterceptor):
         else:  # a connection's entry goes with its last stream: no growth with connections seen
             del self._open_by_peer[peer]
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
+    def applies(self, method: str, handler: Handler) -> bool:
         # Not a stream: the stand-in that answers UNAVAILABLE while the server waits for Valkey.
-        if handler is None or handler_call_details.method != self._method or handler.unary_stream is None:
-            return handler
-        if self._wrapped is None or self._wrapped[0] is not handler:
-            self._wrapped = (handler, self._wrap(handler))
-        return self._wrapped[1]
+        return method == self._method and handler.unary_stream is not None
 
-    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, handler: Handler, method: str) -> Handler:
         # The handler is the servicer's async generator; grpc's stubs type it as sync.
         produce: Any = handler.unary_stream
 
