@@ -107,39 +107,27 @@ def glide_config(
     if address.password is not None:
         credentials = ServerCredentials(password=address.password, username=address.username)
     nodes = [NodeAddress(host, port) for host, port in address.nodes]
-    reconnect = BackoffStrategy(**RECONNECT)
     tls = (
         TlsAdvancedConfiguration(use_insecure_tls=insecure_tls, root_pem_cacerts=root_certificates)
         if address.use_tls
         else None
     )
+    common: dict[str, Any] = {
+        "use_tls": address.use_tls,
+        "credentials": credentials,
+        "database_id": address.database or None,
+        "request_timeout": request_timeout_ms,
+        "client_name": client_name,
+        "inflight_requests_limit": inflight_limit,
+        "reconnect_strategy": BackoffStrategy(**RECONNECT),
+    }
     if cluster:
-        return GlideClusterClientConfiguration(
-            nodes,
-            use_tls=address.use_tls,
-            credentials=credentials,
-            database_id=address.database or None,
-            request_timeout=request_timeout_ms,
-            client_name=client_name,
-            inflight_requests_limit=inflight_limit,
-            reconnect_strategy=reconnect,
-            advanced_config=AdvancedGlideClusterClientConfiguration(
-                connection_timeout=connect_timeout_ms, tls_config=tls
-            ),
-        )
-    return GlideClientConfiguration(
-        nodes,
-        use_tls=address.use_tls,
-        credentials=credentials,
-        database_id=address.database or None,
-        request_timeout=request_timeout_ms,
-        client_name=client_name,
-        inflight_requests_limit=inflight_limit,
-        reconnect_strategy=reconnect,
-        advanced_config=AdvancedGlideClientConfiguration(
+        advanced = AdvancedGlideClusterClientConfiguration(
             connection_timeout=connect_timeout_ms, tls_config=tls
-        ),
-    )
+        )
+        return GlideClusterClientConfiguration(nodes, advanced_config=advanced, **common)
+    standalone = AdvancedGlideClientConfiguration(connection_timeout=connect_timeout_ms, tls_config=tls)
+    return GlideClientConfiguration(nodes, advanced_config=standalone, **common)
 
 
 async def create_client(config: AnyConfig) -> AnyClient:
