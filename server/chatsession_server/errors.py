@@ -16,9 +16,13 @@ class ChatSessionError(Exception):
 
 
 class InvalidArgument(ChatSessionError):
-    def __init__(self, violations: list[FieldViolation]) -> None:
+    """`omitted`: how many more violations the request had beyond those listed."""
+
+    def __init__(self, violations: list[FieldViolation], omitted: int = 0) -> None:
         self.violations = violations
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+        self.omitted = omitted
+        more = f"; and {omitted} more" if omitted else ""
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations) + more)
 
 
 class SessionNotFound(ChatSessionError):

@@ -53,10 +53,13 @@ def _bad_request(e: ChatSessionError) -> list[Message]:
             description=_clip(v.description, MAX_VIOLATION_TEXT_BYTES),
         )
         if shown == MAX_SHOWN_VIOLATIONS or bad.ByteSize() + violation.ByteSize() > MAX_BAD_REQUEST_BYTES:
-            more = len(e.violations) - shown
+            more = len(e.violations) - shown + e.omitted
             bad.field_violations.add(description=f"and {more} more violations not shown")
             break
         bad.field_violations.append(violation)
+    else:
+        if e.omitted:
+            bad.field_violations.add(description=f"and {e.omitted} more violations not shown")
     return [bad]
 
 

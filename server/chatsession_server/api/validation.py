@@ -41,17 +41,29 @@ def is_valid_id(value: str) -> bool:
 
 
 class Violations:
-    """Collects every problem of a request, so the caller can fix them all at once."""
+    """Collects the problems of a request, so the caller can fix them all at once; beyond
+    MAX_KEPT it only counts them, and `full` tells the checks to stop: a request of a million
+    bad parts costs no more than one of a hundred."""
+
+    MAX_KEPT = 100
 
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
+        self.omitted = 0
+
+    @property
+    def full(self) -> bool:
+        return self.omitted > 0
 
     def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
+        if len(self.items) < self.MAX_KEPT:
+            self.items.append(FieldViolation(field, description))
+        else:
+            self.omitted += 1
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise InvalidArgument(self.items)
+            raise InvalidArgument(self.items, self.omitted)
 
     def id(self, field: str, value: str, *, required: bool = True) -> None:
         if not value:
@@ -69,6 +81,7 @@ class Violations:
     ) -> None:
         if len(values) > entries:
             self.add(field, f"must have at most {entries} entries")
+            return  # the entries of a map this size are not worth checking one by one
         for key, value in values.items():
             if not key or len(key) > key_len:
                 self.add(f"{field}[{key!r}]", f"keys must be 1-{key_len} characters")
@@ -236,9 +249,10 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
     )
     if m.tool_calls and role is not Role.ASSISTANT:
         v.add(f"{field}.tool_calls", "only assistant messages carry tool_calls")
-    if len(m.tool_calls) > L.MAX_TOOL_CALLS:
+    too_many_calls = len(m.tool_calls) > L.MAX_TOOL_CALLS
+    if too_many_calls:
         v.add(f"{field}.tool_calls", f"must have at most {L.MAX_TOOL_CALLS} entries")
-    for j, call in enumerate(m.tool_calls):
+    for j, call in enumerate(() if too_many_calls else m.tool_calls):  # too many: not one by one
         v.text(f"{field}.tool_calls[{j}].id", call.id, L.MAX_NAME_LENGTH)
         if not call.name or len(call.name) > L.MAX_NAME_LENGTH:
             v.add(f"{field}.tool_calls[{j}].name", f"must be 1-{L.MAX_NAME_LENGTH} characters")
@@ -269,19 +283,28 @@ def append_messages(
     v = Violations()
     v.id("session_id", request.session_id)
     v.id("request_id", request.request_id, required=False)
-    if not request.messages:
-        v.add("messages", "must hold at least one message")
-    elif len(request.messages) > limits.max_messages_per_append:
-        v.add("messages", f"must hold at most {limits.max_messages_per_append} messages")
-    size = sum(m.ByteSize() for m in request.messages)
-    if size > limits.max_append_bytes:
-        v.add("messages", f"are {size} bytes encoded; the limit per append is {limits.max_append_bytes}")
     expected = request.expected_last_seq if request.HasField("expected_last_seq") else None
     if expected is not None and expected < 0:
         v.add("expected_last_seq", "must not be negative")
-    messages = [_message(v, f"messages[{i}]", m, limits) for i, m in enumerate(request.messages)]
+    count = len(request.messages)
+    if not count:
+        v.add("messages", "must hold at least one message")
+    elif count > limits.max_messages_per_append:
+        # Said at once: checking each of a million messages would hold the event loop for seconds.
+        v.add("messages", f"must hold at most {limits.max_messages_per_append} messages, not {count}")
+        v.raise_if_any()
+    size = sum(m.ByteSize() for m in request.messages)
+    if size > limits.max_append_bytes:
+        v.add("messages", f"are {size} bytes encoded; the limit per append is {limits.max_append_bytes}")
+    messages: list[NewMessage] = []
+    for i, m in enumerate(request.messages):
+        if v.full:
+            break
+        checked = _message(v, f"messages[{i}]", m, limits)
+        if checked is not None:
+            messages.append(checked)
     v.raise_if_any()
-    return request.session_id, [m for m in messages if m is not None], request.request_id, expected
+    return request.session_id, messages, request.request_id, expected
 
 
 def watch_messages(request: session_service_pb2.WatchMessagesRequest) -> tuple[str, int | None]:

@@ -1,0 +1,109 @@
+"""Review (cluster): UNINDEX and REVERT_INDEX decide whether an index entry belongs to a namesake
+created since by comparing scores, i.e. wall-clock times taken by possibly different servers
+before their index step. A re-create whose `now` is lower than the score already there (a replica
+whose clock is 0.5 s behind, or a create that read the clock before it was delayed) leaves the
+score unchanged (ZADD GT), and the late second step of the earlier operation then removes the
+entry of a live session: it is missing from its owner's listing until its next append.
+
+Replica B is a second SessionStore on the same Valkey whose clock is 0.5 s behind; the late
+second step is held and released the way tests/test_cluster_index.py does it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from chatsession_client import AlreadyExistsError, SessionClient, user
+from chatsession_server.app import RunningServer
+from chatsession_server.domain import NewSession
+from chatsession_server.store.session_store import SessionStore
+from tests.helpers import raises
+
+pytestmark = pytest.mark.cluster_only
+
+
+def replica_behind(server: RunningServer, seconds: float) -> SessionStore:
+    return SessionStore(server.connection, max_ttl_seconds=30 * 86400, clock=lambda: time.time() - seconds)
+
+
+def new(uid: str, session_id: str) -> NewSession:
+    return NewSession(
+        session_id=session_id,
+        user_id=uid,
+        model="",
+        title="",
+        labels={},
+        ttl_seconds=3600,
+        max_messages=-1,
+        request_id="",
+    )
+
+
+async def listed(client: SessionClient, user_id: str) -> list[str]:
+    return [s.session_id async for s in client.list_sessions(user_id)]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review: a late UNINDEX removes the entry of a namesake re-created since"
+)
+async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slower_clock(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
+) -> None:
+    store = server.store
+    held: list[tuple[str, str, str]] = []
+
+    async def hold(user_id: str, session_id: str, last_active: str) -> None:
+        held.append((user_id, session_id, last_active))
+
+    s = await client.create_session(uid, session_id=f"{uid}-x")
+    await client.append(s.session_id, [user("hi")])
+    monkeypatch.setattr(store, "_unindex", hold)
+    await client.delete_session(s.session_id)
+    monkeypatch.undo()
+    again, _ = await replica_behind(server, 0.5).create(new(uid, s.session_id))  # the user starts over
+    await store._unindex(*held[0])  # the delete's second step arrives late
+    assert (await client.get_session(again.session_id)).user_id == uid  # live
+    assert await listed(client, uid) == [again.session_id]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review: a late REVERT_INDEX removes the entry of a session created since"
+)
+async def test_a_late_revert_spares_a_session_created_since_by_a_replica_with_a_slower_clock(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
+) -> None:
+    store = server.store
+    taken = f"{uid}-y"
+    await client.create_session(f"{uid}-bob", session_id=taken)  # bob has the id
+    original = store._revert_index
+
+    async def late(*args: Any) -> None:
+        # Before the refused create undoes its index step: bob deletes his session and the user
+        # creates the id through replica B.
+        await store.delete(taken)
+        await replica_behind(server, 0.5).create(new(uid, taken))
+        await original(*args)
+
+    monkeypatch.setattr(store, "_revert_index", late)
+    await raises(AlreadyExistsError, client.create_session(uid, session_id=taken))
+    monkeypatch.undo()
+    assert (await client.get_session(taken)).user_id == uid  # live, the user's
+    assert await listed(client, uid) == [taken]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review: a replayed create raises the score; the delete then keeps the entry"
+)
+async def test_a_deleted_session_whose_create_was_retried_leaves_no_index_entry(
+    client: SessionClient, raw: Any, uid: str
+) -> None:
+    """The retry's index step (ZADD GT now) is not undone on REPLAYED, so the score ends above
+    the session's last_active; UNINDEX then takes the entry for a namesake's and keeps it (a dead
+    entry every listing describes for INDEX_PRUNE_GRACE_SECONDS)."""
+    index = f"user_sessions:{{{uid}}}"
+    s = await client.create_session(uid, session_id=f"{uid}-r", request_id="r1")
+    await client.create_session(uid, session_id=s.session_id, request_id="r1")  # a client retry
+    await client.delete_session(s.session_id)
+    assert await raw.zscore(index, s.session_id) is None
