@@ -54,13 +54,18 @@ def _bad_request(e: ChatSessionError) -> list[Message]:
         )
         if shown == MAX_SHOWN_VIOLATIONS or bad.ByteSize() + violation.ByteSize() > MAX_BAD_REQUEST_BYTES:
             more = len(e.violations) - shown + e.omitted
-            bad.field_violations.add(description=f"and {more} more violations not shown")
+            bad.field_violations.add(description=_more(more, e.omitted))
             break
         bad.field_violations.append(violation)
     else:
         if e.omitted:
-            bad.field_violations.add(description=f"and {e.omitted} more violations not shown")
+            bad.field_violations.add(description=_more(e.omitted, e.omitted))
     return [bad]
+
+
+def _more(count: int, omitted: int) -> str:
+    # Validation stops once it has found enough (`omitted` > 0): the true count may be higher.
+    return f"and {'at least ' if omitted else ''}{count} more violations not shown"
 
 
 def _resource(e: ChatSessionError) -> list[Message]:
