@@ -14,11 +14,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc import aio
@@ -148,6 +148,32 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return token
 
 
+def _refuse(error: Unauthenticated) -> Handler:
+    """A handler that aborts with `error`, taking the request as raw bytes (never parsed). Unary
+    for every kind of method: it ends the call before a reply, streaming ones included."""
+
+    async def refuse(request: bytes, context: aio.ServicerContext[Any, Any]) -> None:
+        await context.abort_with_status(to_grpc_status(error))
+
+    return grpc.unary_unary_rpc_method_handler(cast(Any, refuse))
+
+
+def refused_before_reading(
+    callers: Callers, metadata: Iterable[tuple[str, str | bytes]]
+) -> Unauthenticated | None:
+    """Why a call must be refused from its metadata alone (a bad or unknown token, or none where
+    no client certificate could stand for it), before its request is even parsed; else None."""
+    try:
+        token = _bearer_token(metadata)
+    except Unauthenticated as exc:
+        return exc
+    if token is not None:
+        return None if _digest(token) in callers.by_token_digest else Unauthenticated("unknown token")
+    if callers.has_certificates:
+        return None  # the certificate is known only to the call's context: checked in the handler
+    return Unauthenticated("no credentials: send 'authorization: Bearer <token>'")
+
+
 def authenticate(callers: Callers, context: aio.ServicerContext[Any, Any]) -> Grant:
     """The grant of a bearer token if the call has one, else of its verified client certificate."""
     token = _bearer_token(context.invocation_metadata() or ())
@@ -201,6 +227,20 @@ class AuthInterceptor(WrappingInterceptor):
 
     def applies(self, method: str, handler: Handler) -> bool:
         return not method.startswith(self._open)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        # A caller without valid credentials is turned away before gRPC parses its request: a
+        # stranger must not make the server decode megabytes.
+        method: str = handler_call_details.method
+        if not method.startswith(self._open):
+            refused = refused_before_reading(self._callers, handler_call_details.invocation_metadata or ())
+            if refused is not None:
+                return _refuse(refused)
+        return await super().intercept_service(continuation, handler_call_details)
 
     # The handlers are the servicer's coroutines and async generators; grpc's stubs type them as sync.
     def wrap(self, handler: Handler, method: str) -> Handler:
