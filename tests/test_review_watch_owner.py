@@ -11,14 +11,11 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-import pytest
-
 from chatsession_client import NotFoundError, user
 from chatsession_server.settings import Settings
 from tests.test_auth import ALICE, ALICE_TOKEN, BOB, BOB_TOKEN, client_for, serving, tokens_file  # noqa: F401
 
 
-@pytest.mark.xfail(strict=True, reason="review: an open watch receives another user's messages")
 async def test_a_watch_never_delivers_another_users_messages(
     settings: Settings,
     valkey_url: str,

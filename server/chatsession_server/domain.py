@@ -142,11 +142,13 @@ class MessagePage:
 
 @dataclass(frozen=True, slots=True)
 class Appended:
-    """Seqs first..last were appended; `messages` holds them when they came inline."""
+    """Seqs first..last were appended; `messages` holds them when they came inline. `owner` is
+    the user whose session they went to (None from a server that did not say)."""
 
     first_seq: int
     last_seq: int
     messages: tuple[StoredMessage, ...] | None
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

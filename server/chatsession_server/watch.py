@@ -35,7 +35,8 @@ async def watch_session(
 ) -> AsyncIterator[WatchEvent]:
     subscription = await feed.join(session_id)
     try:
-        last_seq = (await storage.get(session_id)).message_count
+        session = await storage.get(session_id)
+        last_seq = session.message_count
         if after_seq is not None and after_seq > last_seq:
             raise PreconditionFailed(
                 "AFTER_SEQ_AHEAD",
@@ -64,6 +65,9 @@ async def watch_session(
             if event is None:
                 yield Heartbeat(cursor)
             elif isinstance(event, Appended):
+                if event.owner is not None and event.owner != session.user_id:
+                    # The session expired and another user's took its id: this watch is over.
+                    raise SessionNotFound(session_id)
                 if event.last_seq <= cursor:
                     continue
                 if event.messages is None or event.first_seq > cursor + 1:

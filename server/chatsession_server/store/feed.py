@@ -209,8 +209,8 @@ def _parse(payload: bytes) -> FeedEvent:
     if not payload.startswith(b"M"):
         raise ValueError(f"unknown event {payload[:16]!r}")
     head, _, body = payload.partition(b"\n")
-    first, last = (int(x) for x in head[1:].split(b" "))
+    first, last, *owner = head[1:].split(b" ")
     messages: tuple[StoredMessage, ...] | None = None
     if body:
         messages = tuple(codec.message_from_obj(obj) for obj in json.loads(body))
-    return Appended(first, last, messages)
+    return Appended(int(first), int(last), messages, owner[0].decode() if owner else None)

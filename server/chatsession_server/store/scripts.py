@@ -267,8 +267,9 @@ class AppendArgs:
     """one per message: its JSON without the opening `{"seq":N,`"""
 
 
-# Publishes "M<first> <last>" on the watch channel, followed by "\n[<messages>]" when they are
-# small enough: watchers get them without a read, and re-read the LIST when they are not there.
+# Publishes "M<first> <last> <owner>" on the watch channel, followed by "\n[<messages>]" when they
+# are small enough: watchers get them without a read, and re-read the LIST when they are not
+# there. The owner lets a watch tell its session from a namesake created after it expired.
 APPEND = LuaScript(
     ("chat", "meta", "reqs"),
     AppendArgs,
@@ -343,7 +344,8 @@ if index_key_head ~= '' then
     + _INDEX_OF
     + r""", 'GT', last_active, session_id)
 end
-local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', first + #items - 1)
+local last = first + #items - 1
+local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', last) .. ' ' .. m[1]
 if size <= tonumber(inline_publish_bytes) then
   payload = payload .. '\n[' .. table.concat(items, ',') .. ']'
 end
