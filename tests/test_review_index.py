@@ -1,10 +1,9 @@
-"""Review: a live session whose index score is older than --max-ttl-seconds is dropped from its
-owner's index by the bulk ZREMRANGEBYSCORE in list_sessions, although the session is live.
+"""A live session stays listed even when its index score is older than --max-ttl-seconds (found in
+review: listings used to drop such entries in bulk by score).
 
 The score lags the session's real life in two ways: UpdateSession(ttl_seconds) extends the life
 without touching last_active (both modes), and in a cluster an append whose index step failed
-leaves the old score (the module docstring promises "the session is still listed").
-Real time with a 3 s --max-ttl-seconds; about 4 s per test."""
+leaves the old score. Real time with a 3 s --max-ttl-seconds; about 4 s per test."""
 
 from __future__ import annotations
 
@@ -38,9 +37,6 @@ async def listed(client: SessionClient, user_id: str) -> list[str]:
     return [s.session_id async for s in client.list_sessions(user_id)]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: ttl extended by UpdateSession; the listing prunes a live session"
-)
 async def test_a_session_kept_alive_by_update_stays_listed(
     short_lived: tuple[RunningServer, SessionClient], uid: str
 ) -> None:
@@ -54,7 +50,6 @@ async def test_a_session_kept_alive_by_update_stays_listed(
 
 
 @pytest.mark.cluster_only
-@pytest.mark.xfail(strict=True, reason="review: a lagging score (failed append index step) is pruned in bulk")
 async def test_a_session_whose_append_index_step_failed_stays_listed(
     monkeypatch: pytest.MonkeyPatch, short_lived: tuple[RunningServer, SessionClient], uid: str
 ) -> None:

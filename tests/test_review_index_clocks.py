@@ -25,7 +25,7 @@ pytestmark = pytest.mark.cluster_only
 
 
 def replica_behind(server: RunningServer, seconds: float) -> SessionStore:
-    return SessionStore(server.connection, max_ttl_seconds=30 * 86400, clock=lambda: time.time() - seconds)
+    return SessionStore(server.connection, clock=lambda: time.time() - seconds)
 
 
 def new(uid: str, session_id: str) -> NewSession:

@@ -21,7 +21,7 @@ async def test_forgetting_old_request_ids_works_with_a_large_idempotency_limit(
     server: RunningServer, client: SessionClient, raw: Any, uid: str
 ) -> None:
     s = await client.create_session(uid, session_id=f"{uid}-i")
-    store = SessionStore(server.connection, max_ttl_seconds=3600, idempotency_limit=20_000)
+    store = SessionStore(server.connection, idempotency_limit=20_000)
     await raw.hset(f"reqs:{{{s.session_id}}}", {f"r{i}": f"fp {i + 1} 1" for i in range(30_000)})
     message = NewMessage(
         role=Role.USER, content="x", tokens=0, name="", metadata={}, tool_calls=(), tool_call_id=""

@@ -163,7 +163,6 @@ class ListeningServer:
         connection, feed, token_key = await _connect_when_valkey_answers(settings, valkey)
         store = SessionStore(
             connection,
-            max_ttl_seconds=settings.max_ttl_seconds,
             idempotency_limit=settings.idempotency_keys_per_session,
             max_labels=MAX_LABELS,
             max_session_bytes=settings.max_session_bytes,

@@ -72,7 +72,6 @@ class SessionStore:
         self,
         conn: ValkeyConnection,
         *,
-        max_ttl_seconds: int,
         idempotency_limit: int = 1000,
         max_labels: int = 64,
         max_session_bytes: int = 0,
@@ -80,7 +79,6 @@ class SessionStore:
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
     ) -> None:
         self._conn = conn
-        self._max_ttl_seconds = max_ttl_seconds
         self._idempotency_limit = idempotency_limit
         self._max_labels = max_labels
         self._max_session_bytes = max_session_bytes
@@ -348,11 +346,9 @@ class SessionStore:
         read = limit + 1  # one more than needed tells whether a next page exists
         while True:
             fetch = max(limit - len(found) + 1, read)
+            # No bulk removal by score: a session can outlive its score (a TTL raised by an
+            # update, a score whose index step failed), so only a read of the session decides.
             batch = self._conn.batch(atomic=False)
-            if offset == 0:
-                # Sessions idle longer than the largest TTL are gone for sure: drop them in bulk.
-                stale = ScoreBoundary(self._clock() - self._max_ttl_seconds, is_inclusive=False)
-                batch.zremrangebyscore(index, InfBound.NEG_INF, stale)
             batch.zrange_withscores(
                 index, RangeByScore(top, InfBound.NEG_INF, Limit(offset, fetch)), reverse=True
             )
