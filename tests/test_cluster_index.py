@@ -72,7 +72,7 @@ async def test_a_create_cut_off_after_its_index_step_is_never_listed_and_its_ent
 async def test_a_create_whose_index_step_fails_creates_nothing(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    fail_index_step(monkeypatch, server.store, "_index_touch")
+    fail_index_step(monkeypatch, server.store, "_enter_index")
     await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-b"))
     assert await raw.exists([f"meta:{{{uid}-b}}", f"user_sessions:{{{uid}}}"]) == 0
 

@@ -1,9 +1,8 @@
-"""Review (cluster): UNINDEX and REVERT_INDEX decide whether an index entry belongs to a namesake
-created since by comparing scores, i.e. wall-clock times taken by possibly different servers
-before their index step. A re-create whose `now` is lower than the score already there (a replica
-whose clock is 0.5 s behind, or a create that read the clock before it was delayed) leaves the
-score unchanged (ZADD GT), and the late second step of the earlier operation then removes the
-entry of a live session: it is missing from its owner's listing until its next append.
+"""Cluster: a late second step (a delete's UNINDEX, a refused create's REVERT_INDEX) never removes
+the index entry of a session created since, whatever the clocks of the servers involved (found in
+review: a re-create through a replica whose clock was behind left the score unchanged, and the
+late step then removed a live session's entry). A create's index step raises the score strictly
+and undo steps compare against the score it wrote.
 
 Replica B is a second SessionStore on the same Valkey whose clock is 0.5 s behind; the late
 second step is held and released the way tests/test_cluster_index.py does it."""
@@ -45,9 +44,6 @@ async def listed(client: SessionClient, user_id: str) -> list[str]:
     return [s.session_id async for s in client.list_sessions(user_id)]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: a late UNINDEX removes the entry of a namesake re-created since"
-)
 async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slower_clock(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:
@@ -68,9 +64,6 @@ async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slow
     assert await listed(client, uid) == [again.session_id]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: a late REVERT_INDEX removes the entry of a session created since"
-)
 async def test_a_late_revert_spares_a_session_created_since_by_a_replica_with_a_slower_clock(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:
@@ -93,9 +86,6 @@ async def test_a_late_revert_spares_a_session_created_since_by_a_replica_with_a_
     assert await listed(client, uid) == [taken]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: a replayed create raises the score; the delete then keeps the entry"
-)
 async def test_a_deleted_session_whose_create_was_retried_leaves_no_index_entry(
     client: SessionClient, raw: Any, uid: str
 ) -> None:

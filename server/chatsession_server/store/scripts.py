@@ -588,6 +588,30 @@ return 0
 
 
 @dataclass(frozen=True, slots=True)
+class EnterIndexArgs:
+    session_id: str
+    now: str
+
+
+# Cluster: a create's index step. The entry's score goes strictly up (to `now`, or just above the
+# score already there, whatever the clocks of the servers that wrote them), and the reply is the
+# score written, exactly: a later undo or removal compares against it, never against a clock.
+ENTER_INDEX = LuaScript(
+    ("index",),
+    EnterIndexArgs,
+    r"""
+local current = redis.call('ZSCORE', index, session_id)
+local score = now
+if current and tonumber(current) >= tonumber(now) then
+  score = string.format('%.6f', tonumber(current) + 0.000001)
+end
+redis.call('ZADD', index, score, session_id)
+return score
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
 class RevertIndexArgs:
     session_id: str
     score_set: str
@@ -618,5 +642,6 @@ ALL: tuple[LuaScript[Any], ...] = (
     PRUNE_INDEX,
     PRUNE_STALE,
     UNINDEX,
+    ENTER_INDEX,
     REVERT_INDEX,
 )

@@ -4,7 +4,8 @@ The owner's index (`user_sessions:{uid}`) and a session live in different cluste
 standalone Valkey the scripts keep the index exact in the same step. In a cluster it is a
 second step, ordered so that a crash or error between the two steps never hides a live session
 from its owner's listing and never shows one that does not exist:
-- create: index entry first (ZADD GT, now), then the session. A crash in between leaves an
+- create: index entry first (its score strictly raised: see scripts.ENTER_INDEX), then the
+  session. A crash in between leaves an
   entry without a session: listings skip it (they describe every candidate) and remove it once
   it is older than INDEX_PRUNE_GRACE_SECONDS, and only if its score is unchanged. The session
   step is refused once CREATE_STEP_GAP_SECONDS have passed since the entry was written, so no
@@ -128,7 +129,7 @@ class SessionStore:
         if self._index_in_script:
             session_keys.append(keys.user_index_key(new.user_id))
         else:
-            await self._index_touch(new.user_id, new.session_id, float(now))
+            score_set = await self._enter_index(new.user_id, new.session_id, now)
             indexed_at = time.monotonic()
         args = scripts.CreateArgs(
             now=now,
@@ -145,10 +146,21 @@ class SessionStore:
         if status is Status.EXISTS:
             if not self._index_in_script:
                 owner, last_active = reply[1].decode(), reply[2].decode()
-                await self._revert_index(new, now, last_active if owner == new.user_id else "")
+                await self._revert_index(new, score_set, last_active if owner == new.user_id else "")
             raise SessionAlreadyExists(new.session_id)
+        session = _session_from(new.session_id, reply[1])
+        if status is Status.REPLAYED and not self._index_in_script:
+            # The entry was there already: put back the score the session really has.
+            await self._revert_index(new, score_set, codec.format_time(session.last_active))
         await self._conn.replicated(keys.meta_key(new.session_id))
-        return _session_from(new.session_id, reply[1]), status is Status.REPLAYED
+        return session, status is Status.REPLAYED
+
+    async def _enter_index(self, user_id: str, session_id: str, now: str) -> str:
+        """A create's index step (cluster); returns the score written."""
+        index = keys.user_index_key(user_id)
+        written = await self._run(scripts.ENTER_INDEX, [index], scripts.EnterIndexArgs(session_id, now))
+        await self._conn.replicated(index)
+        return written.decode() if isinstance(written, bytes) else str(written)
 
     async def _revert_index(self, new: NewSession, score_set: str, previous: str) -> None:
         """Undo a refused create's index step (cluster): put back the owner's score, or remove an
