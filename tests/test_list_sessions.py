@@ -90,3 +90,14 @@ async def test_page_size_rules(client: SessionClient, uid: str) -> None:
     assert violated_fields(err) == {"page_size"}
     err = await raises(InvalidArgumentError, client.list_sessions_page("bad user{x}"))
     assert violated_fields(err) == {"user_id"}
+
+
+async def test_pages_are_cut_by_bytes_so_every_reply_fits_a_default_client(
+    client: SessionClient, uid: str
+) -> None:
+    labels = {f"label-{i}": "v" * 1000 for i in range(64)}  # about 65 KB a session
+    ids = {(await client.create_session(uid, labels=labels)).session_id for _ in range(60)}
+    first = await client.list_sessions_page(uid, page_size=100)  # 60 x 65 KB would not fit 4 MiB
+    assert 1 <= len(first.sessions) < 60
+    assert first.next_page_token
+    assert {s.session_id async for s in client.list_sessions(uid, page_size=100)} == ids

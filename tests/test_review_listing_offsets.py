@@ -1,7 +1,7 @@
-"""Review (cluster): list_sessions walks the index by OFFSET within `score <= cursor`, and
-`_repair_scores` raises a lagging score between two reads of the same page. The repaired row
-leaves the range (its score is now above the cursor), every later row moves up by one, and
-the next read, at the old offset, skips one: a live session never appears in the pagination.
+"""Cluster: paging through ListSessions lists every live session even when a score is repaired
+between two reads of one page (found in review: list_sessions walked the index by offset, the
+repaired row left the range, every later row moved up by one, and the next read skipped one;
+it now goes on from the last row read).
 
 Needs a row whose index step failed (B: its score lags its last_active) followed by a dead
 entry that is too young to prune (a create cut off after its index step), so the page takes
@@ -22,9 +22,6 @@ from tests.helpers import raises
 pytestmark = pytest.mark.cluster_only
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review: a score repaired mid-page shifts the offsets; a live session is skipped"
-)
 async def test_paging_lists_every_live_session_when_a_score_is_repaired_mid_page(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:

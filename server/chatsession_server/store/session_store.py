@@ -63,8 +63,9 @@ INLINE_PUBLISH_BYTES = 64 * 1024
 INDEX_PRUNE_GRACE_SECONDS = 600.0
 CREATE_STEP_GAP_SECONDS = 60.0
 MAX_INDEX_READ = 1000
-# A page of messages stops short of this much stored JSON, so that its reply fits the 4 MiB a
-# gRPC client receives by default (a message alone is at most 1 MiB: a page of one always fits).
+# A page of messages (or of sessions) stops short of this much, so that its reply fits the 4 MiB
+# a gRPC client receives by default (a message alone is at most 1 MiB, a session far less: a page
+# of one always fits).
 PAGE_BYTES = 3 * 1024 * 1024
 
 
@@ -346,36 +347,48 @@ class SessionStore:
 
         Reads the index by score (no SCAN), describes the candidates in one pipeline, and prunes
         index entries whose session has expired, so a page holds only live sessions. Each read
-        that meets dead entries reads twice as many next time (up to MAX_INDEX_READ), so a page
-        behind thousands of expired entries takes a few round trips, not hundreds.
+        goes on from the last row read (its score and id), never from an offset, so rows that
+        leave or join the range meanwhile (pruned, or a score repaired) cannot make it skip one.
+        Each read that meets dead entries reads twice as many next time (up to MAX_INDEX_READ),
+        so a page behind thousands of expired entries takes a few round trips, not hundreds. A
+        page stops short of PAGE_BYTES of sessions, so that its reply fits a client.
         """
         index = keys.user_index_key(user_id)
-        top: InfBound | ScoreBoundary = (
-            InfBound.POS_INF if cursor is None else ScoreBoundary(cursor.last_active)
-        )
         found: list[tuple[Session, float]] = []
-        offset = 0
+        size = 0
+        position = cursor  # the last row read: the next read starts after it
+        ties = 0  # rows read at the position's score, which the next read meets again first
         read = limit + 1  # one more than needed tells whether a next page exists
         while True:
-            fetch = max(limit - len(found) + 1, read)
+            fetch = max(limit - len(found) + 1, read) + ties
             # No bulk removal by score: a session can outlive its score (a TTL raised by an
             # update, a score whose index step failed), so only a read of the session decides.
+            top = InfBound.POS_INF if position is None else ScoreBoundary(position.last_active)
             batch = self._conn.batch(atomic=False)
-            batch.zrange_withscores(
-                index, RangeByScore(top, InfBound.NEG_INF, Limit(offset, fetch)), reverse=True
-            )
+            batch.zrange_withscores(index, RangeByScore(top, InfBound.NEG_INF, Limit(0, fetch)), reverse=True)
             ranked: dict[bytes, float] = (await self._conn.run(batch))[-1]
             rows = [(member.decode(), float(score)) for member, score in ranked.items()]
-            candidates = [row for row in rows if cursor is None or _after_cursor(cursor, *row)]
-            live, dead = await self._describe_many(user_id, candidates)
-            removed = await self._prune(user_id, dead) if dead else 0
+            fresh = [row for row in rows if position is None or _after_cursor(position, *row)]
+            live, dead = await self._describe_many(user_id, fresh)
+            if dead:
+                await self._prune(user_id, dead)
             await self._repair_scores(user_id, live)
-            found.extend(live)
-            offset += len(rows) - removed
+            for session, score in live:
+                size += _listed_bytes(session)
+                if found and size > PAGE_BYTES:
+                    return SessionPage(
+                        tuple(s for s, _ in found), SessionCursor(found[-1][1], found[-1][0].session_id)
+                    )
+                found.append((session, score))
             if len(found) > limit or len(rows) < fetch:
                 break
+            if fresh:
+                position = SessionCursor(fresh[-1][1], fresh[-1][0])
+                ties = sum(1 for _, score in rows if score == position.last_active)
+            else:  # every row read was at the position's score and seen already: read further
+                ties = fetch
             if dead:
-                read = min(2 * fetch, MAX_INDEX_READ)
+                read = min(2 * read, MAX_INDEX_READ)
         next_cursor = None
         if len(found) > limit:
             del found[limit:]
@@ -383,17 +396,16 @@ class SessionStore:
             next_cursor = SessionCursor(score, last.session_id)
         return SessionPage(tuple(session for session, _ in found), next_cursor)
 
-    async def _prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> int:
-        """Removes index entries found dead; returns how many went."""
+    async def _prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
+        """Removes index entries found dead (in a cluster, those old and untouched enough)."""
         index = keys.user_index_key(user_id)
         if self._index_in_script:
             pairs = [item for session_id, _ in dead for item in (session_id, keys.meta_key(session_id))]
-            removed = await self._run(scripts.PRUNE_INDEX, [index], scripts.PruneIndexArgs(user_id, pairs))
+            await self._run(scripts.PRUNE_INDEX, [index], scripts.PruneIndexArgs(user_id, pairs))
         else:
             cutoff = codec.format_time(self._clock() - self._prune_grace_seconds)
             seen = [item for session_id, score in dead for item in (session_id, repr(score))]
-            removed = await self._run(scripts.PRUNE_STALE, [index], scripts.PruneStaleArgs(cutoff, seen))
-        return int(removed)
+            await self._run(scripts.PRUNE_STALE, [index], scripts.PruneStaleArgs(cutoff, seen))
 
     async def _repair_scores(self, user_id: str, live: Sequence[tuple[Session, float]]) -> None:
         """Raises index scores that lag their session's last_active (an append whose index step
@@ -427,6 +439,14 @@ class SessionStore:
                 continue
             live.append((codec.decode_session(session_id, meta, int(stored), int(ttl)), score))
         return live, dead
+
+
+def _listed_bytes(session: Session) -> int:
+    """About what a session takes in a ListSessions reply: its strings, plus the fixed fields."""
+    labels = sum(len(k) + len(v) for k, v in session.labels.items())
+    return (
+        len(session.session_id) + len(session.user_id) + len(session.title) + len(session.model) + labels + 64
+    )
 
 
 def _after_cursor(cursor: SessionCursor, session_id: str, score: float) -> bool:
