@@ -1,4 +1,4 @@
-"""Review: APPEND forgets old request records with one `HDEL reqs unpack(old)`, about limit/2
+"""Found in review: APPEND forgets old request records with one `HDEL reqs unpack(old)`, about limit/2
 names at once; Lua's unpack stops at 8000, so with --idempotency-keys-per-session above ~16000
 (accepted by Settings) every append with a request_id on a busy session fails with a RequestError
 (INTERNAL and a traceback) after RPUSH/HINCRBY/HSET already ran: the message is stored, the
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from chatsession_client import SessionClient
 from chatsession_server.app import RunningServer
 from chatsession_server.domain import NewMessage, Role
 from chatsession_server.store.session_store import SessionStore
 
 
-@pytest.mark.xfail(strict=True, reason="review: HDEL unpack(old) over Lua's 8000 limit fails mid-script")
 async def test_forgetting_old_request_ids_works_with_a_large_idempotency_limit(
     server: RunningServer, client: SessionClient, raw: Any, uid: str
 ) -> None:

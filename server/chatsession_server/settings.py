@@ -45,17 +45,19 @@ class ValkeyAddress:
     @classmethod
     def parse(cls, url: str) -> ValkeyAddress:
         schemes = {"valkey": False, "redis": False, "valkeys": True, "rediss": True}
+        # Errors name the part that is wrong, never the URL: it may hold a password.
         scheme, sep, rest = url.partition("://")
         if not sep or scheme not in schemes:
-            raise ValueError(f"Valkey URL must start with valkey:// or valkeys://, got {_redact(url)!r}")
-        location, _, path = rest.partition("/")
-        userinfo, at, hosts = location.rpartition("@")
+            raise ValueError("Valkey URL must start with valkey:// or valkeys://")
+        # The credentials end at the last '@' (a password may hold '/', as base64 does).
+        userinfo, at, location = rest.rpartition("@")
+        hosts, _, path = location.partition("/")
         username = password = None
         if at:
             user, colon, secret = userinfo.partition(":")
             username = unquote(user) if user else None
             password = unquote(secret) if colon and secret else None
-        nodes = tuple(_node(seed, url) for seed in hosts.split(","))
+        nodes = tuple(_node(seed) for seed in hosts.split(","))
         path = path.strip("/")
         if path and not path.isdigit():
             raise ValueError(f"Valkey URL database must be a number, got {path!r}")
@@ -74,7 +76,7 @@ class ValkeyAddress:
         return f"{scheme}://{auth}{hosts}/{self.database}"
 
 
-def _node(seed: str, url: str) -> tuple[str, int]:
+def _node(seed: str) -> tuple[str, int]:
     """One `host:port` (or `[v6]:port`, or a bare host) of a Valkey URL."""
     parts = urlsplit(f"//{seed}")
     try:
@@ -82,17 +84,8 @@ def _node(seed: str, url: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"Valkey URL has a bad port in {seed!r}") from None
     if not parts.hostname:
-        raise ValueError(f"Valkey URL has no host: {_redact(url)!r}")
+        raise ValueError(f"Valkey URL has no host in {seed!r}")
     return parts.hostname, port
-
-
-def _redact(url: str) -> str:
-    """The URL with any password replaced, for error messages."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{rest[len(userinfo) + 1 :]}"
 
 
 def _meta(help_text: str, **extra: Any) -> dict[str, Any]:
@@ -268,6 +261,9 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.idempotency_keys_per_session > 100_000:
+            # Forgetting the oldest reads every record inside one script: keep that bounded.
+            raise ValueError("idempotency_keys_per_session must be at most 100000")
         if self.max_messages_per_append > 5000:
             raise ValueError("max_messages_per_append must be at most 5000 (Lua argument limits)")
         if self.max_watchers <= 0 or self.max_watchers_per_connection <= 0:

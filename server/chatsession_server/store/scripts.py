@@ -329,9 +329,13 @@ if request_id ~= '' then
       rows[#rows + 1] = {tonumber(string.match(all[i + 1], ' (%d+) ')), all[i]}
     end
     table.sort(rows, function(a, b) return a[1] < b[1] end)
-    local old = {}
-    for i = 1, n - limit do old[#old + 1] = rows[i][2] end
-    redis.call('HDEL', reqs, unpack(old))
+    -- In slices: Lua's unpack takes at most a few thousand values, and a script that fails
+    -- half way keeps what it wrote before.
+    for from = 1, n - limit, 1000 do
+      local old = {}
+      for i = from, math.min(from + 999, n - limit) do old[#old + 1] = rows[i][2] end
+      redis.call('HDEL', reqs, unpack(old))
+    end
   end
 end
 local ttl = m[3]
