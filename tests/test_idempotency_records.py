@@ -1,4 +1,4 @@
-"""Found in review: APPEND forgets old request records with one `HDEL reqs unpack(old)`, about limit/2
+"""Found in review: APPEND forgot old request records with one `HDEL reqs unpack(old)`, about limit/2
 names at once; Lua's unpack stops at 8000, so with --idempotency-keys-per-session above ~16000
 (accepted by Settings) every append with a request_id on a busy session fails with a RequestError
 (INTERNAL and a traceback) after RPUSH/HINCRBY/HSET already ran: the message is stored, the

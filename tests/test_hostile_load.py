@@ -1,10 +1,6 @@
-"""Review: one AppendMessages of many tiny (empty) messages, well inside the 4 MiB request limit,
-makes validation build two FieldViolation objects per message, then join them all into one
-string before status.py clips it. The loop runs on the event loop: every other call of the
-process waits for it. Measured in-process: 4 MiB (2.09M empty messages) took 30 s of CPU and
-1.8 GB peak RSS; 800 KB (400k messages, used here) takes ~5 s and ~370 MB. The same holds for
-empty tool_calls entries. The count check (`must hold at most 1000 messages`) is made first but
-does not stop the per-message work."""
+"""Hostile load, found in review: a request of many empty messages (well inside the 4 MiB limit)
+used to make validation build two violations per message on the event loop (4 MiB: 30 s of CPU,
+1.8 GB); requests without credentials used to be parsed before they were refused."""
 
 from __future__ import annotations
 

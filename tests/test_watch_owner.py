@@ -1,9 +1,7 @@
-"""Review: a watch checks the session's owner once, at its start. Expiry publishes nothing, so
-until the feed's next poll (--watch-poll-seconds, default 2 s) a watch on an expired session
-still follows its channel; a session another user creates under the same id meanwhile streams
-its messages (inline in the publish, no owner check) to the first user's open watch.
-(AuthorizedStorage's docstring names the check-then-act gap of unary calls; on a watch it lasts
-for the whole stream, up to the poll.) Poll set to 30 s here to make the window deterministic."""
+"""A watch never delivers another user's messages (found in review): expiry publishes nothing, so
+until the feed's next poll a watch on an expired session still follows its channel, and a session
+another user created under the same id meanwhile streamed its messages to it. Appends now say
+whose session they went to. Poll set to 30 s here to make the window deterministic."""
 
 from __future__ import annotations
 
