@@ -55,8 +55,12 @@ def _info(text: str) -> dict[str, str]:
 
 
 class ClusterNode(EmbeddedValkey):
-    def __init__(self) -> None:
+    """A cluster node; `persistent` keeps its data in an append-only file, so a node restarted
+    (on the same port and directory) comes back with its data and its place in the cluster."""
+
+    def __init__(self, *, persistent: bool = False) -> None:
         self.bus_port = free_port()
+        durability = ("--appendonly", "yes", "--appendfsync", "always") if persistent else ()
         super().__init__(
             extra_args=(
                 "--cluster-enabled", "yes",
@@ -65,6 +69,7 @@ class ClusterNode(EmbeddedValkey):
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 # A replica with no primary yet should still answer (it serves nothing meanwhile).
                 "--cluster-require-full-coverage", "no",
+                *durability,
             )
         )  # fmt: skip
 
@@ -79,9 +84,9 @@ class ClusterNode(EmbeddedValkey):
 class EmbeddedCluster:
     """`with EmbeddedCluster(primaries=3, replicas=1) as cluster:` ... `cluster.url`."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 0) -> None:
-        self.primaries = [ClusterNode() for _ in range(primaries)]
-        self.replicas = [ClusterNode() for _ in range(primaries * replicas)]
+    def __init__(self, primaries: int = 3, replicas: int = 0, *, persistent: bool = False) -> None:
+        self.primaries = [ClusterNode(persistent=persistent) for _ in range(primaries)]
+        self.replicas = [ClusterNode(persistent=persistent) for _ in range(primaries * replicas)]
         self._replicas_per_primary = replicas
 
     @property
