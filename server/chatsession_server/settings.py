@@ -82,9 +82,9 @@ def _node(seed: str) -> tuple[str, int]:
     try:
         port = parts.port or 6379
     except ValueError:
-        raise ValueError(f"Valkey URL has a bad port in {seed!r}") from None
+        raise ValueError("Valkey URL has a bad port (or its password is not followed by @host)") from None
     if not parts.hostname:
-        raise ValueError(f"Valkey URL has no host in {seed!r}")
+        raise ValueError("Valkey URL has no host")
     return parts.hostname, port
 
 

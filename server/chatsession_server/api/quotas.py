@@ -115,8 +115,7 @@ class SessionQuota(StorageLayer):
         self._max = max_sessions_per_user
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
-        page = await self._inner.list_sessions(new.user_id, self._max, None)
-        if len(page.sessions) >= self._max and not await self._exists(new.session_id):
+        if await self._live_sessions(new.user_id) >= self._max and not await self._exists(new.session_id):
             raise QuotaExceeded(
                 "max_sessions_per_user",
                 self._max,
@@ -125,6 +124,17 @@ class SessionQuota(StorageLayer):
                 "(--max-sessions-per-user): delete some first",
             )
         return await self._inner.create(new)
+
+    async def _live_sessions(self, user_id: str) -> int:
+        """The user's live sessions, counted up to the limit (a page may stop short of it: pages
+        are cut by bytes too)."""
+        counted, cursor = 0, None
+        while True:
+            page = await self._inner.list_sessions(user_id, self._max - counted, cursor)
+            counted += len(page.sessions)
+            cursor = page.next_cursor
+            if counted >= self._max or cursor is None:
+                return counted
 
     async def _exists(self, session_id: str) -> bool:
         try:

@@ -152,16 +152,17 @@ def update_session(
         v.raise_if_any()
     s = request.session
     v.id("session.session_id", s.session_id)
+    # Bounded before anything else (before even a copy): every path becomes work, and a Lua
+    # argument, in the store.
+    if len(request.update_mask.paths) > MAX_MASK_PATHS:
+        v.add("update_mask", f"must have at most {MAX_MASK_PATHS} paths")
+        v.raise_if_any()
     if request.HasField("update_mask"):
         paths = list(request.update_mask.paths)
         if paths == ["*"]:
             paths = list(UPDATABLE_FIELDS)
     else:  # AIP-134: without a mask, apply the fields that are set
         paths = [f for f in UPDATABLE_FIELDS if (s.labels if f == "labels" else getattr(s, f))]
-    # Bounded before anything else: every path becomes work (and a Lua argument) in the store.
-    if len(paths) > MAX_MASK_PATHS:
-        v.add("update_mask", f"must have at most {MAX_MASK_PATHS} paths")
-        v.raise_if_any()
     if len(set(paths)) < len(paths):
         v.add("update_mask", "must not name a path twice")
     if sum(p.startswith("labels.") for p in paths) > L.MAX_LABELS:

@@ -372,13 +372,10 @@ class SessionStore:
             live, dead = await self._describe_many(user_id, fresh)
             if dead:
                 await self._prune(user_id, dead)
-            await self._repair_scores(user_id, live)
             for session, score in live:
                 size += _listed_bytes(session)
                 if found and size > PAGE_BYTES:
-                    return SessionPage(
-                        tuple(s for s, _ in found), SessionCursor(found[-1][1], found[-1][0].session_id)
-                    )
+                    return await self._page(user_id, found, more=True)
                 found.append((session, score))
             if len(found) > limit or len(rows) < fetch:
                 break
@@ -389,12 +386,18 @@ class SessionStore:
                 ties = fetch
             if dead:
                 read = min(2 * read, MAX_INDEX_READ)
+        return await self._page(user_id, found[:limit], more=len(found) > limit)
+
+    async def _page(self, user_id: str, shown: list[tuple[Session, float]], *, more: bool) -> SessionPage:
+        """The page of `shown`, with a cursor after its last session when `more` follow. Only the
+        scores of sessions returned are repaired: one raised past the page's end would jump over
+        the cursor and be skipped by the next page."""
+        await self._repair_scores(user_id, shown)
         next_cursor = None
-        if len(found) > limit:
-            del found[limit:]
-            last, score = found[-1]
+        if more:
+            last, score = shown[-1]
             next_cursor = SessionCursor(score, last.session_id)
-        return SessionPage(tuple(session for session, _ in found), next_cursor)
+        return SessionPage(tuple(session for session, _ in shown), next_cursor)
 
     async def _prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
         """Removes index entries found dead (in a cluster, those old and untouched enough)."""
@@ -443,10 +446,9 @@ class SessionStore:
 
 def _listed_bytes(session: Session) -> int:
     """About what a session takes in a ListSessions reply: its strings, plus the fixed fields."""
-    labels = sum(len(k) + len(v) for k, v in session.labels.items())
-    return (
-        len(session.session_id) + len(session.user_id) + len(session.title) + len(session.model) + labels + 64
-    )
+    texts = [session.session_id, session.user_id, session.title, session.model, *session.labels.keys()]
+    texts += session.labels.values()
+    return sum(len(text.encode()) for text in texts) + 64
 
 
 def _after_cursor(cursor: SessionCursor, session_id: str, score: float) -> bool:
