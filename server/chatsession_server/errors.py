@@ -56,6 +56,11 @@ class WriteNotReplicated(StoreUnavailable):
     the same request_id): a failover could still lose it."""
 
 
+class StoreFull(ChatSessionError):
+    """Valkey refuses writes: it is at its memory limit (maxmemory, noeviction). Nothing was
+    written; retrying helps only once memory is freed or added."""
+
+
 class StoreTimeout(ChatSessionError):
     """Valkey did not answer within the request timeout. The write may or may not have happened."""
 

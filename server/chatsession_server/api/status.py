@@ -19,6 +19,7 @@ from chatsession_server.errors import (
     SessionAlreadyExists,
     SessionNotFound,
     ShuttingDown,
+    StoreFull,
     StoreTimeout,
     StoreUnavailable,
     Unauthenticated,
@@ -113,6 +114,7 @@ ERROR_TABLE: dict[type[ChatSessionError], tuple[int, Callable[[ChatSessionError]
     StoreUnavailable: (code_pb2.UNAVAILABLE, _retry_soon),
     ShuttingDown: (code_pb2.UNAVAILABLE, _retry_soon),
     StoreTimeout: (code_pb2.DEADLINE_EXCEEDED, _none),
+    StoreFull: (code_pb2.RESOURCE_EXHAUSTED, _none),
     Unauthenticated: (code_pb2.UNAUTHENTICATED, _none),
     PermissionDenied: (code_pb2.PERMISSION_DENIED, _none),
 }

@@ -34,7 +34,7 @@ from glide import (
     TlsAdvancedConfiguration,
 )
 
-from chatsession_server.errors import StoreTimeout, StoreUnavailable, WriteNotReplicated
+from chatsession_server.errors import StoreFull, StoreTimeout, StoreUnavailable, WriteNotReplicated
 from chatsession_server.settings import ValkeyAddress
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ def translate_errors() -> Iterator[None]:
         raise StoreUnavailable(f"Valkey is unreachable: {exc}") from exc
     except glide.RequestError as exc:
         text = str(exc).lower()
+        if "command not allowed when used memory" in text:  # OOM at maxmemory
+            raise StoreFull(f"Valkey is out of memory and refuses writes: {exc}") from exc
         # Overload, refused connections and a cluster changing hands (failover, resharding,
         # a node loading its data) surface as plain RequestErrors: all are worth a retry.
         if any(sign in text for sign in _TRANSIENT):
