@@ -185,6 +185,15 @@ local function trim_window(chat, meta, max, pinned)
   end
 end
 
+-- Where seq is in the LIST (the pinned prompt, then the window, with no gap in between); a seq
+-- that was trimmed maps to the window's first item (`at_least`) or the prompt's last.
+local function list_index(mc, len, pinned, seq, at_least)
+  local base = mc - (len - pinned)
+  if seq <= pinned then return seq - 1 end
+  if seq > base then return pinned + seq - base - 1 end
+  return at_least and pinned or pinned - 1
+end
+
 -- Stored messages with lo <= seq <= hi, oldest first.
 local function read_range(chat, mc, len, pinned, lo, hi)
   local out = {}
@@ -396,26 +405,33 @@ else
   elseif na > 0 then p_lo, p_hi = a2 - math.min(limit - nb, na) + 1, (nb > 0) and b2 or a2
   else p_lo, p_hi = b1, b2 end
 end
+-- Read from the near end in small slices and stop short of max_bytes (keeping at least one), so
+-- neither the reply nor this script's own memory grows with the page: a forward page keeps its
+-- oldest, a backward one its newest; the reader pages on from where it stopped.
 local items = {}
-if na + nb > 0 and limit > 0 then items = read_range(chat, mc, len, pinned, p_lo, p_hi) end
--- Cut by size from the far end (a forward page keeps its oldest, a backward one its newest), so
--- a reply always fits what a client receives; the reader pages on from where it stopped.
-local budget, size = tonumber(max_bytes), 0
-local first, last, step = 1, #items, 1
-if not forward then first, last, step = #items, 1, -1 end
-local cut = nil
-for i = first, last, step do
-  size = size + #items[i]
-  if size > budget and i ~= first then cut = i break end
-end
-if cut then
-  local kept = {}
-  if forward then
-    for i = 1, cut - 1 do kept[#kept + 1] = items[i] end
-  else
-    for i = cut + 1, #items do kept[#kept + 1] = items[i] end
+local i_lo, i_hi = list_index(mc, len, pinned, p_lo, true), list_index(mc, len, pinned, p_hi, false)
+if na + nb > 0 and limit > 0 and i_lo <= i_hi then
+  local budget, size, slice = tonumber(max_bytes), 0, 8
+  local kept, stop = {}, false
+  local i = forward and i_lo or i_hi
+  while not stop and i >= i_lo and i <= i_hi do
+    local a, b = i, math.min(i + slice - 1, i_hi)
+    if not forward then a, b = math.max(i - slice + 1, i_lo), i end
+    local part = redis.call('LRANGE', chat, a, b)
+    local first, last, step = 1, #part, 1
+    if not forward then first, last, step = #part, 1, -1 end
+    for k = first, last, step do
+      if #kept > 0 and size + #part[k] > budget then stop = true break end
+      size = size + #part[k]
+      kept[#kept + 1] = part[k]
+    end
+    i = forward and b + 1 or a - 1
   end
-  items = kept
+  if forward then
+    items = kept
+  else
+    for k = #kept, 1, -1 do items[#items + 1] = kept[k] end
+  end
   p_lo, p_hi = seq_of(items[1]), seq_of(items[#items])
 end
 local has_more = (#items < na + nb) and 1 or 0
