@@ -37,6 +37,7 @@ from hypothesis.stateful import (
 from chatsession.v1 import session_pb2
 from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, ROLE_USER
 from chatsession_client import FailedPreconditionError, NotFoundError, SessionClient, message
+from chatsession_server.store.scripts import MAX_PINNED
 
 T = TypeVar("T")
 OnLoop = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -83,7 +84,7 @@ class ModelSession:
         for m in messages:
             seq = self.message_count + 1
             # System messages before any other message form the prompt the window keeps.
-            if self.pinned == seq - 1 and m.role == ROLE_SYSTEM:
+            if self.pinned == seq - 1 and self.pinned < MAX_PINNED and m.role == ROLE_SYSTEM:
                 self.pinned = seq
             self.stored.append((seq, m.role, m.content))
             self.message_count = seq

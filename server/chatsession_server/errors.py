@@ -51,6 +51,11 @@ class StoreUnavailable(ChatSessionError):
     """Valkey cannot be reached (connection refused or lost). Safe to retry."""
 
 
+class StoreOverloaded(StoreUnavailable):
+    """This server has as many Valkey requests in flight as it allows (--valkey-inflight-limit):
+    Valkey is busy, not gone. Safe to retry."""
+
+
 class WriteNotReplicated(StoreUnavailable):
     """The write is on the primary but fewer replicas than required confirmed it. Retry (with
     the same request_id): a failover could still lose it."""

@@ -66,9 +66,13 @@ def _constants() -> str:
         f"local SYSTEM_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.SYSTEM))}",
         f"local TOOL_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.TOOL))}",
         f"local SEQ_HEAD = {_lua_string(codec.SEQ_HEAD)}",
+        f"local MAX_PINNED = {MAX_PINNED}",
     ]
     return "\n".join(lines) + "\n"
 
+
+MAX_PINNED = 16
+"""Most leading system messages a session pins (keeps through every window trim)."""
 
 A = TypeVar("A")
 
@@ -167,8 +171,15 @@ local function trim_window(chat, meta, max, pinned)
   local unpinned = len - pinned
   local drop = unpinned - math.max(max - pinned, 1)
   if drop <= 0 then return end
-  while drop < unpinned and has_role(redis.call('LINDEX', chat, pinned + drop), TOOL_BODY_PREFIX) do
-    drop = drop + 1
+  -- Tool results the new head would start with go too, read in slices (not one LINDEX each).
+  local walking = true
+  while walking and drop < unpinned do
+    local slice = redis.call('LRANGE', chat, pinned + drop, pinned + drop + 63)
+    for _, item in ipairs(slice) do
+      if drop >= unpinned or not has_role(item, TOOL_BODY_PREFIX) then walking = false break end
+      drop = drop + 1
+    end
+    if #slice == 0 then walking = false end
   end
   local freed = 0
   for _, item in ipairs(redis.call('LRANGE', chat, pinned, pinned + drop - 1)) do freed = freed + #item end
@@ -181,7 +192,9 @@ local function trim_window(chat, meta, max, pinned)
   else
     local head = redis.call('LRANGE', chat, 0, pinned - 1)
     redis.call('LTRIM', chat, pinned + drop, -1)
-    for i = #head, 1, -1 do redis.call('LPUSH', chat, head[i]) end
+    local reversed = {}
+    for i = #head, 1, -1 do reversed[#reversed + 1] = head[i] end
+    redis.call('LPUSH', chat, unpack(reversed))  -- at most MAX_PINNED: one command
   end
 end
 
@@ -306,8 +319,10 @@ local first = mc + 1
 for i = bodies_from, #ARGV do
   local seq = first + #items
   local body = ARGV[i]
-  -- System messages before any other message form the prompt the window keeps.
-  if pinned == seq - 1 and string.sub(body, 1, #SYSTEM_BODY_PREFIX) == SYSTEM_BODY_PREFIX then
+  -- System messages before any other message form the prompt the window keeps (the first
+  -- MAX_PINNED: every trim puts them back in front, so their number is bounded).
+  local is_system = string.sub(body, 1, #SYSTEM_BODY_PREFIX) == SYSTEM_BODY_PREFIX
+  if pinned == seq - 1 and pinned < MAX_PINNED and is_system then
     pinned = seq
   end
   items[#items + 1] = SEQ_HEAD .. string.format('%d', seq) .. ',' .. body

@@ -34,7 +34,13 @@ from glide import (
     TlsAdvancedConfiguration,
 )
 
-from chatsession_server.errors import StoreFull, StoreTimeout, StoreUnavailable, WriteNotReplicated
+from chatsession_server.errors import (
+    StoreFull,
+    StoreOverloaded,
+    StoreTimeout,
+    StoreUnavailable,
+    WriteNotReplicated,
+)
 from chatsession_server.settings import ValkeyAddress
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,6 @@ PROBE_TIMEOUT_SECONDS = 0.3
 RECONNECT = {"num_of_retries": 5, "factor": 10, "exponent_base": 2}
 
 _TRANSIENT = (
-    "inflight requests",
     "connection refused",
     "broken pipe",
     "moved:",
@@ -82,6 +87,8 @@ def translate_errors() -> Iterator[None]:
         text = str(exc).lower()
         if "command not allowed when used memory" in text:  # OOM at maxmemory
             raise StoreFull(f"Valkey is out of memory and refuses writes: {exc}") from exc
+        if "inflight requests" in text:  # our own client's limit: busy, not down
+            raise StoreOverloaded(f"too many Valkey requests in flight: {exc}") from exc
         # Overload, refused connections and a cluster changing hands (failover, resharding,
         # a node loading its data) surface as plain RequestErrors: all are worth a retry.
         if any(sign in text for sign in _TRANSIENT):
@@ -193,6 +200,8 @@ class ValkeyConnection:
                 raise
             self._mark_down()
             raise StoreUnavailable("Valkey is unreachable") from None
+        except StoreOverloaded:
+            raise
         except StoreUnavailable:
             self._mark_down()
             raise
