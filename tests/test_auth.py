@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -413,3 +414,20 @@ async def test_malformed_tokens_file_stops_start_up_with_one_line(tmp_path: Path
     assert f"{path}, line 3: expected" in errors[0]
     assert "Traceback" not in text
     assert BOB_TOKEN not in text
+
+
+async def test_without_mtls_a_missing_token_is_refused_before_the_request_is_read(
+    settings: Settings, valkey_url: str, tmp_path: Path
+) -> None:
+    # cert: lines cannot match anyone without --tls-client-ca: a call without a token is refused
+    # from its metadata, so even a body that does not parse is UNAUTHENTICATED, not INVALID_ARGUMENT.
+    path = tmp_path / "tokens"
+    path.write_text(f"{ALICE_TOKEN} {ALICE}\ncert:CN=billing-svc *\n")
+    async with (
+        serving(settings, valkey_url, auth_tokens_file=str(path)) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        raw_create: Any = channel.unary_unary("/chatsession.v1.SessionService/CreateSession")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await raw_create(b"\xff\xff\xff not protobuf", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

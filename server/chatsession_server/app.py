@@ -193,7 +193,9 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     auth = (
         AuthInterceptor(
-            settings.auth_tokens_file, open_services=(HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            settings.auth_tokens_file,
+            open_services=(HEALTH_SERVICE_NAME, reflection.SERVICE_NAME),
+            client_certificates=bool(settings.tls_client_ca),
         )
         if settings.auth_tokens_file
         else None

@@ -159,7 +159,7 @@ def _refuse(error: Unauthenticated) -> Handler:
 
 
 def refused_before_reading(
-    callers: Callers, metadata: Iterable[tuple[str, str | bytes]]
+    callers: Callers, metadata: Iterable[tuple[str, str | bytes]], client_certificates: bool
 ) -> Unauthenticated | None:
     """Why a call must be refused from its metadata alone (a bad or unknown token, or none where
     no client certificate could stand for it), before its request is even parsed; else None."""
@@ -169,7 +169,7 @@ def refused_before_reading(
         return exc
     if token is not None:
         return None if _digest(token) in callers.by_token_digest else Unauthenticated("unknown token")
-    if callers.has_certificates:
+    if callers.has_certificates and client_certificates:
         return None  # the certificate is known only to the call's context: checked in the handler
     return Unauthenticated("no credentials: send 'authorization: Bearer <token>'")
 
@@ -197,11 +197,16 @@ def authenticate(callers: Callers, context: aio.ServicerContext[Any, Any]) -> Gr
 class AuthInterceptor(WrappingInterceptor):
     """Authenticates every call except those to `open_services`; `reload()` re-reads the tokens file."""
 
-    def __init__(self, tokens_file: str, open_services: Collection[str]) -> None:
+    def __init__(
+        self, tokens_file: str, open_services: Collection[str], *, client_certificates: bool = False
+    ) -> None:
         super().__init__()
         self._path = tokens_file
         self._callers = load_callers(tokens_file)
         self._open = tuple(f"/{service}/" for service in open_services)
+        # Whether callers can present verified certificates at all (mTLS is on): without it, no
+        # `cert:` line can stand for a missing token.
+        self._client_certificates = client_certificates
 
     @property
     def callers(self) -> Callers:
@@ -237,7 +242,9 @@ class AuthInterceptor(WrappingInterceptor):
         # stranger must not make the server decode megabytes.
         method: str = handler_call_details.method
         if not method.startswith(self._open):
-            refused = refused_before_reading(self._callers, handler_call_details.invocation_metadata or ())
+            refused = refused_before_reading(
+                self._callers, handler_call_details.invocation_metadata or (), self._client_certificates
+            )
             if refused is not None:
                 return _refuse(refused)
         return await super().intercept_service(continuation, handler_call_details)
