@@ -6,7 +6,9 @@ import os
 import signal
 
 from chatsession_client import NO_RETRY, SessionClient
-from chatsession_server.supervisor import WORKER_ENV
+from chatsession_server.embedded import EmbeddedValkey
+from chatsession_server.embedded_cluster import command
+from chatsession_server.supervisor import CANNOT_START, WORKER_ENV
 from tests.processes import ServerProcess, alive, gone, parent_of
 
 STARTED = r"started worker (\d) \(pid (\d+)\)"
@@ -91,6 +93,20 @@ async def test_a_worker_whose_supervisor_is_gone_does_not_start() -> None:
         "--listen", "127.0.0.1:0", "--valkey-url", "valkey://127.0.0.1:1",
         env={WORKER_ENV: "1:1"},  # pid 1 is not its parent
     )  # fmt: skip
-    assert await orphan.exit_code() == 1
+    assert await orphan.exit_code() == CANNOT_START
     [line] = orphan.lines
     assert "the supervisor is gone" in line
+
+
+async def test_workers_that_cannot_start_stop_the_group_instead_of_restarting() -> None:
+    # A password Valkey refuses: every worker would fail the same way, again and again.
+    with EmbeddedValkey() as valkey:
+        command("127.0.0.1", valkey.port, "CONFIG", "SET", "requirepass", "the-right-one")
+        supervisor = await ServerProcess.start(
+            "--listen", "127.0.0.1:0", "--workers", "2",
+            env={"CHATSESSION_VALKEY_URL": valkey.url, "CHATSESSION_VALKEY_PASSWORD": "a-wrong-one"},
+        )  # fmt: skip
+        assert await supervisor.exit_code(30) == 1
+    assert "could not start" in supervisor.text
+    assert "restarting" not in supervisor.text
+    assert "a-wrong-one" not in supervisor.text

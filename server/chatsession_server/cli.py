@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from chatsession_server.settings import Settings
-from chatsession_server.supervisor import WorkerIdentity, supervise, worker_identity
+from chatsession_server.supervisor import CANNOT_START, WorkerIdentity, supervise, worker_identity
 
 
 def configure_logging(level: str, worker: WorkerIdentity | None = None) -> None:
@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(settings, share_port=worker is not None)
     except (RuntimeError, OSError) as exc:  # start-up failures (port taken, Valkey unreachable): one line
         logging.getLogger("chatsession_server").error("%s", exc)
-        sys.exit(1)
+        # A worker that cannot start tells its supervisor so: its siblings would fail the same way.
+        sys.exit(CANNOT_START if worker is not None else 1)
 
 
 def _serve(settings: Settings, *, share_port: bool) -> None:

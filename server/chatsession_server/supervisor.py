@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # Set on workers only: "<worker number>:<supervisor pid>".
 WORKER_ENV = "CHATSESSION_WORKER_OF"
+CANNOT_START = 78  # sysexits' EX_CONFIG
+"""A worker's exit code when it cannot start (a wrong password, a bad certificate, Valkey never
+answering): restarting it would fail again, so the supervisor stops the group and exits 1."""
+
 # Workers get this long beyond --grace-seconds to exit before they are killed.
 KILL_MARGIN_SECONDS = 5.0
 FIRST_RESTART_DELAY = 0.5
@@ -91,6 +95,7 @@ class _WorkerGroup:
         self._grace_seconds = grace_seconds
         self._stopping = asyncio.Event()
         self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._failed = False  # a worker could not start
 
     async def run(self, address: str) -> int:
         loop = asyncio.get_running_loop()
@@ -111,7 +116,7 @@ class _WorkerGroup:
                         process.kill()
             await asyncio.wait(keepers)
         log.info("all workers stopped")
-        return 0
+        return 1 if self._failed else 0
 
     async def _keep_running(self, number: int) -> None:
         """Run worker `number` until the group stops, restarting it when it dies."""
@@ -119,8 +124,13 @@ class _WorkerGroup:
         delay = FIRST_RESTART_DELAY
         while True:
             started = loop.time()
-            ended = await self._run_once(number)
+            ended, code = await self._run_once(number)
             if self._stopping.is_set():
+                return
+            if code == CANNOT_START:
+                log.error("worker %d could not start (its error is above): stopping", number)
+                self._failed = True
+                self._stopping.set()
                 return
             if loop.time() - started >= STABLE_RUN_SECONDS:
                 delay = FIRST_RESTART_DELAY
@@ -131,8 +141,8 @@ class _WorkerGroup:
             except TimeoutError:
                 delay = min(2 * delay, MAX_RESTART_DELAY)
 
-    async def _run_once(self, number: int) -> str:
-        """Start worker `number` and wait for it to end; how it ended."""
+    async def _run_once(self, number: int) -> tuple[str, int | None]:
+        """Start worker `number` and wait for it to end; how it ended, and its exit code."""
         try:
             process = await asyncio.create_subprocess_exec(
                 *die_with_parent_prefix(),
@@ -141,14 +151,14 @@ class _WorkerGroup:
                 process_group=0,
             )
         except OSError as exc:  # e.g. out of processes or memory: try again later
-            return f"could not be started ({exc})"
+            return f"could not be started ({exc})", None
         self._processes[number] = process
         log.info("started worker %d (pid %d)", number, process.pid)
         if self._stopping.is_set():  # the stop came while it was being started
             self._terminate(process)
         code = await process.wait()
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return f"(pid {process.pid}) {how}"
+        return f"(pid {process.pid}) {how}", code
 
     @staticmethod
     def _terminate(process: asyncio.subprocess.Process) -> None:
