@@ -117,7 +117,7 @@ async def test_valkey_unreachable_at_start_gives_up_after_the_timeout_in_one_lin
     assert len(attempts) >= 2
     [error] = [line for line in server.lines if " ERROR " in line]
     assert error == server.lines[-1]
-    assert f"Valkey at valkey://127.0.0.1:{nobody}/0 did not answer within 1.5s" in error
+    assert f"Valkey at valkey://127.0.0.1:{nobody} did not answer within 1.5s" in error
 
 
 async def test_the_server_waits_for_valkey_not_serving_until_it_answers() -> None:

@@ -73,7 +73,7 @@ class ValkeyAddress:
         scheme = "valkeys" if self.use_tls else "valkey"
         auth = "***@" if self.password else ""
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
-        return f"{scheme}://{auth}{hosts}/{self.database}"
+        return f"{scheme}://{auth}{hosts}" + (f"/{self.database}" if self.database else "")
 
 
 def _node(seed: str) -> tuple[str, int]:
@@ -238,6 +238,8 @@ class Settings:
         address = ValkeyAddress.parse(self.valkey_url) if self.valkey_url else None
         if address is not None and len(address.nodes) > 1 and not self.valkey_cluster:
             raise ValueError("several Valkey nodes in valkey_url need --valkey-cluster")
+        if address is not None and self.valkey_cluster and address.database:
+            raise ValueError("a Valkey Cluster keeps its data in database 0: drop the /N from valkey_url")
         self._check_valkey_security(address)
         if self.valkey_wait_replicas < 0 or self.valkey_wait_timeout_ms <= 0:
             raise ValueError(
