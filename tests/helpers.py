@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import re
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import pytest
 from glide import AllPrimaries, GlideClient, GlideClusterClient, SlotKeyRoute, SlotType
 
 from chatsession_client import ChatSessionError
+from chatsession_server.app import RunningServer, start_server
+from chatsession_server.settings import Settings, ValkeyAddress
 
 E = TypeVar("E", bound=ChatSessionError)
+
+
+@contextlib.asynccontextmanager
+async def serving(base: Settings, valkey_url: str, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """A server of its own on the suite's Valkey (standalone or cluster, as `base` says), with
+    `overrides` of the suite's settings, on a free port."""
+    running = await start_server(
+        dataclasses.replace(base, listen="127.0.0.1:0", **overrides), ValkeyAddress.parse(valkey_url)
+    )
+    try:
+        yield running
+    finally:
+        await running.stop(1.0)
 
 
 async def raises(cls: type[E], call: Awaitable[Any]) -> E:

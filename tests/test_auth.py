@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -31,9 +30,9 @@ from chatsession_client import (
 )
 from chatsession_server.api.auth import load_callers
 from chatsession_server.api.tls import is_loopback
-from chatsession_server.app import RunningServer, start_server
+from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
-from tests.helpers import meta, raises, stored_messages
+from tests.helpers import meta, raises, serving, stored_messages
 from tests.processes import ROOT, ServerProcess
 from tests.test_grpcurl import grpcurl
 
@@ -49,19 +48,6 @@ TOKENS = f"""\
 {BOB_TOKEN}   {BOB}
 {SERVICE_TOKEN} *
 """
-
-
-@contextlib.asynccontextmanager
-async def serving(base: Settings, valkey_url: str, **settings: str) -> AsyncIterator[RunningServer]:
-    """A server of its own with `settings` changed, on the suite's Valkey (standalone or cluster)."""
-    running = await start_server(
-        dataclasses.replace(base, listen="127.0.0.1:0", **settings),  # type: ignore[arg-type]
-        ValkeyAddress.parse(valkey_url),
-    )
-    try:
-        yield running
-    finally:
-        await running.stop(1.0)
 
 
 @pytest.fixture(scope="module")

@@ -4,29 +4,16 @@ counted characters, not bytes)."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_client.errors import ResourceExhaustedError
-from chatsession_server.app import RunningServer, start_server
+from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
-from chatsession_server.settings import Settings, ValkeyAddress
-
-
-@contextlib.asynccontextmanager
-async def serving(base: Settings, valkey_url: str, **overrides: Any) -> AsyncIterator[RunningServer]:
-    running = await start_server(
-        dataclasses.replace(base, listen="127.0.0.1:0", **overrides), ValkeyAddress.parse(valkey_url)
-    )
-    try:
-        yield running
-    finally:
-        await running.stop(1.0)
+from chatsession_server.settings import Settings
+from tests.helpers import serving
 
 
 def big_labels(char: str) -> dict[str, str]:

@@ -21,24 +21,12 @@ from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_client.errors import ResourceExhaustedError
-from chatsession_server.app import RunningServer, start_server
-from chatsession_server.settings import Settings, ValkeyAddress
-from tests.helpers import raises, session_keys_exist, subscribe_calls, subscribers
+from chatsession_server.app import RunningServer
+from chatsession_server.settings import Settings
+from tests.helpers import raises, serving, session_keys_exist, subscribe_calls, subscribers
 
 PER_CONNECTION = 3
 PER_PROCESS = 5
-
-
-@contextlib.asynccontextmanager
-async def serving(base: Settings, valkey_url: str, **overrides: Any) -> AsyncIterator[RunningServer]:
-    """A server of its own with small quotas, on the suite's Valkey (standalone or cluster)."""
-    running = await start_server(
-        dataclasses.replace(base, listen="127.0.0.1:0", **overrides), ValkeyAddress.parse(valkey_url)
-    )
-    try:
-        yield running
-    finally:
-        await running.stop(1.0)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from chatsession_client import NotFoundError, user
 from chatsession_server.settings import Settings
-from tests.test_auth import ALICE, ALICE_TOKEN, BOB, BOB_TOKEN, client_for, serving, tokens_file  # noqa: F401
+from tests.helpers import serving
+from tests.test_auth import ALICE, ALICE_TOKEN, BOB, BOB_TOKEN, client_for, tokens_file  # noqa: F401
 
 
 async def test_a_watch_never_delivers_another_users_messages(
@@ -21,7 +22,7 @@ async def test_a_watch_never_delivers_another_users_messages(
     uid: str,
 ) -> None:
     poll = {"watch_poll_seconds": 30.0}
-    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file), **poll) as running:  # type: ignore[arg-type]
+    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file), **poll) as running:
         target = f"127.0.0.1:{running.port}"
         async with client_for(target, ALICE_TOKEN) as alice, client_for(target, BOB_TOKEN) as bob:
             mine = await alice.create_session(ALICE, session_id=f"{uid}-x", ttl_seconds=1)
