@@ -48,6 +48,11 @@ SERVICE_NAME = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
+class ValkeyNotAnswering(RuntimeError):
+    """Valkey did not answer within --valkey-startup-timeout: it may come back, unlike a refused
+    password or certificate (a worker that meets this is restarted; see supervisor.CANNOT_START)."""
+
+
 # Waiting for Valkey at start: retry delays double from the first to the last.
 FIRST_RETRY_SECONDS = 0.2
 MAX_RETRY_SECONDS = 2.0
@@ -272,7 +277,7 @@ async def _connect_when_valkey_answers(
             reason = " ".join(str(exc).split()) or type(exc).__name__
             left = deadline - loop.time()
             if left <= 0:
-                raise RuntimeError(
+                raise ValkeyNotAnswering(
                     f"Valkey at {valkey.redacted()} did not answer within "
                     f"{settings.valkey_startup_timeout:g}s: {reason}"
                 ) from None

@@ -38,8 +38,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(settings, share_port=worker is not None)
     except (RuntimeError, OSError) as exc:  # start-up failures (port taken, Valkey unreachable): one line
         logging.getLogger("chatsession_server").error("%s", exc)
-        # A worker that cannot start tells its supervisor so: its siblings would fail the same way.
-        sys.exit(CANNOT_START if worker is not None else 1)
+        # A worker refused for good (a password, a certificate, a file) tells its supervisor so:
+        # its siblings would fail the same way. Valkey not answering may pass: restart that one.
+        lasting = worker is not None and not _passing(exc)
+        sys.exit(CANNOT_START if lasting else 1)
+
+
+def _passing(exc: BaseException) -> bool:
+    from chatsession_server.app import ValkeyNotAnswering
+
+    return isinstance(exc, ValkeyNotAnswering)
 
 
 def _serve(settings: Settings, *, share_port: bool) -> None:

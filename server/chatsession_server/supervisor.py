@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 # Set on workers only: "<worker number>:<supervisor pid>".
 WORKER_ENV = "CHATSESSION_WORKER_OF"
 CANNOT_START = 78  # sysexits' EX_CONFIG
-"""A worker's exit code when it cannot start (a wrong password, a bad certificate, Valkey never
-answering): restarting it would fail again, so the supervisor stops the group and exits 1."""
+"""A worker's exit code when it is refused for good at start (a wrong password, a bad certificate
+or file): restarting it would fail again, so the supervisor stops the group and exits 1. A worker
+that found Valkey not answering exits 1 and is restarted like any other: the outage may pass."""
 
 # Workers get this long beyond --grace-seconds to exit before they are killed.
 KILL_MARGIN_SECONDS = 5.0

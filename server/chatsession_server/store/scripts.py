@@ -181,8 +181,12 @@ local function trim_window(chat, meta, max, pinned)
     end
     if #slice == 0 then walking = false end
   end
-  local freed = 0
-  for _, item in ipairs(redis.call('LRANGE', chat, pinned, pinned + drop - 1)) do freed = freed + #item end
+  local freed = 0  -- read in slices: a window cut from 64 MiB to a few messages must not load it all
+  for from = pinned, pinned + drop - 1, 64 do
+    for _, item in ipairs(redis.call('LRANGE', chat, from, math.min(from + 63, pinned + drop - 1))) do
+      freed = freed + #item
+    end
+  end
   -- A session stored before the count existed starts from 0: never let it go negative.
   if redis.call('HINCRBY', meta, F_STORED_BYTES, -freed) < 0 then
     redis.call('HSET', meta, F_STORED_BYTES, 0)
@@ -192,9 +196,13 @@ local function trim_window(chat, meta, max, pinned)
   else
     local head = redis.call('LRANGE', chat, 0, pinned - 1)
     redis.call('LTRIM', chat, pinned + drop, -1)
-    local reversed = {}
-    for i = #head, 1, -1 do reversed[#reversed + 1] = head[i] end
-    redis.call('LPUSH', chat, unpack(reversed))  -- at most MAX_PINNED: one command
+    -- Back in front, in slices (a prompt stored before MAX_PINNED existed may be longer than
+    -- unpack takes), the last slice first.
+    for last = #head, 1, -1000 do
+      local slice = {}
+      for i = last, math.max(last - 999, 1), -1 do slice[#slice + 1] = head[i] end
+      redis.call('LPUSH', chat, unpack(slice))
+    end
   end
 end
 

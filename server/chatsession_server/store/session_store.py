@@ -375,7 +375,7 @@ class SessionStore:
             for session, score in live:
                 size += _listed_bytes(session)
                 if found and size > PAGE_BYTES:
-                    return await self._page(user_id, found, more=True)
+                    return await self._page(user_id, found[:limit], more=True)
                 found.append((session, score))
             if len(found) > limit or len(rows) < fetch:
                 break
