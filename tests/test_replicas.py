@@ -11,82 +11,78 @@ from collections.abc import AsyncIterator
 import pytest
 
 from chatsession_client import NO_RETRY, SessionClient, user
-from chatsession_server.app import RunningServer, start_server
+from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.processes import ServerProcess
 
 
 @pytest.fixture
-async def replicas(settings: Settings, valkey_url: str) -> AsyncIterator[list[RunningServer]]:
+async def replicas(settings: Settings, valkey_url: str) -> AsyncIterator[tuple[SessionClient, SessionClient]]:
+    """A client of each of two replicas on the suite's Valkey."""
     servers = [await start_server(settings, ValkeyAddress.parse(valkey_url)) for _ in range(2)]
-    yield servers
+    async with (
+        SessionClient(f"127.0.0.1:{servers[0].port}", retry=NO_RETRY) as a,
+        SessionClient(f"127.0.0.1:{servers[1].port}", retry=NO_RETRY) as b,
+    ):
+        yield a, b
     for server in servers:
         await server.stop(0.5)
 
 
 async def test_a_client_alternating_between_replicas_sees_one_session(
-    replicas: list[RunningServer], uid: str
+    replicas: tuple[SessionClient, SessionClient], uid: str
 ) -> None:
-    async with (
-        SessionClient(f"127.0.0.1:{replicas[0].port}", retry=NO_RETRY) as a,
-        SessionClient(f"127.0.0.1:{replicas[1].port}", retry=NO_RETRY) as b,
-    ):
-        s = await a.create_session(uid, title="shared")
-        assert (await b.get_session(s.session_id)).title == "shared"
-        for i in range(10):
-            via = (a, b)[i % 2]
-            appended = await via.append(s.session_id, [user(f"m{i}")], request_id=f"r{i}")
-            assert [m.seq for m in appended.messages] == [i + 1]
-        # A retry through the other replica is recognised as the same request.
-        again = await a.append(s.session_id, [user("m9")], request_id="r9")
-        assert again.replayed
-        assert [m.seq for m in again.messages] == [10]
-        for via in (a, b):
-            got = await via.get_session(s.session_id)
-            assert (got.message_count, got.messages_stored) == (10, 10)
-            page = await via.list_messages(s.session_id, page_size=100)
-            assert [m.content for m in page.messages] == [f"m{i}" for i in range(10)]
+    a, b = replicas
+    s = await a.create_session(uid, title="shared")
+    assert (await b.get_session(s.session_id)).title == "shared"
+    for i in range(10):
+        via = (a, b)[i % 2]
+        appended = await via.append(s.session_id, [user(f"m{i}")], request_id=f"r{i}")
+        assert [m.seq for m in appended.messages] == [i + 1]
+    # A retry through the other replica is recognised as the same request.
+    again = await a.append(s.session_id, [user("m9")], request_id="r9")
+    assert again.replayed
+    assert [m.seq for m in again.messages] == [10]
+    for via in (a, b):
+        got = await via.get_session(s.session_id)
+        assert (got.message_count, got.messages_stored) == (10, 10)
+        page = await via.list_messages(s.session_id, page_size=100)
+        assert [m.content for m in page.messages] == [f"m{i}" for i in range(10)]
 
 
 async def test_a_watcher_on_one_replica_sees_appends_through_the_other(
-    replicas: list[RunningServer], uid: str
+    replicas: tuple[SessionClient, SessionClient], uid: str
 ) -> None:
-    async with (
-        SessionClient(f"127.0.0.1:{replicas[0].port}", retry=NO_RETRY) as a,
-        SessionClient(f"127.0.0.1:{replicas[1].port}", retry=NO_RETRY) as b,
-    ):
-        s = await a.create_session(uid)
-        seen: list[int] = []
+    a, b = replicas
+    s = await a.create_session(uid)
+    seen: list[int] = []
 
-        async def watch() -> None:
-            async for event in a.watch(s.session_id, after_seq=0):
-                if event.HasField("message"):
-                    seen.append(event.message.seq)
-                    if event.message.seq == 5:
-                        return
+    async def watch() -> None:
+        async for event in a.watch(s.session_id, after_seq=0):
+            if event.HasField("message"):
+                seen.append(event.message.seq)
+                if event.message.seq == 5:
+                    return
 
-        watching = asyncio.create_task(watch())
-        await asyncio.sleep(0.2)
-        for i in range(5):
-            await b.append(s.session_id, [user(f"via b {i}")])
-        await asyncio.wait_for(watching, 10)
-        assert seen == [1, 2, 3, 4, 5]
+    watching = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)
+    for i in range(5):
+        await b.append(s.session_id, [user(f"via b {i}")])
+    await asyncio.wait_for(watching, 10)
+    assert seen == [1, 2, 3, 4, 5]
 
 
 async def test_page_tokens_of_one_replica_are_accepted_by_the_other(
-    replicas: list[RunningServer], uid: str
+    replicas: tuple[SessionClient, SessionClient], uid: str
 ) -> None:
-    async with (
-        SessionClient(f"127.0.0.1:{replicas[0].port}", retry=NO_RETRY) as a,
-        SessionClient(f"127.0.0.1:{replicas[1].port}", retry=NO_RETRY) as b,
-    ):
-        ids = {(await a.create_session(uid)).session_id for _ in range(5)}
-        first = await a.list_sessions_page(uid, page_size=2)
-        second = await b.list_sessions_page(uid, page_size=2, page_token=first.next_page_token)
-        third = await a.list_sessions_page(uid, page_size=2, page_token=second.next_page_token)
-        listed = [s.session_id for page in (first, second, third) for s in page.sessions]
-        assert sorted(listed) == sorted(ids)
-        assert third.next_page_token == ""
+    a, b = replicas
+    ids = {(await a.create_session(uid)).session_id for _ in range(5)}
+    first = await a.list_sessions_page(uid, page_size=2)
+    second = await b.list_sessions_page(uid, page_size=2, page_token=first.next_page_token)
+    third = await a.list_sessions_page(uid, page_size=2, page_token=second.next_page_token)
+    listed = [s.session_id for page in (first, second, third) for s in page.sessions]
+    assert sorted(listed) == sorted(ids)
+    assert third.next_page_token == ""
 
 
 async def test_workers_on_the_suite_valkey_serve_one_session(
