@@ -22,7 +22,7 @@ from chatsession_server.domain import SessionCursor
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.errors import InvalidArgument
 from chatsession_server.settings import Settings, ValkeyAddress
-from chatsession_server.store.keys import page_token_secret_key
+from chatsession_server.store.keys import KeySpace
 from tests.helpers import meta, raises, stored_messages, violated_fields
 
 SERVICE = "/chatsession.v1.SessionService/"
@@ -174,13 +174,13 @@ async def test_replicas_share_a_generated_key_and_other_deployments_do_not(
         await client.create_session(uid, session_id=f"{uid}-{i}")
     token = (await client.list_sessions_page(uid, page_size=1)).next_page_token
     assert token
-    secret = await raw.get(page_token_secret_key())
+    secret = await raw.get(KeySpace().page_token_secret())
     assert secret is not None
     assert len(secret) == 64
     async with SessionClient(f"127.0.0.1:{second_server.port}") as replica:
         page = await replica.list_sessions_page(uid, page_size=1, page_token=token)
         assert [s.session_id for s in page.sessions] == [f"{uid}-1"]
-        assert await raw.get(page_token_secret_key()) == secret
+        assert await raw.get(KeySpace().page_token_secret()) == secret
     with EmbeddedValkey() as elsewhere:
         other = await start_server(Settings(listen="127.0.0.1:0"), ValkeyAddress.parse(elsewhere.url))
         try:

@@ -34,11 +34,10 @@ from chatsession_server.errors import StoreTimeout, StoreUnavailable
 from chatsession_server.listen_address import claim_listen_port
 from chatsession_server.ports import SessionStorage
 from chatsession_server.settings import Settings, ValkeyAddress
-from chatsession_server.store import SessionStore, ValkeyConnection
 from chatsession_server.store.feed import SessionFeed
-from chatsession_server.store.keys import page_token_secret_key
 from chatsession_server.store.secrets import shared_secret
-from chatsession_server.store.valkey import AnyConfig, glide_config
+from chatsession_server.store.session_store import SessionStore
+from chatsession_server.store.valkey import AnyConfig, ValkeyConnection, glide_config
 from chatsession_server.store.valkey_tls import connect_failure
 
 log = logging.getLogger(__name__)
@@ -171,6 +170,7 @@ class ListeningServer:
             idempotency_limit=settings.idempotency_keys_per_session,
             max_labels=MAX_LABELS,
             max_session_bytes=settings.max_session_bytes,
+            key_space=settings.key_space,
         )
         storage: SessionStorage = store
         if settings.max_sessions_per_user:
@@ -329,7 +329,7 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
         raise
     try:
         token_key = settings.page_token_key.encode() or await shared_secret(
-            connection, page_token_secret_key()
+            connection, settings.key_space.page_token_secret()
         )
         feed = await SessionFeed.start(
             config("chatsession-watch"),
@@ -337,6 +337,7 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
             buffer=settings.watch_buffer_events,
             poll_seconds=settings.watch_poll_seconds,
             sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
+            key_space=settings.key_space,
         )
     except BaseException:
         await connection.close()

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
+from chatsession_server.store.keys import KeySpace
+
 ENV_PREFIX = "CHATSESSION_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -221,6 +223,15 @@ class Settings:
         metadata=_meta("most live sessions a user may have (checked at CreateSession, soft); 0: no limit"),
     )
 
+    # -- key namespace (README "Data model"): several deployments may share one Valkey.
+    key_prefix: str = field(
+        default="",
+        metadata=_meta(
+            "put before every key and channel name (e.g. 'staging:'); empty: the cookbook's names. "
+            "At most 64 characters from [A-Za-z0-9_.:-]"
+        ),
+    )
+
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
         if not host or (host.startswith("[") != host.endswith("]")) or not port.lstrip("-").isdigit():
@@ -272,6 +283,7 @@ class Settings:
             raise ValueError("max_watchers and max_watchers_per_connection must be positive")
         if self.max_sessions_per_user < 0:
             raise ValueError("max_sessions_per_user must not be negative (0: no limit)")
+        KeySpace(self.key_prefix)  # refuses a bad prefix now, with the other settings
 
     def _check_valkey_security(self, address: ValkeyAddress | None) -> None:
         """The Valkey TLS and password options fit together (the messages never hold a secret)."""
@@ -297,6 +309,11 @@ class Settings:
             raise ValueError(
                 f"the Valkey password is given more than once ({', '.join(sources)}): give it one way"
             )
+
+    @property
+    def key_space(self) -> KeySpace:
+        """The names of this deployment's keys and channels."""
+        return KeySpace(self.key_prefix)
 
     @property
     def listen_host(self) -> str:

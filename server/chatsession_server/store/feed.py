@@ -52,10 +52,12 @@ class SessionFeed:
         buffer: int,
         poll_seconds: float,
         sweep_seconds: float,
+        key_space: keys.KeySpace,
     ) -> None:
+        self._keys = key_space
         self._pubsub = pubsub
         control: PubSubControl = Sharded(pubsub) if isinstance(pubsub, GlideClusterClient) else pubsub
-        self._sync = ChannelSync(control, lambda: [keys.watch_channel(s) for s in self._channels])
+        self._sync = ChannelSync(control, lambda: [self._keys.watch_channel(s) for s in self._channels])
         self._commands = commands
         self._buffer = buffer
         self._poll_seconds = poll_seconds
@@ -73,6 +75,7 @@ class SessionFeed:
         buffer: int,
         poll_seconds: float,
         sweep_seconds: float,
+        key_space: keys.KeySpace,
     ) -> SessionFeed:
         """Open the pub/sub connection (inside the running loop); start the poller and the sweep
         that wakes idle watchers every `sweep_seconds` (their heartbeat timers, shared)."""
@@ -90,7 +93,14 @@ class SessionFeed:
                 channels_and_patterns={}, callback=on_message, context=None
             )
         client = await create_client(base)
-        feed = cls(client, commands, buffer=buffer, poll_seconds=poll_seconds, sweep_seconds=sweep_seconds)
+        feed = cls(
+            client,
+            commands,
+            buffer=buffer,
+            poll_seconds=poll_seconds,
+            sweep_seconds=sweep_seconds,
+            key_space=key_space,
+        )
         holder.append(feed)
         feed._tasks = [
             asyncio.create_task(feed._poll_forever(), name="chatsession-watch-poll"),
@@ -112,7 +122,7 @@ class SessionFeed:
         subscription = Subscription(session_id, self._buffer)
         channel.watchers.add(subscription)
         try:
-            await self._sync.subscribed(keys.watch_channel(session_id))
+            await self._sync.subscribed(self._keys.watch_channel(session_id))
         except BaseException:
             await self.leave(subscription)
             raise
@@ -137,7 +147,7 @@ class SessionFeed:
     def _dispatch(self, msg: PubSubMsg) -> None:
         """GLIDE's callback, on the loop thread: parse once, hand the same event to every watcher."""
         channel_name = msg.channel.decode() if isinstance(msg.channel, bytes) else str(msg.channel)
-        channel = self._channels.get(keys.session_of_channel(channel_name))
+        channel = self._channels.get(self._keys.session_of_channel(channel_name))
         if channel is None or not channel.watchers:
             return
         try:
@@ -172,7 +182,7 @@ class SessionFeed:
             return
         batch = self._commands.batch(atomic=False)
         for session_id in session_ids:
-            batch.hget(keys.meta_key(session_id), "message_count")
+            batch.hget(self._keys.meta(session_id), "message_count")
         counts = await self._commands.run(batch)
         for session_id, count in zip(session_ids, counts, strict=True):
             channel = self._channels.get(session_id)

@@ -1,51 +1,77 @@
-"""Key and channel names. `{...}` hash tags keep each session's keys in one cluster slot."""
+"""Key and channel names. `{...}` hash tags keep each session's keys in one cluster slot.
+
+Every name starts with the deployment's key prefix (`--key-prefix`, empty by default: the
+cookbook's own names), so several deployments can share one Valkey. The prefix holds no `{` or `}`:
+it never changes which part of a name is hashed to a cluster slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
 
 CHAT_PREFIX = "chat:"
 META_PREFIX = "meta:"
 REQUESTS_PREFIX = "reqs:"
 USER_INDEX_PREFIX = "user_sessions:"
-
-
-def chat_key(session_id: str) -> str:
-    """LIST of the session's messages as JSON, oldest first."""
-    return f"{CHAT_PREFIX}{{{session_id}}}"
-
-
-def meta_key(session_id: str) -> str:
-    """HASH of the session's metadata and counters."""
-    return f"{META_PREFIX}{{{session_id}}}"
-
-
-def requests_key(session_id: str) -> str:
-    """HASH request_id -> "fingerprint first_seq count": AppendMessages' idempotency records."""
-    return f"{REQUESTS_PREFIX}{{{session_id}}}"
-
-
-def user_index_key(user_id: str) -> str:
-    """ZSET of a user's session ids scored by last_active. Its own slot: in a cluster it is kept
-    in a second step (see session_store.py); on standalone Valkey, in the session's scripts."""
-    return f"{USER_INDEX_PREFIX}{{{user_id}}}"
-
-
 WATCH_PREFIX = "watch:"
+PAGE_TOKEN_SECRET = "chatsession:page_token_key"
+
+KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
+"""What `--key-prefix` may be: no hash-tag braces, no spaces or glob characters, at most 64."""
 
 
-def watch_channel(session_id: str) -> str:
-    """Pub/sub channel announcing a session's appends and deletion; in the session's slot, so a
-    cluster publishes it sharded (SPUBLISH) on the session's node only."""
-    return f"{WATCH_PREFIX}{{{session_id}}}"
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """The names of every key and channel of one deployment."""
+
+    prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if not KEY_PREFIX_PATTERN.fullmatch(self.prefix):
+            raise ValueError("key_prefix must be at most 64 characters from [A-Za-z0-9_.:-]")
+
+    def chat(self, session_id: str) -> str:
+        """LIST of the session's messages as JSON, oldest first."""
+        return f"{self.prefix}{CHAT_PREFIX}{{{session_id}}}"
+
+    def meta(self, session_id: str) -> str:
+        """HASH of the session's metadata and counters."""
+        return f"{self.prefix}{META_PREFIX}{{{session_id}}}"
+
+    def requests(self, session_id: str) -> str:
+        """HASH request_id -> "fingerprint first_seq count": AppendMessages' idempotency records."""
+        return f"{self.prefix}{REQUESTS_PREFIX}{{{session_id}}}"
+
+    def user_index(self, user_id: str) -> str:
+        """ZSET of a user's session ids scored by last_active. Its own slot: in a cluster it is kept
+        in a second step (see session_store.py); on standalone Valkey, in the session's scripts."""
+        return f"{self.user_index_head}{user_id}}}"
+
+    @property
+    def user_index_head(self) -> str:
+        """What a script puts before a user id (and `}` after) to name that user's index (standalone
+        only: a key the script does not declare)."""
+        return f"{self.prefix}{USER_INDEX_PREFIX}{{"
+
+    def watch_channel(self, session_id: str) -> str:
+        """Pub/sub channel announcing a session's appends and deletion; in the session's slot, so a
+        cluster publishes it sharded (SPUBLISH) on the session's node only."""
+        return f"{self._watch_head}{session_id}}}"
+
+    @property
+    def _watch_head(self) -> str:
+        return f"{self.prefix}{WATCH_PREFIX}{{"
+
+    def session_of_channel(self, channel: str) -> str:
+        """The session id a `watch_channel` name was made from."""
+        return channel[len(self._watch_head) : -1]
+
+    def page_token_secret(self) -> str:
+        """STRING: the random secret that signs ListSessions page tokens when none is configured
+        (created once by the first server to start, then shared by every replica). No expiry."""
+        return f"{self.prefix}{PAGE_TOKEN_SECRET}"
 
 
-def session_of_channel(channel: str) -> str:
-    return channel[len(WATCH_PREFIX) + 1 : -1]
-
-
-USER_INDEX_KEY_HEAD = f"{USER_INDEX_PREFIX}{{"
-"""What a script puts before a user id (and `}` after) to name that user's index (standalone only:
-a key the script does not declare)."""
-
-
-def page_token_secret_key() -> str:
-    """STRING: the random secret that signs ListSessions page tokens when none is configured
-    (created once by the first server to start, then shared by every replica). No expiry."""
-    return "chatsession:page_token_key"
+DEFAULT_KEY_SPACE = KeySpace()
+"""No prefix: the cookbook's own key names."""

@@ -79,8 +79,10 @@ class SessionStore:
         max_session_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
+        key_space: keys.KeySpace = keys.DEFAULT_KEY_SPACE,
     ) -> None:
         self._conn = conn
+        self._keys = key_space
         self._idempotency_limit = idempotency_limit
         self._max_labels = max_labels
         self._max_session_bytes = max_session_bytes
@@ -88,12 +90,11 @@ class SessionStore:
         self._prune_grace_seconds = prune_grace_seconds
         # Standalone: the scripts keep the index themselves (they are given its key or its head).
         self._index_in_script = not conn.cluster
-        self._index_head = "" if conn.cluster else keys.USER_INDEX_KEY_HEAD
+        self._index_head = "" if conn.cluster else self._keys.user_index_head
         self._publish = "SPUBLISH" if conn.cluster else "PUBLISH"
 
-    @staticmethod
-    def _session_keys(session_id: str) -> list[str]:
-        return [keys.chat_key(session_id), keys.meta_key(session_id), keys.requests_key(session_id)]
+    def _session_keys(self, session_id: str) -> list[str]:
+        return [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.requests(session_id)]
 
     async def _run(self, script: scripts.LuaScript[Any], keys_: Sequence[str], args: Any) -> Any:
         return await self._conn.script(script.script, script.keys(*keys_), script.argv(args))
@@ -102,14 +103,14 @@ class SessionStore:
 
     async def _index_touch(self, user_id: str, session_id: str, score: float) -> None:
         """Adds the entry or raises its score (never lowers it: GT)."""
-        index = keys.user_index_key(user_id)
+        index = self._keys.user_index(user_id)
         batch = self._conn.batch(atomic=False)
         batch.zadd(index, {session_id: score}, update_condition=UpdateOptions.GREATER_THAN)
         await self._conn.run(batch)
         await self._conn.replicated(index)
 
     async def _unindex(self, user_id: str, session_id: str, last_active: str) -> None:
-        index = keys.user_index_key(user_id)
+        index = self._keys.user_index(user_id)
         await self._run(scripts.UNINDEX, [index], scripts.UnindexArgs(session_id, last_active))
         await self._conn.replicated(index)
 
@@ -128,7 +129,7 @@ class SessionStore:
         )
         session_keys = self._session_keys(new.session_id)
         if self._index_in_script:
-            session_keys.append(keys.user_index_key(new.user_id))
+            session_keys.append(self._keys.user_index(new.user_id))
         else:
             score_set = await self._enter_index(new.user_id, new.session_id, now)
             indexed_at = time.monotonic()
@@ -153,12 +154,12 @@ class SessionStore:
         if status is Status.REPLAYED and not self._index_in_script:
             # The entry was there already: put back the score the session really has.
             await self._revert_index(new, score_set, codec.format_time(session.last_active))
-        await self._conn.replicated(keys.meta_key(new.session_id))
+        await self._conn.replicated(self._keys.meta(new.session_id))
         return session, status is Status.REPLAYED
 
     async def _enter_index(self, user_id: str, session_id: str, now: str) -> str:
         """A create's index step (cluster); returns the score written."""
-        index = keys.user_index_key(user_id)
+        index = self._keys.user_index(user_id)
         written = await self._run(scripts.ENTER_INDEX, [index], scripts.EnterIndexArgs(session_id, now))
         await self._conn.replicated(index)
         return written.decode() if isinstance(written, bytes) else str(written)
@@ -169,7 +170,7 @@ class SessionStore:
         behind is skipped by listings and pruned after the grace period."""
         args = scripts.RevertIndexArgs(new.session_id, score_set, previous)
         try:
-            await self._run(scripts.REVERT_INDEX, [keys.user_index_key(new.user_id)], args)
+            await self._run(scripts.REVERT_INDEX, [self._keys.user_index(new.user_id)], args)
         except ChatSessionError as exc:
             log.warning(
                 "session %s: index entry of a refused create left to pruning (%s)", new.session_id, exc
@@ -178,8 +179,8 @@ class SessionStore:
     async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
         """The session; not found when it belongs to none of `owners` (None: anyone's)."""
         batch = self._conn.batch(atomic=True)
-        batch.hgetall(keys.meta_key(session_id)).llen(keys.chat_key(session_id)).ttl(
-            keys.meta_key(session_id)
+        batch.hgetall(self._keys.meta(session_id)).llen(self._keys.chat(session_id)).ttl(
+            self._keys.meta(session_id)
         )
         meta, stored, ttl = await self._conn.run(batch)
         if not meta:
@@ -223,7 +224,7 @@ class SessionStore:
                     )
                 ]
             )
-        await self._conn.replicated(keys.meta_key(session_id))
+        await self._conn.replicated(self._keys.meta(session_id))
         return _session_from(session_id, reply[1])
 
     async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
@@ -233,12 +234,12 @@ class SessionStore:
             index_key_head=self._index_head,
             session_id=session_id,
             publish_command=self._publish,
-            channel=keys.watch_channel(session_id),
+            channel=self._keys.watch_channel(session_id),
         )
         reply = await self._run(scripts.DELETE, self._session_keys(session_id), args)
         if Status.of(reply) is Status.NOT_FOUND:
             return False
-        await self._conn.replicated(keys.meta_key(session_id))
+        await self._conn.replicated(self._keys.meta(session_id))
         if not self._index_in_script:
             try:
                 await self._unindex(reply[1].decode(), session_id, reply[2].decode())
@@ -269,7 +270,7 @@ class SessionStore:
             session_id=session_id,
             idempotency_limit=self._idempotency_limit,
             publish_command=self._publish,
-            channel=keys.watch_channel(session_id),
+            channel=self._keys.watch_channel(session_id),
             inline_publish_bytes=INLINE_PUBLISH_BYTES,
             max_session_bytes=self._max_session_bytes,
             bodies=bodies,
@@ -310,7 +311,7 @@ class SessionStore:
             )
             result = AppendResult(stored, _session_from(session_id, reply[2]), replayed=False)
         # A replay repeats the index step too: it may be what failed the first time.
-        await self._conn.replicated(keys.meta_key(session_id))
+        await self._conn.replicated(self._keys.meta(session_id))
         if not self._index_in_script:
             session = result.session
             try:
@@ -326,7 +327,7 @@ class SessionStore:
     ) -> MessagePage:
         reply = await self._run(
             scripts.LIST_MESSAGES,
-            [keys.chat_key(session_id), keys.meta_key(session_id)],
+            [self._keys.chat(session_id), self._keys.meta(session_id)],
             scripts.ListMessagesArgs(
                 scripts.owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
             ),
@@ -353,7 +354,7 @@ class SessionStore:
         so a page behind thousands of expired entries takes a few round trips, not hundreds. A
         page stops short of PAGE_BYTES of sessions, so that its reply fits a client.
         """
-        index = keys.user_index_key(user_id)
+        index = self._keys.user_index(user_id)
         found: list[tuple[Session, float]] = []
         size = 0
         position = cursor  # the last row read: the next read starts after it
@@ -401,9 +402,9 @@ class SessionStore:
 
     async def _prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
         """Removes index entries found dead (in a cluster, those old and untouched enough)."""
-        index = keys.user_index_key(user_id)
+        index = self._keys.user_index(user_id)
         if self._index_in_script:
-            pairs = [item for session_id, _ in dead for item in (session_id, keys.meta_key(session_id))]
+            pairs = [item for session_id, _ in dead for item in (session_id, self._keys.meta(session_id))]
             await self._run(scripts.PRUNE_INDEX, [index], scripts.PruneIndexArgs(user_id, pairs))
         else:
             cutoff = codec.format_time(self._clock() - self._prune_grace_seconds)
@@ -418,7 +419,7 @@ class SessionStore:
         }
         if behind:
             batch = self._conn.batch(atomic=False)
-            batch.zadd(keys.user_index_key(user_id), behind, update_condition=UpdateOptions.GREATER_THAN)
+            batch.zadd(self._keys.user_index(user_id), behind, update_condition=UpdateOptions.GREATER_THAN)
             await self._conn.run(batch)
 
     async def _describe_many(
@@ -429,8 +430,8 @@ class SessionStore:
             return [], []
         batch = self._conn.batch(atomic=False)
         for session_id, _ in candidates:
-            meta = keys.meta_key(session_id)
-            batch.hgetall(meta).llen(keys.chat_key(session_id)).ttl(meta)
+            meta = self._keys.meta(session_id)
+            batch.hgetall(meta).llen(self._keys.chat(session_id)).ttl(meta)
         rows = await self._conn.run(batch)
         live: list[tuple[Session, float]] = []
         dead: list[tuple[str, float]] = []
