@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: venv run test lint fmt gen gen-check bench check clean
+.PHONY: venv run test lint fmt gen gen-check docs bench check clean
 
 $(BIN)/chatsession-server: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ fmt: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 	$(BIN)/buf format -w
+
+docs: venv  ## write README.md's generated tables (configuration)
+	$(BIN)/python tools/readme_tables.py
 
 bench: venv  ## benchmarks: figures and ratios against in-run baselines
 	$(BIN)/python bench/watch_bench.py

@@ -431,3 +431,19 @@ def _parse_bool(text: str) -> bool:
 def _field_type(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     parsers: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     return parsers[str(f.type)]
+
+
+def configuration_table() -> str:
+    """The README's configuration table (flag, environment variable, default, meaning), made from the
+    fields themselves so that it cannot drift: `make docs` writes it, a test compares."""
+    rows = ["| flag | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Settings):
+        if isinstance(f.default, bool):
+            default = f"`{str(f.default).lower()}`"
+        else:
+            default = "(empty)" if f.default == "" else f"`{f.default}`"
+        meaning = str(f.metadata.get("help", "")).replace("|", "\\|")
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | {default} | {meaning} |"
+        )
+    return "\n".join(rows) + "\n"
