@@ -62,3 +62,31 @@ async def test_list_describe_and_call(target: str, uid: str) -> None:
     code, out = await grpcurl("-plaintext", target, "grpc.health.v1.Health/Check")
     assert code == 0, out
     assert "SERVING" in out
+
+
+async def test_buf_curl_through_reflection(target: str, uid: str) -> None:
+    """The README's `buf curl` recipe: reflection, the gRPC protocol, and rich error details."""
+    buf = Path(sys.executable).parent / "buf"
+    session_id = f"{uid}-buf"
+    for body, rpc in (
+        ({"user_id": uid, "session_id": session_id, "title": "via buf"}, "CreateSession"),
+        ({"session_id": session_id}, "GetSession"),
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", json.dumps(body),
+            f"http://{target}/chatsession.v1.SessionService/{rpc}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert json.loads(out)["session"]["title"] == "via buf"
+    proc = await asyncio.create_subprocess_exec(
+        str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", '{"session_id": "nope-x"}',
+        f"http://{target}/chatsession.v1.SessionService/GetSession",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0
+    error = json.loads(err)
+    assert error["code"] == "not_found"
+    assert error["details"][0]["type"] == "google.rpc.ResourceInfo"
