@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-PROTOS := $(shell find protos -name '*.proto' | sort)
+# protos/google/rpc is vendored for other languages; Python has it from googleapis-common-protos.
+PROTOS := $(shell find protos/chatsession -name '*.proto' | sort)
 
 .PHONY: venv run test lint fmt gen gen-check bench check clean
 
