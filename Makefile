@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
-PROTOS := $(shell find protos -name '*.proto' | sort)
+# protos/google/rpc is vendored for other languages; Python has it from googleapis-common-protos.
+PROTOS := $(shell find protos/chatsession -name '*.proto' | sort)
 
-.PHONY: venv run test lint fmt gen gen-check docs bench check clean
+.PHONY: venv run test lint fmt gen gen-check docs lock lock-check bench check clean
 
 $(BIN)/chatsession-server: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,11 +53,26 @@ fmt: venv
 docs: venv  ## write README.md's generated tables (configuration)
 	$(BIN)/python tools/readme_tables.py
 
+# requirements.lock pins what the image installs, with hashes. An existing pin stays while it still
+# satisfies pyproject.toml: `make lock` changes only what the dependencies' change needs
+# (`make lock LOCK_ARGS=--upgrade` moves everything to the newest allowed).
+LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --universal \
+	--python-version 3.12 --custom-compile-command 'make lock'
+
+lock: venv  ## re-lock requirements.lock after pyproject.toml's dependencies changed
+	$(LOCK_COMPILE) $(LOCK_ARGS) -o requirements.lock
+
+lock-check: venv  ## fail if requirements.lock does not match pyproject.toml's dependencies
+	rm -rf .lock-check && mkdir -p .lock-check && cp requirements.lock .lock-check/
+	$(LOCK_COMPILE) -o .lock-check/requirements.lock
+	diff -u requirements.lock .lock-check/requirements.lock || (echo "requirements.lock is stale: run 'make lock'"; exit 1)
+	rm -rf .lock-check
+
 bench: venv  ## benchmarks: figures and ratios against in-run baselines
 	$(BIN)/python bench/watch_bench.py
 	$(BIN)/python bench/scale_bench.py
 
-check: lint gen-check test
+check: lint gen-check lock-check test
 
 clean:
-	rm -rf $(VENV) .gen-check .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .gen-check .lock-check .pytest_cache .mypy_cache .ruff_cache

@@ -222,6 +222,12 @@ class Settings:
         default=0,
         metadata=_meta("most live sessions a user may have (checked at CreateSession, soft); 0: no limit"),
     )
+    # -- the embedded Valkey (README "Containers"). The image turns it off: a container given no
+    # Valkey URL stops with one line instead of keeping its sessions inside itself.
+    embedded_valkey: bool = field(
+        default=True,
+        metadata=_meta("with no --valkey-url, start a private valkey-server (its data is not kept)"),
+    )
 
     # -- key namespace (README "Data model"): several deployments may share one Valkey.
     key_prefix: str = field(
@@ -284,6 +290,11 @@ class Settings:
         if self.max_sessions_per_user < 0:
             raise ValueError("max_sessions_per_user must not be negative (0: no limit)")
         KeySpace(self.key_prefix)  # refuses a bad prefix now, with the other settings
+        if not self.valkey_url and not self.embedded_valkey:
+            raise ValueError(
+                f"no Valkey configured: set --valkey-url ({ENV_PREFIX}VALKEY_URL), or --embedded-valkey "
+                f"({ENV_PREFIX}EMBEDDED_VALKEY=1) for a private valkey-server whose data is not kept"
+            )
 
     def _check_valkey_security(self, address: ValkeyAddress | None) -> None:
         """The Valkey TLS and password options fit together (the messages never hold a secret)."""

@@ -1,0 +1,153 @@
+'use strict';
+const assert = require('node:assert/strict');
+const { randomUUID } = require('node:crypto');
+const { after, before, test } = require('node:test');
+const { SessionClient, ChatSessionError, status } = require('../src');
+const { liveServer, relay } = require('./support');
+
+let server;
+let client;
+
+before(async () => {
+  server = await liveServer();
+  client = new SessionClient(server.address);
+});
+
+after(async () => {
+  client?.close();
+  await server?.stop();
+});
+
+const user = (content, tokens = 1) => ({ role: 'ROLE_USER', content, tokens });
+const newUser = () => `node-${randomUUID()}`;
+
+/** The rejection of `promise`, which must be a ChatSessionError. */
+async function failure(promise) {
+  const error = await promise.then(
+    () => assert.fail('the call succeeded'),
+    (e) => e,
+  );
+  assert.ok(error instanceof ChatSessionError, `not a ChatSessionError: ${error}`);
+  return error;
+}
+
+test('every unary RPC of the service is a method', () => {
+  const unary = Object.values(client.methods).filter((m) => !m.requestStream && !m.responseStream);
+  assert.ok(unary.length >= 7);
+  for (const method of unary) assert.equal(typeof client[method.originalName], 'function', method.originalName);
+});
+
+test('create, append, list, get, list sessions, delete', async () => {
+  const userId = newUser();
+  const { session } = await client.createSession({ userId, title: 'Trip to Oslo', labels: { team: 'travel' } });
+  assert.equal(session.userId, userId);
+  assert.deepEqual(session.labels, { team: 'travel' });
+
+  const appended = await client.appendMessages({
+    sessionId: session.sessionId,
+    requestId: 'turn-1',
+    messages: [{ role: 'ROLE_SYSTEM', content: 'You are a travel agent.', tokens: 6 }, user('Hotels?', 3)],
+  });
+  assert.deepEqual(appended.messages.map((m) => m.seq), [1, 2]);
+  assert.equal(appended.session.tokenCount, 9);
+  assert.equal(appended.replayed, false);
+
+  const page = await client.listMessages({ sessionId: session.sessionId, afterSeq: 1 });
+  assert.deepEqual(page.messages.map((m) => [m.seq, m.role, m.content]), [[2, 'ROLE_USER', 'Hotels?']]);
+  assert.equal(page.lastSeq, 2);
+
+  const { session: got } = await client.getSession({ sessionId: session.sessionId }, { timeoutMs: 5000 });
+  assert.equal(got.messageCount, 2);
+  assert.equal(got.title, 'Trip to Oslo');
+
+  const listed = await client.listSessions({ userId });
+  assert.deepEqual(listed.sessions.map((s) => s.sessionId), [session.sessionId]);
+
+  await client.deleteSession({ sessionId: session.sessionId });
+  assert.equal((await failure(client.getSession({ sessionId: session.sessionId }))).code, status.NOT_FOUND);
+});
+
+test('INVALID_ARGUMENT comes with the BadRequest field violations decoded', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const error = await failure(client.appendMessages({ sessionId: session.sessionId, messages: [user('')] }));
+  assert.equal(error.code, status.INVALID_ARGUMENT);
+  assert.equal(error.codeName, 'INVALID_ARGUMENT');
+  assert.deepEqual(error.fieldViolations.map((v) => v.field), ['messages[0].content']);
+  assert.match(error.fieldViolations[0].description, /must not be empty/);
+  assert.equal(error.details[0].type, 'google.rpc.BadRequest');
+  // ... and nothing was written.
+  assert.equal((await client.getSession({ sessionId: session.sessionId })).session.messageCount, 0);
+});
+
+test('NOT_FOUND comes with the ResourceInfo of the session', async () => {
+  const sessionId = `missing-${randomUUID()}`;
+  const error = await failure(client.getSession({ sessionId }));
+  assert.equal(error.code, status.NOT_FOUND);
+  assert.equal(error.resourceInfo.resourceName, sessionId);
+  assert.equal(error.resourceInfo.resourceType, 'chatsession.v1.Session');
+  assert.equal(error.badRequest, undefined);
+  assert.deepEqual(error.fieldViolations, []);
+});
+
+test('FAILED_PRECONDITION comes with the PreconditionFailure decoded', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const error = await failure(
+    client.appendMessages({ sessionId: session.sessionId, expectedLastSeq: 5, messages: [user('hi')] }),
+  );
+  assert.equal(error.code, status.FAILED_PRECONDITION);
+  assert.deepEqual(error.preconditionFailure.violations, [
+    { type: 'LAST_SEQ_MISMATCH', subject: 'expected_last_seq', description: "the session's last seq is 0, not 5" },
+  ]);
+});
+
+test('watch delivers stored then new messages, resumes after a dropped connection, ends on delete', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const sessionId = session.sessionId;
+  await client.appendMessages({ sessionId, messages: [user('one'), user('two')] });
+  const link = await relay(server.address);
+  const watcher = new SessionClient(link.address);
+  try {
+    const events = watcher.watch(sessionId, { afterSeq: 0, initialBackoffMs: 20 });
+    const seqs = [];
+    const next = async () => {
+      const { value } = await events.next();
+      assert.equal(value.event, 'message');
+      seqs.push(value.message.seq);
+      return value.message;
+    };
+    await next();
+    await next();
+    await client.appendMessages({ sessionId, messages: [user('three')] });
+    assert.equal((await next()).content, 'three');
+
+    link.cut(); // the stream breaks with UNAVAILABLE; the watch reconnects after seq 3
+    await client.appendMessages({ sessionId, messages: [user('four'), user('five')] });
+    await next();
+    await next();
+    assert.deepEqual(seqs, [1, 2, 3, 4, 5]);
+
+    await client.deleteSession({ sessionId });
+    const ended = await failure(events.next());
+    assert.equal(ended.code, status.NOT_FOUND);
+  } finally {
+    watcher.close();
+    await link.close();
+  }
+});
+
+test('watch without afterSeq delivers only new messages; leaving the loop cancels it', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const sessionId = session.sessionId;
+  await client.appendMessages({ sessionId, messages: [user('old')] });
+  const events = client.watch(sessionId, { includeHeartbeats: true });
+  const first = (await events.next()).value;
+  assert.equal(first.event, 'heartbeat');
+  assert.equal(first.heartbeat.lastSeq, 1);
+  await client.appendMessages({ sessionId, messages: [user('new')] });
+  for await (const event of events) {
+    if (event.event !== 'message') continue;
+    assert.equal(event.message.content, 'new');
+    break;
+  }
+  assert.deepEqual(await events.next(), { value: undefined, done: true });
+});
