@@ -171,6 +171,7 @@ class ListeningServer:
             idempotency_limit=settings.idempotency_keys_per_session,
             max_labels=MAX_LABELS,
             max_session_bytes=settings.max_session_bytes,
+            max_ttl_seconds=settings.max_ttl_seconds,
         )
         storage: SessionStorage = store
         if settings.max_sessions_per_user:

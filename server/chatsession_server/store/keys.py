@@ -49,3 +49,38 @@ def page_token_secret_key() -> str:
     """STRING: the random secret that signs ListSessions page tokens when none is configured
     (created once by the first server to start, then shared by every replica). No expiry."""
     return "chatsession:page_token_key"
+
+
+# --- Fork and usage ------------------------------------------------------------------------------
+
+SUMMARY_PREFIX = "summary:"
+USAGE_PREFIX = "usage:"
+USAGE_SEEN_PREFIX = "usage_seen:"
+
+
+def summary_key(session_id: str) -> str:
+    """STRING: the summary that replaced a compacted prefix of the session (the message JSON in the
+    LIST's stored form, `seq` = the last seq it replaces, plus `"summarizes":[first,last]`). Same
+    TTL as the session's other keys."""
+    return f"{SUMMARY_PREFIX}{{{session_id}}}"
+
+
+def usage_key(user_id: str) -> str:
+    """HASH of a user's usage (codec.USAGE_*): messages, tokens and sessions created, in total
+    (`total:<metric>`), per model (`model:<metric>:<model>`) and per UTC day
+    (`day:<metric>:<YYYY-MM-DD>`, the last USAGE_DAYS days). No expiry: it outlives sessions. In the
+    `{user_id}` slot of the owner's index; standalone, the create, append and fork scripts keep it
+    in their own step; in a cluster it is a second step (see session_store.py)."""
+    return f"{USAGE_PREFIX}{{{user_id}}}"
+
+
+def usage_seen_key(user_id: str) -> str:
+    """HASH session_id -> "created_at message_count token_count synced_at": what the cluster's
+    second step has counted of each of the user's sessions, so a repeated or late step counts only
+    what is new (cluster only; entries not synced for --max-ttl-seconds are dropped)."""
+    return f"{USAGE_SEEN_PREFIX}{{{user_id}}}"
+
+
+USAGE_KEY_HEAD = f"{USAGE_PREFIX}{{"
+"""What a script puts before a user id (and `}` after) to name that user's usage HASH (standalone
+only: a key the script does not declare)."""

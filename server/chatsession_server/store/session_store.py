@@ -18,6 +18,25 @@ from its owner's listing and never shows one that does not exist:
   between leaves an entry without a session: skipped, then pruned as above; the delete is
   acknowledged.
 tests/test_cluster_index.py injects a failure between the steps of each.
+
+The owner's usage (`usage:{uid}`, keys.usage_key) shares the index's slot. Standalone, the
+create, append and fork scripts count it in their own step, and a replay never reaches that code.
+In a cluster it is the second step too (scripts.USAGE_SYNC, in the same script as the append's
+index step: still two round trips), and it counts not "this call" but what the session's
+counters (message_count, token_count, returned by the first step) show beyond what the last sync
+of that session counted (`usage_seen:{uid}`): a replay's step counts nothing new, concurrent
+steps arriving out of order count each message once, and a step that failed is made up by the
+session's next one (its next append, or a replay of the failed call). What is lost: the last
+step of a session that never syncs again (it expires or is deleted first), and its messages are
+then counted on the day and under the model of the step that makes them up.
+
+ForkSession is two steps in every mode: FORK_READ reads the source (owner check, at_seq check,
+the prompt, summary and messages to copy) and writes nothing; FORK_WRITE writes the whole fork in
+one script in the new session's slot, recording the request_id and "<source> <at_seq>" in its
+meta. A crash between them leaves nothing; a crash after leaves a complete fork, which the retry
+(same request_id) finds and returns (replayed) instead of ALREADY_EXISTS. If the source is gone or
+trimmed by the time of the retry, a probe of the fork's slot still returns the fork. In a cluster
+the fork also enters the index first and syncs usage after, exactly as a create.
 """
 
 from __future__ import annotations
@@ -33,12 +52,14 @@ from chatsession_server.domain import (
     AppendResult,
     MessagePage,
     MessageQuery,
+    NewFork,
     NewMessage,
     NewSession,
     Session,
     SessionCursor,
     SessionPage,
     SessionPatch,
+    UserUsage,
 )
 from chatsession_server.errors import (
     ChatSessionError,
@@ -79,6 +100,7 @@ class SessionStore:
         max_session_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
+        max_ttl_seconds: int = 30 * 86_400,
     ) -> None:
         self._conn = conn
         self._idempotency_limit = idempotency_limit
@@ -90,6 +112,8 @@ class SessionStore:
         self._index_in_script = not conn.cluster
         self._index_head = "" if conn.cluster else keys.USER_INDEX_KEY_HEAD
         self._publish = "SPUBLISH" if conn.cluster else "PUBLISH"
+        self._usage_head = "" if conn.cluster else keys.USAGE_KEY_HEAD
+        self._max_ttl_seconds = max_ttl_seconds
 
     @staticmethod
     def _session_keys(session_id: str) -> list[str]:
@@ -100,13 +124,44 @@ class SessionStore:
 
     # --- the owner's index as a step of its own (cluster) -----------------------------------
 
-    async def _index_touch(self, user_id: str, session_id: str, score: float) -> None:
-        """Adds the entry or raises its score (never lowers it: GT)."""
-        index = keys.user_index_key(user_id)
-        batch = self._conn.batch(atomic=False)
-        batch.zadd(index, {session_id: score}, update_condition=UpdateOptions.GREATER_THAN)
-        await self._conn.run(batch)
-        await self._conn.replicated(index)
+    async def _sync_usage(
+        self, session: Session, described: Any, *, recent: tuple[int, int] = (0, 0), index: bool = False
+    ) -> None:
+        """The second step of an append, create or fork (cluster): count in the owner's usage what
+        the session's counters show beyond the last sync, and (`index`) raise its index score
+        (never lower it). `recent`: the messages and tokens this call appended. Best effort: the
+        session's write is acknowledged; a failed step is made up by the session's next one
+        (usage), or by the next append or a listing (the index score)."""
+        now = self._clock()
+        meta_map = codec.pairs_to_map(described[0])
+        base = meta_map.get(codec.MetaField.USAGE_BASE.encode(), b"0 0").decode()
+        args = scripts.UsageSyncArgs(
+            session_id=session.session_id,
+            created_at=codec.format_time(session.created_at),
+            message_count=session.message_count,
+            token_count=session.token_count,
+            usage_base=base,
+            recent_messages=recent[0],
+            recent_tokens=recent[1],
+            model=session.model,
+            usage_days=codec.usage_days(now),
+            horizon=codec.format_time(now - self._max_ttl_seconds),
+            now=codec.format_time(now),
+            index_score=codec.format_time(session.last_active),
+        )
+        usage_keys = [keys.usage_key(session.user_id), keys.usage_seen_key(session.user_id)]
+        if index:
+            usage_keys.append(keys.user_index_key(session.user_id))
+        try:
+            await self._run(scripts.USAGE_SYNC, usage_keys, args)
+            await self._conn.replicated(usage_keys[0])
+        except ChatSessionError as exc:
+            log.warning(
+                "session %s: usage%s not updated (%s); made up by its next step",
+                session.session_id,
+                " and index score" if index else "",
+                exc,
+            )
 
     async def _unindex(self, user_id: str, session_id: str, last_active: str) -> None:
         index = keys.user_index_key(user_id)
@@ -138,6 +193,9 @@ class SessionStore:
             request_id=new.request_id,
             user_id=new.user_id,
             session_id=new.session_id,
+            model=new.model,
+            usage_key_head=self._usage_head,
+            usage_days=codec.usage_days(float(now)),
             fields=fields,
         )
         if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
@@ -154,6 +212,8 @@ class SessionStore:
             # The entry was there already: put back the score the session really has.
             await self._revert_index(new, score_set, codec.format_time(session.last_active))
         await self._conn.replicated(keys.meta_key(new.session_id))
+        if not self._index_in_script:
+            await self._sync_usage(session, reply[1])
         return session, status is Status.REPLAYED
 
     async def _enter_index(self, user_id: str, session_id: str, now: str) -> str:
@@ -272,6 +332,8 @@ class SessionStore:
             channel=keys.watch_channel(session_id),
             inline_publish_bytes=INLINE_PUBLISH_BYTES,
             max_session_bytes=self._max_session_bytes,
+            usage_key_head=self._usage_head,
+            usage_days=codec.usage_days(now),
             bodies=bodies,
         )
         reply = await self._run(scripts.APPEND, self._session_keys(session_id), args)
@@ -301,24 +363,21 @@ class SessionStore:
             )
         if status is Status.REPLAYED:
             stored = tuple(codec.decode_message(raw) for raw in reply[2])
-            result = AppendResult(stored, _session_from(session_id, reply[3]), replayed=True)
+            described = reply[3]
+            result = AppendResult(stored, _session_from(session_id, described), replayed=True)
         else:
             first_seq = int(reply[1])
             # The script stored exactly stored_json(seq, body): decode our own copy, no read-back.
             stored = tuple(
                 codec.decode_message(codec.stored_json(first_seq + i, body)) for i, body in enumerate(bodies)
             )
-            result = AppendResult(stored, _session_from(session_id, reply[2]), replayed=False)
-        # A replay repeats the index step too: it may be what failed the first time.
+            described = reply[2]
+            result = AppendResult(stored, _session_from(session_id, described), replayed=False)
+        # A replay repeats the index and usage step too: it may be what failed the first time.
         await self._conn.replicated(keys.meta_key(session_id))
         if not self._index_in_script:
-            session = result.session
-            try:
-                await self._index_touch(session.user_id, session_id, session.last_active)
-            except ChatSessionError as exc:
-                # The messages are stored: acknowledge them. The score stays stale until the
-                # next append or a listing repairs it; the session stays listed meanwhile.
-                log.warning("session %s: index score not updated (%s); repaired later", session_id, exc)
+            recent = (0, 0) if result.replayed else (len(messages), args.token_sum)
+            await self._sync_usage(result.session, described, recent=recent, index=True)
         return result
 
     async def list_messages(
@@ -341,6 +400,119 @@ class SessionStore:
             window_start_seq=int(window_start),
             history_trimmed=bool(trimmed),
         )
+
+    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+        """Copy `fork.source_id` up to `fork.at_seq` into the new session `fork.session_id` (see
+        the module docstring for the two steps); returns it and whether this was a replay."""
+        source = fork.source_id
+        origin = f"{source} {'' if fork.at_seq is None else fork.at_seq}"
+        reply = await self._run(
+            scripts.FORK_READ,
+            [keys.chat_key(source), keys.meta_key(source), keys.summary_key(source)],
+            scripts.ForkReadArgs(scripts.owners_arg(owners), fork.at_seq),
+        )
+        status = Status.of(reply)
+        if status is not Status.OK:
+            # The source may have changed since a first attempt created the fork: find that fork.
+            if fork.request_id:
+                found = await self._write_fork(fork, origin, owners=owners, probe=True)
+                if found is not None:
+                    return found
+            raise _fork_refused(fork, status, reply)
+        _, meta_flat, prompt, recent, summary = reply
+        source_meta = codec.pairs_to_map(meta_flat)
+        items, summary_json, message_count, token_count = codec.fork_contents(prompt, summary, recent)
+        now = codec.format_time(self._clock())
+        fields = codec.fork_fields(
+            source_meta,
+            source_id=source,
+            origin=origin,
+            created_at=now,
+            request_id=fork.request_id,
+            message_count=message_count,
+            token_count=token_count,
+            pinned=len(prompt),
+            stored_bytes=sum(len(item.encode()) for item in items),
+        )
+        found = await self._write_fork(
+            fork, origin, owners=owners, fields=fields, items=items, summary_json=summary_json, now=now
+        )
+        assert found is not None
+        return found
+
+    async def _write_fork(
+        self,
+        fork: NewFork,
+        origin: str,
+        *,
+        owners: Collection[str] | None,
+        probe: bool = False,
+        fields: dict[str, str] | None = None,
+        items: Sequence[str] = (),
+        summary_json: str = "",
+        now: str = "",
+    ) -> tuple[Session, bool] | None:
+        """FORK_WRITE with the owner's index and usage around it as for a create; with `probe`,
+        only the fork a first attempt made (or None)."""
+        fields = fields or {}
+        user_id = fields.get(codec.MetaField.USER_ID, "")
+        new = NewSession(fork.session_id, user_id, "", "", {}, 0, 0, fork.request_id)
+        fork_keys = [
+            keys.chat_key(fork.session_id),
+            keys.meta_key(fork.session_id),
+            keys.requests_key(fork.session_id),
+            keys.summary_key(fork.session_id),
+        ]
+        in_script = self._index_in_script and not probe
+        if in_script:
+            fork_keys.append(keys.user_index_key(user_id))
+        elif not probe:
+            score_set = await self._enter_index(user_id, fork.session_id, now)
+            indexed_at = time.monotonic()
+        model = fields.get(codec.MetaField.MODEL, "")
+        args = scripts.ForkWriteArgs(
+            owners=scripts.owners_arg(owners),
+            now=now,
+            ttl=int(fields.get(codec.MetaField.TTL_SECONDS, "0")),
+            request_id=fork.request_id,
+            user_id=user_id,
+            session_id=fork.session_id,
+            origin=origin,
+            probe=probe,
+            usage_key_head=self._usage_head,
+            model=model,
+            usage_days=codec.usage_days(self._clock()),
+            summary_json=summary_json,
+            field_count=len(fields),
+            payload=[*codec.flatten(fields.items()), *items],
+        )
+        if not in_script and not probe and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
+            raise StoreUnavailable("forking the session took too long; retry with the same request_id")
+        reply = await self._run(scripts.FORK_WRITE, fork_keys, args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:  # a probe that found no fork
+            return None
+        if status is Status.EXISTS:
+            if not in_script:
+                owner, last_active = reply[1].decode(), reply[2].decode()
+                await self._revert_index(new, score_set, last_active if owner == user_id else "")
+            raise SessionAlreadyExists(fork.session_id)
+        session = _session_from(fork.session_id, reply[1])
+        # A fork a probe finds has its index entry: the first attempt entered it before writing.
+        if status is Status.REPLAYED and not in_script and not probe:
+            await self._revert_index(new, score_set, codec.format_time(session.last_active))
+        await self._conn.replicated(keys.meta_key(fork.session_id))
+        if not self._index_in_script:
+            await self._sync_usage(session, reply[1])
+        return session, status is Status.REPLAYED
+
+    async def user_usage(self, user_id: str) -> UserUsage:
+        """The user's usage; per-day figures for the last codec.USAGE_DAYS UTC days."""
+        batch = self._conn.batch(atomic=False)
+        batch.hgetall(keys.usage_key(user_id))
+        (fields,) = await self._conn.run(batch)
+        oldest = codec.usage_days(self._clock()).split()[1]
+        return codec.decode_usage(fields, oldest)
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         """A page of the user's live sessions, most recently active first.
@@ -461,3 +633,22 @@ def _after_cursor(cursor: SessionCursor, session_id: str, score: float) -> bool:
 def _session_from(session_id: str, described: Any) -> Session:
     meta_flat, stored, ttl = described
     return codec.decode_session(session_id, codec.pairs_to_map(meta_flat), int(stored), int(ttl))
+
+
+def _fork_refused(fork: NewFork, status: Status, reply: Any) -> ChatSessionError:
+    if status is Status.BEYOND_LAST:
+        return PreconditionFailed(
+            "AT_SEQ_BEYOND_LAST",
+            "at_seq",
+            f"session {fork.source_id!r} ends at seq {int(reply[1])}: at_seq {fork.at_seq} is beyond it",
+        )
+    if status is Status.TRIMMED:
+        pinned, base, summary_seq = int(reply[1]), int(reply[2]), int(reply[3])
+        at_summary = f", {summary_seq} (the summary)" if summary_seq > 0 else ""
+        return PreconditionFailed(
+            "AT_SEQ_TRIMMED",
+            "at_seq",
+            f"seq {fork.at_seq} of session {fork.source_id!r} was trimmed by the window or compacted: "
+            f"fork at 0-{pinned} (the prompt){at_summary} or after {base}",
+        )
+    return SessionNotFound(fork.source_id)
