@@ -11,10 +11,12 @@ import pytest
 from glide import GlideClient
 
 from chatsession_client import (
+    NO_RETRY,
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     SessionClient,
     UnavailableError,
     assistant,
@@ -23,8 +25,9 @@ from chatsession_client import (
 )
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
+from chatsession_server.settings import Settings
 from chatsession_server.store import scripts
-from tests.helpers import meta, raises, session_keys_exist, stored_messages, violated_fields
+from tests.helpers import meta, raises, serving, session_keys_exist, stored_messages, violated_fields
 
 TTL = 1234
 
@@ -292,3 +295,18 @@ async def test_cluster_a_fork_cut_off_between_its_steps_leaves_no_session_and_th
     lost = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
     assert lost.replayed
     assert lost.session.created_at == retried.session.created_at
+
+
+async def test_a_fork_counts_against_the_owners_session_limit(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_sessions_per_user=1) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as limited,
+    ):
+        await limited.create_session(uid, session_id=f"{uid}-src")
+        error = await raises(
+            ResourceExhaustedError, limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")
+        )
+        assert "--max-sessions-per-user" in str(error)
+    assert await session_keys_exist(raw, f"{uid}-f") == 0

@@ -18,6 +18,7 @@ from glide import GlideClient
 from chatsession_client import (
     NO_RETRY,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     SessionClient,
     user,
@@ -205,3 +206,14 @@ async def test_cluster_a_failed_usage_step_is_made_up_by_the_next_append_or_the_
     failing[0] = False
     await client.append(s.session_id, [user("c", tokens=4)])
     assert (await usage_of(client, uid))["total"] == (3, 9, 1)
+
+
+async def test_forking_another_users_session_is_not_found_and_writes_nothing(
+    auth_target: str, raw: GlideClient, uid: str
+) -> None:
+    async with SessionClient(auth_target, token=ALL_TOKEN, retry=NO_RETRY) as service:
+        await service.create_session("bob-usage", session_id=f"{uid}-bob")
+        await service.append(f"{uid}-bob", [user("private")])
+    async with SessionClient(auth_target, token=ALICE_TOKEN, retry=NO_RETRY) as alice:
+        await raises(NotFoundError, alice.fork_session(f"{uid}-bob", new_session_id=f"{uid}-stolen"))
+    assert await raw.exists([f"meta:{{{uid}-stolen}}", f"chat:{{{uid}-stolen}}"]) == 0
