@@ -28,6 +28,7 @@ from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
 from chatsession_server.store import scripts
 from tests.helpers import meta, raises, serving, session_keys_exist, stored_messages, violated_fields
+from tests.test_grpcurl import grpcurl
 
 TTL = 1234
 
@@ -310,3 +311,14 @@ async def test_a_fork_counts_against_the_owners_session_limit(
         )
         assert "--max-sessions-per-user" in str(error)
     assert await session_keys_exist(raw, f"{uid}-f") == 0
+
+
+async def test_the_readme_grpcurl_recipe(target: str, client: SessionClient, uid: str) -> None:
+    await conversation(client, f"{uid}-src", uid)
+    body = {"session_id": f"{uid}-src", "at_seq": 4, "new_session_id": f"{uid}-f", "request_id": "fork-1"}
+    code, out = await grpcurl(
+        "-plaintext", "-d", json.dumps(body), target, "chatsession.v1.SessionService/ForkSession"
+    )
+    assert code == 0, out
+    session = json.loads(out)["session"]
+    assert (session["message_count"], session["labels"]["forked_from"]) == ("4", f"{uid}-src")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
 from chatsession_server.store import scripts
 from tests.helpers import raises, serving, violated_fields
+from tests.test_grpcurl import grpcurl
 
 DAY = 86_400
 JAN_10 = float(calendar.timegm((2026, 1, 10, 12, 0, 0)))
@@ -217,3 +219,16 @@ async def test_forking_another_users_session_is_not_found_and_writes_nothing(
     async with SessionClient(auth_target, token=ALICE_TOKEN, retry=NO_RETRY) as alice:
         await raises(NotFoundError, alice.fork_session(f"{uid}-bob", new_session_id=f"{uid}-stolen"))
     assert await raw.exists([f"meta:{{{uid}-stolen}}", f"chat:{{{uid}-stolen}}"]) == 0
+
+
+async def test_the_readme_grpcurl_recipe(target: str, client: SessionClient, uid: str) -> None:
+    s = await client.create_session(uid, model="gpt-4o")
+    await client.append(s.session_id, [user("hi", tokens=2)])
+    code, out = await grpcurl(
+        "-plaintext", "-d", json.dumps({"user_id": uid}), target, "chatsession.v1.SessionService/GetUserUsage"
+    )
+    assert code == 0, out
+    usage = json.loads(out)
+    assert usage["total"] == {"messages": "1", "tokens": "2", "sessions": "1"}
+    assert usage["models"] == [{"model": "gpt-4o", "usage": usage["total"]}]
+    assert [d["usage"] for d in usage["days"]] == [usage["total"]]
