@@ -83,7 +83,7 @@ async def test_an_append_whose_index_step_fails_is_acknowledged_and_the_listing_
     index = f"user_sessions:{{{uid}}}"
     older = await client.create_session(uid, session_id=f"{uid}-old")
     newer = await client.create_session(uid, session_id=f"{uid}-new")
-    fail_script(monkeypatch, server.store, scripts.USAGE_SYNC)  # the append's second step
+    fail_index_step(monkeypatch, server.store, "_index_touch")
     appended = await client.append(older.session_id, [user("still stored")])
     assert [m.seq for m in appended.messages] == [1]
     last_active = float((await meta(raw, older.session_id))["last_active"])

@@ -124,14 +124,26 @@ class SessionStore:
 
     # --- the owner's index as a step of its own (cluster) -----------------------------------
 
+    async def _index_touch(self, session: Session, described: Any, recent: tuple[int, int]) -> None:
+        """An append's second step (cluster): raise the session's index score (never lower it)
+        and count in the owner's usage what is new (`recent`: what this call appended)."""
+        await self._sync_usage(session, described, recent, index=True)
+
+    async def _count_created(self, session: Session, described: Any) -> None:
+        """A create's or a fork's last step (cluster): count the session in the owner's usage.
+        Best effort: the session exists; a failed step is made up by the session's next one."""
+        try:
+            await self._sync_usage(session, described, (0, 0), index=False)
+        except ChatSessionError as exc:
+            log.warning(
+                "session %s: usage not updated (%s); made up by its next step", session.session_id, exc
+            )
+
     async def _sync_usage(
-        self, session: Session, described: Any, *, recent: tuple[int, int] = (0, 0), index: bool = False
+        self, session: Session, described: Any, recent: tuple[int, int], *, index: bool
     ) -> None:
-        """The second step of an append, create or fork (cluster): count in the owner's usage what
-        the session's counters show beyond the last sync, and (`index`) raise its index score
-        (never lower it). `recent`: the messages and tokens this call appended. Best effort: the
-        session's write is acknowledged; a failed step is made up by the session's next one
-        (usage), or by the next append or a listing (the index score)."""
+        """scripts.USAGE_SYNC: count what the session's counters show beyond its last sync (see
+        the module docstring), with the owner's index score too when `index`."""
         now = self._clock()
         meta_map = codec.pairs_to_map(described[0])
         base = meta_map.get(codec.MetaField.USAGE_BASE.encode(), b"0 0").decode()
@@ -152,16 +164,8 @@ class SessionStore:
         usage_keys = [keys.usage_key(session.user_id), keys.usage_seen_key(session.user_id)]
         if index:
             usage_keys.append(keys.user_index_key(session.user_id))
-        try:
-            await self._run(scripts.USAGE_SYNC, usage_keys, args)
-            await self._conn.replicated(usage_keys[0])
-        except ChatSessionError as exc:
-            log.warning(
-                "session %s: usage%s not updated (%s); made up by its next step",
-                session.session_id,
-                " and index score" if index else "",
-                exc,
-            )
+        await self._run(scripts.USAGE_SYNC, usage_keys, args)
+        await self._conn.replicated(usage_keys[0])
 
     async def _unindex(self, user_id: str, session_id: str, last_active: str) -> None:
         index = keys.user_index_key(user_id)
@@ -213,7 +217,7 @@ class SessionStore:
             await self._revert_index(new, score_set, codec.format_time(session.last_active))
         await self._conn.replicated(keys.meta_key(new.session_id))
         if not self._index_in_script:
-            await self._sync_usage(session, reply[1])
+            await self._count_created(session, reply[1])
         return session, status is Status.REPLAYED
 
     async def _enter_index(self, user_id: str, session_id: str, now: str) -> str:
@@ -377,7 +381,14 @@ class SessionStore:
         await self._conn.replicated(keys.meta_key(session_id))
         if not self._index_in_script:
             recent = (0, 0) if result.replayed else (len(messages), args.token_sum)
-            await self._sync_usage(result.session, described, recent=recent, index=True)
+            try:
+                await self._index_touch(result.session, described, recent)
+            except ChatSessionError as exc:
+                # The messages are stored: acknowledge them. The score stays stale until the next
+                # append or a listing repairs it, the usage until the session's next step.
+                log.warning(
+                    "session %s: index score and usage not updated (%s); repaired later", session_id, exc
+                )
         return result
 
     async def list_messages(
@@ -503,7 +514,7 @@ class SessionStore:
             await self._revert_index(new, score_set, codec.format_time(session.last_active))
         await self._conn.replicated(keys.meta_key(fork.session_id))
         if not self._index_in_script:
-            await self._sync_usage(session, reply[1])
+            await self._count_created(session, reply[1])
         return session, status is Status.REPLAYED
 
     async def user_usage(self, user_id: str) -> UserUsage:
