@@ -41,6 +41,7 @@ the fork also enters the index first and syncs usage after, exactly as a create.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -424,18 +425,16 @@ class SessionStore:
         )
         status = Status.of(reply)
         if status is not Status.OK:
-            # The source may have changed since a first attempt created the fork: find that fork.
-            if fork.request_id:
-                found = await self._write_fork(fork, origin, owners=owners, probe=True)
-                if found is not None:
-                    return found
-            raise _fork_refused(fork, status, reply)
+            # A retry whose source has changed or gone since: the fork its first attempt made.
+            found = await self._find_fork(fork, origin, owners) if fork.request_id else None
+            if found is None:
+                raise _fork_refused(fork, status, reply)
+            return found, True
         _, meta_flat, prompt, recent, summary = reply
-        source_meta = codec.pairs_to_map(meta_flat)
         items, summary_json, message_count, token_count = codec.fork_contents(prompt, summary, recent)
         now = codec.format_time(self._clock())
         fields = codec.fork_fields(
-            source_meta,
+            codec.pairs_to_map(meta_flat),
             source_id=source,
             origin=origin,
             created_at=now,
@@ -445,77 +444,88 @@ class SessionStore:
             pinned=len(prompt),
             stored_bytes=sum(len(item.encode()) for item in items),
         )
-        found = await self._write_fork(
-            fork, origin, owners=owners, fields=fields, items=items, summary_json=summary_json, now=now
+        user_id = fields[codec.MetaField.USER_ID]
+        fork_keys = self._fork_keys(fork.session_id)
+        if self._index_in_script:
+            fork_keys.append(keys.user_index_key(user_id))
+        else:
+            score_set = await self._enter_index(user_id, fork.session_id, now)
+            indexed_at = time.monotonic()
+        args = self._fork_write_args(fork, origin, owners, user_id=user_id, now=now, probe=False)
+        args = dataclasses.replace(
+            args,
+            ttl=int(fields[codec.MetaField.TTL_SECONDS]),
+            model=fields[codec.MetaField.MODEL],
+            summary_json=summary_json,
+            field_count=len(fields),
+            payload=[*codec.flatten(fields.items()), *items],
         )
-        assert found is not None
-        return found
+        if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
+            raise StoreUnavailable("forking the session took too long; retry with the same request_id")
+        reply = await self._run(scripts.FORK_WRITE, fork_keys, args)
+        status = Status.of(reply)
+        new = NewSession(fork.session_id, user_id, "", "", {}, 0, 0, fork.request_id)
+        if status is Status.EXISTS:
+            if not self._index_in_script:
+                owner, last_active = reply[1].decode(), reply[2].decode()
+                await self._revert_index(new, score_set, last_active if owner == user_id else "")
+            raise SessionAlreadyExists(fork.session_id)
+        session = _session_from(fork.session_id, reply[1])
+        if status is Status.REPLAYED and not self._index_in_script:
+            await self._revert_index(new, score_set, codec.format_time(session.last_active))
+        await self._conn.replicated(keys.meta_key(fork.session_id))
+        if not self._index_in_script:
+            await self._count_created(session, reply[1])
+        return session, status is Status.REPLAYED
 
-    async def _write_fork(
+    @staticmethod
+    def _fork_keys(session_id: str) -> list[str]:
+        return [
+            keys.chat_key(session_id),
+            keys.meta_key(session_id),
+            keys.requests_key(session_id),
+            keys.summary_key(session_id),
+        ]
+
+    def _fork_write_args(
         self,
         fork: NewFork,
         origin: str,
-        *,
         owners: Collection[str] | None,
-        probe: bool = False,
-        fields: dict[str, str] | None = None,
-        items: Sequence[str] = (),
-        summary_json: str = "",
-        now: str = "",
-    ) -> tuple[Session, bool] | None:
-        """FORK_WRITE with the owner's index and usage around it as for a create; with `probe`,
-        only the fork a first attempt made (or None)."""
-        fields = fields or {}
-        user_id = fields.get(codec.MetaField.USER_ID, "")
-        new = NewSession(fork.session_id, user_id, "", "", {}, 0, 0, fork.request_id)
-        fork_keys = [
-            keys.chat_key(fork.session_id),
-            keys.meta_key(fork.session_id),
-            keys.requests_key(fork.session_id),
-            keys.summary_key(fork.session_id),
-        ]
-        in_script = self._index_in_script and not probe
-        if in_script:
-            fork_keys.append(keys.user_index_key(user_id))
-        elif not probe:
-            score_set = await self._enter_index(user_id, fork.session_id, now)
-            indexed_at = time.monotonic()
-        model = fields.get(codec.MetaField.MODEL, "")
-        args = scripts.ForkWriteArgs(
+        *,
+        user_id: str,
+        now: str,
+        probe: bool,
+    ) -> scripts.ForkWriteArgs:
+        """FORK_WRITE's arguments for a probe; a write replaces what it copies."""
+        return scripts.ForkWriteArgs(
             owners=scripts.owners_arg(owners),
             now=now,
-            ttl=int(fields.get(codec.MetaField.TTL_SECONDS, "0")),
+            ttl=0,
             request_id=fork.request_id,
             user_id=user_id,
             session_id=fork.session_id,
             origin=origin,
             probe=probe,
             usage_key_head=self._usage_head,
-            model=model,
+            model="",
             usage_days=codec.usage_days(self._clock()),
-            summary_json=summary_json,
-            field_count=len(fields),
-            payload=[*codec.flatten(fields.items()), *items],
+            summary_json="",
+            field_count=0,
+            payload=[],
         )
-        if not in_script and not probe and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
-            raise StoreUnavailable("forking the session took too long; retry with the same request_id")
-        reply = await self._run(scripts.FORK_WRITE, fork_keys, args)
-        status = Status.of(reply)
-        if status is Status.NOT_FOUND:  # a probe that found no fork
+
+    async def _find_fork(self, fork: NewFork, origin: str, owners: Collection[str] | None) -> Session | None:
+        """The fork a first attempt with this request_id made, or None; writes nothing (its index
+        entry was entered by that attempt, before its write)."""
+        args = self._fork_write_args(fork, origin, owners, user_id="", now="", probe=True)
+        reply = await self._run(scripts.FORK_WRITE, self._fork_keys(fork.session_id), args)
+        if Status.of(reply) is not Status.REPLAYED:
             return None
-        if status is Status.EXISTS:
-            if not in_script:
-                owner, last_active = reply[1].decode(), reply[2].decode()
-                await self._revert_index(new, score_set, last_active if owner == user_id else "")
-            raise SessionAlreadyExists(fork.session_id)
         session = _session_from(fork.session_id, reply[1])
-        # A fork a probe finds has its index entry: the first attempt entered it before writing.
-        if status is Status.REPLAYED and not in_script and not probe:
-            await self._revert_index(new, score_set, codec.format_time(session.last_active))
-        await self._conn.replicated(keys.meta_key(fork.session_id))
-        if not self._index_in_script:
+        if not self._index_in_script:  # that attempt's usage step may be what failed
             await self._count_created(session, reply[1])
-        return session, status is Status.REPLAYED
+        return session
 
     async def user_usage(self, user_id: str) -> UserUsage:
         """The user's usage; per-day figures for the last codec.USAGE_DAYS UTC days."""
