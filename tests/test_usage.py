@@ -232,3 +232,20 @@ async def test_the_readme_grpcurl_recipe(target: str, client: SessionClient, uid
     assert usage["total"] == {"messages": "1", "tokens": "2", "sessions": "1"}
     assert usage["models"] == [{"model": "gpt-4o", "usage": usage["total"]}]
     assert [d["usage"] for d in usage["days"]] == [usage["total"]]
+
+
+@pytest.mark.cluster_only
+async def test_cluster_a_session_whose_sync_record_was_dropped_is_not_counted_again(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    now = [JAN_10]
+    with clock(monkeypatch, server, now):
+        old = await client.create_session(uid)
+        await client.append(old.session_id, [user("a", tokens=1)])
+        # Past the longest TTL without a step, its record goes with the next prune (a day's first step).
+        now[0] += 31 * DAY
+        await client.create_session(uid)
+        assert await raw.hget(f"usage_seen:{{{uid}}}", old.session_id) is None
+        # Kept alive meanwhile (as updates of its TTL could): its next append counts only itself.
+        await client.append(old.session_id, [user("b", tokens=2)])
+    assert (await usage_of(client, uid))["total"] == (2, 3, 2)
