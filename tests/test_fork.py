@@ -322,3 +322,15 @@ async def test_the_readme_grpcurl_recipe(target: str, client: SessionClient, uid
     assert code == 0, out
     session = json.loads(out)["session"]
     assert (session["message_count"], session["labels"]["forked_from"]) == ("4", f"{uid}-src")
+
+
+async def test_without_at_seq_a_fork_copies_what_is_stored_even_when_the_newest_is_gone(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await conversation(client, f"{uid}-src", uid)
+    await raw.ltrim(f"chat:{{{uid}-src}}", 0, 1)  # as a clear that keeps the prompt leaves it
+    await raises(
+        FailedPreconditionError, client.fork_session(f"{uid}-src", at_seq=6, new_session_id=f"{uid}-x")
+    )
+    fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
+    assert (fork.message_count, fork.token_count, fork.messages_stored) == (2, 3, 2)

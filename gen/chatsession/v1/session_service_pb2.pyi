@@ -634,7 +634,7 @@ class ForkSessionRequest(_message.Message):
     session_id: _builtins.str
     """Id of the session to copy. Required."""
     at_seq: _builtins.int
-    """Copy the conversation up to and including this seq; absent: up to the newest message.
+    """Copy the conversation up to and including this seq; absent: everything stored.
     The pinned system prompt is always copied whole, so 0 (or a seq within the prompt) copies
     the session's setup only. A seq beyond the session's last is FAILED_PRECONDITION
     (AT_SEQ_BEYOND_LAST), as is one the sliding window trimmed or a compaction replaced

@@ -754,7 +754,10 @@ local base = mc - (len - pinned)
 local summary_json = redis.call('GET', summary)
 local summary_seq = -1
 if summary_json then summary_seq = seq_of(summary_json) end
-if at > pinned and at <= base and at ~= summary_seq then return {ST_TRIMMED, pinned, base, summary_seq} end
+-- (at_seq absent: whatever is stored, even if the newest message is gone, as after a clear)
+if at_seq ~= '' and at > pinned and at <= base and at ~= summary_seq then
+  return {ST_TRIMMED, pinned, base, summary_seq}
+end
 local prompt = {}
 if pinned > 0 then prompt = redis.call('LRANGE', chat, 0, pinned - 1) end
 local recent = {}
