@@ -307,14 +307,16 @@ def fork_fields(
         k.decode(): v.decode() for k, v in source.items() if k.startswith(LABEL_FIELD_PREFIX.encode())
     }
     fields[LABEL_FIELD_PREFIX + FORKED_FROM_LABEL] = source_id
-    for field in (
+    copied = (
         MetaField.USER_ID,
         MetaField.MODEL,
         MetaField.TITLE,
         MetaField.TTL_SECONDS,
         MetaField.MAX_MESSAGES,
-    ):
-        fields[field] = _text(source, field)
+    )
+    for field in copied:  # those the source has (an old session may lack max_messages)
+        if (value := source.get(field.encode())) is not None:
+            fields[field] = value.decode()
     fields.update(
         {
             MetaField.CREATED_AT: created_at,

@@ -455,7 +455,7 @@ class SessionStore:
         args = dataclasses.replace(
             args,
             ttl=int(fields[codec.MetaField.TTL_SECONDS]),
-            model=fields[codec.MetaField.MODEL],
+            model=fields.get(codec.MetaField.MODEL, ""),
             summary_json=summary_json,
             field_count=len(fields),
             payload=[*codec.flatten(fields.items()), *items],
