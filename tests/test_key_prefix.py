@@ -75,7 +75,12 @@ async def test_two_prefixes_share_one_valkey_without_interference(
         # Every key the service wrote carries its prefix; nothing landed under the bare names.
         written_a = await _keys_named(raw, f"{prefix_a}*", valkey_cluster)
         space_a = KeySpace(prefix_a)
-        assert {space_a.chat(session_id), space_a.meta(session_id), space_a.user_index(uid)} <= written_a
+        assert {
+            space_a.chat(session_id),
+            space_a.meta(session_id),
+            space_a.user_index(uid),
+            space_a.usage(uid),
+        } <= written_a
         assert space_a.page_token_secret() in written_a
         session_keys = await _keys_named(raw, f"*{{{session_id}}}", valkey_cluster)
         assert session_keys

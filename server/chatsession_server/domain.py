@@ -85,6 +85,34 @@ class NewSession:
 
 
 @dataclass(frozen=True, slots=True)
+class NewFork:
+    """What ForkSession asks for: a copy of `source_id` up to `at_seq` (None: its newest seq)
+    as the new session `session_id`."""
+
+    source_id: str
+    at_seq: int | None
+    session_id: str
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCounts:
+    messages: int = 0
+    tokens: int = 0
+    sessions: int = 0
+    """sessions created (forks included)"""
+
+
+@dataclass(frozen=True, slots=True)
+class UserUsage:
+    """A user's usage in total, per model (sorted by name) and per UTC day ("YYYY-MM-DD", oldest first)."""
+
+    total: UsageCounts
+    by_model: tuple[tuple[str, UsageCounts], ...]
+    by_day: tuple[tuple[str, UsageCounts], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionPatch:
     """UpdateSession's changes; None leaves a field as it is."""
 

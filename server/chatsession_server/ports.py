@@ -10,12 +10,14 @@ from chatsession_server.domain import (
     FeedEvent,
     MessagePage,
     MessageQuery,
+    NewFork,
     NewMessage,
     NewSession,
     Session,
     SessionCursor,
     SessionPage,
     SessionPatch,
+    UserUsage,
 )
 
 
@@ -49,6 +51,10 @@ class SessionStorage(Protocol):
     async def list_messages(
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage: ...
+
+    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]: ...
+
+    async def user_usage(self, user_id: str) -> UserUsage: ...
 
 
 class StorageLayer:
@@ -92,6 +98,12 @@ class StorageLayer:
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage:
         return await self._inner.list_messages(session_id, query, owners=owners)
+
+    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+        return await self._inner.fork(fork, owners=owners)
+
+    async def user_usage(self, user_id: str) -> UserUsage:
+        return await self._inner.user_usage(user_id)
 
 
 class FeedSubscription(Protocol):

@@ -286,6 +286,31 @@ class SessionClient:
                 return
             after_seq = page.messages[-1].seq
 
+    async def fork_session(
+        self,
+        session_id: str,
+        *,
+        at_seq: int | None = None,
+        new_session_id: str = "",
+        request_id: str | None = None,
+    ) -> session_service_pb2.ForkSessionResponse:
+        """Copy a session (its metadata, pinned prompt, summary and messages up to `at_seq`, or all
+        of them) into a new session of the same user. A request_id is generated when not given, so
+        a retry returns the same fork (`replayed`)."""
+        request = session_service_pb2.ForkSessionRequest(
+            session_id=session_id,
+            new_session_id=new_session_id,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        if at_seq is not None:
+            request.at_seq = at_seq
+        return await self._call(self._stub.ForkSession, request)
+
+    async def get_user_usage(self, user_id: str) -> session_service_pb2.GetUserUsageResponse:
+        """Messages, tokens and sessions created by the user: in total, per model, per UTC day."""
+        request = session_service_pb2.GetUserUsageRequest(user_id=user_id)
+        return await self._call(self._stub.GetUserUsage, request)
+
     async def watch(
         self,
         session_id: str,

@@ -620,3 +620,227 @@ class HistoryTrimmed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HistoryTrimmed: _TypeAlias = HistoryTrimmed  # noqa: Y015
+
+@_typing.final
+class ForkSessionRequest(_message.Message):
+    """Request for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AT_SEQ_FIELD_NUMBER: _builtins.int
+    NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session to copy. Required."""
+    at_seq: _builtins.int
+    """Copy the conversation up to and including this seq; absent: everything stored.
+    The pinned system prompt is always copied whole, so 0 (or a seq within the prompt) copies
+    the session's setup only. A seq beyond the session's last is FAILED_PRECONDITION
+    (AT_SEQ_BEYOND_LAST), as is one the sliding window trimmed or a compaction replaced
+    (AT_SEQ_TRIMMED; the last seq a summary replaced is allowed: the fork ends with the summary).
+    """
+    new_session_id: _builtins.str
+    """Id of the new session, 1-128 characters from [A-Za-z0-9_.:-], not `session_id`. When
+    empty the server generates one (derived from `request_id` when that is set, so a retry
+    lands on it). ALREADY_EXISTS if taken, except by this very fork (see `request_id`).
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, 1-128 characters from [A-Za-z0-9_.:-]. Retrying a fork with the
+    same `request_id`, `session_id` and `at_seq` returns the fork the first call made
+    (`replayed`), even if the source has changed or gone since.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        at_seq: _builtins.int | None = ...,
+        new_session_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_at_seq", b"_at_seq", "at_seq", b"at_seq"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_at_seq", b"_at_seq", "at_seq", b"at_seq", "new_session_id", b"new_session_id", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__at_seq: _TypeAlias = _typing.Literal["at_seq"]  # noqa: Y015
+    _WhichOneofArgType__at_seq: _TypeAlias = _typing.Literal["_at_seq", b"_at_seq"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__at_seq) -> _WhichOneofReturnType__at_seq | None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForkSessionResponse(_message.Message):
+    """Response for ForkSession."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this was a retry: the fork existed already and nothing was written."""
+    @_builtins.property
+    def session(self) -> _session_pb2.Session:
+        """The new session: the source's model, title, labels (plus `labels["forked_from"]`, the
+        source's id), `ttl_seconds` and `max_messages`; counters of what was copied
+        (`message_count` is its newest seq, `token_count` the sum of the copied `tokens`).
+        """
+
+    def __init__(
+        self,
+        *,
+        session: _session_pb2.Session | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015
+
+@_typing.final
+class GetUserUsageRequest(_message.Message):
+    """Request for GetUserUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user whose usage to read. Required."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserUsageRequest: _TypeAlias = GetUserUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageCounts(_message.Message):
+    """Counts of what a user did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    messages: _builtins.int
+    """Messages appended (not those a fork copied)."""
+    tokens: _builtins.int
+    """Sum of the `tokens` of those messages."""
+    sessions: _builtins.int
+    """Sessions created, forks included."""
+    def __init__(
+        self,
+        *,
+        messages: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "sessions", b"sessions", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageCounts: _TypeAlias = UsageCounts  # noqa: Y015
+
+@_typing.final
+class ModelUsage(_message.Message):
+    """Usage under one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The session's `model` at the time (empty for sessions without one)."""
+    @_builtins.property
+    def usage(self) -> Global___UsageCounts:
+        """What was counted under it."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        usage: Global___UsageCounts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelUsage: _TypeAlias = ModelUsage  # noqa: Y015
+
+@_typing.final
+class DayUsage(_message.Message):
+    """Usage on one UTC day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """The day, "YYYY-MM-DD" (UTC)."""
+    @_builtins.property
+    def usage(self) -> Global___UsageCounts:
+        """What was counted on it."""
+
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        usage: Global___UsageCounts | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day", b"day", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DayUsage: _TypeAlias = DayUsage  # noqa: Y015
+
+@_typing.final
+class GetUserUsageResponse(_message.Message):
+    """Response for GetUserUsage. Usage outlives sessions (expiry and deletion do not reduce it) and
+    a retried call (the same `request_id`) is never counted twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    DAYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def total(self) -> Global___UsageCounts:
+        """Everything the user did."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelUsage]:
+        """Per model, sorted by model."""
+
+    @_builtins.property
+    def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___DayUsage]:
+        """Per UTC day with any usage, oldest first; the last 90 days."""
+
+    def __init__(
+        self,
+        *,
+        total: Global___UsageCounts | None = ...,
+        models: _abc.Iterable[Global___ModelUsage] | None = ...,
+        days: _abc.Iterable[Global___DayUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "models", b"models", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserUsageResponse: _TypeAlias = GetUserUsageResponse  # noqa: Y015

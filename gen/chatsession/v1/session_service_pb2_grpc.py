@@ -81,6 +81,16 @@ class SessionServiceStub:
                 request_serializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesRequest.SerializeToString,
                 response_deserializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/chatsession.v1.SessionService/ForkSession',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.GetUserUsage = channel.unary_unary(
+                '/chatsession.v1.SessionService/GetUserUsage',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -152,6 +162,21 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """Copies a session into a new session of the same user: its metadata, its pinned system
+        prompt, its summary and its messages up to `at_seq`, renumbered from 1.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserUsage(self, request, context):
+        """A user's usage: messages, tokens and sessions created, in total, per model and per UTC day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +219,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.WatchMessages,
                     request_deserializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesRequest.FromString,
                     response_serializer=chatsession_dot_v1_dot_session__service__pb2.WatchMessagesResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.ForkSessionRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'GetUserUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserUsage,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -419,6 +454,60 @@ class SessionService:
             '/chatsession.v1.SessionService/WatchMessages',
             chatsession_dot_v1_dot_session__service__pb2.WatchMessagesRequest.SerializeToString,
             chatsession_dot_v1_dot_session__service__pb2.WatchMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/ForkSession',
+            chatsession_dot_v1_dot_session__service__pb2.ForkSessionRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/GetUserUsage',
+            chatsession_dot_v1_dot_session__service__pb2.GetUserUsageRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.GetUserUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class SessionServiceStub:
     with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
     server shuts down: reconnect with `after_seq` set to the last seq received.
     """
+    ForkSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ForkSessionRequest, _session_service_pb2.ForkSessionResponse]
+    """Copies a session into a new session of the same user: its metadata, its pinned system
+    prompt, its summary and its messages up to `at_seq`, renumbered from 1.
+    """
+    GetUserUsage: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetUserUsageRequest, _session_service_pb2.GetUserUsageResponse]
+    """A user's usage: messages, tokens and sessions created, in total, per model and per UTC day."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -121,5 +127,23 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
         server shuts down: reconnect with `after_seq` set to the last seq received.
         """
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _session_service_pb2.ForkSessionRequest,
+        context: _aio.ServicerContext[_session_service_pb2.ForkSessionRequest, _abc.Awaitable[_session_service_pb2.ForkSessionResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.ForkSessionResponse]:
+        """Copies a session into a new session of the same user: its metadata, its pinned system
+        prompt, its summary and its messages up to `at_seq`, renumbered from 1.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUserUsage(
+        self,
+        request: _session_service_pb2.GetUserUsageRequest,
+        context: _aio.ServicerContext[_session_service_pb2.GetUserUsageRequest, _abc.Awaitable[_session_service_pb2.GetUserUsageResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.GetUserUsageResponse]:
+        """A user's usage: messages, tokens and sessions created, in total, per model and per UTC day."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...

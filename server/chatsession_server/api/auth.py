@@ -3,7 +3,8 @@
 A tokens file says which users each caller may act for. `AuthInterceptor` authenticates every call
 but health and reflection (UNAUTHENTICATED otherwise) and puts the caller's `Grant` in `CALLER` for
 that call; `AuthorizedStorage` is the servicer's storage as that caller sees it: a session of another
-user does not exist for it (NOT_FOUND), and listing or creating for another user is PERMISSION_DENIED.
+user does not exist for it (NOT_FOUND), and listing, creating or reading the usage for another user
+is PERMISSION_DENIED.
 
 Tokens are kept only as SHA-256 digests: a lookup by digest takes no time that depends on how much
 of a guessed token is right, and the plaintext is dropped as soon as a line is parsed. Never logged.
@@ -29,12 +30,14 @@ from chatsession_server.domain import (
     AppendResult,
     MessagePage,
     MessageQuery,
+    NewFork,
     NewMessage,
     NewSession,
     Session,
     SessionCursor,
     SessionPage,
     SessionPatch,
+    UserUsage,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
 from chatsession_server.ports import StorageLayer
@@ -341,6 +344,14 @@ class AuthorizedStorage(StorageLayer):
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage:
         return await super().list_messages(session_id, query, owners=_owners(owners))
+
+    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+        # The fork belongs to the source's owner: checked with the source, in its read step.
+        return await super().fork(fork, owners=_owners(owners))
+
+    async def user_usage(self, user_id: str) -> UserUsage:
+        _require_user(user_id)
+        return await super().user_usage(user_id)
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

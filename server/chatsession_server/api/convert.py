@@ -5,7 +5,16 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatsession.v1 import session_pb2, session_service_pb2
-from chatsession_server.domain import Heartbeat, Role, Session, StoredMessage, Trimmed, WatchEvent
+from chatsession_server.domain import (
+    Heartbeat,
+    Role,
+    Session,
+    StoredMessage,
+    Trimmed,
+    UsageCounts,
+    UserUsage,
+    WatchEvent,
+)
 
 _ROLE_TO_PROTO = {
     Role.SYSTEM: session_pb2.ROLE_SYSTEM,
@@ -64,3 +73,15 @@ def watch_event_to_proto(event: WatchEvent) -> session_service_pb2.WatchMessages
         first_missing_seq=event.first_missing_seq, last_missing_seq=event.last_missing_seq
     )
     return session_service_pb2.WatchMessagesResponse(history_trimmed=trimmed)
+
+
+def _counts(c: UsageCounts) -> session_service_pb2.UsageCounts:
+    return session_service_pb2.UsageCounts(messages=c.messages, tokens=c.tokens, sessions=c.sessions)
+
+
+def usage_to_proto(u: UserUsage) -> session_service_pb2.GetUserUsageResponse:
+    return session_service_pb2.GetUserUsageResponse(
+        total=_counts(u.total),
+        models=[session_service_pb2.ModelUsage(model=m, usage=_counts(c)) for m, c in u.by_model],
+        days=[session_service_pb2.DayUsage(day=d, usage=_counts(c)) for d, c in u.by_day],
+    )

@@ -9,7 +9,7 @@ servicer's storage with a limit on each user's live sessions, checked at create.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import grpc
@@ -17,6 +17,7 @@ from grpc import aio
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.domain import (
+    NewFork,
     NewSession,
     Session,
 )
@@ -115,15 +116,24 @@ class SessionQuota(StorageLayer):
         self._max = max_sessions_per_user
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
-        if await self._live_sessions(new.user_id) >= self._max and not await self._exists(new.session_id):
+        await self._check(new.user_id, new.session_id)
+        return await self._inner.create(new)
+
+    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+        """A fork is a new session of the source's owner: it counts as a create."""
+        source = await self._inner.get(fork.source_id, owners=owners)
+        await self._check(source.user_id, fork.session_id)
+        return await self._inner.fork(fork, owners=owners)
+
+    async def _check(self, user_id: str, session_id: str) -> None:
+        if await self._live_sessions(user_id) >= self._max and not await self._exists(session_id):
             raise QuotaExceeded(
                 "max_sessions_per_user",
                 self._max,
-                f"user {new.user_id}",
-                f"user {new.user_id!r} has {self._max} live sessions, the limit per user "
+                f"user {user_id}",
+                f"user {user_id!r} has {self._max} live sessions, the limit per user "
                 "(--max-sessions-per-user): delete some first",
             )
-        return await self._inner.create(new)
 
     async def _live_sessions(self, user_id: str) -> int:
         """The user's live sessions, counted up to the limit (a page may stop short of it: pages

@@ -10,7 +10,12 @@ from grpc import aio
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_server.api import validation
-from chatsession_server.api.convert import message_to_proto, session_to_proto, watch_event_to_proto
+from chatsession_server.api.convert import (
+    message_to_proto,
+    session_to_proto,
+    usage_to_proto,
+    watch_event_to_proto,
+)
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.errors import SessionNotFound
@@ -108,3 +113,12 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         )
         async for event in events:
             yield watch_event_to_proto(event)
+
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.ForkSessionResponse:
+        session, replayed = await self._store.fork(validation.fork_session(request))
+        return pb.ForkSessionResponse(session=session_to_proto(session), replayed=replayed)
+
+    async def GetUserUsage(
+        self, request: pb.GetUserUsageRequest, context: Context
+    ) -> pb.GetUserUsageResponse:
+        return usage_to_proto(await self._store.user_usage(validation.get_user_usage(request)))

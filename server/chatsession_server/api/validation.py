@@ -12,6 +12,7 @@ from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
 from chatsession_server.domain import (
     MessageQuery,
+    NewFork,
     NewMessage,
     NewSession,
     Role,
@@ -331,3 +332,26 @@ def list_messages(request: session_service_pb2.ListMessagesRequest) -> tuple[str
     v.raise_if_any()
     limit = min(request.page_size or L.DEFAULT_MESSAGES_PAGE, L.MAX_PAGE_SIZE)
     return request.session_id, MessageQuery(limit=limit, after_seq=after, before_seq=before)
+
+
+def fork_session(request: session_service_pb2.ForkSessionRequest) -> NewFork:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    v.id("new_session_id", request.new_session_id, required=False)
+    v.id("request_id", request.request_id, required=False)
+    at_seq = request.at_seq if request.HasField("at_seq") else None
+    if at_seq is not None and at_seq < 0:
+        v.add("at_seq", "must not be negative")
+    if request.new_session_id and request.new_session_id == request.session_id:
+        v.add("new_session_id", "must differ from session_id")
+    v.raise_if_any()
+    # A generated id derives from the source and the request_id ('/' keeps it apart from a create's).
+    new_id = session_id_for(f"fork/{request.session_id}", request.new_session_id, request.request_id)
+    return NewFork(request.session_id, at_seq, new_id, request.request_id)
+
+
+def get_user_usage(request: session_service_pb2.GetUserUsageRequest) -> str:
+    v = Violations()
+    v.id("user_id", request.user_id)
+    v.raise_if_any()
+    return request.user_id

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from chatsession_server.domain import NewMessage, Role, Session, StoredMessage, ToolCall
+from chatsession_server.domain import (
+    NewMessage,
+    Role,
+    Session,
+    StoredMessage,
+    ToolCall,
+    UsageCounts,
+    UserUsage,
+)
 
 LABEL_FIELD_PREFIX = "label:"
 SEQ_HEAD = '{"seq":'
@@ -32,6 +41,11 @@ class MetaField(enum.StrEnum):
     STORED_BYTES = "stored_bytes"
     """bytes of JSON the chat LIST holds now (appends add, window trims subtract)"""
     CREATE_REQUEST_ID = "create_request_id"
+    FORK_ORIGIN = "fork_origin"
+    """on a fork: "<source session_id> <at_seq>", so a retried ForkSession is told from another"""
+    USAGE_BASE = "usage_base"
+    """on a fork: "<message_count> <token_count>" it was created with (copied, not appended: the
+    usage counts them for the source only)"""
 
 
 def body_prefix(role: Role) -> str:
@@ -186,3 +200,135 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
 def pairs_to_map(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     """HGETALL as a Lua script returns it (a flat array) into a dict."""
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+# --- Usage HASH fields (KeySpace.usage) --------------------------------------------------------
+
+USAGE_TOTAL_PREFIX = "total:"
+USAGE_DAY_PREFIX = "day:"
+USAGE_MODEL_PREFIX = "model:"
+USAGE_PRUNED_FIELD = "pruned_day"
+"""the UTC day old `day:` fields were last dropped: the scripts drop them once a day"""
+USAGE_METRICS = ("messages", "tokens", "sessions")
+USAGE_DAYS = 90
+"""UTC days of per-day usage kept, today included"""
+
+
+def usage_days(now: float) -> str:
+    """The scripts' `usage_days` argument: today (UTC) and the oldest day kept, "YYYY-MM-DD YYYY-MM-DD"."""
+    today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    return f"{today.isoformat()} {(today - datetime.timedelta(days=USAGE_DAYS - 1)).isoformat()}"
+
+
+def decode_usage(fields: Mapping[bytes, bytes], oldest_day: str) -> UserUsage:
+    """A UserUsage from HGETALL of the usage HASH; days before `oldest_day` are left out (a user
+    with no write since has them still)."""
+    total: dict[str, int] = {}
+    models: dict[str, dict[str, int]] = {}
+    days: dict[str, dict[str, int]] = {}
+    for raw_name, raw_value in fields.items():
+        name = raw_name.decode()
+        scope, _, rest = name.partition(":")
+        if scope + ":" == USAGE_TOTAL_PREFIX:
+            total[rest] = int(raw_value)
+            continue
+        metric, _, which = rest.partition(":")
+        if scope + ":" == USAGE_MODEL_PREFIX:
+            models.setdefault(which, {})[metric] = int(raw_value)
+        elif scope + ":" == USAGE_DAY_PREFIX and which >= oldest_day:
+            days.setdefault(which, {})[metric] = int(raw_value)
+
+    def counts(values: Mapping[str, int]) -> UsageCounts:
+        return UsageCounts(values.get("messages", 0), values.get("tokens", 0), values.get("sessions", 0))
+
+    return UserUsage(
+        total=counts(total),
+        by_model=tuple((model, counts(models[model])) for model in sorted(models)),
+        by_day=tuple((day, counts(days[day])) for day in sorted(days)),
+    )
+
+
+# --- ForkSession ------------------------------------------------------------------------------
+
+FORKED_FROM_LABEL = "forked_from"
+
+
+def renumbered(item: bytes | str, seq: int) -> str:
+    """A stored message given another seq (the rest of its JSON as it is)."""
+    text = item.decode() if isinstance(item, bytes) else item
+    return f"{SEQ_HEAD}{seq}{text[text.index(',', len(SEQ_HEAD)) :]}"
+
+
+def fork_contents(
+    prompt: Sequence[bytes], summary: bytes | str, recent: Sequence[bytes]
+) -> tuple[list[str], str, int, int]:
+    """What a fork stores: its LIST items (the prompt as it is, then the recent messages renumbered
+    after it), its summary JSON ('' for none), its message_count and token_count.
+
+    The summary takes the one seq after the prompt (`seq` = `summarizes` = [p+1, p+1]), standing
+    for the whole compacted stretch, so the fork's LIST reads as after a compaction: prompt, a gap
+    the summary covers, then the window."""
+    items = [renumbered(raw, seq) for seq, raw in enumerate(prompt, 1)]
+    tokens = sum(int(json.loads(raw).get("tokens") or 0) for raw in prompt)
+    summary_json = ""
+    next_seq = len(items) + 1
+    if summary:
+        obj = json.loads(summary)
+        tokens += int(obj.get("tokens") or 0)
+        obj["seq"] = next_seq
+        obj["summarizes"] = [next_seq, next_seq]
+        body = json.dumps(
+            {k: v for k, v in obj.items() if k != "seq"}, ensure_ascii=False, separators=(",", ":")
+        )
+        summary_json = stored_json(next_seq, body[1:])
+        next_seq += 1
+    for raw in recent:
+        items.append(renumbered(raw, next_seq))
+        tokens += int(json.loads(raw).get("tokens") or 0)
+        next_seq += 1
+    return items, summary_json, next_seq - 1, tokens
+
+
+def fork_fields(
+    source: Mapping[bytes, bytes],
+    *,
+    source_id: str,
+    origin: str,
+    created_at: str,
+    request_id: str,
+    message_count: int,
+    token_count: int,
+    pinned: int,
+    stored_bytes: int,
+) -> dict[str, str]:
+    """The fork's meta HASH: the source's model, title, labels (plus `forked_from`), ttl and
+    window; its own times and counters."""
+    fields: dict[str, str] = {
+        k.decode(): v.decode() for k, v in source.items() if k.startswith(LABEL_FIELD_PREFIX.encode())
+    }
+    fields[LABEL_FIELD_PREFIX + FORKED_FROM_LABEL] = source_id
+    copied = (
+        MetaField.USER_ID,
+        MetaField.MODEL,
+        MetaField.TITLE,
+        MetaField.TTL_SECONDS,
+        MetaField.MAX_MESSAGES,
+    )
+    for field in copied:  # those the source has (an old session may lack max_messages)
+        if (value := source.get(field.encode())) is not None:
+            fields[field] = value.decode()
+    fields.update(
+        {
+            MetaField.CREATED_AT: created_at,
+            MetaField.LAST_ACTIVE: created_at,
+            MetaField.MESSAGE_COUNT: str(message_count),
+            MetaField.TOKEN_COUNT: str(token_count),
+            MetaField.PINNED: str(pinned),
+            MetaField.STORED_BYTES: str(stored_bytes),
+            MetaField.FORK_ORIGIN: origin,
+            MetaField.USAGE_BASE: f"{message_count} {token_count}",
+        }
+    )
+    if request_id:
+        fields[MetaField.CREATE_REQUEST_ID] = request_id
+    return fields

@@ -16,6 +16,9 @@ REQUESTS_PREFIX = "reqs:"
 USER_INDEX_PREFIX = "user_sessions:"
 WATCH_PREFIX = "watch:"
 PAGE_TOKEN_SECRET = "chatsession:page_token_key"
+SUMMARY_PREFIX = "summary:"
+USAGE_PREFIX = "usage:"
+USAGE_SEEN_PREFIX = "usage_seen:"
 
 KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
 """What `--key-prefix` may be: no hash-tag braces, no spaces or glob characters, at most 64."""
@@ -66,6 +69,32 @@ class KeySpace:
     def session_of_channel(self, channel: str) -> str:
         """The session id a `watch_channel` name was made from."""
         return channel[len(self._watch_head) : -1]
+
+    def summary(self, session_id: str) -> str:
+        """STRING: the summary that replaced a compacted prefix of the session (the message JSON in the
+        LIST's stored form, `seq` = the last seq it replaces, plus `"summarizes":[first,last]`). Same
+        TTL as the session's other keys."""
+        return f"{self.prefix}{SUMMARY_PREFIX}{{{session_id}}}"
+
+    def usage(self, user_id: str) -> str:
+        """HASH of a user's usage (codec.USAGE_*): messages, tokens and sessions created, in total
+        (`total:<metric>`), per model (`model:<metric>:<model>`) and per UTC day
+        (`day:<metric>:<YYYY-MM-DD>`, the last USAGE_DAYS days). No expiry: it outlives sessions. In the
+        `{user_id}` slot of the owner's index; standalone, the create, append and fork scripts keep it
+        in their own step; in a cluster it is a second step (see session_store.py)."""
+        return f"{self.usage_head}{user_id}}}"
+
+    @property
+    def usage_head(self) -> str:
+        """What a script puts before a user id (and `}` after) to name that user's usage HASH
+        (standalone only: a key the script does not declare)."""
+        return f"{self.prefix}{USAGE_PREFIX}{{"
+
+    def usage_seen(self, user_id: str) -> str:
+        """HASH session_id -> "created_at message_count token_count synced_at": what the cluster's
+        second step has counted of each of the user's sessions, so a repeated or late step counts only
+        what is new (cluster only; entries not synced for --max-ttl-seconds are dropped)."""
+        return f"{self.prefix}{USAGE_SEEN_PREFIX}{{{user_id}}}"
 
     def page_token_secret(self) -> str:
         """STRING: the random secret that signs ListSessions page tokens when none is configured

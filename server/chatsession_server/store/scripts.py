@@ -46,6 +46,8 @@ class Status(enum.StrEnum):
     SEQ_MISMATCH = "seq_mismatch"
     TOO_MANY_LABELS = "too_many_labels"
     TOO_LARGE = "too_large"
+    BEYOND_LAST = "beyond_last"
+    TRIMMED = "trimmed"
 
     @classmethod
     def of(cls, reply: Any) -> Status:
@@ -67,12 +69,20 @@ def _constants() -> str:
         f"local TOOL_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.TOOL))}",
         f"local SEQ_HEAD = {_lua_string(codec.SEQ_HEAD)}",
         f"local MAX_PINNED = {MAX_PINNED}",
+        f"local USAGE_TOTAL_PREFIX = {_lua_string(codec.USAGE_TOTAL_PREFIX)}",
+        f"local USAGE_DAY_PREFIX = {_lua_string(codec.USAGE_DAY_PREFIX)}",
+        f"local USAGE_MODEL_PREFIX = {_lua_string(codec.USAGE_MODEL_PREFIX)}",
+        f"local USAGE_PRUNED_FIELD = {_lua_string(codec.USAGE_PRUNED_FIELD)}",
+        f"local SEEN_PRUNED_FIELD = {_lua_string(SEEN_PRUNED_FIELD)}",
     ]
+    lines += [f"local USAGE_{m.upper()} = {_lua_string(m)}" for m in codec.USAGE_METRICS]
     return "\n".join(lines) + "\n"
 
 
 MAX_PINNED = 16
 """Most leading system messages a session pins (keeps through every window trim)."""
+SEEN_PRUNED_FIELD = " pruned_day"
+"""usage_seen's bookkeeping field (no session id holds a space): the UTC day it was last pruned"""
 
 A = TypeVar("A")
 
@@ -235,6 +245,31 @@ local function read_range(chat, mc, len, pinned, lo, hi)
 end
 """
 
+# Counting usage (KeySpace.usage): called by CREATE, APPEND and FORK_WRITE on standalone Valkey and
+# by USAGE_SYNC in a cluster. `days` is codec.usage_days(): "<today> <oldest day kept>" (UTC).
+_USAGE_LUA = r"""
+local function count_usage(usage, model, days, messages, tokens, sessions)
+  local today, oldest = string.match(days, '^(%S+) (%S+)$')
+  for _, pair in ipairs({{USAGE_MESSAGES, messages}, {USAGE_TOKENS, tokens}, {USAGE_SESSIONS, sessions}}) do
+    local metric, n = pair[1], pair[2]
+    if n > 0 then
+      redis.call('HINCRBY', usage, USAGE_TOTAL_PREFIX .. metric, n)
+      redis.call('HINCRBY', usage, USAGE_MODEL_PREFIX .. metric .. ':' .. model, n)
+      redis.call('HINCRBY', usage, USAGE_DAY_PREFIX .. metric .. ':' .. today, n)
+    end
+  end
+  -- Once a day: drop the days no longer kept (a day field ends with its YYYY-MM-DD).
+  if redis.call('HGET', usage, USAGE_PRUNED_FIELD) ~= today then
+    for _, f in ipairs(redis.call('HKEYS', usage)) do
+      if string.sub(f, 1, #USAGE_DAY_PREFIX) == USAGE_DAY_PREFIX and string.sub(f, -10) < oldest then
+        redis.call('HDEL', usage, f)
+      end
+    end
+    redis.call('HSET', usage, USAGE_PRUNED_FIELD, today)
+  end
+end
+"""
+
 # The index key of a user, built in Lua from the owner named in meta: standalone only (a key
 # the script does not declare, in another slot).
 _INDEX_OF = "index_key_head .. uid .. '}'"
@@ -247,6 +282,10 @@ class CreateArgs:
     request_id: str
     user_id: str
     session_id: str
+    model: str
+    usage_key_head: str
+    """'' in a cluster: the caller counts the new session in the user's usage in a second step"""
+    usage_days: str
     fields: Sequence[str]
     """flat field/value pairs of the new meta HASH"""
 
@@ -255,7 +294,8 @@ class CreateArgs:
 CREATE = LuaScript(
     ("chat", "meta", "reqs", "index"),
     CreateArgs,
-    r"""
+    _USAGE_LUA
+    + r"""
 local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE)
 if existing[1] then
   if request_id ~= '' and existing[1] == user_id and existing[2] == request_id then
@@ -269,6 +309,7 @@ redis.call('DEL', chat, reqs)
 redis.call('HSET', meta, unpack(ARGV, fields_from))
 redis.call('EXPIRE', meta, ttl)
 if index then redis.call('ZADD', index, now, session_id) end
+if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
 )
@@ -293,6 +334,9 @@ class AppendArgs:
     inline_publish_bytes: int
     max_session_bytes: int
     """refuse (TOO_LARGE) an append that would take the session's stored JSON past this; 0: no cap"""
+    usage_key_head: str
+    """'' in a cluster: the caller counts the append in the owner's usage in a second step"""
+    usage_days: str
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -303,7 +347,8 @@ class AppendArgs:
 APPEND = LuaScript(
     ("chat", "meta", "reqs"),
     AppendArgs,
-    r"""
+    _USAGE_LUA
+    + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
                      F_LAST_ACTIVE, F_STORED_BYTES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
@@ -379,6 +424,10 @@ if index_key_head ~= '' then
   redis.call('ZADD', """
     + _INDEX_OF
     + r""", 'GT', last_active, session_id)
+end
+if usage_key_head ~= '' then
+  local model = redis.call('HGET', meta, F_MODEL) or ''
+  count_usage(usage_key_head .. m[1] .. '}', model, usage_days, #items, tonumber(token_sum), 0)
 end
 local last = first + #items - 1
 local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', last) .. ' ' .. m[1]
@@ -676,6 +725,177 @@ return 1
 """,
 )
 
+# --- ForkSession and usage (cluster second step) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ForkReadArgs:
+    owners: str
+    at_seq: int | None
+    """None: the source's newest seq"""
+
+
+# A fork's first step: reads what the fork copies, writes nothing. The pinned prompt is copied
+# whole (it is the session's instructions, not history); the summary when at_seq reaches the end
+# of what it replaced; the window's messages up to at_seq. at_seq must name a message still
+# stored (or the summary's last seq, or lie within the prompt), else TRIMMED.
+FORK_READ = LuaScript(
+    ("chat", "meta", "summary"),
+    ForkReadArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
+local at = mc
+if at_seq ~= '' then at = tonumber(at_seq) end
+if at > mc then return {ST_BEYOND_LAST, mc} end
+local len = redis.call('LLEN', chat)
+local base = mc - (len - pinned)
+local summary_json = redis.call('GET', summary)
+local summary_seq = -1
+if summary_json then summary_seq = seq_of(summary_json) end
+-- (at_seq absent: whatever is stored, even if the newest message is gone, as after a clear)
+if at_seq ~= '' and at > pinned and at <= base and at ~= summary_seq then
+  return {ST_TRIMMED, pinned, base, summary_seq}
+end
+local prompt = {}
+if pinned > 0 then prompt = redis.call('LRANGE', chat, 0, pinned - 1) end
+local recent = {}
+if at > base then recent = read_range(chat, mc, len, pinned, base + 1, at) end
+local kept_summary = ''
+if summary_json and at > pinned then kept_summary = summary_json end
+return {ST_OK, redis.call('HGETALL', meta), prompt, recent, kept_summary}
+""",
+    read_only=True,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ForkWriteArgs:
+    owners: str
+    now: str
+    ttl: int
+    request_id: str
+    user_id: str
+    """'' when probing"""
+    session_id: str
+    origin: str
+    """meta's fork_origin: "<source session_id> <at_seq>"; with request_id it tells a retry"""
+    probe: bool
+    """only answer REPLAYED if this fork exists already (else NOT_FOUND); write nothing"""
+    usage_key_head: str
+    """'' in a cluster: the caller counts the new session in a second step"""
+    model: str
+    usage_days: str
+    summary_json: str
+    """'' for none"""
+    field_count: int
+    """how many field/value pairs of the new meta HASH lead `payload`"""
+    payload: Sequence[str]
+    """field_count pairs, then the fork's stored messages, oldest first"""
+
+
+# A fork's second step, in the new session's slot: one atomic script, so a fork is either whole or
+# absent. A retry with the same request_id (and the same source and at_seq) finds the fork and
+# returns it; anything else already there is EXISTS. KEYS: index on standalone Valkey only.
+FORK_WRITE = LuaScript(
+    ("chat", "meta", "reqs", "summary", "index"),
+    ForkWriteArgs,
+    _USAGE_LUA
+    + r"""
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
+if existing[1] then
+  if request_id ~= '' and existing[2] == request_id and existing[3] == origin
+      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1]) then
+    if index then redis.call('ZADD', index, 'NX', existing[4], session_id) end
+    return {ST_REPLAYED, describe(chat, meta)}
+  end
+  if probe == '1' then return {ST_NOT_FOUND} end
+  return {ST_EXISTS, existing[1], existing[4]}
+end
+if probe == '1' then return {ST_NOT_FOUND} end
+-- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
+redis.call('DEL', chat, reqs, summary)
+local first_item = payload_from + 2 * tonumber(field_count)
+redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
+for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
+  redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
+end
+if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
+redis.call('EXPIRE', chat, ttl)
+redis.call('EXPIRE', meta, ttl)
+if index then redis.call('ZADD', index, now, session_id) end
+if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
+return {ST_CREATED, describe(chat, meta)}
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSyncArgs:
+    session_id: str
+    created_at: str
+    """the session's, as meta holds it: tells it from a namesake"""
+    message_count: int
+    token_count: int
+    usage_base: str
+    """"<message_count> <token_count>" the session started with (a fork's copies), "0 0" otherwise"""
+    recent_messages: int
+    """what the step's own call appended (counted even when the session's record was dropped)"""
+    recent_tokens: int
+    model: str
+    usage_days: str
+    horizon: str
+    """unix seconds: now - the longest TTL; a session created before it may have lost its record"""
+    now: str
+    index_score: str
+    """the session's last_active, for the owner's index (when KEYS holds it)"""
+
+
+# Cluster: an append's (or a create's, a fork's) second step, in the user's slot. It counts what
+# the session's counters say is new since the last step that reached here (usage_seen), so a
+# step repeated by a replay counts nothing, and one that failed is made up by the session's next
+# step. KEYS: the owner's index too after an append (its score raised, never lowered, as before).
+USAGE_SYNC = LuaScript(
+    ("usage", "seen", "index"),
+    UsageSyncArgs,
+    _USAGE_LUA
+    + r"""
+local mc, tc = tonumber(message_count), tonumber(token_count)
+local from_m, from_t, new
+local rec = redis.call('HGET', seen, session_id)
+if rec then
+  local c, rm, rt = string.match(rec, '^(%S+) (%d+) (%d+)')
+  if tonumber(c) == tonumber(created_at) then from_m, from_t, new = tonumber(rm), tonumber(rt), 0 end
+end
+if not from_m then
+  if tonumber(created_at) < tonumber(horizon) then
+    -- Its record was dropped (no step for the longest TTL): what came before this call was counted.
+    from_m, from_t, new = mc - tonumber(recent_messages), tc - tonumber(recent_tokens), 0
+  else
+    local bm, bt = string.match(usage_base, '^(%d+) (%d+)$')
+    from_m, from_t, new = tonumber(bm), tonumber(bt), 1
+  end
+end
+count_usage(usage, model, usage_days, math.max(mc - from_m, 0), math.max(tc - from_t, 0), new)
+redis.call('HSET', seen, session_id, created_at .. ' ' .. string.format('%d', math.max(mc, from_m)) .. ' '
+  .. string.format('%d', math.max(tc, from_t)) .. ' ' .. now)
+local today = string.match(usage_days, '^(%S+)')
+if redis.call('HGET', seen, SEEN_PRUNED_FIELD) ~= today then
+  local all = redis.call('HGETALL', seen)
+  for i = 1, #all, 2 do
+    local synced = string.match(all[i + 1], ' (%S+)$')
+    if all[i] ~= SEEN_PRUNED_FIELD and tonumber(synced) < tonumber(horizon) then
+      redis.call('HDEL', seen, all[i])
+    end
+  end
+  redis.call('HSET', seen, SEEN_PRUNED_FIELD, today)
+end
+if index then redis.call('ZADD', index, 'GT', index_score, session_id) end
+return new
+""",
+)
+
 ALL: tuple[LuaScript[Any], ...] = (
     CREATE,
     APPEND,
@@ -687,4 +907,7 @@ ALL: tuple[LuaScript[Any], ...] = (
     UNINDEX,
     ENTER_INDEX,
     REVERT_INDEX,
+    FORK_READ,
+    FORK_WRITE,
+    USAGE_SYNC,
 )

@@ -18,10 +18,30 @@ from its owner's listing and never shows one that does not exist:
   between leaves an entry without a session: skipped, then pruned as above; the delete is
   acknowledged.
 tests/test_cluster_index.py injects a failure between the steps of each.
+
+The owner's usage (`usage:{uid}`, `KeySpace.usage`) shares the index's slot. Standalone, the
+create, append and fork scripts count it in their own step, and a replay never reaches that code.
+In a cluster it is the second step too (scripts.USAGE_SYNC, in the same script as the append's
+index step: still two round trips), and it counts not "this call" but what the session's
+counters (message_count, token_count, returned by the first step) show beyond what the last sync
+of that session counted (`usage_seen:{uid}`): a replay's step counts nothing new, concurrent
+steps arriving out of order count each message once, and a step that failed is made up by the
+session's next one (its next append, or a replay of the failed call). What is lost: the last
+step of a session that never syncs again (it expires or is deleted first), and its messages are
+then counted on the day and under the model of the step that makes them up.
+
+ForkSession is two steps in every mode: FORK_READ reads the source (owner check, at_seq check,
+the prompt, summary and messages to copy) and writes nothing; FORK_WRITE writes the whole fork in
+one script in the new session's slot, recording the request_id and "<source> <at_seq>" in its
+meta. A crash between them leaves nothing; a crash after leaves a complete fork, which the retry
+(same request_id) finds and returns (replayed) instead of ALREADY_EXISTS. If the source is gone or
+trimmed by the time of the retry, a probe of the fork's slot still returns the fork. In a cluster
+the fork also enters the index first and syncs usage after, exactly as a create.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -33,12 +53,14 @@ from chatsession_server.domain import (
     AppendResult,
     MessagePage,
     MessageQuery,
+    NewFork,
     NewMessage,
     NewSession,
     Session,
     SessionCursor,
     SessionPage,
     SessionPatch,
+    UserUsage,
 )
 from chatsession_server.errors import (
     ChatSessionError,
@@ -79,6 +101,7 @@ class SessionStore:
         max_session_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
+        max_ttl_seconds: int = 30 * 86_400,
         key_space: keys.KeySpace = keys.DEFAULT_KEY_SPACE,
     ) -> None:
         self._conn = conn
@@ -92,6 +115,8 @@ class SessionStore:
         self._index_in_script = not conn.cluster
         self._index_head = "" if conn.cluster else self._keys.user_index_head
         self._publish = "SPUBLISH" if conn.cluster else "PUBLISH"
+        self._usage_head = "" if conn.cluster else self._keys.usage_head
+        self._max_ttl_seconds = max_ttl_seconds
 
     def _session_keys(self, session_id: str) -> list[str]:
         return [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.requests(session_id)]
@@ -101,13 +126,48 @@ class SessionStore:
 
     # --- the owner's index as a step of its own (cluster) -----------------------------------
 
-    async def _index_touch(self, user_id: str, session_id: str, score: float) -> None:
-        """Adds the entry or raises its score (never lowers it: GT)."""
-        index = self._keys.user_index(user_id)
-        batch = self._conn.batch(atomic=False)
-        batch.zadd(index, {session_id: score}, update_condition=UpdateOptions.GREATER_THAN)
-        await self._conn.run(batch)
-        await self._conn.replicated(index)
+    async def _index_touch(self, session: Session, described: Any, recent: tuple[int, int]) -> None:
+        """An append's second step (cluster): raise the session's index score (never lower it)
+        and count in the owner's usage what is new (`recent`: what this call appended)."""
+        await self._sync_usage(session, described, recent, index=True)
+
+    async def _count_created(self, session: Session, described: Any) -> None:
+        """A create's or a fork's last step (cluster): count the session in the owner's usage.
+        Best effort: the session exists; a failed step is made up by the session's next one."""
+        try:
+            await self._sync_usage(session, described, (0, 0), index=False)
+        except ChatSessionError as exc:
+            log.warning(
+                "session %s: usage not updated (%s); made up by its next step", session.session_id, exc
+            )
+
+    async def _sync_usage(
+        self, session: Session, described: Any, recent: tuple[int, int], *, index: bool
+    ) -> None:
+        """scripts.USAGE_SYNC: count what the session's counters show beyond its last sync (see
+        the module docstring), with the owner's index score too when `index`."""
+        now = self._clock()
+        meta_map = codec.pairs_to_map(described[0])
+        base = meta_map.get(codec.MetaField.USAGE_BASE.encode(), b"0 0").decode()
+        args = scripts.UsageSyncArgs(
+            session_id=session.session_id,
+            created_at=codec.format_time(session.created_at),
+            message_count=session.message_count,
+            token_count=session.token_count,
+            usage_base=base,
+            recent_messages=recent[0],
+            recent_tokens=recent[1],
+            model=session.model,
+            usage_days=codec.usage_days(now),
+            horizon=codec.format_time(now - self._max_ttl_seconds),
+            now=codec.format_time(now),
+            index_score=codec.format_time(session.last_active),
+        )
+        usage_keys = [self._keys.usage(session.user_id), self._keys.usage_seen(session.user_id)]
+        if index:
+            usage_keys.append(self._keys.user_index(session.user_id))
+        await self._run(scripts.USAGE_SYNC, usage_keys, args)
+        await self._conn.replicated(usage_keys[0])
 
     async def _unindex(self, user_id: str, session_id: str, last_active: str) -> None:
         index = self._keys.user_index(user_id)
@@ -139,6 +199,9 @@ class SessionStore:
             request_id=new.request_id,
             user_id=new.user_id,
             session_id=new.session_id,
+            model=new.model,
+            usage_key_head=self._usage_head,
+            usage_days=codec.usage_days(float(now)),
             fields=fields,
         )
         if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
@@ -155,6 +218,8 @@ class SessionStore:
             # The entry was there already: put back the score the session really has.
             await self._revert_index(new, score_set, codec.format_time(session.last_active))
         await self._conn.replicated(self._keys.meta(new.session_id))
+        if not self._index_in_script:
+            await self._count_created(session, reply[1])
         return session, status is Status.REPLAYED
 
     async def _enter_index(self, user_id: str, session_id: str, now: str) -> str:
@@ -273,6 +338,8 @@ class SessionStore:
             channel=self._keys.watch_channel(session_id),
             inline_publish_bytes=INLINE_PUBLISH_BYTES,
             max_session_bytes=self._max_session_bytes,
+            usage_key_head=self._usage_head,
+            usage_days=codec.usage_days(now),
             bodies=bodies,
         )
         reply = await self._run(scripts.APPEND, self._session_keys(session_id), args)
@@ -302,24 +369,28 @@ class SessionStore:
             )
         if status is Status.REPLAYED:
             stored = tuple(codec.decode_message(raw) for raw in reply[2])
-            result = AppendResult(stored, _session_from(session_id, reply[3]), replayed=True)
+            described = reply[3]
+            result = AppendResult(stored, _session_from(session_id, described), replayed=True)
         else:
             first_seq = int(reply[1])
             # The script stored exactly stored_json(seq, body): decode our own copy, no read-back.
             stored = tuple(
                 codec.decode_message(codec.stored_json(first_seq + i, body)) for i, body in enumerate(bodies)
             )
-            result = AppendResult(stored, _session_from(session_id, reply[2]), replayed=False)
-        # A replay repeats the index step too: it may be what failed the first time.
+            described = reply[2]
+            result = AppendResult(stored, _session_from(session_id, described), replayed=False)
+        # A replay repeats the index and usage step too: it may be what failed the first time.
         await self._conn.replicated(self._keys.meta(session_id))
         if not self._index_in_script:
-            session = result.session
+            recent = (0, 0) if result.replayed else (len(messages), args.token_sum)
             try:
-                await self._index_touch(session.user_id, session_id, session.last_active)
+                await self._index_touch(result.session, described, recent)
             except ChatSessionError as exc:
-                # The messages are stored: acknowledge them. The score stays stale until the
-                # next append or a listing repairs it; the session stays listed meanwhile.
-                log.warning("session %s: index score not updated (%s); repaired later", session_id, exc)
+                # The messages are stored: acknowledge them. The score stays stale until the next
+                # append or a listing repairs it, the usage until the session's next step.
+                log.warning(
+                    "session %s: index score and usage not updated (%s); repaired later", session_id, exc
+                )
         return result
 
     async def list_messages(
@@ -342,6 +413,127 @@ class SessionStore:
             window_start_seq=int(window_start),
             history_trimmed=bool(trimmed),
         )
+
+    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+        """Copy `fork.source_id` up to `fork.at_seq` into the new session `fork.session_id` (see
+        the module docstring for the two steps); returns it and whether this was a replay."""
+        source = fork.source_id
+        origin = f"{source} {'' if fork.at_seq is None else fork.at_seq}"
+        reply = await self._run(
+            scripts.FORK_READ,
+            [self._keys.chat(source), self._keys.meta(source), self._keys.summary(source)],
+            scripts.ForkReadArgs(scripts.owners_arg(owners), fork.at_seq),
+        )
+        status = Status.of(reply)
+        if status is not Status.OK:
+            # A retry whose source has changed or gone since: the fork its first attempt made.
+            found = await self._find_fork(fork, origin, owners) if fork.request_id else None
+            if found is None:
+                raise _fork_refused(fork, status, reply)
+            return found, True
+        _, meta_flat, prompt, recent, summary = reply
+        items, summary_json, message_count, token_count = codec.fork_contents(prompt, summary, recent)
+        now = codec.format_time(self._clock())
+        fields = codec.fork_fields(
+            codec.pairs_to_map(meta_flat),
+            source_id=source,
+            origin=origin,
+            created_at=now,
+            request_id=fork.request_id,
+            message_count=message_count,
+            token_count=token_count,
+            pinned=len(prompt),
+            stored_bytes=sum(len(item.encode()) for item in items),
+        )
+        user_id = fields[codec.MetaField.USER_ID]
+        fork_keys = self._fork_keys(fork.session_id)
+        if self._index_in_script:
+            fork_keys.append(self._keys.user_index(user_id))
+        else:
+            score_set = await self._enter_index(user_id, fork.session_id, now)
+            indexed_at = time.monotonic()
+        args = self._fork_write_args(fork, origin, owners, user_id=user_id, now=now, probe=False)
+        args = dataclasses.replace(
+            args,
+            ttl=int(fields[codec.MetaField.TTL_SECONDS]),
+            model=fields.get(codec.MetaField.MODEL, ""),
+            summary_json=summary_json,
+            field_count=len(fields),
+            payload=[*codec.flatten(fields.items()), *items],
+        )
+        if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
+            raise StoreUnavailable("forking the session took too long; retry with the same request_id")
+        reply = await self._run(scripts.FORK_WRITE, fork_keys, args)
+        status = Status.of(reply)
+        new = NewSession(fork.session_id, user_id, "", "", {}, 0, 0, fork.request_id)
+        if status is Status.EXISTS:
+            if not self._index_in_script:
+                owner, last_active = reply[1].decode(), reply[2].decode()
+                await self._revert_index(new, score_set, last_active if owner == user_id else "")
+            raise SessionAlreadyExists(fork.session_id)
+        session = _session_from(fork.session_id, reply[1])
+        if status is Status.REPLAYED and not self._index_in_script:
+            await self._revert_index(new, score_set, codec.format_time(session.last_active))
+        await self._conn.replicated(self._keys.meta(fork.session_id))
+        if not self._index_in_script:
+            await self._count_created(session, reply[1])
+        return session, status is Status.REPLAYED
+
+    def _fork_keys(self, session_id: str) -> list[str]:
+        return [
+            self._keys.chat(session_id),
+            self._keys.meta(session_id),
+            self._keys.requests(session_id),
+            self._keys.summary(session_id),
+        ]
+
+    def _fork_write_args(
+        self,
+        fork: NewFork,
+        origin: str,
+        owners: Collection[str] | None,
+        *,
+        user_id: str,
+        now: str,
+        probe: bool,
+    ) -> scripts.ForkWriteArgs:
+        """FORK_WRITE's arguments for a probe; a write replaces what it copies."""
+        return scripts.ForkWriteArgs(
+            owners=scripts.owners_arg(owners),
+            now=now,
+            ttl=0,
+            request_id=fork.request_id,
+            user_id=user_id,
+            session_id=fork.session_id,
+            origin=origin,
+            probe=probe,
+            usage_key_head=self._usage_head,
+            model="",
+            usage_days=codec.usage_days(self._clock()),
+            summary_json="",
+            field_count=0,
+            payload=[],
+        )
+
+    async def _find_fork(self, fork: NewFork, origin: str, owners: Collection[str] | None) -> Session | None:
+        """The fork a first attempt with this request_id made, or None; writes nothing (its index
+        entry was entered by that attempt, before its write)."""
+        args = self._fork_write_args(fork, origin, owners, user_id="", now="", probe=True)
+        reply = await self._run(scripts.FORK_WRITE, self._fork_keys(fork.session_id), args)
+        if Status.of(reply) is not Status.REPLAYED:
+            return None
+        session = _session_from(fork.session_id, reply[1])
+        if not self._index_in_script:  # that attempt's usage step may be what failed
+            await self._count_created(session, reply[1])
+        return session
+
+    async def user_usage(self, user_id: str) -> UserUsage:
+        """The user's usage; per-day figures for the last codec.USAGE_DAYS UTC days."""
+        batch = self._conn.batch(atomic=False)
+        batch.hgetall(self._keys.usage(user_id))
+        (fields,) = await self._conn.run(batch)
+        oldest = codec.usage_days(self._clock()).split()[1]
+        return codec.decode_usage(fields, oldest)
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         """A page of the user's live sessions, most recently active first.
@@ -462,3 +654,22 @@ def _after_cursor(cursor: SessionCursor, session_id: str, score: float) -> bool:
 def _session_from(session_id: str, described: Any) -> Session:
     meta_flat, stored, ttl = described
     return codec.decode_session(session_id, codec.pairs_to_map(meta_flat), int(stored), int(ttl))
+
+
+def _fork_refused(fork: NewFork, status: Status, reply: Any) -> ChatSessionError:
+    if status is Status.BEYOND_LAST:
+        return PreconditionFailed(
+            "AT_SEQ_BEYOND_LAST",
+            "at_seq",
+            f"session {fork.source_id!r} ends at seq {int(reply[1])}: at_seq {fork.at_seq} is beyond it",
+        )
+    if status is Status.TRIMMED:
+        pinned, base, summary_seq = int(reply[1]), int(reply[2]), int(reply[3])
+        at_summary = f", {summary_seq} (the summary)" if summary_seq > 0 else ""
+        return PreconditionFailed(
+            "AT_SEQ_TRIMMED",
+            "at_seq",
+            f"seq {fork.at_seq} of session {fork.source_id!r} was trimmed by the window or compacted: "
+            f"fork at 0-{pinned} (the prompt){at_summary} or after {base}",
+        )
+    return SessionNotFound(fork.source_id)
