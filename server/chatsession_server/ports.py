@@ -7,6 +7,10 @@ from typing import Protocol
 
 from chatsession_server.domain import (
     AppendResult,
+    Compaction,
+    CompactResult,
+    Context,
+    ContextQuery,
     FeedEvent,
     MessagePage,
     MessageQuery,
@@ -26,7 +30,15 @@ class SessionStorage(Protocol):
 
     async def create(self, new: NewSession) -> tuple[Session, bool]: ...
 
-    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session: ...
+    async def get(
+        self,
+        session_id: str,
+        *,
+        owners: Collection[str] | None = None,
+        fields: Collection[str] | None = None,
+    ) -> Session:
+        """`fields`: read only these (GetSession's read_mask paths); None reads every field."""
+        ...
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
@@ -50,6 +62,18 @@ class SessionStorage(Protocol):
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage: ...
 
+    async def get_context(
+        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
+    ) -> Context: ...
+
+    async def compact(
+        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+    ) -> CompactResult: ...
+
+    async def clear(
+        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+    ) -> Session: ...
+
 
 class StorageLayer:
     """A SessionStorage that hands every call to `inner`: a layer (authorization, quotas)
@@ -61,8 +85,14 @@ class StorageLayer:
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         return await self._inner.create(new)
 
-    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
-        return await self._inner.get(session_id, owners=owners)
+    async def get(
+        self,
+        session_id: str,
+        *,
+        owners: Collection[str] | None = None,
+        fields: Collection[str] | None = None,
+    ) -> Session:
+        return await self._inner.get(session_id, owners=owners, fields=fields)
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
@@ -92,6 +122,21 @@ class StorageLayer:
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage:
         return await self._inner.list_messages(session_id, query, owners=owners)
+
+    async def get_context(
+        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
+    ) -> Context:
+        return await self._inner.get_context(session_id, query, owners=owners)
+
+    async def compact(
+        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+    ) -> CompactResult:
+        return await self._inner.compact(session_id, compaction, owners=owners)
+
+    async def clear(
+        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+    ) -> Session:
+        return await self._inner.clear(session_id, keep_system_prompt=keep_system_prompt, owners=owners)
 
 
 class FeedSubscription(Protocol):

@@ -43,6 +43,18 @@ class SessionServiceStub:
     with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
     server shuts down: reconnect with `after_seq` set to the last seq received.
     """
+    GetContext: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetContextRequest, _session_service_pb2.GetContextResponse]
+    """Reads what a prompt is built from, within a token budget, in one step: the pinned system
+    prompt, the summary (if the session was compacted), then the newest messages that fit.
+    """
+    CompactMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.CompactMessagesRequest, _session_service_pb2.CompactMessagesResponse]
+    """Replaces the stored messages up to a seq (never the pinned prompt) with a summary the
+    caller wrote, atomically: appends running meanwhile are neither lost nor duplicated.
+    """
+    ClearMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ClearMessagesRequest, _session_service_pb2.ClearMessagesResponse]
+    """Empties a session's history and summary, keeping the session, its metadata, counters and
+    expiry (and the pinned system prompt when asked).
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -120,6 +132,36 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         as it is appended through any server, in seq order, each exactly once. The stream ends
         with NOT_FOUND when the session is deleted or expires, and with UNAVAILABLE when this
         server shuts down: reconnect with `after_seq` set to the last seq received.
+        """
+
+    @_abc_1.abstractmethod
+    def GetContext(
+        self,
+        request: _session_service_pb2.GetContextRequest,
+        context: _aio.ServicerContext[_session_service_pb2.GetContextRequest, _abc.Awaitable[_session_service_pb2.GetContextResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.GetContextResponse]:
+        """Reads what a prompt is built from, within a token budget, in one step: the pinned system
+        prompt, the summary (if the session was compacted), then the newest messages that fit.
+        """
+
+    @_abc_1.abstractmethod
+    def CompactMessages(
+        self,
+        request: _session_service_pb2.CompactMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.CompactMessagesRequest, _abc.Awaitable[_session_service_pb2.CompactMessagesResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.CompactMessagesResponse]:
+        """Replaces the stored messages up to a seq (never the pinned prompt) with a summary the
+        caller wrote, atomically: appends running meanwhile are neither lost nor duplicated.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearMessages(
+        self,
+        request: _session_service_pb2.ClearMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.ClearMessagesRequest, _abc.Awaitable[_session_service_pb2.ClearMessagesResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.ClearMessagesResponse]:
+        """Empties a session's history and summary, keeping the session, its metadata, counters and
+        expiry (and the pinned system prompt when asked).
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...

@@ -4,6 +4,7 @@ CHAT_PREFIX = "chat:"
 META_PREFIX = "meta:"
 REQUESTS_PREFIX = "reqs:"
 USER_INDEX_PREFIX = "user_sessions:"
+SUMMARY_PREFIX = "summary:"
 
 
 def chat_key(session_id: str) -> str:
@@ -19,6 +20,13 @@ def meta_key(session_id: str) -> str:
 def requests_key(session_id: str) -> str:
     """HASH request_id -> "fingerprint first_seq count": AppendMessages' idempotency records."""
     return f"{REQUESTS_PREFIX}{{{session_id}}}"
+
+
+def summary_key(session_id: str) -> str:
+    """STRING: the summary CompactMessages stored, as JSON in the LIST items' format with its seq
+    (the last seq it replaces) and `"summarizes":[first,last]`. Same slot and expiry as the
+    session's other keys; absent until the first compaction."""
+    return f"{SUMMARY_PREFIX}{{{session_id}}}"
 
 
 def user_index_key(user_id: str) -> str:
