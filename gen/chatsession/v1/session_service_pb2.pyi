@@ -486,7 +486,8 @@ class ListMessagesResponse(_message.Message):
     """Seq of the newest message (the session's `message_count`); 0 when empty."""
     window_start_seq: _builtins.int
     """Seq of the oldest message the sliding window still keeps after the system prompt;
-    messages with seqs between the system prompt and this one were trimmed.
+    messages with seqs between the system prompt and this one were trimmed (or, up to the
+    summary's seq, compacted: the summary stands in their place, marked by `summarizes`).
     """
     history_trimmed: _builtins.bool
     """True when some messages of the requested range were trimmed by the sliding window,
