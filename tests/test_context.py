@@ -417,3 +417,43 @@ async def test_bad_context_requests_name_their_fields(
     for call, fields in cases:
         assert violated_fields(await raises(InvalidArgumentError, call)) == fields
     assert await dumps(raw, sid) == snapshot
+
+
+async def test_summary_key_lives_and_dies_with_the_session(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    await client.compact_messages(sid, 3, system("S.", tokens=1))
+    await client.update_session(sid, ttl_seconds=5000)
+    assert 4000 < await raw.ttl(f"summary:{{{sid}}}") <= 5000
+    await client.append(sid, [user("more")])  # every append restarts the clock of all four keys
+    ttls = [await raw.ttl(key) for key in keys_of(sid)]
+    assert all(4000 < ttl <= 5000 for ttl in ttls), ttls
+    await client.delete_session(sid)
+    assert await raw.exists(keys_of(sid)) == 0
+
+
+async def test_compaction_of_a_range_the_window_trimmed(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, max_messages=3)
+    await client.append(s.session_id, [user(f"m{i}", tokens=1) for i in range(1, 7)])  # keeps 4..6
+    r = await client.compact_messages(s.session_id, 2, assistant("S.", tokens=1))
+    assert (r.summary.summarizes.first_seq, r.summary.summarizes.last_seq) == (1, 2)
+    page = await client.list_messages(s.session_id, after_seq=0)
+    assert seqs(page.messages) == [2, 4, 5, 6]
+    assert page.history_trimmed  # seq 3: trimmed, not compacted
+    assert page.window_start_seq == 4
+    await stored_bytes_match(raw, s.session_id)
+
+
+async def test_context_is_one_script_call(client: SessionClient, raw: GlideClient, uid: str) -> None:
+    sid = await conversation(client, uid)
+    key = f"meta:{{{sid}}}"
+    before = await command_calls(raw, key)
+    await client.get_context(sid, max_tokens=20)
+    after = await command_calls(raw, key)
+    ran = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    scripts = {name: n for name, n in ran.items() if name.startswith(("evalsha", "eval", "fcall"))}
+    assert sum(scripts.values()) == 1, ran
+    assert set(ran) - set(scripts) <= {"info", "lrange", "llen", "hmget", "get"}, ran
