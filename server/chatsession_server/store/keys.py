@@ -39,7 +39,7 @@ WATCH_PREFIX = "watch:"
 
 
 def watch_channel(session_id: str) -> str:
-    """Pub/sub channel announcing a session's appends and deletion; in the session's slot, so a
+    """Pub/sub channel announcing a session's appends, compactions, clears and deletion; in its slot, so a
     cluster publishes it sharded (SPUBLISH) on the session's node only."""
     return f"{WATCH_PREFIX}{{{session_id}}}"
 
