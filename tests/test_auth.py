@@ -26,6 +26,7 @@ from chatsession_client import (
     PermissionDeniedError,
     SessionClient,
     UnauthenticatedError,
+    system,
     user,
 )
 from chatsession_server.api.auth import load_callers
@@ -224,6 +225,10 @@ async def test_another_users_session_is_not_found_and_stays_unchanged(
         "append": alice.append(session.session_id, [user("hijack")]),
         "list_messages": alice.list_messages(session.session_id),
         "watch": first_event(alice, session.session_id),
+        "get_masked": alice.get_session(session.session_id, read_mask=["title"]),
+        "get_context": alice.get_context(session.session_id),
+        "compact": alice.compact_messages(session.session_id, 1, system("mine now")),
+        "clear": alice.clear_messages(session.session_id),
     }
     for name, attempt in attempts.items():
         error = await raises(NotFoundError, attempt)
@@ -234,6 +239,7 @@ async def test_another_users_session_is_not_found_and_stays_unchanged(
     assert (await meta(raw, session.session_id), await stored_messages(raw, session.session_id)) == before
     assert await raw.ttl(f"meta:{{{session.session_id}}}") > 3000
     assert (await bob.get_session(session.session_id)).title == "bob's"
+    assert not await raw.exists([f"summary:{{{session.session_id}}}"])
 
 
 async def test_listing_or_creating_for_another_user_is_permission_denied(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from chatsession_client import SessionClient, assistant, system, user
 
 
 def grpcurl_path() -> str:
@@ -90,3 +94,55 @@ async def test_buf_curl_through_reflection(target: str, uid: str) -> None:
     error = json.loads(err)
     assert error["code"] == "not_found"
     assert error["details"][0]["type"] == "google.rpc.ResourceInfo"
+
+
+def readme_recipes(*methods: str) -> dict[str, list[str]]:
+    """The README's first grpcurl command for each of `methods`, as argument lists."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    found: dict[str, list[str]] = {}
+    for block in re.findall(r"^```sh\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL):
+        tokens = shlex.split(block.replace("\\\n", " "), comments=True)
+        starts = [i for i, token in enumerate(tokens) if token == "grpcurl"]
+        for i in starts:
+            end = next(j for j in range(i, len(tokens)) if "/" in tokens[j] or j + 1 == len(tokens))
+            method = tokens[end].rpartition("/")[2]
+            if method in methods and method not in found:
+                found[method] = tokens[i + 1 : end + 1]
+    assert set(found) == set(methods), f"README recipes missing: {set(methods) - set(found)}"
+    return found
+
+
+async def test_readme_recipes_for_context_compaction_and_clearing(
+    target: str, client: SessionClient, uid: str
+) -> None:
+    recipes = readme_recipes("GetContext", "CompactMessages", "GetSession", "ClearMessages")
+    session_id = f"{uid}-trip"
+    await client.create_session(uid, session_id=session_id)
+    await client.append(
+        session_id,
+        [system("You are a travel agent.", tokens=6), user("Find me a hotel in Oslo.", tokens=7)],
+    )
+    await client.append(session_id, [assistant("Here are three.", tokens=4), user("The second.", tokens=3)])
+
+    def run(method: str) -> list[str]:
+        args = recipes[method]
+        return [session_id if a == "trip-42" else target if a == "localhost:50051" else a for a in args]
+
+    def body(method: str) -> list[str]:
+        args = run(method)
+        at = args.index("-d") + 1
+        args[at] = args[at].replace('"trip-42"', json.dumps(session_id))
+        return args
+
+    code, out = await grpcurl(*body("GetContext"))
+    assert code == 0, out
+    assert [m["seq"] for m in json.loads(out)["messages"]] == ["1", "2", "3", "4"]
+    code, out = await grpcurl(*body("CompactMessages"))
+    assert code == 0, out
+    assert json.loads(out)["summary"]["summarizes"] == {"first_seq": "2", "last_seq": "3"}
+    code, out = await grpcurl(*body("GetSession"))
+    assert code == 0, out
+    assert json.loads(out)["session"] == {"token_count": "20"}
+    code, out = await grpcurl(*body("ClearMessages"))
+    assert code == 0, out
+    assert json.loads(out)["session"]["messages_stored"] == "1"

@@ -70,5 +70,5 @@ def test_arguments_are_encoded_in_field_order() -> None:
     )
     assert scripts.UPDATE.argv(update) == ["", "", "5", "1", "64", "1", "title", "t", "label:x"]
     assert "local changes_from = 7" in scripts.UPDATE.source
-    with pytest.raises(ValueError, match="at most 2 keys"):
-        scripts.LIST_MESSAGES.keys("a", "b", "c")
+    with pytest.raises(ValueError, match="at most 3 keys"):
+        scripts.LIST_MESSAGES.keys("a", "b", "c", "d")

@@ -47,6 +47,8 @@ class StoredMessage:
     metadata: Mapping[str, str] = field(default_factory=dict)
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
+    summarizes: tuple[int, int] | None = None
+    """On a compaction's summary: the first and last seq it stands for."""
 
 
 UNLIMITED = -1
@@ -197,7 +199,24 @@ class Closing:
     """This server is shutting down."""
 
 
-FeedEvent = Appended | Behind | Deleted | Closing
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    """Seqs first..last were replaced by a summary (stored with seq = last). `owner` as in Appended."""
+
+    first_seq: int
+    last_seq: int
+    owner: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """The history was emptied when the session's last seq was `last_seq`."""
+
+    last_seq: int
+    owner: str | None = None
+
+
+FeedEvent = Appended | Behind | Deleted | Closing | Compacted | Cleared
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,4 +230,38 @@ class Trimmed:
     last_missing_seq: int
 
 
-WatchEvent = StoredMessage | Heartbeat | Trimmed
+WatchEvent = StoredMessage | Heartbeat | Trimmed | Compacted | Cleared
+
+
+# --- Context, compaction and clearing ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContextQuery:
+    """GetContext's budget; 0 means no limit."""
+
+    max_tokens: int = 0
+    max_messages: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    messages: tuple[StoredMessage, ...]
+    tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    """CompactMessages' request: replace the stored messages up to `up_to_seq` with `summary`."""
+
+    up_to_seq: int
+    summary: NewMessage
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CompactResult:
+    summary: StoredMessage
+    session: Session
+    replayed: bool

@@ -7,6 +7,10 @@ from typing import Protocol
 
 from chatsession_server.domain import (
     AppendResult,
+    Compaction,
+    CompactResult,
+    Context,
+    ContextQuery,
     FeedEvent,
     MessagePage,
     MessageQuery,
@@ -28,7 +32,15 @@ class SessionStorage(Protocol):
 
     async def create(self, new: NewSession) -> tuple[Session, bool]: ...
 
-    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session: ...
+    async def get(
+        self,
+        session_id: str,
+        *,
+        owners: Collection[str] | None = None,
+        fields: Collection[str] | None = None,
+    ) -> Session:
+        """`fields`: read only these (GetSession's read_mask paths); None reads every field."""
+        ...
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
@@ -55,6 +67,17 @@ class SessionStorage(Protocol):
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]: ...
 
     async def user_usage(self, user_id: str) -> UserUsage: ...
+    async def get_context(
+        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
+    ) -> Context: ...
+
+    async def compact(
+        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+    ) -> CompactResult: ...
+
+    async def clear(
+        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+    ) -> Session: ...
 
 
 class StorageLayer:
@@ -67,8 +90,14 @@ class StorageLayer:
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         return await self._inner.create(new)
 
-    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
-        return await self._inner.get(session_id, owners=owners)
+    async def get(
+        self,
+        session_id: str,
+        *,
+        owners: Collection[str] | None = None,
+        fields: Collection[str] | None = None,
+    ) -> Session:
+        return await self._inner.get(session_id, owners=owners, fields=fields)
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
@@ -104,6 +133,21 @@ class StorageLayer:
 
     async def user_usage(self, user_id: str) -> UserUsage:
         return await self._inner.user_usage(user_id)
+
+    async def get_context(
+        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
+    ) -> Context:
+        return await self._inner.get_context(session_id, query, owners=owners)
+
+    async def compact(
+        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+    ) -> CompactResult:
+        return await self._inner.compact(session_id, compaction, owners=owners)
+
+    async def clear(
+        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+    ) -> Session:
+        return await self._inner.clear(session_id, keep_system_prompt=keep_system_prompt, owners=owners)
 
 
 class FeedSubscription(Protocol):

@@ -3,6 +3,12 @@
 The watcher joins the feed BEFORE reading the backlog, so nothing appended in between is missed;
 events at or below its cursor are dropped, so nothing is delivered twice; any event it cannot
 chain onto its cursor sends it back to the LIST, which is the source of truth.
+
+A compaction's summary met in the LIST is announced as `Compacted` (the range it replaced; the
+client reads the summary with GetContext or ListMessages) and moves the cursor to its seq; so is
+the compaction's publish, unless the read announced it already. A clear is announced as
+`Cleared` and moves the cursor to the tail it left. Either announcement comes from a publish or
+a read, so one published while Valkey was unreachable may not be made; the messages never miss.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from collections.abc import AsyncIterator
 from chatsession_server.domain import (
     Appended,
     Behind,
+    Cleared,
     Closing,
+    Compacted,
     Deleted,
     Heartbeat,
     MessageQuery,
@@ -46,12 +54,18 @@ async def watch_session(
         cursor = last_seq if after_seq is None else after_seq
         must_read = cursor < last_seq
         yield Heartbeat(cursor)  # live from here: the resume point
+        read_compactions: set[tuple[int, int]] = set()  # announced by a read: their publish is not
         while True:
             while must_read:
                 page = await storage.list_messages(
                     session_id, MessageQuery(limit=READ_PAGE, after_seq=cursor)
                 )
                 for message in page.messages:
+                    if message.summarizes is not None:
+                        read_compactions.add(message.summarizes)
+                        yield Compacted(*message.summarizes)
+                        cursor = message.seq
+                        continue
                     if message.seq > cursor + 1:
                         yield Trimmed(cursor + 1, message.seq - 1)
                     yield message
@@ -77,6 +91,17 @@ async def watch_session(
                     if message.seq > cursor:
                         yield message
                         cursor = message.seq
+            elif isinstance(event, Compacted | Cleared):
+                if event.owner is not None and event.owner != session.user_id:
+                    raise SessionNotFound(session_id)
+                if isinstance(event, Cleared):
+                    yield Cleared(event.last_seq)
+                    cursor = max(cursor, event.last_seq)
+                elif (event.first_seq, event.last_seq) in read_compactions:
+                    read_compactions.discard((event.first_seq, event.last_seq))
+                else:
+                    yield Compacted(event.first_seq, event.last_seq)
+                    cursor = max(cursor, event.last_seq)
             elif isinstance(event, Behind):
                 must_read = event.last_seq == 0 or event.last_seq > cursor
             elif isinstance(event, Deleted):

@@ -168,8 +168,11 @@ class SessionClient:
         )
         return (await self._call(self._stub.CreateSession, request)).session
 
-    async def get_session(self, session_id: str) -> Session:
+    async def get_session(self, session_id: str, *, read_mask: Iterable[str] | None = None) -> Session:
+        """The session; with `read_mask` (e.g. ["token_count"]) only those fields, read alone."""
         request = session_service_pb2.GetSessionRequest(session_id=session_id)
+        if read_mask is not None:
+            request.read_mask.paths.extend(read_mask)
         return (await self._call(self._stub.GetSession, request)).session
 
     async def update_session(
@@ -318,8 +321,9 @@ class SessionClient:
         after_seq: int | None = None,
         include_heartbeats: bool = False,
     ) -> AsyncIterator[session_service_pb2.WatchMessagesResponse]:
-        """Follow a session live: events with a `message` (in seq order, each once) or a
-        `history_trimmed`. `after_seq=None` starts with new messages only, 0 with the oldest kept.
+        """Follow a session live: events with a `message` (in seq order, each once), a
+        `history_trimmed`, a `compacted` or a `cleared`. `after_seq=None` starts with new
+        messages only, 0 with the oldest kept.
 
         When the stream breaks with a code the retry policy retries (UNAVAILABLE: a server
         shutting down, a network blip; DEADLINE_EXCEEDED: Valkey slow, as in a failover) it
@@ -344,6 +348,12 @@ class SessionClient:
                         cursor = event.message.seq
                     elif kind == "history_trimmed":
                         cursor = event.history_trimmed.last_missing_seq
+                    elif kind == "compacted":
+                        last = event.compacted.summarizes.last_seq
+                        cursor = last if cursor is None else max(cursor, last)
+                    elif kind == "cleared":
+                        last = event.cleared.last_seq
+                        cursor = last if cursor is None else max(cursor, last)
                     elif kind == "heartbeat":
                         cursor = (
                             event.heartbeat.last_seq
@@ -367,3 +377,33 @@ class SessionClient:
                 call.cancel()
             await asyncio.sleep(random.uniform(0, backoff))
             backoff = min(backoff * self._retry.multiplier, self._retry.max_backoff)
+
+    async def get_context(
+        self, session_id: str, *, max_tokens: int = 0, max_messages: int = 0
+    ) -> session_service_pb2.GetContextResponse:
+        """What a prompt is built from: the pinned system prompt, the summary, then the newest
+        messages that fit `max_tokens` (0: no limit) and `max_messages` (0: no limit)."""
+        request = session_service_pb2.GetContextRequest(
+            session_id=session_id, max_tokens=max_tokens, max_messages=max_messages
+        )
+        return await self._call(self._stub.GetContext, request)
+
+    async def compact_messages(
+        self, session_id: str, up_to_seq: int, summary: Message, *, request_id: str | None = None
+    ) -> session_service_pb2.CompactMessagesResponse:
+        """Replace the messages up to `up_to_seq` (after the pinned prompt) with `summary` (a
+        system or assistant message). A request_id is generated when not given, so retries are safe."""
+        request = session_service_pb2.CompactMessagesRequest(
+            session_id=session_id,
+            up_to_seq=up_to_seq,
+            summary=summary,
+            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        )
+        return await self._call(self._stub.CompactMessages, request)
+
+    async def clear_messages(self, session_id: str, *, keep_system_prompt: bool = False) -> Session:
+        """Empty the history and the summary; the session, its counters and expiry stay."""
+        request = session_service_pb2.ClearMessagesRequest(
+            session_id=session_id, keep_system_prompt=keep_system_prompt
+        )
+        return (await self._call(self._stub.ClearMessages, request)).session

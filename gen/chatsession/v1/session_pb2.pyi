@@ -229,6 +229,7 @@ class Message(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    SUMMARIZES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position in the session, 1-based, assigned by the server on append and never
     reused, even after the sliding window trims. Output only: ignored on input.
@@ -257,6 +258,12 @@ class Message(_message.Message):
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
         """Calls an assistant message asks the application to make, at most 128."""
 
+    @_builtins.property
+    def summarizes(self) -> Global___SeqRange:
+        """Set only on the summary CompactMessages stored: the seqs it stands for (its own `seq` is
+        the range's `last_seq`). Output only: ignored on input.
+        """
+
     def __init__(
         self,
         *,
@@ -269,11 +276,38 @@ class Message(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str = ...,
+        summarizes: Global___SeqRange | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "summarizes", b"summarizes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "name", b"name", "role", b"role", "seq", b"seq", "tokens", b"tokens", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "name", b"name", "role", b"role", "seq", b"seq", "summarizes", b"summarizes", "tokens", b"tokens", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class SeqRange(_message.Message):
+    """An inclusive range of message seqs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    first_seq: _builtins.int
+    """First seq of the range."""
+    last_seq: _builtins.int
+    """Last seq of the range."""
+    def __init__(
+        self,
+        *,
+        first_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SeqRange: _TypeAlias = SeqRange  # noqa: Y015

@@ -128,16 +128,26 @@ class GetSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Id of the session. Required."""
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields of the session to read (AIP-157): any of `session_id`, `user_id`, `model`, `title`,
+        `labels`, `labels.<key>`, `created_at`, `last_active`, `message_count`, `token_count`,
+        `messages_stored`, `expires_in_seconds`, `ttl_seconds`, `max_messages`, or `*`. Only
+        those are read and returned; the others are left unset. Absent: every field.
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,7 +486,8 @@ class ListMessagesResponse(_message.Message):
     """Seq of the newest message (the session's `message_count`); 0 when empty."""
     window_start_seq: _builtins.int
     """Seq of the oldest message the sliding window still keeps after the system prompt;
-    messages with seqs between the system prompt and this one were trimmed.
+    messages with seqs between the system prompt and this one were trimmed (or, up to the
+    summary's seq, compacted: the summary stands in their place, marked by `summarizes`).
     """
     history_trimmed: _builtins.bool
     """True when some messages of the requested range were trimmed by the sliding window,
@@ -542,6 +553,8 @@ class WatchMessagesResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     HISTORY_TRIMMED_FIELD_NUMBER: _builtins.int
+    COMPACTED_FIELD_NUMBER: _builtins.int
+    CLEARED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> _session_pb2.Message:
         """A message, in seq order."""
@@ -554,18 +567,31 @@ class WatchMessagesResponse(_message.Message):
     def history_trimmed(self) -> Global___HistoryTrimmed:
         """Messages the client asked for were trimmed by the sliding window and will never come."""
 
+    @_builtins.property
+    def compacted(self) -> Global___Compacted:
+        """CompactMessages replaced a range of messages with a summary (read it with GetContext or
+        ListMessages). Messages of the range not yet delivered will not come; delivery goes on
+        after the range.
+        """
+
+    @_builtins.property
+    def cleared(self) -> Global___Cleared:
+        """ClearMessages emptied the history; delivery goes on with the messages appended next."""
+
     def __init__(
         self,
         *,
         message: _session_pb2.Message | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         history_trimmed: Global___HistoryTrimmed | None = ...,
+        compacted: Global___Compacted | None = ...,
+        cleared: Global___Cleared | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "compacted", b"compacted", "event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "compacted", b"compacted", "event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["message", "heartbeat", "history_trimmed"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["message", "heartbeat", "history_trimmed", "compacted", "cleared"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -844,3 +870,255 @@ class GetUserUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUserUsageResponse: _TypeAlias = GetUserUsageResponse  # noqa: Y015
+
+@_typing.final
+class Compacted(_message.Message):
+    """Messages replaced by a summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARIZES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def summarizes(self) -> _session_pb2.SeqRange:
+        """The seqs the summary stands for; the summary's own seq is `summarizes.last_seq`."""
+
+    def __init__(
+        self,
+        *,
+        summarizes: _session_pb2.SeqRange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summarizes", b"summarizes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["summarizes", b"summarizes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Compacted: _TypeAlias = Compacted  # noqa: Y015
+
+@_typing.final
+class Cleared(_message.Message):
+    """The history was emptied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    last_seq: _builtins.int
+    """The session's last seq when it was cleared; the next message delivered comes after it."""
+    def __init__(
+        self,
+        *,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Cleared: _TypeAlias = Cleared  # noqa: Y015
+
+@_typing.final
+class GetContextRequest(_message.Message):
+    """Request for GetContext."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session. Required."""
+    max_tokens: _builtins.int
+    """Most tokens (the sum of the messages' `tokens`) to return; 0 means no limit. The pinned
+    prompt and the summary always come whole: if they alone exceed this, the call fails with
+    FAILED_PRECONDITION (type CONTEXT_OVER_BUDGET). Negative is rejected.
+    """
+    max_messages: _builtins.int
+    """Most messages of the recent part (after the pinned prompt and the summary) to return;
+    0 means no limit. Negative is rejected.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        max_tokens: _builtins.int = ...,
+        max_messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_messages", b"max_messages", "max_tokens", b"max_tokens", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContextRequest: _TypeAlias = GetContextRequest  # noqa: Y015
+
+@_typing.final
+class GetContextResponse(_message.Message):
+    """Response for GetContext."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    tokens: _builtins.int
+    """Sum of the `tokens` of `messages`."""
+    truncated: _builtins.bool
+    """True when stored messages older than the recent part were left out (by the budget, by
+    `max_messages`, by the reply size limit, or as leading tool results).
+    """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Message]:
+        """In seq order: the pinned system prompt, the summary (marked by `summarizes`) if the
+        session was compacted, then the longest run of the newest messages that fits the rest of
+        the budget. The recent part never begins with ROLE_TOOL messages: when their calling
+        assistant message does not fit, they are left out too. It also stops short of about
+        3 MiB of messages, so that the reply fits a client's default limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[_session_pb2.Message] | None = ...,
+        tokens: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "tokens", b"tokens", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContextResponse: _TypeAlias = GetContextResponse  # noqa: Y015
+
+@_typing.final
+class CompactMessagesRequest(_message.Message):
+    """Request for CompactMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session. Required."""
+    up_to_seq: _builtins.int
+    """Replace the stored messages with seq <= this (after the pinned prompt). Must be at least
+    1; FAILED_PRECONDITION when it is beyond the session's last seq (UP_TO_SEQ_AHEAD), within
+    the pinned prompt (UP_TO_SEQ_IN_PROMPT), or below an earlier compaction's last seq
+    (ALREADY_COMPACTED). Equal to an earlier compaction's last seq replaces its summary.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, 1-128 characters from [A-Za-z0-9_.:-], shared with
+    AppendMessages' keys. A retry with the same key and request compacts nothing more and
+    returns `replayed`; with a different request it fails with FAILED_PRECONDITION.
+    """
+    @_builtins.property
+    def summary(self) -> _session_pb2.Message:
+        """The summary: role ROLE_SYSTEM or ROLE_ASSISTANT, non-empty content, with its `tokens`; no
+        tool calls. It is stored with seq = `up_to_seq` and covers every seq from the first after
+        the pinned prompt (an earlier summary is folded in: this one must cover it).
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        up_to_seq: _builtins.int = ...,
+        summary: _session_pb2.Message | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "session_id", b"session_id", "summary", b"summary", "up_to_seq", b"up_to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactMessagesRequest: _TypeAlias = CompactMessagesRequest  # noqa: Y015
+
+@_typing.final
+class CompactMessagesResponse(_message.Message):
+    """Response for CompactMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this was a retry of an earlier call with the same `request_id`."""
+    @_builtins.property
+    def summary(self) -> _session_pb2.Message:
+        """The session's summary as stored now, with its `seq` and `summarizes`."""
+
+    @_builtins.property
+    def session(self) -> _session_pb2.Session:
+        """The session after the compaction. `message_count` and `token_count` do not change:
+        they count what was appended.
+        """
+
+    def __init__(
+        self,
+        *,
+        summary: _session_pb2.Message | None = ...,
+        session: _session_pb2.Session | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "session", b"session", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactMessagesResponse: _TypeAlias = CompactMessagesResponse  # noqa: Y015
+
+@_typing.final
+class ClearMessagesRequest(_message.Message):
+    """Request for ClearMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    KEEP_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session. Required."""
+    keep_system_prompt: _builtins.bool
+    """Keep the pinned system prompt (the leading system messages); otherwise it goes too."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        keep_system_prompt: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_system_prompt", b"keep_system_prompt", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearMessagesRequest: _TypeAlias = ClearMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ClearMessagesResponse(_message.Message):
+    """Response for ClearMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> _session_pb2.Session:
+        """The session after clearing: the same counters, seqs go on after `message_count`."""
+
+    def __init__(
+        self,
+        *,
+        session: _session_pb2.Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearMessagesResponse: _TypeAlias = ClearMessagesResponse  # noqa: Y015

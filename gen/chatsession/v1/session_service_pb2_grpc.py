@@ -91,6 +91,21 @@ class SessionServiceStub:
                 request_serializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageRequest.SerializeToString,
                 response_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageResponse.FromString,
                 _registered_method=True)
+        self.GetContext = channel.unary_unary(
+                '/chatsession.v1.SessionService/GetContext',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.GetContextRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetContextResponse.FromString,
+                _registered_method=True)
+        self.CompactMessages = channel.unary_unary(
+                '/chatsession.v1.SessionService/CompactMessages',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.CompactMessagesRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.CompactMessagesResponse.FromString,
+                _registered_method=True)
+        self.ClearMessages = channel.unary_unary(
+                '/chatsession.v1.SessionService/ClearMessages',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -177,6 +192,30 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetContext(self, request, context):
+        """Reads what a prompt is built from, within a token budget, in one step: the pinned system
+        prompt, the summary (if the session was compacted), then the newest messages that fit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompactMessages(self, request, context):
+        """Replaces the stored messages up to a seq (never the pinned prompt) with a summary the
+        caller wrote, atomically: appends running meanwhile are neither lost nor duplicated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearMessages(self, request, context):
+        """Empties a session's history and summary, keeping the session, its metadata, counters and
+        expiry (and the pinned system prompt when asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +268,21 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.GetUserUsage,
                     request_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageRequest.FromString,
                     response_serializer=chatsession_dot_v1_dot_session__service__pb2.GetUserUsageResponse.SerializeToString,
+            ),
+            'GetContext': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContext,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetContextRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.GetContextResponse.SerializeToString,
+            ),
+            'CompactMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompactMessages,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.CompactMessagesRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.CompactMessagesResponse.SerializeToString,
+            ),
+            'ClearMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearMessages,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -508,6 +562,87 @@ class SessionService:
             '/chatsession.v1.SessionService/GetUserUsage',
             chatsession_dot_v1_dot_session__service__pb2.GetUserUsageRequest.SerializeToString,
             chatsession_dot_v1_dot_session__service__pb2.GetUserUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContext(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/GetContext',
+            chatsession_dot_v1_dot_session__service__pb2.GetContextRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.GetContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/CompactMessages',
+            chatsession_dot_v1_dot_session__service__pb2.CompactMessagesRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.CompactMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/ClearMessages',
+            chatsession_dot_v1_dot_session__service__pb2.ClearMessagesRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.ClearMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,18 @@ class SessionServiceStub:
     """
     GetUserUsage: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetUserUsageRequest, _session_service_pb2.GetUserUsageResponse]
     """A user's usage: messages, tokens and sessions created, in total, per model and per UTC day."""
+    GetContext: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetContextRequest, _session_service_pb2.GetContextResponse]
+    """Reads what a prompt is built from, within a token budget, in one step: the pinned system
+    prompt, the summary (if the session was compacted), then the newest messages that fit.
+    """
+    CompactMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.CompactMessagesRequest, _session_service_pb2.CompactMessagesResponse]
+    """Replaces the stored messages up to a seq (never the pinned prompt) with a summary the
+    caller wrote, atomically: appends running meanwhile are neither lost nor duplicated.
+    """
+    ClearMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ClearMessagesRequest, _session_service_pb2.ClearMessagesResponse]
+    """Empties a session's history and summary, keeping the session, its metadata, counters and
+    expiry (and the pinned system prompt when asked).
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -145,5 +157,35 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_session_service_pb2.GetUserUsageRequest, _abc.Awaitable[_session_service_pb2.GetUserUsageResponse]],
     ) -> _abc.Awaitable[_session_service_pb2.GetUserUsageResponse]:
         """A user's usage: messages, tokens and sessions created, in total, per model and per UTC day."""
+
+    @_abc_1.abstractmethod
+    def GetContext(
+        self,
+        request: _session_service_pb2.GetContextRequest,
+        context: _aio.ServicerContext[_session_service_pb2.GetContextRequest, _abc.Awaitable[_session_service_pb2.GetContextResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.GetContextResponse]:
+        """Reads what a prompt is built from, within a token budget, in one step: the pinned system
+        prompt, the summary (if the session was compacted), then the newest messages that fit.
+        """
+
+    @_abc_1.abstractmethod
+    def CompactMessages(
+        self,
+        request: _session_service_pb2.CompactMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.CompactMessagesRequest, _abc.Awaitable[_session_service_pb2.CompactMessagesResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.CompactMessagesResponse]:
+        """Replaces the stored messages up to a seq (never the pinned prompt) with a summary the
+        caller wrote, atomically: appends running meanwhile are neither lost nor duplicated.
+        """
+
+    @_abc_1.abstractmethod
+    def ClearMessages(
+        self,
+        request: _session_service_pb2.ClearMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.ClearMessagesRequest, _abc.Awaitable[_session_service_pb2.ClearMessagesResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.ClearMessagesResponse]:
+        """Empties a session's history and summary, keeping the session, its metadata, counters and
+        expiry (and the pinned system prompt when asked).
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...

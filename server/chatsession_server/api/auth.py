@@ -28,6 +28,10 @@ from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.api.status import to_grpc_status
 from chatsession_server.domain import (
     AppendResult,
+    Compaction,
+    CompactResult,
+    Context,
+    ContextQuery,
     MessagePage,
     MessageQuery,
     NewFork,
@@ -308,8 +312,14 @@ class AuthorizedStorage(StorageLayer):
         _require_user(new.user_id)
         return await super().create(new)
 
-    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
-        return await super().get(session_id, owners=_owners(owners))
+    async def get(
+        self,
+        session_id: str,
+        *,
+        owners: Collection[str] | None = None,
+        fields: Collection[str] | None = None,
+    ) -> Session:
+        return await super().get(session_id, owners=_owners(owners), fields=fields)
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
@@ -352,6 +362,21 @@ class AuthorizedStorage(StorageLayer):
     async def user_usage(self, user_id: str) -> UserUsage:
         _require_user(user_id)
         return await super().user_usage(user_id)
+
+    async def get_context(
+        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
+    ) -> Context:
+        return await super().get_context(session_id, query, owners=_owners(owners))
+
+    async def compact(
+        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+    ) -> CompactResult:
+        return await super().compact(session_id, compaction, owners=_owners(owners))
+
+    async def clear(
+        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+    ) -> Session:
+        return await super().clear(session_id, keep_system_prompt=keep_system_prompt, owners=_owners(owners))
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

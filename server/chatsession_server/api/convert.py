@@ -6,6 +6,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.domain import (
+    Cleared,
+    Compacted,
     Heartbeat,
     Role,
     Session,
@@ -48,6 +50,13 @@ def session_to_proto(s: Session) -> session_pb2.Session:
 
 
 def message_to_proto(m: StoredMessage) -> session_pb2.Message:
+    message = _message_to_proto(m)
+    if m.summarizes is not None:
+        message.summarizes.first_seq, message.summarizes.last_seq = m.summarizes
+    return message
+
+
+def _message_to_proto(m: StoredMessage) -> session_pb2.Message:
     return session_pb2.Message(
         seq=m.seq,
         role=_ROLE_TO_PROTO[m.role],
@@ -68,6 +77,15 @@ def watch_event_to_proto(event: WatchEvent) -> session_service_pb2.WatchMessages
         return session_service_pb2.WatchMessagesResponse(
             heartbeat=session_service_pb2.Heartbeat(last_seq=event.last_seq)
         )
+    if isinstance(event, Compacted):
+        summarizes = session_pb2.SeqRange(first_seq=event.first_seq, last_seq=event.last_seq)
+        return session_service_pb2.WatchMessagesResponse(
+            compacted=session_service_pb2.Compacted(summarizes=summarizes)
+        )
+    if isinstance(event, Cleared):
+        return session_service_pb2.WatchMessagesResponse(
+            cleared=session_service_pb2.Cleared(last_seq=event.last_seq)
+        )
     assert isinstance(event, Trimmed)
     trimmed = session_service_pb2.HistoryTrimmed(
         first_missing_seq=event.first_missing_seq, last_missing_seq=event.last_missing_seq
@@ -85,3 +103,20 @@ def usage_to_proto(u: UserUsage) -> session_service_pb2.GetUserUsageResponse:
         models=[session_service_pb2.ModelUsage(model=m, usage=_counts(c)) for m, c in u.by_model],
         days=[session_service_pb2.DayUsage(day=d, usage=_counts(c)) for d, c in u.by_day],
     )
+
+
+def masked_session(full: session_pb2.Session, paths: frozenset[str]) -> session_pb2.Session:
+    """Only the fields `paths` name (GetSession's read_mask), the others unset (AIP-157)."""
+    out = session_pb2.Session()
+    for path in paths:
+        if path.startswith("labels."):
+            key = path[len("labels.") :]
+            if key in full.labels:
+                out.labels[key] = full.labels[key]
+        elif path == "labels":
+            out.labels.update(full.labels)
+        elif path in ("created_at", "last_active"):
+            getattr(out, path).CopyFrom(getattr(full, path))
+        else:
+            setattr(out, path, getattr(full, path))
+    return out

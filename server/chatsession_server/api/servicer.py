@@ -11,6 +11,7 @@ from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_server.api import validation
 from chatsession_server.api.convert import (
+    masked_session,
     message_to_proto,
     session_to_proto,
     usage_to_proto,
@@ -49,8 +50,11 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         return pb.CreateSessionResponse(session=session_to_proto(session))
 
     async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
-        session = await self._store.get(validation.session_id(request.session_id))
-        return pb.GetSessionResponse(session=session_to_proto(session))
+        session_id, fields = validation.get_session(request)
+        session = session_to_proto(await self._store.get(session_id, fields=fields))
+        if fields is None:
+            return pb.GetSessionResponse(session=session)
+        return pb.GetSessionResponse(session=masked_session(session, fields))
 
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: Context
@@ -122,3 +126,30 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         self, request: pb.GetUserUsageRequest, context: Context
     ) -> pb.GetUserUsageResponse:
         return usage_to_proto(await self._store.user_usage(validation.get_user_usage(request)))
+
+    async def GetContext(self, request: pb.GetContextRequest, context: Context) -> pb.GetContextResponse:
+        session_id, query = validation.get_context(request)
+        found = await self._store.get_context(session_id, query)
+        return pb.GetContextResponse(
+            messages=[message_to_proto(m) for m in found.messages],
+            tokens=found.tokens,
+            truncated=found.truncated,
+        )
+
+    async def CompactMessages(
+        self, request: pb.CompactMessagesRequest, context: Context
+    ) -> pb.CompactMessagesResponse:
+        session_id, compaction = validation.compact_messages(request, self._limits)
+        result = await self._store.compact(session_id, compaction)
+        return pb.CompactMessagesResponse(
+            summary=message_to_proto(result.summary),
+            session=session_to_proto(result.session),
+            replayed=result.replayed,
+        )
+
+    async def ClearMessages(
+        self, request: pb.ClearMessagesRequest, context: Context
+    ) -> pb.ClearMessagesResponse:
+        session_id, keep_system_prompt = validation.clear_messages(request)
+        session = await self._store.clear(session_id, keep_system_prompt=keep_system_prompt)
+        return pb.ClearMessagesResponse(session=session_to_proto(session))

@@ -11,6 +11,8 @@ from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
 from chatsession_server.domain import (
+    Compaction,
+    ContextQuery,
     MessageQuery,
     NewFork,
     NewMessage,
@@ -355,3 +357,95 @@ def get_user_usage(request: session_service_pb2.GetUserUsageRequest) -> str:
     v.id("user_id", request.user_id)
     v.raise_if_any()
     return request.user_id
+
+
+# --- Context, compaction and clearing (issue 15) ----------------------------------------------
+
+# GetSession read_mask paths (AIP-157), besides `labels.<key>`.
+READABLE_FIELDS = (
+    "session_id",
+    "user_id",
+    "model",
+    "title",
+    "labels",
+    "created_at",
+    "last_active",
+    "message_count",
+    "token_count",
+    "messages_stored",
+    "expires_in_seconds",
+    "ttl_seconds",
+    "max_messages",
+)
+MAX_READ_MASK_PATHS = len(READABLE_FIELDS) + L.MAX_LABELS
+
+
+def get_session(request: session_service_pb2.GetSessionRequest) -> tuple[str, frozenset[str] | None]:
+    """The session id and the fields to read (None: every field)."""
+    v = Violations()
+    v.id("session_id", request.session_id)
+    if not request.HasField("read_mask"):
+        v.raise_if_any()
+        return request.session_id, None
+    paths = request.read_mask.paths
+    if len(paths) > MAX_READ_MASK_PATHS:
+        v.add("read_mask", f"must have at most {MAX_READ_MASK_PATHS} paths")
+        v.raise_if_any()
+    if list(paths) == ["*"]:
+        v.raise_if_any()
+        return request.session_id, None
+    if not paths:
+        v.add("read_mask", "must name at least one path (or '*')")
+    for path in paths:
+        if path.startswith("labels."):
+            key = path[len("labels.") :]
+            if not key or len(key) > L.MAX_LABEL_KEY_LENGTH:
+                v.add("read_mask", f"label keys must be 1-{L.MAX_LABEL_KEY_LENGTH} characters")
+        elif path not in READABLE_FIELDS:
+            readable = ", ".join(READABLE_FIELDS)
+            v.add("read_mask", f"unknown field {path!r}; readable: {readable}, labels.<key>")
+    v.raise_if_any()
+    return request.session_id, frozenset(paths)
+
+
+def get_context(request: session_service_pb2.GetContextRequest) -> tuple[str, ContextQuery]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    if request.max_tokens < 0:
+        v.add("max_tokens", "must not be negative (0 means no limit)")
+    if request.max_messages < 0:
+        v.add("max_messages", "must not be negative (0 means no limit)")
+    v.raise_if_any()
+    return request.session_id, ContextQuery(request.max_tokens, request.max_messages)
+
+
+def compact_messages(
+    request: session_service_pb2.CompactMessagesRequest, limits: Limits
+) -> tuple[str, Compaction]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    v.id("request_id", request.request_id, required=False)
+    if request.up_to_seq < 1:
+        v.add("up_to_seq", "must be at least 1")
+    summary: NewMessage | None = None
+    if not request.HasField("summary"):
+        v.add("summary", "is required")
+    else:
+        m = request.summary
+        summary = _message(v, "summary", m, limits)
+        if m.role in (session_pb2.ROLE_USER, session_pb2.ROLE_TOOL):  # unknown roles: said above
+            v.add("summary.role", "must be ROLE_SYSTEM or ROLE_ASSISTANT")
+        if m.tool_calls:  # (which alone let an assistant message be empty)
+            v.add("summary.tool_calls", "a summary carries no tool calls")
+            if not m.content:
+                v.add("summary.content", "must not be empty")
+    v.raise_if_any()
+    assert summary is not None
+    return request.session_id, Compaction(request.up_to_seq, summary, request.request_id)
+
+
+def clear_messages(request: session_service_pb2.ClearMessagesRequest) -> tuple[str, bool]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    v.raise_if_any()
+    return request.session_id, request.keep_system_prompt

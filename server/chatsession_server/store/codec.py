@@ -22,6 +22,11 @@ from chatsession_server.domain import (
 LABEL_FIELD_PREFIX = "label:"
 SEQ_HEAD = '{"seq":'
 """How every stored message begins: the append script writes SEQ_HEAD, the seq, a comma, the body."""
+TOKENS_HEAD = ',"tokens":'
+"""What precedes a stored message's token count: the first occurrence is the top-level field
+(`encode_body` puts it right after role and content, and a quote inside a string is escaped)."""
+SUMMARIZES_HEAD = ',"summarizes":['
+"""The compaction script closes a summary's body with this, its first and last seq, and `]}`."""
 
 
 class MetaField(enum.StrEnum):
@@ -39,7 +44,8 @@ class MetaField(enum.StrEnum):
     PINNED = "pinned"
     """how many leading system messages form the pinned prompt"""
     STORED_BYTES = "stored_bytes"
-    """bytes of JSON the chat LIST holds now (appends add, window trims subtract)"""
+    """bytes of JSON the chat LIST and the summary key hold now (appends and compactions add,
+    window trims, compactions and clears subtract)"""
     CREATE_REQUEST_ID = "create_request_id"
     FORK_ORIGIN = "fork_origin"
     """on a fork: "<source session_id> <at_seq>", so a retried ForkSession is told from another"""
@@ -127,7 +133,15 @@ def message_from_obj(obj: dict[str, Any]) -> StoredMessage:
         metadata={str(k): str(v) for k, v in (obj.get("metadata") or {}).items()},
         tool_calls=calls,
         tool_call_id=str(obj.get("tool_call_id") or ""),
+        summarizes=_seq_range(obj.get("summarizes")),
     )
+
+
+def _seq_range(value: Any) -> tuple[int, int] | None:
+    if not value:
+        return None
+    first, last = value
+    return int(first), int(last)
 
 
 def new_session_fields(

@@ -1,12 +1,13 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
-Appends publish on `watch:{<id>}` (see scripts.APPEND); in a cluster with SPUBLISH, and the feed
-subscribes with SSUBSCRIBE: a sharded channel lives on the node of its session's slot, so a
-publish reaches only that node's subscribers instead of every node of the cluster. The feed
-subscribes a session's channel when its first local watcher arrives and unsubscribes when the
-last leaves (in batches, see channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a
-cursor and re-reads the LIST whenever an event cannot be trusted to follow on (a gap, a full
-buffer, a publish lost while Valkey was away).
+Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner>"),
+clears ("X<last seq> <owner>") and deletes ("D") publish on `watch:{<id>}` (see scripts.py); in
+a cluster with SPUBLISH, and the feed subscribes with SSUBSCRIBE: a sharded channel lives on the
+node of its session's slot, so a publish reaches only that node's subscribers instead of every
+node of the cluster. The feed subscribes a session's channel when its first local watcher arrives
+and unsubscribes when the last leaves (in batches, see channel_sync.py). Pub/sub is only a
+doorbell: each watcher keeps a cursor and re-reads the LIST whenever an event cannot be trusted
+to follow on (a gap, a full buffer, a publish lost while Valkey was away).
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from glide import (
     PubSubMsg,
 )
 
-from chatsession_server.domain import Appended, Behind, Closing, Deleted, FeedEvent, StoredMessage
+from chatsession_server.domain import (
+    Appended,
+    Behind,
+    Cleared,
+    Closing,
+    Compacted,
+    Deleted,
+    FeedEvent,
+    StoredMessage,
+)
 from chatsession_server.errors import ChatSessionError
 from chatsession_server.ports import FeedSubscription
 from chatsession_server.store import codec, keys
@@ -216,6 +226,12 @@ class SessionFeed:
 def _parse(payload: bytes) -> FeedEvent:
     if payload == b"D":
         return Deleted()
+    if payload.startswith(b"C"):
+        first_seq, last_seq, user = payload[1:].split(b" ")
+        return Compacted(int(first_seq), int(last_seq), user.decode())
+    if payload.startswith(b"X"):
+        last_seq, user = payload[1:].split(b" ")
+        return Cleared(int(last_seq), user.decode())
     if not payload.startswith(b"M"):
         raise ValueError(f"unknown event {payload[:16]!r}")
     head, _, body = payload.partition(b"\n")

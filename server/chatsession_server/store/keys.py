@@ -58,8 +58,8 @@ class KeySpace:
         return f"{self.prefix}{USER_INDEX_PREFIX}{{"
 
     def watch_channel(self, session_id: str) -> str:
-        """Pub/sub channel announcing a session's appends and deletion; in the session's slot, so a
-        cluster publishes it sharded (SPUBLISH) on the session's node only."""
+        """Pub/sub channel announcing a session's appends, compactions, clears and deletion; in the
+        session's slot, so a cluster publishes it sharded (SPUBLISH) on the session's node only."""
         return f"{self._watch_head}{session_id}}}"
 
     @property
@@ -71,9 +71,9 @@ class KeySpace:
         return channel[len(self._watch_head) : -1]
 
     def summary(self, session_id: str) -> str:
-        """STRING: the summary that replaced a compacted prefix of the session (the message JSON in the
-        LIST's stored form, `seq` = the last seq it replaces, plus `"summarizes":[first,last]`). Same
-        TTL as the session's other keys."""
+        """STRING: the summary CompactMessages stored, as JSON in the LIST items' format with its seq
+        (the last seq it replaces) and `"summarizes":[first,last]`. Same slot and expiry as the
+        session's other keys; absent until the first compaction."""
         return f"{self.prefix}{SUMMARY_PREFIX}{{{session_id}}}"
 
     def usage(self, user_id: str) -> str:

@@ -7,7 +7,9 @@ Layout of a session (see also keys.py):
   meta:{id}  HASH: user_id model title created_at last_active message_count token_count
              ttl_seconds max_messages pinned [create_request_id] label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count".
-All three expire together, and every per-session script touches only them (one cluster slot).
+  summary:{id}  STRING: CompactMessages' summary, stored JSON with seq = the last seq it replaces
+             (pinned < seq <= base: it stands where the messages it replaced were).
+All four expire together, and every per-session script touches only them (one cluster slot).
 On standalone Valkey the create, append and delete scripts also keep the owner's index
 `user_sessions:{uid}` exact in the same step; in a cluster the index lives in another slot and
 session_store.py updates it in a second step.
@@ -48,6 +50,11 @@ class Status(enum.StrEnum):
     TOO_LARGE = "too_large"
     BEYOND_LAST = "beyond_last"
     TRIMMED = "trimmed"
+    OVER_BUDGET = "over_budget"
+    REPLY_TOO_LARGE = "reply_too_large"
+    UP_TO_SEQ_AHEAD = "up_to_seq_ahead"
+    UP_TO_SEQ_IN_PROMPT = "up_to_seq_in_prompt"
+    ALREADY_COMPACTED = "already_compacted"
 
     @classmethod
     def of(cls, reply: Any) -> Status:
@@ -74,6 +81,8 @@ def _constants() -> str:
         f"local USAGE_MODEL_PREFIX = {_lua_string(codec.USAGE_MODEL_PREFIX)}",
         f"local USAGE_PRUNED_FIELD = {_lua_string(codec.USAGE_PRUNED_FIELD)}",
         f"local SEEN_PRUNED_FIELD = {_lua_string(SEEN_PRUNED_FIELD)}",
+        f"local TOKENS_HEAD = {_lua_string(codec.TOKENS_HEAD)}",
+        f"local SUMMARIZES_HEAD = {_lua_string(codec.SUMMARIZES_HEAD)}",
     ]
     lines += [f"local USAGE_{m.upper()} = {_lua_string(m)}" for m in codec.USAGE_METRICS]
     return "\n".join(lines) + "\n"
@@ -173,6 +182,81 @@ local function has_role(item, prefix)
   return comma ~= nil and string.sub(item, comma + 1, comma + #prefix) == prefix
 end
 
+-- Bytes of the items at indices from..to, read in slices: a window cut from 64 MiB to a few
+-- messages must not load it all.
+local function bytes_of(chat, from, to)
+  local total = 0
+  for at = from, to, 64 do
+    for _, item in ipairs(redis.call('LRANGE', chat, at, math.min(at + 63, to))) do total = total + #item end
+  end
+  return total
+end
+
+-- Subtracts from stored_bytes; a session stored before the count existed starts from 0: never
+-- let it go negative.
+local function unstore(meta, freed)
+  if redis.call('HINCRBY', meta, F_STORED_BYTES, -freed) < 0 then
+    redis.call('HSET', meta, F_STORED_BYTES, 0)
+  end
+end
+
+-- Removes the `drop` oldest messages after the pinned prompt, and their bytes from the count.
+-- The LIST may be emptied and re-created: the caller restores its expiry where that matters.
+local function drop_after_prompt(chat, meta, pinned, drop)
+  unstore(meta, bytes_of(chat, pinned, pinned + drop - 1))
+  if pinned == 0 then
+    redis.call('LTRIM', chat, drop, -1)
+  else
+    local head = redis.call('LRANGE', chat, 0, pinned - 1)
+    redis.call('LTRIM', chat, pinned + drop, -1)
+    -- Back in front, in slices (a prompt stored before MAX_PINNED existed may be longer than
+    -- unpack takes), the last slice first.
+    for last = #head, 1, -1000 do
+      local slice = {}
+      for i = last, math.max(last - 999, 1), -1 do slice[#slice + 1] = head[i] end
+      redis.call('LPUSH', chat, unpack(slice))
+    end
+  end
+end
+
+-- Records a request_id's outcome, and forgets the oldest records in bulk once half as many
+-- again as the limit pile up.
+local function remember_request(reqs, request_id, record, limit)
+  redis.call('HSET', reqs, request_id, record)
+  limit = tonumber(limit)
+  local n = redis.call('HLEN', reqs)
+  if n > limit + math.floor(limit / 2) then
+    local all = redis.call('HGETALL', reqs)
+    local rows = {}
+    for i = 1, #all, 2 do
+      rows[#rows + 1] = {tonumber(string.match(all[i + 1], ' (%d+) ')), all[i]}
+    end
+    table.sort(rows, function(a, b) return a[1] < b[1] end)
+    -- In slices: Lua's unpack takes at most a few thousand values, and a script that fails
+    -- half way keeps what it wrote before.
+    for from = 1, n - limit, 1000 do
+      local old = {}
+      for i = from, math.min(from + 999, n - limit) do old[#old + 1] = rows[i][2] end
+      redis.call('HDEL', reqs, unpack(old))
+    end
+  end
+end
+
+-- The `tokens` of a stored message: the first `,"tokens":` in it is the top-level field (it
+-- follows role and content, and a quote inside a JSON string is always escaped).
+local function tokens_of(item)
+  local at = string.find(item, TOKENS_HEAD, 1, true)
+  if not at then return 0 end
+  return tonumber(string.match(item, '^%d+', at + #TOKENS_HEAD)) or 0
+end
+
+-- The stored summary (or false) and its seq.
+local function read_summary(summary)
+  local item = redis.call('GET', summary)
+  if not item then return false, nil end
+  return item, seq_of(item)
+end
+
 -- Keep the pinned prompt and the newest max-pinned messages (at least one); never leave a
 -- tool result at the head of the window, since the call it answers was trimmed.
 local function trim_window(chat, meta, max, pinned)
@@ -191,30 +275,9 @@ local function trim_window(chat, meta, max, pinned)
     end
     if #slice == 0 then walking = false end
   end
-  local freed = 0  -- read in slices: a window cut from 64 MiB to a few messages must not load it all
-  for from = pinned, pinned + drop - 1, 64 do
-    for _, item in ipairs(redis.call('LRANGE', chat, from, math.min(from + 63, pinned + drop - 1))) do
-      freed = freed + #item
-    end
-  end
-  -- A session stored before the count existed starts from 0: never let it go negative.
-  if redis.call('HINCRBY', meta, F_STORED_BYTES, -freed) < 0 then
-    redis.call('HSET', meta, F_STORED_BYTES, 0)
-  end
-  if pinned == 0 then
-    redis.call('LTRIM', chat, drop, -1)
-  else
-    local head = redis.call('LRANGE', chat, 0, pinned - 1)
-    redis.call('LTRIM', chat, pinned + drop, -1)
-    -- Back in front, in slices (a prompt stored before MAX_PINNED existed may be longer than
-    -- unpack takes), the last slice first.
-    for last = #head, 1, -1000 do
-      local slice = {}
-      for i = last, math.max(last - 999, 1), -1 do slice[#slice + 1] = head[i] end
-      redis.call('LPUSH', chat, unpack(slice))
-    end
-  end
+  drop_after_prompt(chat, meta, pinned, drop)
 end
+
 
 -- Where seq is in the LIST (the pinned prompt, then the window, with no gap in between); a seq
 -- that was trimmed maps to the window's first item (`at_least`) or the prompt's last.
@@ -292,7 +355,7 @@ class CreateArgs:
 
 # KEYS: index is given on standalone Valkey only (in a cluster the caller adds the entry first).
 CREATE = LuaScript(
-    ("chat", "meta", "reqs", "index"),
+    ("chat", "meta", "reqs", "summary", "index"),
     CreateArgs,
     _USAGE_LUA
     + r"""
@@ -305,7 +368,7 @@ if existing[1] then
   return {ST_EXISTS, existing[1], existing[3]}
 end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
-redis.call('DEL', chat, reqs)
+redis.call('DEL', chat, reqs, summary)
 redis.call('HSET', meta, unpack(ARGV, fields_from))
 redis.call('EXPIRE', meta, ttl)
 if index then redis.call('ZADD', index, now, session_id) end
@@ -345,7 +408,7 @@ class AppendArgs:
 # are small enough: watchers get them without a read, and re-read the LIST when they are not
 # there. The owner lets a watch tell its session from a namesake created after it expired.
 APPEND = LuaScript(
-    ("chat", "meta", "reqs"),
+    ("chat", "meta", "reqs", "summary"),
     AppendArgs,
     _USAGE_LUA
     + r"""
@@ -395,30 +458,14 @@ redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
 trim_window(chat, meta, tonumber(m[4]), pinned)
 
 if request_id ~= '' then
-  redis.call('HSET', reqs, request_id, fingerprint .. ' ' .. string.format('%d', first) .. ' ' .. #items)
-  -- Forget the oldest records in bulk once half as many again as the limit pile up.
-  local limit = tonumber(idempotency_limit)
-  local n = redis.call('HLEN', reqs)
-  if n > limit + math.floor(limit / 2) then
-    local all = redis.call('HGETALL', reqs)
-    local rows = {}
-    for i = 1, #all, 2 do
-      rows[#rows + 1] = {tonumber(string.match(all[i + 1], ' (%d+) ')), all[i]}
-    end
-    table.sort(rows, function(a, b) return a[1] < b[1] end)
-    -- In slices: Lua's unpack takes at most a few thousand values, and a script that fails
-    -- half way keeps what it wrote before.
-    for from = 1, n - limit, 1000 do
-      local old = {}
-      for i = from, math.min(from + 999, n - limit) do old[#old + 1] = rows[i][2] end
-      redis.call('HDEL', reqs, unpack(old))
-    end
-  end
+  remember_request(reqs, request_id, fingerprint .. ' ' .. string.format('%d', first) .. ' ' .. #items,
+                   idempotency_limit)
 end
 local ttl = m[3]
 redis.call('EXPIRE', chat, ttl)
 redis.call('EXPIRE', meta, ttl)
 redis.call('EXPIRE', reqs, ttl)
+redis.call('EXPIRE', summary, ttl)
 if index_key_head ~= '' then
   local uid = m[1]
   redis.call('ZADD', """
@@ -451,7 +498,7 @@ class ListMessagesArgs:
 
 
 LIST_MESSAGES = LuaScript(
-    ("chat", "meta"),
+    ("chat", "meta", "summary"),
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID)
@@ -481,9 +528,13 @@ end
 -- neither the reply nor this script's own memory grows with the page: a forward page keeps its
 -- oldest, a backward one its newest; the reader pages on from where it stopped.
 local items = {}
+-- A compacted session's summary stands at its seq, between the prompt and the window; its bytes
+-- are kept out of the page's budget when it is in the range.
+local summary_item, s_seq = read_summary(summary)
+if s_seq and (s_seq < lo or s_seq > hi) then summary_item = false end
 local i_lo, i_hi = list_index(mc, len, pinned, p_lo, true), list_index(mc, len, pinned, p_hi, false)
 if na + nb > 0 and limit > 0 and i_lo <= i_hi then
-  local budget, size, slice = tonumber(max_bytes), 0, 8
+  local budget, size, slice = tonumber(max_bytes) - (summary_item and #summary_item or 0), 0, 8
   local kept, stop = {}, false
   local i = forward and i_lo or i_hi
   while not stop and i >= i_lo and i <= i_hi do
@@ -507,13 +558,29 @@ if na + nb > 0 and limit > 0 and i_lo <= i_hi then
   p_lo, p_hi = seq_of(items[1]), seq_of(items[#items])
 end
 local has_more = (#items < na + nb) and 1 or 0
+-- The summary joins the page when it falls within what the page covers (or the page is the
+-- last in its direction); a page it makes one too long gives up its far end and has more.
+if summary_item then
+  local within = #items == 0 or has_more == 0 or (forward and s_seq < p_hi) or (not forward and s_seq > p_lo)
+  if within then
+    local at = 1
+    while at <= #items and seq_of(items[at]) < s_seq do at = at + 1 end
+    table.insert(items, at, summary_item)
+    if #items > limit then
+      if forward then table.remove(items) else table.remove(items, 1) end
+      has_more = 1
+    end
+    p_lo, p_hi = seq_of(items[1]), seq_of(items[#items])
+  end
+end
 -- Trimmed seqs are pinned+1..base; did the part of the range this page covers lose any? A page
 -- that leaves nothing more to read covers the whole range, its trimmed part included.
 local span_lo, span_hi = lo, hi
 if #items > 0 and has_more == 1 then
   if forward then span_hi = p_hi else span_lo = p_lo end
 end
-local trimmed = (math.max(span_lo, pinned + 1) <= math.min(span_hi, base)) and 1 or 0
+-- (With a summary, the seqs up to its own stand compacted, not trimmed.)
+local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
 return {ST_OK, items, has_more, mc, base + 1, trimmed}
 """,
     read_only=True,
@@ -535,7 +602,7 @@ class UpdateArgs:
 
 # Checks the label count the change would leave before it writes anything.
 UPDATE = LuaScript(
-    ("chat", "meta", "reqs"),
+    ("chat", "meta", "reqs", "summary"),
     UpdateArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
@@ -572,6 +639,7 @@ if ttl ~= '' then
   redis.call('EXPIRE', chat, ttl)
   redis.call('EXPIRE', meta, ttl)
   redis.call('EXPIRE', reqs, ttl)
+  redis.call('EXPIRE', summary, ttl)
 elseif max_messages ~= '' then
   -- A trim may have emptied and re-created the list, dropping its expiry: copy meta's.
   local pttl = redis.call('PTTL', meta)
@@ -593,13 +661,13 @@ class DeleteArgs:
 
 
 DELETE = LuaScript(
-    ("chat", "meta", "reqs"),
+    ("chat", "meta", "reqs", "summary"),
     DeleteArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
 local uid = m[1]
 if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
-redis.call('DEL', chat, meta, reqs)
+redis.call('DEL', chat, meta, reqs, summary)
 if index_key_head ~= '' then redis.call('ZREM', """
     + _INDEX_OF
     + r""", session_id) end
@@ -766,6 +834,71 @@ local kept_summary = ''
 if summary_json and at > pinned then kept_summary = summary_json end
 return {ST_OK, redis.call('HGETALL', meta), prompt, recent, kept_summary}
 """,
+)
+
+
+# --- Context, compaction and clearing (issue 15) ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ContextArgs:
+    owners: str
+    max_tokens: int
+    """0: no limit"""
+    max_messages: int
+    """most messages of the recent part; 0: no limit"""
+    max_bytes: int
+    """the whole reply stops short of this many bytes of stored JSON"""
+
+
+# Walks the window from its newest item in small slices and stops at the first message that does
+# not fit: the reply and this script's memory stay bounded by the budget, not the session.
+GET_CONTEXT = LuaScript(
+    ("chat", "meta", "summary"),
+    ContextArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED)
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+local pinned = tonumber(m[2] or '0')
+local head = pinned > 0 and redis.call('LRANGE', chat, 0, pinned - 1) or {}
+local summary_item = read_summary(summary)
+if summary_item then head[#head + 1] = summary_item end
+local tokens, size = 0, 0
+for _, item in ipairs(head) do
+  tokens = tokens + tokens_of(item)
+  size = size + #item
+end
+local max_tokens, max_messages, max_size = tonumber(max_tokens), tonumber(max_messages), tonumber(max_bytes)
+if max_tokens > 0 and tokens > max_tokens then return {ST_OVER_BUDGET, tokens} end
+if size > max_size then return {ST_REPLY_TOO_LARGE, size} end
+local len = redis.call('LLEN', chat)
+local recent, recent_tokens = {}, {}
+local i, stop = len - 1, false
+while not stop and i >= pinned do
+  local part = redis.call('LRANGE', chat, math.max(i - 15, pinned), i)
+  for k = #part, 1, -1 do
+    local item = part[k]
+    local t = tokens_of(item)
+    if (max_messages > 0 and #recent >= max_messages) or (max_tokens > 0 and tokens + t > max_tokens)
+        or size + #item > max_size then
+      stop = true
+      break
+    end
+    recent[#recent + 1] = item
+    recent_tokens[#recent_tokens + 1] = t
+    tokens, size = tokens + t, size + #item
+  end
+  i = i - #part
+end
+-- Tool results at the head of the recent part lost the assistant message that called them.
+while #recent > 0 and has_role(recent[#recent], TOOL_BODY_PREFIX) do
+  tokens = tokens - recent_tokens[#recent]
+  recent[#recent] = nil
+end
+for k = #recent, 1, -1 do head[#head + 1] = recent[k] end
+local truncated = (#recent < len - pinned) and 1 or 0
+return {ST_OK, head, tokens, truncated}
+""",
     read_only=True,
 )
 
@@ -827,6 +960,66 @@ redis.call('EXPIRE', meta, ttl)
 if index then redis.call('ZADD', index, now, session_id) end
 if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactArgs:
+    owners: str
+    request_id: str
+    fingerprint: str
+    up_to_seq: int
+    idempotency_limit: int
+    publish_command: str
+    channel: str
+    summary_body: str
+    """the summary's JSON without its opening `{"seq":N,` (as codec.encode_body gives it)"""
+
+
+# Removes the window's items with seq <= up_to_seq (the pinned prompt stays), stores the summary
+# with seq = up_to_seq and its range, and publishes "C<first> <last> <owner>". The range starts
+# right after the prompt: the prompt cannot grow once a message follows it, and an earlier
+# summary (which started there too) is folded in.
+COMPACT = LuaScript(
+    ("chat", "meta", "reqs", "summary"),
+    CompactArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if request_id ~= '' then
+  local rec = redis.call('HGET', reqs, request_id)
+  if rec then
+    if string.match(rec, '^(%S+) ') ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
+    return {ST_REPLAYED, redis.call('GET', summary) or '', describe(chat, meta)}
+  end
+end
+local mc, pinned, up_to = tonumber(m[2]), tonumber(m[3] or '0'), tonumber(up_to_seq)
+if up_to > mc then return {ST_UP_TO_SEQ_AHEAD, mc} end
+if up_to <= pinned then return {ST_UP_TO_SEQ_IN_PROMPT, pinned} end
+local old, old_seq = read_summary(summary)
+if old and up_to < old_seq then return {ST_ALREADY_COMPACTED, old_seq} end
+local len = redis.call('LLEN', chat)
+local base = mc - (len - pinned)
+local drop = math.min(math.max(up_to - base, 0), len - pinned)
+if drop > 0 then drop_after_prompt(chat, meta, pinned, drop) end
+local item = SEQ_HEAD .. string.format('%d', up_to) .. ',' .. string.sub(summary_body, 1, -2)
+  .. SUMMARIZES_HEAD .. string.format('%d', pinned + 1) .. ',' .. string.format('%d', up_to) .. ']}'
+if old then unstore(meta, #old) end
+redis.call('HINCRBY', meta, F_STORED_BYTES, #item)
+redis.call('SET', summary, item)
+if request_id ~= '' then
+  local record = fingerprint .. ' ' .. string.format('%d', up_to) .. ' 0'
+  remember_request(reqs, request_id, record, idempotency_limit)
+end
+-- The keys expire together, on meta's clock: a compaction is no activity of the user's.
+local pttl = redis.call('PTTL', meta)
+if pttl > 0 then
+  for _, key in ipairs({chat, reqs, summary}) do redis.call('PEXPIRE', key, pttl) end
+end
+redis.call(publish_command, channel,
+           'C' .. string.format('%d', pinned + 1) .. ' ' .. string.format('%d', up_to) .. ' ' .. m[1])
+return {ST_OK, item, describe(chat, meta)}
 """,
 )
 
@@ -896,6 +1089,38 @@ return new
 """,
 )
 
+
+@dataclass(frozen=True, slots=True)
+class ClearArgs:
+    owners: str
+    keep_system_prompt: bool
+    publish_command: str
+    channel: str
+
+
+# Publishes "X<last seq> <owner>". Clearing the prompt too sets `pinned` to 0 for good: the seqs
+# go on, so a system message appended later is not at the session's start and is not pinned.
+CLEAR = LuaScript(
+    ("chat", "meta", "summary"),
+    ClearArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+local keep = keep_system_prompt == '1' and tonumber(m[3] or '0') or 0
+local len = redis.call('LLEN', chat)
+unstore(meta, bytes_of(chat, keep, len - 1))
+if keep > 0 then redis.call('LTRIM', chat, 0, keep - 1) else redis.call('DEL', chat) end
+local old = read_summary(summary)
+if old then
+  unstore(meta, #old)
+  redis.call('DEL', summary)
+end
+redis.call('HSET', meta, F_PINNED, keep)
+redis.call(publish_command, channel, 'X' .. m[2] .. ' ' .. m[1])
+return {ST_OK, describe(chat, meta)}
+""",
+)
+
 ALL: tuple[LuaScript[Any], ...] = (
     CREATE,
     APPEND,
@@ -910,4 +1135,7 @@ ALL: tuple[LuaScript[Any], ...] = (
     FORK_READ,
     FORK_WRITE,
     USAGE_SYNC,
+    GET_CONTEXT,
+    COMPACT,
+    CLEAR,
 )

@@ -51,6 +51,10 @@ from glide import InfBound, Limit, RangeByScore, ScoreBoundary, UpdateOptions
 
 from chatsession_server.domain import (
     AppendResult,
+    Compaction,
+    CompactResult,
+    Context,
+    ContextQuery,
     MessagePage,
     MessageQuery,
     NewFork,
@@ -119,7 +123,12 @@ class SessionStore:
         self._max_ttl_seconds = max_ttl_seconds
 
     def _session_keys(self, session_id: str) -> list[str]:
-        return [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.requests(session_id)]
+        return [
+            self._keys.chat(session_id),
+            self._keys.meta(session_id),
+            self._keys.requests(session_id),
+            self._keys.summary(session_id),
+        ]
 
     async def _run(self, script: scripts.LuaScript[Any], keys_: Sequence[str], args: Any) -> Any:
         return await self._conn.script(script.script, script.keys(*keys_), script.argv(args))
@@ -241,8 +250,17 @@ class SessionStore:
                 "session %s: index entry of a refused create left to pruning (%s)", new.session_id, exc
             )
 
-    async def get(self, session_id: str, *, owners: Collection[str] | None = None) -> Session:
-        """The session; not found when it belongs to none of `owners` (None: anyone's)."""
+    async def get(
+        self,
+        session_id: str,
+        *,
+        owners: Collection[str] | None = None,
+        fields: Collection[str] | None = None,
+    ) -> Session:
+        """The session; not found when it belongs to none of `owners` (None: anyone's). With
+        `fields` (Session field names, `labels.<key>`), only those are read: see `_get_fields`."""
+        if fields is not None:
+            return await self._get_fields(session_id, fields, owners)
         batch = self._conn.batch(atomic=True)
         batch.hgetall(self._keys.meta(session_id)).llen(self._keys.chat(session_id)).ttl(
             self._keys.meta(session_id)
@@ -254,6 +272,40 @@ class SessionStore:
         if owners is not None and session.user_id not in owners:
             raise SessionNotFound(session_id)
         return session
+
+    async def _get_fields(
+        self, session_id: str, fields: Collection[str], owners: Collection[str] | None
+    ) -> Session:
+        """One HMGET of the named meta fields (and of the owner, to check it); LLEN and TTL only
+        when `messages_stored` or `expires_in_seconds` are named. `labels` (the whole map, whose
+        keys are not known beforehand) reads the hash with HGETALL instead. Fields not named
+        keep their zero values."""
+        meta_key = self._keys.meta(session_id)
+        wanted = [codec.MetaField.USER_ID.value]
+        wanted += [_META_OF_FIELD[f] for f in fields if f in _META_OF_FIELD]
+        wanted += [codec.LABEL_FIELD_PREFIX + f[len("labels.") :] for f in fields if f.startswith("labels.")]
+        whole = "labels" in fields
+        batch = self._conn.batch(atomic=True)
+        if whole:
+            batch.hgetall(meta_key)
+        else:
+            batch.hmget(meta_key, wanted)
+        if "messages_stored" in fields:
+            batch.llen(self._keys.chat(session_id))
+        if "expires_in_seconds" in fields:
+            batch.ttl(meta_key)
+        replies = await self._conn.run(batch)
+        if whole:
+            meta: dict[bytes, bytes] = replies[0]
+        else:
+            meta = {name.encode(): value for name, value in zip(wanted, replies[0], strict=True) if value}
+        owner = meta.get(codec.MetaField.USER_ID.encode())
+        if owner is None or (owners is not None and owner.decode() not in owners):
+            raise SessionNotFound(session_id)
+        rest = iter(replies[1:])
+        stored = int(next(rest)) if "messages_stored" in fields else 0
+        ttl = int(next(rest)) if "expires_in_seconds" in fields else 0
+        return codec.decode_session(session_id, meta, stored, ttl)
 
     async def update(
         self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
@@ -398,7 +450,7 @@ class SessionStore:
     ) -> MessagePage:
         reply = await self._run(
             scripts.LIST_MESSAGES,
-            [self._keys.chat(session_id), self._keys.meta(session_id)],
+            [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)],
             scripts.ListMessagesArgs(
                 scripts.owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
             ),
@@ -443,10 +495,10 @@ class SessionStore:
             message_count=message_count,
             token_count=token_count,
             pinned=len(prompt),
-            stored_bytes=sum(len(item.encode()) for item in items),
+            stored_bytes=sum(len(item.encode()) for item in items) + len(summary_json.encode()),
         )
         user_id = fields[codec.MetaField.USER_ID]
-        fork_keys = self._fork_keys(fork.session_id)
+        fork_keys = self._session_keys(fork.session_id)
         if self._index_in_script:
             fork_keys.append(self._keys.user_index(user_id))
         else:
@@ -478,14 +530,6 @@ class SessionStore:
         if not self._index_in_script:
             await self._count_created(session, reply[1])
         return session, status is Status.REPLAYED
-
-    def _fork_keys(self, session_id: str) -> list[str]:
-        return [
-            self._keys.chat(session_id),
-            self._keys.meta(session_id),
-            self._keys.requests(session_id),
-            self._keys.summary(session_id),
-        ]
 
     def _fork_write_args(
         self,
@@ -519,7 +563,7 @@ class SessionStore:
         """The fork a first attempt with this request_id made, or None; writes nothing (its index
         entry was entered by that attempt, before its write)."""
         args = self._fork_write_args(fork, origin, owners, user_id="", now="", probe=True)
-        reply = await self._run(scripts.FORK_WRITE, self._fork_keys(fork.session_id), args)
+        reply = await self._run(scripts.FORK_WRITE, self._session_keys(fork.session_id), args)
         if Status.of(reply) is not Status.REPLAYED:
             return None
         session = _session_from(fork.session_id, reply[1])
@@ -534,6 +578,111 @@ class SessionStore:
         (fields,) = await self._conn.run(batch)
         oldest = codec.usage_days(self._clock()).split()[1]
         return codec.decode_usage(fields, oldest)
+
+    async def get_context(
+        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
+    ) -> Context:
+        """Pinned prompt, summary and the newest messages that fit the budget, in one script."""
+        args = scripts.ContextArgs(
+            scripts.owners_arg(owners), query.max_tokens, query.max_messages, PAGE_BYTES
+        )
+        keys_ = [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)]
+        reply = await self._run(scripts.GET_CONTEXT, keys_, args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:
+            raise SessionNotFound(session_id)
+        if status is Status.OVER_BUDGET:
+            raise PreconditionFailed(
+                "CONTEXT_OVER_BUDGET",
+                "max_tokens",
+                f"the pinned system prompt and the summary alone take {int(reply[1])} tokens, more than "
+                f"max_tokens {query.max_tokens}",
+            )
+        if status is Status.REPLY_TOO_LARGE:
+            raise PreconditionFailed(
+                "CONTEXT_TOO_LARGE",
+                "session_id",
+                f"the pinned system prompt and the summary alone take {int(reply[1])} bytes, more than "
+                f"a reply holds ({PAGE_BYTES}); read them with ListMessages",
+            )
+        _, items, tokens, truncated = reply
+        return Context(tuple(codec.decode_message(raw) for raw in items), int(tokens), bool(truncated))
+
+    async def compact(
+        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+    ) -> CompactResult:
+        now = self._clock()
+        summary = compaction.summary
+        args = scripts.CompactArgs(
+            owners=scripts.owners_arg(owners),
+            request_id=compaction.request_id,
+            # "c": never equal to an append's fingerprint, so a request_id of either kind
+            # reused for the other is refused.
+            fingerprint="c" + codec.fingerprint([summary]) + f":{compaction.up_to_seq}"
+            if compaction.request_id
+            else "",
+            up_to_seq=compaction.up_to_seq,
+            idempotency_limit=self._idempotency_limit,
+            publish_command=self._publish,
+            channel=self._keys.watch_channel(session_id),
+            summary_body=codec.encode_body(summary, now),
+        )
+        reply = await self._run(scripts.COMPACT, self._session_keys(session_id), args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:
+            raise SessionNotFound(session_id)
+        if status is Status.REQUEST_ID_REUSED:
+            raise PreconditionFailed(
+                "REQUEST_ID_REUSED",
+                "request_id",
+                f"request_id {compaction.request_id!r} was already used for another request in this session",
+            )
+        if status is Status.UP_TO_SEQ_AHEAD:
+            raise PreconditionFailed(
+                "UP_TO_SEQ_AHEAD",
+                "up_to_seq",
+                f"up_to_seq {compaction.up_to_seq} is beyond the session's last seq {int(reply[1])}",
+            )
+        if status is Status.UP_TO_SEQ_IN_PROMPT:
+            raise PreconditionFailed(
+                "UP_TO_SEQ_IN_PROMPT",
+                "up_to_seq",
+                f"up_to_seq {compaction.up_to_seq} is within the pinned system prompt "
+                f"(seqs 1-{int(reply[1])}), which is never compacted",
+            )
+        if status is Status.ALREADY_COMPACTED:
+            raise PreconditionFailed(
+                "ALREADY_COMPACTED",
+                "up_to_seq",
+                f"up_to_seq {compaction.up_to_seq} is below the last seq {int(reply[1])} an earlier "
+                "compaction replaced",
+            )
+        await self._conn.replicated(self._keys.meta(session_id))
+        stored = codec.decode_message(reply[1]) if reply[1] else None
+        session = _session_from(session_id, reply[2])
+        if stored is None:  # a replay after a clear: the summary is gone
+            raise PreconditionFailed(
+                "SUMMARY_CLEARED",
+                "request_id",
+                f"request_id {compaction.request_id!r} compacted this session, but it has been cleared since",
+            )
+        return CompactResult(stored, session, replayed=status is Status.REPLAYED)
+
+    async def clear(
+        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+    ) -> Session:
+        args = scripts.ClearArgs(
+            scripts.owners_arg(owners),
+            keep_system_prompt,
+            self._publish,
+            self._keys.watch_channel(session_id),
+        )
+        keys_ = [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)]
+        reply = await self._run(scripts.CLEAR, keys_, args)
+        if Status.of(reply) is Status.NOT_FOUND:
+            raise SessionNotFound(session_id)
+        await self._conn.replicated(self._keys.meta(session_id))
+        return _session_from(session_id, reply[1])
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         """A page of the user's live sessions, most recently active first.
@@ -635,6 +784,20 @@ class SessionStore:
                 continue
             live.append((codec.decode_session(session_id, meta, int(stored), int(ttl)), score))
         return live, dead
+
+
+# GetSession read_mask paths read from a meta field of their own.
+_META_OF_FIELD = {
+    "user_id": codec.MetaField.USER_ID.value,
+    "model": codec.MetaField.MODEL.value,
+    "title": codec.MetaField.TITLE.value,
+    "created_at": codec.MetaField.CREATED_AT.value,
+    "last_active": codec.MetaField.LAST_ACTIVE.value,
+    "message_count": codec.MetaField.MESSAGE_COUNT.value,
+    "token_count": codec.MetaField.TOKEN_COUNT.value,
+    "ttl_seconds": codec.MetaField.TTL_SECONDS.value,
+    "max_messages": codec.MetaField.MAX_MESSAGES.value,
+}
 
 
 def _listed_bytes(session: Session) -> int:
