@@ -334,3 +334,28 @@ async def test_without_at_seq_a_fork_copies_what_is_stored_even_when_the_newest_
     )
     fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
     assert (fork.message_count, fork.token_count, fork.messages_stored) == (2, 3, 2)
+
+
+async def test_a_fork_of_a_really_compacted_session_reads_like_its_source(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    """CompactMessages, then ForkSession: the fork's context is the source's, renumbered, and its
+    stored_bytes counts its LIST and its summary as a compaction does; it can be compacted again."""
+    await conversation(client, f"{uid}-src", uid)
+    summary = assistant("They settled on Oslo.", tokens=7)
+    await client.compact_messages(f"{uid}-src", 4, summary)
+    source = await client.get_context(f"{uid}-src")
+    fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
+    forked = await client.get_context(f"{uid}-f")
+    assert [m.content for m in forked.messages] == [m.content for m in source.messages]
+    assert [m.seq for m in forked.messages] == [1, 2, 3, 4, 5]
+    assert forked.messages[2].summarizes.first_seq == forked.messages[2].summarizes.last_seq == 3
+    assert forked.tokens == source.tokens == fork.token_count
+    listed = await client.list_messages(f"{uid}-f", page_size=10)
+    assert [m.seq for m in listed.messages] == [1, 2, 3, 4, 5]
+    stored = sum(len(item) for item in await raw.lrange(f"chat:{{{uid}-f}}", 0, -1))
+    stored += len(await raw.get(f"summary:{{{uid}-f}}") or b"")
+    assert int((await meta(raw, f"{uid}-f"))["stored_bytes"]) == stored
+    again = await client.compact_messages(f"{uid}-f", 4, assistant("Oslo, the Grand.", tokens=3))
+    assert (again.summary.summarizes.first_seq, again.summary.summarizes.last_seq) == (3, 4)
+    assert [m.seq for m in (await client.get_context(f"{uid}-f")).messages] == [1, 2, 4, 5]
