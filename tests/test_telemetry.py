@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import signal
 import socket
 import urllib.request
 from collections.abc import AsyncIterator
@@ -44,20 +45,22 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(running: RunningServer) -> Samples:
-    """Every sample of /metrics, by name and labels (the scope labels left out)."""
-    assert running.telemetry is not None
-    assert running.telemetry.metrics_port is not None
-    url = f"http://127.0.0.1:{running.telemetry.metrics_port}/metrics"
-
+async def metrics_text(port: int) -> str:
     def get() -> str:
-        with urllib.request.urlopen(url, timeout=5) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
             assert reply.status == 200
             text: str = reply.read().decode()
             return text
 
+    return await asyncio.to_thread(get)
+
+
+async def scrape(running: RunningServer) -> Samples:
+    """Every sample of /metrics, by name and labels (the scope labels left out)."""
+    assert running.telemetry is not None
+    assert running.telemetry.metrics_port is not None
     samples: Samples = {}
-    for family in text_string_to_metric_families(await asyncio.to_thread(get)):
+    for family in text_string_to_metric_families(await metrics_text(running.telemetry.metrics_port)):
         for sample in family.samples:
             labels = frozenset((k, v) for k, v in sample.labels.items() if not k.startswith("otel_scope"))
             samples[(sample.name, labels)] = sample.value
@@ -244,3 +247,25 @@ async def test_metrics_address_in_use_is_one_line() -> None:
     refusal = f"cannot listen on 127.0.0.1:{port} for metrics: Address already in use"
     assert [line for line in server.lines if line.endswith(refusal)], server.text
     assert "Traceback" not in server.text
+
+
+@pytest.mark.standalone_only
+async def test_each_worker_serves_its_own_metrics() -> None:
+    """Workers share the gRPC port but not the metrics one: worker N serves at PORT+N-1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    server = await ServerProcess.start(
+        "--listen", "127.0.0.1:0", "--workers", "2", "--metrics-listen", f"127.0.0.1:{base}"
+    )
+    try:
+        announced = await server.wait_for(
+            r"\[worker (\d) pid \d+\] .*metrics at http://127\.0\.0\.1:(\d+)/metrics", count=2
+        )
+        assert {m.group(1): int(m.group(2)) for m in announced} == {"1": base, "2": base + 1}
+        await server.wait_for(r"\[worker \d pid \d+\] .*serving on", count=2)
+        for port in (base, base + 1):
+            assert "\nchatsession_valkey_up{" in await metrics_text(port)
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code() == 0
