@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
@@ -40,6 +41,10 @@ from chatsession_server.errors import (
 )
 
 if TYPE_CHECKING:
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    Exporter = OTLPMetricExporter | OTLPSpanExporter
     from chatsession_server.api.quotas import WatchQuota
     from chatsession_server.settings import Settings
     from chatsession_server.store.feed import SessionFeed
@@ -60,6 +65,8 @@ SERVER_ERROR_CODES = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
+# How long a stopping server waits for the last metrics and spans to reach the collector.
+FLUSH_SECONDS = 3.0
 TRACE_ID: ContextVar[int] = ContextVar("chatsession_trace_id", default=0)
 """The trace id of the current call's span (0: none), for the access log, which runs outside it."""
 VALKEY_ERROR_KINDS: dict[type[Exception], str] = {
@@ -82,10 +89,12 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
         metrics_http: WSGIServer | None = None,
+        exporters: Sequence[Exporter] = (),
     ) -> None:
         self.meter_provider = meter_provider
         self.tracer_provider = tracer_provider
         self._metrics_http = metrics_http
+        self._exporters = exporters
         self.calls = CallMetrics(meter_provider) if meter_provider is not None else None
 
     @classmethod
@@ -99,6 +108,7 @@ class Telemetry:
         readers: list[MetricReader] = []
         metrics_http = None
         tracer_provider = None
+        exporters: tuple[Exporter, ...] = ()
         if settings.otlp_endpoint:
             # Imported only when asked for: the OTLP exporters pull in their generated protos.
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -106,11 +116,12 @@ class Telemetry:
             from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=settings.otlp_endpoint)))
+            metric_exporter = OTLPMetricExporter(endpoint=settings.otlp_endpoint)
+            span_exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint)
+            exporters = (metric_exporter, span_exporter)
+            readers.append(PeriodicExportingMetricReader(metric_exporter))
             tracer_provider = TracerProvider(resource=resource)
-            tracer_provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint))
-            )
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
         if settings.metrics_listen:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import CollectorRegistry, start_http_server
@@ -129,6 +140,7 @@ class Telemetry:
             meter_provider=MeterProvider(resource=resource, metric_readers=readers),
             tracer_provider=tracer_provider,
             metrics_http=metrics_http,
+            exporters=exporters,
         )
 
     @property
@@ -197,12 +209,23 @@ class Telemetry:
 
         connection.on_error = count
 
-    def shutdown(self) -> None:
-        """Flush and stop the exporters; stop serving `/metrics`."""
+    def shutdown(self, flush_seconds: float = FLUSH_SECONDS) -> None:
+        """Stop serving `/metrics`; export what is left, for up to `flush_seconds`."""
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
             self._metrics_http = None
+        flushing = threading.Thread(target=self._flush, name="chatsession-telemetry-flush")
+        flushing.start()
+        flushing.join(flush_seconds)
+        if flushing.is_alive():
+            # A collector that refuses connections would hold the SDK in its retries for many
+            # seconds: shutting the exporters down ends their waits.
+            for exporter in self._exporters:
+                exporter.shutdown()
+            flushing.join()
+
+    def _flush(self) -> None:
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
