@@ -25,15 +25,17 @@ from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
 from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
+from chatsession_server.api.observer import CallObserver, access_log
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.api.quotas import SessionQuota, WatchQuota
 from chatsession_server.api.servicer import SessionServicer
+from chatsession_server.api.telemetry import Telemetry
 from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.errors import StoreTimeout, StoreUnavailable
 from chatsession_server.listen_address import claim_listen_port
 from chatsession_server.ports import SessionStorage
-from chatsession_server.settings import Settings, ValkeyAddress
+from chatsession_server.settings import COMPRESSION_ALGORITHMS, Settings, ValkeyAddress
 from chatsession_server.store.feed import SessionFeed
 from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.session_store import SessionStore
@@ -55,30 +57,43 @@ class ValkeyNotAnswering(RuntimeError):
 # Waiting for Valkey at start: retry delays double from the first to the last.
 FIRST_RETRY_SECONDS = 0.2
 MAX_RETRY_SECONDS = 2.0
+REPLY_COMPRESSION = {
+    "identity": grpc.Compression.NoCompression,
+    "deflate": grpc.Compression.Deflate,
+    "gzip": grpc.Compression.Gzip,
+}
 # Failures that mean "Valkey is not (yet) there": wait and try again.
 _NOT_YET = (OSError, TimeoutError, StoreUnavailable, StoreTimeout, glide.GlideError)
 
 
 def grpc_options(settings: Settings, *, share_port: bool = False) -> list[tuple[str, int]]:
-    return [
+    options = [
         # gRPC turns SO_REUSEPORT on by default: a second server on a busy port would bind and
         # silently share it. Only the workers of one supervisor share a port.
         ("grpc.so_reuseport", int(share_port)),
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         # Replies are not capped here: a reply too big for a client fails on the client's side
         # (RESOURCE_EXHAUSTED) either way, and a cap here would add a traceback per call to our log.
-        # Keep idle connections (and, later, idle watch streams) alive through proxies.
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Keep idle connections (idle watch streams too) alive through proxies.
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(settings.keepalive_permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.keepalive_min_ping_interval_ms),
         ("grpc.http2.max_pings_without_data", 0),
+        # A call compressed with an algorithm not in the set is UNIMPLEMENTED.
+        (
+            "grpc.compression_enabled_algorithms_bitset",
+            sum(1 << COMPRESSION_ALGORITHMS.index(name) for name in settings.accepted_compression),
+        ),
         # grpc.aio picks up new calls one at a time; beyond 1000 waiting calls gRPC core cancels
         # them at random (soft limit) or all (hard limit). Thousands of watchers reconnecting at
         # once after a restart are normal here, so the limits follow the setting.
         ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
     ]
+    if settings.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
+    return options
 
 
 class _SessionServiceSlot(grpc.GenericRpcHandler):
@@ -141,6 +156,7 @@ class RunningServer:
     feed: SessionFeed
     watch_quota: WatchQuota
     auth: AuthInterceptor | None = None
+    telemetry: Telemetry | None = None
 
     async def stop(self, grace: float) -> None:
         # NOT_SERVING first, so load balancers stop sending new calls while we drain.
@@ -149,6 +165,8 @@ class RunningServer:
         await self.feed.close()
         await self.server.stop(grace)
         await self.connection.close()
+        if self.telemetry is not None:  # last: the drained calls are counted and exported
+            await asyncio.to_thread(self.telemetry.shutdown)
 
 
 @dataclass
@@ -161,6 +179,13 @@ class ListeningServer:
     slot: _SessionServiceSlot
     auth: AuthInterceptor | None
     watch_quota: WatchQuota
+    telemetry: Telemetry | None = None
+
+    async def abandon(self) -> None:
+        """Stop at once, never having served (start-up failed or was cancelled)."""
+        await self.server.stop(None)
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def connect(self, settings: Settings, valkey: ValkeyAddress) -> RunningServer:
         """Wait for Valkey (up to `valkey_startup_timeout`), wire the service, turn SERVING."""
@@ -186,15 +211,29 @@ class ListeningServer:
             heartbeat_seconds=settings.watch_heartbeat_seconds,
         )
         self.slot.fill(servicer)
+        if self.telemetry is not None:
+            self.telemetry.observe(self.watch_quota, feed, connection)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return RunningServer(
-            self.server, self.port, self.health, connection, store, feed, self.watch_quota, self.auth
+            self.server,
+            self.port,
+            self.health,
+            connection,
+            store,
+            feed,
+            self.watch_quota,
+            self.auth,
+            self.telemetry,
         )
 
 
-async def open_server(settings: Settings, *, share_port: bool = False) -> ListeningServer:
-    """Listen on `settings.listen` (port 0 picks a free port) with health NOT_SERVING."""
+async def open_server(
+    settings: Settings, *, share_port: bool = False, telemetry: Telemetry | None = None
+) -> ListeningServer:
+    """Listen on `settings.listen` (port 0 picks a free port) with health NOT_SERVING.
+
+    `telemetry`: providers of the caller's own (tests); by default what the settings ask for."""
     # Security files first: a bad one fails start-up before anything listens or connects.
     credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     auth = (
@@ -223,7 +262,34 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
         cert_callers=auth is not None and auth.callers.has_certificates,
     ):
         log.warning("%s", warning)
-    interceptors: list[aio.ServerInterceptor] = [ErrorMappingInterceptor(f"/{SERVICE_NAME}/")]
+    if telemetry is None:
+        telemetry = Telemetry.from_settings(settings)  # a metrics address in use fails here, in one line
+    try:
+        return await _listen(settings, credentials, auth, telemetry, share_port=share_port)
+    except BaseException:
+        if telemetry is not None:
+            telemetry.shutdown()
+        raise
+
+
+async def _listen(
+    settings: Settings,
+    credentials: grpc.ServerCredentials | None,
+    auth: AuthInterceptor | None,
+    telemetry: Telemetry | None,
+    *,
+    share_port: bool,
+) -> ListeningServer:
+    interceptors: list[aio.ServerInterceptor] = []
+    metrics = telemetry.calls if telemetry is not None else None
+    # Access-log lines are INFO: below that level the observer is not installed for them.
+    log_calls = settings.access_log and access_log.isEnabledFor(logging.INFO)
+    if metrics is not None or log_calls:
+        # Outermost: it sees the code the caller gets, whatever set it.
+        interceptors.append(CallObserver(metrics, access_log=log_calls))
+    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/"))
+    if telemetry is not None:
+        interceptors.extend(telemetry.tracing_interceptors(SERVICE_NAME))
     if auth is not None:
         interceptors.append(auth)
     # After auth: a caller that is turned away does not hold a place.
@@ -233,7 +299,11 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
         max_per_connection=settings.max_watchers_per_connection,
     )
     interceptors.append(watch_quota)
-    server = aio.server(interceptors=interceptors, options=grpc_options(settings, share_port=share_port))
+    server = aio.server(
+        interceptors=interceptors,
+        options=grpc_options(settings, share_port=share_port),
+        compression=REPLY_COMPRESSION[settings.default_compression],
+    )
     slot = _SessionServiceSlot()
     server.add_generic_rpc_handlers([slot])
     health_servicer = health.aio.HealthServicer()
@@ -250,16 +320,18 @@ async def open_server(settings: Settings, *, share_port: bool = False) -> Listen
     except RuntimeError as exc:
         raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
     await server.start()
-    return ListeningServer(server, port, health_servicer, slot, auth, watch_quota)
+    return ListeningServer(server, port, health_servicer, slot, auth, watch_quota, telemetry)
 
 
-async def start_server(settings: Settings, valkey: ValkeyAddress) -> RunningServer:
+async def start_server(
+    settings: Settings, valkey: ValkeyAddress, *, telemetry: Telemetry | None = None
+) -> RunningServer:
     """Listen on `settings.listen` (port 0 picks a free port), connect to Valkey, serve."""
-    listening = await open_server(settings)
+    listening = await open_server(settings, telemetry=telemetry)
     try:
         return await listening.connect(settings, valkey)
     except BaseException:
-        await listening.server.stop(None)
+        await listening.abandon()
         raise
 
 
@@ -387,13 +459,16 @@ async def serve(settings: Settings, *, share_port: bool = False) -> None:
         listening = await open_server(settings, share_port=share_port)
         host = settings.listen_host
         log.info("listening on %s:%d; connecting to Valkey at %s", host, listening.port, valkey.redacted())
+        if listening.telemetry is not None and listening.telemetry.metrics_port is not None:
+            log.info("metrics at http://%s:%d/metrics", settings.metrics_listen.rpartition(":")[0],
+                     listening.telemetry.metrics_port)  # fmt: skip
         try:
             running = await _unless_stopped(listening.connect(settings, valkey), stopping)
         except BaseException:
-            await listening.server.stop(None)
+            await listening.abandon()
             raise
         if running is None:
-            await listening.server.stop(None)
+            await listening.abandon()
         else:
             log.info("chatsession serving on %s:%d (Valkey %s)", host, running.port, valkey.redacted())
             if running.auth is not None:

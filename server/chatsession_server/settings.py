@@ -21,6 +21,9 @@ from chatsession_server.store.keys import KeySpace
 
 ENV_PREFIX = "CHATSESSION_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+# gRPC's compression algorithms, in the order of its bitset (grpc_compression_algorithm).
+COMPRESSION_ALGORITHMS = ("identity", "deflate", "gzip")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +241,43 @@ class Settings:
         ),
     )
 
+    # -- observability (README "Observability"): metrics, traces, logs; and gRPC server options.
+    metrics_listen: str = field(
+        default="",
+        metadata=_meta(
+            "HOST:PORT serving Prometheus text at /metrics (worker N of --workers: PORT+N-1); empty: none"
+        ),
+    )
+    otlp_endpoint: str = field(
+        default="",
+        metadata=_meta("OTLP/gRPC collector for metrics and traces, e.g. http://otel:4317; empty: none"),
+    )
+    log_format: str = field(default="text", metadata=_meta("text or json (one JSON object per line)"))
+    access_log: bool = field(default=True, metadata=_meta("one log line per RPC (--access-log false: none)"))
+    keepalive_time_ms: int = field(
+        default=30_000, metadata=_meta("ping a connection idle this long, to keep it through proxies")
+    )
+    keepalive_timeout_ms: int = field(
+        default=10_000, metadata=_meta("close a connection whose ping is not answered within this")
+    )
+    keepalive_permit_without_calls: bool = field(
+        default=True, metadata=_meta("let clients ping (and the server ping) connections with no call open")
+    )
+    keepalive_min_ping_interval_ms: int = field(
+        default=10_000,
+        metadata=_meta("closest client pings may come without data (GOAWAY too_many_pings below it)"),
+    )
+    max_concurrent_streams: int = field(
+        default=0, metadata=_meta("most calls open at once on one HTTP/2 connection; 0: gRPC's default")
+    )
+    compression_algorithms: str = field(
+        default="identity,deflate,gzip",
+        metadata=_meta("compression accepted from clients (identity is always accepted), comma-separated"),
+    )
+    default_compression: str = field(
+        default="identity", metadata=_meta("compression of replies: identity, deflate or gzip")
+    )
+
     def __post_init__(self) -> None:
         host, _, port = self.listen.rpartition(":")
         if not host or (host.startswith("[") != host.endswith("]")) or not port.lstrip("-").isdigit():
@@ -295,6 +335,37 @@ class Settings:
                 f"no Valkey configured: set --valkey-url ({ENV_PREFIX}VALKEY_URL), or --embedded-valkey "
                 f"({ENV_PREFIX}EMBEDDED_VALKEY=1) for a private valkey-server whose data is not kept"
             )
+
+        self._check_observability()
+
+    def _check_observability(self) -> None:
+        if self.metrics_listen:
+            host, _, port = self.metrics_listen.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"metrics_listen must be HOST:PORT, got {self.metrics_listen!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        for name in ("keepalive_time_ms", "keepalive_timeout_ms", "keepalive_min_ping_interval_ms"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_concurrent_streams < 0:
+            raise ValueError("max_concurrent_streams must not be negative (0: gRPC's default)")
+        unknown = set(self.accepted_compression) - set(COMPRESSION_ALGORITHMS)
+        if unknown:
+            raise ValueError(
+                f"compression_algorithms: unknown {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(COMPRESSION_ALGORITHMS)})"
+            )
+        if self.default_compression not in self.accepted_compression:
+            raise ValueError(
+                f"default_compression must be one of compression_algorithms, got {self.default_compression!r}"
+            )
+
+    @property
+    def accepted_compression(self) -> tuple[str, ...]:
+        """The algorithms of --compression-algorithms, identity always among them."""
+        names = [name.strip() for name in self.compression_algorithms.split(",") if name.strip()]
+        return tuple(dict.fromkeys(["identity", *names]))
 
     def _check_valkey_security(self, address: ValkeyAddress | None) -> None:
         """The Valkey TLS and password options fit together (the messages never hold a secret)."""

@@ -75,6 +75,7 @@ class SessionFeed:
         self._channels: dict[str, _Channel] = {}
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self.resyncs = 0  # times the poll sent a session's watchers back to the LIST (telemetry reads it)
 
     @classmethod
     async def start(
@@ -121,6 +122,11 @@ class SessionFeed:
     @property
     def watcher_count(self) -> int:
         return sum(len(c.watchers) for c in self._channels.values())
+
+    @property
+    def subscriptions(self) -> int:
+        """Sessions watched here, one pub/sub channel each."""
+        return len(self._channels)
 
     async def join(self, session_id: str) -> Subscription:
         """Register a watcher; returns once this process is subscribed to the session's channel."""
@@ -201,6 +207,8 @@ class SessionFeed:
             if count is None:
                 event: FeedEvent = Deleted()
             elif int(count) > channel.last_seq:
+                # Counted when this process had heard of the session's appends: a publish was missed.
+                self.resyncs += channel.last_seq > 0
                 channel.last_seq = int(count)
                 event = Behind(int(count))
             else:

@@ -169,6 +169,8 @@ class ValkeyConnection:
         self._closed = False
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = wait_timeout_ms
+        # Told of each failed call (telemetry counts them by kind); the store knows no metrics.
+        self.on_error: Callable[[Exception], None] = lambda exc: None
 
     @classmethod
     async def connect(
@@ -179,6 +181,18 @@ class ValkeyConnection:
         return cls(client, address, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms)
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await self._request(make)
+        except Exception as exc:
+            self.on_error(exc)
+            raise
+
+    @property
+    def reachable(self) -> bool:
+        """False while Valkey is known down (standalone: calls fail at once until it answers)."""
+        return self._down is None
+
+    async def _request(self, make: Callable[[], Awaitable[T]]) -> T:
         """Run one request; tell "Valkey is gone" (UNAVAILABLE) from "Valkey is slow" (timeout).
 
         Standalone: while Valkey is down GLIDE only reports timeouts, so a timeout triggers a

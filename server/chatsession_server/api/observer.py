@@ -1,0 +1,155 @@
+"""CallObserver: times every call to its status, for the RPC metrics and the access log.
+
+One interceptor, outermost, so it sees the code the caller gets (after the error mapping and
+auth) and one clock serves both. A stream is one line and one measurement, when it ends.
+
+An access-log line holds the method, code, duration, the request's `session_id` and `request_id`
+(ids the caller chose, never message contents), the peer, the users an authenticated caller may
+act for (never its token) and the trace id (of the call's span, or of the caller's `traceparent`
+when tracing is off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from chatsession_server.api.auth import CALLER
+from chatsession_server.api.interceptors import Handler, WrappingInterceptor
+from chatsession_server.api.telemetry import TRACE_ID, CallMetrics
+
+ACCESS_LOGGER = "chatsession_server.access"
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class CallObserver(WrappingInterceptor):
+    def __init__(self, metrics: CallMetrics | None, *, access_log: bool) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._access_log = access_log
+
+    def applies(self, method: str, handler: Handler) -> bool:
+        return True
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        # grpc's stubs type the behaviours as sync callables; they are coroutines or async generators.
+        if handler.unary_unary:
+            respond: Any = handler.unary_unary
+
+            async def unary(request: Any, context: Context) -> Any:
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    return await respond(request, context)
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    raise
+                finally:
+                    self._done(method, code, start, request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            produce: Any = handler.unary_stream
+
+            async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    async for item in produce(request, context):
+                        yield item
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    raise
+                finally:
+                    self._done(method, code, start, request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                generate,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            write: Any = handler.unary_stream  # a coroutine that writes (the error mapping's)
+
+            async def stream(request: Any, context: Context) -> None:
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    await write(request, context)
+                except BaseException as exc:
+                    code = _code_of(exc, context)
+                    raise
+                finally:
+                    self._done(method, code, start, request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client streaming (reflection): neither measured nor logged
+
+    def _done(self, method: str, code: grpc.StatusCode, start: float, request: Any, context: Context) -> None:
+        seconds = time.perf_counter() - start
+        if self._metrics is not None:
+            self._metrics.record(method, code, seconds)
+        if self._access_log and access_log.isEnabledFor(logging.INFO):
+            _log_call(method, code, seconds, request, context)
+
+
+def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
+    if isinstance(exc, aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN  # what grpc.aio answers an exception that escapes
+
+
+def _log_call(method: str, code: grpc.StatusCode, seconds: float, request: Any, context: Context) -> None:
+    # getattr: the request may be another service's message, raw bytes (a call refused before
+    # parsing) or a stand-in for one that did not parse.
+    session_id = getattr(request, "session_id", None)
+    if session_id is None:  # UpdateSession names it inside its session
+        session_id = getattr(getattr(request, "session", None), "session_id", "")
+    grant = CALLER.get()
+    fields = {
+        "method": method,
+        "code": code.name,
+        "duration_ms": round(seconds * 1000, 3),
+        "session_id": session_id or "",
+        "request_id": getattr(request, "request_id", "") or "",
+        "peer": context.peer(),
+        "user": ("*" if grant.every_user else ",".join(sorted(grant.users))) if grant else "",
+        "trace_id": _trace_id(context),
+    }
+    text = " ".join(f"{key}={value}" for key, value in fields.items() if value != "" and key != "method")
+    access_log.info("%s %s", method, text, extra={"access": fields})
+
+
+def _trace_id(context: Context) -> str:
+    traced = TRACE_ID.get()
+    if traced:
+        return f"{traced:032x}"
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":  # version-traceid-parentid-flags (W3C)
+            parts = str(value).split("-")
+            if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+                try:
+                    int(parts[1], 16)
+                except ValueError:
+                    return ""
+                return parts[1].lower()
+    return ""

@@ -1,0 +1,271 @@
+"""OpenTelemetry: Prometheus text at /metrics, the caller's trace continued into server spans."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import socket
+import urllib.request
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from glide import GlideClient
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession.v1 import session_service_pb2_grpc
+from chatsession_client import (
+    NO_RETRY,
+    InvalidArgumentError,
+    NotFoundError,
+    SessionClient,
+    UnavailableError,
+    user,
+)
+from chatsession_server.api.telemetry import Telemetry
+from chatsession_server.app import RunningServer, start_server
+from chatsession_server.embedded import EmbeddedValkey
+from chatsession_server.settings import Settings, ValkeyAddress
+from chatsession_server.store import keys
+from tests.helpers import raises, serving
+from tests.processes import ServerProcess
+
+SERVICE = "chatsession.v1.SessionService"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN_ID = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def metrics_text(port: int) -> str:
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert reply.status == 200
+            text: str = reply.read().decode()
+            return text
+
+    return await asyncio.to_thread(get)
+
+
+async def scrape(running: RunningServer) -> Samples:
+    """Every sample of /metrics, by name and labels (the scope labels left out)."""
+    assert running.telemetry is not None
+    assert running.telemetry.metrics_port is not None
+    samples: Samples = {}
+    for family in text_string_to_metric_families(await metrics_text(running.telemetry.metrics_port)):
+        for sample in family.samples:
+            labels = frozenset((k, v) for k, v in sample.labels.items() if not k.startswith("otel_scope"))
+            samples[(sample.name, labels)] = sample.value
+    return samples
+
+
+def calls(samples: Samples, method: str, code: str) -> float:
+    labels = frozenset(
+        {
+            ("rpc_system", "grpc"),
+            ("rpc_service", SERVICE),
+            ("rpc_method", method),
+            ("rpc_response_status_code", code),
+        }
+    )
+    return samples.get(("rpc_server_call_duration_seconds_count", labels), 0.0)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+async def metered(settings: Settings, valkey_url: str) -> AsyncIterator[RunningServer]:
+    async with serving(settings, valkey_url, metrics_listen="127.0.0.1:0", watch_poll_seconds=0.1) as running:
+        yield running
+
+
+async def test_off_by_default(server: RunningServer) -> None:
+    assert server.telemetry is None
+
+
+async def test_metrics_count_calls_by_method_and_code(metered: RunningServer, uid: str) -> None:
+    async with SessionClient(f"127.0.0.1:{metered.port}") as client:
+        session = await client.create_session("alice", session_id=uid)
+        for _ in range(3):
+            await client.get_session(session.session_id)
+        for _ in range(2):
+            await raises(NotFoundError, client.get_session(f"{uid}-missing"))
+        await raises(InvalidArgumentError, client.append(uid, [user("")]))
+    samples = await scrape(metered)
+    assert calls(samples, "CreateSession", "OK") == 1
+    assert calls(samples, "GetSession", "OK") == 3
+    assert calls(samples, "GetSession", "NOT_FOUND") == 2
+    assert calls(samples, "AppendMessages", "INVALID_ARGUMENT") == 1
+    assert calls(samples, "AppendMessages", "OK") == 0
+    # A latency histogram: cumulative buckets ending in +Inf with every call.
+    labels = {
+        "rpc_system": "grpc",
+        "rpc_service": SERVICE,
+        "rpc_method": "GetSession",
+        "rpc_response_status_code": "OK",
+    }
+    assert value(samples, "rpc_server_call_duration_seconds_bucket", **labels, le="+Inf") == 3
+    assert value(samples, "rpc_server_call_duration_seconds_sum", **labels) > 0
+    assert value(samples, "chatsession_valkey_up") == 1
+
+
+async def test_watch_gauges_and_resyncs(metered: RunningServer, raw: GlideClient, uid: str) -> None:
+    """A watcher is counted while open; appends pub/sub never announced (here: message_count
+    raised behind the server's back) are found by the poll and counted as a resync."""
+    async with SessionClient(f"127.0.0.1:{metered.port}") as client:
+        await client.create_session("alice", session_id=uid)
+        seen: asyncio.Queue[int] = asyncio.Queue()
+
+        async def watch() -> None:
+            async for event in client.watch(uid, after_seq=0, include_heartbeats=True):
+                # The first heartbeat says the watch is live (subscribed): 0 stands for it.
+                await seen.put(event.message.seq if event.HasField("message") else 0)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            assert await asyncio.wait_for(seen.get(), 10) == 0
+            await client.append(uid, [user("one")])
+            assert await asyncio.wait_for(seen.get(), 10) == 1  # heard through pub/sub
+            samples = await scrape(metered)
+            assert value(samples, "chatsession_watchers") == 1
+            assert value(samples, "chatsession_watch_subscriptions") == 1
+            resyncs_before = value(samples, "chatsession_watch_resyncs_total")
+            await raw.hincrby(keys.KeySpace().meta(uid), "message_count", 1)
+            for _ in range(100):
+                samples = await scrape(metered)
+                if value(samples, "chatsession_watch_resyncs_total") > resyncs_before:
+                    break
+                await asyncio.sleep(0.05)
+            assert value(samples, "chatsession_watch_resyncs_total") == resyncs_before + 1
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        for _ in range(100):  # the stream ends on the server shortly after the client cancels
+            if value(await scrape(metered), "chatsession_watchers") == 0:
+                break
+            await asyncio.sleep(0.05)
+        samples = await scrape(metered)
+        assert value(samples, "chatsession_watchers") == 0
+        assert calls(samples, "WatchMessages", "CANCELLED") == 1
+
+
+@pytest.mark.standalone_only
+async def test_valkey_errors_and_state() -> None:
+    with EmbeddedValkey() as valkey:
+        settings = Settings(
+            listen="127.0.0.1:0",
+            valkey_timeout_ms=500,
+            valkey_connect_timeout_ms=500,
+            metrics_listen="127.0.0.1:0",
+        )
+        running = await start_server(settings, ValkeyAddress.parse(valkey.url))
+        try:
+            async with SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as client:
+                await client.create_session("alice", session_id="before")
+                valkey.kill()
+                for _ in range(3):
+                    await raises(UnavailableError, client.get_session("before"))
+            samples = await scrape(running)
+            assert value(samples, "chatsession_valkey_up") == 0
+            assert value(samples, "chatsession_valkey_errors_total", error_type="unavailable") == 3
+            assert calls(samples, "GetSession", "UNAVAILABLE") == 3
+        finally:
+            await running.stop(0.5)
+
+
+async def test_traceparent_continues_into_server_spans(settings: Settings, valkey_url: str, uid: str) -> None:
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    running = await start_server(
+        dataclasses.replace(settings, listen="127.0.0.1:0"),
+        ValkeyAddress.parse(valkey_url),
+        telemetry=Telemetry(tracer_provider=tracer_provider),
+    )
+    metadata = (("traceparent", TRACEPARENT),)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = session_service_pb2_grpc.SessionServiceStub(channel)
+            await stub.CreateSession(
+                pb.CreateSessionRequest(user_id="alice", session_id=uid), metadata=metadata
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.GetSession(pb.GetSessionRequest(session_id=f"{uid}-missing"), metadata=metadata)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            # A stream under the tracing interceptor: its events still flow, its span ends with it.
+            watch = stub.WatchMessages(
+                pb.WatchMessagesRequest(session_id=uid, after_seq=0), metadata=metadata
+            )
+            first = await watch.read()
+            assert isinstance(first, pb.WatchMessagesResponse)
+            assert first.HasField("heartbeat")
+            watch.cancel()
+            await stub.GetSession(pb.GetSessionRequest(session_id=uid))  # no traceparent: a trace of its own
+    finally:
+        await running.stop(1.0)
+    spans: dict[str, list[ReadableSpan]] = {}
+    for span in exporter.get_finished_spans():
+        spans.setdefault(span.name.rpartition("/")[2], []).append(span)
+    create, watched = spans["CreateSession"][0], spans["WatchMessages"][0]
+    missing_span, own = spans["GetSession"]
+    for span in (create, missing_span, watched):
+        assert span.context is not None
+        assert span.parent is not None
+        assert f"{span.context.trace_id:032x}" == TRACE_ID
+        assert f"{span.parent.span_id:016x}" == PARENT_SPAN_ID
+        assert span.parent.is_remote
+    assert own.context is not None
+    assert f"{own.context.trace_id:032x}" != TRACE_ID
+    assert own.parent is None
+    assert create.attributes is not None
+    assert create.attributes["rpc.grpc.status_code"] == 0
+    # NOT_FOUND is the caller's mistake: the code is on the span, which is not an error.
+    assert missing_span.attributes is not None
+    assert missing_span.attributes["rpc.grpc.status_code"] == 5
+    assert missing_span.status.status_code != StatusCode.ERROR
+    assert create.attributes["rpc.method"] == "CreateSession"
+
+
+async def test_metrics_address_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = await ServerProcess.start("--listen", "127.0.0.1:0", "--metrics-listen", f"127.0.0.1:{port}")
+        assert await server.exit_code() == 1
+    refusal = f"cannot listen on 127.0.0.1:{port} for metrics: Address already in use"
+    assert [line for line in server.lines if line.endswith(refusal)], server.text
+    assert "Traceback" not in server.text
+
+
+@pytest.mark.standalone_only
+async def test_each_worker_serves_its_own_metrics() -> None:
+    """Workers share the gRPC port but not the metrics one: worker N serves at PORT+N-1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    server = await ServerProcess.start(
+        "--listen", "127.0.0.1:0", "--workers", "2", "--metrics-listen", f"127.0.0.1:{base}"
+    )
+    try:
+        announced = await server.wait_for(
+            r"\[worker (\d) pid \d+\] .*metrics at http://127\.0\.0\.1:(\d+)/metrics", count=2
+        )
+        assert {m.group(1): int(m.group(2)) for m in announced} == {"1": base, "2": base + 1}
+        await server.wait_for(r"\[worker \d pid \d+\] .*serving on", count=2)
+        for port in (base, base + 1):
+            assert "\nchatsession_valkey_up{" in await metrics_text(port)
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code() == 0
