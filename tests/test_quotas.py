@@ -256,6 +256,7 @@ async def test_sessions_per_user_are_limited_at_create(
         refused = f"{uid}-third"
         error = await raises(ResourceExhaustedError, client.create_session(alice, session_id=refused))
         assert "--max-sessions-per-user" in error.message
+        assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [("max_sessions_per_user", 2)]
         assert await session_keys_exist(raw, refused) == 0
         assert await raw.zscore(f"user_sessions:{{{alice}}}", refused) is None
         assert [s.session_id async for s in client.iter_sessions(alice)] == [

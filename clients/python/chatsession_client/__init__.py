@@ -34,6 +34,7 @@ from chatsession_client.errors import (
     UnimplementedError,
 )
 from chatsession_client.retry import NO_RETRY, Retry
+from chatsession_client.sync import SyncSessionClient
 
 __all__ = [
     "NO_RETRY",
@@ -58,6 +59,7 @@ __all__ = [
     "SeqMismatchError",
     "Session",
     "SessionClient",
+    "SyncSessionClient",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
