@@ -6,7 +6,6 @@ each client does the waiting its own way (asyncio.sleep or time.sleep)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,17 +27,16 @@ class Retry:
         default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
     )
 
-    def start(self, now: float, jitter: Callable[[float, float], float] = random.uniform) -> Backoff:
+    def start(self, now: float) -> Backoff:
         """The retry state of one call begun at `now` (a monotonic clock reading)."""
-        return Backoff(self, now, jitter)
+        return Backoff(self, now)
 
 
 class Backoff:
     """Where one call (or one watch, since its last event) stands in its retry policy."""
 
-    def __init__(self, policy: Retry, now: float, jitter: Callable[[float, float], float]) -> None:
+    def __init__(self, policy: Retry, now: float) -> None:
         self._policy = policy
-        self._jitter = jitter
         self.restart(now)
 
     def restart(self, now: float) -> None:
@@ -58,7 +56,7 @@ class Backoff:
         than the server's RetryInfo asked for."""
         if error.code not in self._policy.codes:
             return None
-        sleep = self._jitter(0, self._backoff)
+        sleep = random.uniform(0, self._backoff)
         if error.retry_delay is not None:
             sleep = max(sleep, error.retry_delay)
         if now + sleep >= self._end:
