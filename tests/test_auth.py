@@ -155,7 +155,7 @@ async def test_missing_or_unknown_token_is_unauthenticated_and_writes_nothing(
             error = await raises(UnauthenticatedError, c.get_session(own.session_id))
             assert ("no credentials" if token is None else "unknown token") in error.message
             await raises(UnauthenticatedError, c.create_session(ALICE, session_id=f"{own.session_id}-2"))
-            await raises(UnauthenticatedError, c.list_sessions_page(ALICE))
+            await raises(UnauthenticatedError, c.list_sessions(ALICE))
             await raises(UnauthenticatedError, c.append(own.session_id, [user("sneaky")]))
             await raises(UnauthenticatedError, c.delete_session(own.session_id))
             await raises(UnauthenticatedError, first_event(c, own.session_id))
@@ -248,7 +248,7 @@ async def test_listing_or_creating_for_another_user_is_permission_denied(
     await bob.create_session(BOB, session_id=f"{uid}-b")
     index_before = await raw.zcard(f"user_sessions:{{{BOB}}}")
 
-    error = await raises(PermissionDeniedError, alice.list_sessions_page(BOB))
+    error = await raises(PermissionDeniedError, alice.list_sessions(BOB))
     assert BOB in error.message
     await raises(PermissionDeniedError, alice.create_session(BOB, session_id=f"{uid}-forged"))
 
@@ -263,7 +263,7 @@ async def test_a_caller_may_act_for_each_of_its_users(alice: SessionClient, uid:
         assert (await first_event(alice, session.session_id)).message.content == "hello"
         assert [m.content for m in (await alice.list_messages(session.session_id)).messages] == ["hello"]
         assert (await alice.update_session(session.session_id, title="t2")).title == "t2"
-        assert session.session_id in [s.session_id async for s in alice.list_sessions(owner)]
+        assert session.session_id in [s.session_id async for s in alice.iter_sessions(owner)]
         await alice.delete_session(session.session_id)
         await raises(NotFoundError, alice.get_session(session.session_id))
 
@@ -274,7 +274,7 @@ async def test_star_may_act_for_every_user(
     session = await bob.create_session(BOB, session_id=f"{uid}-s")
     await service.append(session.session_id, [user("from the service")])
     assert (await service.get_session(session.session_id)).message_count == 1
-    assert session.session_id in [s.session_id async for s in service.list_sessions(BOB)]
+    assert session.session_id in [s.session_id async for s in service.iter_sessions(BOB)]
     created = await service.create_session(ALICE, session_id=f"{uid}-for-alice")
     assert created.user_id == ALICE
     await service.delete_session(session.session_id)
@@ -295,13 +295,13 @@ async def test_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones(
         target = f"127.0.0.1:{running.port}"
         assert running.auth is not None
         async with client_for(target, ALICE_TOKEN) as old, client_for(target, new_token) as new:
-            await old.list_sessions_page(ALICE)
-            await raises(UnauthenticatedError, new.list_sessions_page(ALICE))
+            await old.list_sessions(ALICE)
+            await raises(UnauthenticatedError, new.list_sessions(ALICE))
 
             path.write_text(f"# rotated\n{new_token} {ALICE}\n")
             assert running.auth.reload()
-            await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
-            await new.list_sessions_page(ALICE)
+            await raises(UnauthenticatedError, old.list_sessions(ALICE))
+            await new.list_sessions(ALICE)
 
             caplog.clear()
             path.write_text(f"{ALICE_TOKEN} {ALICE}\n{new_token}\n")
@@ -310,8 +310,8 @@ async def test_reload_swaps_tokens_and_a_bad_file_keeps_the_old_ones(
             assert len(errors) == 1
             assert "line 2" in errors[0].getMessage()
             assert "keeping the previous 1 callers" in errors[0].getMessage()
-            await new.list_sessions_page(ALICE)  # the table before the bad file still holds
-            await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
+            await new.list_sessions(ALICE)  # the table before the bad file still holds
+            await raises(UnauthenticatedError, old.list_sessions(ALICE))
     assert ALICE_TOKEN not in caplog.text
     assert new_token not in caplog.text
 
@@ -376,12 +376,12 @@ async def test_sighup_reloads_the_tokens_file_of_a_running_process(tmp_path: Pat
         [serving] = await server.wait_for(r"serving on [\d.]+:(\d+)")
         target = f"127.0.0.1:{serving.group(1)}"
         async with client_for(target, ALICE_TOKEN) as old, client_for(target, new_token) as new:
-            await old.list_sessions_page(ALICE)
+            await old.list_sessions(ALICE)
             path.write_text(f"{new_token} {ALICE}\n")
             server.proc.send_signal(signal.SIGHUP)
             await server.wait_for("reloaded", timeout=20)
-            await new.list_sessions_page(ALICE)
-            await raises(UnauthenticatedError, old.list_sessions_page(ALICE))
+            await new.list_sessions(ALICE)
+            await raises(UnauthenticatedError, old.list_sessions(ALICE))
         server.proc.send_signal(signal.SIGTERM)
         assert await server.exit_code(20) == 0
         assert ALICE_TOKEN not in server.text

@@ -40,7 +40,7 @@ def fail_index_step(monkeypatch: pytest.MonkeyPatch, store: SessionStore, name: 
 
 
 async def listed(client: SessionClient, user_id: str) -> list[str]:
-    return [s.session_id async for s in client.list_sessions(user_id)]
+    return [s.session_id async for s in client.iter_sessions(user_id)]
 
 
 async def age(raw: GlideClient, index: str, session_id: str, seconds: float) -> None:

@@ -41,7 +41,7 @@ def new(uid: str, session_id: str) -> NewSession:
 
 
 async def listed(client: SessionClient, user_id: str) -> list[str]:
-    return [s.session_id async for s in client.list_sessions(user_id)]
+    return [s.session_id async for s in client.iter_sessions(user_id)]
 
 
 async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slower_clock(

@@ -41,7 +41,7 @@ async def test_paging_lists_every_live_session_when_a_score_is_repaired_mid_page
     await client.create_session(uid, session_id=f"{uid}-a")
     await client.create_session(uid, session_id=f"{uid}-a2")
 
-    first = await client.list_sessions_page(uid, page_size=2)
+    first = await client.list_sessions(uid, page_size=2)
     seen = [s.session_id for s in first.sessions]
 
     async def broken(*args: Any) -> None:
@@ -52,7 +52,7 @@ async def test_paging_lists_every_live_session_when_a_score_is_repaired_mid_page
     monkeypatch.undo()
     token = first.next_page_token
     while token:
-        page = await client.list_sessions_page(uid, page_size=2, page_token=token)
+        page = await client.list_sessions(uid, page_size=2, page_token=token)
         seen += [s.session_id for s in page.sessions]
         token = page.next_page_token
     assert skipped.session_id in seen, seen

@@ -99,7 +99,9 @@ async def test_context_budget_edges(client: SessionClient, uid: str) -> None:
     assert (seqs(prompt_only.messages), prompt_only.tokens, prompt_only.truncated) == ([1], 5, True)
 
     error = await raises(FailedPreconditionError, client.get_context(sid, max_tokens=4))
-    assert [(t, s) for t, s, _ in error.precondition_failures] == [("CONTEXT_OVER_BUDGET", "max_tokens")]
+    assert [(v.type, v.subject) for v in error.precondition_violations] == [
+        ("CONTEXT_OVER_BUDGET", "max_tokens")
+    ]
 
 
 async def test_context_of_an_empty_session_and_a_missing_one(client: SessionClient, uid: str) -> None:
@@ -183,7 +185,7 @@ async def test_compaction_refusals_change_nothing(client: SessionClient, raw: Gl
     ]
     for up_to, kind in cases:
         error = await raises(FailedPreconditionError, client.compact_messages(sid, up_to, system("S.")))
-        assert [(t, s) for t, s, _ in error.precondition_failures] == [(kind, "up_to_seq")]
+        assert [(v.type, v.subject) for v in error.precondition_violations] == [(kind, "up_to_seq")]
     bad: list[tuple[Awaitable[Any], set[str]]] = [
         (client.compact_messages(sid, 0, system("S.")), {"up_to_seq"}),
         (client.compact_messages(sid, 5, user("S.")), {"summary.role"}),
@@ -220,15 +222,15 @@ async def test_compaction_retry_is_idempotent(client: SessionClient, raw: GlideC
     error = await raises(
         FailedPreconditionError, client.compact_messages(sid, 5, system("T."), request_id="compact-1")
     )
-    assert error.precondition_failures[0][0] == "REQUEST_ID_REUSED"
+    assert error.precondition_violations[0].type == "REQUEST_ID_REUSED"
     # An append's request_id is not a compaction's, nor the other way round.
     await client.append(sid, [user("more")], request_id="turn-7")
     error = await raises(
         FailedPreconditionError, client.compact_messages(sid, 5, system("T."), request_id="turn-7")
     )
-    assert error.precondition_failures[0][0] == "REQUEST_ID_REUSED"
+    assert error.precondition_violations[0].type == "REQUEST_ID_REUSED"
     error = await raises(FailedPreconditionError, client.append(sid, [user("x")], request_id="compact-1"))
-    assert error.precondition_failures[0][0] == "REQUEST_ID_REUSED"
+    assert error.precondition_violations[0].type == "REQUEST_ID_REUSED"
 
 
 async def test_compaction_racing_appends_loses_and_repeats_nothing(

@@ -76,7 +76,7 @@ async def test_a_fork_copies_metadata_prompt_and_messages_up_to_at_seq(
     assert 0 < await raw.ttl(f"chat:{{{uid}-f}}") <= TTL
     assert 0 < await raw.ttl(f"meta:{{{uid}-f}}") <= TTL
     assert await index_score(raw, uid, f"{uid}-f") is not None
-    assert [s.session_id async for s in client.list_sessions(uid)] == [f"{uid}-f", f"{uid}-src"]
+    assert [s.session_id async for s in client.iter_sessions(uid)] == [f"{uid}-f", f"{uid}-src"]
     # The fork is a session like any other, the source is unchanged.
     appended = await client.append(fork.session_id, [user("Bergen instead?")])
     assert appended.messages[0].seq == 5
@@ -117,7 +117,10 @@ async def test_at_seq_beyond_the_last_is_a_failed_precondition_and_writes_nothin
     error = await raises(
         FailedPreconditionError, client.fork_session(f"{uid}-src", at_seq=7, new_session_id=f"{uid}-f")
     )
-    assert error.precondition_failures[0][:2] == ("AT_SEQ_BEYOND_LAST", "at_seq")
+    assert (error.precondition_violations[0].type, error.precondition_violations[0].subject) == (
+        "AT_SEQ_BEYOND_LAST",
+        "at_seq",
+    )
     assert await session_keys_exist(raw, f"{uid}-f") == 0
     assert await index_score(raw, uid, f"{uid}-f") is None
 
@@ -133,7 +136,7 @@ async def test_a_seq_the_window_trimmed_is_a_failed_precondition_and_one_after_i
             FailedPreconditionError,
             client.fork_session(f"{uid}-src", at_seq=trimmed, new_session_id=f"{uid}-f"),
         )
-        assert error.precondition_failures[0][0] == "AT_SEQ_TRIMMED"
+        assert error.precondition_violations[0].type == "AT_SEQ_TRIMMED"
     assert await session_keys_exist(raw, f"{uid}-f") == 0
     fork = (await client.fork_session(f"{uid}-src", at_seq=5, new_session_id=f"{uid}-f")).session
     assert (fork.message_count, fork.token_count, fork.max_messages) == (3, 1 + 2 + 5, 4)
@@ -173,7 +176,7 @@ async def test_a_summary_is_copied_renumbered_after_the_prompt(
     error = await raises(
         FailedPreconditionError, client.fork_session(f"{uid}-src", at_seq=3, new_session_id=f"{uid}-x")
     )
-    assert error.precondition_failures[0][0] == "AT_SEQ_TRIMMED"
+    assert error.precondition_violations[0].type == "AT_SEQ_TRIMMED"
     assert await session_keys_exist(raw, f"{uid}-x") == 0
     at_end = (await client.fork_session(f"{uid}-src", at_seq=4, new_session_id=f"{uid}-s")).session
     assert (at_end.message_count, at_end.token_count, at_end.messages_stored) == (3, 1 + 2 + 9, 2)
@@ -286,12 +289,12 @@ async def test_cluster_a_fork_cut_off_between_its_steps_leaves_no_session_and_th
         UnavailableError, client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
     )
     assert await session_keys_exist(raw, f"{uid}-f") == 0
-    assert [s.session_id async for s in client.list_sessions(uid)] == [f"{uid}-src"]
+    assert [s.session_id async for s in client.iter_sessions(uid)] == [f"{uid}-src"]
     monkeypatch.undo()
     retried = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
     assert not retried.replayed
     assert retried.session.message_count == 6
-    assert [s.session_id async for s in client.list_sessions(uid)] == [f"{uid}-f", f"{uid}-src"]
+    assert [s.session_id async for s in client.iter_sessions(uid)] == [f"{uid}-f", f"{uid}-src"]
     # The write done but its reply lost: the retry returns that fork.
     lost = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
     assert lost.replayed

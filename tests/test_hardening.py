@@ -152,7 +152,7 @@ async def test_token_forged_with_the_old_default_key_is_rejected(client: Session
         b'{"v":1,"u":"%s","s":1.5,"i":"x"}' % uid.encode(),
     ):
         token = _signed(payload, b"chatsession-page-tokens")
-        err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_token=token))
+        err = await raises(InvalidArgumentError, client.list_sessions(uid, page_token=token))
         assert violated_fields(err) == {"page_token"}
 
 
@@ -172,20 +172,20 @@ async def test_replicas_share_a_generated_key_and_other_deployments_do_not(
     assert Settings().page_token_key == ""
     for i in range(3):
         await client.create_session(uid, session_id=f"{uid}-{i}")
-    token = (await client.list_sessions_page(uid, page_size=1)).next_page_token
+    token = (await client.list_sessions(uid, page_size=1)).next_page_token
     assert token
     secret = await raw.get(KeySpace().page_token_secret())
     assert secret is not None
     assert len(secret) == 64
     async with SessionClient(f"127.0.0.1:{second_server.port}") as replica:
-        page = await replica.list_sessions_page(uid, page_size=1, page_token=token)
+        page = await replica.list_sessions(uid, page_size=1, page_token=token)
         assert [s.session_id for s in page.sessions] == [f"{uid}-1"]
         assert await raw.get(KeySpace().page_token_secret()) == secret
     with EmbeddedValkey() as elsewhere:
         other = await start_server(Settings(listen="127.0.0.1:0"), ValkeyAddress.parse(elsewhere.url))
         try:
             async with SessionClient(f"127.0.0.1:{other.port}") as stranger:
-                err = await raises(InvalidArgumentError, stranger.list_sessions_page(uid, page_token=token))
+                err = await raises(InvalidArgumentError, stranger.list_sessions(uid, page_token=token))
                 assert violated_fields(err) == {"page_token"}
         finally:
             await other.stop(1.0)
@@ -202,11 +202,11 @@ async def test_configured_key_still_signs(valkey_url: str, valkey_cluster: bool,
         ):
             for i in range(2):
                 await a.create_session(uid, session_id=f"{uid}-{i}")
-            token = (await a.list_sessions_page(uid, page_size=1)).next_page_token
-            page = await b.list_sessions_page(uid, page_size=1, page_token=token)
+            token = (await a.list_sessions(uid, page_size=1)).next_page_token
+            page = await b.list_sessions(uid, page_size=1, page_token=token)
             assert [s.session_id for s in page.sessions] == [f"{uid}-0"]
             forged = _signed(b'{"v":1,"u":"%s","s":NaN,"i":"x"}' % uid.encode(), b"replica-secret")
-            err = await raises(InvalidArgumentError, b.list_sessions_page(uid, page_token=forged))
+            err = await raises(InvalidArgumentError, b.list_sessions(uid, page_token=forged))
             assert violated_fields(err) == {"page_token"}
     finally:
         await first.stop(1.0)

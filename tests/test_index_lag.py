@@ -34,7 +34,7 @@ async def short_lived(
 
 
 async def listed(client: SessionClient, user_id: str) -> list[str]:
-    return [s.session_id async for s in client.list_sessions(user_id)]
+    return [s.session_id async for s in client.iter_sessions(user_id)]
 
 
 async def test_a_session_kept_alive_by_update_stays_listed(

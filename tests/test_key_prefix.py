@@ -69,8 +69,8 @@ async def test_two_prefixes_share_one_valkey_without_interference(
         got_a, got_b = await a.get_session(session_id), await b.get_session(session_id)
         assert (got_a.title, got_a.message_count) == ("on a", 2)
         assert (got_b.title, got_b.message_count) == ("on b", 1)
-        assert [s.title async for s in a.list_sessions(uid)] == ["on a"]
-        assert [s.title async for s in b.list_sessions(uid)] == ["on b"]
+        assert [s.title async for s in a.iter_sessions(uid)] == ["on a"]
+        assert [s.title async for s in b.iter_sessions(uid)] == ["on b"]
 
         # Every key the service wrote carries its prefix; nothing landed under the bare names.
         written_a = await _keys_named(raw, f"{prefix_a}*", valkey_cluster)

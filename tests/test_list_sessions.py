@@ -15,24 +15,24 @@ async def test_newest_active_first_across_pages(client: SessionClient, raw: Glid
     ]
     # Activity reorders: the oldest session becomes the most recent.
     await client.append(ids[0], [user("bump")])
-    page1 = await client.list_sessions_page(uid, page_size=10)
+    page1 = await client.list_sessions(uid, page_size=10)
     assert page1.sessions[0].session_id == ids[0]
     assert page1.sessions[0].title == "T0"
     assert page1.next_page_token
-    seen = [s.session_id async for s in client.list_sessions(uid, page_size=10)]
+    seen = [s.session_id async for s in client.iter_sessions(uid, page_size=10)]
     assert seen == [ids[0], *reversed(ids[1:])]
     assert len(set(seen)) == 25
-    last_active = [s.last_active.ToNanoseconds() async for s in client.list_sessions(uid, page_size=7)]
+    last_active = [s.last_active.ToNanoseconds() async for s in client.iter_sessions(uid, page_size=7)]
     assert last_active == sorted(last_active, reverse=True)
 
 
 async def test_last_page_has_no_token_and_empty_user(client: SessionClient, uid: str) -> None:
     for i in range(3):
         await client.create_session(uid, session_id=f"{uid}-{i}")
-    page = await client.list_sessions_page(uid, page_size=3)
+    page = await client.list_sessions(uid, page_size=3)
     assert len(page.sessions) == 3
     assert page.next_page_token == ""
-    empty = await client.list_sessions_page(f"{uid}-nobody")
+    empty = await client.list_sessions(f"{uid}-nobody")
     assert (list(empty.sessions), empty.next_page_token) == ([], "")
 
 
@@ -45,10 +45,10 @@ async def test_expired_and_deleted_sessions_are_not_listed_and_get_pruned(
     for session_id in gone:  # as if their TTL ran out
         await raw.delete([f"meta:{{{session_id}}}", f"chat:{{{session_id}}}"])
     assert await raw.zcard(index) == 7
-    page = await client.list_sessions_page(uid, page_size=2)
+    page = await client.list_sessions(uid, page_size=2)
     listed = [s.session_id for s in page.sessions]
     assert len(listed) == 2
-    rest = [s.session_id async for s in client.list_sessions(uid, page_size=2)]
+    rest = [s.session_id async for s in client.iter_sessions(uid, page_size=2)]
     assert sorted(rest) == sorted(keep)
     if valkey_cluster:
         # A cluster cannot tell an expired session from a create between its two steps, so
@@ -58,7 +58,7 @@ async def test_expired_and_deleted_sessions_are_not_listed_and_get_pruned(
             score = await raw.zscore(index, session_id)
             assert score is not None
             await raw.zadd(index, {session_id: score - 3600}, update_condition=UpdateOptions.LESS_THAN)
-        assert sorted([s.session_id async for s in client.list_sessions(uid)]) == sorted(keep)
+        assert sorted([s.session_id async for s in client.iter_sessions(uid)]) == sorted(keep)
     assert await raw.zcard(index) == 3
 
 
@@ -67,7 +67,7 @@ async def test_index_entries_older_than_the_max_ttl_are_dropped(
 ) -> None:
     await raw.zadd(f"user_sessions:{{{uid}}}", {"ancient": 1000.0})
     live = await client.create_session(uid)
-    sessions = [s.session_id async for s in client.list_sessions(uid)]
+    sessions = [s.session_id async for s in client.iter_sessions(uid)]
     assert sessions == [live.session_id]
     assert await raw.zscore(f"user_sessions:{{{uid}}}", "ancient") is None
 
@@ -75,20 +75,20 @@ async def test_index_entries_older_than_the_max_ttl_are_dropped(
 async def test_tampered_or_foreign_page_token_is_rejected(client: SessionClient, uid: str) -> None:
     for i in range(3):
         await client.create_session(uid, session_id=f"{uid}-{i}")
-    token = (await client.list_sessions_page(uid, page_size=1)).next_page_token
+    token = (await client.list_sessions(uid, page_size=1)).next_page_token
     tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
-    err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_token=tampered))
+    err = await raises(InvalidArgumentError, client.list_sessions(uid, page_token=tampered))
     assert violated_fields(err) == {"page_token"}
-    err = await raises(InvalidArgumentError, client.list_sessions_page(f"{uid}-other", page_token=token))
+    err = await raises(InvalidArgumentError, client.list_sessions(f"{uid}-other", page_token=token))
     assert violated_fields(err) == {"page_token"}
-    err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_token="not a token!"))
+    err = await raises(InvalidArgumentError, client.list_sessions(uid, page_token="not a token!"))
     assert violated_fields(err) == {"page_token"}
 
 
 async def test_page_size_rules(client: SessionClient, uid: str) -> None:
-    err = await raises(InvalidArgumentError, client.list_sessions_page(uid, page_size=-1))
+    err = await raises(InvalidArgumentError, client.list_sessions(uid, page_size=-1))
     assert violated_fields(err) == {"page_size"}
-    err = await raises(InvalidArgumentError, client.list_sessions_page("bad user{x}"))
+    err = await raises(InvalidArgumentError, client.list_sessions("bad user{x}"))
     assert violated_fields(err) == {"user_id"}
 
 
@@ -97,7 +97,7 @@ async def test_pages_are_cut_by_bytes_so_every_reply_fits_a_default_client(
 ) -> None:
     labels = {f"label-{i}": "v" * 1000 for i in range(64)}  # about 65 KB a session
     ids = {(await client.create_session(uid, labels=labels)).session_id for _ in range(60)}
-    first = await client.list_sessions_page(uid, page_size=100)  # 60 x 65 KB would not fit 4 MiB
+    first = await client.list_sessions(uid, page_size=100)  # 60 x 65 KB would not fit 4 MiB
     assert 1 <= len(first.sessions) < 60
     assert first.next_page_token
-    assert {s.session_id async for s in client.list_sessions(uid, page_size=100)} == ids
+    assert {s.session_id async for s in client.iter_sessions(uid, page_size=100)} == ids

@@ -37,7 +37,7 @@ async def test_a_lagging_row_past_the_page_end_is_listed_on_a_later_page(
     await client.append(lagging.session_id, [user("stored; the index step failed")])
     monkeypatch.undo()
     # No other activity: paging two by two must list all three.
-    listed = [s.session_id async for s in client.list_sessions(uid, page_size=2)]
+    listed = [s.session_id async for s in client.iter_sessions(uid, page_size=2)]
     assert sorted(listed) == [f"{uid}-1", f"{uid}-2", f"{uid}-3"], listed
 
 
@@ -75,5 +75,5 @@ async def test_a_list_sessions_page_fits_a_default_client_with_non_ascii_labels(
     for i in range(15):
         await client.create_session(uid, session_id=f"{uid}-{i}", labels=labels)
     # The client's default receive limit is 4 MiB; the server promises pages below 3 MiB.
-    listed = [s.session_id async for s in client.list_sessions(uid, page_size=100)]
+    listed = [s.session_id async for s in client.iter_sessions(uid, page_size=100)]
     assert len(listed) == 15

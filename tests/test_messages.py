@@ -8,8 +8,9 @@ import pytest
 from glide import GlideClient
 
 from chatsession_client import (
-    FailedPreconditionError,
     NotFoundError,
+    RequestIdReusedError,
+    SeqMismatchError,
     SessionClient,
     assistant,
     system,
@@ -117,8 +118,8 @@ async def test_reused_request_id_with_other_messages_fails(
 ) -> None:
     s = await client.create_session(uid)
     await client.append(s.session_id, [user("a")], request_id="r")
-    err = await raises(FailedPreconditionError, client.append(s.session_id, [user("b")], request_id="r"))
-    assert err.precondition_failures[0][:2] == ("REQUEST_ID_REUSED", "request_id")
+    err = await raises(RequestIdReusedError, client.append(s.session_id, [user("b")], request_id="r"))
+    assert err.precondition_violations[0].subject == "request_id"
     assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a"]
 
 
@@ -127,8 +128,8 @@ async def test_expected_last_seq_guards_interleaving(
 ) -> None:
     s = await client.create_session(uid)
     await client.append(s.session_id, [user("a")], expected_last_seq=0)
-    err = await raises(FailedPreconditionError, client.append(s.session_id, [user("b")], expected_last_seq=0))
-    assert err.precondition_failures[0][0] == "LAST_SEQ_MISMATCH"
+    err = await raises(SeqMismatchError, client.append(s.session_id, [user("b")], expected_last_seq=0))
+    assert err.precondition_violations[0].subject == "expected_last_seq"
     await client.append(s.session_id, [user("b")], expected_last_seq=1)
     assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a", "b"]
 

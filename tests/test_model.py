@@ -251,7 +251,7 @@ class SessionMachine(RuleBasedStateMachine):
         self, live: list[str]
     ) -> tuple[list[session_pb2.Session], list[Any], list[list[session_pb2.Session]]]:
         async def listing(user_id: str) -> list[session_pb2.Session]:
-            return [row async for row in self.client.list_sessions(user_id)]
+            return [row async for row in self.client.iter_sessions(user_id)]
 
         async def gone(sid: str) -> None:
             with pytest.raises(NotFoundError):

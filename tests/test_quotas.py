@@ -256,9 +256,10 @@ async def test_sessions_per_user_are_limited_at_create(
         refused = f"{uid}-third"
         error = await raises(ResourceExhaustedError, client.create_session(alice, session_id=refused))
         assert "--max-sessions-per-user" in error.message
+        assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [("max_sessions_per_user", 2)]
         assert await session_keys_exist(raw, refused) == 0
         assert await raw.zscore(f"user_sessions:{{{alice}}}", refused) is None
-        assert [s.session_id async for s in client.list_sessions(alice)] == [
+        assert [s.session_id async for s in client.iter_sessions(alice)] == [
             second.session_id,
             first.session_id,
         ]
@@ -272,7 +273,7 @@ async def test_sessions_per_user_are_limited_at_create(
         await asyncio.sleep(1.5)
         assert await session_keys_exist(raw, short.session_id) == 0
         await client.create_session(alice, session_id=refused)
-        assert {s.session_id async for s in client.list_sessions(alice)} == {second.session_id, refused}
+        assert {s.session_id async for s in client.iter_sessions(alice)} == {second.session_id, refused}
 
 
 async def test_the_quota_failure_of_a_refused_create_names_the_user_and_limit(

@@ -77,9 +77,9 @@ async def test_page_tokens_of_one_replica_are_accepted_by_the_other(
 ) -> None:
     a, b = replicas
     ids = {(await a.create_session(uid)).session_id for _ in range(5)}
-    first = await a.list_sessions_page(uid, page_size=2)
-    second = await b.list_sessions_page(uid, page_size=2, page_token=first.next_page_token)
-    third = await a.list_sessions_page(uid, page_size=2, page_token=second.next_page_token)
+    first = await a.list_sessions(uid, page_size=2)
+    second = await b.list_sessions(uid, page_size=2, page_token=first.next_page_token)
+    third = await a.list_sessions(uid, page_size=2, page_token=second.next_page_token)
     listed = [s.session_id for page in (first, second, third) for s in page.sessions]
     assert sorted(listed) == sorted(ids)
     assert third.next_page_token == ""

@@ -26,5 +26,5 @@ async def test_a_page_cut_by_bytes_holds_at_most_page_size(client: SessionClient
     # reads (3 and 7 rows) meet only them, the third reads 13 rows, all live.
     future = time.time() + 1000
     await raw.zadd(keys.KeySpace().user_index(uid), {f"{uid}-gone{i:02d}": future - i for i in range(10)})
-    page = await client.list_sessions_page(uid, page_size=2)
+    page = await client.list_sessions(uid, page_size=2)
     assert len(page.sessions) <= 2, f"page_size=2 returned {len(page.sessions)} sessions"

@@ -110,12 +110,12 @@ async def test_python_client_over_tls(tls_target: str, pki: Pki, uid: str) -> No
 
 async def test_plaintext_or_untrusting_client_cannot_talk_to_a_tls_server(tls_target: str, pki: Pki) -> None:
     async with SessionClient(tls_target, retry=NO_RETRY, timeout=5) as plaintext:
-        await raises(UnavailableError, plaintext.list_sessions_page(ALICE))
+        await raises(UnavailableError, plaintext.list_sessions(ALICE))
     other_ca = pki.stranger.cert.parent / "other-ca.pem"
     async with SessionClient(
         tls_target, retry=NO_RETRY, timeout=5, root_certificates=other_ca.read_bytes()
     ) as untrusting:
-        await raises(UnavailableError, untrusting.list_sessions_page(ALICE))
+        await raises(UnavailableError, untrusting.list_sessions(ALICE))
 
 
 async def test_grpcurl_over_tls(tls_target: str, pki: Pki) -> None:
@@ -136,9 +136,9 @@ async def test_grpcurl_over_tls(tls_target: str, pki: Pki) -> None:
 async def test_mtls_requires_a_client_certificate_from_the_client_ca(mtls_target: str, pki: Pki) -> None:
     for identity in (None, pki.stranger):
         async with tls_client(mtls_target, pki, identity, token=BOB_TOKEN) as client:
-            await raises(UnavailableError, client.list_sessions_page(BOB))
+            await raises(UnavailableError, client.list_sessions(BOB))
     async with tls_client(mtls_target, pki, pki.nobody, token=BOB_TOKEN) as client:
-        await client.list_sessions_page(BOB)  # the certificate opens the connection, the token names bob
+        await client.list_sessions(BOB)  # the certificate opens the connection, the token names bob
 
     ca = ("-cacert", str(pki.ca.cert))
     code, out = await grpcurl("-connect-timeout", "1", *ca, mtls_target, HEALTH)
@@ -160,7 +160,7 @@ async def test_certificate_subject_stands_for_a_token(mtls_target: str, pki: Pki
         theirs = await bob.create_session(BOB, session_id=f"{uid}-b")  # by its URI subjectAltName
         assert (await alice.get_session(mine.session_id)).user_id == ALICE
         await raises(NotFoundError, alice.get_session(theirs.session_id))
-        await raises(PermissionDeniedError, alice.list_sessions_page(BOB))
+        await raises(PermissionDeniedError, alice.list_sessions(BOB))
         await raises(NotFoundError, bob.get_session(mine.session_id))
         error = await raises(UnauthenticatedError, nobody.get_session(mine.session_id))
         assert "no credentials" in error.message

@@ -20,7 +20,7 @@ from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import (
     NO_RETRY,
-    FailedPreconditionError,
+    AfterSeqAheadError,
     NotFoundError,
     Retry,
     SessionClient,
@@ -337,10 +337,8 @@ async def test_watch_of_missing_session_and_bad_cursor(client: SessionClient, ui
     await raises(NotFoundError, collect(client.watch(f"{uid}-missing", after_seq=0), lambda _: True))
     s = await client.create_session(uid)
     await client.append(s.session_id, [user("one")])
-    err = await raises(
-        FailedPreconditionError, collect(client.watch(s.session_id, after_seq=5), lambda _: True)
-    )
-    assert err.precondition_failures[0][0] == "AFTER_SEQ_AHEAD"
+    err = await raises(AfterSeqAheadError, collect(client.watch(s.session_id, after_seq=5), lambda _: True))
+    assert err.precondition_violations[0].subject == "after_seq"
 
 
 async def test_trimmed_history_is_reported_explicitly(client: SessionClient, uid: str) -> None:

@@ -1,17 +1,20 @@
-"""Async Python client for chatsession.v1.SessionService."""
+"""Python clients for chatsession.v1.SessionService: `SessionClient` (asyncio) and
+`SyncSessionClient` (blocking), with the same methods, exceptions and retry policy."""
 
-from chatsession_client.client import (
+from chatsession_client._common import (
     Message,
     Session,
-    SessionClient,
     assistant,
     message,
     system,
     tool,
     user,
 )
+from chatsession_client.client import SessionClient
 from chatsession_client.errors import (
+    AfterSeqAheadError,
     AlreadyExistsError,
+    CallCancelledError,
     ChatSessionError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -20,15 +23,24 @@ from chatsession_client.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    PreconditionViolation,
+    QuotaViolation,
+    RequestIdReusedError,
     ResourceExhaustedError,
+    ResourceInfo,
+    SeqMismatchError,
     UnauthenticatedError,
     UnavailableError,
+    UnimplementedError,
 )
 from chatsession_client.retry import NO_RETRY, Retry
+from chatsession_client.sync import SyncSessionClient
 
 __all__ = [
     "NO_RETRY",
+    "AfterSeqAheadError",
     "AlreadyExistsError",
+    "CallCancelledError",
     "ChatSessionError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -38,12 +50,19 @@ __all__ = [
     "Message",
     "NotFoundError",
     "PermissionDeniedError",
+    "PreconditionViolation",
+    "QuotaViolation",
+    "RequestIdReusedError",
     "ResourceExhaustedError",
+    "ResourceInfo",
     "Retry",
+    "SeqMismatchError",
     "Session",
     "SessionClient",
+    "SyncSessionClient",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnimplementedError",
     "assistant",
     "message",
     "system",

@@ -8,73 +8,28 @@ async with SessionClient("localhost:50051") as client:
 Over TLS, as a caller of a server with --auth-tokens-file:
 
     SessionClient("chat.internal:50051", token="...", root_certificates=ca_pem)
+
+The blocking twin is chatsession_client.sync.SyncSessionClient: the same methods, built from the
+same requests (chatsession_client._common) and the same retry decisions (chatsession_client.retry).
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
-from google.protobuf import field_mask_pb2
 
-from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
-from chatsession_client.errors import from_rpc_error
+from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
+from chatsession_client import _common
+from chatsession_client._common import Message, Session
+from chatsession_client.errors import ChatSessionError, from_rpc_error
 from chatsession_client.retry import Retry
 
-T = TypeVar("T")
-Session = session_pb2.Session
-Message = session_pb2.Message
-
-_ROLES = {
-    "system": session_pb2.ROLE_SYSTEM,
-    "user": session_pb2.ROLE_USER,
-    "assistant": session_pb2.ROLE_ASSISTANT,
-    "tool": session_pb2.ROLE_TOOL,
-}
-
-
-def message(
-    role: str | int,
-    content: str,
-    *,
-    tokens: int = 0,
-    name: str = "",
-    metadata: Mapping[str, str] | None = None,
-    tool_calls: Iterable[tuple[str, str, str]] = (),
-    tool_call_id: str = "",
-) -> Message:
-    """Build a Message; `role` is "system"/"user"/"assistant"/"tool" or a Role value.
-    `tool_calls` are (id, name, arguments) triples."""
-    return Message(
-        role=_ROLES[role] if isinstance(role, str) else role,  # type: ignore[arg-type]
-        content=content,
-        tokens=tokens,
-        name=name,
-        metadata=dict(metadata or {}),
-        tool_calls=[session_pb2.ToolCall(id=i, name=n, arguments=a) for i, n, a in tool_calls],
-        tool_call_id=tool_call_id,
-    )
-
-
-def system(content: str, **kw: Any) -> Message:
-    return message("system", content, **kw)
-
-
-def user(content: str, **kw: Any) -> Message:
-    return message("user", content, **kw)
-
-
-def assistant(content: str, **kw: Any) -> Message:
-    return message("assistant", content, **kw)
-
-
-def tool(content: str, **kw: Any) -> Message:
-    return message("tool", content, **kw)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 class SessionClient:
@@ -100,13 +55,14 @@ class SessionClient:
         certificate_chain: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        pem_given = root_certificates is not None or private_key is not None or certificate_chain is not None
-        if credentials is not None and pem_given:
-            raise ValueError("pass either credentials or root_certificates/private_key/certificate_chain")
-        if credentials is None and (tls or pem_given):
-            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-        if channel is not None and credentials is not None:
-            raise ValueError("TLS options configure the client's own channel: not with channel=")
+        credentials = _common.channel_credentials(
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            credentials=credentials,
+            channel_given=channel is not None,
+        )
         self._own_channel = channel is None
         if channel is None:
             channel = (
@@ -118,11 +74,7 @@ class SessionClient:
         self._stub = session_service_pb2_grpc.SessionServiceStub(self._channel)
         self._timeout = timeout
         self._retry = retry or Retry()
-        # Plain metadata rather than call credentials: those need TLS, and a token over plaintext
-        # to a server on the same host is a normal development setup.
-        self._metadata: tuple[tuple[str, str], ...] = (
-            () if token is None else (("authorization", f"Bearer {token}"),)
-        )
+        self._metadata = _common.call_metadata(token)
 
     async def __aenter__(self) -> SessionClient:
         return self
@@ -134,14 +86,25 @@ class SessionClient:
         if self._own_channel:
             await self._channel.close()
 
-    async def _call(self, rpc: Callable[..., Awaitable[T]], request: Any) -> T:
-        async def attempt(timeout: float | None) -> T:
+    async def _call(
+        self, rpc: Callable[..., Awaitable[Resp]], request: Req, *, retry_request: Req | None = None
+    ) -> Resp:
+        """One call with retries; every attempt sends `request` (the same request_id), or
+        `retry_request` after the first when given."""
+        backoff = self._retry.start(time.monotonic())
+        while True:
             try:
-                return await rpc(request, timeout=timeout, metadata=self._metadata)
+                return await rpc(
+                    request, timeout=backoff.timeout(self._timeout, time.monotonic()), metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from exc
-
-        return await self._retry.run(attempt, self._timeout)
+                error = from_rpc_error(exc)
+                sleep = backoff.next_sleep(error, time.monotonic())
+                if sleep is None:
+                    raise error from exc
+            await asyncio.sleep(sleep)
+            if retry_request is not None:
+                request = retry_request
 
     async def create_session(
         self,
@@ -156,15 +119,15 @@ class SessionClient:
         request_id: str | None = None,
     ) -> Session:
         """Create a session. A request_id is generated when not given, so retries are safe."""
-        request = session_service_pb2.CreateSessionRequest(
+        request = _common.create_session_request(
+            user_id,
             session_id=session_id,
-            user_id=user_id,
             model=model,
             title=title,
-            labels=dict(labels or {}),
+            labels=labels,
             ttl_seconds=ttl_seconds,
             max_messages=max_messages,
-            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            request_id=request_id,
         )
         return (await self._call(self._stub.CreateSession, request)).session
 
@@ -186,62 +149,36 @@ class SessionClient:
         max_messages: int | None = None,
     ) -> Session:
         """Change the given fields only (an update mask is built from the arguments that are not None)."""
-        session = Session(session_id=session_id)
-        paths: list[str] = []
-        if title is not None:
-            session.title = title
-            paths.append("title")
-        if model is not None:
-            session.model = model
-            paths.append("model")
-        if ttl_seconds is not None:
-            session.ttl_seconds = ttl_seconds
-            paths.append("ttl_seconds")
-        if max_messages is not None:
-            session.max_messages = max_messages
-            paths.append("max_messages")
-        if labels is not None:
-            session.labels.update(labels)
-            paths.append("labels")
-        request = session_service_pb2.UpdateSessionRequest(
-            session=session, update_mask=field_mask_pb2.FieldMask(paths=paths)
+        request = _common.update_session_request(
+            session_id,
+            title=title,
+            model=model,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
+            max_messages=max_messages,
         )
         return (await self._call(self._stub.UpdateSession, request)).session
 
     async def delete_session(self, session_id: str, *, allow_missing: bool = False) -> None:
         """Delete a session. A retry that finds it gone (deleted by the first attempt) succeeds."""
-        request = session_service_pb2.DeleteSessionRequest(session_id=session_id, allow_missing=allow_missing)
-        attempts = 0
+        first, retry = _common.delete_session_requests(session_id, allow_missing)
+        await self._call(self._stub.DeleteSession, first, retry_request=retry)
 
-        async def once(
-            req: session_service_pb2.DeleteSessionRequest, **call: Any
-        ) -> session_service_pb2.DeleteSessionResponse:
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:
-                req = session_service_pb2.DeleteSessionRequest(session_id=session_id, allow_missing=True)
-            return await self._stub.DeleteSession(req, **call)
-
-        await self._call(once, request)
-
-    async def list_sessions_page(
+    async def list_sessions(
         self, user_id: str, *, page_size: int = 0, page_token: str = ""
     ) -> session_service_pb2.ListSessionsResponse:
-        request = session_service_pb2.ListSessionsRequest(
-            user_id=user_id, page_size=page_size, page_token=page_token
-        )
+        """One page of the user's live sessions, most recently active first."""
+        request = _common.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
         return await self._call(self._stub.ListSessions, request)
 
-    async def list_sessions(self, user_id: str, *, page_size: int = 0) -> AsyncIterator[Session]:
+    async def iter_sessions(self, user_id: str, *, page_size: int = 0) -> AsyncIterator[Session]:
         """Every live session of the user, most recently active first, fetched page by page."""
-        token = ""
-        while True:
-            page = await self.list_sessions_page(user_id, page_size=page_size, page_token=token)
+        token: str | None = ""
+        while token is not None:
+            page = await self.list_sessions(user_id, page_size=page_size, page_token=token)
             for session in page.sessions:
                 yield session
-            token = page.next_page_token
-            if not token:
-                return
+            token = _common.next_page_token(page)
 
     async def append(
         self,
@@ -252,13 +189,9 @@ class SessionClient:
         expected_last_seq: int | None = None,
     ) -> session_service_pb2.AppendMessagesResponse:
         """Append messages. A request_id is generated when not given, so a retry never duplicates."""
-        request = session_service_pb2.AppendMessagesRequest(
-            session_id=session_id,
-            messages=list(messages),
-            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+        request = _common.append_request(
+            session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
         )
-        if expected_last_seq is not None:
-            request.expected_last_seq = expected_last_seq
         return await self._call(self._stub.AppendMessages, request)
 
     async def list_messages(
@@ -269,25 +202,22 @@ class SessionClient:
         after_seq: int | None = None,
         before_seq: int | None = None,
     ) -> session_service_pb2.ListMessagesResponse:
-        """The newest messages, or those after `after_seq` / before `before_seq` (ascending seq)."""
-        request = session_service_pb2.ListMessagesRequest(session_id=session_id, page_size=page_size)
-        if after_seq is not None:
-            request.after_seq = after_seq
-        if before_seq is not None:
-            request.before_seq = before_seq
+        """One page: the newest messages, or those after `after_seq` / before `before_seq` (ascending seq)."""
+        request = _common.list_messages_request(
+            session_id, page_size=page_size, after_seq=after_seq, before_seq=before_seq
+        )
         return await self._call(self._stub.ListMessages, request)
 
     async def iter_messages(
         self, session_id: str, *, after_seq: int = 0, page_size: int = 0
     ) -> AsyncIterator[Message]:
         """Every stored message after `after_seq`, oldest first, fetched page by page."""
-        while True:
-            page = await self.list_messages(session_id, page_size=page_size, after_seq=after_seq)
+        cursor: int | None = after_seq
+        while cursor is not None:
+            page = await self.list_messages(session_id, page_size=page_size, after_seq=cursor)
             for m in page.messages:
                 yield m
-            if not page.has_more or not page.messages:
-                return
-            after_seq = page.messages[-1].seq
+            cursor = _common.next_after_seq(page)
 
     async def fork_session(
         self,
@@ -303,7 +233,7 @@ class SessionClient:
         request = session_service_pb2.ForkSessionRequest(
             session_id=session_id,
             new_session_id=new_session_id,
-            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            request_id=_common.request_id_or_new(request_id),
         )
         if at_seq is not None:
             request.at_seq = at_seq
@@ -331,52 +261,24 @@ class SessionClient:
         for up to the retry policy's deadline since the last event. Other errors (NOT_FOUND when
         the session is deleted or expires) end the iteration by raising.
         """
-        cursor = after_seq
-        backoff = self._retry.initial_backoff
-        last_progress = time.monotonic()
+        cursor = _common.WatchCursor(after_seq)
+        backoff = self._retry.start(time.monotonic())
         while True:
-            request = session_service_pb2.WatchMessagesRequest(session_id=session_id)
-            if cursor is not None:
-                request.after_seq = cursor
-            call = self._stub.WatchMessages(request, metadata=self._metadata)
+            call = self._stub.WatchMessages(cursor.request(session_id), metadata=self._metadata)
             try:
                 async for event in call:
-                    last_progress = time.monotonic()
-                    backoff = self._retry.initial_backoff
-                    kind = event.WhichOneof("event")
-                    if kind == "message":
-                        cursor = event.message.seq
-                    elif kind == "history_trimmed":
-                        cursor = event.history_trimmed.last_missing_seq
-                    elif kind == "compacted":
-                        last = event.compacted.summarizes.last_seq
-                        cursor = last if cursor is None else max(cursor, last)
-                    elif kind == "cleared":
-                        last = event.cleared.last_seq
-                        cursor = last if cursor is None else max(cursor, last)
-                    elif kind == "heartbeat":
-                        cursor = (
-                            event.heartbeat.last_seq
-                            if cursor is None
-                            else max(cursor, event.heartbeat.last_seq)
-                        )
-                        if not include_heartbeats:
-                            continue
-                    yield event
+                    backoff.restart(time.monotonic())
+                    if cursor.advance(event, include_heartbeats):
+                        yield event
                 return
             except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc)
-                # The retry policy's codes (UNAVAILABLE, DEADLINE_EXCEEDED by default): a watch is a
-                # read, and resuming from the cursor never repeats nor loses a message.
-                if (
-                    error.code not in self._retry.codes
-                    or time.monotonic() - last_progress > self._retry.deadline
-                ):
+                error: ChatSessionError = from_rpc_error(exc)
+                sleep = backoff.next_sleep(error, time.monotonic())
+                if sleep is None:
                     raise error from exc
             finally:
                 call.cancel()
-            await asyncio.sleep(random.uniform(0, backoff))
-            backoff = min(backoff * self._retry.multiplier, self._retry.max_backoff)
+            await asyncio.sleep(sleep)
 
     async def get_context(
         self, session_id: str, *, max_tokens: int = 0, max_messages: int = 0
@@ -397,7 +299,7 @@ class SessionClient:
             session_id=session_id,
             up_to_seq=up_to_seq,
             summary=summary,
-            request_id=request_id if request_id is not None else uuid.uuid4().hex,
+            request_id=_common.request_id_or_new(request_id),
         )
         return await self._call(self._stub.CompactMessages, request)
 

@@ -1,4 +1,7 @@
-"""One exception class per gRPC status code, carrying the server's google.rpc details."""
+"""One exception class per gRPC status code, carrying the server's google.rpc details.
+
+Shared by the async and the blocking client: `from_rpc_error` is the one table from a failed
+call to an exception."""
 
 from __future__ import annotations
 
@@ -11,12 +14,47 @@ from grpc_status import rpc_status
 
 @dataclass(frozen=True)
 class FieldViolation:
+    """A bad request field (google.rpc.BadRequest)."""
+
     field: str
     description: str
 
 
+@dataclass(frozen=True)
+class PreconditionViolation:
+    """Why the session's state forbids the call (google.rpc.PreconditionFailure). `type` is a
+    stable tag, such as LAST_SEQ_MISMATCH; the typed subclasses of FailedPreconditionError
+    match on it."""
+
+    type: str
+    subject: str
+    description: str
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """The limit a call went past (google.rpc.QuotaFailure): `quota_id` is the server setting's
+    name (max_sessions_per_user), `quota_value` its value, `subject` what it counts against."""
+
+    subject: str
+    description: str
+    quota_id: str
+    quota_value: int
+
+
+@dataclass(frozen=True)
+class ResourceInfo:
+    """The resource a NOT_FOUND or ALREADY_EXISTS is about (google.rpc.ResourceInfo)."""
+
+    resource_type: str
+    resource_name: str
+    owner: str
+    description: str
+
+
 class ChatSessionError(Exception):
-    """An RPC failed. `code` is the gRPC status; `field_violations` name bad request fields."""
+    """An RPC failed. `code` is the gRPC status; the other attributes hold the status details
+    the server sent (empty when it sent none)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
@@ -25,13 +63,19 @@ class ChatSessionError(Exception):
         message: str,
         *,
         field_violations: tuple[FieldViolation, ...] = (),
-        precondition_failures: tuple[tuple[str, str, str], ...] = (),
+        precondition_violations: tuple[PreconditionViolation, ...] = (),
+        quota_violations: tuple[QuotaViolation, ...] = (),
+        resource: ResourceInfo | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.field_violations = field_violations
-        self.precondition_failures = precondition_failures
-        """(type, subject, description) of each google.rpc.PreconditionFailure violation."""
+        self.precondition_violations = precondition_violations
+        self.quota_violations = quota_violations
+        self.resource = resource
+        self.retry_delay = retry_delay
+        """Seconds the server asked callers to wait before retrying (google.rpc.RetryInfo)."""
 
     def __str__(self) -> str:
         text = f"{self.code.name}: {self.message}"
@@ -54,6 +98,26 @@ class AlreadyExistsError(ChatSessionError):
 
 class FailedPreconditionError(ChatSessionError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+    violation_type = ""
+    """The PreconditionFailure violation type a subclass stands for."""
+
+
+class SeqMismatchError(FailedPreconditionError):
+    """`expected_last_seq` was not the session's last seq: someone else appended meanwhile."""
+
+    violation_type = "LAST_SEQ_MISMATCH"
+
+
+class RequestIdReusedError(FailedPreconditionError):
+    """The append's `request_id` was already used for different messages in this session."""
+
+    violation_type = "REQUEST_ID_REUSED"
+
+
+class AfterSeqAheadError(FailedPreconditionError):
+    """A watch's `after_seq` is beyond the session's last seq (was the session re-created?)."""
+
+    violation_type = "AFTER_SEQ_AHEAD"
 
 
 class UnavailableError(ChatSessionError):
@@ -76,7 +140,9 @@ class ResourceExhaustedError(ChatSessionError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-class CancelledError(ChatSessionError):
+class CallCancelledError(ChatSessionError):
+    """The call was cancelled (gRPC CANCELLED); not asyncio.CancelledError."""
+
     code = grpc.StatusCode.CANCELLED
 
 
@@ -100,32 +166,64 @@ _BY_CODE: dict[grpc.StatusCode, type[ChatSessionError]] = {
         PermissionDeniedError,
         UnauthenticatedError,
         ResourceExhaustedError,
-        CancelledError,
+        CallCancelledError,
         InternalError,
         UnimplementedError,
     )
 }
 
+_BY_PRECONDITION: dict[str, type[FailedPreconditionError]] = {
+    cls.violation_type: cls for cls in (SeqMismatchError, RequestIdReusedError, AfterSeqAheadError)
+}
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> ChatSessionError:
-    """The matching exception for a failed call, with BadRequest/PreconditionFailure unpacked."""
-    violations: list[FieldViolation] = []
-    preconditions: list[tuple[str, str, str]] = []
+
+def from_rpc_error(error: grpc.RpcError) -> ChatSessionError:
+    """The matching exception for a failed call (grpc or grpc.aio), with its details unpacked."""
+    if not isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+        return ChatSessionError(str(error))
+    fields: list[FieldViolation] = []
+    preconditions: list[PreconditionViolation] = []
+    quotas: list[QuotaViolation] = []
+    resource: ResourceInfo | None = None
+    retry_delay: float | None = None
     status = rpc_status.from_call(error)
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
-            elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-                failure = error_details_pb2.PreconditionFailure()
-                detail.Unpack(failure)
-                preconditions.extend((v.type, v.subject, v.description) for v in failure.violations)
-    cls = _BY_CODE.get(error.code(), ChatSessionError)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            preconditions.extend(
+                PreconditionViolation(v.type, v.subject, v.description) for v in failure.violations
+            )
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            quotas.extend(
+                QuotaViolation(v.subject, v.description, v.quota_id, v.quota_value) for v in quota.violations
+            )
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            info = error_details_pb2.ResourceInfo()
+            detail.Unpack(info)
+            resource = ResourceInfo(info.resource_type, info.resource_name, info.owner, info.description)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
+    code = error.code()
+    cls = _BY_CODE.get(code, ChatSessionError)
+    if cls is FailedPreconditionError and len(preconditions) == 1:
+        cls = _BY_PRECONDITION.get(preconditions[0].type, FailedPreconditionError)
     exc = cls(
-        error.details() or "", field_violations=tuple(violations), precondition_failures=tuple(preconditions)
+        error.details() or "",
+        field_violations=tuple(fields),
+        precondition_violations=tuple(preconditions),
+        quota_violations=tuple(quotas),
+        resource=resource,
+        retry_delay=retry_delay,
     )
     if cls is ChatSessionError:
-        exc.code = error.code()
+        exc.code = code
     return exc

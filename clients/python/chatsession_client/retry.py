@@ -1,25 +1,23 @@
-"""Retries with exponential backoff, jitter and an overall deadline."""
+"""Retries with exponential backoff, jitter, the server's RetryInfo and an overall deadline.
+
+Only the decisions live here (whether to retry, how long to wait, the next attempt's timeout);
+each client does the waiting its own way (asyncio.sleep or time.sleep)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import grpc
 
 from chatsession_client.errors import ChatSessionError
 
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Retry:
     """Which failures to retry and for how long. Every call this client makes is safe to repeat:
-    appends and creates carry a request_id, the rest are reads or set values."""
+    appends and creates carry a request_id (the same one on every attempt), the rest are reads
+    or set values."""
 
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
@@ -29,23 +27,42 @@ class Retry:
         default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
     )
 
-    async def run(self, attempt: Callable[[float | None], Awaitable[T]], per_call_timeout: float | None) -> T:
-        """Call `attempt(timeout)` until it succeeds, fails with a non-retryable code, or time is up."""
-        end = time.monotonic() + self.deadline
-        backoff = self.initial_backoff
-        while True:
-            remaining = end - time.monotonic()
-            timeout = (
-                per_call_timeout if per_call_timeout is None else max(min(per_call_timeout, remaining), 0.001)
-            )
-            try:
-                return await attempt(timeout)
-            except ChatSessionError as exc:
-                sleep = random.uniform(0, backoff)
-                if exc.code not in self.codes or time.monotonic() + sleep >= end:
-                    raise
-            await asyncio.sleep(sleep)
-            backoff = min(backoff * self.multiplier, self.max_backoff)
+    def start(self, now: float) -> Backoff:
+        """The retry state of one call begun at `now` (a monotonic clock reading)."""
+        return Backoff(self, now)
+
+
+class Backoff:
+    """Where one call (or one watch, since its last event) stands in its retry policy."""
+
+    def __init__(self, policy: Retry, now: float) -> None:
+        self._policy = policy
+        self.restart(now)
+
+    def restart(self, now: float) -> None:
+        """Begin afresh: a watch that received an event has made progress."""
+        self._end = now + self._policy.deadline
+        self._backoff = self._policy.initial_backoff
+
+    def timeout(self, per_call_timeout: float | None, now: float) -> float | None:
+        """The next attempt's timeout: the per-call timeout, cut to what is left of the deadline."""
+        if per_call_timeout is None:
+            return None
+        return max(min(per_call_timeout, self._end - now), 0.001)
+
+    def next_sleep(self, error: ChatSessionError, now: float) -> float | None:
+        """Seconds to wait before retrying after `error`, or None to give up (a code the policy
+        does not retry, or no time left). Full jitter up to the current backoff, and never less
+        than the server's RetryInfo asked for."""
+        if error.code not in self._policy.codes:
+            return None
+        sleep = random.uniform(0, self._backoff)
+        if error.retry_delay is not None:
+            sleep = max(sleep, error.retry_delay)
+        if now + sleep >= self._end:
+            return None
+        self._backoff = min(self._backoff * self._policy.multiplier, self._policy.max_backoff)
+        return sleep
 
 
 NO_RETRY = Retry(codes=frozenset())

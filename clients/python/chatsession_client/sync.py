@@ -1,0 +1,285 @@
+"""SyncSessionClient: the blocking twin of the async SessionClient, for code without an event
+loop (Flask, Django, worker processes, scripts).
+
+with SyncSessionClient("localhost:50051") as client:
+    session = client.create_session("alice", title="Trip planning")
+    client.append(session.session_id, [user("Hi!", tokens=3)])
+    for event in client.watch(session.session_id, after_seq=0):
+        print(event.message.seq, event.message.content)
+
+Same methods, arguments, exceptions and Retry as SessionClient: requests are built by
+chatsession_client._common and retry decisions made by chatsession_client.retry, so each
+method here mirrors its async twin line for line with the awaits taken out. A client is safe
+to share between threads (gRPC channels are).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message as ProtoMessage
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession_client import _common
+from chatsession_client._common import Message, Session
+from chatsession_client.errors import ChatSessionError, from_rpc_error
+from chatsession_client.retry import Retry
+
+Req = TypeVar("Req", bound=ProtoMessage)
+Resp = TypeVar("Resp", bound=ProtoMessage)
+
+_SERVICE = "/chatsession.v1.SessionService/"
+
+
+def _unary(
+    channel: grpc.Channel, name: str, request: type[Req], response: type[Resp]
+) -> grpc.UnaryUnaryMultiCallable[Req, Resp]:
+    return channel.unary_unary(
+        _SERVICE + name,
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+class _BlockingStub:
+    """The service's methods as blocking callables. (The generated stub would work on a blocking
+    channel too, but gen/ is typed for grpc.aio only.) A new RPC is one line here."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.CreateSession = _unary(
+            channel, "CreateSession", pb.CreateSessionRequest, pb.CreateSessionResponse
+        )
+        self.GetSession = _unary(channel, "GetSession", pb.GetSessionRequest, pb.GetSessionResponse)
+        self.UpdateSession = _unary(
+            channel, "UpdateSession", pb.UpdateSessionRequest, pb.UpdateSessionResponse
+        )
+        self.DeleteSession = _unary(
+            channel, "DeleteSession", pb.DeleteSessionRequest, pb.DeleteSessionResponse
+        )
+        self.ListSessions = _unary(channel, "ListSessions", pb.ListSessionsRequest, pb.ListSessionsResponse)
+        self.AppendMessages = _unary(
+            channel, "AppendMessages", pb.AppendMessagesRequest, pb.AppendMessagesResponse
+        )
+        self.ListMessages = _unary(channel, "ListMessages", pb.ListMessagesRequest, pb.ListMessagesResponse)
+        self.WatchMessages: grpc.UnaryStreamMultiCallable[
+            pb.WatchMessagesRequest, pb.WatchMessagesResponse
+        ] = channel.unary_stream(
+            _SERVICE + "WatchMessages",
+            request_serializer=pb.WatchMessagesRequest.SerializeToString,
+            response_deserializer=pb.WatchMessagesResponse.FromString,
+        )
+
+
+class SyncSessionClient:
+    """Blocking client for chatsession.v1.SessionService; the options are SessionClient's.
+
+    `sleep` and `clock` are what the retries wait with and measure the deadline by (tests pass
+    their own, to check the waits without waiting).
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        channel: grpc.Channel | None = None,
+        timeout: float | None = 10.0,
+        retry: Retry | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        credentials = _common.channel_credentials(
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            credentials=credentials,
+            channel_given=channel is not None,
+        )
+        self._own_channel = channel is None
+        if channel is None:
+            channel = (
+                grpc.insecure_channel(target)
+                if credentials is None
+                else grpc.secure_channel(target, credentials)
+            )
+        self._channel = channel
+        self._stub = _BlockingStub(self._channel)
+        self._timeout = timeout
+        self._retry = retry or Retry()
+        self._metadata = _common.call_metadata(token)
+        self._sleep = sleep
+        self._clock = clock
+
+    def __enter__(self) -> SyncSessionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._own_channel:
+            self._channel.close()
+
+    def _call(
+        self, rpc: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, retry_request: Req | None = None
+    ) -> Resp:
+        """One call with retries; every attempt sends `request` (the same request_id), or
+        `retry_request` after the first when given."""
+        backoff = self._retry.start(self._clock())
+        while True:
+            try:
+                return rpc(
+                    request, timeout=backoff.timeout(self._timeout, self._clock()), metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc)
+                sleep = backoff.next_sleep(error, self._clock())
+                if sleep is None:
+                    raise error from exc
+            self._sleep(sleep)
+            if retry_request is not None:
+                request = retry_request
+
+    def create_session(
+        self,
+        user_id: str,
+        *,
+        session_id: str = "",
+        model: str = "",
+        title: str = "",
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int = 0,
+        max_messages: int = 0,
+        request_id: str | None = None,
+    ) -> Session:
+        """Create a session. A request_id is generated when not given, so retries are safe."""
+        request = _common.create_session_request(
+            user_id,
+            session_id=session_id,
+            model=model,
+            title=title,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
+            max_messages=max_messages,
+            request_id=request_id,
+        )
+        return self._call(self._stub.CreateSession, request).session
+
+    def get_session(self, session_id: str) -> Session:
+        request = pb.GetSessionRequest(session_id=session_id)
+        return self._call(self._stub.GetSession, request).session
+
+    def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        model: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        ttl_seconds: int | None = None,
+        max_messages: int | None = None,
+    ) -> Session:
+        """Change the given fields only (an update mask is built from the arguments that are not None)."""
+        request = _common.update_session_request(
+            session_id,
+            title=title,
+            model=model,
+            labels=labels,
+            ttl_seconds=ttl_seconds,
+            max_messages=max_messages,
+        )
+        return self._call(self._stub.UpdateSession, request).session
+
+    def delete_session(self, session_id: str, *, allow_missing: bool = False) -> None:
+        """Delete a session. A retry that finds it gone (deleted by the first attempt) succeeds."""
+        first, retry = _common.delete_session_requests(session_id, allow_missing)
+        self._call(self._stub.DeleteSession, first, retry_request=retry)
+
+    def list_sessions(
+        self, user_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> pb.ListSessionsResponse:
+        """One page of the user's live sessions, most recently active first."""
+        request = _common.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
+        return self._call(self._stub.ListSessions, request)
+
+    def iter_sessions(self, user_id: str, *, page_size: int = 0) -> Iterator[Session]:
+        """Every live session of the user, most recently active first, fetched page by page."""
+        token: str | None = ""
+        while token is not None:
+            page = self.list_sessions(user_id, page_size=page_size, page_token=token)
+            yield from page.sessions
+            token = _common.next_page_token(page)
+
+    def append(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        *,
+        request_id: str | None = None,
+        expected_last_seq: int | None = None,
+    ) -> pb.AppendMessagesResponse:
+        """Append messages. A request_id is generated when not given, so a retry never duplicates."""
+        request = _common.append_request(
+            session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
+        )
+        return self._call(self._stub.AppendMessages, request)
+
+    def list_messages(
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        after_seq: int | None = None,
+        before_seq: int | None = None,
+    ) -> pb.ListMessagesResponse:
+        """One page: the newest messages, or those after `after_seq` / before `before_seq` (ascending seq)."""
+        request = _common.list_messages_request(
+            session_id, page_size=page_size, after_seq=after_seq, before_seq=before_seq
+        )
+        return self._call(self._stub.ListMessages, request)
+
+    def iter_messages(self, session_id: str, *, after_seq: int = 0, page_size: int = 0) -> Iterator[Message]:
+        """Every stored message after `after_seq`, oldest first, fetched page by page."""
+        cursor: int | None = after_seq
+        while cursor is not None:
+            page = self.list_messages(session_id, page_size=page_size, after_seq=cursor)
+            yield from page.messages
+            cursor = _common.next_after_seq(page)
+
+    def watch(
+        self,
+        session_id: str,
+        *,
+        after_seq: int | None = None,
+        include_heartbeats: bool = False,
+    ) -> Iterator[pb.WatchMessagesResponse]:
+        """Follow a session live, blocking between events; as SessionClient.watch, it resumes
+        after the last seq it delivered when the stream breaks with a code the retry policy
+        retries, and raises on others. Stop by leaving the loop (the stream is cancelled)."""
+        cursor = _common.WatchCursor(after_seq)
+        backoff = self._retry.start(self._clock())
+        while True:
+            call = self._stub.WatchMessages(cursor.request(session_id), metadata=self._metadata)
+            try:
+                for event in call:
+                    backoff.restart(self._clock())
+                    if cursor.advance(event, include_heartbeats):
+                        yield event
+                return
+            except grpc.RpcError as exc:
+                error: ChatSessionError = from_rpc_error(exc)
+                sleep = backoff.next_sleep(error, self._clock())
+                if sleep is None:
+                    raise error from exc
+            finally:
+                call.cancel()
+            self._sleep(sleep)

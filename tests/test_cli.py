@@ -1,0 +1,185 @@
+"""The `chatsession` command line against a real server: its main() in a thread (the server runs
+on the test's event loop), and the installed console script as a subprocess for `tail -f`."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from glide import GlideClient
+
+from chatsession_client import SessionClient, user
+from chatsession_client.cli import main
+from chatsession_server.settings import Settings
+from tests.helpers import serving, stored_messages
+from tests.pki import CertificateAuthority, Issued
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+async def cli(*argv: str, stdin: str = "") -> Result:
+    out, err = io.StringIO(), io.StringIO()
+    code = await asyncio.to_thread(main, list(argv), stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+async def test_create_append_show_ls_tail_rm_with_json(target: str, raw: GlideClient, uid: str) -> None:
+    base = ("--address", target, "--json")
+    created = await cli(*base, "create", "--user", uid, "--title", "Oslo", "--label", "team=travel")
+    assert created.code == 0, created.err
+    session = created.json()
+    session_id = session["session_id"]
+    assert (session["user_id"], session["title"], session["labels"]) == (uid, "Oslo", {"team": "travel"})
+
+    appended = await cli(*base, "append", session_id, "You are terse.", "--role", "system", "--tokens", "4")
+    assert appended.json()["messages"][0]["seq"] == "1"  # int64 is a string in protobuf's JSON
+    from_stdin = await cli(*base, "append", session_id, stdin="Hotels in Oslo?\n")
+    assert from_stdin.json()["messages"][0]["content"] == "Hotels in Oslo?\n"
+    assert [m["content"] for m in await stored_messages(raw, session_id)] == [
+        "You are terse.",
+        "Hotels in Oslo?\n",
+    ]
+
+    shown = (await cli(*base, "show", session_id)).json()
+    assert shown["session"]["message_count"] == "2"
+    assert [(m["role"], m["seq"]) for m in shown["messages"]] == [("ROLE_SYSTEM", "1"), ("ROLE_USER", "2")]
+    listed = (await cli("--address", target, "ls", "--user", uid, "--json")).json()  # options after, too
+    assert [s["session_id"] for s in listed["sessions"]] == [session_id]
+    tail = (await cli(*base, "tail", "-n", "1", session_id)).json()
+    assert [m["seq"] for m in tail["messages"]] == ["2"]
+
+    removed = await cli(*base, "rm", session_id)
+    assert removed.json() == {"session_id": session_id, "deleted": True}
+    assert await stored_messages(raw, session_id) == []
+    gone = await cli(*base, "show", session_id)
+    assert gone.code == 4
+    assert gone.out == ""
+    assert gone.err.count("\n") == 1
+    assert gone.err.startswith("chatsession: NOT_FOUND: ")
+
+
+async def test_text_output(target: str, uid: str) -> None:
+    session_id = (await cli("--address", target, "create", "--user", uid)).out.strip()
+    assert (await cli("--address", target, "append", session_id, "first")).out == "1\n"
+    await cli("--address", target, "append", session_id, "--role", "assistant", "second")
+    tail = await cli("--address", target, "tail", session_id)
+    assert tail.out == "[1] user: first\n[2] assistant: second\n"
+    listed = await cli("--address", target, "ls", "--user", uid)
+    assert listed.out.split("\t")[:2] == [session_id, "2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "says"),
+    [
+        (["append", "{s}", ""], 3, "INVALID_ARGUMENT: "),  # an empty message
+        (["append", "{s}", "late", "--expected-last-seq", "0"], 5, "FAILED_PRECONDITION: "),
+        (["create", "--user", "{u}", "--id", "{s}"], 5, "ALREADY_EXISTS: "),
+        (["create", "--user", "{u}", "--label", "no-equals-sign"], 2, "--label 'no-equals-sign'"),
+        (["--token-file", "/nonexistent/token", "ls", "--user", "{u}"], 2, "cannot read --token-file"),
+    ],
+)
+async def test_errors_are_one_line_and_an_exit_code_per_status_class(
+    client: SessionClient, target: str, uid: str, argv: list[str], code: int, says: str
+) -> None:
+    session = await client.create_session(uid)
+    await client.append(session.session_id, [user("one")])
+    result = await cli("--address", target, *(a.format(s=session.session_id, u=uid) for a in argv))
+    assert (result.code, result.out) == (code, "")
+    assert result.err.count("\n") == 1
+    assert says in result.err
+
+
+async def test_tail_follow_prints_json_lines_until_the_session_is_deleted(
+    client: SessionClient, target: str, uid: str
+) -> None:
+    session = await client.create_session(uid)
+    await client.append(session.session_id, [user("old"), user("recent")])
+    script = Path(sys.executable).parent / "chatsession"
+    process = await asyncio.create_subprocess_exec(
+        str(script),
+        *("--address", target, "--json", "tail", "-f", "-n", "1", session.session_id),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+
+    async def next_line() -> Any:
+        assert process.stdout is not None
+        return json.loads(await asyncio.wait_for(process.stdout.readline(), 30))
+
+    try:
+        assert (await next_line())["message"]["content"] == "recent"
+        await client.append(session.session_id, [user("live")])
+        live = await next_line()
+        assert (live["message"]["seq"], live["message"]["content"]) == ("3", "live")
+        await client.delete_session(session.session_id)
+        assert await asyncio.wait_for(process.wait(), 30) == 4
+        assert (await process.stderr.read()).decode().startswith("chatsession: NOT_FOUND: ")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+TOKEN = "cli-token-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def client_pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertificateAuthority, Issued, Issued, Path]:
+    directory = tmp_path_factory.mktemp("cli-pki")
+    ca = CertificateAuthority(directory, "ca")
+    token_file = directory / "token"
+    token_file.write_text(TOKEN + "\n")
+    return ca, ca.issue("server", server=True), ca.issue("svc-cli"), token_file
+
+
+@pytest.fixture
+async def mtls_target(
+    settings: Settings,
+    valkey_url: str,
+    client_pki: tuple[CertificateAuthority, Issued, Issued, Path],
+    uid: str,
+) -> AsyncIterator[str]:
+    ca, server, _, token_file = client_pki
+    tokens = token_file.parent / "tokens"
+    tokens.write_text(f"{TOKEN} {uid}\n")
+    async with serving(
+        settings,
+        valkey_url,
+        tls_cert=str(server.cert),
+        tls_key=str(server.key),
+        tls_client_ca=str(ca.cert),
+        auth_tokens_file=str(tokens),
+    ) as running:
+        yield f"127.0.0.1:{running.port}"
+
+
+async def test_tls_client_certificate_and_token_options(
+    mtls_target: str, client_pki: tuple[CertificateAuthority, Issued, Issued, Path], uid: str
+) -> None:
+    ca, _, identity, token_file = client_pki
+    tls = ["--address", mtls_target, "--tls-ca", str(ca.cert)]
+    tls += ["--tls-cert", str(identity.cert), "--tls-key", str(identity.key)]
+    created = await cli(*tls, "--token-file", str(token_file), "--json", "create", "--user", uid)
+    assert created.code == 0, created.err
+    assert created.json()["user_id"] == uid
+    anonymous = await cli(*tls, "ls", "--user", uid)  # a certificate the tokens file does not name
+    assert anonymous.code == 6
+    assert anonymous.err.startswith("chatsession: UNAUTHENTICATED: ")
