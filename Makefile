@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 PROTOS := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: venv run test lint fmt gen gen-check bench check clean
+.PHONY: venv run test lint fmt gen gen-check bench bench-smoke check clean
 
 $(BIN)/chatsession-server: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,9 +49,11 @@ fmt: venv
 	$(BIN)/ruff format .
 	$(BIN)/buf format -w
 
-bench: venv  ## benchmarks: figures and ratios against in-run baselines
-	$(BIN)/python bench/watch_bench.py
-	$(BIN)/python bench/scale_bench.py
+bench: venv  ## benchmarks: figures and ratios against in-run baselines (a few minutes; writes bench/results.json)
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
+
+bench-smoke: venv  ## every benchmark row once with tiny counts (seconds); checks the results file has them all
+	$(BIN)/python bench/suite.py --smoke
 
 check: lint gen-check test
 
