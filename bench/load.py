@@ -5,6 +5,9 @@
     python bench/load.py cookbook --valkey-url URL    # the cookbook append: 4 sequential GLIDE awaits
     python bench/load.py list-sessions --port P / scan-listing --valkey-url URL / populate ...
 
+The cookbook baselines (the append, the SCAN listing) stand for code an application server runs
+against Valkey, so they run with `--as-server` on the server's core, as chatsession does.
+
 Each run warms up for a second, then measures for `--seconds`: calls, p50/p99 latency, and the
 CPU the process `--cpu-pid` (the server under test) used per call meanwhile.
 """
@@ -26,7 +29,7 @@ import grpc
 from glide import Batch, GlideClient, GlideClientConfiguration, NodeAddress
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import LOAD_CPUS, cpu_seconds, percentile
+from common import LOAD_CPUS, SERVER_CPUS, cpu_seconds, percentile
 
 from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
 
@@ -219,8 +222,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--tag", default="")
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument(
+        "--as-server", action="store_true", help="run on the server cores (the cookbook baselines)"
+    )
     args = parser.parse_args()
-    os.sched_setaffinity(0, LOAD_CPUS)
+    os.sched_setaffinity(0, SERVER_CPUS if args.as_server else LOAD_CPUS)
     import uvloop
 
     print(json.dumps(uvloop.run(run(args))), flush=True)

@@ -5,7 +5,8 @@ Starts its own Valkey, the chatsession server and the bare grpc.aio server
 (bench/load.py, and bench/watch_bench.py and bench/scale_bench.py for the watch, memory and
 worker figures). Servers run on one core, Valkey and the load on the other (bench/common.py).
 The unary figures are medians of interleaved rounds: each round measures chatsession and its
-baselines one after the other, so a busy moment of the machine hits both. Prints one table and
+baselines one after the other, so a busy moment of the machine hits both; a ratio is the median
+of the rounds' ratios. Prints one table and
 writes every figure, its baseline and the ratio to bench/results.json.
 
     python bench/suite.py                      # a few minutes; ListSessions at 0 and 10k others
@@ -28,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
@@ -53,9 +54,14 @@ class Row:
     baseline: float
     target: str  # the issue's target for value/baseline, or "" when there is none
     higher_is_better: bool = False
+    round_ratios: list[float] = field(default_factory=list)
+    """value/baseline of each round, when both were measured in rounds: the ratio is their median
+    (a busy moment of the machine hits a figure and the baseline next to it alike)"""
 
     @property
     def ratio(self) -> float:
+        if self.round_ratios:
+            return float(statistics.median(self.round_ratios))
         return self.value / self.baseline if self.baseline else float("inf")
 
     @property
@@ -94,6 +100,8 @@ def measure(kind: str, args: argparse.Namespace, **options: Any) -> dict[str, An
     """One bench/load.py run (a process of its own on the load cores)."""
     argv = [sys.executable, str(BENCH / "load.py"), kind, "--warmup", str(args.warmup)]
     options.setdefault("seconds", args.seconds)
+    if kind in ("cookbook", "scan-listing"):
+        argv.append("--as-server")  # application code against Valkey, where chatsession runs
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     out = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
@@ -122,16 +130,17 @@ def median(rounds: list[dict[str, Any]], key: str) -> float:
 def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: tuple[int, int]) -> list[Row]:
     (cs_port, cs_pid), (bare_port, bare_pid) = cs, bare
     runs: dict[str, list[dict[str, Any]]] = {}
+    # Each figure is measured right next to its baseline.
     plan: list[tuple[str, str, dict[str, Any]]] = [
-        ("append_1", "append", {"port": cs_port, "cpu_pid": cs_pid}),
         ("echo_1", "echo", {"port": bare_port, "cpu_pid": bare_pid}),
+        ("append_1", "append", {"port": cs_port, "cpu_pid": cs_pid}),
         ("cookbook_1", "cookbook", {"valkey_url": url}),
-        ("append_10", "append", {"port": cs_port, "cpu_pid": cs_pid, "messages": 10}),
         ("cookbook_10", "cookbook", {"valkey_url": url, "messages": 10}),
+        ("append_10", "append", {"port": cs_port, "cpu_pid": cs_pid, "messages": 10}),
         ("append_64", "append", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
+        ("echo_64", "echo", {"port": bare_port, "cpu_pid": bare_pid, "in_flight": 64}),
         ("list_64", "list", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
         ("get_64", "get", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
-        ("echo_64", "echo", {"port": bare_port, "cpu_pid": bare_pid, "in_flight": 64}),
     ]
     for r in range(args.rounds):
         for name, kind, options in plan:
@@ -140,31 +149,27 @@ def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: 
             f"{name} {runs[name][-1]['rps']:,.0f}/s" for name, _, _ in plan
         ), file=sys.stderr)  # fmt: skip
 
-    def m(name: str, key: str) -> float:
-        return median(runs[name], key)
+    def row(name: str, unit: str, ours: str, base: str, key: str, base_name: str, target: str) -> Row:
+        pairs = list(zip(runs[ours], runs[base], strict=True))
+        ratios = [a[key] / b[key] for a, b in pairs if b[key]]
+        return Row(name, unit, median(runs[ours], key), base_name, median(runs[base], key), target,
+                   higher_is_better=key == "rps", round_ratios=ratios)  # fmt: skip
 
-    echo_cpu = m("echo_64", "cpu_us_per_call")
+    echo, cpu = "bare grpc.aio echo", "cpu_us_per_call"
     return [
-        Row("AppendMessages 1 message, 1 in flight, p50", "µs", m("append_1", "p50_us"),
-            "cookbook: 4 sequential GLIDE awaits", m("cookbook_1", "p50_us"), "<= 1.2"),
-        Row("AppendMessages 1 message, 1 in flight, p50 (vs echo)", "µs", m("append_1", "p50_us"),
-            "bare grpc.aio echo", m("echo_1", "p50_us"), ""),
-        Row("AppendMessages 10 messages, 1 in flight, p50", "µs", m("append_10", "p50_us"),
-            "ten cookbook appends", m("cookbook_10", "p50_us"), "<= 0.15"),
-        Row("AppendMessages 64 in flight", "RPC/s", m("append_64", "rps"),
-            "bare grpc.aio echo", m("echo_64", "rps"), ">= 0.8", higher_is_better=True),
-        Row("AppendMessages 64 in flight, p99", "µs", m("append_64", "p99_us"),
-            "bare grpc.aio echo", m("echo_64", "p99_us"), "<= 1.5"),
-        Row("ListMessages(20) 64 in flight", "RPC/s", m("list_64", "rps"),
-            "bare grpc.aio echo", m("echo_64", "rps"), "", higher_is_better=True),
-        Row("GetSession 64 in flight", "RPC/s", m("get_64", "rps"),
-            "bare grpc.aio echo", m("echo_64", "rps"), "", higher_is_better=True),
-        Row("server CPU per AppendMessages", "µs", m("append_64", "cpu_us_per_call"),
-            "bare grpc.aio echo", echo_cpu, "<= 2"),
-        Row("server CPU per ListMessages(20)", "µs", m("list_64", "cpu_us_per_call"),
-            "bare grpc.aio echo", echo_cpu, "<= 2"),
-        Row("server CPU per GetSession", "µs", m("get_64", "cpu_us_per_call"),
-            "bare grpc.aio echo", echo_cpu, "<= 2"),
+        row("AppendMessages 1 message, 1 in flight, p50", "µs", "append_1", "cookbook_1", "p50_us",
+            "cookbook: 4 sequential GLIDE awaits", "<= 1.2"),
+        row("AppendMessages 1 message, 1 in flight, p50 (vs echo)", "µs", "append_1", "echo_1", "p50_us",
+            echo, ""),
+        row("AppendMessages 10 messages, 1 in flight, p50", "µs", "append_10", "cookbook_10", "p50_us",
+            "ten cookbook appends", "<= 0.15"),
+        row("AppendMessages 64 in flight", "RPC/s", "append_64", "echo_64", "rps", echo, ">= 0.8"),
+        row("AppendMessages 64 in flight, p99", "µs", "append_64", "echo_64", "p99_us", echo, "<= 1.5"),
+        row("ListMessages(20) 64 in flight", "RPC/s", "list_64", "echo_64", "rps", echo, ""),
+        row("GetSession 64 in flight", "RPC/s", "get_64", "echo_64", "rps", echo, ""),
+        row("server CPU per AppendMessages", "µs", "append_64", "echo_64", cpu, echo, "<= 2"),
+        row("server CPU per ListMessages(20)", "µs", "list_64", "echo_64", cpu, echo, "<= 2"),
+        row("server CPU per GetSession", "µs", "get_64", "echo_64", cpu, echo, "<= 2"),
     ]  # fmt: skip
 
 
@@ -266,7 +271,7 @@ def main() -> None:
         if args.output == str(BENCH / "results.json"):
             args.output = os.path.join(tempfile.mkdtemp(), "results.json")
     else:
-        args.rounds, args.seconds, args.warmup = 3, 3.0, 1.0
+        args.rounds, args.seconds, args.warmup = 5, 2.0, 1.0
         args.listing = [0, 10_000, 100_000] if args.listing_100k else [0, 10_000]
         args.watchers, args.appends, args.idle, args.idle_cpu_seconds = 100, 200, 2000, 5.0
         args.memory_messages = 20_000
@@ -292,6 +297,7 @@ def main() -> None:
         "smoke": args.smoke,
         "rounds": args.rounds,
         "seconds_per_measurement": args.seconds,
+        "load_average_at_end": os.getloadavg(),
         "rows": [{**asdict(row), "ratio": row.ratio, "met": row.met} for row in rows],
     }
     with open(args.output, "w") as out:
