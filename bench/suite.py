@@ -261,6 +261,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny counts, every row once; checks the JSON")
     parser.add_argument("--listing-100k", action="store_true", help="ListSessions at 100k other sessions too")
     parser.add_argument("--output", default=str(BENCH / "results.json"))
+    parser.add_argument(
+        "--note",
+        default="",
+        help="a remark for the results file (how quiet the machine was)",
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, LOAD_CPUS)  # Valkey started from here inherits it
     if args.smoke:
@@ -275,7 +280,7 @@ def main() -> None:
         args.listing = [0, 10_000, 100_000] if args.listing_100k else [0, 10_000]
         args.watchers, args.appends, args.idle, args.idle_cpu_seconds = 100, 200, 2000, 5.0
         args.memory_messages = 20_000
-    started = time.time()
+    started, host = time.time(), machine()
     print(placement(), file=sys.stderr)
     rows: list[Row] = []
     with EmbeddedValkey() as valkey:
@@ -292,12 +297,13 @@ def main() -> None:
     print_table(rows)
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "machine": machine(),
+        "machine": host,
         "placement": placement(),
         "smoke": args.smoke,
         "rounds": args.rounds,
         "seconds_per_measurement": args.seconds,
         "load_average_at_end": os.getloadavg(),
+        "note": args.note,
         "rows": [{**asdict(row), "ratio": row.ratio, "met": row.met} for row in rows],
     }
     with open(args.output, "w") as out:
