@@ -7,7 +7,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # protos/google/rpc is vendored for other languages; Python has it from googleapis-common-protos.
 PROTOS := $(shell find protos/chatsession -name '*.proto' | sort)
 
-.PHONY: venv run test lint fmt gen gen-check docs lock lock-check bench check clean
+.PHONY: venv run test lint fmt gen gen-check docs lock lock-check bench bench-smoke check clean
 
 $(BIN)/chatsession-server: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,9 +68,11 @@ lock-check: venv  ## fail if requirements.lock does not match pyproject.toml's d
 	diff -u requirements.lock .lock-check/requirements.lock || (echo "requirements.lock is stale: run 'make lock'"; exit 1)
 	rm -rf .lock-check
 
-bench: venv  ## benchmarks: figures and ratios against in-run baselines
-	$(BIN)/python bench/watch_bench.py
-	$(BIN)/python bench/scale_bench.py
+bench: venv  ## benchmarks: figures and ratios against in-run baselines (a few minutes; writes bench/results.json)
+	$(BIN)/python bench/suite.py $(BENCH_ARGS)
+
+bench-smoke: venv  ## every benchmark row once with tiny counts (seconds); checks the results file has them all
+	$(BIN)/python bench/suite.py --smoke
 
 check: lint gen-check lock-check test
 

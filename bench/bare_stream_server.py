@@ -1,8 +1,9 @@
-"""Baseline for the idle-watcher figure: the same service on grpc.aio with nothing behind it.
+"""Baselines on grpc.aio with nothing behind them, with the server options and event loop of the
+real server: what a call or a stream costs here is gRPC's own floor.
 
-WatchMessages writes one heartbeat and then waits forever, with the server options and event loop
-of the real server. What one idle stream costs here is gRPC's own floor; the real server's figure
-minus this one is what chatsession adds.
+- WatchMessages writes one heartbeat and then waits forever (the idle-watcher figure's baseline).
+- `/chatsession.bench.Echo/Echo` answers each request with its own bytes (the unary calls'
+  baseline: bench/load.py sends it an AppendMessagesRequest).
 
     python bench/bare_stream_server.py      # prints "serving on 127.0.0.1:PORT" on stderr
 """
@@ -29,6 +30,10 @@ async def watch_messages(request: pb.WatchMessagesRequest, context: Any) -> None
     await asyncio.get_running_loop().create_future()  # idle until cancelled
 
 
+async def echo(request: bytes, context: Any) -> bytes:
+    return request
+
+
 async def main() -> None:
     server = aio.server(options=grpc_options(Settings()))
     handler = grpc.unary_stream_rpc_method_handler(
@@ -37,7 +42,12 @@ async def main() -> None:
         response_serializer=pb.WatchMessagesResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(SERVICE_NAME, {"WatchMessages": handler})]
+        [
+            grpc.method_handlers_generic_handler(SERVICE_NAME, {"WatchMessages": handler}),
+            grpc.method_handlers_generic_handler(
+                "chatsession.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+            ),
+        ]
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

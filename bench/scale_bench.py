@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import os
 import re
 import statistics
@@ -25,15 +27,17 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import grpc
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import LOAD_CPUS, ROOT, SERVER_CPUS, cpu_seconds, pin
 
 from chatsession.v1 import session_pb2, session_service_pb2, session_service_pb2_grpc
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.embedded_cluster import EmbeddedCluster, command
 
-ROOT = Path(__file__).resolve().parent.parent
 CHANNELS = 8
 IN_FLIGHT = 64
 
@@ -50,20 +54,6 @@ CONFIGS = (
     Config("3-primary cluster, 1 worker", cluster=True, workers=1),
     Config("standalone, 2 workers", cluster=False, workers=2),
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of `pid` and its children, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(f) for f in fields[11:13])  # utime, stime
-    total = ticks / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.exists():
-        total += sum(cpu_seconds(int(c)) for c in children.read_text().split())
-    return total
 
 
 @dataclass
@@ -93,6 +83,7 @@ async def server(url: str, config: Config) -> AsyncIterator[tuple[int, int]]:
             raise RuntimeError("server exited")
         if m := re.search(r"serving on [\d.]+:(\d+)", line):
             ports.append(int(m.group(1)))
+    pin(proc.pid, SERVER_CPUS)  # the supervisor and its workers; Valkey and the load stay on theirs
     drain = asyncio.create_task(proc.stderr.read())  # a full pipe must never stall it
     try:
         yield ports[0], proc.pid
@@ -153,13 +144,19 @@ async def append_load(port: int, seconds: float, server_pid: int, valkey_pids: l
             await c.close()
 
 
-async def throughput(rounds: int, seconds: float) -> dict[str, list[Figures]]:
-    results: dict[str, list[Figures]] = {c.name: [] for c in CONFIGS}
-    with EmbeddedValkey() as standalone, EmbeddedCluster(primaries=3) as cluster:
+async def throughput(
+    rounds: int, seconds: float, configs: tuple[Config, ...] = CONFIGS
+) -> dict[str, list[Figures]]:
+    results: dict[str, list[Figures]] = {c.name: [] for c in configs}
+    with contextlib.ExitStack() as stack:
+        standalone = stack.enter_context(EmbeddedValkey())
+        cluster = (
+            stack.enter_context(EmbeddedCluster(primaries=3)) if any(c.cluster for c in configs) else None
+        )
         for r in range(rounds):
-            for config in CONFIGS:
-                url = cluster.url if config.cluster else standalone.url
-                nodes = cluster.primaries if config.cluster else [standalone]
+            for config in configs:
+                url = cluster.url if cluster and config.cluster else standalone.url
+                nodes: list[Any] = cluster.primaries if cluster and config.cluster else [standalone]
                 async with server(url, config) as (port, pid):
                     figures = await append_load(port, seconds, pid, [n.pid for n in nodes if n.pid])
                 results[config.name].append(figures)
@@ -236,31 +233,47 @@ async def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-cluster", action="store_true", help="standalone layouts only (1 vs 2 workers)")
+    parser.add_argument("--memory-messages", type=int, default=20_000)
+    parser.add_argument("--expired", type=int, default=5000, help="expired index entries (0: skip)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
+    os.sched_setaffinity(0, LOAD_CPUS)
+    configs = tuple(c for c in CONFIGS if not (args.no_cluster and c.cluster))
     shape = f"{IN_FLIGHT} in flight over {CHANNELS} connections, {args.rounds} x {args.seconds:g}s"
     print(f"AppendMessages, {shape}")
-    results = await throughput(args.rounds, args.seconds)
-    base = statistics.median(r.rps for r in results[CONFIGS[0].name])
+    results = await throughput(args.rounds, args.seconds, configs)
+    base = statistics.median(r.rps for r in results[configs[0].name])
     print(
         f"{'configuration':30} {'RPC/s':>7} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}"
         f" {'cores: server':>14} {'valkey':>7} {'load':>5}"
     )
-    for config in CONFIGS:
+    figures: dict[str, dict[str, float]] = {}
+    for config in configs:
         rows = results[config.name]
 
         def median(pick: str, rows: list[Figures] = rows) -> float:
             return float(statistics.median(getattr(r, pick) for r in rows))
 
+        figures[config.name] = {pick: median(pick) for pick in Figures.__dataclass_fields__}
         print(
             f"{config.name:30} {median('rps'):7,.0f} {median('rps') / base:6.2f} {median('p50_ms'):7.1f}"
             f" {median('p99_ms'):7.1f} {median('server_cores'):14.2f} {median('valkey_cores'):7.2f}"
             f" {median('loader_cores'):5.2f}"
         )
-    per_message, per_session = await bytes_per_message()
+    per_message, per_session = await bytes_per_message(args.memory_messages)
     print(f"Valkey memory: {per_message:,.0f} B per stored message (200 B content),", end=" ")
     print(f"{per_session:,.0f} B per session")
-    first_ms, again_ms = await listing_over_expired()
-    print(f"ListSessions first page over 5,000 expired entries: {first_ms:,.0f} ms (then {again_ms:,.1f} ms)")
+    figures["memory"] = {"bytes_per_message": per_message, "bytes_per_session": per_session}
+    if args.expired:
+        first_ms, again_ms = await listing_over_expired(args.expired)
+        print(
+            f"ListSessions first page over {args.expired:,} expired entries: {first_ms:,.0f} ms "
+            f"(then {again_ms:,.1f} ms)"
+        )
+        figures["expired_listing"] = {"first_ms": first_ms, "again_ms": again_ms}
+    if args.json:
+        print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import statistics
@@ -27,10 +28,13 @@ from pathlib import Path
 
 import grpc
 
+sys.path.insert(0, os.path.dirname(__file__))
+from common import LOAD_CPUS, ROOT, SERVER_CPUS, cpu_seconds
+from common import percentile as pct
+
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import NO_RETRY, SessionClient, user
 
-ROOT = Path(__file__).resolve().parent.parent
 CHANNELS = 16  # spread streams over several HTTP/2 connections, as many clients would
 
 
@@ -39,16 +43,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 SERVER = ["-m", "chatsession_server", "--listen", "127.0.0.1:0"]
@@ -66,6 +60,8 @@ async def start_server(args: list[str]) -> tuple[asyncio.subprocess.Process, int
         if not line:
             raise RuntimeError("server exited")
         if m := re.search(r"serving on [\d.]+:(\d+)", line):
+            # The server alone: its embedded Valkey was started from our (load) cores.
+            os.sched_setaffinity(proc.pid, SERVER_CPUS)
             # Keep draining its log so a full pipe never stalls it.
             asyncio.get_running_loop().create_task(proc.stderr.read())
             return proc, int(m.group(1))
@@ -88,7 +84,10 @@ async def watcher(
                 return
 
 
-async def latency_run(target: str, channels: list[grpc.aio.Channel], watchers: int, appends: int) -> None:
+async def latency_run(
+    target: str, channels: list[grpc.aio.Channel], watchers: int, appends: int
+) -> dict[str, float]:
+    """Append-to-delivery latency at `watchers` watchers of one session, and the append round trip."""
     from chatsession.v1 import session_service_pb2_grpc
 
     async with SessionClient(target, retry=NO_RETRY) as client:
@@ -122,6 +121,7 @@ async def latency_run(target: str, channels: list[grpc.aio.Channel], watchers: i
             f"(p50/RTT={statistics.median(delivery) / statistics.median(rtt):.2f}) | "
             f"last watcher p50={statistics.median(last):.2f}ms"
         )
+        return {"append_rtt_p50_ms": statistics.median(rtt), "delivery_p50_ms": statistics.median(delivery)}
 
 
 async def idle_run(
@@ -150,9 +150,9 @@ async def idle_run(
     elapsed = time.perf_counter() - start
     await asyncio.sleep(1.0)
     after = rss_kib(pid)
-    busy = cpu_seconds(pid)
+    busy = cpu_seconds(pid, with_children=False)
     await asyncio.sleep(cpu_window)
-    idle_cpu = (cpu_seconds(pid) - busy) / cpu_window * 100
+    idle_cpu = (cpu_seconds(pid, with_children=False) - busy) / cpu_window * 100
     settled = rss_kib(pid)  # after a round of heartbeats and polls
     for call in warm + calls:
         call.cancel()
@@ -182,7 +182,8 @@ async def serving(args: list[str]) -> AsyncIterator[tuple[int, str, list[grpc.ai
         await proc.wait()
 
 
-async def idle_comparison(idle: int, sessions: int, cpu_window: float) -> None:
+async def idle_comparison(idle: int, sessions: int, cpu_window: float) -> dict[str, float]:
+    """KiB of server RSS per idle watcher, chatsession and the bare grpc.aio stream."""
     print(f"idle watchers: {idle} on {sessions} sessions, 16 connections")
     figures: dict[str, float] = {}
     for name, args in (("bare grpc.aio stream (baseline)", BARE_SERVER), ("chatsession", SERVER)):
@@ -196,6 +197,7 @@ async def idle_comparison(idle: int, sessions: int, cpu_window: float) -> None:
         print(f"  {name}: {figures[name]:.1f} KiB per idle watcher")
     bare, ours = figures.values()
     print(f"  chatsession / bare = {ours / bare:.2f}; chatsession adds {ours - bare:.1f} KiB per watcher")
+    return {"idle_watcher_kib": ours, "bare_stream_kib": bare}
 
 
 async def main() -> None:
@@ -205,13 +207,18 @@ async def main() -> None:
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--idle-sessions", type=int, default=100)
     parser.add_argument("--idle-cpu-seconds", type=float, default=16.0, help="a heartbeat period and more")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
+    os.sched_setaffinity(0, LOAD_CPUS)
+    figures: dict[str, dict[str, float]] = {}
     if args.watchers:
         async with serving(SERVER) as (_, target, channels):
             for n in args.watchers:
-                await latency_run(target, channels, n, args.appends)
+                figures[f"watchers_{n}"] = await latency_run(target, channels, n, args.appends)
     if args.idle:
-        await idle_comparison(args.idle, args.idle_sessions, args.idle_cpu_seconds)
+        figures["idle"] = await idle_comparison(args.idle, args.idle_sessions, args.idle_cpu_seconds)
+    if args.json:
+        print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

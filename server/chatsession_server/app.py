@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Sequence
@@ -471,6 +472,9 @@ async def serve(settings: Settings, *, share_port: bool = False) -> None:
             await listening.abandon()
         else:
             log.info("chatsession serving on %s:%d (Valkey %s)", host, running.port, valkey.redacted())
+            # What start-up allocated (modules, protobuf descriptors, GLIDE) lives as long as the
+            # process: out of the collector's sight, full collections stop walking it.
+            gc.freeze()
             if running.auth is not None:
                 loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
             await stopping.wait()

@@ -26,20 +26,19 @@ _ROLE_TO_PROTO = {
 }
 
 
-def timestamp(seconds: float) -> Timestamp:
+def _set_time(target: Timestamp, seconds: float) -> None:
+    """Fills a message's Timestamp field in place (cheaper than building one and copying it in)."""
     whole = int(seconds)
-    return Timestamp(seconds=whole, nanos=round((seconds - whole) * 1_000_000) * 1000)
+    target.seconds = whole
+    target.nanos = round((seconds - whole) * 1_000_000) * 1000
 
 
 def session_to_proto(s: Session) -> session_pb2.Session:
-    return session_pb2.Session(
+    out = session_pb2.Session(
         session_id=s.session_id,
         user_id=s.user_id,
         model=s.model,
         title=s.title,
-        labels=dict(s.labels),
-        created_at=timestamp(s.created_at),
-        last_active=timestamp(s.last_active),
         message_count=s.message_count,
         token_count=s.token_count,
         messages_stored=s.messages_stored,
@@ -47,27 +46,31 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         ttl_seconds=s.ttl_seconds,
         max_messages=s.max_messages,
     )
+    if s.labels:
+        out.labels.update(s.labels)
+    _set_time(out.created_at, s.created_at)
+    _set_time(out.last_active, s.last_active)
+    return out
 
 
 def message_to_proto(m: StoredMessage) -> session_pb2.Message:
-    message = _message_to_proto(m)
+    # Only the fields a message has are passed: most have no name, metadata or tool calls, and
+    # an empty map or list costs as much to hand over as a full one.
+    out = session_pb2.Message(seq=m.seq, role=_ROLE_TO_PROTO[m.role], content=m.content, tokens=m.tokens)
+    if m.name:
+        out.name = m.name
+    if m.metadata:
+        out.metadata.update(m.metadata)
+    if m.tool_calls:
+        out.tool_calls.extend(
+            session_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls
+        )
+    if m.tool_call_id:
+        out.tool_call_id = m.tool_call_id
     if m.summarizes is not None:
-        message.summarizes.first_seq, message.summarizes.last_seq = m.summarizes
-    return message
-
-
-def _message_to_proto(m: StoredMessage) -> session_pb2.Message:
-    return session_pb2.Message(
-        seq=m.seq,
-        role=_ROLE_TO_PROTO[m.role],
-        content=m.content,
-        tokens=m.tokens,
-        name=m.name,
-        metadata=dict(m.metadata),
-        created_at=timestamp(m.created_at),
-        tool_calls=[session_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls],
-        tool_call_id=m.tool_call_id,
-    )
+        out.summarizes.first_seq, out.summarizes.last_seq = m.summarizes
+    _set_time(out.created_at, m.created_at)
+    return out
 
 
 def watch_event_to_proto(event: WatchEvent) -> session_service_pb2.WatchMessagesResponse:

@@ -114,26 +114,53 @@ def decode_message(raw: bytes | str) -> StoredMessage:
     return message_from_obj(json.loads(raw))
 
 
+def decode_messages(raws: Sequence[bytes]) -> tuple[StoredMessage, ...]:
+    """Stored messages as the scripts return them, parsed as one JSON array (one parse, not one
+    per message: a page of 20 decodes in a third of the time)."""
+    if not raws:
+        return ()
+    return tuple(map(message_from_obj, json.loads(b"[" + b",".join(raws) + b"]")))
+
+
 def message_from_obj(obj: dict[str, Any]) -> StoredMessage:
-    calls = tuple(
-        ToolCall(
-            id=str(c.get("id", "")),
-            name=str(c.get("function", {}).get("name", "")),
-            arguments=str(c.get("function", {}).get("arguments", "")),
-        )
-        for c in obj.get("tool_calls") or ()
-    )
+    calls = obj.get("tool_calls")
+    metadata = obj.get("metadata")
     return StoredMessage(
-        seq=int(obj["seq"]),
-        role=Role(obj["role"]),
-        content=str(obj.get("content") or ""),
-        tokens=int(obj.get("tokens") or 0),
-        created_at=float(obj.get("created_at") or 0.0),
-        name=str(obj.get("name") or ""),
-        metadata={str(k): str(v) for k, v in (obj.get("metadata") or {}).items()},
-        tool_calls=calls,
-        tool_call_id=str(obj.get("tool_call_id") or ""),
-        summarizes=_seq_range(obj.get("summarizes")),
+        int(obj["seq"]),
+        Role(obj["role"]),
+        str(obj.get("content") or ""),
+        int(obj.get("tokens") or 0),
+        float(obj.get("created_at") or 0.0),
+        str(obj.get("name") or ""),
+        {str(k): str(v) for k, v in metadata.items()} if metadata else {},
+        tuple(
+            ToolCall(
+                id=str(c.get("id", "")),
+                name=str(c.get("function", {}).get("name", "")),
+                arguments=str(c.get("function", {}).get("arguments", "")),
+            )
+            for c in calls
+        )
+        if calls
+        else (),
+        str(obj.get("tool_call_id") or ""),
+        _seq_range(obj.get("summarizes")),
+    )
+
+
+def stored_message(message: NewMessage, seq: int, created_at: float) -> StoredMessage:
+    """What `decode_message` gives for the message the append script stored from
+    `encode_body(message, created_at)` at `seq`, without the JSON round trip."""
+    return StoredMessage(
+        seq,
+        message.role,
+        message.content,
+        message.tokens,
+        round(created_at, 6),
+        message.name,
+        message.metadata,
+        message.tool_calls,
+        message.tool_call_id,
     )
 
 

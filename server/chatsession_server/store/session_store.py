@@ -420,15 +420,14 @@ class SessionStore:
                 f"the session's last seq is {int(reply[1])}, not {expected_last_seq}",
             )
         if status is Status.REPLAYED:
-            stored = tuple(codec.decode_message(raw) for raw in reply[2])
+            stored = codec.decode_messages(reply[2])
             described = reply[3]
             result = AppendResult(stored, _session_from(session_id, described), replayed=True)
         else:
             first_seq = int(reply[1])
-            # The script stored exactly stored_json(seq, body): decode our own copy, no read-back.
-            stored = tuple(
-                codec.decode_message(codec.stored_json(first_seq + i, body)) for i, body in enumerate(bodies)
-            )
+            # The script stored exactly stored_json(seq, body): the reply is built from the
+            # request, with no read-back and no JSON round trip.
+            stored = tuple(codec.stored_message(m, first_seq + i, now) for i, m in enumerate(messages))
             described = reply[2]
             result = AppendResult(stored, _session_from(session_id, described), replayed=False)
         # A replay repeats the index and usage step too: it may be what failed the first time.
@@ -459,7 +458,7 @@ class SessionStore:
             raise SessionNotFound(session_id)
         _, items, has_more, last_seq, window_start, trimmed = reply
         return MessagePage(
-            messages=tuple(codec.decode_message(raw) for raw in items),
+            messages=codec.decode_messages(items),
             has_more=bool(has_more),
             last_seq=int(last_seq),
             window_start_seq=int(window_start),
