@@ -59,14 +59,16 @@ async def test_an_append_is_one_evalsha_and_nothing_outside_its_script(
 
 
 @pytest.mark.cluster_only
-async def test_in_a_cluster_an_append_is_its_script_and_one_index_step(
+async def test_in_a_cluster_an_append_is_its_script_and_one_index_and_usage_step(
     client: SessionClient, raw: Any, uid: str
 ) -> None:
-    """The owner's index lives in another slot: a second round trip, one ZADD GT (see
-    session_store.py). It is not skipped: every append raises last_active, the index's score."""
+    """The owner's index and usage live in another slot: a second round trip, the USAGE_SYNC
+    script (see session_store.py). It is not skipped: every append raises last_active, the
+    index's score, and adds to the usage."""
     s = await client.create_session(uid)
     await client.append(s.session_id, [user("warm")])
     spent = await commands_of(raw, client.append(s.session_id, [user("hello", tokens=3)]))
-    assert spent.pop("evalsha") == 1
-    assert spent.pop("zadd") == 1  # the index step, outside the script (which skips it in a cluster)
-    assert set(spent) <= APPEND_SCRIPT_COMMANDS - {"zadd"}, spent
+    assert spent.pop("evalsha") == 2  # the append's script, then the index and usage step's
+    step_commands = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", scripts.USAGE_SYNC.source)}
+    assert spent.pop("zadd") == 1  # the index, in the second step (the append's script skips it)
+    assert set(spent) <= APPEND_SCRIPT_COMMANDS | step_commands, spent
