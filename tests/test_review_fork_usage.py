@@ -1,0 +1,130 @@
+"""Review of ForkSession and GetUserUsage (issue 15): defects found, each proven against the real
+Valkey (both passes unless marked) and marked xfail(strict) until the lead fixes it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from glide import GlideClient
+
+from chatsession_client import (
+    NO_RETRY,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    SessionClient,
+    system,
+    user,
+)
+from chatsession_server.settings import Settings
+from tests.helpers import serving, session_keys_exist
+
+TTL = 1234
+
+
+async def compacted_source(client: SessionClient, raw: GlideClient, session_id: str, uid: str) -> None:
+    """A session as a compaction of seqs 2-3 leaves it (the stored form test_fork.compact writes):
+    the prompt (seq 1), the summary (seq 3) in `summary:{id}`, then seq 4."""
+    await client.create_session(uid, session_id=session_id, ttl_seconds=TTL)
+    await client.append(session_id, [system("Be brief.", tokens=1)])
+    await client.append(session_id, [user("a", tokens=2), user("b", tokens=3), user("c", tokens=4)])
+    chat = f"chat:{{{session_id}}}"
+    kept = [item for item in await raw.lrange(chat, 0, -1) if json.loads(item)["seq"] not in (2, 3)]
+    await raw.delete([chat])
+    await raw.rpush(chat, kept)
+    await raw.expire(chat, TTL)
+    summary = {"seq": 3, "role": "system", "content": "a and b", "tokens": 5, "summarizes": [2, 3]}
+    await raw.set(f"summary:{{{session_id}}}", json.dumps(summary, separators=(",", ":")))
+    await raw.expire(f"summary:{{{session_id}}}", TTL)
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fork of a session with 64 labels gets 65 (forked_from added): every UpdateSession of it, "
+    "even of its title, is then refused INVALID_ARGUMENT session.labels",
+)
+async def test_a_fork_of_a_session_with_the_most_labels_can_still_be_updated(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    labels = {f"k{i}": "v" for i in range(64)}
+    await client.create_session(uid, session_id=f"{uid}-src", labels=labels)
+    try:
+        fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
+    except (FailedPreconditionError, InvalidArgumentError):
+        # Refusing the fork clearly is a fix too, if it wrote nothing.
+        assert await session_keys_exist(raw, f"{uid}-f") == 0
+        return
+    assert fork.labels["forked_from"] == f"{uid}-src"
+    renamed = await client.update_session(f"{uid}-f", title="renamed")
+    assert renamed.title == "renamed"
+
+
+# --- the quota layer --------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with --max-sessions-per-user the quota layer reads the source first: a retry after the "
+    "source was deleted is NOT_FOUND instead of the fork its first attempt made (README, store docstring)",
+)
+async def test_with_a_session_limit_a_retry_still_returns_the_fork_after_the_source_is_gone(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_sessions_per_user=10) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as limited,
+    ):
+        await limited.create_session(uid, session_id=f"{uid}-src")
+        await limited.append(f"{uid}-src", [user("hi")])
+        first = await limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+        await limited.delete_session(f"{uid}-src")
+        late = await limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+        assert late.replayed
+        assert late.session.created_at == first.session.created_at
+
+
+# --- a copied summary's lifetime ------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="APPEND and UPDATE re-expire chat/meta/reqs only: a fork's summary keeps the TTL it was "
+    "written with and expires while the session lives on (README: 'same TTL as the session')",
+)
+async def test_a_forks_summary_lives_as_long_as_the_fork(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await compacted_source(client, raw, f"{uid}-src", uid)
+    fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
+    assert fork.message_count == 3  # prompt, summary, "c"
+    summary_key = f"summary:{{{uid}-f}}"
+    # As if 1134 s passed: every key of the fork has 100 s left; an append restarts the clock.
+    for key in (f"chat:{{{uid}-f}}", f"meta:{{{uid}-f}}", summary_key):
+        await raw.expire(key, 100)
+    await client.append(f"{uid}-f", [user("d")])
+    assert await raw.ttl(f"meta:{{{uid}-f}}") > 1000
+    assert await raw.ttl(summary_key) > 1000
+    # A longer TTL asked by an update applies to the summary too.
+    await client.update_session(f"{uid}-f", ttl_seconds=5000)
+    assert await raw.ttl(summary_key) > 4000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DELETE removes chat/meta/reqs only: a deleted fork's summary stays, and is copied by a fork "
+    "of a new session created under the same id",
+)
+async def test_deleting_a_fork_removes_its_summary(client: SessionClient, raw: GlideClient, uid: str) -> None:
+    await compacted_source(client, raw, f"{uid}-src", uid)
+    await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")
+    assert await raw.exists([f"summary:{{{uid}-f}}"]) == 1
+    await client.delete_session(f"{uid}-f")
+    # A namesake created afterwards, then forked: its fork must not carry the old summary.
+    await client.create_session(uid, session_id=f"{uid}-f")
+    await client.append(f"{uid}-f", [user("fresh", tokens=1)])
+    again = (await client.fork_session(f"{uid}-f", new_session_id=f"{uid}-g")).session
+    assert (again.message_count, again.token_count) == (1, 1)
+    assert await raw.exists([f"summary:{{{uid}-f}}", f"summary:{{{uid}-g}}"]) == 0
