@@ -4,22 +4,26 @@ Valkey (both passes unless marked) and marked xfail(strict) until the lead fixes
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from glide import GlideClient
 
 from chatsession_client import (
     NO_RETRY,
+    AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
     SessionClient,
     system,
     user,
 )
+from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
-from tests.helpers import serving, session_keys_exist
+from tests.helpers import raises, serving, session_keys_exist
 
 TTL = 1234
+DAY = 86_400
 
 
 async def compacted_source(client: SessionClient, raw: GlideClient, session_id: str, uid: str) -> None:
@@ -128,3 +132,74 @@ async def test_deleting_a_fork_removes_its_summary(client: SessionClient, raw: G
     again = (await client.fork_session(f"{uid}-f", new_session_id=f"{uid}-g")).session
     assert (again.message_count, again.token_count) == (1, 1)
     assert await raw.exists([f"summary:{{{uid}-f}}", f"summary:{{{uid}-g}}"]) == 0
+
+
+# --- request_id across RPCs ----------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="CREATE replays any session with the same owner and create_request_id: a CreateSession "
+    "reusing a fork's request_id gets the fork back (labels, messages) instead of ALREADY_EXISTS; "
+    "FORK_WRITE tells a create from a fork (fork_origin), CREATE does not",
+)
+async def test_a_create_with_a_forks_request_id_is_not_a_replay_of_the_fork(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await client.create_session(uid, session_id=f"{uid}-src", title="source")
+    await client.append(f"{uid}-src", [user("hi")])
+    await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+    await raises(
+        AlreadyExistsError, client.create_session(uid, session_id=f"{uid}-f", title="new", request_id="r1")
+    )
+
+
+# --- GetUserUsage's reply -----------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="GetUserUsage returns every model the user ever used, unbounded (the usage HASH never "
+    "expires and model fields are never pruned): past ~15k models (256 characters each) the reply "
+    "exceeds a default client's 4 MiB and the user's usage can no longer be read",
+)
+async def test_the_usage_of_a_user_of_many_models_stays_readable(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # What 20000 CreateSession calls, each with another model name, leave in the HASH (seeded raw:
+    # making them through the API would take minutes).
+    models = {f"model:sessions:{i:06d}{'m' * 250}": "1" for i in range(20_000)}
+    await raw.hset(f"usage:{{{uid}}}", models)
+    await raw.hset(f"usage:{{{uid}}}", {"total:sessions": "20000"})
+    reply = await client.get_user_usage(uid)
+    assert reply.total.sessions == 20_000
+
+
+# --- the cluster's second step -------------------------------------------------------------------
+
+
+@pytest.mark.cluster_only
+@pytest.mark.xfail(
+    strict=True,
+    reason="in a cluster the usage step reads the clock again: a message appended at 23:59:59.9 UTC "
+    "(its created_at) is counted on the next day when the step runs after midnight; standalone "
+    "counts it on its own day",
+)
+async def test_cluster_a_message_is_counted_on_the_utc_day_it_was_appended(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    # Just before the last UTC midnight (within the 90 days a reading shows), then just after it.
+    midnight = time.time() // DAY * DAY
+    readings = [midnight - 0.1, midnight + 0.1]  # the append's own reading, then every later one
+
+    def clock() -> float:
+        return readings.pop(0) if len(readings) > 1 else readings[0]
+
+    monkeypatch.setattr(server.store, "_clock", clock)
+    appended = await client.append(s.session_id, [user("late", tokens=2)])
+    monkeypatch.undo()
+    assert appended.messages[0].created_at.seconds == int(midnight) - 1
+    the_day_before = time.strftime("%Y-%m-%d", time.gmtime(midnight - 1))
+    days = {d.day: (d.usage.messages, d.usage.tokens) for d in (await client.get_user_usage(uid)).days}
+    assert days.get(the_day_before) == (1, 2), days
