@@ -14,6 +14,7 @@ from chatsession_client import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     SessionClient,
     system,
     user,
@@ -203,3 +204,53 @@ async def test_cluster_a_message_is_counted_on_the_utc_day_it_was_appended(
     the_day_before = time.strftime("%Y-%m-%d", time.gmtime(midnight - 1))
     days = {d.day: (d.usage.messages, d.usage.tokens) for d in (await client.get_user_usage(uid)).days}
     assert days.get(the_day_before) == (1, 2), days
+
+
+# --- a fork of a session at --max-session-bytes ---------------------------------------------------
+
+MESSAGES_AT_THE_CAP = 780_000
+"""Small messages (~84 bytes stored) filling the default --max-session-bytes (64 MiB) of a session
+without a window: what 780 appends of 1000 leave."""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a fork reads (FORK_READ) and writes (FORK_WRITE) the whole session in one script each: "
+    "for a session of 780k messages at the default 64 MiB cap each takes ~2 s here, past the default "
+    "--valkey-timeout-ms of 2000 (DEADLINE_EXCEEDED, and every retry repeats it) while Valkey serves "
+    "no one else; the test runs it with 500 ms to keep a margin",
+)
+async def test_a_session_at_the_size_cap_can_be_forked_without_blocking_valkey(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, valkey_timeout_ms=500) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY, timeout=60) as client,
+    ):
+        await client.create_session(uid, session_id=f"{uid}-src", max_messages=-1)
+        # Seeded raw, in the stored form the append script writes (780 appends take a minute).
+        chat = f"chat:{{{uid}-src}}"
+        stored = 0
+        for first in range(1, MESSAGES_AT_THE_CAP + 1, 10_000):
+            items = [
+                f'{{"seq":{seq},"role":"user","content":"y","tokens":1,"created_at":1764000000.5}}'
+                for seq in range(first, first + 10_000)
+            ]
+            stored += sum(len(item) for item in items)
+            await raw.rpush(chat, items)
+        await raw.hset(
+            f"meta:{{{uid}-src}}",
+            {
+                "message_count": str(MESSAGES_AT_THE_CAP),
+                "token_count": str(MESSAGES_AT_THE_CAP),
+                "stored_bytes": str(stored),
+            },
+        )
+        assert stored <= settings.max_session_bytes
+        try:
+            fork = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+            assert fork.session.message_count == MESSAGES_AT_THE_CAP
+        except (FailedPreconditionError, ResourceExhaustedError):
+            pass  # refusing a fork this big, clearly and at once, is a fix too
+        finally:
+            await raw.delete([chat, f"chat:{{{uid}-f}}"])
