@@ -1,10 +1,12 @@
 """Review of ForkSession and GetUserUsage (issue 15): defects found, each proven against the real
-Valkey (both passes unless marked) and marked xfail(strict) until the lead fixes it."""
+Valkey (both passes unless marked) and marked xfail(strict) until the lead fixes it; at the end, a
+check that passes (--key-prefix with fork and usage)."""
 
 from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 from glide import GlideClient
@@ -21,7 +23,9 @@ from chatsession_client import (
 )
 from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
+from chatsession_server.store.keys import KeySpace
 from tests.helpers import raises, serving, session_keys_exist
+from tests.test_key_prefix import _keys_named
 
 TTL = 1234
 DAY = 86_400
@@ -254,3 +258,31 @@ async def test_a_session_at_the_size_cap_can_be_forked_without_blocking_valkey(
             pass  # refusing a fork this big, clearly and at once, is a fix too
         finally:
             await raw.delete([chat, f"chat:{{{uid}-f}}"])
+
+
+# --- checked and sound: --key-prefix with fork and usage ---------------------------------------------
+
+
+async def test_fork_and_usage_keys_carry_the_prefix_and_stay_apart(
+    settings: Settings, valkey_url: str, raw: Any, valkey_cluster: bool, client: SessionClient, uid: str
+) -> None:
+    prefix = f"{uid}p:"
+    async with (
+        serving(settings, valkey_url, key_prefix=prefix) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as prefixed,
+    ):
+        await prefixed.create_session(uid, session_id=f"{uid}-src", model="m")
+        await prefixed.append(f"{uid}-src", [system("s", tokens=1), user("u", tokens=2)])
+        await prefixed.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+        await prefixed.append(f"{uid}-f", [user("v", tokens=3)])
+        usage = await prefixed.get_user_usage(uid)
+        assert (usage.total.messages, usage.total.tokens, usage.total.sessions) == (3, 6, 2)
+    written = await _keys_named(raw, f"*{uid}*", valkey_cluster)
+    space = KeySpace(prefix)
+    expected = {space.chat(f"{uid}-f"), space.meta(f"{uid}-f"), space.usage(uid), space.user_index(uid)}
+    if valkey_cluster:
+        expected.add(space.usage_seen(uid))
+    assert expected <= written
+    assert all(key.startswith(prefix) for key in written), sorted(written)
+    # The deployment without a prefix sees none of it.
+    assert (await client.get_user_usage(uid)).total.sessions == 0
