@@ -223,7 +223,9 @@ class Settings:
     )
     max_sessions_per_user: int = field(
         default=0,
-        metadata=_meta("most live sessions a user may have (checked at CreateSession, soft); 0: no limit"),
+        metadata=_meta(
+            "most live sessions a user may have (checked at CreateSession and ForkSession, soft); 0: no limit"
+        ),
     )
     # -- the embedded Valkey (README "Containers"). The image turns it off: a container given no
     # Valkey URL stops with one line instead of keeping its sessions inside itself.
