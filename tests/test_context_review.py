@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,8 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, ROLE_USER
-from chatsession_client import FailedPreconditionError, SessionClient, message, system, user
+from chatsession_client import NO_RETRY, FailedPreconditionError, SessionClient, message, system, user
+from chatsession_server.settings import Settings
 from chatsession_server.store.scripts import MAX_PINNED
+from tests.helpers import serving
 from tests.test_context import conversation, seqs, stored_bytes_match
 
 T = TypeVar("T")
@@ -301,3 +302,59 @@ async def test_watch_announces_a_recompaction_of_a_range_it_read(client: Session
         ("message", 7),
     ]
     assert seqs((await client.list_messages(sid)).messages) == [1, 3, 4, 5, 6, 7]
+
+
+async def test_two_server_processes_announce_compactions_and_clears_alike(
+    client: SessionClient, settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """Watchers on two servers (two feeds, two pub/sub connections) see the same events."""
+    sid = await conversation(client, uid)
+    async with (
+        serving(settings, valkey_url) as other,
+        SessionClient(f"127.0.0.1:{other.port}", retry=NO_RETRY) as other_client,
+    ):
+        streams: list[list[tuple[str, int]]] = [[], []]
+        starts = [asyncio.Event(), asyncio.Event()]
+
+        async def follow(c: SessionClient, events: list[tuple[str, int]], started: asyncio.Event) -> None:
+            async for event in c.watch(sid, include_heartbeats=True):
+                kind = event.WhichOneof("event")
+                if kind == "heartbeat":
+                    started.set()
+                    continue
+                seq = {
+                    "message": event.message.seq,
+                    "compacted": event.compacted.summarizes.last_seq,
+                    "cleared": event.cleared.last_seq,
+                }.get(str(kind), -1)
+                events.append((str(kind), seq))
+                if kind == "message":
+                    return
+
+        watchers = [
+            asyncio.create_task(follow(c, events, started))
+            for c, events, started in zip((client, other_client), streams, starts, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), 10)
+        await other_client.compact_messages(sid, 4, system("S.", tokens=1))
+        await client.clear_messages(sid, keep_system_prompt=True)
+        await other_client.append(sid, [user("again")])
+        await asyncio.wait_for(asyncio.gather(*watchers), 30)
+    assert streams[0] == streams[1] == [("compacted", 4), ("cleared", 6), ("message", 7)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a watch resumed with after_seq across a clear it missed (the client's own reconnect "
+    "does this) is never told of the clear: no `cleared`, the cleared messages stay in its view",
+)
+async def test_watch_resumed_across_a_clear_announces_it(client: SessionClient, uid: str) -> None:
+    sid = await conversation(client, uid)  # the watcher delivered 1..6, then lost its stream
+    await client.clear_messages(sid, keep_system_prompt=True)
+    await client.append(sid, [user("again")])
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=6):
+        kinds.append((str(event.WhichOneof("event")), event.cleared.last_seq or event.message.seq))
+        if event.HasField("message"):
+            break
+    assert kinds == [("cleared", 6), ("message", 7)]
