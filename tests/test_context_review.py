@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, ROLE_USER
 from chatsession_client import NO_RETRY, FailedPreconditionError, SessionClient, message, system, user
+from chatsession_server.api.validation import READABLE_FIELDS
 from chatsession_server.settings import Settings
 from chatsession_server.store.scripts import MAX_PINNED
 from tests.helpers import serving
@@ -138,6 +140,8 @@ class ContextMachine(RuleBasedStateMachine):
         super().__init__()
         self.client, self.raw, self.on_loop = client, raw, on_loop
         self.model = Model()
+        self.last_append: tuple[str, list[tuple[int, str, int]], int] | None = None
+        self.last_compaction: tuple[str, int, str, int] | None = None
         self.sid: str = on_loop(client.create_session(user_id)).session_id
 
     def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -146,13 +150,58 @@ class ContextMachine(RuleBasedStateMachine):
 
     @rule(rows=st.lists(SENT, min_size=1, max_size=4))
     def append(self, rows: list[tuple[int, str, int]]) -> None:
-        self.call(self.client.append(self.sid, [message(r, c, tokens=t) for r, c, t in rows]))
+        request_id = uuid.uuid4().hex
+        sent = [message(r, c, tokens=t) for r, c, t in rows]
+        self.call(self.client.append(self.sid, sent, request_id=request_id))
+        self.last_append = (request_id, rows, self.model.message_count + 1)
         self.model.append(rows)
+
+    @rule()
+    def replay_last_append(self) -> None:
+        """A retry stores nothing again and returns those of its messages still stored."""
+        if self.last_append is None:
+            return
+        request_id, rows, first = self.last_append
+        sent = [message(r, c, tokens=t) for r, c, t in rows]
+        reply = self.call(self.client.append(self.sid, sent, request_id=request_id))
+        assert reply.replayed
+        last = first + len(rows) - 1
+        assert shape(reply.messages) == rows_shape([r for r in self.model.stored if first <= r.seq <= last])
+
+    @rule()
+    def replay_last_compaction(self) -> None:
+        if self.last_compaction is None:
+            return
+        request_id, up_to, content, tokens = self.last_compaction
+        call = self.client.compact_messages(
+            self.sid, up_to, system(content, tokens=tokens), request_id=request_id
+        )
+        if self.model.summary is None:  # cleared since
+            with pytest.raises(FailedPreconditionError) as info:
+                self.call(call)
+            assert info.value.precondition_failures[0][0] == "SUMMARY_CLEARED"
+            return
+        reply = self.call(call)
+        assert reply.replayed
+        assert shape([reply.summary]) == rows_shape([self.model.summary])
+
+    @rule(paths=st.lists(st.sampled_from(READABLE_FIELDS), min_size=1, max_size=4))
+    def get_masked(self, paths: list[str]) -> None:
+        full = self.call(self.client.get_session(self.sid))
+        masked = self.call(self.client.get_session(self.sid, read_mask=paths))
+        for name in READABLE_FIELDS:
+            if name in paths and name != "expires_in_seconds":
+                assert getattr(masked, name) == getattr(full, name), name
+            elif name not in paths and name not in ("created_at", "last_active"):
+                assert not getattr(masked, name), name
 
     @rule(back=st.integers(-1, 6), content=CONTENT, tokens=st.integers(0, 20))
     def compact(self, back: int, content: str, tokens: int) -> None:
         up_to = max(self.model.message_count - back, 1)
-        call = self.client.compact_messages(self.sid, up_to, system(content, tokens=tokens))
+        request_id = uuid.uuid4().hex
+        call = self.client.compact_messages(
+            self.sid, up_to, system(content, tokens=tokens), request_id=request_id
+        )
         refusal = self.model.compact_refusal(up_to)
         if refusal is not None:
             with pytest.raises(FailedPreconditionError) as info:
@@ -161,6 +210,7 @@ class ContextMachine(RuleBasedStateMachine):
             return
         reply = self.call(call)
         self.model.compact(up_to, content, tokens)
+        self.last_compaction = (request_id, up_to, content, tokens)
         assert shape([reply.summary]) == rows_shape([self.model.summary])  # type: ignore[list-item]
 
     @rule(keep=st.booleans())
