@@ -259,6 +259,36 @@ class ContextMachine(RuleBasedStateMachine):
             before = page.messages[0].seq
         assert backward == expected
 
+    @rule(
+        after=st.integers(0, 30),
+        before=st.none() | st.integers(1, 31),
+        page_size=st.integers(1, 3),
+        forward=st.booleans(),
+    )
+    def page_a_range(self, after: int, before: int | None, page_size: int, forward: bool) -> None:
+        """Paging from any seq (inside the compacted range, at the summary's seq, past the end)
+        meets exactly the stored messages and the summary of the range, once each, in order."""
+        after = min(after, self.model.message_count)
+        top = before if before is not None else self.model.message_count + 1
+        expected = rows_shape([r for r in self.model.listed() if (after if forward else 0) < r.seq < top])
+        got: list[Any] = []
+        cursor = after if forward else before
+        for _ in range(100):
+            if forward:
+                page = self.call(
+                    self.client.list_messages(
+                        self.sid, page_size=page_size, after_seq=cursor, before_seq=before
+                    )
+                )
+                got += shape(page.messages)
+            else:
+                page = self.call(self.client.list_messages(self.sid, page_size=page_size, before_seq=cursor))
+                got = shape(page.messages) + got
+            if not page.has_more:
+                break
+            cursor = page.messages[-1].seq if forward else page.messages[0].seq
+        assert got == expected
+
     @invariant()
     def service_agrees_with_the_model(self) -> None:
         m = self.model
