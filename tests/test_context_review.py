@@ -18,12 +18,20 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, ROLE_USER
-from chatsession_client import NO_RETRY, FailedPreconditionError, SessionClient, message, system, user
+from chatsession_client import (
+    NO_RETRY,
+    FailedPreconditionError,
+    ResourceExhaustedError,
+    SessionClient,
+    message,
+    system,
+    user,
+)
 from chatsession_server.api.validation import READABLE_FIELDS
 from chatsession_server.settings import Settings
 from chatsession_server.store.scripts import MAX_PINNED
-from tests.helpers import serving
-from tests.test_context import conversation, seqs, stored_bytes_match
+from tests.helpers import meta, raises, serving
+from tests.test_context import conversation, dumps, seqs, stored_bytes_match
 
 T = TypeVar("T")
 OnLoop = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -438,3 +446,24 @@ async def test_watch_resumed_across_a_clear_announces_it(client: SessionClient, 
         if event.HasField("message"):
             break
     assert kinds == [("cleared", 6), ("message", 7)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="COMPACT never checks --max-session-bytes: a summary larger than what it replaces "
+    "takes the session past the cap that every append is refused beyond",
+)
+async def test_compaction_keeps_the_session_within_max_session_bytes(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_session_bytes=4000) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
+    ):
+        sid = (await c.create_session(uid)).session_id
+        await c.append(sid, [user("a"), *(user(letter * 1000) for letter in "bcd")])  # about 3.3 kB
+        before = await dumps(raw, sid)
+        # Replacing the 1-byte message with a 1000-byte summary would store about 4.3 kB.
+        await raises(ResourceExhaustedError, c.compact_messages(sid, 1, system("s" * 1000, tokens=1)))
+        assert await dumps(raw, sid) == before
+        assert int((await meta(raw, sid))["stored_bytes"]) <= 4000
