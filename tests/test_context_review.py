@@ -187,7 +187,7 @@ class ContextMachine(RuleBasedStateMachine):
         if self.model.summary is None:  # cleared since
             with pytest.raises(FailedPreconditionError) as info:
                 self.call(call)
-            assert info.value.precondition_failures[0][0] == "SUMMARY_CLEARED"
+            assert info.value.precondition_violations[0].type == "SUMMARY_CLEARED"
             return
         reply = self.call(call)
         assert reply.replayed
@@ -214,7 +214,7 @@ class ContextMachine(RuleBasedStateMachine):
         if refusal is not None:
             with pytest.raises(FailedPreconditionError) as info:
                 self.call(call)
-            assert info.value.precondition_failures[0][0] == refusal
+            assert info.value.precondition_violations[0].type == refusal
             return
         reply = self.call(call)
         self.model.compact(up_to, content, tokens)

@@ -98,11 +98,6 @@ async def test_with_a_session_limit_a_retry_still_returns_the_fork_after_the_sou
 # --- a copied summary's lifetime ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="APPEND and UPDATE re-expire chat/meta/reqs only: a fork's summary keeps the TTL it was "
-    "written with and expires while the session lives on (README: 'same TTL as the session')",
-)
 async def test_a_forks_summary_lives_as_long_as_the_fork(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
@@ -121,11 +116,6 @@ async def test_a_forks_summary_lives_as_long_as_the_fork(
     assert await raw.ttl(summary_key) > 4000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DELETE removes chat/meta/reqs only: a deleted fork's summary stays, and a fork of a new "
-    "session created under the same id, by another user, copies it (a leak across users)",
-)
 async def test_deleting_a_fork_removes_its_summary(client: SessionClient, raw: GlideClient, uid: str) -> None:
     await compacted_source(client, raw, f"{uid}-src", uid)
     await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")
