@@ -362,3 +362,54 @@ async def test_a_fork_of_a_really_compacted_session_reads_like_its_source(
     again = await client.compact_messages(f"{uid}-f", 4, assistant("Oslo, the Grand.", tokens=3))
     assert (again.summary.summarizes.first_seq, again.summary.summarizes.last_seq) == (3, 4)
     assert [m.seq for m in (await client.get_context(f"{uid}-f")).messages] == [1, 2, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("limits", "quota"),
+    [
+        ({"max_fork_messages": 3}, ("max_fork_messages", 3)),
+        ({"max_fork_bytes": 400}, ("max_fork_bytes", 400)),
+    ],
+)
+async def test_a_source_past_the_fork_limits_is_resource_exhausted_and_writes_nothing(
+    settings: Settings,
+    valkey_url: str,
+    raw: GlideClient,
+    uid: str,
+    limits: dict[str, int],
+    quota: tuple[str, int],
+) -> None:
+    async with (
+        serving(settings, valkey_url, **limits) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as limited,
+    ):
+        await limited.create_session(uid, session_id=f"{uid}-src")
+        await limited.append(f"{uid}-src", [user("a"), user("b"), user("c")])  # 3 messages, < 400 bytes
+        await limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-ok")
+        await limited.append(f"{uid}-src", [user("d" * 400)])
+        error = await raises(
+            ResourceExhaustedError,
+            limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1"),
+        )
+        assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [quota]
+        assert "--" + quota[0].replace("_", "-") in str(error)
+    assert await session_keys_exist(raw, f"{uid}-f") == 0
+    assert (await meta(raw, f"{uid}-src"))["message_count"] == "4"
+
+
+async def test_a_fork_of_a_fork_at_the_label_limit_replaces_forked_from(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    labels = {f"k{i}": "v" for i in range(63)}
+    await client.create_session(uid, session_id=f"{uid}-src", labels=labels)
+    first = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
+    assert len(first.labels) == 64
+    second = (await client.fork_session(f"{uid}-f", new_session_id=f"{uid}-g")).session
+    assert (len(second.labels), second.labels["forked_from"]) == (64, f"{uid}-f")
+    # A source with 64 labels and no forked_from: its fork would have 65.
+    await client.create_session(uid, session_id=f"{uid}-full", labels={**labels, "k63": "v"})
+    error = await raises(
+        FailedPreconditionError, client.fork_session(f"{uid}-full", new_session_id=f"{uid}-h")
+    )
+    assert [(v.type, v.subject) for v in error.precondition_violations] == [("LABELS_FULL", "session_id")]
+    assert await session_keys_exist(raw, f"{uid}-h") == 0

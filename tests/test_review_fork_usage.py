@@ -50,11 +50,6 @@ async def compacted_source(client: SessionClient, raw: GlideClient, session_id: 
 # --- labels ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fork of a session with 64 labels gets 65 (forked_from added): every UpdateSession of it, "
-    "even of its title, is then refused INVALID_ARGUMENT session.labels",
-)
 async def test_a_fork_of_a_session_with_the_most_labels_can_still_be_updated(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
@@ -74,11 +69,6 @@ async def test_a_fork_of_a_session_with_the_most_labels_can_still_be_updated(
 # --- the quota layer --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with --max-sessions-per-user the quota layer reads the source first: a retry after the "
-    "source was deleted is NOT_FOUND instead of the fork its first attempt made (README, store docstring)",
-)
 async def test_with_a_session_limit_a_retry_still_returns_the_fork_after_the_source_is_gone(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
@@ -133,12 +123,6 @@ async def test_deleting_a_fork_removes_its_summary(client: SessionClient, raw: G
 # --- request_id across RPCs ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CREATE replays any session with the same owner and create_request_id: a CreateSession "
-    "reusing a fork's request_id gets the fork back (labels, messages) instead of ALREADY_EXISTS; "
-    "FORK_WRITE tells a create from a fork (fork_origin), CREATE does not",
-)
 async def test_a_create_with_a_forks_request_id_is_not_a_replay_of_the_fork(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
@@ -153,12 +137,6 @@ async def test_a_create_with_a_forks_request_id_is_not_a_replay_of_the_fork(
 # --- GetUserUsage's reply -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GetUserUsage returns every model the user ever used, unbounded (the usage HASH never "
-    "expires and model fields are never pruned): past ~15k models (256 characters each) the reply "
-    "exceeds a default client's 4 MiB and the user's usage can no longer be read",
-)
 async def test_the_usage_of_a_user_of_many_models_stays_readable(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
@@ -175,12 +153,6 @@ async def test_the_usage_of_a_user_of_many_models_stays_readable(
 
 
 @pytest.mark.cluster_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="in a cluster the usage step reads the clock again: a message appended at 23:59:59.9 UTC "
-    "(its created_at) is counted on the next day when the step runs after midnight; standalone "
-    "counts it on its own day",
-)
 async def test_cluster_a_message_is_counted_on_the_utc_day_it_was_appended(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:
@@ -208,13 +180,6 @@ MESSAGES_AT_THE_CAP = 780_000
 without a window: what 780 appends of 1000 leave."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fork reads (FORK_READ) and writes (FORK_WRITE) the whole session in one script each: "
-    "for a session of 780k messages at the default 64 MiB cap each takes ~2 s here, past the default "
-    "--valkey-timeout-ms of 2000 (DEADLINE_EXCEEDED, and every retry repeats it) while Valkey serves "
-    "no one else; the test runs it with 500 ms to keep a margin",
-)
 async def test_a_session_at_the_size_cap_can_be_forked_without_blocking_valkey(
     settings: Settings, valkey_url: str, raw: GlideClient, uid: str
 ) -> None:

@@ -27,7 +27,7 @@ from chatsession_client import (
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
-from chatsession_server.store import scripts
+from chatsession_server.store import codec, scripts
 from tests.helpers import raises, serving, violated_fields
 from tests.test_grpcurl import grpcurl
 
@@ -249,3 +249,21 @@ async def test_cluster_a_session_whose_sync_record_was_dropped_is_not_counted_ag
         # Kept alive meanwhile (as updates of its TTL could): its next append counts only itself.
         await client.append(old.session_id, [user("b", tokens=2)])
     assert (await usage_of(client, uid))["total"] == (2, 3, 2)
+
+
+async def test_models_past_the_cap_are_counted_under_other_and_totals_stay_exact(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    for i in range(codec.USAGE_MAX_MODELS + 2):
+        await client.create_session(uid, model=f"m{i:03d}")
+    s = await client.create_session(uid, model="m000")  # a model counted already keeps its place
+    await client.append(s.session_id, [user("a", tokens=2)])
+    usage = await usage_of(client, uid)
+    assert usage["total"] == (1, 2, codec.USAGE_MAX_MODELS + 3)
+    assert len(usage["models"]) == codec.USAGE_MAX_MODELS + 1
+    assert usage["models"]["m000"] == (1, 2, 2)
+    assert usage["models"][codec.USAGE_OTHER_MODEL] == (0, 0, 2)
+    assert f"m{codec.USAGE_MAX_MODELS:03d}" not in usage["models"]
+    fields = await raw.hkeys(f"usage:{{{uid}}}")
+    stored_models = {f.split(b":", 2)[2] for f in fields if f.startswith(b"model:")}
+    assert len(stored_models) == codec.USAGE_MAX_MODELS + 1

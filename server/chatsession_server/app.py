@@ -196,6 +196,8 @@ class ListeningServer:
             idempotency_limit=settings.idempotency_keys_per_session,
             max_labels=MAX_LABELS,
             max_session_bytes=settings.max_session_bytes,
+            max_fork_bytes=settings.max_fork_bytes,
+            max_fork_messages=settings.max_fork_messages,
             max_ttl_seconds=settings.max_ttl_seconds,
             key_space=settings.key_space,
         )

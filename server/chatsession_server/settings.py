@@ -227,6 +227,16 @@ class Settings:
             "most live sessions a user may have (checked at CreateSession and ForkSession, soft); 0: no limit"
         ),
     )
+    # -- ForkSession (README "Fork and usage"): a fork reads and writes its copy in one script each,
+    # during which Valkey serves no one else; a source larger than these is refused.
+    max_fork_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata=_meta("most bytes of stored messages a session may hold to be forked"),
+    )
+    max_fork_messages: int = field(
+        default=20_000,
+        metadata=_meta("most stored messages a session may hold to be forked"),
+    )
     # -- the embedded Valkey (README "Containers"). The image turns it off: a container given no
     # Valkey URL stops with one line instead of keeping its sessions inside itself.
     embedded_valkey: bool = field(
@@ -331,6 +341,8 @@ class Settings:
             raise ValueError("max_watchers and max_watchers_per_connection must be positive")
         if self.max_sessions_per_user < 0:
             raise ValueError("max_sessions_per_user must not be negative (0: no limit)")
+        if self.max_fork_bytes <= 0 or self.max_fork_messages <= 0:
+            raise ValueError("max_fork_bytes and max_fork_messages must be positive")
         KeySpace(self.key_prefix)  # refuses a bad prefix now, with the other settings
         if not self.valkey_url and not self.embedded_valkey:
             raise ValueError(

@@ -120,8 +120,12 @@ class SessionQuota(StorageLayer):
         return await self._inner.create(new)
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
-        """A fork is a new session of the source's owner: it counts as a create."""
-        source = await self._inner.get(fork.source_id, owners=owners)
+        """A fork is a new session of the source's owner: it counts as a create. With the source
+        gone, the store decides: a retry gets the fork its first attempt made, else NOT_FOUND."""
+        try:
+            source = await self._inner.get(fork.source_id, owners=owners)
+        except SessionNotFound:
+            return await self._inner.fork(fork, owners=owners)
         await self._check(source.user_id, fork.session_id)
         return await self._inner.fork(fork, owners=owners)
 

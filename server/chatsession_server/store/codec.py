@@ -253,6 +253,13 @@ USAGE_PRUNED_FIELD = "pruned_day"
 USAGE_METRICS = ("messages", "tokens", "sessions")
 USAGE_DAYS = 90
 """UTC days of per-day usage kept, today included"""
+USAGE_MAX_MODELS = 100
+"""distinct models counted apart per user: the usage HASH never expires, and its reply must stay
+bounded whatever models a user names"""
+USAGE_OTHER_MODEL = "(other)"
+"""the model the usage of a user's further models is counted under"""
+USAGE_MODELS_FIELD = "models_counted"
+"""how many of USAGE_MAX_MODELS places are taken (no `:`, so no reading takes it for a count)"""
 
 
 def usage_days(now: float) -> str:
@@ -282,6 +289,12 @@ def decode_usage(fields: Mapping[bytes, bytes], oldest_day: str) -> UserUsage:
     def counts(values: Mapping[str, int]) -> UsageCounts:
         return UsageCounts(values.get("messages", 0), values.get("tokens", 0), values.get("sessions", 0))
 
+    # A HASH written before USAGE_MAX_MODELS existed may hold more: the rest is read as "(other)".
+    named = sorted(model for model in models if model != USAGE_OTHER_MODEL)
+    for model in named[USAGE_MAX_MODELS:]:
+        other = models.setdefault(USAGE_OTHER_MODEL, {})
+        for metric, n in models.pop(model).items():
+            other[metric] = other.get(metric, 0) + n
     return UserUsage(
         total=counts(total),
         by_model=tuple((model, counts(models[model])) for model in sorted(models)),

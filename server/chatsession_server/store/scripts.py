@@ -80,6 +80,9 @@ def _constants() -> str:
         f"local USAGE_DAY_PREFIX = {_lua_string(codec.USAGE_DAY_PREFIX)}",
         f"local USAGE_MODEL_PREFIX = {_lua_string(codec.USAGE_MODEL_PREFIX)}",
         f"local USAGE_PRUNED_FIELD = {_lua_string(codec.USAGE_PRUNED_FIELD)}",
+        f"local USAGE_MAX_MODELS = {codec.USAGE_MAX_MODELS}",
+        f"local USAGE_OTHER_MODEL = {_lua_string(codec.USAGE_OTHER_MODEL)}",
+        f"local USAGE_MODELS_FIELD = {_lua_string(codec.USAGE_MODELS_FIELD)}",
         f"local SEEN_PRUNED_FIELD = {_lua_string(SEEN_PRUNED_FIELD)}",
         f"local TOKENS_HEAD = {_lua_string(codec.TOKENS_HEAD)}",
         f"local SUMMARIZES_HEAD = {_lua_string(codec.SUMMARIZES_HEAD)}",
@@ -311,8 +314,24 @@ end
 # Counting usage (KeySpace.usage): called by CREATE, APPEND and FORK_WRITE on standalone Valkey and
 # by USAGE_SYNC in a cluster. `days` is codec.usage_days(): "<today> <oldest day kept>" (UTC).
 _USAGE_LUA = r"""
+-- The model to count under: one already counted, else a new one while fewer than
+-- USAGE_MAX_MODELS are, else USAGE_OTHER_MODEL (the HASH, and GetUserUsage's reply, stay bounded).
+local function usage_model(usage, model)
+  if model == USAGE_OTHER_MODEL then return model end
+  local counted = redis.call('HMGET', usage, USAGE_MODEL_PREFIX .. USAGE_MESSAGES .. ':' .. model,
+                             USAGE_MODEL_PREFIX .. USAGE_TOKENS .. ':' .. model,
+                             USAGE_MODEL_PREFIX .. USAGE_SESSIONS .. ':' .. model)
+  if counted[1] or counted[2] or counted[3] then return model end
+  if tonumber(redis.call('HGET', usage, USAGE_MODELS_FIELD) or '0') >= USAGE_MAX_MODELS then
+    return USAGE_OTHER_MODEL
+  end
+  redis.call('HINCRBY', usage, USAGE_MODELS_FIELD, 1)
+  return model
+end
+
 local function count_usage(usage, model, days, messages, tokens, sessions)
   local today, oldest = string.match(days, '^(%S+) (%S+)$')
+  if messages > 0 or tokens > 0 or sessions > 0 then model = usage_model(usage, model) end
   for _, pair in ipairs({{USAGE_MESSAGES, messages}, {USAGE_TOKENS, tokens}, {USAGE_SESSIONS, sessions}}) do
     local metric, n = pair[1], pair[2]
     if n > 0 then
@@ -359,9 +378,10 @@ CREATE = LuaScript(
     CreateArgs,
     _USAGE_LUA
     + r"""
-local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE)
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE, F_FORK_ORIGIN)
 if existing[1] then
-  if request_id ~= '' and existing[1] == user_id and existing[2] == request_id then
+  -- A fork with this request_id is not this create's (FORK_WRITE replays it, not CREATE).
+  if request_id ~= '' and existing[1] == user_id and existing[2] == request_id and not existing[4] then
     if index then redis.call('ZADD', index, 'NX', existing[3], session_id) end
     return {ST_REPLAYED, describe(chat, meta)}
   end
@@ -803,6 +823,10 @@ class ForkReadArgs:
     owners: str
     at_seq: int | None
     """None: the source's newest seq"""
+    max_bytes: int
+    """refuse (TOO_LARGE) a source storing more bytes than this, before reading it; 0: no cap"""
+    max_messages: int
+    """refuse (TOO_LARGE) a source storing more messages than this, before reading it; 0: no cap"""
 
 
 # A fork's first step: reads what the fork copies, writes nothing. The pinned prompt is copied
@@ -813,13 +837,20 @@ FORK_READ = LuaScript(
     ("chat", "meta", "summary"),
     ForkReadArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
+local len = redis.call('LLEN', chat)
+-- Checked before reading anything: copying more would hold Valkey (this script, then FORK_WRITE)
+-- for everyone else too long.
+local stored = tonumber(m[4] or '0')
+if (tonumber(max_bytes) > 0 and stored > tonumber(max_bytes))
+    or (tonumber(max_messages) > 0 and len > tonumber(max_messages)) then
+  return {ST_TOO_LARGE, stored, len}
+end
 local at = mc
 if at_seq ~= '' then at = tonumber(at_seq) end
 if at > mc then return {ST_BEYOND_LAST, mc} end
-local len = redis.call('LLEN', chat)
 local base = mc - (len - pinned)
 local summary_json = redis.call('GET', summary)
 local summary_seq = -1

@@ -103,6 +103,8 @@ class SessionStore:
         idempotency_limit: int = 1000,
         max_labels: int = 64,
         max_session_bytes: int = 0,
+        max_fork_bytes: int = 0,
+        max_fork_messages: int = 0,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
         max_ttl_seconds: int = 30 * 86_400,
@@ -113,6 +115,8 @@ class SessionStore:
         self._idempotency_limit = idempotency_limit
         self._max_labels = max_labels
         self._max_session_bytes = max_session_bytes
+        self._max_fork_bytes = max_fork_bytes
+        self._max_fork_messages = max_fork_messages
         self._clock = clock
         self._prune_grace_seconds = prune_grace_seconds
         # Standalone: the scripts keep the index themselves (they are given its key or its head).
@@ -135,26 +139,30 @@ class SessionStore:
 
     # --- the owner's index as a step of its own (cluster) -----------------------------------
 
-    async def _index_touch(self, session: Session, described: Any, recent: tuple[int, int]) -> None:
+    async def _index_touch(
+        self, session: Session, described: Any, recent: tuple[int, int], appended_at: float
+    ) -> None:
         """An append's second step (cluster): raise the session's index score (never lower it)
-        and count in the owner's usage what is new (`recent`: what this call appended)."""
-        await self._sync_usage(session, described, recent, index=True)
+        and count in the owner's usage what is new (`recent`: what this call appended), on the
+        UTC day of `appended_at` (the append's own time, not the clock's when this step runs)."""
+        await self._sync_usage(session, described, recent, appended_at, index=True)
 
     async def _count_created(self, session: Session, described: Any) -> None:
         """A create's or a fork's last step (cluster): count the session in the owner's usage.
         Best effort: the session exists; a failed step is made up by the session's next one."""
         try:
-            await self._sync_usage(session, described, (0, 0), index=False)
+            await self._sync_usage(session, described, (0, 0), session.created_at, index=False)
         except ChatSessionError as exc:
             log.warning(
                 "session %s: usage not updated (%s); made up by its next step", session.session_id, exc
             )
 
     async def _sync_usage(
-        self, session: Session, described: Any, recent: tuple[int, int], *, index: bool
+        self, session: Session, described: Any, recent: tuple[int, int], counted_at: float, *, index: bool
     ) -> None:
         """scripts.USAGE_SYNC: count what the session's counters show beyond its last sync (see
-        the module docstring), with the owner's index score too when `index`."""
+        the module docstring) on the UTC day of `counted_at`, with the owner's index score too
+        when `index`."""
         now = self._clock()
         meta_map = codec.pairs_to_map(described[0])
         base = meta_map.get(codec.MetaField.USAGE_BASE.encode(), b"0 0").decode()
@@ -167,7 +175,7 @@ class SessionStore:
             recent_messages=recent[0],
             recent_tokens=recent[1],
             model=session.model,
-            usage_days=codec.usage_days(now),
+            usage_days=codec.usage_days(counted_at),
             horizon=codec.format_time(now - self._max_ttl_seconds),
             now=codec.format_time(now),
             index_score=codec.format_time(session.last_active),
@@ -435,7 +443,7 @@ class SessionStore:
         if not self._index_in_script:
             recent = (0, 0) if result.replayed else (len(messages), args.token_sum)
             try:
-                await self._index_touch(result.session, described, recent)
+                await self._index_touch(result.session, described, recent, now)
             except ChatSessionError as exc:
                 # The messages are stored: acknowledge them. The score stays stale until the next
                 # append or a listing repairs it, the usage until the session's next step.
@@ -473,13 +481,17 @@ class SessionStore:
         reply = await self._run(
             scripts.FORK_READ,
             [self._keys.chat(source), self._keys.meta(source), self._keys.summary(source)],
-            scripts.ForkReadArgs(scripts.owners_arg(owners), fork.at_seq),
+            scripts.ForkReadArgs(
+                scripts.owners_arg(owners), fork.at_seq, self._max_fork_bytes, self._max_fork_messages
+            ),
         )
         status = Status.of(reply)
         if status is not Status.OK:
             # A retry whose source has changed or gone since: the fork its first attempt made.
             found = await self._find_fork(fork, origin, owners) if fork.request_id else None
             if found is None:
+                if status is Status.TOO_LARGE:
+                    raise self._fork_too_large(source, int(reply[1]), int(reply[2]))
                 raise _fork_refused(fork, status, reply)
             return found, True
         _, meta_flat, prompt, recent, summary = reply
@@ -496,6 +508,16 @@ class SessionStore:
             pinned=len(prompt),
             stored_bytes=sum(len(item.encode()) for item in items) + len(summary_json.encode()),
         )
+        labels = sum(1 for name in fields if name.startswith(codec.LABEL_FIELD_PREFIX))
+        if labels > self._max_labels:
+            # `forked_from` would take the fork past the limit, and every later UpdateSession of
+            # it would be refused: refuse the fork instead, before anything is written.
+            raise PreconditionFailed(
+                "LABELS_FULL",
+                "session_id",
+                f"a fork of session {source!r} would have {labels} labels (with "
+                f"`{codec.FORKED_FROM_LABEL}`), more than the limit of {self._max_labels}: remove one first",
+            )
         user_id = fields[codec.MetaField.USER_ID]
         fork_keys = self._session_keys(fork.session_id)
         if self._index_in_script:
@@ -530,6 +552,20 @@ class SessionStore:
             await self._count_created(session, reply[1])
         return session, status is Status.REPLAYED
 
+    def _fork_too_large(self, source: str, stored_bytes: int, stored_messages: int) -> QuotaExceeded:
+        if self._max_fork_bytes and stored_bytes > self._max_fork_bytes:
+            limit, value, held = "max_fork_bytes", self._max_fork_bytes, f"{stored_bytes} bytes"
+        else:
+            limit, value, held = "max_fork_messages", self._max_fork_messages, f"{stored_messages} messages"
+        flag = "--" + limit.replace("_", "-")
+        return QuotaExceeded(
+            limit,
+            value,
+            f"session {source}",
+            f"session {source!r} stores {held}, more than a fork may copy ({flag} {value}): "
+            "compact it (CompactMessages) first",
+        )
+
     def _fork_write_args(
         self,
         fork: NewFork,
@@ -552,7 +588,7 @@ class SessionStore:
             probe=probe,
             usage_key_head=self._usage_head,
             model="",
-            usage_days=codec.usage_days(self._clock()),
+            usage_days=codec.usage_days(float(now)) if now else "",  # "": a probe counts nothing
             summary_json="",
             field_count=0,
             payload=[],
