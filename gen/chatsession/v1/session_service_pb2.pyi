@@ -850,7 +850,9 @@ class GetUserUsageResponse(_message.Message):
 
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelUsage]:
-        """Per model, sorted by model."""
+        """Per model, sorted by model: at most 100 models, then the usage under any further model counted
+        under the model "(other)" (the reply stays bounded; totals and days stay exact).
+        """
 
     @_builtins.property
     def days(self) -> _containers.RepeatedCompositeFieldContainer[Global___DayUsage]:
