@@ -1,5 +1,5 @@
 """Review of issue 15's context, compaction and clearing: a model-based test of compaction,
-clearing and the window together, and the defects found (marked xfail until fixed)."""
+clearing and the window together, and the defects it found (fixed since)."""
 
 from __future__ import annotations
 
@@ -356,11 +356,6 @@ async def test_context_compaction_and_clear_behave_like_the_model(
 # --- defects found ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="watch.py: read_compactions keeps a range the backlog read announced, so a later "
-    "compaction of the same range (allowed: 'equal replaces its summary') is never announced",
-)
 async def test_watch_announces_a_recompaction_of_a_range_it_read(client: SessionClient, uid: str) -> None:
     sid = await conversation(client, uid)  # prompt 1, then 2..6
     await client.compact_messages(sid, 3, system("S.", tokens=1))
@@ -431,11 +426,6 @@ async def test_two_server_processes_announce_compactions_and_clears_alike(
     assert streams[0] == streams[1] == [("compacted", 4), ("cleared", 6), ("message", 7)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a watch resumed with after_seq across a clear it missed (the client's own reconnect "
-    "does this) is never told of the clear: no `cleared`, the cleared messages stay in its view",
-)
 async def test_watch_resumed_across_a_clear_announces_it(client: SessionClient, uid: str) -> None:
     sid = await conversation(client, uid)  # the watcher delivered 1..6, then lost its stream
     await client.clear_messages(sid, keep_system_prompt=True)
@@ -448,11 +438,6 @@ async def test_watch_resumed_across_a_clear_announces_it(client: SessionClient, 
     assert kinds == [("cleared", 6), ("message", 7)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="COMPACT never checks --max-session-bytes: a summary larger than what it replaces "
-    "takes the session past the cap that every append is refused beyond",
-)
 async def test_compaction_keeps_the_session_within_max_session_bytes(
     settings: Settings, valkey_url: str, raw: GlideClient, uid: str
 ) -> None:

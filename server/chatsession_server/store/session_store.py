@@ -456,13 +456,15 @@ class SessionStore:
         )
         if Status.of(reply) is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
-        _, items, has_more, last_seq, window_start, trimmed = reply
+        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq = reply
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
             last_seq=int(last_seq),
             window_start_seq=int(window_start),
             history_trimmed=bool(trimmed),
+            rewrites=int(rewrites),
+            cleared_at_seq=int(cleared_at_seq),
         )
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
@@ -624,6 +626,7 @@ class SessionStore:
             idempotency_limit=self._idempotency_limit,
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
+            max_session_bytes=self._max_session_bytes,
             summary_body=codec.encode_body(summary, now),
         )
         reply = await self._run(scripts.COMPACT, self._session_keys(session_id), args)
@@ -648,6 +651,15 @@ class SessionStore:
                 "up_to_seq",
                 f"up_to_seq {compaction.up_to_seq} is within the pinned system prompt "
                 f"(seqs 1-{int(reply[1])}), which is never compacted",
+            )
+        if status is Status.TOO_LARGE:
+            raise QuotaExceeded(
+                "max_session_bytes",
+                self._max_session_bytes,
+                f"session {session_id}",
+                f"session {session_id!r} stores {int(reply[1])} bytes and would store {int(reply[2])} "
+                f"after this compaction: the limit per session is {self._max_session_bytes} "
+                "(--max-session-bytes); write a shorter summary",
             )
         if status is Status.ALREADY_COMPACTED:
             raise PreconditionFailed(
