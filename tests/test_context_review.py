@@ -28,7 +28,9 @@ from chatsession_client import (
     user,
 )
 from chatsession_server.api.validation import READABLE_FIELDS
+from chatsession_server.domain import Cleared, Compacted
 from chatsession_server.settings import Settings
+from chatsession_server.store.feed import _parse as parse_publish
 from chatsession_server.store.scripts import MAX_PINNED
 from tests.helpers import meta, raises, serving
 from tests.test_context import conversation, dumps, seqs, stored_bytes_match
@@ -452,3 +454,78 @@ async def test_compaction_keeps_the_session_within_max_session_bytes(
         await raises(ResourceExhaustedError, c.compact_messages(sid, 1, system("s" * 1000, tokens=1)))
         assert await dumps(raw, sid) == before
         assert int((await meta(raw, sid))["stored_bytes"]) <= 4000
+
+
+async def test_compaction_refused_by_the_cap_says_so_and_one_that_shrinks_is_allowed(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_session_bytes=8000) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
+    ):
+        sid = (await c.create_session(uid)).session_id
+        await c.append(sid, [user(letter * 1000) for letter in "abcde"])  # about 5.5 kB
+    # The cap lowered below what the session stores: appends are refused, compactions that grow
+    # it too, but one that shrinks it is what brings it back under.
+    async with (
+        serving(settings, valkey_url, max_session_bytes=2000) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
+    ):
+        await c.compact_messages(sid, 2, system("short", tokens=1))
+        stored = int((await meta(raw, sid))["stored_bytes"])
+        assert 2000 < stored < 4500
+        error = await raises(ResourceExhaustedError, c.compact_messages(sid, 2, system("s" * 1000, tokens=1)))
+        assert "--max-session-bytes" in error.message
+        assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [("max_session_bytes", 2000)]
+        assert int((await meta(raw, sid))["stored_bytes"]) == stored
+        await c.compact_messages(sid, 5, system("shorter", tokens=1))
+        assert int((await meta(raw, sid))["stored_bytes"]) < 2000
+        assert seqs((await c.list_messages(sid)).messages) == [5]
+
+
+async def test_watch_resumed_at_the_seq_of_a_clear_is_told_and_one_past_it_is_not(
+    client: SessionClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    await client.clear_messages(sid, keep_system_prompt=False)
+
+    async def first_events(after_seq: int) -> list[tuple[str, int]]:
+        kinds: list[tuple[str, int]] = []
+        async for event in client.watch(sid, after_seq=after_seq):
+            kinds.append((str(event.WhichOneof("event")), event.cleared.last_seq or event.message.seq))
+            if event.HasField("message"):
+                return kinds
+            if len(kinds) == 1:  # the resume point at the tail: nothing more is stored yet
+                await client.append(sid, [user("again")])
+        return kinds
+
+    assert await asyncio.wait_for(first_events(6), 30) == [("cleared", 6), ("message", 7)]
+    # Resumed past the clear (it delivered 7): told nothing of it.
+    await client.append(sid, [user("more")])
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=7):
+        kinds.append((str(event.WhichOneof("event")), event.message.seq))
+        break
+    assert kinds == [("message", 8)]
+
+
+async def test_watch_resumed_before_a_compaction_it_missed_meets_the_summary(
+    client: SessionClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)  # the watcher delivered 1..3, then lost its stream
+    await client.compact_messages(sid, 4, system("S.", tokens=1))
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=3):
+        kinds.append(
+            (str(event.WhichOneof("event")), event.compacted.summarizes.last_seq or event.message.seq)
+        )
+        if event.HasField("message"):
+            break
+    assert kinds == [("compacted", 4), ("message", 5)]
+
+
+def test_publishes_carry_their_rewrite_number_and_older_ones_parse_without() -> None:
+    assert parse_publish(b"C2 4 alice 3") == Compacted(2, 4, "alice", 3)
+    assert parse_publish(b"X6 alice 4") == Cleared(6, "alice", 4)
+    assert parse_publish(b"C2 4 alice") == Compacted(2, 4, "alice", None)
+    assert parse_publish(b"X6 alice") == Cleared(6, "alice", None)
