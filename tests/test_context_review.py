@@ -21,6 +21,7 @@ from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, R
 from chatsession_client import (
     NO_RETRY,
     FailedPreconditionError,
+    InvalidArgumentError,
     ResourceExhaustedError,
     SessionClient,
     message,
@@ -32,7 +33,7 @@ from chatsession_server.domain import Cleared, Compacted
 from chatsession_server.settings import Settings
 from chatsession_server.store.feed import _parse as parse_publish
 from chatsession_server.store.scripts import MAX_PINNED
-from tests.helpers import meta, raises, serving
+from tests.helpers import meta, raises, serving, violated_fields
 from tests.test_context import conversation, dumps, seqs, stored_bytes_match
 
 T = TypeVar("T")
@@ -529,3 +530,30 @@ def test_publishes_carry_their_rewrite_number_and_older_ones_parse_without() -> 
     assert parse_publish(b"X6 alice 4") == Cleared(6, "alice", 4)
     assert parse_publish(b"C2 4 alice") == Compacted(2, 4, "alice", None)
     assert parse_publish(b"X6 alice") == Cleared(6, "alice", None)
+
+
+async def test_a_retried_clear_empties_nothing_appended_since(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    cleared = await client.clear_messages(sid, keep_system_prompt=True, request_id="clear-1")
+    await client.append(sid, [user("after the clear")])
+    before = await dumps(raw, sid)
+    # The first answer was lost; the retry repeats the id: a no-op that returns the session.
+    again = await client.clear_messages(sid, keep_system_prompt=True, request_id="clear-1")
+    assert await dumps(raw, sid) == before
+    assert seqs((await client.list_messages(sid)).messages) == [1, 7]
+    assert (again.message_count, again.messages_stored) == (7, 2)
+    assert cleared.messages_stored == 1
+    assert await raw.ttl(f"reqs:{{{sid}}}") > 0  # expires with the session
+    for reused in (
+        client.clear_messages(sid, keep_system_prompt=False, request_id="clear-1"),
+        client.append(sid, [user("x")], request_id="clear-1"),
+        client.compact_messages(sid, 7, system("S."), request_id="clear-1"),
+    ):
+        error = await raises(FailedPreconditionError, reused)
+        assert error.precondition_violations[0].type == "REQUEST_ID_REUSED"
+    assert await dumps(raw, sid) == before
+    error = await raises(InvalidArgumentError, client.clear_messages(sid, request_id="no spaces"))
+    assert violated_fields(error) == {"request_id"}
+    assert await dumps(raw, sid) == before

@@ -1108,6 +1108,9 @@ return new
 class ClearArgs:
     owners: str
     keep_system_prompt: bool
+    request_id: str
+    fingerprint: str
+    idempotency_limit: int
     publish_command: str
     channel: str
 
@@ -1115,13 +1118,21 @@ class ClearArgs:
 # Publishes "X<last seq> <owner> <rewrite>" (as COMPACT's) and keeps the last seq as
 # cleared_at_seq, which tells a watch resumed at or before it of the clear it missed. Clearing
 # the prompt too sets `pinned` to 0 for good: the seqs go on, so a system message appended later
-# is not at the session's start and is not pinned.
+# is not at the session's start and is not pinned. A request_id makes a retry change nothing:
+# it must not empty what was appended after the clear it repeats.
 CLEAR = LuaScript(
-    ("chat", "meta", "summary"),
+    ("chat", "meta", "reqs", "summary"),
     ClearArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if request_id ~= '' then
+  local rec = redis.call('HGET', reqs, request_id)
+  if rec then
+    if string.match(rec, '^(%S+) ') ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
+    return {ST_REPLAYED, describe(chat, meta)}
+  end
+end
 local keep = keep_system_prompt == '1' and tonumber(m[3] or '0') or 0
 local len = redis.call('LLEN', chat)
 unstore(meta, bytes_of(chat, keep, len - 1))
@@ -1133,6 +1144,12 @@ if old then
 end
 redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
+if request_id ~= '' then
+  remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
+  -- The keys expire together, on meta's clock (as after a compaction).
+  local pttl = redis.call('PTTL', meta)
+  if pttl > 0 then redis.call('PEXPIRE', reqs, pttl) end
+end
 redis.call(publish_command, channel, 'X' .. m[2] .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, describe(chat, meta)}
 """,

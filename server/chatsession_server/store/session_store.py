@@ -680,18 +680,33 @@ class SessionStore:
         return CompactResult(stored, session, replayed=status is Status.REPLAYED)
 
     async def clear(
-        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+        self,
+        session_id: str,
+        *,
+        keep_system_prompt: bool,
+        request_id: str = "",
+        owners: Collection[str] | None = None,
     ) -> Session:
         args = scripts.ClearArgs(
             scripts.owners_arg(owners),
             keep_system_prompt,
+            request_id,
+            # "x": never equal to an append's or a compaction's fingerprint (see compact).
+            f"x{int(keep_system_prompt)}" if request_id else "",
+            self._idempotency_limit,
             self._publish,
             self._keys.watch_channel(session_id),
         )
-        keys_ = [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)]
-        reply = await self._run(scripts.CLEAR, keys_, args)
-        if Status.of(reply) is Status.NOT_FOUND:
+        reply = await self._run(scripts.CLEAR, self._session_keys(session_id), args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
+        if status is Status.REQUEST_ID_REUSED:
+            raise PreconditionFailed(
+                "REQUEST_ID_REUSED",
+                "request_id",
+                f"request_id {request_id!r} was already used for another request in this session",
+            )
         await self._conn.replicated(self._keys.meta(session_id))
         return _session_from(session_id, reply[1])
 
