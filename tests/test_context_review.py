@@ -554,6 +554,6 @@ async def test_a_retried_clear_empties_nothing_appended_since(
         error = await raises(FailedPreconditionError, reused)
         assert error.precondition_violations[0].type == "REQUEST_ID_REUSED"
     assert await dumps(raw, sid) == before
-    error = await raises(InvalidArgumentError, client.clear_messages(sid, request_id="no spaces"))
-    assert violated_fields(error) == {"request_id"}
+    invalid = await raises(InvalidArgumentError, client.clear_messages(sid, request_id="no spaces"))
+    assert violated_fields(invalid) == {"request_id"}
     assert await dumps(raw, sid) == before
