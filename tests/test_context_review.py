@@ -1,5 +1,5 @@
 """Review of issue 15's context, compaction and clearing: a model-based test of compaction,
-clearing and the window together, and the defects found (marked xfail until fixed)."""
+clearing and the window together, and the defects it found (fixed since)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, R
 from chatsession_client import (
     NO_RETRY,
     FailedPreconditionError,
+    InvalidArgumentError,
     ResourceExhaustedError,
     SessionClient,
     message,
@@ -28,9 +29,11 @@ from chatsession_client import (
     user,
 )
 from chatsession_server.api.validation import READABLE_FIELDS
+from chatsession_server.domain import Cleared, Compacted
 from chatsession_server.settings import Settings
+from chatsession_server.store.feed import _parse as parse_publish
 from chatsession_server.store.scripts import MAX_PINNED
-from tests.helpers import meta, raises, serving
+from tests.helpers import meta, raises, serving, violated_fields
 from tests.test_context import conversation, dumps, seqs, stored_bytes_match
 
 T = TypeVar("T")
@@ -356,11 +359,6 @@ async def test_context_compaction_and_clear_behave_like_the_model(
 # --- defects found ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="watch.py: read_compactions keeps a range the backlog read announced, so a later "
-    "compaction of the same range (allowed: 'equal replaces its summary') is never announced",
-)
 async def test_watch_announces_a_recompaction_of_a_range_it_read(client: SessionClient, uid: str) -> None:
     sid = await conversation(client, uid)  # prompt 1, then 2..6
     await client.compact_messages(sid, 3, system("S.", tokens=1))
@@ -431,11 +429,6 @@ async def test_two_server_processes_announce_compactions_and_clears_alike(
     assert streams[0] == streams[1] == [("compacted", 4), ("cleared", 6), ("message", 7)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a watch resumed with after_seq across a clear it missed (the client's own reconnect "
-    "does this) is never told of the clear: no `cleared`, the cleared messages stay in its view",
-)
 async def test_watch_resumed_across_a_clear_announces_it(client: SessionClient, uid: str) -> None:
     sid = await conversation(client, uid)  # the watcher delivered 1..6, then lost its stream
     await client.clear_messages(sid, keep_system_prompt=True)
@@ -448,11 +441,6 @@ async def test_watch_resumed_across_a_clear_announces_it(client: SessionClient, 
     assert kinds == [("cleared", 6), ("message", 7)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="COMPACT never checks --max-session-bytes: a summary larger than what it replaces "
-    "takes the session past the cap that every append is refused beyond",
-)
 async def test_compaction_keeps_the_session_within_max_session_bytes(
     settings: Settings, valkey_url: str, raw: GlideClient, uid: str
 ) -> None:
@@ -467,3 +455,105 @@ async def test_compaction_keeps_the_session_within_max_session_bytes(
         await raises(ResourceExhaustedError, c.compact_messages(sid, 1, system("s" * 1000, tokens=1)))
         assert await dumps(raw, sid) == before
         assert int((await meta(raw, sid))["stored_bytes"]) <= 4000
+
+
+async def test_compaction_refused_by_the_cap_says_so_and_one_that_shrinks_is_allowed(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_session_bytes=8000) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
+    ):
+        sid = (await c.create_session(uid)).session_id
+        await c.append(sid, [user(letter * 1000) for letter in "abcde"])  # about 5.5 kB
+    # The cap lowered below what the session stores: appends are refused, compactions that grow
+    # it too, but one that shrinks it is what brings it back under.
+    async with (
+        serving(settings, valkey_url, max_session_bytes=2000) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
+    ):
+        await c.compact_messages(sid, 2, system("short", tokens=1))
+        stored = int((await meta(raw, sid))["stored_bytes"])
+        assert 2000 < stored < 4500
+        error = await raises(ResourceExhaustedError, c.compact_messages(sid, 2, system("s" * 1000, tokens=1)))
+        assert "--max-session-bytes" in error.message
+        assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [("max_session_bytes", 2000)]
+        assert int((await meta(raw, sid))["stored_bytes"]) == stored
+        await c.compact_messages(sid, 5, system("shorter", tokens=1))
+        assert int((await meta(raw, sid))["stored_bytes"]) < 2000
+        assert seqs((await c.list_messages(sid)).messages) == [5]
+
+
+async def test_watch_resumed_at_the_seq_of_a_clear_is_told_and_one_past_it_is_not(
+    client: SessionClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    await client.clear_messages(sid, keep_system_prompt=False)
+
+    async def first_events(after_seq: int) -> list[tuple[str, int]]:
+        kinds: list[tuple[str, int]] = []
+        async for event in client.watch(sid, after_seq=after_seq):
+            kinds.append((str(event.WhichOneof("event")), event.cleared.last_seq or event.message.seq))
+            if event.HasField("message"):
+                return kinds
+            if len(kinds) == 1:  # the resume point at the tail: nothing more is stored yet
+                await client.append(sid, [user("again")])
+        return kinds
+
+    assert await asyncio.wait_for(first_events(6), 30) == [("cleared", 6), ("message", 7)]
+    # Resumed past the clear (it delivered 7): told nothing of it.
+    await client.append(sid, [user("more")])
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=7):
+        kinds.append((str(event.WhichOneof("event")), event.message.seq))
+        break
+    assert kinds == [("message", 8)]
+
+
+async def test_watch_resumed_before_a_compaction_it_missed_meets_the_summary(
+    client: SessionClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)  # the watcher delivered 1..3, then lost its stream
+    await client.compact_messages(sid, 4, system("S.", tokens=1))
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=3):
+        kinds.append(
+            (str(event.WhichOneof("event")), event.compacted.summarizes.last_seq or event.message.seq)
+        )
+        if event.HasField("message"):
+            break
+    assert kinds == [("compacted", 4), ("message", 5)]
+
+
+def test_publishes_carry_their_rewrite_number_and_older_ones_parse_without() -> None:
+    assert parse_publish(b"C2 4 alice 3") == Compacted(2, 4, "alice", 3)
+    assert parse_publish(b"X6 alice 4") == Cleared(6, "alice", 4)
+    assert parse_publish(b"C2 4 alice") == Compacted(2, 4, "alice", None)
+    assert parse_publish(b"X6 alice") == Cleared(6, "alice", None)
+
+
+async def test_a_retried_clear_empties_nothing_appended_since(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    cleared = await client.clear_messages(sid, keep_system_prompt=True, request_id="clear-1")
+    await client.append(sid, [user("after the clear")])
+    before = await dumps(raw, sid)
+    # The first answer was lost; the retry repeats the id: a no-op that returns the session.
+    again = await client.clear_messages(sid, keep_system_prompt=True, request_id="clear-1")
+    assert await dumps(raw, sid) == before
+    assert seqs((await client.list_messages(sid)).messages) == [1, 7]
+    assert (again.message_count, again.messages_stored) == (7, 2)
+    assert cleared.messages_stored == 1
+    assert await raw.ttl(f"reqs:{{{sid}}}") > 0  # expires with the session
+    for reused in (
+        client.clear_messages(sid, keep_system_prompt=False, request_id="clear-1"),
+        client.append(sid, [user("x")], request_id="clear-1"),
+        client.compact_messages(sid, 7, system("S."), request_id="clear-1"),
+    ):
+        error = await raises(FailedPreconditionError, reused)
+        assert error.precondition_violations[0].type == "REQUEST_ID_REUSED"
+    assert await dumps(raw, sid) == before
+    invalid = await raises(InvalidArgumentError, client.clear_messages(sid, request_id="no spaces"))
+    assert violated_fields(invalid) == {"request_id"}
+    assert await dumps(raw, sid) == before

@@ -165,6 +165,10 @@ class MessagePage:
     last_seq: int
     window_start_seq: int
     history_trimmed: bool
+    rewrites: int = 0
+    """the session's compactions and clears so far, as of this read (see Compacted.rewrite)"""
+    cleared_at_seq: int = 0
+    """the session's last seq when it was last cleared (0: never)"""
 
 
 # --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------
@@ -201,11 +205,13 @@ class Closing:
 
 @dataclass(frozen=True, slots=True)
 class Compacted:
-    """Seqs first..last were replaced by a summary (stored with seq = last). `owner` as in Appended."""
+    """Seqs first..last were replaced by a summary (stored with seq = last). `owner` as in Appended;
+    `rewrite`: the session's count of compactions and clears this one made (None: not known)."""
 
     first_seq: int
     last_seq: int
     owner: str | None = None
+    rewrite: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +220,8 @@ class Cleared:
 
     last_seq: int
     owner: str | None = None
+    rewrite: int | None = None
+    """as in Compacted"""
 
 
 FeedEvent = Appended | Behind | Deleted | Closing | Compacted | Cleared

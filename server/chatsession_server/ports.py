@@ -76,7 +76,12 @@ class SessionStorage(Protocol):
     ) -> CompactResult: ...
 
     async def clear(
-        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+        self,
+        session_id: str,
+        *,
+        keep_system_prompt: bool,
+        request_id: str = "",
+        owners: Collection[str] | None = None,
     ) -> Session: ...
 
 
@@ -145,9 +150,16 @@ class StorageLayer:
         return await self._inner.compact(session_id, compaction, owners=owners)
 
     async def clear(
-        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+        self,
+        session_id: str,
+        *,
+        keep_system_prompt: bool,
+        request_id: str = "",
+        owners: Collection[str] | None = None,
     ) -> Session:
-        return await self._inner.clear(session_id, keep_system_prompt=keep_system_prompt, owners=owners)
+        return await self._inner.clear(
+            session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=owners
+        )
 
 
 class FeedSubscription(Protocol):

@@ -6,9 +6,14 @@ chain onto its cursor sends it back to the LIST, which is the source of truth.
 
 A compaction's summary met in the LIST is announced as `Compacted` (the range it replaced; the
 client reads the summary with GetContext or ListMessages) and moves the cursor to its seq; so is
-the compaction's publish, unless the read announced it already. A clear is announced as
-`Cleared` and moves the cursor to the tail it left. Either announcement comes from a publish or
-a read, so one published while Valkey was unreachable may not be made; the messages never miss.
+the compaction's publish, unless a read announced that compaction or a newer one already (each
+compaction and clear carries the session's count of them, its `rewrite`, which the LIST returns
+too). A clear is announced as `Cleared` and moves the cursor to the tail it left. A watch resumed
+with after_seq at or before the seq of the session's last clear is told of it first (at most
+once: one resumed right at that seq may have seen it already); one resumed before a summary's
+seq meets the summary in its read, but one resumed past it is not told of a compaction it
+missed (nothing tells it from one it saw). Announcements come from publishes and reads, so one
+published while Valkey was unreachable may not be made; the messages never miss.
 """
 
 from __future__ import annotations
@@ -52,17 +57,31 @@ async def watch_session(
                 f"after_seq {after_seq} is beyond the session's last seq {last_seq} (was it re-created?)",
             )
         cursor = last_seq if after_seq is None else after_seq
-        must_read = cursor < last_seq
+        # A resumed watch reads even at the tail: it may have missed a clear there.
+        resumed = after_seq is not None and after_seq > 0
+        must_read = cursor < last_seq or resumed
+        first_read = True
         yield Heartbeat(cursor)  # live from here: the resume point
-        read_compactions: set[tuple[int, int]] = set()  # announced by a read: their publish is not
+        # The newest rewrite (see the module docstring) of each kind announced, or read past: a
+        # publish numbered at or below it is not announced (again).
+        compaction_seen = clear_seen = 0
         while True:
             while must_read:
                 page = await storage.list_messages(
                     session_id, MessageQuery(limit=READ_PAGE, after_seq=cursor)
                 )
+                cleared_to = 0
+                if first_read:
+                    first_read = False
+                    clear_seen = page.rewrites  # this read shows every clear so far
+                    if resumed and cursor <= page.cleared_at_seq:
+                        yield Cleared(page.cleared_at_seq)
+                        cleared_to = page.cleared_at_seq
                 for message in page.messages:
+                    if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
+                        cursor = max(cursor, cleared_to)
                     if message.summarizes is not None:
-                        read_compactions.add(message.summarizes)
+                        compaction_seen = max(compaction_seen, page.rewrites)
                         yield Compacted(*message.summarizes)
                         cursor = message.seq
                         continue
@@ -70,6 +89,7 @@ async def watch_session(
                         yield Trimmed(cursor + 1, message.seq - 1)
                     yield message
                     cursor = message.seq
+                cursor = max(cursor, cleared_to)
                 if not page.has_more:
                     if page.last_seq > cursor:  # everything after the cursor is gone
                         yield Trimmed(cursor + 1, page.last_seq)
@@ -94,14 +114,16 @@ async def watch_session(
             elif isinstance(event, Compacted | Cleared):
                 if event.owner is not None and event.owner != session.user_id:
                     raise SessionNotFound(session_id)
+                seen = clear_seen if isinstance(event, Cleared) else compaction_seen
+                if event.rewrite is not None and event.rewrite <= seen:
+                    continue  # announced, or older than what a read showed
                 if isinstance(event, Cleared):
+                    clear_seen = event.rewrite or clear_seen
                     yield Cleared(event.last_seq)
-                    cursor = max(cursor, event.last_seq)
-                elif (event.first_seq, event.last_seq) in read_compactions:
-                    read_compactions.discard((event.first_seq, event.last_seq))
                 else:
+                    compaction_seen = event.rewrite or compaction_seen
                     yield Compacted(event.first_seq, event.last_seq)
-                    cursor = max(cursor, event.last_seq)
+                cursor = max(cursor, event.last_seq)
             elif isinstance(event, Behind):
                 must_read = event.last_seq == 0 or event.last_seq > cursor
             elif isinstance(event, Deleted):

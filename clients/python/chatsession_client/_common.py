@@ -174,6 +174,17 @@ def append_request(
     return request
 
 
+def clear_messages_request(
+    session_id: str, *, keep_system_prompt: bool = False, request_id: str | None = None
+) -> session_service_pb2.ClearMessagesRequest:
+    return session_service_pb2.ClearMessagesRequest(
+        session_id=session_id,
+        keep_system_prompt=keep_system_prompt,
+        # Made once per call: a retry of a clear whose answer was lost empties nothing appended since.
+        request_id=request_id_or_new(request_id),
+    )
+
+
 def list_sessions_request(
     user_id: str, *, page_size: int = 0, page_token: str = ""
 ) -> session_service_pb2.ListSessionsRequest:

@@ -303,9 +303,12 @@ class SessionClient:
         )
         return await self._call(self._stub.CompactMessages, request)
 
-    async def clear_messages(self, session_id: str, *, keep_system_prompt: bool = False) -> Session:
-        """Empty the history and the summary; the session, its counters and expiry stay."""
-        request = session_service_pb2.ClearMessagesRequest(
-            session_id=session_id, keep_system_prompt=keep_system_prompt
+    async def clear_messages(
+        self, session_id: str, *, keep_system_prompt: bool = False, request_id: str | None = None
+    ) -> Session:
+        """Empty the history and the summary; the session, its counters and expiry stay. A
+        request_id is generated when not given, so a retry does not empty what was appended since."""
+        request = _common.clear_messages_request(
+            session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return (await self._call(self._stub.ClearMessages, request)).session

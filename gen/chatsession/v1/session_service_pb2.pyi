@@ -1083,19 +1083,26 @@ class ClearMessagesRequest(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     KEEP_SYSTEM_PROMPT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Id of the session. Required."""
     keep_system_prompt: _builtins.bool
     """Keep the pinned system prompt (the leading system messages); otherwise it goes too."""
+    request_id: _builtins.str
+    """Optional idempotency key (1-128 characters from [A-Za-z0-9_.:-]; shared with AppendMessages'
+    and CompactMessages' keys): a retry changes nothing (messages appended since stay) and
+    returns the session. Reused with another keep_system_prompt: FAILED_PRECONDITION.
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         keep_system_prompt: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_system_prompt", b"keep_system_prompt", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_system_prompt", b"keep_system_prompt", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

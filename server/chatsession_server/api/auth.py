@@ -374,9 +374,16 @@ class AuthorizedStorage(StorageLayer):
         return await super().compact(session_id, compaction, owners=_owners(owners))
 
     async def clear(
-        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+        self,
+        session_id: str,
+        *,
+        keep_system_prompt: bool,
+        request_id: str = "",
+        owners: Collection[str] | None = None,
     ) -> Session:
-        return await super().clear(session_id, keep_system_prompt=keep_system_prompt, owners=_owners(owners))
+        return await super().clear(
+            session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
+        )
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

@@ -150,6 +150,8 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def ClearMessages(
         self, request: pb.ClearMessagesRequest, context: Context
     ) -> pb.ClearMessagesResponse:
-        session_id, keep_system_prompt = validation.clear_messages(request)
-        session = await self._store.clear(session_id, keep_system_prompt=keep_system_prompt)
+        session_id, keep_system_prompt, request_id = validation.clear_messages(request)
+        session = await self._store.clear(
+            session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
+        )
         return pb.ClearMessagesResponse(session=session_to_proto(session))

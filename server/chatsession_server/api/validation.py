@@ -444,8 +444,10 @@ def compact_messages(
     return request.session_id, Compaction(request.up_to_seq, summary, request.request_id)
 
 
-def clear_messages(request: session_service_pb2.ClearMessagesRequest) -> tuple[str, bool]:
+def clear_messages(request: session_service_pb2.ClearMessagesRequest) -> tuple[str, bool, str]:
+    """The session id, keep_system_prompt and request_id."""
     v = Violations()
     v.id("session_id", request.session_id)
+    v.id("request_id", request.request_id, required=False)
     v.raise_if_any()
-    return request.session_id, request.keep_system_prompt
+    return request.session_id, request.keep_system_prompt, request.request_id

@@ -52,6 +52,11 @@ class MetaField(enum.StrEnum):
     USAGE_BASE = "usage_base"
     """on a fork: "<message_count> <token_count>" it was created with (copied, not appended: the
     usage counts them for the source only)"""
+    REWRITES = "rewrites"
+    """compactions and clears so far: numbers their publishes, so a watcher tells one it has
+    announced (or read the result of) from a newer one"""
+    CLEARED_AT_SEQ = "cleared_at_seq"
+    """the session's last seq when it was last cleared: a watch resumed at or before it missed that"""
 
 
 def body_prefix(role: Role) -> str:

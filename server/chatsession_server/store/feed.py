@@ -1,7 +1,7 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
-Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner>"),
-clears ("X<last seq> <owner>") and deletes ("D") publish on `watch:{<id>}` (see scripts.py); in
+Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner> <rewrite>"),
+clears ("X<last seq> <owner> <rewrite>") and deletes ("D") publish on `watch:{<id>}` (see scripts.py); in
 a cluster with SPUBLISH, and the feed subscribes with SSUBSCRIBE: a sharded channel lives on the
 node of its session's slot, so a publish reaches only that node's subscribers instead of every
 node of the cluster. The feed subscribes a session's channel when its first local watcher arrives
@@ -243,12 +243,13 @@ class SessionFeed:
 def _parse(payload: bytes) -> FeedEvent:
     if payload == b"D":
         return Deleted()
+    # A publish without its rewrite number (from a server before it existed) is announced as ever.
     if payload.startswith(b"C"):
-        first_seq, last_seq, user = payload[1:].split(b" ")
-        return Compacted(int(first_seq), int(last_seq), user.decode())
+        first_seq, last_seq, user, *rewrite = payload[1:].split(b" ")
+        return Compacted(int(first_seq), int(last_seq), user.decode(), int(rewrite[0]) if rewrite else None)
     if payload.startswith(b"X"):
-        last_seq, user = payload[1:].split(b" ")
-        return Cleared(int(last_seq), user.decode())
+        last_seq, user, *rewrite = payload[1:].split(b" ")
+        return Cleared(int(last_seq), user.decode(), int(rewrite[0]) if rewrite else None)
     if not payload.startswith(b"M"):
         raise ValueError(f"unknown event {payload[:16]!r}")
     head, _, body = payload.partition(b"\n")

@@ -523,7 +523,7 @@ LIST_MESSAGES = LuaScript(
     ("chat", "meta", "summary"),
     ListMessagesArgs,
     r"""
-local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID)
+local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ)
 if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
@@ -603,7 +603,7 @@ if #items > 0 and has_more == 1 then
 end
 -- (With a summary, the seqs up to its own stand compacted, not trimmed.)
 local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
-return {ST_OK, items, has_more, mc, base + 1, trimmed}
+return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0')}
 """,
     read_only=True,
 )
@@ -1006,19 +1006,22 @@ class CompactArgs:
     idempotency_limit: int
     publish_command: str
     channel: str
+    max_session_bytes: int
+    """0: no limit; else a compaction that would leave the session above it and larger is refused"""
     summary_body: str
     """the summary's JSON without its opening `{"seq":N,` (as codec.encode_body gives it)"""
 
 
 # Removes the window's items with seq <= up_to_seq (the pinned prompt stays), stores the summary
-# with seq = up_to_seq and its range, and publishes "C<first> <last> <owner>". The range starts
+# with seq = up_to_seq and its range, and publishes "C<first> <last> <owner> <rewrite>" (the
+# session's count of compactions and clears, this one included). The range starts
 # right after the prompt: the prompt cannot grow once a message follows it, and an earlier
 # summary (which started there too) is folded in.
 COMPACT = LuaScript(
     ("chat", "meta", "reqs", "summary"),
     CompactArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 if request_id ~= '' then
   local rec = redis.call('HGET', reqs, request_id)
@@ -1035,9 +1038,17 @@ if old and up_to < old_seq then return {ST_ALREADY_COMPACTED, old_seq} end
 local len = redis.call('LLEN', chat)
 local base = mc - (len - pinned)
 local drop = math.min(math.max(up_to - base, 0), len - pinned)
-if drop > 0 then drop_after_prompt(chat, meta, pinned, drop) end
 local item = SEQ_HEAD .. string.format('%d', up_to) .. ',' .. string.sub(summary_body, 1, -2)
   .. SUMMARIZES_HEAD .. string.format('%d', pinned + 1) .. ',' .. string.format('%d', up_to) .. ']}'
+-- The cap every append is held to: a compaction may not take the session above it, unless it
+-- shrinks the session (one stored before the cap was lowered must stay compactable).
+local cap, stored = tonumber(max_session_bytes), tonumber(m[4] or '0')
+if cap > 0 then
+  local freed = (drop > 0 and bytes_of(chat, pinned, pinned + drop - 1) or 0) + (old and #old or 0)
+  local after = stored - freed + #item
+  if after > cap and after > stored then return {ST_TOO_LARGE, stored, after} end
+end
+if drop > 0 then drop_after_prompt(chat, meta, pinned, drop) end
 if old then unstore(meta, #old) end
 redis.call('HINCRBY', meta, F_STORED_BYTES, #item)
 redis.call('SET', summary, item)
@@ -1050,8 +1061,9 @@ local pttl = redis.call('PTTL', meta)
 if pttl > 0 then
   for _, key in ipairs({chat, reqs, summary}) do redis.call('PEXPIRE', key, pttl) end
 end
-redis.call(publish_command, channel,
-           'C' .. string.format('%d', pinned + 1) .. ' ' .. string.format('%d', up_to) .. ' ' .. m[1])
+local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
+redis.call(publish_command, channel, 'C' .. string.format('%d', pinned + 1) .. ' '
+           .. string.format('%d', up_to) .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, item, describe(chat, meta)}
 """,
 )
@@ -1127,18 +1139,31 @@ return new
 class ClearArgs:
     owners: str
     keep_system_prompt: bool
+    request_id: str
+    fingerprint: str
+    idempotency_limit: int
     publish_command: str
     channel: str
 
 
-# Publishes "X<last seq> <owner>". Clearing the prompt too sets `pinned` to 0 for good: the seqs
-# go on, so a system message appended later is not at the session's start and is not pinned.
+# Publishes "X<last seq> <owner> <rewrite>" (as COMPACT's) and keeps the last seq as
+# cleared_at_seq, which tells a watch resumed at or before it of the clear it missed. Clearing
+# the prompt too sets `pinned` to 0 for good: the seqs go on, so a system message appended later
+# is not at the session's start and is not pinned. A request_id makes a retry change nothing:
+# it must not empty what was appended after the clear it repeats.
 CLEAR = LuaScript(
-    ("chat", "meta", "summary"),
+    ("chat", "meta", "reqs", "summary"),
     ClearArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if request_id ~= '' then
+  local rec = redis.call('HGET', reqs, request_id)
+  if rec then
+    if string.match(rec, '^(%S+) ') ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
+    return {ST_REPLAYED, describe(chat, meta)}
+  end
+end
 local keep = keep_system_prompt == '1' and tonumber(m[3] or '0') or 0
 local len = redis.call('LLEN', chat)
 unstore(meta, bytes_of(chat, keep, len - 1))
@@ -1148,8 +1173,15 @@ if old then
   unstore(meta, #old)
   redis.call('DEL', summary)
 end
-redis.call('HSET', meta, F_PINNED, keep)
-redis.call(publish_command, channel, 'X' .. m[2] .. ' ' .. m[1])
+redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
+local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
+if request_id ~= '' then
+  remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
+  -- The keys expire together, on meta's clock (as after a compaction).
+  local pttl = redis.call('PTTL', meta)
+  if pttl > 0 then redis.call('PEXPIRE', reqs, pttl) end
+end
+redis.call(publish_command, channel, 'X' .. m[2] .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, describe(chat, meta)}
 """,
 )

@@ -464,13 +464,15 @@ class SessionStore:
         )
         if Status.of(reply) is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
-        _, items, has_more, last_seq, window_start, trimmed = reply
+        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq = reply
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
             last_seq=int(last_seq),
             window_start_seq=int(window_start),
             history_trimmed=bool(trimmed),
+            rewrites=int(rewrites),
+            cleared_at_seq=int(cleared_at_seq),
         )
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
@@ -660,6 +662,7 @@ class SessionStore:
             idempotency_limit=self._idempotency_limit,
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
+            max_session_bytes=self._max_session_bytes,
             summary_body=codec.encode_body(summary, now),
         )
         reply = await self._run(scripts.COMPACT, self._session_keys(session_id), args)
@@ -685,6 +688,15 @@ class SessionStore:
                 f"up_to_seq {compaction.up_to_seq} is within the pinned system prompt "
                 f"(seqs 1-{int(reply[1])}), which is never compacted",
             )
+        if status is Status.TOO_LARGE:
+            raise QuotaExceeded(
+                "max_session_bytes",
+                self._max_session_bytes,
+                f"session {session_id}",
+                f"session {session_id!r} stores {int(reply[1])} bytes and would store {int(reply[2])} "
+                f"after this compaction: the limit per session is {self._max_session_bytes} "
+                "(--max-session-bytes); write a shorter summary",
+            )
         if status is Status.ALREADY_COMPACTED:
             raise PreconditionFailed(
                 "ALREADY_COMPACTED",
@@ -704,18 +716,33 @@ class SessionStore:
         return CompactResult(stored, session, replayed=status is Status.REPLAYED)
 
     async def clear(
-        self, session_id: str, *, keep_system_prompt: bool, owners: Collection[str] | None = None
+        self,
+        session_id: str,
+        *,
+        keep_system_prompt: bool,
+        request_id: str = "",
+        owners: Collection[str] | None = None,
     ) -> Session:
         args = scripts.ClearArgs(
             scripts.owners_arg(owners),
             keep_system_prompt,
+            request_id,
+            # "x": never equal to an append's or a compaction's fingerprint (see compact).
+            f"x{int(keep_system_prompt)}" if request_id else "",
+            self._idempotency_limit,
             self._publish,
             self._keys.watch_channel(session_id),
         )
-        keys_ = [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)]
-        reply = await self._run(scripts.CLEAR, keys_, args)
-        if Status.of(reply) is Status.NOT_FOUND:
+        reply = await self._run(scripts.CLEAR, self._session_keys(session_id), args)
+        status = Status.of(reply)
+        if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
+        if status is Status.REQUEST_ID_REUSED:
+            raise PreconditionFailed(
+                "REQUEST_ID_REUSED",
+                "request_id",
+                f"request_id {request_id!r} was already used for another request in this session",
+            )
         await self._conn.replicated(self._keys.meta(session_id))
         return _session_from(session_id, reply[1])
 
