@@ -183,6 +183,7 @@ async def dumps(raw: GlideClient, session_id: str) -> list[Any]:
         ),
         (lambda c, sid, new: c.fork_session(sid, at_seq=2, new_session_id=new), AtSeqTrimmedError, "at_seq"),
     ],
+    ids=["over-budget", "ahead", "in-prompt", "already-compacted", "beyond-last", "trimmed"],
 )
 async def test_refusals_of_the_new_calls_are_typed_and_change_nothing(
     sync_client: SyncSessionClient,
