@@ -30,6 +30,7 @@ from chatsession_client import (
     ContextTooLargeError,
     FailedPreconditionError,
     InvalidArgumentError,
+    LabelsFullError,
     NotFoundError,
     QuotaViolation,
     RequestIdReusedError,
@@ -260,6 +261,7 @@ def fork_call(client: SyncSessionClient) -> object:
         (compact_call, "CompactMessages", "SUMMARY_CLEARED", "request_id", SummaryClearedError),
         (fork_call, "ForkSession", "AT_SEQ_BEYOND_LAST", "at_seq", AtSeqBeyondLastError),
         (fork_call, "ForkSession", "AT_SEQ_TRIMMED", "at_seq", AtSeqTrimmedError),
+        (fork_call, "ForkSession", "LABELS_FULL", "session_id", LabelsFullError),
     ],
 )
 def test_the_context_compaction_and_fork_refusals_are_typed(

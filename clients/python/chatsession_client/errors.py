@@ -169,6 +169,13 @@ class AtSeqTrimmedError(FailedPreconditionError):
     violation_type = "AT_SEQ_TRIMMED"
 
 
+class LabelsFullError(FailedPreconditionError):
+    """ForkSession: the fork, with its `forked_from` label, would have more labels than the
+    server allows; remove a label from the source first."""
+
+    violation_type = "LABELS_FULL"
+
+
 class UnavailableError(ChatSessionError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -235,6 +242,7 @@ _BY_PRECONDITION: dict[str, type[FailedPreconditionError]] = {
         SummaryClearedError,
         AtSeqBeyondLastError,
         AtSeqTrimmedError,
+        LabelsFullError,
     )
 }
 
