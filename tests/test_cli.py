@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import queue
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from glide import GlideClient
 
-from chatsession_client import SessionClient, user
+from chatsession_client import SessionClient, assistant, system, user
 from chatsession_client.cli import main
 from chatsession_server.settings import Settings
 from tests.helpers import serving, stored_messages
@@ -84,6 +85,65 @@ async def test_text_output(target: str, uid: str) -> None:
     assert listed.out.split("\t")[:2] == [session_id, "2"]
 
 
+async def test_context_fork_clear_usage_with_json(
+    client: SessionClient, target: str, raw: GlideClient, uid: str
+) -> None:
+    base = ("--address", target, "--json")
+    session = await client.create_session(uid, model="m1")
+    sid = session.session_id
+    opening = [
+        system("be brief", tokens=2),
+        user("a", tokens=3),
+        assistant("b", tokens=4),
+        user("c", tokens=5),
+    ]
+    await client.append(sid, opening)
+
+    context = (await cli(*base, "context", sid, "--max-tokens", "7")).json()
+    assert [m["seq"] for m in context["messages"]] == ["1", "4"]
+    assert (context["tokens"], context["truncated"]) == ("7", True)
+
+    forked = await cli(*base, "fork", sid, "--at-seq", "3", "--new-id", f"{uid}-f")
+    assert forked.code == 0, forked.err
+    assert forked.json()["replayed"] is False
+    assert (forked.json()["session"]["session_id"], forked.json()["session"]["message_count"]) == (
+        f"{uid}-f",
+        "3",
+    )
+    assert [m["content"] for m in await stored_messages(raw, f"{uid}-f")] == ["be brief", "a", "b"]
+
+    usage = (await cli(*base, "usage", "--user", uid)).json()
+    assert usage["total"] == {"messages": "4", "tokens": "14", "sessions": "2"}
+    assert [m["model"] for m in usage["models"]] == ["m1"]
+
+    cleared = (await cli(*base, "clear", sid, "--keep-system-prompt")).json()
+    assert (cleared["session_id"], cleared["message_count"]) == (sid, "4")  # the counters stay
+    assert [m["content"] for m in await stored_messages(raw, sid)] == ["be brief"]
+
+
+async def test_text_output_of_context_fork_clear_usage(client: SessionClient, target: str, uid: str) -> None:
+    session = await client.create_session(uid)
+    sid = session.session_id
+    await client.append(sid, [system("be brief", tokens=2), user("a", tokens=3), user("b", tokens=4)])
+    await client.compact_messages(sid, 2, assistant("asked a", tokens=1))
+
+    context = await cli("--address", target, "context", sid)
+    assert (
+        context.out
+        == "[1] system: be brief\n[2] assistant (summary of 2-2): asked a\n[3] user: b\n(7 tokens)\n"
+    )
+    forked = await cli("--address", target, "fork", sid)
+    fork_id = forked.out.strip()
+    assert (await client.get_session(fork_id)).labels["forked_from"] == sid
+    usage = await cli("--address", target, "usage", "--user", uid)
+    assert usage.out.splitlines()[:2] == [
+        "total: 3 messages, 9 tokens, 2 sessions",
+        "model (none): 3 messages, 9 tokens, 2 sessions",
+    ]
+    assert (await cli("--address", target, "clear", sid)).out == ""
+    assert (await client.get_context(sid)).messages == []
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "says"),
     [
@@ -92,6 +152,9 @@ async def test_text_output(target: str, uid: str) -> None:
         (["create", "--user", "{u}", "--id", "{s}"], 5, "ALREADY_EXISTS: "),
         (["create", "--user", "{u}", "--label", "no-equals-sign"], 2, "--label 'no-equals-sign'"),
         (["--token-file", "/nonexistent/token", "ls", "--user", "{u}"], 2, "cannot read --token-file"),
+        (["fork", "{s}", "--at-seq", "9"], 5, "FAILED_PRECONDITION: "),  # beyond the last seq
+        (["context", "{s}", "--max-tokens", "-1"], 3, "INVALID_ARGUMENT: "),
+        (["clear", "missing-{s}"], 4, "NOT_FOUND: "),
     ],
 )
 async def test_errors_are_one_line_and_an_exit_code_per_status_class(
@@ -136,6 +199,47 @@ async def test_tail_follow_prints_json_lines_until_the_session_is_deleted(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+class Lines(io.StringIO):
+    """A stdout whose lines a test can wait for, one by one, while the command still runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: queue.Queue[str] = queue.Queue()
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            self.lines.put(line)
+        return len(text)
+
+    async def next(self) -> str:
+        return await asyncio.to_thread(self.lines.get, timeout=30)
+
+
+async def test_tail_follow_says_in_text_when_messages_were_compacted_or_cleared(
+    client: SessionClient, target: str, uid: str
+) -> None:
+    session = await client.create_session(uid)
+    sid = session.session_id
+    await client.append(sid, [user("old"), user("recent")])
+    out = Lines()
+    argv = ["--address", target, "tail", "-f", "-n", "1", sid]
+    following = asyncio.create_task(asyncio.to_thread(main, argv, stdout=out, stderr=io.StringIO()))
+    try:
+        assert await out.next() == "[2] user: recent"
+        await client.append(sid, [user("live")])
+        assert await out.next() == "[3] user: live"  # the watch is live: the next events are too
+        await client.compact_messages(sid, 3, assistant("three messages"))
+        assert await out.next() == "[1..3 compacted into a summary]"
+        await client.clear_messages(sid)
+        assert await out.next() == "[history cleared after seq 3]"
+        await client.delete_session(sid)
+        assert await asyncio.wait_for(following, 30) == 4
+    finally:
+        if not following.done():
+            await client.delete_session(sid, allow_missing=True)
+            await asyncio.wait_for(following, 30)
 
 
 TOKEN = "cli-token-" + uuid.uuid4().hex

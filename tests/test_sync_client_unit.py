@@ -20,11 +20,17 @@ from chatsession.v1 import session_pb2
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import (
     AfterSeqAheadError,
+    AlreadyCompactedError,
     AlreadyExistsError,
+    AtSeqBeyondLastError,
+    AtSeqTrimmedError,
     CallCancelledError,
     ChatSessionError,
+    ContextOverBudgetError,
+    ContextTooLargeError,
     FailedPreconditionError,
     InvalidArgumentError,
+    LabelsFullError,
     NotFoundError,
     QuotaViolation,
     RequestIdReusedError,
@@ -32,8 +38,12 @@ from chatsession_client import (
     ResourceInfo,
     Retry,
     SeqMismatchError,
+    SummaryClearedError,
     SyncSessionClient,
     UnavailableError,
+    UpToSeqAheadError,
+    UpToSeqInPromptError,
+    assistant,
     user,
 )
 from chatsession_server import errors as domain
@@ -226,6 +236,135 @@ def test_precondition_failures_are_typed_by_their_violation(
         (error.kind, error.subject, error.description)
     ]
     assert fake_time.sleeps == []  # not retried
+
+
+def context_call(client: SyncSessionClient) -> object:
+    return client.get_context("s1", max_tokens=5)
+
+
+def compact_call(client: SyncSessionClient) -> object:
+    return client.compact_messages("s1", 3, assistant("sum", tokens=1))
+
+
+def fork_call(client: SyncSessionClient) -> object:
+    return client.fork_session("s1", at_seq=3)
+
+
+@pytest.mark.parametrize(
+    ("call", "rpc_name", "kind", "subject", "expected"),
+    [
+        (context_call, "GetContext", "CONTEXT_OVER_BUDGET", "max_tokens", ContextOverBudgetError),
+        (context_call, "GetContext", "CONTEXT_TOO_LARGE", "session_id", ContextTooLargeError),
+        (compact_call, "CompactMessages", "UP_TO_SEQ_AHEAD", "up_to_seq", UpToSeqAheadError),
+        (compact_call, "CompactMessages", "UP_TO_SEQ_IN_PROMPT", "up_to_seq", UpToSeqInPromptError),
+        (compact_call, "CompactMessages", "ALREADY_COMPACTED", "up_to_seq", AlreadyCompactedError),
+        (compact_call, "CompactMessages", "SUMMARY_CLEARED", "request_id", SummaryClearedError),
+        (fork_call, "ForkSession", "AT_SEQ_BEYOND_LAST", "at_seq", AtSeqBeyondLastError),
+        (fork_call, "ForkSession", "AT_SEQ_TRIMMED", "at_seq", AtSeqTrimmedError),
+        (fork_call, "ForkSession", "LABELS_FULL", "session_id", LabelsFullError),
+    ],
+)
+def test_the_context_compaction_and_fork_refusals_are_typed(
+    client: SyncSessionClient,
+    channel: Any,
+    fake_time: FakeTime,
+    call: Callable[[SyncSessionClient], object],
+    rpc_name: str,
+    kind: str,
+    subject: str,
+    expected: type[FailedPreconditionError],
+) -> None:
+    answer = run(lambda: call(client))
+    _, _, rpc = take(channel, rpc_name)
+    fail(rpc, domain.PreconditionFailed(kind, subject, f"refused: {kind}"))
+    raised = answer.exception(TIMEOUT)
+    assert type(raised) is expected
+    assert expected.violation_type == kind
+    assert [(v.type, v.subject) for v in raised.precondition_violations] == [(kind, subject)]
+    assert fake_time.sleeps == []  # not retried
+
+
+@pytest.mark.parametrize(
+    ("call", "rpc_name", "response"),
+    [
+        (
+            lambda c: c.fork_session("s1", at_seq=0, new_session_id="s2"),
+            "ForkSession",
+            pb.ForkSessionResponse(replayed=True),
+        ),
+        (
+            lambda c: c.compact_messages("s1", 3, assistant("sum", tokens=1)),
+            "CompactMessages",
+            pb.CompactMessagesResponse(replayed=True),
+        ),
+    ],
+    ids=["fork", "compact"],
+)
+def test_a_retried_fork_or_compaction_keeps_its_request_id(
+    client: SyncSessionClient,
+    channel: Any,
+    call: Callable[[SyncSessionClient], Any],
+    rpc_name: str,
+    response: Any,
+) -> None:
+    answer = run(lambda: call(client))
+    _, first, rpc = take(channel, rpc_name)
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    _, second, rpc = take(channel, rpc_name)
+    rpc.terminate(response, (), grpc.StatusCode.OK, "")
+    assert answer.result(TIMEOUT).replayed
+    assert first.request_id
+    assert second == first
+
+
+def test_a_retried_clear_keeps_its_request_id(client: SyncSessionClient, channel: Any) -> None:
+    """A clear whose answer was lost is retried with the same request_id: the server then empties
+    nothing appended since."""
+    answer = run(lambda: client.clear_messages("s1"))
+    _, first, rpc = take(channel, "ClearMessages")
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    _, second, rpc = take(channel, "ClearMessages")
+    rpc.terminate(
+        pb.ClearMessagesResponse(session=session_pb2.Session(session_id="s1")), (), grpc.StatusCode.OK, ""
+    )
+    assert answer.result(TIMEOUT).session_id == "s1"
+    assert first.request_id
+    assert second == first
+
+
+def test_the_new_calls_send_their_arguments(client: SyncSessionClient, channel: Any) -> None:
+    def calls() -> list[object]:
+        return [
+            client.get_session("s1", read_mask=["token_count", "title"]),
+            client.get_context("s1", max_tokens=100, max_messages=4),
+            client.fork_session("s1"),
+            client.clear_messages("s1", keep_system_prompt=True),
+            client.get_user_usage("alice"),
+        ]
+
+    answer = run(calls)
+    requests = {}
+    for name, response in [
+        ("GetSession", pb.GetSessionResponse()),
+        ("GetContext", pb.GetContextResponse(tokens=7)),
+        ("ForkSession", pb.ForkSessionResponse()),
+        ("ClearMessages", pb.ClearMessagesResponse(session=session_pb2.Session(session_id="s1"))),
+        ("GetUserUsage", pb.GetUserUsageResponse(total=pb.UsageCounts(messages=3))),
+    ]:
+        _, requests[name], rpc = take(channel, name)
+        rpc.terminate(response, (), grpc.StatusCode.OK, "")
+    _, context, _, cleared, usage = answer.result(TIMEOUT)
+    assert list(requests["GetSession"].read_mask.paths) == ["token_count", "title"]
+    assert (requests["GetContext"].max_tokens, requests["GetContext"].max_messages) == (100, 4)
+    assert not requests["ForkSession"].HasField("at_seq")  # everything, not a fork at seq 0
+    assert requests["ForkSession"].request_id
+    assert requests["ClearMessages"].keep_system_prompt
+    assert requests["GetUserUsage"].user_id == "alice"
+    assert isinstance(context, pb.GetContextResponse)
+    assert context.tokens == 7
+    assert cleared == session_pb2.Session(session_id="s1")  # the session, unwrapped
+    assert isinstance(usage, pb.GetUserUsageResponse)
+    assert usage.total.messages == 3
 
 
 def test_bad_request_details_name_the_fields(client: SyncSessionClient, channel: Any) -> None:

@@ -78,7 +78,7 @@ class SessionClient {
 
   /**
    * Follows a session live, as an async iterator of WatchMessagesResponse events (`event` says
-   * which of `message`, `historyTrimmed` or `heartbeat` it holds). When the stream breaks with
+   * which of `message`, `historyTrimmed`, `compacted`, `cleared` or `heartbeat` it holds). When the stream breaks with
    * UNAVAILABLE (a server shutting down, a dropped connection) it reconnects after the last seq
    * it delivered, so no message is lost or repeated; other errors (NOT_FOUND when the session
    * is deleted) end the iteration by throwing a ChatSessionError. Leaving the loop cancels the stream.
@@ -98,6 +98,9 @@ class SessionClient {
           failures = 0;
           if (event.event === 'message') cursor = event.message.seq;
           else if (event.event === 'historyTrimmed') cursor = event.historyTrimmed.lastMissingSeq;
+          // A summary stands at its range's last seq; a clear says the last seq it emptied.
+          else if (event.event === 'compacted') cursor = Math.max(cursor ?? 0, event.compacted.summarizes.lastSeq);
+          else if (event.event === 'cleared') cursor = Math.max(cursor ?? 0, event.cleared.lastSeq);
           else if (event.event === 'heartbeat') {
             cursor = Math.max(cursor ?? 0, event.heartbeat.lastSeq);
             if (!includeHeartbeats) continue;

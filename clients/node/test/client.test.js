@@ -151,3 +151,44 @@ test('watch without afterSeq delivers only new messages; leaving the loop cancel
   }
   assert.deepEqual(await events.next(), { value: undefined, done: true });
 });
+
+test('getContext and forkSession are methods of the client', async () => {
+  const userId = newUser();
+  const { session } = await client.createSession({ userId });
+  const sessionId = session.sessionId;
+  await client.appendMessages({
+    sessionId,
+    messages: [{ role: 'ROLE_SYSTEM', content: 'Be brief.', tokens: 2 }, user('Hotels?', 3), user('In Oslo.', 4)],
+  });
+  const context = await client.getContext({ sessionId, maxTokens: 6 });
+  assert.deepEqual(context.messages.map((m) => m.seq), [1, 3]); // the pinned prompt, then what fits
+  assert.equal(context.tokens, 6);
+  assert.equal(context.truncated, true);
+
+  const forkId = `${sessionId}-fork`;
+  const forked = await client.forkSession({ sessionId, atSeq: 2, newSessionId: forkId });
+  assert.equal(forked.session.sessionId, forkId);
+  assert.equal(forked.session.messageCount, 2);
+  assert.equal(forked.session.labels.forked_from, sessionId); // map keys are kept as stored
+  const copied = await client.listMessages({ sessionId: forkId });
+  assert.deepEqual(copied.messages.map((m) => m.content), ['Be brief.', 'Hotels?']);
+});
+
+test('a refused CompactMessages comes with its PreconditionFailure decoded', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  await client.appendMessages({ sessionId: session.sessionId, messages: [user('one'), user('two')] });
+  const error = await failure(
+    client.compactMessages({
+      sessionId: session.sessionId,
+      upToSeq: 9,
+      summary: { role: 'ROLE_SYSTEM', content: 'Summary.', tokens: 1 },
+    }),
+  );
+  assert.equal(error.code, status.FAILED_PRECONDITION);
+  assert.deepEqual(error.preconditionFailure.violations, [
+    { type: 'UP_TO_SEQ_AHEAD', subject: 'up_to_seq', description: "up_to_seq 9 is beyond the session's last seq 2" },
+  ]);
+  // ... and nothing was compacted.
+  const page = await client.listMessages({ sessionId: session.sessionId });
+  assert.deepEqual(page.messages.map((m) => m.content), ['one', 'two']);
+});

@@ -208,6 +208,57 @@ def list_messages_request(
     return request
 
 
+def get_session_request(
+    session_id: str, *, read_mask: Iterable[str] | None = None
+) -> session_service_pb2.GetSessionRequest:
+    request = session_service_pb2.GetSessionRequest(session_id=session_id)
+    if read_mask is not None:
+        request.read_mask.paths.extend(read_mask)
+    return request
+
+
+def fork_session_request(
+    session_id: str,
+    *,
+    at_seq: int | None = None,
+    new_session_id: str = "",
+    request_id: str | None = None,
+) -> session_service_pb2.ForkSessionRequest:
+    request = session_service_pb2.ForkSessionRequest(
+        session_id=session_id,
+        new_session_id=new_session_id,
+        # Made once per call, so every retry of it returns the same fork.
+        request_id=request_id_or_new(request_id),
+    )
+    if at_seq is not None:
+        request.at_seq = at_seq
+    return request
+
+
+def get_user_usage_request(user_id: str) -> session_service_pb2.GetUserUsageRequest:
+    return session_service_pb2.GetUserUsageRequest(user_id=user_id)
+
+
+def get_context_request(
+    session_id: str, *, max_tokens: int = 0, max_messages: int = 0
+) -> session_service_pb2.GetContextRequest:
+    return session_service_pb2.GetContextRequest(
+        session_id=session_id, max_tokens=max_tokens, max_messages=max_messages
+    )
+
+
+def compact_messages_request(
+    session_id: str, up_to_seq: int, summary: Message, *, request_id: str | None = None
+) -> session_service_pb2.CompactMessagesRequest:
+    return session_service_pb2.CompactMessagesRequest(
+        session_id=session_id,
+        up_to_seq=up_to_seq,
+        summary=summary,
+        # Made once per call, so every retry of it compacts once and returns `replayed`.
+        request_id=request_id_or_new(request_id),
+    )
+
+
 def next_page_token(page: session_service_pb2.ListSessionsResponse) -> str | None:
     """The token of the page after `page`, None when it was the last."""
     return page.next_page_token or None

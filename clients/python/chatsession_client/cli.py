@@ -5,6 +5,10 @@
     chatsession show SESSION
     chatsession ls --user alice --json
     chatsession tail -f SESSION
+    chatsession context SESSION --max-tokens 4000
+    chatsession fork SESSION --at-seq 4
+    chatsession clear SESSION --keep-system-prompt
+    chatsession usage --user alice
     chatsession rm SESSION
 
 --json prints one JSON document (the protobuf JSON mapping, as grpcurl prints it), or one JSON
@@ -26,7 +30,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
 
-from chatsession.v1 import session_pb2
+from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client._common import Message, Session, message
 from chatsession_client.errors import ChatSessionError
 from chatsession_client.retry import Retry
@@ -145,10 +149,45 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     tail.add_argument("-n", "--lines", type=int, default=10, help="how many of the newest (default 10)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep following until interrupted")
 
+    context = command(
+        "context", "What a prompt is built from: the pinned prompt, the summary, the newest messages."
+    )
+    context.add_argument("session")
+    context.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="the newest messages that fit this many tokens (default: all)",
+    )
+
+    fork = command("fork", "Copy a session into a new one of the same user and print its id.")
+    fork.add_argument("session")
+    fork.add_argument("--at-seq", type=int, help="copy up to and including this seq (default: all)")
+    fork.add_argument("--new-id", default="", help="the new session's id (default: the server makes one)")
+    fork.add_argument("--request-id", help="idempotency key (default: a fresh one)")
+
+    clear = command("clear", "Empty a session's history and summary; the session and its counters stay.")
+    clear.add_argument("session")
+    clear.add_argument("--keep-system-prompt", action="store_true", help="keep the pinned system prompt")
+
+    usage = command("usage", "Messages, tokens and sessions a user created: in total, per model, per day.")
+    usage.add_argument("--user", required=True)
+
     rm = command("rm", "Delete a session.")
     rm.add_argument("session")
     rm.add_argument("--allow-missing", action="store_true", help="succeed if it does not exist")
-    return {"create": create, "append": append, "show": show, "ls": ls, "tail": tail, "rm": rm}
+    return {
+        "create": create,
+        "append": append,
+        "show": show,
+        "ls": ls,
+        "tail": tail,
+        "context": context,
+        "fork": fork,
+        "clear": clear,
+        "usage": usage,
+        "rm": rm,
+    }
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -208,7 +247,15 @@ def _role(m: Message) -> str:
 
 
 def _message_line(m: Message) -> str:
+    if m.HasField("summarizes"):
+        return (
+            f"[{m.seq}] {_role(m)} (summary of {m.summarizes.first_seq}-{m.summarizes.last_seq}): {m.content}"
+        )
     return f"[{m.seq}] {_role(m)}: {m.content}"
+
+
+def _counts_line(label: str, counts: session_service_pb2.UsageCounts) -> str:
+    return f"{label}: {counts.messages} messages, {counts.tokens} tokens, {counts.sessions} sessions"
 
 
 def _newest(client: SyncSessionClient, session_id: str, count: int) -> list[Message]:
@@ -306,6 +353,37 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
                 out.line(f"{s.session_id}\t{s.message_count}\t{s.last_active.ToJsonString()}\t{s.title}")
     elif args.command == "tail":
         _tail(args, client, out)
+    elif args.command == "context":
+        context = client.get_context(args.session, max_tokens=args.max_tokens)
+        if out.json:
+            out.document(_as_dict(context))
+        else:
+            for m in context.messages:
+                out.line(_message_line(m))
+            left_out = "; older messages left out" if context.truncated else ""
+            out.line(f"({context.tokens} tokens{left_out})")
+    elif args.command == "fork":
+        forked = client.fork_session(
+            args.session, at_seq=args.at_seq, new_session_id=args.new_id, request_id=args.request_id
+        )
+        if out.json:
+            out.document(_as_dict(forked))
+        else:
+            out.line(forked.session.session_id)
+    elif args.command == "clear":
+        cleared = client.clear_messages(args.session, keep_system_prompt=args.keep_system_prompt)
+        if out.json:
+            out.document(_as_dict(cleared))
+    elif args.command == "usage":
+        usage = client.get_user_usage(args.user)
+        if out.json:
+            out.document(_as_dict(usage))
+        else:
+            out.line(_counts_line("total", usage.total))
+            for per_model in usage.models:
+                out.line(_counts_line(f"model {per_model.model or '(none)'}", per_model.usage))
+            for per_day in usage.days:
+                out.line(_counts_line(per_day.day, per_day.usage))
     elif args.command == "rm":
         client.delete_session(args.session, allow_missing=args.allow_missing)
         if out.json:
@@ -332,9 +410,14 @@ def _tail(args: argparse.Namespace, client: SyncSessionClient, out: _Output) -> 
             out.json_line(_as_dict(event))
         elif event.HasField("message"):
             out.line(_message_line(event.message))
-        else:
+        elif event.HasField("history_trimmed"):
             gone = event.history_trimmed
             out.line(f"[{gone.first_missing_seq}..{gone.last_missing_seq} trimmed by the window]")
+        elif event.HasField("compacted"):
+            replaced = event.compacted.summarizes
+            out.line(f"[{replaced.first_seq}..{replaced.last_seq} compacted into a summary]")
+        elif event.HasField("cleared"):
+            out.line(f"[history cleared after seq {event.cleared.last_seq}]")
 
 
 def main(

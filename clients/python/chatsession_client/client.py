@@ -133,9 +133,7 @@ class SessionClient:
 
     async def get_session(self, session_id: str, *, read_mask: Iterable[str] | None = None) -> Session:
         """The session; with `read_mask` (e.g. ["token_count"]) only those fields, read alone."""
-        request = session_service_pb2.GetSessionRequest(session_id=session_id)
-        if read_mask is not None:
-            request.read_mask.paths.extend(read_mask)
+        request = _common.get_session_request(session_id, read_mask=read_mask)
         return (await self._call(self._stub.GetSession, request)).session
 
     async def update_session(
@@ -230,18 +228,14 @@ class SessionClient:
         """Copy a session (its metadata, pinned prompt, summary and messages up to `at_seq`, or all
         of them) into a new session of the same user. A request_id is generated when not given, so
         a retry returns the same fork (`replayed`)."""
-        request = session_service_pb2.ForkSessionRequest(
-            session_id=session_id,
-            new_session_id=new_session_id,
-            request_id=_common.request_id_or_new(request_id),
+        request = _common.fork_session_request(
+            session_id, at_seq=at_seq, new_session_id=new_session_id, request_id=request_id
         )
-        if at_seq is not None:
-            request.at_seq = at_seq
         return await self._call(self._stub.ForkSession, request)
 
     async def get_user_usage(self, user_id: str) -> session_service_pb2.GetUserUsageResponse:
         """Messages, tokens and sessions created by the user: in total, per model, per UTC day."""
-        request = session_service_pb2.GetUserUsageRequest(user_id=user_id)
+        request = _common.get_user_usage_request(user_id)
         return await self._call(self._stub.GetUserUsage, request)
 
     async def watch(
@@ -285,9 +279,7 @@ class SessionClient:
     ) -> session_service_pb2.GetContextResponse:
         """What a prompt is built from: the pinned system prompt, the summary, then the newest
         messages that fit `max_tokens` (0: no limit) and `max_messages` (0: no limit)."""
-        request = session_service_pb2.GetContextRequest(
-            session_id=session_id, max_tokens=max_tokens, max_messages=max_messages
-        )
+        request = _common.get_context_request(session_id, max_tokens=max_tokens, max_messages=max_messages)
         return await self._call(self._stub.GetContext, request)
 
     async def compact_messages(
@@ -295,12 +287,7 @@ class SessionClient:
     ) -> session_service_pb2.CompactMessagesResponse:
         """Replace the messages up to `up_to_seq` (after the pinned prompt) with `summary` (a
         system or assistant message). A request_id is generated when not given, so retries are safe."""
-        request = session_service_pb2.CompactMessagesRequest(
-            session_id=session_id,
-            up_to_seq=up_to_seq,
-            summary=summary,
-            request_id=_common.request_id_or_new(request_id),
-        )
+        request = _common.compact_messages_request(session_id, up_to_seq, summary, request_id=request_id)
         return await self._call(self._stub.CompactMessages, request)
 
     async def clear_messages(

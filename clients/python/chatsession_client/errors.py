@@ -120,6 +120,62 @@ class AfterSeqAheadError(FailedPreconditionError):
     violation_type = "AFTER_SEQ_AHEAD"
 
 
+class ContextOverBudgetError(FailedPreconditionError):
+    """GetContext: the pinned system prompt and the summary alone take more than `max_tokens`."""
+
+    violation_type = "CONTEXT_OVER_BUDGET"
+
+
+class ContextTooLargeError(FailedPreconditionError):
+    """GetContext: the pinned system prompt and the summary alone are more bytes than a reply
+    holds; read them with list_messages."""
+
+    violation_type = "CONTEXT_TOO_LARGE"
+
+
+class UpToSeqAheadError(FailedPreconditionError):
+    """CompactMessages: `up_to_seq` is beyond the session's last seq."""
+
+    violation_type = "UP_TO_SEQ_AHEAD"
+
+
+class UpToSeqInPromptError(FailedPreconditionError):
+    """CompactMessages: `up_to_seq` is within the pinned system prompt, which is never compacted."""
+
+    violation_type = "UP_TO_SEQ_IN_PROMPT"
+
+
+class AlreadyCompactedError(FailedPreconditionError):
+    """CompactMessages: `up_to_seq` is below the last seq an earlier compaction replaced."""
+
+    violation_type = "ALREADY_COMPACTED"
+
+
+class SummaryClearedError(FailedPreconditionError):
+    """CompactMessages: a retry of a compaction whose summary a clear has removed since."""
+
+    violation_type = "SUMMARY_CLEARED"
+
+
+class AtSeqBeyondLastError(FailedPreconditionError):
+    """ForkSession: `at_seq` is beyond the source session's last seq."""
+
+    violation_type = "AT_SEQ_BEYOND_LAST"
+
+
+class AtSeqTrimmedError(FailedPreconditionError):
+    """ForkSession: `at_seq` was trimmed by the window or replaced by a compaction."""
+
+    violation_type = "AT_SEQ_TRIMMED"
+
+
+class LabelsFullError(FailedPreconditionError):
+    """ForkSession: the fork, with its `forked_from` label, would have more labels than the
+    server allows; remove a label from the source first."""
+
+    violation_type = "LABELS_FULL"
+
+
 class UnavailableError(ChatSessionError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -173,7 +229,21 @@ _BY_CODE: dict[grpc.StatusCode, type[ChatSessionError]] = {
 }
 
 _BY_PRECONDITION: dict[str, type[FailedPreconditionError]] = {
-    cls.violation_type: cls for cls in (SeqMismatchError, RequestIdReusedError, AfterSeqAheadError)
+    cls.violation_type: cls
+    for cls in (
+        SeqMismatchError,
+        RequestIdReusedError,
+        AfterSeqAheadError,
+        ContextOverBudgetError,
+        ContextTooLargeError,
+        UpToSeqAheadError,
+        UpToSeqInPromptError,
+        AlreadyCompactedError,
+        SummaryClearedError,
+        AtSeqBeyondLastError,
+        AtSeqTrimmedError,
+        LabelsFullError,
+    )
 }
 
 

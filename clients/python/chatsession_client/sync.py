@@ -64,6 +64,15 @@ class _BlockingStub:
             channel, "AppendMessages", pb.AppendMessagesRequest, pb.AppendMessagesResponse
         )
         self.ListMessages = _unary(channel, "ListMessages", pb.ListMessagesRequest, pb.ListMessagesResponse)
+        self.ForkSession = _unary(channel, "ForkSession", pb.ForkSessionRequest, pb.ForkSessionResponse)
+        self.GetUserUsage = _unary(channel, "GetUserUsage", pb.GetUserUsageRequest, pb.GetUserUsageResponse)
+        self.GetContext = _unary(channel, "GetContext", pb.GetContextRequest, pb.GetContextResponse)
+        self.CompactMessages = _unary(
+            channel, "CompactMessages", pb.CompactMessagesRequest, pb.CompactMessagesResponse
+        )
+        self.ClearMessages = _unary(
+            channel, "ClearMessages", pb.ClearMessagesRequest, pb.ClearMessagesResponse
+        )
         self.WatchMessages: grpc.UnaryStreamMultiCallable[
             pb.WatchMessagesRequest, pb.WatchMessagesResponse
         ] = channel.unary_stream(
@@ -174,8 +183,9 @@ class SyncSessionClient:
         )
         return self._call(self._stub.CreateSession, request).session
 
-    def get_session(self, session_id: str) -> Session:
-        request = pb.GetSessionRequest(session_id=session_id)
+    def get_session(self, session_id: str, *, read_mask: Iterable[str] | None = None) -> Session:
+        """The session; with `read_mask` (e.g. ["token_count"]) only those fields, read alone."""
+        request = _common.get_session_request(session_id, read_mask=read_mask)
         return self._call(self._stub.GetSession, request).session
 
     def update_session(
@@ -255,6 +265,27 @@ class SyncSessionClient:
             yield from page.messages
             cursor = _common.next_after_seq(page)
 
+    def fork_session(
+        self,
+        session_id: str,
+        *,
+        at_seq: int | None = None,
+        new_session_id: str = "",
+        request_id: str | None = None,
+    ) -> pb.ForkSessionResponse:
+        """Copy a session (its metadata, pinned prompt, summary and messages up to `at_seq`, or all
+        of them) into a new session of the same user. A request_id is generated when not given, so
+        a retry returns the same fork (`replayed`)."""
+        request = _common.fork_session_request(
+            session_id, at_seq=at_seq, new_session_id=new_session_id, request_id=request_id
+        )
+        return self._call(self._stub.ForkSession, request)
+
+    def get_user_usage(self, user_id: str) -> pb.GetUserUsageResponse:
+        """Messages, tokens and sessions created by the user: in total, per model, per UTC day."""
+        request = _common.get_user_usage_request(user_id)
+        return self._call(self._stub.GetUserUsage, request)
+
     def watch(
         self,
         session_id: str,
@@ -283,3 +314,29 @@ class SyncSessionClient:
             finally:
                 call.cancel()
             self._sleep(sleep)
+
+    def get_context(
+        self, session_id: str, *, max_tokens: int = 0, max_messages: int = 0
+    ) -> pb.GetContextResponse:
+        """What a prompt is built from: the pinned system prompt, the summary, then the newest
+        messages that fit `max_tokens` (0: no limit) and `max_messages` (0: no limit)."""
+        request = _common.get_context_request(session_id, max_tokens=max_tokens, max_messages=max_messages)
+        return self._call(self._stub.GetContext, request)
+
+    def compact_messages(
+        self, session_id: str, up_to_seq: int, summary: Message, *, request_id: str | None = None
+    ) -> pb.CompactMessagesResponse:
+        """Replace the messages up to `up_to_seq` (after the pinned prompt) with `summary` (a
+        system or assistant message). A request_id is generated when not given, so retries are safe."""
+        request = _common.compact_messages_request(session_id, up_to_seq, summary, request_id=request_id)
+        return self._call(self._stub.CompactMessages, request)
+
+    def clear_messages(
+        self, session_id: str, *, keep_system_prompt: bool = False, request_id: str | None = None
+    ) -> Session:
+        """Empty the history and the summary; the session, its counters and expiry stay. A
+        request_id is generated when not given, so a retry does not empty what was appended since."""
+        request = _common.clear_messages_request(
+            session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
+        )
+        return self._call(self._stub.ClearMessages, request).session
