@@ -96,8 +96,9 @@ async def test_buf_curl_through_reflection(target: str, uid: str) -> None:
     assert error["details"][0]["type"] == "google.rpc.ResourceInfo"
 
 
-def readme_recipes(*methods: str) -> dict[str, list[str]]:
-    """The README's first grpcurl command for each of `methods`, as argument lists."""
+def readme_recipes(*methods: str, containing: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """The README's first grpcurl command for each of `methods` (whose request holds the text
+    `containing[method]`, when given), as argument lists."""
     text = (Path(__file__).parent.parent / "README.md").read_text()
     found: dict[str, list[str]] = {}
     for block in re.findall(r"^```sh\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL):
@@ -106,7 +107,8 @@ def readme_recipes(*methods: str) -> dict[str, list[str]]:
         for i in starts:
             end = next(j for j in range(i, len(tokens)) if "/" in tokens[j] or j + 1 == len(tokens))
             method = tokens[end].rpartition("/")[2]
-            if method in methods and method not in found:
+            wanted = (containing or {}).get(method, "")
+            if method in methods and method not in found and wanted in " ".join(tokens[i : end + 1]):
                 found[method] = tokens[i + 1 : end + 1]
     assert set(found) == set(methods), f"README recipes missing: {set(methods) - set(found)}"
     return found
@@ -115,7 +117,9 @@ def readme_recipes(*methods: str) -> dict[str, list[str]]:
 async def test_readme_recipes_for_context_compaction_and_clearing(
     target: str, client: SessionClient, uid: str
 ) -> None:
-    recipes = readme_recipes("GetContext", "CompactMessages", "GetSession", "ClearMessages")
+    recipes = readme_recipes(
+        "GetContext", "CompactMessages", "GetSession", "ClearMessages", containing={"GetSession": "read_mask"}
+    )
     session_id = f"{uid}-trip"
     await client.create_session(uid, session_id=session_id)
     await client.append(
@@ -146,3 +150,33 @@ async def test_readme_recipes_for_context_compaction_and_clearing(
     code, out = await grpcurl(*body("ClearMessages"))
     assert code == 0, out
     assert json.loads(out)["session"]["messages_stored"] == "1"
+
+
+async def test_every_recipe_of_the_readme_grpcurl_section_works_in_order(target: str, uid: str) -> None:
+    """The README's grpcurl section, run command by command as a reader would (with ids of this
+    test's own): each succeeds, and the session it builds ends up deleted."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("## grpcurl") :]
+    block = re.search(r"```sh\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+    assert block is not None
+    # Commands span lines (inside quotes, or after a backslash): split the block's words at "grpcurl".
+    words = shlex.split(block.group(1).replace("\\\n", " "), comments=True)
+    starts = [i for i, word in enumerate(words) if word == "grpcurl"]
+    assert starts[0] == 0
+    ran = []
+    for start, end in zip(starts, [*starts[1:], len(words)], strict=True):
+        args = [
+            target if a == "localhost:50051" else a.replace("trip-42", f"{uid}-trip").replace("alice", uid)
+            for a in words[start + 1 : end]
+        ]
+        code, out = await grpcurl(*args)
+        assert code == 0, (args, out)
+        ran.append(args[-1].rpartition("/")[2])
+    assert {"CreateSession", "AppendMessages", "ListMessages", "GetSession", "UpdateSession"} <= set(ran)
+    assert ran[-2:] == ["DeleteSession", "Check"]
+    code, out = await grpcurl(
+        "-plaintext", "-d", json.dumps({"session_id": f"{uid}-trip"}), target,
+        "chatsession.v1.SessionService/GetSession",
+    )  # fmt: skip
+    assert code != 0
+    assert "NotFound" in out
