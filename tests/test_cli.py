@@ -51,10 +51,10 @@ async def test_create_append_show_ls_tail_rm_with_json(target: str, raw: GlideCl
     appended = await cli(*base, "append", session_id, "You are terse.", "--role", "system", "--tokens", "4")
     assert appended.json()["messages"][0]["seq"] == "1"  # int64 is a string in protobuf's JSON
     from_stdin = await cli(*base, "append", session_id, stdin="Hotels in Oslo?\n")
-    assert from_stdin.json()["messages"][0]["content"] == "Hotels in Oslo?\n"
+    assert from_stdin.json()["messages"][0]["content"] == "Hotels in Oslo?"  # without echo's newline
     assert [m["content"] for m in await stored_messages(raw, session_id)] == [
         "You are terse.",
-        "Hotels in Oslo?\n",
+        "Hotels in Oslo?",
     ]
 
     shown = (await cli(*base, "show", session_id)).json()

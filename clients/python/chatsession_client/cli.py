@@ -130,7 +130,9 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
 
     append = command("append", "Append one message and print its seq.")
     append.add_argument("session")
-    append.add_argument("content", nargs="?", default="-", help="the message (default or '-': stdin)")
+    append.add_argument(
+        "content", nargs="?", default="-", help="the message (default or '-': stdin, less its final newline)"
+    )
     append.add_argument("--role", default="user", choices=["system", "user", "assistant", "tool"])
     append.add_argument("--tokens", type=int, default=0)
     append.add_argument("--name", default="")
@@ -318,7 +320,8 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
         else:
             out.line(session.session_id)
     elif args.command == "append":
-        content = stdin.read() if args.content == "-" else args.content
+        # The newline `echo` or an editor leaves at the end is not part of the message.
+        content = stdin.read().removesuffix("\n") if args.content == "-" else args.content
         appended = client.append(
             args.session,
             [message(args.role, content, tokens=args.tokens, name=args.name)],
