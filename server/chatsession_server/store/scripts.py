@@ -870,6 +870,133 @@ return {ST_OK, redis.call('HGETALL', meta), prompt, recent, kept_summary}
 )
 
 
+@dataclass(frozen=True, slots=True)
+class ForkWriteArgs:
+    owners: str
+    now: str
+    ttl: int
+    request_id: str
+    user_id: str
+    """'' when probing"""
+    session_id: str
+    origin: str
+    """meta's fork_origin: "<source session_id> <at_seq>"; with request_id it tells a retry"""
+    probe: bool
+    """only answer REPLAYED if this fork exists already (else NOT_FOUND); write nothing"""
+    usage_key_head: str
+    """'' in a cluster: the caller counts the new session in a second step"""
+    model: str
+    usage_days: str
+    summary_json: str
+    """'' for none"""
+    field_count: int
+    """how many field/value pairs of the new meta HASH lead `payload`"""
+    payload: Sequence[str]
+    """field_count pairs, then the fork's stored messages, oldest first"""
+
+
+# A fork's second step, in the new session's slot: one atomic script, so a fork is either whole or
+# absent. A retry with the same request_id (and the same source and at_seq) finds the fork and
+# returns it; anything else already there is EXISTS. KEYS: index on standalone Valkey only.
+FORK_WRITE = LuaScript(
+    ("chat", "meta", "reqs", "summary", "index"),
+    ForkWriteArgs,
+    _USAGE_LUA
+    + r"""
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
+if existing[1] then
+  if request_id ~= '' and existing[2] == request_id and existing[3] == origin
+      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1]) then
+    if index then redis.call('ZADD', index, 'NX', existing[4], session_id) end
+    return {ST_REPLAYED, describe(chat, meta)}
+  end
+  if probe == '1' then return {ST_NOT_FOUND} end
+  return {ST_EXISTS, existing[1], existing[4]}
+end
+if probe == '1' then return {ST_NOT_FOUND} end
+-- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
+redis.call('DEL', chat, reqs, summary)
+local first_item = payload_from + 2 * tonumber(field_count)
+redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
+for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
+  redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
+end
+if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
+redis.call('EXPIRE', chat, ttl)
+redis.call('EXPIRE', meta, ttl)
+if index then redis.call('ZADD', index, now, session_id) end
+if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
+return {ST_CREATED, describe(chat, meta)}
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSyncArgs:
+    session_id: str
+    created_at: str
+    """the session's, as meta holds it: tells it from a namesake"""
+    message_count: int
+    token_count: int
+    usage_base: str
+    """"<message_count> <token_count>" the session started with (a fork's copies), "0 0" otherwise"""
+    recent_messages: int
+    """what the step's own call appended (counted even when the session's record was dropped)"""
+    recent_tokens: int
+    model: str
+    usage_days: str
+    horizon: str
+    """unix seconds: now - the longest TTL; a session created before it may have lost its record"""
+    now: str
+    index_score: str
+    """the session's last_active, for the owner's index (when KEYS holds it)"""
+
+
+# Cluster: an append's (or a create's, a fork's) second step, in the user's slot. It counts what
+# the session's counters say is new since the last step that reached here (usage_seen), so a
+# step repeated by a replay counts nothing, and one that failed is made up by the session's next
+# step. KEYS: the owner's index too after an append (its score raised, never lowered, as before).
+USAGE_SYNC = LuaScript(
+    ("usage", "seen", "index"),
+    UsageSyncArgs,
+    _USAGE_LUA
+    + r"""
+local mc, tc = tonumber(message_count), tonumber(token_count)
+local from_m, from_t, new
+local rec = redis.call('HGET', seen, session_id)
+if rec then
+  local c, rm, rt = string.match(rec, '^(%S+) (%d+) (%d+)')
+  if tonumber(c) == tonumber(created_at) then from_m, from_t, new = tonumber(rm), tonumber(rt), 0 end
+end
+if not from_m then
+  if tonumber(created_at) < tonumber(horizon) then
+    -- Its record was dropped (no step for the longest TTL): what came before this call was counted.
+    from_m, from_t, new = mc - tonumber(recent_messages), tc - tonumber(recent_tokens), 0
+  else
+    local bm, bt = string.match(usage_base, '^(%d+) (%d+)$')
+    from_m, from_t, new = tonumber(bm), tonumber(bt), 1
+  end
+end
+count_usage(usage, model, usage_days, math.max(mc - from_m, 0), math.max(tc - from_t, 0), new)
+redis.call('HSET', seen, session_id, created_at .. ' ' .. string.format('%d', math.max(mc, from_m)) .. ' '
+  .. string.format('%d', math.max(tc, from_t)) .. ' ' .. now)
+local today = string.match(usage_days, '^(%S+)')
+if redis.call('HGET', seen, SEEN_PRUNED_FIELD) ~= today then
+  local all = redis.call('HGETALL', seen)
+  for i = 1, #all, 2 do
+    local synced = string.match(all[i + 1], ' (%S+)$')
+    if all[i] ~= SEEN_PRUNED_FIELD and tonumber(synced) < tonumber(horizon) then
+      redis.call('HDEL', seen, all[i])
+    end
+  end
+  redis.call('HSET', seen, SEEN_PRUNED_FIELD, today)
+end
+if index then redis.call('ZADD', index, 'GT', index_score, session_id) end
+return new
+""",
+)
+
+
 # --- Context, compaction and clearing (issue 15) ------------------------------------------------
 
 
@@ -933,67 +1060,6 @@ local truncated = (#recent < len - pinned) and 1 or 0
 return {ST_OK, head, tokens, truncated}
 """,
     read_only=True,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ForkWriteArgs:
-    owners: str
-    now: str
-    ttl: int
-    request_id: str
-    user_id: str
-    """'' when probing"""
-    session_id: str
-    origin: str
-    """meta's fork_origin: "<source session_id> <at_seq>"; with request_id it tells a retry"""
-    probe: bool
-    """only answer REPLAYED if this fork exists already (else NOT_FOUND); write nothing"""
-    usage_key_head: str
-    """'' in a cluster: the caller counts the new session in a second step"""
-    model: str
-    usage_days: str
-    summary_json: str
-    """'' for none"""
-    field_count: int
-    """how many field/value pairs of the new meta HASH lead `payload`"""
-    payload: Sequence[str]
-    """field_count pairs, then the fork's stored messages, oldest first"""
-
-
-# A fork's second step, in the new session's slot: one atomic script, so a fork is either whole or
-# absent. A retry with the same request_id (and the same source and at_seq) finds the fork and
-# returns it; anything else already there is EXISTS. KEYS: index on standalone Valkey only.
-FORK_WRITE = LuaScript(
-    ("chat", "meta", "reqs", "summary", "index"),
-    ForkWriteArgs,
-    _USAGE_LUA
-    + r"""
-local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
-if existing[1] then
-  if request_id ~= '' and existing[2] == request_id and existing[3] == origin
-      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1]) then
-    if index then redis.call('ZADD', index, 'NX', existing[4], session_id) end
-    return {ST_REPLAYED, describe(chat, meta)}
-  end
-  if probe == '1' then return {ST_NOT_FOUND} end
-  return {ST_EXISTS, existing[1], existing[4]}
-end
-if probe == '1' then return {ST_NOT_FOUND} end
--- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
-redis.call('DEL', chat, reqs, summary)
-local first_item = payload_from + 2 * tonumber(field_count)
-redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
-for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
-  redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
-end
-if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
-redis.call('EXPIRE', chat, ttl)
-redis.call('EXPIRE', meta, ttl)
-if index then redis.call('ZADD', index, now, session_id) end
-if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
-return {ST_CREATED, describe(chat, meta)}
-""",
 )
 
 
@@ -1065,72 +1131,6 @@ local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
 redis.call(publish_command, channel, 'C' .. string.format('%d', pinned + 1) .. ' '
            .. string.format('%d', up_to) .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, item, describe(chat, meta)}
-""",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageSyncArgs:
-    session_id: str
-    created_at: str
-    """the session's, as meta holds it: tells it from a namesake"""
-    message_count: int
-    token_count: int
-    usage_base: str
-    """"<message_count> <token_count>" the session started with (a fork's copies), "0 0" otherwise"""
-    recent_messages: int
-    """what the step's own call appended (counted even when the session's record was dropped)"""
-    recent_tokens: int
-    model: str
-    usage_days: str
-    horizon: str
-    """unix seconds: now - the longest TTL; a session created before it may have lost its record"""
-    now: str
-    index_score: str
-    """the session's last_active, for the owner's index (when KEYS holds it)"""
-
-
-# Cluster: an append's (or a create's, a fork's) second step, in the user's slot. It counts what
-# the session's counters say is new since the last step that reached here (usage_seen), so a
-# step repeated by a replay counts nothing, and one that failed is made up by the session's next
-# step. KEYS: the owner's index too after an append (its score raised, never lowered, as before).
-USAGE_SYNC = LuaScript(
-    ("usage", "seen", "index"),
-    UsageSyncArgs,
-    _USAGE_LUA
-    + r"""
-local mc, tc = tonumber(message_count), tonumber(token_count)
-local from_m, from_t, new
-local rec = redis.call('HGET', seen, session_id)
-if rec then
-  local c, rm, rt = string.match(rec, '^(%S+) (%d+) (%d+)')
-  if tonumber(c) == tonumber(created_at) then from_m, from_t, new = tonumber(rm), tonumber(rt), 0 end
-end
-if not from_m then
-  if tonumber(created_at) < tonumber(horizon) then
-    -- Its record was dropped (no step for the longest TTL): what came before this call was counted.
-    from_m, from_t, new = mc - tonumber(recent_messages), tc - tonumber(recent_tokens), 0
-  else
-    local bm, bt = string.match(usage_base, '^(%d+) (%d+)$')
-    from_m, from_t, new = tonumber(bm), tonumber(bt), 1
-  end
-end
-count_usage(usage, model, usage_days, math.max(mc - from_m, 0), math.max(tc - from_t, 0), new)
-redis.call('HSET', seen, session_id, created_at .. ' ' .. string.format('%d', math.max(mc, from_m)) .. ' '
-  .. string.format('%d', math.max(tc, from_t)) .. ' ' .. now)
-local today = string.match(usage_days, '^(%S+)')
-if redis.call('HGET', seen, SEEN_PRUNED_FIELD) ~= today then
-  local all = redis.call('HGETALL', seen)
-  for i = 1, #all, 2 do
-    local synced = string.match(all[i + 1], ' (%S+)$')
-    if all[i] ~= SEEN_PRUNED_FIELD and tonumber(synced) < tonumber(horizon) then
-      redis.call('HDEL', seen, all[i])
-    end
-  end
-  redis.call('HSET', seen, SEEN_PRUNED_FIELD, today)
-end
-if index then redis.call('ZADD', index, 'GT', index_score, session_id) end
-return new
 """,
 )
 

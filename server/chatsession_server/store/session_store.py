@@ -407,11 +407,7 @@ class SessionStore:
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
         if status is Status.REQUEST_ID_REUSED:
-            raise PreconditionFailed(
-                "REQUEST_ID_REUSED",
-                "request_id",
-                f"request_id {request_id!r} was already used for different messages in this session",
-            )
+            raise _request_id_reused(request_id)
         if status is Status.TOO_LARGE:
             raise QuotaExceeded(
                 "max_session_bytes",
@@ -670,11 +666,7 @@ class SessionStore:
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
         if status is Status.REQUEST_ID_REUSED:
-            raise PreconditionFailed(
-                "REQUEST_ID_REUSED",
-                "request_id",
-                f"request_id {compaction.request_id!r} was already used for another request in this session",
-            )
+            raise _request_id_reused(compaction.request_id)
         if status is Status.UP_TO_SEQ_AHEAD:
             raise PreconditionFailed(
                 "UP_TO_SEQ_AHEAD",
@@ -738,11 +730,7 @@ class SessionStore:
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
         if status is Status.REQUEST_ID_REUSED:
-            raise PreconditionFailed(
-                "REQUEST_ID_REUSED",
-                "request_id",
-                f"request_id {request_id!r} was already used for another request in this session",
-            )
+            raise _request_id_reused(request_id)
         await self._conn.replicated(self._keys.meta(session_id))
         return _session_from(session_id, reply[1])
 
@@ -860,6 +848,16 @@ _META_OF_FIELD = {
     "ttl_seconds": codec.MetaField.TTL_SECONDS.value,
     "max_messages": codec.MetaField.MAX_MESSAGES.value,
 }
+
+
+def _request_id_reused(request_id: str) -> PreconditionFailed:
+    """An append, compaction or clear whose request_id this session recorded for another request
+    (request_ids of the three share one record per session)."""
+    return PreconditionFailed(
+        "REQUEST_ID_REUSED",
+        "request_id",
+        f"request_id {request_id!r} was already used for another request in this session",
+    )
 
 
 def _listed_bytes(session: Session) -> int:
