@@ -11,6 +11,7 @@ from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_server.api import validation
 from chatsession_server.api.convert import (
+    add_messages,
     masked_session,
     message_to_proto,
     session_to_proto,
@@ -89,24 +90,23 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         result = await self._store.append(
             session_id, messages, request_id=request_id, expected_last_seq=expected
         )
-        return pb.AppendMessagesResponse(
-            messages=[message_to_proto(m) for m in result.messages],
-            session=session_to_proto(result.session),
-            replayed=result.replayed,
-        )
+        reply = pb.AppendMessagesResponse(session=session_to_proto(result.session), replayed=result.replayed)
+        add_messages(reply.messages, result.messages)
+        return reply
 
     async def ListMessages(
         self, request: pb.ListMessagesRequest, context: Context
     ) -> pb.ListMessagesResponse:
         session_id, query = validation.list_messages(request)
         page = await self._store.list_messages(session_id, query)
-        return pb.ListMessagesResponse(
-            messages=[message_to_proto(m) for m in page.messages],
+        reply = pb.ListMessagesResponse(
             has_more=page.has_more,
             last_seq=page.last_seq,
             window_start_seq=page.window_start_seq,
             history_trimmed=page.history_trimmed,
         )
+        add_messages(reply.messages, page.messages)
+        return reply
 
     async def WatchMessages(
         self, request: pb.WatchMessagesRequest, context: Context
@@ -130,11 +130,9 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def GetContext(self, request: pb.GetContextRequest, context: Context) -> pb.GetContextResponse:
         session_id, query = validation.get_context(request)
         found = await self._store.get_context(session_id, query)
-        return pb.GetContextResponse(
-            messages=[message_to_proto(m) for m in found.messages],
-            tokens=found.tokens,
-            truncated=found.truncated,
-        )
+        reply = pb.GetContextResponse(tokens=found.tokens, truncated=found.truncated)
+        add_messages(reply.messages, found.messages)
+        return reply
 
     async def CompactMessages(
         self, request: pb.CompactMessagesRequest, context: Context

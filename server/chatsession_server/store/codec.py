@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from chatsession_server.domain import (
+    ROLE_OF,
     NewMessage,
     Role,
     Session,
@@ -127,12 +128,17 @@ def decode_messages(raws: Sequence[bytes]) -> tuple[StoredMessage, ...]:
     return tuple(map(message_from_obj, json.loads(b"[" + b",".join(raws) + b"]")))
 
 
+def _role(value: Any) -> Role:
+    role = ROLE_OF.get(value) if isinstance(value, str) else None
+    return role if role is not None else Role(value)  # an unknown role: Role's ValueError
+
+
 def message_from_obj(obj: dict[str, Any]) -> StoredMessage:
     calls = obj.get("tool_calls")
     metadata = obj.get("metadata")
     return StoredMessage(
         int(obj["seq"]),
-        Role(obj["role"]),
+        _role(obj["role"]),
         str(obj.get("content") or ""),
         int(obj.get("tokens") or 0),
         float(obj.get("created_at") or 0.0),
