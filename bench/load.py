@@ -2,6 +2,7 @@
 
     python bench/load.py append --port P --in-flight 64 --seconds 3 --cpu-pid PID
     python bench/load.py echo --port P ...            # the bare grpc.aio echo (bare_stream_server.py)
+    python bench/load.py echo-script --port P ...     # the echo after one GLIDE script call
     python bench/load.py cookbook --valkey-url URL    # the cookbook append: 4 sequential GLIDE awaits
     python bench/load.py list-sessions --port P / scan-listing --valkey-url URL / populate ...
 
@@ -37,6 +38,7 @@ CHANNELS = 8
 CONTENT = "x" * 200
 MESSAGE = session_pb2.Message(role=session_pb2.ROLE_USER, content=CONTENT, tokens=50)
 ECHO_METHOD = "/chatsession.bench.Echo/Echo"
+ECHO_SCRIPT_METHOD = "/chatsession.bench.Echo/EchoScript"  # the echo after one EVALSHA
 OTHER_USERS = 1000  # populated sessions belong to this many users other than the lister
 
 
@@ -109,8 +111,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     chans = channels(args.port)
     stubs = [session_service_pb2_grpc.SessionServiceStub(c) for c in chans]
     try:
-        if kind == "echo":
-            echoes: list[Any] = [c.unary_unary(ECHO_METHOD) for c in chans]  # bytes in, the same bytes back
+        if kind in ("echo", "echo-script"):
+            method = ECHO_METHOD if kind == "echo" else ECHO_SCRIPT_METHOD
+            echoes: list[Any] = [c.unary_unary(method) for c in chans]  # bytes in, the same bytes back
             payload = session_service_pb2.AppendMessagesRequest(
                 session_id="s", messages=[MESSAGE], request_id=uuid.uuid4().hex
             ).SerializeToString()

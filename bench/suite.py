@@ -139,6 +139,8 @@ def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: 
         ("append_10", "append", {"port": cs_port, "cpu_pid": cs_pid, "messages": 10}),
         ("append_64", "append", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
         ("echo_64", "echo", {"port": bare_port, "cpu_pid": bare_pid, "in_flight": 64}),
+        ("script_1", "echo-script", {"port": bare_port, "cpu_pid": bare_pid}),
+        ("script_64", "echo-script", {"port": bare_port, "cpu_pid": bare_pid, "in_flight": 64}),
         ("list_64", "list", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
         ("get_64", "get", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
     ]
@@ -156,6 +158,7 @@ def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: 
                    higher_is_better=key == "rps", round_ratios=ratios)  # fmt: skip
 
     echo, cpu = "bare grpc.aio echo", "cpu_us_per_call"
+    floor = "the echo after one GLIDE script call"
     return [
         row("AppendMessages 1 message, 1 in flight, p50", "µs", "append_1", "cookbook_1", "p50_us",
             "cookbook: 4 sequential GLIDE awaits", "<= 1.2"),
@@ -170,6 +173,11 @@ def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: 
         row("server CPU per AppendMessages", "µs", "append_64", "echo_64", cpu, echo, "<= 2"),
         row("server CPU per ListMessages(20)", "µs", "list_64", "echo_64", cpu, echo, "<= 2"),
         row("server CPU per GetSession", "µs", "get_64", "echo_64", cpu, echo, "<= 2"),
+        # The floor: a call that reaches Valkey once through GLIDE, with no work of chatsession's.
+        row("echo + one GLIDE script call, 1 in flight, p50", "µs", "script_1", "cookbook_1", "p50_us",
+            "cookbook: 4 sequential GLIDE awaits", ""),
+        row("server CPU per echo + one GLIDE script call", "µs", "script_64", "echo_64", cpu, echo, ""),
+        row("server CPU per AppendMessages (vs the floor)", "µs", "append_64", "script_64", cpu, floor, ""),
     ]  # fmt: skip
 
 
@@ -287,7 +295,7 @@ def main() -> None:
         server = ["-m", "chatsession_server", "--listen", "127.0.0.1:0", "--valkey-url", valkey.url]
         with (
             server_process(server) as cs,
-            server_process([str(BENCH / "bare_stream_server.py")]) as bare,
+            server_process([str(BENCH / "bare_stream_server.py"), "--valkey-url", valkey.url]) as bare,
         ):
             rows += unary_rounds(args, valkey.url, cs, bare)
             command("127.0.0.1", valkey.port, "FLUSHALL")
@@ -311,7 +319,7 @@ def main() -> None:
         out.write("\n")
     print(f"wrote {args.output} ({time.time() - started:.0f} s)", file=sys.stderr)
     if args.smoke:
-        check(results, expected=10 + len(args.listing) + 1 + 2 + 2)
+        check(results, expected=13 + len(args.listing) + 1 + 2 + 2)
 
 
 def check(results: dict[str, Any], expected: int) -> None:
