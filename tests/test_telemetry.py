@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import signal
 import socket
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -250,11 +252,25 @@ async def test_metrics_address_in_use_is_one_line() -> None:
 
 
 @pytest.mark.standalone_only
+def _two_free_ports() -> int:
+    """A port P with P+1 free too, below the ephemeral range: a port the kernel hands out for
+    outgoing connections (as bind(0) does) may be taken by one before a worker binds P+1."""
+    low, _ = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(100):
+        base = random.randrange(max(1024, low - 12_000), low - 2)
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("127.0.0.1", base))
+                second.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no two consecutive free ports")
+
+
 async def test_each_worker_serves_its_own_metrics() -> None:
     """Workers share the gRPC port but not the metrics one: worker N serves at PORT+N-1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
+    base = _two_free_ports()
     server = await ServerProcess.start(
         "--listen", "127.0.0.1:0", "--workers", "2", "--metrics-listen", f"127.0.0.1:{base}"
     )
