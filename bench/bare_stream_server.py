@@ -79,6 +79,8 @@ async def main(valkey_url: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--valkey-url", default="", help="serve EchoScript too, against this Valkey")
     uvloop.run(main(parser.parse_args().valkey_url))
