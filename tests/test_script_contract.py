@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -72,3 +73,32 @@ def test_arguments_are_encoded_in_field_order() -> None:
     assert "local changes_from = 7" in scripts.UPDATE.source
     with pytest.raises(ValueError, match="at most 3 keys"):
         scripts.LIST_MESSAGES.keys("a", "b", "c", "d")
+
+
+@given(
+    role=st.sampled_from(Role),
+    content=st.text(),
+    tokens=st.integers(0, 10**9),
+    created_at=st.floats(0, 4e9, allow_nan=False) | st.integers(0, 4 * 10**9).map(float),
+    extras=st.booleans(),
+)
+def test_a_body_is_what_json_dumps_writes(
+    role: Role, content: str, tokens: int, created_at: float, extras: bool
+) -> None:
+    # encode_body writes the common message (role, content, tokens) directly: byte for byte what
+    # json.dumps gives, escapes, non-ASCII text and float forms included.
+    message = NewMessage(
+        role=role,
+        content=content,
+        tokens=tokens,
+        name="n" if extras else "",
+        metadata={"k": content} if extras else {},
+    )
+    expected: dict[str, object] = {"role": role.value, "content": content, "tokens": tokens}
+    expected["created_at"] = round(created_at, 6)
+    if extras:
+        expected["name"], expected["metadata"] = "n", {"k": content}
+    assert (
+        codec.encode_body(message, created_at)
+        == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))[1:]
+    )

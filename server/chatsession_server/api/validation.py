@@ -231,40 +231,48 @@ def list_sessions(request: session_service_pb2.ListSessionsRequest) -> tuple[str
 
 
 def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) -> NewMessage | None:
+    # Each field is read once: every read of a protobuf field builds a new Python object.
+    content, tokens, name, metadata = m.content, m.tokens, m.name, m.metadata
+    tool_calls, tool_call_id = m.tool_calls, m.tool_call_id
     role = _ROLES.get(m.role)
     if role is None:
         v.add(f"{field}.role", "must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
-    size = len(m.content.encode())
+    size = len(content.encode())
     if size > limits.max_content_bytes:
         v.add(f"{field}.content", f"is {size} bytes; the limit is {limits.max_content_bytes}")
-    if not m.content and not (role is Role.ASSISTANT and m.tool_calls):
+    if not content and not (role is Role.ASSISTANT and tool_calls):
         v.add(f"{field}.content", "must not be empty (except on an assistant message with tool_calls)")
-    if m.tokens < 0:
+    if tokens < 0:
         v.add(f"{field}.tokens", "must not be negative")
-    elif m.tokens > L.MAX_TOKENS_PER_MESSAGE:
+    elif tokens > L.MAX_TOKENS_PER_MESSAGE:
         v.add(f"{field}.tokens", f"must be at most {L.MAX_TOKENS_PER_MESSAGE}")
-    v.text(f"{field}.name", m.name, L.MAX_NAME_LENGTH)
-    v.string_map(
-        f"{field}.metadata",
-        m.metadata,
-        L.MAX_METADATA_ENTRIES,
-        L.MAX_METADATA_KEY_LENGTH,
-        L.MAX_METADATA_VALUE_LENGTH,
-    )
-    if m.tool_calls and role is not Role.ASSISTANT:
-        v.add(f"{field}.tool_calls", "only assistant messages carry tool_calls")
-    too_many_calls = len(m.tool_calls) > L.MAX_TOOL_CALLS
-    if too_many_calls:
-        v.add(f"{field}.tool_calls", f"must have at most {L.MAX_TOOL_CALLS} entries")
-    for j, call in enumerate(() if too_many_calls else m.tool_calls):  # too many: not one by one
-        v.text(f"{field}.tool_calls[{j}].id", call.id, L.MAX_NAME_LENGTH)
-        if not call.name or len(call.name) > L.MAX_NAME_LENGTH:
-            v.add(f"{field}.tool_calls[{j}].name", f"must be 1-{L.MAX_NAME_LENGTH} characters")
-        if len(call.arguments.encode()) > limits.max_content_bytes:
-            v.add(f"{field}.tool_calls[{j}].arguments", f"must be at most {limits.max_content_bytes} bytes")
-    if m.tool_call_id and role is not Role.TOOL:
-        v.add(f"{field}.tool_call_id", "only tool messages carry tool_call_id")
-    v.text(f"{field}.tool_call_id", m.tool_call_id, L.MAX_NAME_LENGTH)
+    if name:
+        v.text(f"{field}.name", name, L.MAX_NAME_LENGTH)
+    if metadata:
+        v.string_map(
+            f"{field}.metadata",
+            metadata,
+            L.MAX_METADATA_ENTRIES,
+            L.MAX_METADATA_KEY_LENGTH,
+            L.MAX_METADATA_VALUE_LENGTH,
+        )
+    if tool_calls:
+        if role is not Role.ASSISTANT:
+            v.add(f"{field}.tool_calls", "only assistant messages carry tool_calls")
+        too_many_calls = len(tool_calls) > L.MAX_TOOL_CALLS
+        if too_many_calls:
+            v.add(f"{field}.tool_calls", f"must have at most {L.MAX_TOOL_CALLS} entries")
+        for j, call in enumerate(() if too_many_calls else tool_calls):  # too many: not one by one
+            v.text(f"{field}.tool_calls[{j}].id", call.id, L.MAX_NAME_LENGTH)
+            if not call.name or len(call.name) > L.MAX_NAME_LENGTH:
+                v.add(f"{field}.tool_calls[{j}].name", f"must be 1-{L.MAX_NAME_LENGTH} characters")
+            if len(call.arguments.encode()) > limits.max_content_bytes:
+                limit = limits.max_content_bytes
+                v.add(f"{field}.tool_calls[{j}].arguments", f"must be at most {limit} bytes")
+    if tool_call_id:
+        if role is not Role.TOOL:
+            v.add(f"{field}.tool_call_id", "only tool messages carry tool_call_id")
+        v.text(f"{field}.tool_call_id", tool_call_id, L.MAX_NAME_LENGTH)
     size = m.ByteSize()
     if size > limits.max_message_bytes:
         v.add(field, f"is {size} bytes encoded; the limit is {limits.max_message_bytes}")
@@ -272,12 +280,12 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
         return None
     return NewMessage(
         role=role,
-        content=m.content,
-        tokens=m.tokens,
-        name=m.name,
-        metadata=dict(m.metadata),
-        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
-        tool_call_id=m.tool_call_id,
+        content=content,
+        tokens=tokens,
+        name=name,
+        metadata=dict(metadata) if metadata else {},
+        tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in tool_calls) if tool_calls else (),
+        tool_call_id=tool_call_id,
     )
 
 

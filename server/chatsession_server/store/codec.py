@@ -6,7 +6,7 @@ import datetime
 import enum
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from chatsession_server.domain import (
@@ -76,6 +76,13 @@ def encode_body(message: NewMessage, created_at: float) -> str:
 
     `role` comes first so the scripts can tell system and tool messages from the prefix alone.
     """
+    if not (message.name or message.metadata or message.tool_calls or message.tool_call_id):
+        # Most messages are just these four fields: written directly, byte for byte what the
+        # json.dumps below gives (tests/test_script_contract.py), in less than half the time.
+        return (
+            f'"role":"{message.role.value}","content":{_json_string(message.content)},'
+            f'"tokens":{message.tokens},"created_at":{round(created_at, 6)!r}}}'
+        )
     obj: dict[str, Any] = {"role": message.role.value, "content": message.content, "tokens": message.tokens}
     obj["created_at"] = round(created_at, 6)
     if message.name:
@@ -89,8 +96,12 @@ def encode_body(message: NewMessage, created_at: float) -> str:
         ]
     if message.tool_call_id:
         obj["tool_call_id"] = message.tool_call_id
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return text[1:]
+    return _BODY_ENCODER.encode(obj)[1:]
+
+
+_BODY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_json_string: Callable[[str], str] = json.encoder.encode_basestring
+"""A JSON string literal as json.dumps(ensure_ascii=False) writes it (the C function)."""
 
 
 def stored_json(seq: int, body: str) -> str:
