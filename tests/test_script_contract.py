@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -102,3 +103,30 @@ def test_a_body_is_what_json_dumps_writes(
         codec.encode_body(message, created_at)
         == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))[1:]
     )
+
+
+@given(
+    messages=st.lists(
+        st.builds(
+            NewMessage,
+            role=st.sampled_from(Role),
+            content=st.text(),
+            tokens=st.integers(0, 10**9),
+            name=st.sampled_from(["", "bob"]),
+            metadata=st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2),
+            tool_calls=st.lists(st.builds(ToolCall, st.text(), st.text(), st.text()), max_size=2).map(tuple),
+            tool_call_id=st.sampled_from(["", "call-1"]),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_a_fingerprint_is_the_sha256_of_the_same_json_as_ever(messages: list[NewMessage]) -> None:
+    # Stored request records outlive an upgrade: a retry after it must still match.
+    canonical = [
+        [m.role.value, m.content, m.tokens, m.name, sorted(m.metadata.items()),
+         [[c.id, c.name, c.arguments] for c in m.tool_calls], m.tool_call_id]
+        for m in messages
+    ]  # fmt: skip
+    raw = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
+    assert codec.fingerprint(messages) == hashlib.sha256(raw).hexdigest()

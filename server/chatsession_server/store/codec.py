@@ -111,7 +111,17 @@ def stored_json(seq: int, body: str) -> str:
 
 def fingerprint(messages: Sequence[NewMessage]) -> str:
     """Identifies a request's content (not its timing) so a reused request_id can be told apart."""
-    canonical = [
+    raw = "[" + ",".join(map(_canonical, messages)) + "]"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _canonical(m: NewMessage) -> str:
+    """One message's part of the fingerprint: its JSON list [role, content, tokens, name,
+    metadata pairs sorted, tool calls, tool_call_id]. Request records outlive a server upgrade:
+    these bytes never change (tests/test_script_contract.py holds them to json.dumps)."""
+    if not (m.name or m.metadata or m.tool_calls or m.tool_call_id):
+        return f'["{m.role.value}",{_json_string(m.content)},{m.tokens},"",[],[],""]'
+    return _BODY_ENCODER.encode(
         [
             m.role.value,
             m.content,
@@ -121,10 +131,7 @@ def fingerprint(messages: Sequence[NewMessage]) -> str:
             [[c.id, c.name, c.arguments] for c in m.tool_calls],
             m.tool_call_id,
         ]
-        for m in messages
-    ]
-    raw = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
-    return hashlib.sha256(raw).hexdigest()
+    )
 
 
 def decode_message(raw: bytes | str) -> StoredMessage:
