@@ -18,7 +18,8 @@ published while Valkey was unreachable may not be made; the messages never miss.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from chatsession_server.domain import (
     Appended,
@@ -37,6 +38,8 @@ from chatsession_server.ports import MessageFeed, SessionStorage
 
 READ_PAGE = 200
 
+T = TypeVar("T")
+
 
 async def watch_session(
     storage: SessionStorage,
@@ -45,11 +48,16 @@ async def watch_session(
     after_seq: int | None,
     *,
     heartbeat_seconds: float,
-) -> AsyncIterator[WatchEvent]:
+    present: Callable[[WatchEvent], T],
+) -> AsyncIterator[T]:
+    """The session's events, each as `present` makes it (the servicer's protobuf: so no second
+    generator per watch sits between this one and the stream)."""
     subscription = await feed.join(session_id)
     try:
         session = await storage.get(session_id)
-        last_seq = session.message_count
+        # Only these two: the whole session (its title, labels...) is not held by each idle watch.
+        owner, last_seq = session.user_id, session.message_count
+        del session
         if after_seq is not None and after_seq > last_seq:
             raise PreconditionFailed(
                 "AFTER_SEQ_AHEAD",
@@ -61,7 +69,7 @@ async def watch_session(
         resumed = after_seq is not None and after_seq > 0
         must_read = cursor < last_seq or resumed
         first_read = True
-        yield Heartbeat(cursor)  # live from here: the resume point
+        yield present(Heartbeat(cursor))  # live from here: the resume point
         # The newest rewrite (see the module docstring) of each kind announced, or read past: a
         # publish numbered at or below it is not announced (again).
         compaction_seen = clear_seen = 0
@@ -75,31 +83,31 @@ async def watch_session(
                     first_read = False
                     clear_seen = page.rewrites  # this read shows every clear so far
                     if resumed and cursor <= page.cleared_at_seq:
-                        yield Cleared(page.cleared_at_seq)
+                        yield present(Cleared(page.cleared_at_seq))
                         cleared_to = page.cleared_at_seq
                 for message in page.messages:
                     if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                         cursor = max(cursor, cleared_to)
                     if message.summarizes is not None:
                         compaction_seen = max(compaction_seen, page.rewrites)
-                        yield Compacted(*message.summarizes)
+                        yield present(Compacted(*message.summarizes))
                         cursor = message.seq
                         continue
                     if message.seq > cursor + 1:
-                        yield Trimmed(cursor + 1, message.seq - 1)
-                    yield message
+                        yield present(Trimmed(cursor + 1, message.seq - 1))
+                    yield present(message)
                     cursor = message.seq
                 cursor = max(cursor, cleared_to)
                 if not page.has_more:
                     if page.last_seq > cursor:  # everything after the cursor is gone
-                        yield Trimmed(cursor + 1, page.last_seq)
+                        yield present(Trimmed(cursor + 1, page.last_seq))
                         cursor = page.last_seq
                     must_read = False
             event = await subscription.next(heartbeat_seconds)
             if event is None:
-                yield Heartbeat(cursor)
+                yield present(Heartbeat(cursor))
             elif isinstance(event, Appended):
-                if event.owner is not None and event.owner != session.user_id:
+                if event.owner is not None and event.owner != owner:
                     # The session expired and another user's took its id: this watch is over.
                     raise SessionNotFound(session_id)
                 if event.last_seq <= cursor:
@@ -109,20 +117,20 @@ async def watch_session(
                     continue
                 for message in event.messages:
                     if message.seq > cursor:
-                        yield message
+                        yield present(message)
                         cursor = message.seq
             elif isinstance(event, Compacted | Cleared):
-                if event.owner is not None and event.owner != session.user_id:
+                if event.owner is not None and event.owner != owner:
                     raise SessionNotFound(session_id)
                 seen = clear_seen if isinstance(event, Cleared) else compaction_seen
                 if event.rewrite is not None and event.rewrite <= seen:
                     continue  # announced, or older than what a read showed
                 if isinstance(event, Cleared):
                     clear_seen = event.rewrite or clear_seen
-                    yield Cleared(event.last_seq)
+                    yield present(Cleared(event.last_seq))
                 else:
                     compaction_seen = event.rewrite or compaction_seen
-                    yield Compacted(event.first_seq, event.last_seq)
+                    yield present(Compacted(event.first_seq, event.last_seq))
                 cursor = max(cursor, event.last_seq)
             elif isinstance(event, Behind):
                 must_read = event.last_seq == 0 or event.last_seq > cursor
