@@ -1,0 +1,65 @@
+"""What an idle watch holds on the server (issue 16: an idle watcher may cost at most 1.1x the
+memory of a bare grpc.aio stream). Counted by kind, never timed: no task or timer of its own, one
+frame per layer of the stream (the watch's generator and the interceptors around it), and not the
+last reply it sent (a protobuf message costs its own arena, about 0.5 KiB)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from collections import Counter
+from types import AsyncGeneratorType, CoroutineType
+
+import pytest
+
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession_client import SessionClient
+from chatsession_server.api.observer import ACCESS_LOGGER
+from chatsession_server.settings import Settings
+from tests.helpers import serving
+from tests.test_quotas import connections, watch
+
+WATCHES = 40
+# The watch's generator, the quota's, the error mapping's writer and the call observer's.
+FRAMES_PER_WATCH = 4
+
+
+def server_objects() -> Counter[str]:
+    """Live coroutines and async generators of the server's code, by name, and WatchMessages replies."""
+    gc.collect()
+    held: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        if isinstance(obj, CoroutineType | AsyncGeneratorType):
+            code = obj.cr_code if isinstance(obj, CoroutineType) else obj.ag_code
+            if "chatsession_server" in code.co_filename:
+                held[code.co_qualname] += 1
+        elif isinstance(obj, pb.WatchMessagesResponse):
+            held["WatchMessagesResponse"] += 1
+    return held
+
+
+def server_tasks() -> int:
+    """Tasks running the server's code (gRPC's own task per call runs gRPC's)."""
+    coroutines = [t.get_coro() for t in asyncio.all_tasks()]
+    ours = [c for c in coroutines if isinstance(c, CoroutineType)]
+    return sum("chatsession_server" in c.cr_code.co_filename for c in ours)
+
+
+async def test_an_idle_watch_holds_its_stream_frames_and_nothing_more(
+    settings: Settings, valkey_url: str, uid: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)  # the call observer is installed, as in production
+    async with serving(settings, valkey_url) as running:
+        target = f"127.0.0.1:{running.port}"
+        async with SessionClient(target) as client, connections(target, 2) as stubs:
+            ids = [(await client.create_session(uid)).session_id for _ in range(4)]
+            before, tasks_before = server_objects(), server_tasks()
+            calls = [await watch(stubs[i % 2], ids[i % 4]) for i in range(WATCHES)]
+            held = server_objects() - before
+            assert server_tasks() == tasks_before
+            assert held["WatchMessagesResponse"] == 0, held
+            # Give or take one of the feed's (a channel sync round's coroutine, still referenced).
+            assert sum(held.values()) <= FRAMES_PER_WATCH * WATCHES + 1, held
+            for call in calls:
+                call.cancel()
