@@ -14,8 +14,9 @@ from types import AsyncGeneratorType, CoroutineType
 import pytest
 
 from chatsession.v1 import session_service_pb2 as pb
-from chatsession_client import SessionClient
+from chatsession_client import SessionClient, user
 from chatsession_server.api.observer import ACCESS_LOGGER
+from chatsession_server.domain import Appended
 from chatsession_server.settings import Settings
 from tests.helpers import serving
 from tests.test_quotas import connections, watch
@@ -63,3 +64,26 @@ async def test_an_idle_watch_holds_its_stream_frames_and_nothing_more(
             assert sum(held.values()) <= FRAMES_PER_WATCH * WATCHES + 1, held
             for call in calls:
                 call.cancel()
+
+
+async def test_watchers_leave_in_any_order_and_the_rest_still_hear_the_session(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    # The feed keeps a session's watchers in a list, each knowing its place (a set costs more).
+    async with serving(settings, valkey_url) as running:
+        feed = running.feed
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            session_id = (await client.create_session(uid)).session_id
+            first, middle, last = [await feed.join(session_id) for _ in range(3)]
+            await feed.leave(middle)
+            await feed.leave(middle)  # twice: the second is a no-op, not another watcher's place
+            assert feed.watcher_count == 2
+            await client.append(session_id, [user("hi")])
+            for subscription in (first, last):
+                assert isinstance(await subscription.next(10), Appended)
+            assert middle.place == -1
+            await feed.leave(first)
+            await client.append(session_id, [user("again")])
+            assert isinstance(await last.next(10), Appended)
+            await feed.leave(last)
+            assert (feed.watcher_count, feed.subscriptions) == (0, 0)

@@ -18,6 +18,7 @@ published while Valkey was unreachable may not be made; the messages never miss.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -53,10 +54,12 @@ async def watch_session(
     """The session's events, each as `present` makes it (the servicer's protobuf: so no second
     generator per watch sits between this one and the stream)."""
     subscription = await feed.join(session_id)
+    session_id = subscription.session_id  # the feed's copy, one for all the session's watchers
     try:
         session = await storage.get(session_id)
-        # Only these two: the whole session (its title, labels...) is not held by each idle watch.
-        owner, last_seq = session.user_id, session.message_count
+        # Only these two: the whole session (its title, labels...) is not held by each idle watch,
+        # and the owner's name once for all its watches.
+        owner, last_seq = sys.intern(session.user_id), session.message_count
         del session
         if after_seq is not None and after_seq > last_seq:
             raise PreconditionFailed(

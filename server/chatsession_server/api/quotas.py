@@ -8,6 +8,7 @@ servicer's storage with a limit on each user's live sessions, checked at create.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
@@ -85,7 +86,8 @@ class WatchQuota(WrappingInterceptor):
         produce: Any = handler.unary_stream
 
         async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            peer = context.peer()
+            # One string per connection, not per stream: context.peer() makes a new one each time.
+            peer = sys.intern(context.peer())
             self._admit(peer)  # raises before the watch below has joined the feed
             try:
                 items = produce(request, context)

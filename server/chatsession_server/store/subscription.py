@@ -16,10 +16,11 @@ class Subscription:
     only the future it awaits, and a deadline that the feed's sweep checks (asyncio.Event plus
     wait_for cost about 3 KiB more per watcher, and a timer per wait on every delivery)."""
 
-    __slots__ = ("_deadline", "_events", "_limit", "_waiter", "session_id")
+    __slots__ = ("_deadline", "_events", "_limit", "_waiter", "place", "session_id")
 
     def __init__(self, session_id: str, limit: int) -> None:
         self.session_id = session_id
+        self.place = -1  # its index in its channel's list of watchers (the feed's), -1 in none
         self._limit = limit
         self._events: deque[FeedEvent] | None = None  # made on the first event, dropped when drained
         # The future a waiting next() returned, resolved with the event; set only while the
