@@ -1,7 +1,8 @@
 """What an idle watch holds on the server (issue 16: an idle watcher may cost at most 1.1x the
 memory of a bare grpc.aio stream). Counted by kind, never timed: no task or timer of its own, one
-frame per layer of the stream (the watch's generator and the interceptors around it), and not the
-last reply it sent (a protobuf message costs its own arena, about 0.5 KiB)."""
+coroutine per layer of the stream (the watch's pending __anext__ and the interceptors around it),
+not the last reply it sent (a protobuf message costs its own arena, about 0.5 KiB), and not the
+messages it read from the LIST once they are sent."""
 
 from __future__ import annotations
 
@@ -16,18 +17,19 @@ import pytest
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import SessionClient, user
 from chatsession_server.api.observer import ACCESS_LOGGER
-from chatsession_server.domain import Appended
+from chatsession_server.domain import Appended, StoredMessage
 from chatsession_server.settings import Settings
 from tests.helpers import serving
 from tests.test_quotas import connections, watch
 
 WATCHES = 40
-# The watch's generator, the quota's, the error mapping's writer and the call observer's.
+# The watch's __anext__, the quota's generator, the error mapping's writer and the call observer's.
 FRAMES_PER_WATCH = 4
 
 
 def server_objects() -> Counter[str]:
-    """Live coroutines and async generators of the server's code, by name, and WatchMessages replies."""
+    """Live coroutines and async generators of the server's code, by name; WatchMessages replies
+    and the messages read from Valkey."""
     gc.collect()
     held: Counter[str] = Counter()
     for obj in gc.get_objects():
@@ -35,8 +37,8 @@ def server_objects() -> Counter[str]:
             code = obj.cr_code if isinstance(obj, CoroutineType) else obj.ag_code
             if "chatsession_server" in code.co_filename:
                 held[code.co_qualname] += 1
-        elif isinstance(obj, pb.WatchMessagesResponse):
-            held["WatchMessagesResponse"] += 1
+        elif isinstance(obj, pb.WatchMessagesResponse | StoredMessage):
+            held[type(obj).__name__] += 1
     return held
 
 
@@ -55,11 +57,24 @@ async def test_an_idle_watch_holds_its_stream_frames_and_nothing_more(
         target = f"127.0.0.1:{running.port}"
         async with SessionClient(target) as client, connections(target, 2) as stubs:
             ids = [(await client.create_session(uid)).session_id for _ in range(4)]
+            for session_id in ids:
+                await client.append(session_id, [user("one"), user("two")])
             before, tasks_before = server_objects(), server_tasks()
-            calls = [await watch(stubs[i % 2], ids[i % 4]) for i in range(WATCHES)]
+            calls = [await watch(stubs[i % 2], ids[i % 4]) for i in range(WATCHES // 2)]
+            # Resumed: these read the message after seq 1 from the LIST (a page they must not keep).
+            for i in range(WATCHES // 2):
+                call = stubs[i % 2].WatchMessages(pb.WatchMessagesRequest(session_id=ids[i % 4], after_seq=1))
+                kinds = []
+                for _ in range(2):
+                    reply = await asyncio.wait_for(call.read(), 10)
+                    assert isinstance(reply, pb.WatchMessagesResponse)
+                    kinds.append(reply.WhichOneof("event"))
+                assert kinds == ["heartbeat", "message"]
+                calls.append(call)
+            del reply  # the test's own, not the server's
             held = server_objects() - before
             assert server_tasks() == tasks_before
-            assert held["WatchMessagesResponse"] == 0, held
+            assert (held["WatchMessagesResponse"], held["StoredMessage"]) == (0, 0), held
             # Give or take one of the feed's (a channel sync round's coroutine, still referenced).
             assert sum(held.values()) <= FRAMES_PER_WATCH * WATCHES + 1, held
             for call in calls:

@@ -111,7 +111,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     def WatchMessages(
         self, request: pb.WatchMessagesRequest, context: Context
     ) -> AsyncIterator[pb.WatchMessagesResponse]:
-        # Not a generator itself: the watch's generator is the stream's (one frame per idle watch).
+        # Not a generator itself: the watch is the stream's iterator (one layer less per idle watch).
         session_id, after_seq = validation.watch_messages(request)
         return watch_session(
             self._store,
