@@ -17,8 +17,9 @@ import pytest
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import SessionClient, user
 from chatsession_server.api.observer import ACCESS_LOGGER
-from chatsession_server.domain import Appended, StoredMessage
+from chatsession_server.domain import Appended, Heartbeat, StoredMessage
 from chatsession_server.settings import Settings
+from chatsession_server.watch import watch_session
 from tests.helpers import serving
 from tests.test_quotas import connections, watch
 
@@ -102,3 +103,21 @@ async def test_watchers_leave_in_any_order_and_the_rest_still_hear_the_session(
             assert isinstance(await last.next(10), Appended)
             await feed.leave(last)
             assert (feed.watcher_count, feed.subscriptions) == (0, 0)
+
+
+async def test_a_closed_watch_has_left_the_feed_and_ends(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    # The watch is an iterator object, not a generator: aclose() is its `finally`.
+    async with serving(settings, valkey_url) as running:
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            session_id = (await client.create_session(uid)).session_id
+        events = watch_session(
+            running.store, running.feed, session_id, None, heartbeat_seconds=60, present=lambda e: e
+        )
+        assert await asyncio.wait_for(anext(events), 10) == Heartbeat(0)
+        assert running.feed.watcher_count == 1
+        await events.aclose()
+        assert (running.feed.watcher_count, running.feed.subscriptions) == (0, 0)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(events), 10)

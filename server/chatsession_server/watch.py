@@ -113,8 +113,10 @@ class Watch(Generic[T]):
 
     async def __anext__(self) -> T:
         while not self._ready:
+            if self._feed is None:
+                raise StopAsyncIteration  # closed: the generator it replaces ended here too
             if self._subscription is None:
-                await self._start()
+                await self._start(self._feed)
             elif self._must_read:
                 await self._read()
             else:
@@ -134,10 +136,8 @@ class Watch(Generic[T]):
             self._ready = deque()
         self._ready.append(event)
 
-    async def _start(self) -> None:
-        if self._feed is None:
-            raise StopAsyncIteration
-        subscription = self._subscription = await self._feed.join(self._session_id)
+    async def _start(self, feed: MessageFeed) -> None:
+        subscription = self._subscription = await feed.join(self._session_id)
         self._session_id = subscription.session_id  # the feed's copy, one for all its watchers
         session = await self._storage.get(self._session_id)
         # Only these two: the whole session (its title, labels...) is not held by each idle watch,
