@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Protocol
 
 from chatsession_server.domain import (
@@ -165,7 +165,7 @@ class StorageLayer:
 class FeedSubscription(Protocol):
     session_id: str
 
-    async def next(self, timeout: float) -> FeedEvent | None: ...
+    def next(self, timeout: float) -> Awaitable[FeedEvent | None]: ...
 
 
 class MessageFeed(Protocol):

@@ -8,7 +8,7 @@ servicer's storage with a limit on each user's live sessions, checked at create.
 
 from __future__ import annotations
 
-import contextlib
+import sys
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
@@ -86,12 +86,17 @@ class WatchQuota(WrappingInterceptor):
         produce: Any = handler.unary_stream
 
         async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            peer = context.peer()
+            # One string per connection, not per stream: context.peer() makes a new one each time.
+            peer = sys.intern(context.peer())
             self._admit(peer)  # raises before the watch below has joined the feed
             try:
-                async with contextlib.aclosing(produce(request, context)) as items:
+                items = produce(request, context)
+                try:
                     async for item in items:
                         yield item
+                        del item  # an idle stream does not hold its last reply
+                finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
+                    await items.aclose()
             finally:
                 self._release(peer)
 

@@ -108,15 +108,19 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         add_messages(reply.messages, page.messages)
         return reply
 
-    async def WatchMessages(
+    def WatchMessages(
         self, request: pb.WatchMessagesRequest, context: Context
     ) -> AsyncIterator[pb.WatchMessagesResponse]:
+        # Not a generator itself: the watch is the stream's iterator (one layer less per idle watch).
         session_id, after_seq = validation.watch_messages(request)
-        events = watch_session(
-            self._store, self._feed, session_id, after_seq, heartbeat_seconds=self._heartbeat_seconds
+        return watch_session(
+            self._store,
+            self._feed,
+            session_id,
+            after_seq,
+            heartbeat_seconds=self._heartbeat_seconds,
+            present=watch_event_to_proto,
         )
-        async for event in events:
-            yield watch_event_to_proto(event)
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.ForkSessionResponse:
         session, replayed = await self._store.fork(validation.fork_session(request))

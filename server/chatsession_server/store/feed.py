@@ -46,12 +46,29 @@ log = logging.getLogger(__name__)
 
 
 class _Channel:
-    __slots__ = ("heard_at", "last_seq", "watchers")
+    __slots__ = ("heard_at", "last_seq", "session_id", "watchers")
 
-    def __init__(self) -> None:
-        self.watchers: set[Subscription] = set()
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id  # its watchers' subscriptions share this string
+        # A list, each watcher knowing its place: 8 bytes a watcher where a set takes 30 to 200.
+        self.watchers: list[Subscription] = []
         self.last_seq = 0  # newest seq this process has heard of
         self.heard_at = float("-inf")  # loop time of the last publish heard on the channel
+
+    def add(self, subscription: Subscription) -> None:
+        subscription.place = len(self.watchers)
+        self.watchers.append(subscription)
+
+    def remove(self, subscription: Subscription) -> None:
+        """Takes it out in O(1): the last watcher moves to its place."""
+        place, watchers = subscription.place, self.watchers
+        if not 0 <= place < len(watchers) or watchers[place] is not subscription:
+            return  # not here (left already)
+        last = watchers.pop()
+        if last is not subscription:
+            watchers[place] = last
+            last.place = place
+        subscription.place = -1
 
 
 class SessionFeed:
@@ -136,9 +153,9 @@ class SessionFeed:
             return self._closing_subscription(session_id)
         channel = self._channels.get(session_id)
         if channel is None:
-            channel = self._channels[session_id] = _Channel()
-        subscription = Subscription(session_id, self._buffer)
-        channel.watchers.add(subscription)
+            channel = self._channels[session_id] = _Channel(session_id)
+        subscription = Subscription(channel.session_id, self._buffer)
+        channel.add(subscription)
         try:
             await self._sync.subscribed(self._keys.watch_channel(session_id))
         except BaseException:
@@ -149,9 +166,9 @@ class SessionFeed:
     async def leave(self, subscription: FeedSubscription) -> None:
         session_id = subscription.session_id
         channel = self._channels.get(session_id)
-        if channel is None:
+        if channel is None or not isinstance(subscription, Subscription):
             return
-        channel.watchers.discard(subscription)
+        channel.remove(subscription)
         if not channel.watchers:
             del self._channels[session_id]
             if not self._closed:
