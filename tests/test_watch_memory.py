@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import uuid
 from collections import Counter
+from pathlib import Path
 from types import AsyncGeneratorType, CoroutineType
 
 import pytest
@@ -50,21 +52,36 @@ def server_tasks() -> int:
     return sum("chatsession_server" in c.cr_code.co_filename for c in ours)
 
 
+@pytest.mark.parametrize("with_auth", [False, True], ids=["open", "auth"])
 async def test_an_idle_watch_holds_its_stream_frames_and_nothing_more(
-    settings: Settings, valkey_url: str, uid: str, caplog: pytest.LogCaptureFixture
+    settings: Settings,
+    valkey_url: str,
+    uid: str,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    with_auth: bool,
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)  # the call observer is installed, as in production
-    async with serving(settings, valkey_url) as running:
+    options: dict[str, str] = {}
+    token = None
+    if with_auth:  # the auth interceptor's stream wrapper is one more layer that must not hold a reply
+        token = "memory-" + uuid.uuid4().hex
+        (tmp_path / "tokens").write_text(f"{token} *\n")
+        options["auth_tokens_file"] = str(tmp_path / "tokens")
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    frames_per_watch = FRAMES_PER_WATCH + with_auth
+    async with serving(settings, valkey_url, **options) as running:
         target = f"127.0.0.1:{running.port}"
-        async with SessionClient(target) as client, connections(target, 2) as stubs:
+        async with SessionClient(target, token=token) as client, connections(target, 2) as stubs:
             ids = [(await client.create_session(uid)).session_id for _ in range(4)]
             for session_id in ids:
                 await client.append(session_id, [user("one"), user("two")])
             before, tasks_before = server_objects(), server_tasks()
-            calls = [await watch(stubs[i % 2], ids[i % 4]) for i in range(WATCHES // 2)]
+            calls = [await watch(stubs[i % 2], ids[i % 4], token) for i in range(WATCHES // 2)]
             # Resumed: these read the message after seq 1 from the LIST (a page they must not keep).
             for i in range(WATCHES // 2):
-                call = stubs[i % 2].WatchMessages(pb.WatchMessagesRequest(session_id=ids[i % 4], after_seq=1))
+                request = pb.WatchMessagesRequest(session_id=ids[i % 4], after_seq=1)
+                call = stubs[i % 2].WatchMessages(request, metadata=metadata)
                 kinds = []
                 for _ in range(2):
                     reply = await asyncio.wait_for(call.read(), 10)
@@ -77,7 +94,7 @@ async def test_an_idle_watch_holds_its_stream_frames_and_nothing_more(
             assert server_tasks() == tasks_before
             assert (held["WatchMessagesResponse"], held["StoredMessage"]) == (0, 0), held
             # Give or take one of the feed's (a channel sync round's coroutine, still referenced).
-            assert sum(held.values()) <= FRAMES_PER_WATCH * WATCHES + 1, held
+            assert sum(held.values()) <= frames_per_watch * WATCHES + 1, held
             for call in calls:
                 call.cancel()
 

@@ -12,7 +12,6 @@ of a guessed token is right, and the plaintext is dropped as soon as a line is p
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -275,9 +274,13 @@ class AuthInterceptor(WrappingInterceptor):
 
             async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 await self._authenticate(context)
-                async with contextlib.aclosing(produce(request, context)) as items:
+                items = produce(request, context)
+                try:
                     async for item in items:
                         yield item
+                        del item  # an idle stream does not hold its last reply
+                finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
+                    await items.aclose()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

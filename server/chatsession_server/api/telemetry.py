@@ -11,7 +11,6 @@ opentelemetry-instrumentation-grpc's grpc.aio server interceptor, which continue
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -293,13 +292,16 @@ class SpanStatus(WrappingInterceptor):
 
             async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
                 _keep_trace_id()
+                items = produce(request, context)
                 try:
-                    async with contextlib.aclosing(produce(request, context)) as items:
-                        async for item in items:
-                            yield item
+                    async for item in items:
+                        yield item
+                        del item  # an idle stream does not hold its last reply
                 except BaseException as exc:
                     _mark_span(exc, context)
                     raise
+                finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
+                    await items.aclose()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
