@@ -251,7 +251,6 @@ async def test_metrics_address_in_use_is_one_line() -> None:
     assert "Traceback" not in server.text
 
 
-@pytest.mark.standalone_only
 def _two_free_ports() -> int:
     """A port P with P+1 free too, below the ephemeral range: a port the kernel hands out for
     outgoing connections (as bind(0) does) may be taken by one before a worker binds P+1."""
@@ -268,6 +267,7 @@ def _two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+@pytest.mark.standalone_only
 async def test_each_worker_serves_its_own_metrics() -> None:
     """Workers share the gRPC port but not the metrics one: worker N serves at PORT+N-1."""
     base = _two_free_ports()

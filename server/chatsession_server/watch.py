@@ -18,7 +18,6 @@ published while Valkey was unreachable may not be made; the messages never miss.
 
 from __future__ import annotations
 
-import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -140,9 +139,9 @@ class Watch(Generic[T]):
         subscription = self._subscription = await feed.join(self._session_id)
         self._session_id = subscription.session_id  # the feed's copy, one for all its watchers
         session = await self._storage.get(self._session_id)
-        # Only these two: the whole session (its title, labels...) is not held by each idle watch,
-        # and the owner's name once for all its watches.
-        self._owner, last_seq = sys.intern(session.user_id), session.message_count
+        # Only these two: the whole session (its title, labels...) is not held by each idle watch.
+        # Not sys.intern'ed: interned strings are immortal on Python 3.12, one per user ever seen.
+        self._owner, last_seq = session.user_id, session.message_count
         after_seq = self._after_seq
         if after_seq is not None and after_seq > last_seq:
             raise PreconditionFailed(

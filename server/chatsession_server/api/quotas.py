@@ -8,7 +8,6 @@ servicer's storage with a limit on each user's live sessions, checked at create.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
@@ -86,8 +85,7 @@ class WatchQuota(WrappingInterceptor):
         produce: Any = handler.unary_stream
 
         async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            # One string per connection, not per stream: context.peer() makes a new one each time.
-            peer = sys.intern(context.peer())
+            peer = context.peer()
             self._admit(peer)  # raises before the watch below has joined the feed
             try:
                 items = produce(request, context)
