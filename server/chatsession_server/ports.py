@@ -165,7 +165,15 @@ class StorageLayer:
 class FeedSubscription(Protocol):
     session_id: str
 
-    def next(self, timeout: float) -> Awaitable[FeedEvent | None]: ...
+    def wait(self, timeout: float) -> Awaitable[None]:
+        """Done when take() has an event, or after `timeout` seconds (then take() gives None)."""
+        ...
+
+    def take(self) -> FeedEvent | None: ...
+
+    async def next(self, timeout: float) -> FeedEvent | None:
+        """wait() then take()."""
+        ...
 
 
 class MessageFeed(Protocol):

@@ -18,6 +18,8 @@ published while Valkey was unreachable may not be made; the messages never miss.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -71,6 +73,7 @@ class Watch(Generic[T]):
         "_feed",
         "_first_read",
         "_heartbeat_seconds",
+        "_loop",
         "_must_read",
         "_owner",
         "_present",
@@ -97,6 +100,7 @@ class Watch(Generic[T]):
         self._heartbeat_seconds = heartbeat_seconds
         self._present = present
         self._subscription: FeedSubscription | None = None  # joined on the first __anext__
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it joined on
         self._owner = ""
         self._cursor = 0  # the seq of the last message delivered (or read past)
         self._resumed = False
@@ -111,24 +115,45 @@ class Watch(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        while not self._ready:
-            if self._feed is None:
-                raise StopAsyncIteration  # closed: the generator it replaces ended here too
-            if self._subscription is None:
-                await self._start(self._feed)
-            elif self._must_read:
-                await self._read()
-            else:
-                self._take(await self._subscription.next(self._heartbeat_seconds))
+        try:
+            while not self._ready:
+                feed, subscription = self._feed, self._subscription
+                if feed is None:
+                    raise StopAsyncIteration  # closed (or ended by an error): as a generator would
+                if subscription is None:
+                    await self._start(feed)
+                elif self._must_read:
+                    await self._read()
+                else:
+                    await subscription.wait(self._heartbeat_seconds)
+                    if self._feed is not None:
+                        self._take(subscription.take())
+                if self._feed is None:
+                    raise StopAsyncIteration  # aclose() while this waited
+        except BaseException as exc:
+            if not isinstance(exc, StopAsyncIteration):
+                await self.aclose()  # ended by it: leaves the feed, and a next call ends at once
+            raise
         event = self._ready.popleft()
         if not self._ready:
             self._ready = None
         return self._present(event)
 
     async def aclose(self) -> None:
+        """Leaves the feed; an __anext__ waiting meanwhile ends (StopAsyncIteration)."""
         feed, self._feed = self._feed, None
+        self._ready = None
         if feed is not None and self._subscription is not None:
             await feed.leave(self._subscription)
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): leave the feed from the loop, as asyncio finalizes an async
+        # generator (its aclose() scheduled on the loop it ran on).
+        feed, subscription, loop = self._feed, self._subscription, self._loop
+        if feed is None or subscription is None or loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile: nothing to leave
+            loop.call_soon_threadsafe(_leave_later, loop, feed, subscription)
 
     def _emit(self, event: WatchEvent) -> None:
         if self._ready is None:
@@ -136,7 +161,12 @@ class Watch(Generic[T]):
         self._ready.append(event)
 
     async def _start(self, feed: MessageFeed) -> None:
-        subscription = self._subscription = await feed.join(self._session_id)
+        subscription = await feed.join(self._session_id)
+        if self._feed is None:  # aclose() while joining: nobody is left to leave for it
+            await feed.leave(subscription)
+            raise StopAsyncIteration
+        self._subscription = subscription
+        self._loop = asyncio.get_running_loop()
         self._session_id = subscription.session_id  # the feed's copy, one for all its watchers
         session = await self._storage.get(self._session_id)
         # Only these two: the whole session (its title, labels...) is not held by each idle watch.
@@ -226,3 +256,7 @@ class Watch(Generic[T]):
             raise SessionNotFound(self._session_id)
         elif isinstance(event, Closing):
             raise ShuttingDown("server is shutting down: reconnect with after_seq set to your last seq")
+
+
+def _leave_later(loop: asyncio.AbstractEventLoop, feed: MessageFeed, subscription: FeedSubscription) -> None:
+    loop.create_task(feed.leave(subscription))

@@ -8,7 +8,9 @@ servicer's storage with a limit on each user's live sessions, checked at create.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+import asyncio
+import contextlib
+from collections.abc import Collection
 from typing import Any
 
 import grpc
@@ -81,28 +83,64 @@ class WatchQuota(WrappingInterceptor):
         return method == self._method and handler.unary_stream is not None
 
     def wrap(self, handler: Handler, method: str) -> Handler:
-        # The handler is the servicer's async generator; grpc's stubs type it as sync.
+        # The handler makes the stream's async iterator; grpc's stubs type it as sync.
         produce: Any = handler.unary_stream
 
-        async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> _Admitted:
             peer = context.peer()
             self._admit(peer)  # raises before the watch below has joined the feed
             try:
-                items = produce(request, context)
-                try:
-                    async for item in items:
-                        yield item
-                        del item  # an idle stream does not hold its last reply
-                finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
-                    await items.aclose()
-            finally:
+                return _Admitted(produce(request, context), self, peer)
+            except BaseException:
                 self._release(peer)
+                raise
 
         return grpc.unary_stream_rpc_method_handler(
             stream,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class _Admitted:
+    """A watch stream holding its place in the quota, which it gives back once, when it ends or
+    is closed. An object, not an async generator: an idle stream holds no generator frame here
+    (about 0.35 KiB less per idle watcher)."""
+
+    __slots__ = ("_items", "_loop", "_peer", "_quota")
+
+    def __init__(self, items: Any, quota: WatchQuota, peer: str) -> None:
+        self._items = items
+        self._quota: WatchQuota | None = quota  # None once the place is given back
+        self._peer = peer
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self) -> _Admitted:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._items.__anext__()
+        except BaseException:  # the end, an error or a cancellation: the place goes back now
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        quota, self._quota = self._quota, None
+        if quota is None:
+            return
+        try:
+            await self._items.aclose()
+        finally:
+            quota._release(self._peer)
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): give the place back on the loop (the collector may run in
+        # another thread), as asyncio finalizes an async generator.
+        quota = self._quota
+        if quota is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+                self._loop.call_soon_threadsafe(quota._release, self._peer)
 
 
 class SessionQuota(StorageLayer):

@@ -287,7 +287,9 @@ class SpanStatus(WrappingInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+        # Any stream that is iterated (an async generator, or a function returning an async
+        # iterator as the watch quota's does), not a coroutine that writes.
+        if handler.unary_stream and not inspect.iscoroutinefunction(handler.unary_stream):
             produce: Any = handler.unary_stream
 
             async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:

@@ -164,9 +164,12 @@ class SessionFeed:
         return subscription
 
     async def leave(self, subscription: FeedSubscription) -> None:
+        if not isinstance(subscription, Subscription):
+            return
+        subscription.wake()  # a wait() pending on it ends: nothing more will come
         session_id = subscription.session_id
         channel = self._channels.get(session_id)
-        if channel is None or not isinstance(subscription, Subscription):
+        if channel is None:
             return
         channel.remove(subscription)
         if not channel.watchers:

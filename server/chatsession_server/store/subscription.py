@@ -23,14 +23,10 @@ class Subscription:
         self.place = -1  # its index in its channel's list of watchers (the feed's), -1 in none
         self._limit = limit
         self._events: deque[FeedEvent] | None = None  # made on the first event, dropped when drained
-        # The future a waiting next() returned, resolved with the event; set only while the
-        # inbox is empty.
-        self._waiter: asyncio.Future[FeedEvent | None] | None = None
-        self._deadline = 0.0  # loop time at which a waiting next() gives up
+        self._waiter: asyncio.Future[None] | None = None  # what a wait() returned, while it waits
+        self._deadline = 0.0  # loop time at which a wait() gives up
 
     def offer(self, event: FeedEvent) -> None:
-        if self._answer(event):
-            return
         events = self._events
         if events is None:
             events = self._events = deque()
@@ -40,31 +36,44 @@ class Subscription:
             events.clear()
             event = Behind()
         events.append(event)
+        self.wake()
 
     def expire(self, now: float) -> None:
-        """The feed's sweep: a waiting next() past its deadline returns None."""
+        """The feed's sweep: a wait() past its deadline ends (and take() finds nothing)."""
         if now >= self._deadline:
-            self._answer(None)
+            self.wake()
 
-    def next(self, timeout: float) -> asyncio.Future[FeedEvent | None]:
-        """The next event, or None after `timeout` seconds without one (give or take the feed's
-        sweep interval). A future, not a coroutine: an idle watch holds no frame for its wait."""
+    def wake(self) -> None:
+        """Ends a pending wait(): an event came, its time is up, or the feed let the watcher go."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def wait(self, timeout: float) -> asyncio.Future[None]:
+        """Done when take() has an event, or after `timeout` seconds without one (give or take the
+        feed's sweep interval). A future, not a coroutine: an idle watch holds no frame for its
+        wait. The event stays in the inbox until take(): a waiter cancelled after it woke loses
+        nothing."""
         loop = asyncio.get_running_loop()
-        answer: asyncio.Future[FeedEvent | None] = loop.create_future()
-        events = self._events
-        if events:
-            answer.set_result(events.popleft())
-            if not events:
-                self._events = None
+        waiter: asyncio.Future[None] = loop.create_future()
+        if self._events:
+            waiter.set_result(None)
         else:
             self._deadline = loop.time() + timeout
-            self._waiter = answer
-        return answer
+            self._waiter = waiter
+        return waiter
 
-    def _answer(self, event: FeedEvent | None) -> bool:
-        """Hands `event` to a waiting next(); False if none is waiting (one cancelled is not)."""
-        waiter, self._waiter = self._waiter, None
-        if waiter is None or waiter.done():
-            return False
-        waiter.set_result(event)
-        return True
+    def take(self) -> FeedEvent | None:
+        """The oldest event in the inbox, or None when it is empty."""
+        events = self._events
+        if not events:
+            return None
+        event = events.popleft()
+        if not events:
+            self._events = None
+        return event
+
+    async def next(self, timeout: float) -> FeedEvent | None:
+        """The next event, or None after `timeout` seconds without one."""
+        await self.wait(timeout)
+        return self.take()
