@@ -5,23 +5,35 @@
 // (CreateSession -> createSession(request, options) returning a Promise): an RPC added to the
 // proto needs no code here. Field names are lowerCamelCase (sessionId), int64 fields are numbers,
 // enums are their names ('ROLE_USER'). Failures reject with a ChatSessionError.
+//
+// A unary call that is safe to repeat is retried (see retry.js for when and how long): a read
+// (an RPC named Get* or List*, as the proto names its standard methods) as it is; a write when its
+// request has a `request_id` field, which the client fills when the caller left it empty, once
+// per call, so every attempt carries the same id and the server applies the write once. A write
+// without one (UpdateSession, DeleteSession) is never retried.
 
 const path = require('node:path');
+const { randomUUID } = require('node:crypto');
 const { setTimeout: sleep } = require('node:timers/promises');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const { ChatSessionError, toChatSessionError } = require('./errors');
+const { Backoff, DEFAULT_RETRY, retryPolicy } = require('./retry');
 
 const DEFAULT_PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
 const SERVICE_NAME = 'chatsession.v1.SessionService';
 const SERVICE_PROTO = 'chatsession/v1/session_service.proto';
 
 const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true };
+const READ_RPC = /^(Get|List)[A-Z]/;
 
 /**
  * @typedef {object} CallOptions
- * @property {number} [timeoutMs] deadline of the call, from now
+ * @property {number} [timeoutMs] deadline of each attempt, from its start (cut to what is left of
+ *   the retry deadline)
  * @property {Record<string, string>} [metadata] extra request metadata
+ * @property {import('./retry').RetryPolicy | false} [retry] this call's retry policy, over the
+ *   client's; false: one attempt
  *
  * @typedef {object} WatchOptions
  * @property {number} [afterSeq] deliver messages after this seq (0: from the oldest kept);
@@ -36,6 +48,12 @@ const LOADER_OPTIONS = { keepCase: false, longs: Number, enums: String, defaults
  * @property {string} [token] sent as `authorization: Bearer <token>` on every call
  * @property {string} [protoRoot] directory holding chatsession/ and google/rpc/ protos
  * @property {import('@grpc/grpc-js').ChannelOptions} [channelOptions]
+ * @property {import('./retry').RetryPolicy | false} [retry] retry policy of the unary calls
+ *   (default: DEFAULT_RETRY); false: no retries
+ *
+ * @typedef {object} UnaryRpc
+ * @property {boolean} requestIdField whether its request has a `request_id`, to be filled
+ * @property {boolean} retryable safe to repeat: a read, or a write applied once per request_id
  */
 
 class SessionClient {
@@ -50,11 +68,18 @@ class SessionClient {
     /** @type {any} */
     this.stub = new Service(address, options.credentials ?? grpc.credentials.createInsecure(), options.channelOptions);
     this.token = options.token;
-    /** @type {Record<string, {requestStream: boolean, responseStream: boolean, originalName?: string}>} */
+    this.retry = options.retry;
+    /** @type {Record<string, {requestStream: boolean, responseStream: boolean, originalName?: string, path: string, requestType: {type: {field: {name: string}[]}}}>} */
     this.methods = /** @type {any} */ (definition[SERVICE_NAME]);
+    /** @type {Map<string, UnaryRpc>} by method name (lowerCamelCase) */
+    this.unaryRpcs = new Map();
     for (const method of Object.values(this.methods)) {
+      if (method.requestStream || method.responseStream) continue;
       const name = /** @type {string} */ (method.originalName);
-      if (!method.requestStream && !method.responseStream && !(name in this)) {
+      const requestIdField = method.requestType.type.field.some((field) => field.name === 'requestId');
+      const read = READ_RPC.test(method.path.slice(method.path.lastIndexOf('/') + 1));
+      this.unaryRpcs.set(name, { requestIdField, retryable: read || requestIdField });
+      if (!(name in this)) {
         /** @type {any} */ (this)[name] = (/** @type {object} */ request, /** @type {CallOptions} */ callOptions) =>
           this.unary(name, request, callOptions);
       }
@@ -68,9 +93,39 @@ class SessionClient {
    * @param {CallOptions} [options]
    * @returns {Promise<any>}
    */
-  unary(name, request = {}, options = {}) {
+  async unary(name, request = {}, options = {}) {
+    const rpc = this.unaryRpcs.get(name);
+    if (rpc?.requestIdField && !(/** @type {{requestId?: string}} */ (request).requestId)) {
+      // Made once per call, before the first attempt, so that every retry repeats it.
+      request = { ...request, requestId: randomUUID().replaceAll('-', '') };
+    }
+    const policy = rpc?.retryable ? retryPolicy(this.retry, options.retry) : false;
+    if (!policy) return this.attempt(name, request, options, Infinity);
+    const backoff = new Backoff(policy);
+    for (;;) {
+      try {
+        return await this.attempt(name, request, options, backoff.remainingMs());
+      } catch (error) {
+        const delayMs = backoff.nextDelayMs(/** @type {InstanceType<typeof ChatSessionError>} */ (error));
+        if (delayMs === undefined) throw error;
+        await sleep(delayMs);
+      }
+    }
+  }
+
+  /**
+   * One attempt of a unary call, given at most `limitMs`.
+   * @param {string} name
+   * @param {object} request
+   * @param {CallOptions} options
+   * @param {number} limitMs
+   * @returns {Promise<any>}
+   */
+  attempt(name, request, options, limitMs) {
+    const timeoutMs = Math.min(options.timeoutMs ?? Infinity, limitMs);
+    const callOptions = timeoutMs === Infinity ? {} : { deadline: Date.now() + timeoutMs };
     return new Promise((resolve, reject) => {
-      this.stub[name](request, this.metadata(options), this.callOptions(options), (/** @type {any} */ error, /** @type {any} */ response) =>
+      this.stub[name](request, this.metadata(options), callOptions, (/** @type {any} */ error, /** @type {any} */ response) =>
         error ? reject(toChatSessionError(error, this.protoRoot)) : resolve(response),
       );
     });
@@ -79,8 +134,9 @@ class SessionClient {
   /**
    * Follows a session live, as an async iterator of WatchMessagesResponse events (`event` says
    * which of `message`, `historyTrimmed`, `compacted`, `cleared` or `heartbeat` it holds). When the stream breaks with
-   * UNAVAILABLE (a server shutting down, a dropped connection) it reconnects after the last seq
-   * it delivered, so no message is lost or repeated; other errors (NOT_FOUND when the session
+   * a code a unary call would be retried on (UNAVAILABLE: a server shutting down, a dropped
+   * connection; DEADLINE_EXCEEDED: Valkey slow) it reconnects after the last seq it delivered,
+   * with the same backoff, so no message is lost or repeated; other errors (NOT_FOUND when the session
    * is deleted) end the iteration by throwing a ChatSessionError. Leaving the loop cancels the stream.
    * @param {string} sessionId
    * @param {WatchOptions} [options]
@@ -90,12 +146,12 @@ class SessionClient {
     const { includeHeartbeats = false, maxRetries = 10, initialBackoffMs = 100, maxBackoffMs = 5000 } = options;
     /** @type {number | undefined} */
     let cursor = options.afterSeq;
-    let failures = 0;
+    const backoff = new Backoff({ maxAttempts: maxRetries + 1, initialBackoffMs, maxBackoffMs, deadlineMs: Infinity });
     for (;;) {
       const call = this.stub.watchMessages(cursor === undefined ? { sessionId } : { sessionId, afterSeq: cursor }, this.metadata({}));
       try {
         for await (const event of call) {
-          failures = 0;
+          backoff.restart();
           if (event.event === 'message') cursor = event.message.seq;
           else if (event.event === 'historyTrimmed') cursor = event.historyTrimmed.lastMissingSeq;
           // A summary stands at its range's last seq; a clear says the last seq it emptied.
@@ -110,12 +166,9 @@ class SessionClient {
         return;
       } catch (raw) {
         const error = toChatSessionError(raw, this.protoRoot);
-        if (!(error instanceof ChatSessionError) || error.code !== grpc.status.UNAVAILABLE || failures >= maxRetries) {
-          throw error;
-        }
-        const backoff = Math.min(initialBackoffMs * 2 ** failures, maxBackoffMs);
-        failures += 1;
-        await sleep(error.retryDelayMs ?? Math.random() * backoff);
+        const delayMs = backoff.nextDelayMs(error);
+        if (delayMs === undefined) throw error;
+        await sleep(delayMs);
       } finally {
         call.cancel();
       }
@@ -133,11 +186,6 @@ class SessionClient {
     for (const [key, value] of Object.entries(options.metadata ?? {})) metadata.set(key, value);
     return metadata;
   }
-
-  /** @param {CallOptions} options */
-  callOptions(options) {
-    return options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
-  }
 }
 
-module.exports = { SessionClient, ChatSessionError, status: grpc.status, DEFAULT_PROTO_ROOT };
+module.exports = { SessionClient, ChatSessionError, status: grpc.status, DEFAULT_PROTO_ROOT, DEFAULT_RETRY };

@@ -44,27 +44,56 @@ async function liveServer() {
   };
 }
 
-/** A relay from a free local port to `target`; `cut()` drops every connection it carries. */
-async function relay(target) {
-  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+/**
+ * A relay from a local port (`port`, else a free one) to `target`. `cut()` drops every connection
+ * it carries. `dropNextReply()` makes it drop the connection that next carries a response message
+ * to the client, before the client has it: the server has done the call, the client is left
+ * without its answer, as when a network fails at the worst moment.
+ */
+async function relay(target, { port = 0 } = {}) {
+  const [host, targetPort] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
   const sockets = new Set();
+  let dropReply = false;
   const server = net.createServer((inbound) => {
-    const outbound = net.connect(port, host);
+    const outbound = net.connect(targetPort, host);
     for (const [a, b] of [[inbound, outbound], [outbound, inbound]]) {
       sockets.add(a);
-      a.pipe(b);
       a.on('error', () => b.destroy());
       a.on('close', () => {
         sockets.delete(a);
         b.destroy();
       });
     }
+    inbound.pipe(outbound);
+    // Server to client frame by frame, to see where a response message starts: an HTTP/2 frame
+    // is a 9-byte header (24-bit length, type, flags, stream id) and its payload; type 0 is DATA.
+    let pending = Buffer.alloc(0);
+    outbound.on('data', (chunk) => {
+      pending = Buffer.concat([pending, chunk]);
+      while (pending.length >= 9 && pending.length >= 9 + pending.readUIntBE(0, 3)) {
+        const size = 9 + pending.readUIntBE(0, 3);
+        const frame = pending.subarray(0, size);
+        pending = pending.subarray(size);
+        if (dropReply && frame[3] === 0) {
+          dropReply = false;
+          inbound.destroy();
+          outbound.destroy();
+          return;
+        }
+        inbound.write(frame);
+      }
+    });
   });
-  server.listen(0, '127.0.0.1');
+  server.listen(port, '127.0.0.1');
   await once(server, 'listening');
   return {
     address: `127.0.0.1:${server.address().port}`,
     cut: () => sockets.forEach((s) => s.destroy()),
+    dropNextReply: () => {
+      dropReply = true;
+    },
+    /** Whether the reply dropNextReply() asked to drop has been dropped. */
+    replyDropped: () => !dropReply,
     close: async () => {
       sockets.forEach((s) => s.destroy());
       server.close();
@@ -72,4 +101,40 @@ async function relay(target) {
   };
 }
 
-module.exports = { liveServer, relay };
+/** A local port nothing listens on (for now). */
+async function freePort() {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address();
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+/**
+ * A grpc-js client interceptor counting the attempts a client makes, by RPC name ('GetSession').
+ * `reached(n)` resolves once `n` attempts in all have started.
+ */
+function attemptCounter() {
+  /** @type {string[]} */
+  const started = [];
+  const waiters = [];
+  return {
+    interceptor: (options, nextCall) => {
+      started.push(options.method_definition.path.split('/').pop());
+      for (const waiter of waiters.filter((w) => started.length >= w.n)) {
+        waiters.splice(waiters.indexOf(waiter), 1);
+        waiter.resolve();
+      }
+      return nextCall(options);
+    },
+    count: (rpc) => started.filter((name) => name === rpc).length,
+    reset: () => {
+      started.length = 0;
+    },
+    reached: (n) => (started.length >= n ? Promise.resolve() : new Promise((resolve) => waiters.push({ n, resolve }))),
+  };
+}
+
+module.exports = { attemptCounter, freePort, liveServer, relay };
