@@ -253,3 +253,33 @@ async def test_review_stream_ends_release_quota_and_feed(
             await running.feed.close()
             assert await _end_of(last) == grpc.StatusCode.UNAVAILABLE
             assert await _settled(running) == (0, 0, 0)
+
+
+async def test_review_a_slow_watch_that_overflows_gets_each_message_once(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """Sound: a watch that reads nothing while its inbox overflows (a Behind collapse) and then
+    resumes reading gets every seq once, in order, then leaves the feed."""
+    async with serving(settings, valkey_url, watch_buffer_events=2) as running:
+        session_id = await _new_session(running, uid, messages=1)
+        events = watch_session(
+            running.store, running.feed, session_id, None, heartbeat_seconds=60, present=_as_is
+        )
+        try:
+            assert await asyncio.wait_for(anext(events), 10) == Heartbeat(1)
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                for i in range(20):  # one at a time: twenty publishes into an inbox of two
+                    await client.append(session_id, [user(f"s{i}")])
+                seen: list[int] = []
+                while len(seen) < 20:
+                    event = await asyncio.wait_for(anext(events), 10)
+                    if isinstance(event, StoredMessage):
+                        seen.append(event.seq)
+                assert seen == list(range(2, 22))
+                await client.append(session_id, [user("after")])
+                event = await asyncio.wait_for(anext(events), 10)
+                assert isinstance(event, StoredMessage)
+                assert event.seq == 22
+        finally:
+            await events.aclose()
+        assert (running.feed.watcher_count, running.feed.subscriptions) == (0, 0)
