@@ -1,17 +1,17 @@
-"""Review of 8c9804b/2b3a23f: the watch quota interns each stream's peer (and the watch its
-owner's user id) with sys.intern. On CPython 3.12, the Python of the container image
-(Dockerfile: python:3.12-slim), every interned string is immortal: each connection's peer
-("ipv4:ADDRESS:PORT", new with each client port) is then kept for the life of the process,
-which the quota's own comment promises not to do ("no growth with connections seen").
-Measured: 100,000 peers interned and dropped keep 9.9 MB on 3.12.1, 0.2 MB on 3.11 and 3.13."""
+"""Review of 8c9804b/2b3a23f, which interned each watch stream's peer (in the watch quota) and
+its owner's user id (in the watch) with sys.intern; no longer done. On CPython 3.12, the Python
+of the container image (Dockerfile: python:3.12-slim), every interned string is immortal: each
+connection's peer ("ipv4:ADDRESS:PORT", new with each client port) was then kept for the life of
+the process, which the quota's own comment promises not to do ("no growth with connections
+seen"). Measured: 100,000 peers interned and dropped keep 9.9 MB on 3.12.1, 0.2 MB on 3.11 and
+3.13. These tests check that no such string stays interned once its watch has ended (they were
+xfail(strict) on 3.12 until the interning went)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import sys
-
-import pytest
 
 from chatsession_client import SessionClient
 from chatsession_server.settings import Settings
@@ -25,12 +25,6 @@ def _still_interned(text: str) -> bool:
     return sys.intern(fresh) is not fresh
 
 
-@pytest.mark.xfail(
-    sys.version_info[:2] == (3, 12),
-    strict=True,
-    reason="sys.intern(context.peer()) in WatchQuota: on 3.12 (the image's Python) interned "
-    "strings are immortal, so every connection that ever watched keeps its peer string forever",
-)
 async def test_review_a_closed_connection_leaves_no_peer_string(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
@@ -55,12 +49,6 @@ async def test_review_a_closed_connection_leaves_no_peer_string(
         assert [peer for peer in peers if _still_interned(peer)] == []
 
 
-@pytest.mark.xfail(
-    sys.version_info[:2] == (3, 12),
-    strict=True,
-    reason="sys.intern(session.user_id) in Watch._start: on 3.12 every user id that was ever "
-    "watched stays in memory for good (ids a caller without auth may choose freely)",
-)
 async def test_review_an_ended_watch_leaves_no_user_id_string(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:

@@ -1,6 +1,6 @@
 """Review of the watch rewrite (c9b707e..267df77): the Watch iterator object and the
-Subscription whose next() returns a future. Each xfail is a defect shown on the real feed and
-Valkey; the others pin what was checked and found sound."""
+Subscription. Five tests here were first xfail(strict), each proving a defect on the real feed
+and Valkey (fixed in the "Watch review fixes" commit); the others pin what was found sound."""
 
 from __future__ import annotations
 
@@ -57,11 +57,6 @@ async def _end_of(call: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Subscription.next() hands the event to its future: a next() cancelled after offer() "
-    "resolved it (before its task resumed) takes the event with it; the old inbox kept it",
-)
 async def test_review_a_cancelled_next_does_not_lose_the_event_handed_to_it() -> None:
     subscription = Subscription("s", 8)
     event: FeedEvent = Appended(1, 1, None, "u")
@@ -83,11 +78,6 @@ async def test_review_a_cancelled_next_does_not_lose_the_event_handed_to_it() ->
     assert again.result() is event
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Watch.aclose() during the first __anext__ (awaiting feed.join) finds no subscription "
-    "yet, so nothing leaves the feed; the join then completes and its watcher stays forever",
-)
 async def test_review_aclose_while_joining_does_not_leak_the_subscription(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
@@ -105,11 +95,6 @@ async def test_review_aclose_while_joining_does_not_leak_the_subscription(
         assert (running.feed.watcher_count, running.feed.subscriptions) == (0, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Watch.aclose() while an __anext__ waits on the subscription leaves the feed but does "
-    "not end that wait: no event, heartbeat (the sweep no longer sees it) or end ever comes",
-)
 async def test_review_aclose_ends_a_pending_anext(settings: Settings, valkey_url: str, uid: str) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid)
@@ -133,11 +118,6 @@ async def test_review_aclose_ends_a_pending_anext(settings: Settings, valkey_url
             pending.result()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A Watch whose __anext__ raised (AFTER_SEQ_AHEAD here) is not over: the next "
-    "__anext__ carries on as a live watch from cursor 0 (the generator it replaced had ended)",
-)
 async def test_review_a_watch_that_raised_is_over(settings: Settings, valkey_url: str, uid: str) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid, messages=1)
@@ -154,11 +134,6 @@ async def test_review_a_watch_that_raised_is_over(settings: Settings, valkey_url
             await events.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A Watch dropped without aclose() never leaves the feed: it has no finalizer, where "
-    "the async generator it replaced was closed by the loop's asyncgen hooks when collected",
-)
 async def test_review_a_dropped_watch_leaves_the_feed(settings: Settings, valkey_url: str, uid: str) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid)
