@@ -19,7 +19,7 @@ from chatsession_server.domain import Appended, FeedEvent, Heartbeat, StoredMess
 from chatsession_server.errors import PreconditionFailed
 from chatsession_server.settings import Settings
 from chatsession_server.store.subscription import Subscription
-from chatsession_server.watch import watch_session
+from chatsession_server.watch import Watch
 from tests.helpers import serving
 from tests.test_quotas import connections, watch
 
@@ -83,9 +83,7 @@ async def test_review_aclose_while_joining_does_not_leak_the_subscription(
 ) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid)
-        events = watch_session(
-            running.store, running.feed, session_id, None, heartbeat_seconds=60, present=_as_is
-        )
+        events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=60, present=_as_is)
         first = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0)  # inside feed.join, waiting on the SUBSCRIBE round trip
         await events.aclose()
@@ -98,9 +96,7 @@ async def test_review_aclose_while_joining_does_not_leak_the_subscription(
 async def test_review_aclose_ends_a_pending_anext(settings: Settings, valkey_url: str, uid: str) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid)
-        events = watch_session(
-            running.store, running.feed, session_id, None, heartbeat_seconds=0.5, present=_as_is
-        )
+        events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=0.5, present=_as_is)
         assert await asyncio.wait_for(anext(events), 10) == Heartbeat(0)
         pending = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0)  # waiting on the subscription's future
@@ -121,9 +117,7 @@ async def test_review_aclose_ends_a_pending_anext(settings: Settings, valkey_url
 async def test_review_a_watch_that_raised_is_over(settings: Settings, valkey_url: str, uid: str) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid, messages=1)
-        events = watch_session(
-            running.store, running.feed, session_id, 5, heartbeat_seconds=0.2, present=_as_is
-        )
+        events = Watch(running.store, running.feed, session_id, 5, heartbeat_seconds=0.2, present=_as_is)
         with pytest.raises(PreconditionFailed):
             await asyncio.wait_for(anext(events), 10)
         try:
@@ -137,7 +131,7 @@ async def test_review_a_watch_that_raised_is_over(settings: Settings, valkey_url
 async def test_review_a_dropped_watch_leaves_the_feed(settings: Settings, valkey_url: str, uid: str) -> None:
     async with serving(settings, valkey_url) as running:
         session_id = await _new_session(running, uid)
-        events: Any = watch_session(
+        events: Any = Watch(
             running.store, running.feed, session_id, None, heartbeat_seconds=60, present=_as_is
         )
         async for event in events:
@@ -158,9 +152,7 @@ async def test_review_live_handoff_delivers_each_message_once(
         session_id = await _new_session(running, uid)
         async with SessionClient(f"127.0.0.1:{running.port}") as client:
             await client.append(session_id, [user(f"b{i}") for i in range(450)])
-            events = watch_session(
-                running.store, running.feed, session_id, 1, heartbeat_seconds=60, present=_as_is
-            )
+            events = Watch(running.store, running.feed, session_id, 1, heartbeat_seconds=60, present=_as_is)
             seen: list[int] = []
             try:
 
@@ -237,9 +229,7 @@ async def test_review_a_slow_watch_that_overflows_gets_each_message_once(
     resumes reading gets every seq once, in order, then leaves the feed."""
     async with serving(settings, valkey_url, watch_buffer_events=2) as running:
         session_id = await _new_session(running, uid, messages=1)
-        events = watch_session(
-            running.store, running.feed, session_id, None, heartbeat_seconds=60, present=_as_is
-        )
+        events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=60, present=_as_is)
         try:
             assert await asyncio.wait_for(anext(events), 10) == Heartbeat(1)
             async with SessionClient(f"127.0.0.1:{running.port}") as client:

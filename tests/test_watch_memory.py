@@ -21,7 +21,7 @@ from chatsession_client import SessionClient, user
 from chatsession_server.api.observer import ACCESS_LOGGER
 from chatsession_server.domain import Appended, Heartbeat, StoredMessage
 from chatsession_server.settings import Settings
-from chatsession_server.watch import watch_session
+from chatsession_server.watch import Watch
 from tests.helpers import serving
 from tests.test_quotas import connections, watch
 
@@ -129,7 +129,7 @@ async def test_a_closed_watch_has_left_the_feed_and_ends(
     async with serving(settings, valkey_url) as running:
         async with SessionClient(f"127.0.0.1:{running.port}") as client:
             session_id = (await client.create_session(uid)).session_id
-        events = watch_session(
+        events = Watch(
             running.store, running.feed, session_id, None, heartbeat_seconds=60, present=lambda e: e
         )
         assert await asyncio.wait_for(anext(events), 10) == Heartbeat(0)

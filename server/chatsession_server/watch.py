@@ -45,22 +45,11 @@ READ_PAGE = 200
 T = TypeVar("T")
 
 
-def watch_session(
-    storage: SessionStorage,
-    feed: MessageFeed,
-    session_id: str,
-    after_seq: int | None,
-    *,
-    heartbeat_seconds: float,
-    present: Callable[[WatchEvent], T],
-) -> Watch[T]:
-    """The session's events, each as `present` makes it (the servicer's protobuf: so no second
-    iterator per watch sits between this one and the stream)."""
-    return Watch(storage, feed, session_id, after_seq, heartbeat_seconds, present)
-
-
 class Watch(Generic[T]):
-    """An async iterator whose state is these fields, not a generator's frame: an idle watch holds
+    """A session's events, each as `present` makes it (the servicer's protobuf: so no second
+    iterator per watch sits between this one and the stream).
+
+    An async iterator whose state is these fields, not a generator's frame: an idle watch holds
     this object and the coroutine of the __anext__ waiting on its subscription (a generator held
     about 0.3 KiB more: a bigger frame, its asend object, the event loop's weak reference to it).
     End it with aclose(), which leaves the feed."""
@@ -90,6 +79,7 @@ class Watch(Generic[T]):
         feed: MessageFeed,
         session_id: str,
         after_seq: int | None,
+        *,
         heartbeat_seconds: float,
         present: Callable[[WatchEvent], T],
     ) -> None:

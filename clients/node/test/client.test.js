@@ -3,7 +3,7 @@ const assert = require('node:assert/strict');
 const { randomUUID } = require('node:crypto');
 const { after, before, test } = require('node:test');
 const { SessionClient, ChatSessionError, status } = require('../src');
-const { liveServer, relay } = require('./support');
+const { liveServer, newUser, relay, user } = require('./support');
 
 let server;
 let client;
@@ -18,8 +18,6 @@ after(async () => {
   await server?.stop();
 });
 
-const user = (content, tokens = 1) => ({ role: 'ROLE_USER', content, tokens });
-const newUser = () => `node-${randomUUID()}`;
 
 /** The rejection of `promise`, which must be a ChatSessionError. */
 async function failure(promise) {

@@ -7,7 +7,7 @@ const { randomUUID } = require('node:crypto');
 const { after, before, test } = require('node:test');
 const { SessionClient, ChatSessionError, status } = require('../src');
 const { Backoff } = require('../src/retry');
-const { attemptCounter, freePort, liveServer, relay } = require('./support');
+const { attemptCounter, freePort, liveServer, newUser, relay, user } = require('./support');
 
 // grpc-js waits 1 s (then longer) before reconnecting after a refused connection: shorter here.
 const FAST_RECONNECT = { 'grpc.initial_reconnect_backoff_ms': 20, 'grpc.max_reconnect_backoff_ms': 50 };
@@ -25,8 +25,6 @@ after(async () => {
   await server?.stop();
 });
 
-const user = (content, tokens = 1) => ({ role: 'ROLE_USER', content, tokens });
-const newUser = () => `node-${randomUUID()}`;
 
 /** A client of `address` whose attempts `counter` counts. */
 function countedClient(address, counter, options = {}) {

@@ -3,6 +3,7 @@
 // repository's .venv (or CHATSESSION_SERVER_BIN) on a free port with an embedded Valkey.
 // And a TCP relay whose connections a test can cut, to break a stream as a network would.
 
+const { randomUUID } = require('node:crypto');
 const net = require('node:net');
 const path = require('node:path');
 const readline = require('node:readline');
@@ -137,4 +138,9 @@ function attemptCounter() {
   };
 }
 
-module.exports = { attemptCounter, freePort, liveServer, relay };
+/** A user message of `content`, as the tests append them. */
+const user = (content, tokens = 1) => ({ role: 'ROLE_USER', content, tokens });
+/** A user id no other test run uses. */
+const newUser = () => `node-${randomUUID()}`;
+
+module.exports = { attemptCounter, freePort, liveServer, newUser, relay, user };

@@ -22,7 +22,7 @@ from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.errors import SessionNotFound
 from chatsession_server.ports import MessageFeed, SessionStorage
-from chatsession_server.watch import watch_session
+from chatsession_server.watch import Watch
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
@@ -113,7 +113,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     ) -> AsyncIterator[pb.WatchMessagesResponse]:
         # Not a generator itself: the watch is the stream's iterator (one layer less per idle watch).
         session_id, after_seq = validation.watch_messages(request)
-        return watch_session(
+        return Watch(
             self._store,
             self._feed,
             session_id,
