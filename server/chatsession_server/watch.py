@@ -52,7 +52,8 @@ class Watch(Generic[T]):
     An async iterator whose state is these fields, not a generator's frame: an idle watch holds
     this object and the coroutine of the __anext__ waiting on its subscription (a generator held
     about 0.3 KiB more: a bigger frame, its asend object, the event loop's weak reference to it).
-    End it with aclose(), which leaves the feed."""
+    End it with aclose(), which leaves the feed; as with a generator, an error ends it too, and
+    one dropped unclosed leaves the feed from its loop."""
 
     __slots__ = (
         "_after_seq",
