@@ -42,33 +42,38 @@ class CallObserver(WrappingInterceptor):
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         # grpc's stubs type the behaviours as sync callables; they are coroutines or async generators.
-        if handler.unary_unary:
-            respond: Any = handler.unary_unary
+        behaviour: Any = handler.unary_unary or handler.unary_stream
+        if handler.unary_unary or (behaviour is not None and inspect.iscoroutinefunction(behaviour)):
+            # A unary call, or a stream written by a coroutine (the error mapping's).
 
-            async def unary(request: Any, context: Context) -> Any:
+            async def timed(request: Any, context: Context) -> Any:
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
-                    return await respond(request, context)
+                    return await behaviour(request, context)
                 except BaseException as exc:
                     code = _code_of(exc, context)
                     raise
                 finally:
                     self._done(method, code, start, request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
+            make = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.unary_stream_rpc_method_handler
+            )
+            return make(
+                timed,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            produce: Any = handler.unary_stream
+        if behaviour is not None:  # a stream that is iterated (health's Watch)
 
             async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
-                    async for item in produce(request, context):
+                    async for item in behaviour(request, context):
                         yield item
                 except BaseException as exc:
                     code = _code_of(exc, context)
@@ -78,25 +83,6 @@ class CallObserver(WrappingInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 generate,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            write: Any = handler.unary_stream  # a coroutine that writes (the error mapping's)
-
-            async def stream(request: Any, context: Context) -> None:
-                start = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
-                    await write(request, context)
-                except BaseException as exc:
-                    code = _code_of(exc, context)
-                    raise
-                finally:
-                    self._done(method, code, start, request, context)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
