@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -30,6 +33,25 @@ async def serving(base: Settings, valkey_url: str, **overrides: Any) -> AsyncIte
         yield running
     finally:
         await running.stop(1.0)
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, *, interval: float = 0.02
+) -> None:
+    """Waits until `condition()` (a plain or an async callable) is true, polling every `interval`
+    seconds; fails the test, naming the condition, once `timeout` seconds have passed without it.
+    The one way a test waits for a state another task, process or Valkey reaches on its own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = condition()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() >= deadline:
+            name = getattr(condition, "__qualname__", repr(condition))
+            pytest.fail(f"{name} still false after {timeout} s")
+        await asyncio.sleep(interval)
 
 
 async def raises(cls: type[E], call: Awaitable[Any]) -> E:
