@@ -14,7 +14,7 @@ from glide import GlideClient, UpdateOptions
 from chatsession_client import AlreadyExistsError, SessionClient, UnavailableError, user
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
-from chatsession_server.store import scripts
+from chatsession_server.store.lua import session_scripts
 from chatsession_server.store.session_store import SessionStore
 from tests.helpers import meta, raises
 
@@ -54,7 +54,7 @@ async def test_a_create_cut_off_after_its_index_step_is_never_listed_and_its_ent
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
     index = f"user_sessions:{{{uid}}}"
-    fail_script(monkeypatch, server.store, scripts.CREATE)
+    fail_script(monkeypatch, server.store, session_scripts.CREATE)
     await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-a", request_id="r1"))
     assert await raw.zscore(index, f"{uid}-a") is not None  # the first step happened...
     assert await raw.exists([f"meta:{{{uid}-a}}"]) == 0  # ...the second did not

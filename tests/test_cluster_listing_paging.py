@@ -16,7 +16,7 @@ import pytest
 from chatsession_client import SessionClient, UnavailableError, user
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
-from chatsession_server.store import scripts
+from chatsession_server.store.lua import session_scripts
 from tests.helpers import raises
 
 pytestmark = pytest.mark.cluster_only
@@ -30,7 +30,7 @@ async def test_paging_lists_every_live_session_when_a_score_is_repaired_mid_page
     original_run = store._run
 
     async def cut_off(which: Any, keys_: Any, args: Any) -> Any:
-        if which is scripts.CREATE:
+        if which is session_scripts.CREATE:
             raise StoreUnavailable("injected: the connection to the node was lost")
         return await original_run(which, keys_, args)
 

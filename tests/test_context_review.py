@@ -31,8 +31,8 @@ from chatsession_client import (
 from chatsession_server.api.validation import READABLE_FIELDS
 from chatsession_server.domain import Cleared, Compacted
 from chatsession_server.settings import Settings
+from chatsession_server.store.codec import MAX_PINNED
 from chatsession_server.store.feed import _parse as parse_publish
-from chatsession_server.store.scripts import MAX_PINNED
 from tests.helpers import meta, raises, serving, violated_fields
 from tests.test_context import conversation, dumps, seqs, stored_bytes_match
 

@@ -26,7 +26,7 @@ from chatsession_client import (
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
-from chatsession_server.store import scripts
+from chatsession_server.store.lua import session_scripts
 from tests.helpers import meta, raises, serving, session_keys_exist, stored_messages, violated_fields
 from tests.test_grpcurl import grpcurl
 
@@ -280,7 +280,7 @@ async def test_cluster_a_fork_cut_off_between_its_steps_leaves_no_session_and_th
     original = store._run
 
     async def run(which: Any, keys_: Any, args: Any) -> Any:
-        if which is scripts.FORK_WRITE:  # the read step happened; the node of the fork is lost
+        if which is session_scripts.FORK_WRITE:  # the read step happened; the node of the fork is lost
             raise StoreUnavailable("injected: the connection to the node was lost")
         return await original(which, keys_, args)
 

@@ -37,7 +37,7 @@ from hypothesis.stateful import (
 from chatsession.v1 import session_pb2
 from chatsession.v1.session_pb2 import ROLE_ASSISTANT, ROLE_SYSTEM, ROLE_TOOL, ROLE_USER
 from chatsession_client import FailedPreconditionError, NotFoundError, SessionClient, message
-from chatsession_server.store.scripts import MAX_PINNED
+from chatsession_server.store.codec import MAX_PINNED
 
 T = TypeVar("T")
 OnLoop = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -92,7 +92,7 @@ class ModelSession:
         self.trim()
 
     def trim(self) -> None:
-        """scripts.py `trim_window`: keep the pinned prompt and the newest max-pinned messages (at
+        """lua/prelude.py `trim_window`: keep the pinned prompt and the newest max-pinned messages (at
         least one), then drop further while a tool message would head the window."""
         if self.max_messages <= 0:
             return

@@ -14,7 +14,8 @@ import pytest
 from glide import AllPrimaries, GlideClusterClient
 
 from chatsession_client import SessionClient, user
-from chatsession_server.store import scripts
+from chatsession_server.store.lua.owner_scripts import USAGE_SYNC
+from chatsession_server.store.lua.session_scripts import APPEND
 
 
 async def command_counts(raw: Any) -> dict[str, int]:
@@ -42,7 +43,7 @@ async def commands_of(raw: Any, step: Any) -> dict[str, int]:
     return spent
 
 
-APPEND_SCRIPT_COMMANDS = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", scripts.APPEND.source)}
+APPEND_SCRIPT_COMMANDS = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", APPEND.source)}
 APPEND_SCRIPT_COMMANDS |= {"publish", "spublish"}  # called by the name it is given
 
 
@@ -69,6 +70,6 @@ async def test_in_a_cluster_an_append_is_its_script_and_one_index_and_usage_step
     await client.append(s.session_id, [user("warm")])
     spent = await commands_of(raw, client.append(s.session_id, [user("hello", tokens=3)]))
     assert spent.pop("evalsha") == 2  # the append's script, then the index and usage step's
-    step_commands = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", scripts.USAGE_SYNC.source)}
+    step_commands = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", USAGE_SYNC.source)}
     assert spent.pop("zadd") == 1  # the index, in the second step (the append's script skips it)
     assert set(spent) <= APPEND_SCRIPT_COMMANDS | step_commands, spent

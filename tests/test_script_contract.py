@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatsession_server.domain import NewMessage, Role, ToolCall
-from chatsession_server.store import codec, scripts
+from chatsession_server.store import codec
+from chatsession_server.store.lua import owner_scripts, runtime, session_scripts
 
 texts = st.text(max_size=50)
 
@@ -45,8 +46,8 @@ def test_stored_json_starts_with_what_the_scripts_match(
     assert codec.decode_message(stored).seq == seq
 
 
-@pytest.mark.parametrize("script", scripts.ALL)
-def test_scripts_name_every_key_and_argument_instead_of_indexing(script: scripts.LuaScript[object]) -> None:
+@pytest.mark.parametrize("script", session_scripts.ALL + owner_scripts.ALL)
+def test_scripts_name_every_key_and_argument_instead_of_indexing(script: runtime.LuaScript[object]) -> None:
     header, _, body = script.source.partition("\nlocal function describe")
     assert "KEYS[" not in body
     assert "ARGV[" not in re.sub(r"ARGV\[i( \+ 1)?\]|unpack\(ARGV", "", body)
@@ -55,13 +56,13 @@ def test_scripts_name_every_key_and_argument_instead_of_indexing(script: scripts
 
 
 def test_arguments_are_encoded_in_field_order() -> None:
-    args = scripts.ListMessagesArgs(
-        owners=scripts.owners_arg({"bob", "al"}), limit=20, after_seq=None, before_seq=7, max_bytes=100
+    args = session_scripts.ListMessagesArgs(
+        owners=runtime.owners_arg({"bob", "al"}), limit=20, after_seq=None, before_seq=7, max_bytes=100
     )
-    assert scripts.LIST_MESSAGES.argv(args) == [" al bob ", "20", "", "7", "100"]
-    assert scripts.owners_arg(None) == ""  # anyone's
-    assert scripts.owners_arg(()) == " "  # nobody's
-    update = scripts.UpdateArgs(
+    assert session_scripts.LIST_MESSAGES.argv(args) == [" al bob ", "20", "", "7", "100"]
+    assert runtime.owners_arg(None) == ""  # anyone's
+    assert runtime.owners_arg(()) == " "  # nobody's
+    update = session_scripts.UpdateArgs(
         owners="",
         ttl=None,
         max_messages=5,
@@ -70,10 +71,10 @@ def test_arguments_are_encoded_in_field_order() -> None:
         set_count=1,
         changes=["title", "t", "label:x"],
     )
-    assert scripts.UPDATE.argv(update) == ["", "", "5", "1", "64", "1", "title", "t", "label:x"]
-    assert "local changes_from = 7" in scripts.UPDATE.source
+    assert session_scripts.UPDATE.argv(update) == ["", "", "5", "1", "64", "1", "title", "t", "label:x"]
+    assert "local changes_from = 7" in session_scripts.UPDATE.source
     with pytest.raises(ValueError, match="at most 3 keys"):
-        scripts.LIST_MESSAGES.keys("a", "b", "c", "d")
+        session_scripts.LIST_MESSAGES.keys("a", "b", "c", "d")
 
 
 @given(

@@ -27,7 +27,8 @@ from chatsession_client import (
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
-from chatsession_server.store import codec, scripts
+from chatsession_server.store import codec
+from chatsession_server.store.lua import owner_scripts
 from tests.helpers import raises, serving, violated_fields
 from tests.test_grpcurl import grpcurl
 
@@ -187,7 +188,7 @@ async def test_cluster_a_failed_usage_step_is_made_up_by_the_next_append_or_the_
     failing = [True]
 
     async def run(which: Any, keys_: Any, args: Any) -> Any:
-        if which is scripts.USAGE_SYNC and failing[0]:
+        if which is owner_scripts.USAGE_SYNC and failing[0]:
             raise StoreUnavailable("injected: the user's node is unreachable")
         return await original(which, keys_, args)
 

@@ -28,6 +28,8 @@ TOKENS_HEAD = ',"tokens":'
 (`encode_body` puts it right after role and content, and a quote inside a string is escaped)."""
 SUMMARIZES_HEAD = ',"summarizes":['
 """The compaction script closes a summary's body with this, its first and last seq, and `]}`."""
+MAX_PINNED = 16
+"""Most leading system messages a session pins (keeps through every window trim)."""
 
 
 class MetaField(enum.StrEnum):
@@ -289,6 +291,8 @@ USAGE_OTHER_MODEL = "(other)"
 """the model the usage of a user's further models is counted under"""
 USAGE_MODELS_FIELD = "models_counted"
 """how many of USAGE_MAX_MODELS places are taken (no `:`, so no reading takes it for a count)"""
+SEEN_PRUNED_FIELD = " pruned_day"
+"""usage_seen's bookkeeping field (no session id holds a space): the UTC day it was last pruned"""
 
 
 def usage_days(now: float) -> str:

@@ -1,13 +1,14 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
-Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner> <rewrite>"),
-clears ("X<last seq> <owner> <rewrite>") and deletes ("D") publish on `watch:{<id>}` (see scripts.py); in
-a cluster with SPUBLISH, and the feed subscribes with SSUBSCRIBE: a sharded channel lives on the
-node of its session's slot, so a publish reaches only that node's subscribers instead of every
-node of the cluster. The feed subscribes a session's channel when its first local watcher arrives
-and unsubscribes when the last leaves (in batches, see channel_sync.py). Pub/sub is only a
-doorbell: each watcher keeps a cursor and re-reads the LIST whenever an event cannot be trusted
-to follow on (a gap, a full buffer, a publish lost while Valkey was away).
+Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner>
+<rewrite>"), clears ("X<last seq> <owner> <rewrite>") and deletes ("D") publish on
+`watch:{<id>}` (see lua/session_scripts.py); in a cluster with SPUBLISH, and the feed subscribes
+with SSUBSCRIBE: a sharded channel lives on the node of its session's slot, so a publish reaches
+only that node's subscribers instead of every node of the cluster. The feed subscribes a
+session's channel when its first local watcher arrives and unsubscribes when the last leaves (in
+batches, see channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a cursor and
+re-reads the LIST whenever an event cannot be trusted to follow on (a gap, a full buffer, a
+publish lost while Valkey was away).
 """
 
 from __future__ import annotations

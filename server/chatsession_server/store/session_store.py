@@ -4,7 +4,7 @@ The owner's index (`user_sessions:{uid}`) and a session live in different cluste
 standalone Valkey the scripts keep the index exact in the same step. In a cluster it is a
 second step, ordered so that a crash or error between the two steps never hides a live session
 from its owner's listing and never shows one that does not exist:
-- create: index entry first (its score strictly raised: see scripts.ENTER_INDEX), then the
+- create: index entry first (its score strictly raised: see owner_scripts.ENTER_INDEX), then the
   session. A crash in between leaves an
   entry without a session: listings skip it (they describe every candidate) and remove it once
   it is older than INDEX_PRUNE_GRACE_SECONDS, and only if its score is unchanged. The session
@@ -21,7 +21,7 @@ tests/test_cluster_index.py injects a failure between the steps of each.
 
 The owner's usage (`usage:{uid}`, `KeySpace.usage`) shares the index's slot. Standalone, the
 create, append and fork scripts count it in their own step, and a replay never reaches that code.
-In a cluster it is the second step too (scripts.USAGE_SYNC, in the same script as the append's
+In a cluster it is the second step too (owner_scripts.USAGE_SYNC, in the same script as the append's
 index step: still two round trips), and it counts not "this call" but what the session's
 counters (message_count, token_count, returned by the first step) show beyond what the last sync
 of that session counted (`usage_seen:{uid}`): a replay's step counts nothing new, concurrent
@@ -76,8 +76,9 @@ from chatsession_server.errors import (
     SessionNotFound,
     StoreUnavailable,
 )
-from chatsession_server.store import codec, keys, scripts
-from chatsession_server.store.scripts import Status
+from chatsession_server.store import codec, keys
+from chatsession_server.store.lua import owner_scripts, session_scripts
+from chatsession_server.store.lua.runtime import LuaScript, Status, owners_arg
 from chatsession_server.store.valkey import ValkeyConnection
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class SessionStore:
             self._keys.summary(session_id),
         ]
 
-    async def _run(self, script: scripts.LuaScript[Any], keys_: Sequence[str], args: Any) -> Any:
+    async def _run(self, script: LuaScript[Any], keys_: Sequence[str], args: Any) -> Any:
         return await self._conn.script(script.script, script.keys(*keys_), script.argv(args))
 
     # --- the owner's index as a step of its own (cluster) -----------------------------------
@@ -160,13 +161,13 @@ class SessionStore:
     async def _sync_usage(
         self, session: Session, described: Any, recent: tuple[int, int], counted_at: float, *, index: bool
     ) -> None:
-        """scripts.USAGE_SYNC: count what the session's counters show beyond its last sync (see
+        """owner_scripts.USAGE_SYNC: count what the session's counters show beyond its last sync (see
         the module docstring) on the UTC day of `counted_at`, with the owner's index score too
         when `index`."""
         now = self._clock()
         meta_map = codec.pairs_to_map(described[0])
         base = meta_map.get(codec.MetaField.USAGE_BASE.encode(), b"0 0").decode()
-        args = scripts.UsageSyncArgs(
+        args = owner_scripts.UsageSyncArgs(
             session_id=session.session_id,
             created_at=codec.format_time(session.created_at),
             message_count=session.message_count,
@@ -183,12 +184,12 @@ class SessionStore:
         usage_keys = [self._keys.usage(session.user_id), self._keys.usage_seen(session.user_id)]
         if index:
             usage_keys.append(self._keys.user_index(session.user_id))
-        await self._run(scripts.USAGE_SYNC, usage_keys, args)
+        await self._run(owner_scripts.USAGE_SYNC, usage_keys, args)
         await self._conn.replicated(usage_keys[0])
 
     async def _unindex(self, user_id: str, session_id: str, last_active: str) -> None:
         index = self._keys.user_index(user_id)
-        await self._run(scripts.UNINDEX, [index], scripts.UnindexArgs(session_id, last_active))
+        await self._run(owner_scripts.UNINDEX, [index], owner_scripts.UnindexArgs(session_id, last_active))
         await self._conn.replicated(index)
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
@@ -210,7 +211,7 @@ class SessionStore:
         else:
             score_set = await self._enter_index(new.user_id, new.session_id, now)
             indexed_at = time.monotonic()
-        args = scripts.CreateArgs(
+        args = session_scripts.CreateArgs(
             now=now,
             ttl=new.ttl_seconds,
             request_id=new.request_id,
@@ -223,7 +224,7 @@ class SessionStore:
         )
         if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
             raise StoreUnavailable("creating the session took too long; retry with the same request_id")
-        reply = await self._run(scripts.CREATE, session_keys, args)
+        reply = await self._run(session_scripts.CREATE, session_keys, args)
         status = Status.of(reply)
         if status is Status.EXISTS:
             if not self._index_in_script:
@@ -242,7 +243,9 @@ class SessionStore:
     async def _enter_index(self, user_id: str, session_id: str, now: str) -> str:
         """A create's index step (cluster); returns the score written."""
         index = self._keys.user_index(user_id)
-        written = await self._run(scripts.ENTER_INDEX, [index], scripts.EnterIndexArgs(session_id, now))
+        written = await self._run(
+            owner_scripts.ENTER_INDEX, [index], owner_scripts.EnterIndexArgs(session_id, now)
+        )
         await self._conn.replicated(index)
         return written.decode() if isinstance(written, bytes) else str(written)
 
@@ -250,9 +253,9 @@ class SessionStore:
         """Undo a refused create's index step (cluster): put back the owner's score, or remove an
         entry that another user's session id does not deserve. Best effort: an entry left
         behind is skipped by listings and pruned after the grace period."""
-        args = scripts.RevertIndexArgs(new.session_id, score_set, previous)
+        args = owner_scripts.RevertIndexArgs(new.session_id, score_set, previous)
         try:
-            await self._run(scripts.REVERT_INDEX, [self._keys.user_index(new.user_id)], args)
+            await self._run(owner_scripts.REVERT_INDEX, [self._keys.user_index(new.user_id)], args)
         except ChatSessionError as exc:
             log.warning(
                 "session %s: index entry of a refused create left to pruning (%s)", new.session_id, exc
@@ -327,8 +330,8 @@ class SessionStore:
         for key, value in labels_to_set.items():
             to_set[codec.LABEL_FIELD_PREFIX + key] = value
         to_delete = [codec.LABEL_FIELD_PREFIX + key for key in sorted(patch.remove_labels)]
-        args = scripts.UpdateArgs(
-            owners=scripts.owners_arg(owners),
+        args = session_scripts.UpdateArgs(
+            owners=owners_arg(owners),
             ttl=patch.ttl_seconds,
             max_messages=patch.max_messages,
             clear_labels=patch.replace_labels is not None,
@@ -336,7 +339,7 @@ class SessionStore:
             set_count=len(to_set),
             changes=[*codec.flatten(to_set.items()), *to_delete],
         )
-        reply = await self._run(scripts.UPDATE, self._session_keys(session_id), args)
+        reply = await self._run(session_scripts.UPDATE, self._session_keys(session_id), args)
         status = Status.of(reply)
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
@@ -354,14 +357,14 @@ class SessionStore:
 
     async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
         """Delete a session; False when there was none (of `owners`)."""
-        args = scripts.DeleteArgs(
-            owners=scripts.owners_arg(owners),
+        args = session_scripts.DeleteArgs(
+            owners=owners_arg(owners),
             index_key_head=self._index_head,
             session_id=session_id,
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
         )
-        reply = await self._run(scripts.DELETE, self._session_keys(session_id), args)
+        reply = await self._run(session_scripts.DELETE, self._session_keys(session_id), args)
         if Status.of(reply) is Status.NOT_FOUND:
             return False
         await self._conn.replicated(self._keys.meta(session_id))
@@ -384,8 +387,8 @@ class SessionStore:
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
-        args = scripts.AppendArgs(
-            owners=scripts.owners_arg(owners),
+        args = session_scripts.AppendArgs(
+            owners=owners_arg(owners),
             now=codec.format_time(now),
             request_id=request_id,
             fingerprint=codec.fingerprint(messages) if request_id else "",
@@ -402,7 +405,7 @@ class SessionStore:
             usage_days=codec.usage_days(now),
             bodies=bodies,
         )
-        reply = await self._run(scripts.APPEND, self._session_keys(session_id), args)
+        reply = await self._run(session_scripts.APPEND, self._session_keys(session_id), args)
         status = Status.of(reply)
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
@@ -452,10 +455,10 @@ class SessionStore:
         self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
     ) -> MessagePage:
         reply = await self._run(
-            scripts.LIST_MESSAGES,
+            session_scripts.LIST_MESSAGES,
             [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)],
-            scripts.ListMessagesArgs(
-                scripts.owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
+            session_scripts.ListMessagesArgs(
+                owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
             ),
         )
         if Status.of(reply) is Status.NOT_FOUND:
@@ -477,10 +480,10 @@ class SessionStore:
         source = fork.source_id
         origin = f"{source} {'' if fork.at_seq is None else fork.at_seq}"
         reply = await self._run(
-            scripts.FORK_READ,
+            session_scripts.FORK_READ,
             [self._keys.chat(source), self._keys.meta(source), self._keys.summary(source)],
-            scripts.ForkReadArgs(
-                scripts.owners_arg(owners), fork.at_seq, self._max_fork_bytes, self._max_fork_messages
+            session_scripts.ForkReadArgs(
+                owners_arg(owners), fork.at_seq, self._max_fork_bytes, self._max_fork_messages
             ),
         )
         status = Status.of(reply)
@@ -534,7 +537,7 @@ class SessionStore:
         )
         if not self._index_in_script and time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
             raise StoreUnavailable("forking the session took too long; retry with the same request_id")
-        reply = await self._run(scripts.FORK_WRITE, fork_keys, args)
+        reply = await self._run(session_scripts.FORK_WRITE, fork_keys, args)
         status = Status.of(reply)
         new = NewSession(fork.session_id, user_id, "", "", {}, 0, 0, fork.request_id)
         if status is Status.EXISTS:
@@ -573,10 +576,10 @@ class SessionStore:
         user_id: str,
         now: str,
         probe: bool,
-    ) -> scripts.ForkWriteArgs:
+    ) -> session_scripts.ForkWriteArgs:
         """FORK_WRITE's arguments for a probe; a write replaces what it copies."""
-        return scripts.ForkWriteArgs(
-            owners=scripts.owners_arg(owners),
+        return session_scripts.ForkWriteArgs(
+            owners=owners_arg(owners),
             now=now,
             ttl=0,
             request_id=fork.request_id,
@@ -596,7 +599,7 @@ class SessionStore:
         """The fork a first attempt with this request_id made, or None; writes nothing (its index
         entry was entered by that attempt, before its write)."""
         args = self._fork_write_args(fork, origin, owners, user_id="", now="", probe=True)
-        reply = await self._run(scripts.FORK_WRITE, self._session_keys(fork.session_id), args)
+        reply = await self._run(session_scripts.FORK_WRITE, self._session_keys(fork.session_id), args)
         if Status.of(reply) is not Status.REPLAYED:
             return None
         session = _session_from(fork.session_id, reply[1])
@@ -616,11 +619,11 @@ class SessionStore:
         self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
     ) -> Context:
         """Pinned prompt, summary and the newest messages that fit the budget, in one script."""
-        args = scripts.ContextArgs(
-            scripts.owners_arg(owners), query.max_tokens, query.max_messages, PAGE_BYTES
+        args = session_scripts.ContextArgs(
+            owners_arg(owners), query.max_tokens, query.max_messages, PAGE_BYTES
         )
         keys_ = [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)]
-        reply = await self._run(scripts.GET_CONTEXT, keys_, args)
+        reply = await self._run(session_scripts.GET_CONTEXT, keys_, args)
         status = Status.of(reply)
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
@@ -646,8 +649,8 @@ class SessionStore:
     ) -> CompactResult:
         now = self._clock()
         summary = compaction.summary
-        args = scripts.CompactArgs(
-            owners=scripts.owners_arg(owners),
+        args = session_scripts.CompactArgs(
+            owners=owners_arg(owners),
             request_id=compaction.request_id,
             # "c": never equal to an append's fingerprint, so a request_id of either kind
             # reused for the other is refused.
@@ -661,7 +664,7 @@ class SessionStore:
             max_session_bytes=self._max_session_bytes,
             summary_body=codec.encode_body(summary, now),
         )
-        reply = await self._run(scripts.COMPACT, self._session_keys(session_id), args)
+        reply = await self._run(session_scripts.COMPACT, self._session_keys(session_id), args)
         status = Status.of(reply)
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
@@ -715,8 +718,8 @@ class SessionStore:
         request_id: str = "",
         owners: Collection[str] | None = None,
     ) -> Session:
-        args = scripts.ClearArgs(
-            scripts.owners_arg(owners),
+        args = session_scripts.ClearArgs(
+            owners_arg(owners),
             keep_system_prompt,
             request_id,
             # "x": never equal to an append's or a compaction's fingerprint (see compact).
@@ -725,7 +728,7 @@ class SessionStore:
             self._publish,
             self._keys.watch_channel(session_id),
         )
-        reply = await self._run(scripts.CLEAR, self._session_keys(session_id), args)
+        reply = await self._run(session_scripts.CLEAR, self._session_keys(session_id), args)
         status = Status.of(reply)
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
@@ -796,11 +799,11 @@ class SessionStore:
         index = self._keys.user_index(user_id)
         if self._index_in_script:
             pairs = [item for session_id, _ in dead for item in (session_id, self._keys.meta(session_id))]
-            await self._run(scripts.PRUNE_INDEX, [index], scripts.PruneIndexArgs(user_id, pairs))
+            await self._run(owner_scripts.PRUNE_INDEX, [index], owner_scripts.PruneIndexArgs(user_id, pairs))
         else:
             cutoff = codec.format_time(self._clock() - self._prune_grace_seconds)
             seen = [item for session_id, score in dead for item in (session_id, repr(score))]
-            await self._run(scripts.PRUNE_STALE, [index], scripts.PruneStaleArgs(cutoff, seen))
+            await self._run(owner_scripts.PRUNE_STALE, [index], owner_scripts.PruneStaleArgs(cutoff, seen))
 
     async def _repair_scores(self, user_id: str, live: Sequence[tuple[Session, float]]) -> None:
         """Raises index scores that lag their session's last_active (an append whose index step

@@ -1,356 +1,30 @@
-"""Lua sources of every multi-step Valkey operation: each runs atomically in one round trip.
+"""Scripts that run in a session's cluster slot, each touching only that session's keys.
 
 Layout of a session (see also keys.py):
   chat:{id}  LIST of JSON messages. Stored seqs are 1..pinned (the leading system prompt, at
              indices 0..pinned-1, never trimmed) and base+1..message_count (the window, at
              indices pinned..len-1), where base = message_count - (len - pinned).
-  meta:{id}  HASH: user_id model title created_at last_active message_count token_count
-             ttl_seconds max_messages pinned [create_request_id] label:<key>...
-  reqs:{id}  HASH request_id -> "fingerprint first_seq count".
+  meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
+             token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] label:<key>...
+  reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
+             compactions ("fingerprint up_to_seq 0") and clears ("fingerprint last_seq 0").
   summary:{id}  STRING: CompactMessages' summary, stored JSON with seq = the last seq it replaces
              (pinned < seq <= base: it stands where the messages it replaced were).
-All four expire together, and every per-session script touches only them (one cluster slot).
-On standalone Valkey the create, append and delete scripts also keep the owner's index
-`user_sessions:{uid}` exact in the same step; in a cluster the index lives in another slot and
-session_store.py updates it in a second step.
-
-The contract between the two languages is defined here, once, on the Python side: each script's
-KEYS and ARGV are named (a keys tuple and an argument dataclass whose field order is ARGV's);
-`LuaScript` prepends Lua locals of those names, of the reply statuses (`Status`), of the meta
-field names (`codec.MetaField`) and of the stored-JSON prefixes the scripts match. A Lua body
-refers only to those names; Valkey refuses a script that reads an undefined global, so a name
-that drifts fails every test that runs the script.
+All four expire together. On standalone Valkey the create, append, delete and fork scripts also
+keep the owner's index `user_sessions:{uid}` and usage `usage:{uid}` exact in the same step (they
+are given their keys or the heads of their names); in a cluster those live in another slot and
+owner_index.py keeps them in a second step.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from glide import Script
-
-from chatsession_server.domain import Role
-from chatsession_server.store import codec
-
-
-class Status(enum.StrEnum):
-    """First element of every script's reply."""
-
-    OK = "ok"
-    CREATED = "created"
-    REPLAYED = "replayed"
-    EXISTS = "exists"
-    NOT_FOUND = "not_found"
-    REQUEST_ID_REUSED = "request_id_reused"
-    SEQ_MISMATCH = "seq_mismatch"
-    TOO_MANY_LABELS = "too_many_labels"
-    TOO_LARGE = "too_large"
-    BEYOND_LAST = "beyond_last"
-    TRIMMED = "trimmed"
-    OVER_BUDGET = "over_budget"
-    REPLY_TOO_LARGE = "reply_too_large"
-    UP_TO_SEQ_AHEAD = "up_to_seq_ahead"
-    UP_TO_SEQ_IN_PROMPT = "up_to_seq_in_prompt"
-    ALREADY_COMPACTED = "already_compacted"
-
-    @classmethod
-    def of(cls, reply: Any) -> Status:
-        head = reply[0]
-        return cls(head.decode() if isinstance(head, bytes) else head)
-
-
-def _lua_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _constants() -> str:
-    names = [f"ST_{s.name}" for s in Status] + [f"F_{f.name}" for f in codec.MetaField]
-    values = [s.value for s in Status] + [f.value for f in codec.MetaField]
-    lines = [f"local {n} = {_lua_string(v)}" for n, v in zip(names, values, strict=True)]
-    lines += [
-        f"local LABEL_PREFIX = {_lua_string(codec.LABEL_FIELD_PREFIX)}",
-        f"local SYSTEM_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.SYSTEM))}",
-        f"local TOOL_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.TOOL))}",
-        f"local SEQ_HEAD = {_lua_string(codec.SEQ_HEAD)}",
-        f"local MAX_PINNED = {MAX_PINNED}",
-        f"local USAGE_TOTAL_PREFIX = {_lua_string(codec.USAGE_TOTAL_PREFIX)}",
-        f"local USAGE_DAY_PREFIX = {_lua_string(codec.USAGE_DAY_PREFIX)}",
-        f"local USAGE_MODEL_PREFIX = {_lua_string(codec.USAGE_MODEL_PREFIX)}",
-        f"local USAGE_PRUNED_FIELD = {_lua_string(codec.USAGE_PRUNED_FIELD)}",
-        f"local USAGE_MAX_MODELS = {codec.USAGE_MAX_MODELS}",
-        f"local USAGE_OTHER_MODEL = {_lua_string(codec.USAGE_OTHER_MODEL)}",
-        f"local USAGE_MODELS_FIELD = {_lua_string(codec.USAGE_MODELS_FIELD)}",
-        f"local SEEN_PRUNED_FIELD = {_lua_string(SEEN_PRUNED_FIELD)}",
-        f"local TOKENS_HEAD = {_lua_string(codec.TOKENS_HEAD)}",
-        f"local SUMMARIZES_HEAD = {_lua_string(codec.SUMMARIZES_HEAD)}",
-    ]
-    lines += [f"local USAGE_{m.upper()} = {_lua_string(m)}" for m in codec.USAGE_METRICS]
-    return "\n".join(lines) + "\n"
-
-
-MAX_PINNED = 16
-"""Most leading system messages a session pins (keeps through every window trim)."""
-SEEN_PRUNED_FIELD = " pruned_day"
-"""usage_seen's bookkeeping field (no session id holds a space): the UTC day it was last pruned"""
-
-A = TypeVar("A")
-
-
-def owners_arg(owners: Collection[str] | None) -> str:
-    """The `owners` argument: the user ids whose sessions the caller may touch (None: anyone's)."""
-    if owners is None:
-        return ""
-    return " " + " ".join(sorted(owners)) + " " if owners else " "
-
-
-class LuaScript(Generic[A]):
-    """A Lua script with named KEYS (`keys`) and ARGV (the fields of the dataclass `args`, in
-    order). A field typed as a sequence must come last: it fills the rest of ARGV, and the body
-    finds its first index as `<name>_from`. Values travel as strings: None is '', a bool is
-    '1'/'0', a number its decimal form. Trailing keys may be left out: they are nil in Lua."""
-
-    def __init__(self, keys: tuple[str, ...], args: type[A], body: str, *, read_only: bool = False) -> None:
-        self.key_names = keys
-        self._fields = [f.name for f in dataclasses.fields(args)]  # type: ignore[arg-type]
-        header = [f"local {', '.join(keys)} = {', '.join(f'KEYS[{i + 1}]' for i in range(len(keys)))}"]
-        for i, name in enumerate(self._fields):
-            if i == len(self._fields) - 1 and _is_sequence(args, name):
-                header.append(f"local {name}_from = {i + 1}")
-            else:
-                header.append(f"local {name} = ARGV[{i + 1}]")
-        self.source = (
-            ("#!lua flags=no-writes\n" if read_only else "")
-            + _constants()
-            + "\n".join(header)
-            + "\n"
-            + PRELUDE
-            + body
-        )
-        self.script = Script(self.source)  # type: ignore[no-untyped-call]
-
-    def keys(self, *names: str) -> list[str]:
-        if len(names) > len(self.key_names):
-            raise ValueError(f"the script takes at most {len(self.key_names)} keys")
-        return list(names)
-
-    def argv(self, args: A) -> list[str]:
-        out: list[str] = []
-        for name in self._fields:
-            value = getattr(args, name)
-            if isinstance(value, list | tuple):
-                out.extend(value)
-            else:
-                out.append(_arg(value))
-        return out
-
-
-def _is_sequence(args: type[Any], name: str) -> bool:
-    annotation = str(args.__annotations__[name])
-    return annotation.startswith(("Sequence[", "list[", "tuple["))
-
-
-def _arg(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return value
-    raise TypeError(f"cannot pass {type(value).__name__} to a script")
-
-
-PRELUDE = r"""
--- `owners` is ' ' .. user ids .. ' ' (ids hold no spaces), or '' for a caller acting for anyone.
-local function owned(owners, uid)
-  return owners == '' or string.find(owners, ' ' .. uid .. ' ', 1, true) ~= nil
-end
-
-local function seq_of(item)
-  return tonumber(string.sub(item, #SEQ_HEAD + 1, string.find(item, ',', #SEQ_HEAD + 1, true) - 1))
-end
-
-local function describe(chat, meta)
-  return {redis.call('HGETALL', meta), redis.call('LLEN', chat), redis.call('TTL', meta)}
-end
-
--- A stored item is SEQ_HEAD .. seq .. ',' .. body; the body starts with its role.
-local function has_role(item, prefix)
-  if not item then return false end
-  local comma = string.find(item, ',', #SEQ_HEAD + 1, true)
-  return comma ~= nil and string.sub(item, comma + 1, comma + #prefix) == prefix
-end
-
--- Bytes of the items at indices from..to, read in slices: a window cut from 64 MiB to a few
--- messages must not load it all.
-local function bytes_of(chat, from, to)
-  local total = 0
-  for at = from, to, 64 do
-    for _, item in ipairs(redis.call('LRANGE', chat, at, math.min(at + 63, to))) do total = total + #item end
-  end
-  return total
-end
-
--- Subtracts from stored_bytes; a session stored before the count existed starts from 0: never
--- let it go negative.
-local function unstore(meta, freed)
-  if redis.call('HINCRBY', meta, F_STORED_BYTES, -freed) < 0 then
-    redis.call('HSET', meta, F_STORED_BYTES, 0)
-  end
-end
-
--- Removes the `drop` oldest messages after the pinned prompt, and their bytes from the count.
--- The LIST may be emptied and re-created: the caller restores its expiry where that matters.
-local function drop_after_prompt(chat, meta, pinned, drop)
-  unstore(meta, bytes_of(chat, pinned, pinned + drop - 1))
-  if pinned == 0 then
-    redis.call('LTRIM', chat, drop, -1)
-  else
-    local head = redis.call('LRANGE', chat, 0, pinned - 1)
-    redis.call('LTRIM', chat, pinned + drop, -1)
-    -- Back in front, in slices (a prompt stored before MAX_PINNED existed may be longer than
-    -- unpack takes), the last slice first.
-    for last = #head, 1, -1000 do
-      local slice = {}
-      for i = last, math.max(last - 999, 1), -1 do slice[#slice + 1] = head[i] end
-      redis.call('LPUSH', chat, unpack(slice))
-    end
-  end
-end
-
--- Records a request_id's outcome, and forgets the oldest records in bulk once half as many
--- again as the limit pile up.
-local function remember_request(reqs, request_id, record, limit)
-  redis.call('HSET', reqs, request_id, record)
-  limit = tonumber(limit)
-  local n = redis.call('HLEN', reqs)
-  if n > limit + math.floor(limit / 2) then
-    local all = redis.call('HGETALL', reqs)
-    local rows = {}
-    for i = 1, #all, 2 do
-      rows[#rows + 1] = {tonumber(string.match(all[i + 1], ' (%d+) ')), all[i]}
-    end
-    table.sort(rows, function(a, b) return a[1] < b[1] end)
-    -- In slices: Lua's unpack takes at most a few thousand values, and a script that fails
-    -- half way keeps what it wrote before.
-    for from = 1, n - limit, 1000 do
-      local old = {}
-      for i = from, math.min(from + 999, n - limit) do old[#old + 1] = rows[i][2] end
-      redis.call('HDEL', reqs, unpack(old))
-    end
-  end
-end
-
--- The `tokens` of a stored message: the first `,"tokens":` in it is the top-level field (it
--- follows role and content, and a quote inside a JSON string is always escaped).
-local function tokens_of(item)
-  local at = string.find(item, TOKENS_HEAD, 1, true)
-  if not at then return 0 end
-  return tonumber(string.match(item, '^%d+', at + #TOKENS_HEAD)) or 0
-end
-
--- The stored summary (or false) and its seq.
-local function read_summary(summary)
-  local item = redis.call('GET', summary)
-  if not item then return false, nil end
-  return item, seq_of(item)
-end
-
--- Keep the pinned prompt and the newest max-pinned messages (at least one); never leave a
--- tool result at the head of the window, since the call it answers was trimmed.
-local function trim_window(chat, meta, max, pinned)
-  if max <= 0 then return end
-  local len = redis.call('LLEN', chat)
-  local unpinned = len - pinned
-  local drop = unpinned - math.max(max - pinned, 1)
-  if drop <= 0 then return end
-  -- Tool results the new head would start with go too, read in slices (not one LINDEX each).
-  local walking = true
-  while walking and drop < unpinned do
-    local slice = redis.call('LRANGE', chat, pinned + drop, pinned + drop + 63)
-    for _, item in ipairs(slice) do
-      if drop >= unpinned or not has_role(item, TOOL_BODY_PREFIX) then walking = false break end
-      drop = drop + 1
-    end
-    if #slice == 0 then walking = false end
-  end
-  drop_after_prompt(chat, meta, pinned, drop)
-end
-
-
--- Where seq is in the LIST (the pinned prompt, then the window, with no gap in between); a seq
--- that was trimmed maps to the window's first item (`at_least`) or the prompt's last.
-local function list_index(mc, len, pinned, seq, at_least)
-  local base = mc - (len - pinned)
-  if seq <= pinned then return seq - 1 end
-  if seq > base then return pinned + seq - base - 1 end
-  return at_least and pinned or pinned - 1
-end
-
--- Stored messages with lo <= seq <= hi, oldest first.
-local function read_range(chat, mc, len, pinned, lo, hi)
-  local out = {}
-  if lo < 1 then lo = 1 end
-  if hi > mc then hi = mc end
-  if lo > hi then return out end
-  local base = mc - (len - pinned)
-  if lo <= pinned then
-    for _, v in ipairs(redis.call('LRANGE', chat, lo - 1, math.min(hi, pinned) - 1)) do out[#out + 1] = v end
-  end
-  local from = math.max(lo, base + 1)
-  if from <= hi then
-    for _, v in ipairs(redis.call('LRANGE', chat, pinned + from - base - 1, pinned + hi - base - 1)) do
-      out[#out + 1] = v
-    end
-  end
-  return out
-end
-"""
-
-# Counting usage (KeySpace.usage): called by CREATE, APPEND and FORK_WRITE on standalone Valkey and
-# by USAGE_SYNC in a cluster. `days` is codec.usage_days(): "<today> <oldest day kept>" (UTC).
-_USAGE_LUA = r"""
--- The model to count under: one already counted, else a new one while fewer than
--- USAGE_MAX_MODELS are, else USAGE_OTHER_MODEL (the HASH, and GetUserUsage's reply, stay bounded).
-local function usage_model(usage, model)
-  if model == USAGE_OTHER_MODEL then return model end
-  local counted = redis.call('HMGET', usage, USAGE_MODEL_PREFIX .. USAGE_MESSAGES .. ':' .. model,
-                             USAGE_MODEL_PREFIX .. USAGE_TOKENS .. ':' .. model,
-                             USAGE_MODEL_PREFIX .. USAGE_SESSIONS .. ':' .. model)
-  if counted[1] or counted[2] or counted[3] then return model end
-  if tonumber(redis.call('HGET', usage, USAGE_MODELS_FIELD) or '0') >= USAGE_MAX_MODELS then
-    return USAGE_OTHER_MODEL
-  end
-  redis.call('HINCRBY', usage, USAGE_MODELS_FIELD, 1)
-  return model
-end
-
-local function count_usage(usage, model, days, messages, tokens, sessions)
-  local today, oldest = string.match(days, '^(%S+) (%S+)$')
-  if messages > 0 or tokens > 0 or sessions > 0 then model = usage_model(usage, model) end
-  for _, pair in ipairs({{USAGE_MESSAGES, messages}, {USAGE_TOKENS, tokens}, {USAGE_SESSIONS, sessions}}) do
-    local metric, n = pair[1], pair[2]
-    if n > 0 then
-      redis.call('HINCRBY', usage, USAGE_TOTAL_PREFIX .. metric, n)
-      redis.call('HINCRBY', usage, USAGE_MODEL_PREFIX .. metric .. ':' .. model, n)
-      redis.call('HINCRBY', usage, USAGE_DAY_PREFIX .. metric .. ':' .. today, n)
-    end
-  end
-  -- Once a day: drop the days no longer kept (a day field ends with its YYYY-MM-DD).
-  if redis.call('HGET', usage, USAGE_PRUNED_FIELD) ~= today then
-    for _, f in ipairs(redis.call('HKEYS', usage)) do
-      if string.sub(f, 1, #USAGE_DAY_PREFIX) == USAGE_DAY_PREFIX and string.sub(f, -10) < oldest then
-        redis.call('HDEL', usage, f)
-      end
-    end
-    redis.call('HSET', usage, USAGE_PRUNED_FIELD, today)
-  end
-end
-"""
+from chatsession_server.store.lua.prelude import USAGE_LUA
+from chatsession_server.store.lua.runtime import LuaScript
 
 # The index key of a user, built in Lua from the owner named in meta: standalone only (a key
 # the script does not declare, in another slot).
@@ -376,7 +50,7 @@ class CreateArgs:
 CREATE = LuaScript(
     ("chat", "meta", "reqs", "summary", "index"),
     CreateArgs,
-    _USAGE_LUA
+    USAGE_LUA
     + r"""
 local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE, F_FORK_ORIGIN)
 if existing[1] then
@@ -430,7 +104,7 @@ class AppendArgs:
 APPEND = LuaScript(
     ("chat", "meta", "reqs", "summary"),
     AppendArgs,
-    _USAGE_LUA
+    USAGE_LUA
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
                      F_LAST_ACTIVE, F_STORED_BYTES)
@@ -700,125 +374,6 @@ return {ST_OK, uid, m[2]}
 
 
 @dataclass(frozen=True, slots=True)
-class PruneIndexArgs:
-    user_id: str
-    dead: Sequence[str]
-    """(session_id, meta key) pairs"""
-
-
-# Standalone only (reads meta keys of other slots). Removes the entries whose session is still
-# missing (or owned by someone else) now, so one re-created meanwhile stays.
-PRUNE_INDEX = LuaScript(
-    ("index",),
-    PruneIndexArgs,
-    r"""
-local removed = 0
-for i = dead_from, #ARGV, 2 do
-  local owner = redis.call('HGET', ARGV[i + 1], F_USER_ID)
-  if owner ~= user_id then removed = removed + redis.call('ZREM', index, ARGV[i]) end
-end
-return removed
-""",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class PruneStaleArgs:
-    cutoff: str
-    """entries scored at or after this (unix seconds) are left alone"""
-    seen: Sequence[str]
-    """(session_id, score the listing saw) pairs"""
-
-
-# Cluster: the index cannot look at sessions, so it removes an entry the listing found dead only
-# if its score is unchanged since (nothing touched it meanwhile) and older than the cutoff (no
-# create can still be between its two steps).
-PRUNE_STALE = LuaScript(
-    ("index",),
-    PruneStaleArgs,
-    r"""
-local removed = 0
-local limit = tonumber(cutoff)
-for i = seen_from, #ARGV, 2 do
-  local score = redis.call('ZSCORE', index, ARGV[i])
-  local seen = tonumber(ARGV[i + 1])
-  if score and tonumber(score) == seen and seen < limit then
-    removed = removed + redis.call('ZREM', index, ARGV[i])
-  end
-end
-return removed
-""",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class UnindexArgs:
-    session_id: str
-    last_active: str
-    """the deleted session's; a newer score belongs to a namesake created since"""
-
-
-UNINDEX = LuaScript(
-    ("index",),
-    UnindexArgs,
-    r"""
-local score = redis.call('ZSCORE', index, session_id)
-if score and tonumber(score) <= tonumber(last_active) then return redis.call('ZREM', index, session_id) end
-return 0
-""",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class EnterIndexArgs:
-    session_id: str
-    now: str
-
-
-# Cluster: a create's index step. The entry's score goes strictly up (to `now`, or just above the
-# score already there, whatever the clocks of the servers that wrote them), and the reply is the
-# score written, exactly: a later undo or removal compares against it, never against a clock.
-ENTER_INDEX = LuaScript(
-    ("index",),
-    EnterIndexArgs,
-    r"""
-local current = redis.call('ZSCORE', index, session_id)
-local score = now
-if current and tonumber(current) >= tonumber(now) then
-  score = string.format('%.6f', tonumber(current) + 0.000001)
-end
-redis.call('ZADD', index, score, session_id)
-return score
-""",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class RevertIndexArgs:
-    session_id: str
-    score_set: str
-    """what the create wrote; any other score means someone has touched the entry since"""
-    previous: str
-    """the score to put back, or '' to remove the entry"""
-
-
-# Cluster: a create that found the id taken undoes its index step.
-REVERT_INDEX = LuaScript(
-    ("index",),
-    RevertIndexArgs,
-    r"""
-local score = redis.call('ZSCORE', index, session_id)
-if not score or tonumber(score) ~= tonumber(score_set) then return 0 end
-if previous == '' then return redis.call('ZREM', index, session_id) end
-redis.call('ZADD', index, 'XX', previous, session_id)
-return 1
-""",
-)
-
-# --- ForkSession and usage (cluster second step) -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
 class ForkReadArgs:
     owners: str
     at_seq: int | None
@@ -901,7 +456,7 @@ class ForkWriteArgs:
 FORK_WRITE = LuaScript(
     ("chat", "meta", "reqs", "summary", "index"),
     ForkWriteArgs,
-    _USAGE_LUA
+    USAGE_LUA
     + r"""
 local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
 if existing[1] then
@@ -929,75 +484,6 @@ if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model
 return {ST_CREATED, describe(chat, meta)}
 """,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class UsageSyncArgs:
-    session_id: str
-    created_at: str
-    """the session's, as meta holds it: tells it from a namesake"""
-    message_count: int
-    token_count: int
-    usage_base: str
-    """"<message_count> <token_count>" the session started with (a fork's copies), "0 0" otherwise"""
-    recent_messages: int
-    """what the step's own call appended (counted even when the session's record was dropped)"""
-    recent_tokens: int
-    model: str
-    usage_days: str
-    horizon: str
-    """unix seconds: now - the longest TTL; a session created before it may have lost its record"""
-    now: str
-    index_score: str
-    """the session's last_active, for the owner's index (when KEYS holds it)"""
-
-
-# Cluster: an append's (or a create's, a fork's) second step, in the user's slot. It counts what
-# the session's counters say is new since the last step that reached here (usage_seen), so a
-# step repeated by a replay counts nothing, and one that failed is made up by the session's next
-# step. KEYS: the owner's index too after an append (its score raised, never lowered, as before).
-USAGE_SYNC = LuaScript(
-    ("usage", "seen", "index"),
-    UsageSyncArgs,
-    _USAGE_LUA
-    + r"""
-local mc, tc = tonumber(message_count), tonumber(token_count)
-local from_m, from_t, new
-local rec = redis.call('HGET', seen, session_id)
-if rec then
-  local c, rm, rt = string.match(rec, '^(%S+) (%d+) (%d+)')
-  if tonumber(c) == tonumber(created_at) then from_m, from_t, new = tonumber(rm), tonumber(rt), 0 end
-end
-if not from_m then
-  if tonumber(created_at) < tonumber(horizon) then
-    -- Its record was dropped (no step for the longest TTL): what came before this call was counted.
-    from_m, from_t, new = mc - tonumber(recent_messages), tc - tonumber(recent_tokens), 0
-  else
-    local bm, bt = string.match(usage_base, '^(%d+) (%d+)$')
-    from_m, from_t, new = tonumber(bm), tonumber(bt), 1
-  end
-end
-count_usage(usage, model, usage_days, math.max(mc - from_m, 0), math.max(tc - from_t, 0), new)
-redis.call('HSET', seen, session_id, created_at .. ' ' .. string.format('%d', math.max(mc, from_m)) .. ' '
-  .. string.format('%d', math.max(tc, from_t)) .. ' ' .. now)
-local today = string.match(usage_days, '^(%S+)')
-if redis.call('HGET', seen, SEEN_PRUNED_FIELD) ~= today then
-  local all = redis.call('HGETALL', seen)
-  for i = 1, #all, 2 do
-    local synced = string.match(all[i + 1], ' (%S+)$')
-    if all[i] ~= SEEN_PRUNED_FIELD and tonumber(synced) < tonumber(horizon) then
-      redis.call('HDEL', seen, all[i])
-    end
-  end
-  redis.call('HSET', seen, SEEN_PRUNED_FIELD, today)
-end
-if index then redis.call('ZADD', index, 'GT', index_score, session_id) end
-return new
-""",
-)
-
-
-# --- Context, compaction and clearing (issue 15) ------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -1192,14 +678,8 @@ ALL: tuple[LuaScript[Any], ...] = (
     LIST_MESSAGES,
     UPDATE,
     DELETE,
-    PRUNE_INDEX,
-    PRUNE_STALE,
-    UNINDEX,
-    ENTER_INDEX,
-    REVERT_INDEX,
     FORK_READ,
     FORK_WRITE,
-    USAGE_SYNC,
     GET_CONTEXT,
     COMPACT,
     CLEAR,

@@ -1,0 +1,190 @@
+"""The Lua library every script shares (PRELUDE), and the usage counting (USAGE_LUA) of those
+that count the owner's usage. Both refer only to the names runtime.py injects."""
+
+PRELUDE = r"""
+-- `owners` is ' ' .. user ids .. ' ' (ids hold no spaces), or '' for a caller acting for anyone.
+local function owned(owners, uid)
+  return owners == '' or string.find(owners, ' ' .. uid .. ' ', 1, true) ~= nil
+end
+
+local function seq_of(item)
+  return tonumber(string.sub(item, #SEQ_HEAD + 1, string.find(item, ',', #SEQ_HEAD + 1, true) - 1))
+end
+
+local function describe(chat, meta)
+  return {redis.call('HGETALL', meta), redis.call('LLEN', chat), redis.call('TTL', meta)}
+end
+
+-- A stored item is SEQ_HEAD .. seq .. ',' .. body; the body starts with its role.
+local function has_role(item, prefix)
+  if not item then return false end
+  local comma = string.find(item, ',', #SEQ_HEAD + 1, true)
+  return comma ~= nil and string.sub(item, comma + 1, comma + #prefix) == prefix
+end
+
+-- Bytes of the items at indices from..to, read in slices: a window cut from 64 MiB to a few
+-- messages must not load it all.
+local function bytes_of(chat, from, to)
+  local total = 0
+  for at = from, to, 64 do
+    for _, item in ipairs(redis.call('LRANGE', chat, at, math.min(at + 63, to))) do total = total + #item end
+  end
+  return total
+end
+
+-- Subtracts from stored_bytes; a session stored before the count existed starts from 0: never
+-- let it go negative.
+local function unstore(meta, freed)
+  if redis.call('HINCRBY', meta, F_STORED_BYTES, -freed) < 0 then
+    redis.call('HSET', meta, F_STORED_BYTES, 0)
+  end
+end
+
+-- Removes the `drop` oldest messages after the pinned prompt, and their bytes from the count.
+-- The LIST may be emptied and re-created: the caller restores its expiry where that matters.
+local function drop_after_prompt(chat, meta, pinned, drop)
+  unstore(meta, bytes_of(chat, pinned, pinned + drop - 1))
+  if pinned == 0 then
+    redis.call('LTRIM', chat, drop, -1)
+  else
+    local head = redis.call('LRANGE', chat, 0, pinned - 1)
+    redis.call('LTRIM', chat, pinned + drop, -1)
+    -- Back in front, in slices (a prompt stored before MAX_PINNED existed may be longer than
+    -- unpack takes), the last slice first.
+    for last = #head, 1, -1000 do
+      local slice = {}
+      for i = last, math.max(last - 999, 1), -1 do slice[#slice + 1] = head[i] end
+      redis.call('LPUSH', chat, unpack(slice))
+    end
+  end
+end
+
+-- Records a request_id's outcome, and forgets the oldest records in bulk once half as many
+-- again as the limit pile up.
+local function remember_request(reqs, request_id, record, limit)
+  redis.call('HSET', reqs, request_id, record)
+  limit = tonumber(limit)
+  local n = redis.call('HLEN', reqs)
+  if n > limit + math.floor(limit / 2) then
+    local all = redis.call('HGETALL', reqs)
+    local rows = {}
+    for i = 1, #all, 2 do
+      rows[#rows + 1] = {tonumber(string.match(all[i + 1], ' (%d+) ')), all[i]}
+    end
+    table.sort(rows, function(a, b) return a[1] < b[1] end)
+    -- In slices: Lua's unpack takes at most a few thousand values, and a script that fails
+    -- half way keeps what it wrote before.
+    for from = 1, n - limit, 1000 do
+      local old = {}
+      for i = from, math.min(from + 999, n - limit) do old[#old + 1] = rows[i][2] end
+      redis.call('HDEL', reqs, unpack(old))
+    end
+  end
+end
+
+-- The `tokens` of a stored message: the first `,"tokens":` in it is the top-level field (it
+-- follows role and content, and a quote inside a JSON string is always escaped).
+local function tokens_of(item)
+  local at = string.find(item, TOKENS_HEAD, 1, true)
+  if not at then return 0 end
+  return tonumber(string.match(item, '^%d+', at + #TOKENS_HEAD)) or 0
+end
+
+-- The stored summary (or false) and its seq.
+local function read_summary(summary)
+  local item = redis.call('GET', summary)
+  if not item then return false, nil end
+  return item, seq_of(item)
+end
+
+-- Keep the pinned prompt and the newest max-pinned messages (at least one); never leave a
+-- tool result at the head of the window, since the call it answers was trimmed.
+local function trim_window(chat, meta, max, pinned)
+  if max <= 0 then return end
+  local len = redis.call('LLEN', chat)
+  local unpinned = len - pinned
+  local drop = unpinned - math.max(max - pinned, 1)
+  if drop <= 0 then return end
+  -- Tool results the new head would start with go too, read in slices (not one LINDEX each).
+  local walking = true
+  while walking and drop < unpinned do
+    local slice = redis.call('LRANGE', chat, pinned + drop, pinned + drop + 63)
+    for _, item in ipairs(slice) do
+      if drop >= unpinned or not has_role(item, TOOL_BODY_PREFIX) then walking = false break end
+      drop = drop + 1
+    end
+    if #slice == 0 then walking = false end
+  end
+  drop_after_prompt(chat, meta, pinned, drop)
+end
+
+
+-- Where seq is in the LIST (the pinned prompt, then the window, with no gap in between); a seq
+-- that was trimmed maps to the window's first item (`at_least`) or the prompt's last.
+local function list_index(mc, len, pinned, seq, at_least)
+  local base = mc - (len - pinned)
+  if seq <= pinned then return seq - 1 end
+  if seq > base then return pinned + seq - base - 1 end
+  return at_least and pinned or pinned - 1
+end
+
+-- Stored messages with lo <= seq <= hi, oldest first.
+local function read_range(chat, mc, len, pinned, lo, hi)
+  local out = {}
+  if lo < 1 then lo = 1 end
+  if hi > mc then hi = mc end
+  if lo > hi then return out end
+  local base = mc - (len - pinned)
+  if lo <= pinned then
+    for _, v in ipairs(redis.call('LRANGE', chat, lo - 1, math.min(hi, pinned) - 1)) do out[#out + 1] = v end
+  end
+  local from = math.max(lo, base + 1)
+  if from <= hi then
+    for _, v in ipairs(redis.call('LRANGE', chat, pinned + from - base - 1, pinned + hi - base - 1)) do
+      out[#out + 1] = v
+    end
+  end
+  return out
+end
+"""
+
+# Counting usage (KeySpace.usage): called by CREATE, APPEND and FORK_WRITE on standalone Valkey and
+# by USAGE_SYNC in a cluster. `days` is codec.usage_days(): "<today> <oldest day kept>" (UTC).
+USAGE_LUA = r"""
+-- The model to count under: one already counted, else a new one while fewer than
+-- USAGE_MAX_MODELS are, else USAGE_OTHER_MODEL (the HASH, and GetUserUsage's reply, stay bounded).
+local function usage_model(usage, model)
+  if model == USAGE_OTHER_MODEL then return model end
+  local counted = redis.call('HMGET', usage, USAGE_MODEL_PREFIX .. USAGE_MESSAGES .. ':' .. model,
+                             USAGE_MODEL_PREFIX .. USAGE_TOKENS .. ':' .. model,
+                             USAGE_MODEL_PREFIX .. USAGE_SESSIONS .. ':' .. model)
+  if counted[1] or counted[2] or counted[3] then return model end
+  if tonumber(redis.call('HGET', usage, USAGE_MODELS_FIELD) or '0') >= USAGE_MAX_MODELS then
+    return USAGE_OTHER_MODEL
+  end
+  redis.call('HINCRBY', usage, USAGE_MODELS_FIELD, 1)
+  return model
+end
+
+local function count_usage(usage, model, days, messages, tokens, sessions)
+  local today, oldest = string.match(days, '^(%S+) (%S+)$')
+  if messages > 0 or tokens > 0 or sessions > 0 then model = usage_model(usage, model) end
+  for _, pair in ipairs({{USAGE_MESSAGES, messages}, {USAGE_TOKENS, tokens}, {USAGE_SESSIONS, sessions}}) do
+    local metric, n = pair[1], pair[2]
+    if n > 0 then
+      redis.call('HINCRBY', usage, USAGE_TOTAL_PREFIX .. metric, n)
+      redis.call('HINCRBY', usage, USAGE_MODEL_PREFIX .. metric .. ':' .. model, n)
+      redis.call('HINCRBY', usage, USAGE_DAY_PREFIX .. metric .. ':' .. today, n)
+    end
+  end
+  -- Once a day: drop the days no longer kept (a day field ends with its YYYY-MM-DD).
+  if redis.call('HGET', usage, USAGE_PRUNED_FIELD) ~= today then
+    for _, f in ipairs(redis.call('HKEYS', usage)) do
+      if string.sub(f, 1, #USAGE_DAY_PREFIX) == USAGE_DAY_PREFIX and string.sub(f, -10) < oldest then
+        redis.call('HDEL', usage, f)
+      end
+    end
+    redis.call('HSET', usage, USAGE_PRUNED_FIELD, today)
+  end
+end
+"""
