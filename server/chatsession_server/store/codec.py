@@ -62,6 +62,16 @@ class MetaField(enum.StrEnum):
     """the session's last seq when it was last cleared: a watch resumed at or before it missed that"""
 
 
+class PublishKind(enum.StrEnum):
+    """The letter a watch channel's publish starts with: what happened to the session (the
+    scripts write it, the feed reads it; see feed.py for each payload's form)."""
+
+    APPENDED = "M"
+    DELETED = "D"
+    COMPACTED = "C"
+    CLEARED = "X"
+
+
 def body_prefix(role: Role) -> str:
     """What `encode_body` output starts with for a message of `role`: the scripts tell system and
     tool messages apart by this prefix alone, without decoding JSON."""

@@ -1,14 +1,15 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
 Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner>
-<rewrite>"), clears ("X<last seq> <owner> <rewrite>") and deletes ("D") publish on
-`watch:{<id>}` (see lua/session_scripts.py); in a cluster with SPUBLISH, and the feed subscribes
-with SSUBSCRIBE: a sharded channel lives on the node of its session's slot, so a publish reaches
-only that node's subscribers instead of every node of the cluster. The feed subscribes a
-session's channel when its first local watcher arrives and unsubscribes when the last leaves (in
-batches, see channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a cursor and
-re-reads the LIST whenever an event cannot be trusted to follow on (a gap, a full buffer, a
-publish lost while Valkey was away).
+<rewrite>"), clears ("X<last seq> <owner> <rewrite>") and deletes ("D") publish on `watch:{<id>}`
+(see lua/session_scripts.py; the leading letter is codec.PublishKind, for the scripts and
+`_parse` alike); in a cluster with SPUBLISH, and the feed subscribes with SSUBSCRIBE: a sharded
+channel lives on the node of its session's slot, so a publish reaches only that node's
+subscribers instead of every node of the cluster. The feed subscribes a session's channel when
+its first local watcher arrives and unsubscribes when the last leaves (in batches, see
+channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a cursor and re-reads the LIST
+whenever an event cannot be trusted to follow on (a gap, a full buffer, a publish lost while
+Valkey was away).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ from chatsession_server.store.subscription import Subscription
 from chatsession_server.store.valkey import AnyClient, AnyConfig, ValkeyConnection, create_client
 
 log = logging.getLogger(__name__)
+
+_APPENDED = codec.PublishKind.APPENDED.encode()
+_DELETED = codec.PublishKind.DELETED.encode()
+_COMPACTED = codec.PublishKind.COMPACTED.encode()
+_CLEARED = codec.PublishKind.CLEARED.encode()
+_MESSAGE_COUNT = codec.MetaField.MESSAGE_COUNT.value
 
 
 class _Channel:
@@ -228,7 +235,7 @@ class SessionFeed:
             return
         batch = self._commands.batch(atomic=False)
         for session_id in session_ids:
-            batch.hget(self._keys.meta(session_id), "message_count")
+            batch.hget(self._keys.meta(session_id), _MESSAGE_COUNT)
         counts = await self._commands.run(batch)
         for session_id, count in zip(session_ids, counts, strict=True):
             channel = self._channels.get(session_id)
@@ -262,16 +269,16 @@ class SessionFeed:
 
 
 def _parse(payload: bytes) -> FeedEvent:
-    if payload == b"D":
+    if payload == _DELETED:
         return Deleted()
     # A publish without its rewrite number (from a server before it existed) is announced as ever.
-    if payload.startswith(b"C"):
+    if payload.startswith(_COMPACTED):
         first_seq, last_seq, user, *rewrite = payload[1:].split(b" ")
         return Compacted(int(first_seq), int(last_seq), user.decode(), int(rewrite[0]) if rewrite else None)
-    if payload.startswith(b"X"):
+    if payload.startswith(_CLEARED):
         last_seq, user, *rewrite = payload[1:].split(b" ")
         return Cleared(int(last_seq), user.decode(), int(rewrite[0]) if rewrite else None)
-    if not payload.startswith(b"M"):
+    if not payload.startswith(_APPENDED):
         raise ValueError(f"unknown event {payload[:16]!r}")
     head, _, body = payload.partition(b"\n")
     first, last, *owner = head[1:].split(b" ")

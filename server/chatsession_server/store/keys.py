@@ -20,6 +20,9 @@ SUMMARY_PREFIX = "summary:"
 USAGE_PREFIX = "usage:"
 USAGE_SEEN_PREFIX = "usage_seen:"
 
+HASH_TAG_END = "}"
+"""Closes the hash tag a `*_head` opens: a script names an owner's key as head, user id, this."""
+
 KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
 """What `--key-prefix` may be: no hash-tag braces, no spaces or glob characters, at most 64."""
 
@@ -43,13 +46,14 @@ class KeySpace:
         return f"{self.prefix}{META_PREFIX}{{{session_id}}}"
 
     def requests(self, session_id: str) -> str:
-        """HASH request_id -> "fingerprint first_seq count": AppendMessages' idempotency records."""
+        """HASH request_id -> "fingerprint first_seq count": the idempotency records of
+        AppendMessages, CompactMessages and ClearMessages (one record per request_id)."""
         return f"{self.prefix}{REQUESTS_PREFIX}{{{session_id}}}"
 
     def user_index(self, user_id: str) -> str:
         """ZSET of a user's session ids scored by last_active. Its own slot: in a cluster it is kept
         in a second step (see session_store.py); on standalone Valkey, in the session's scripts."""
-        return f"{self.user_index_head}{user_id}}}"
+        return f"{self.user_index_head}{user_id}{HASH_TAG_END}"
 
     @property
     def user_index_head(self) -> str:
@@ -82,7 +86,7 @@ class KeySpace:
         (`day:<metric>:<YYYY-MM-DD>`, the last USAGE_DAYS days). No expiry: it outlives sessions. In the
         `{user_id}` slot of the owner's index; standalone, the create, append and fork scripts keep it
         in their own step; in a cluster it is a second step (see session_store.py)."""
-        return f"{self.usage_head}{user_id}}}"
+        return f"{self.usage_head}{user_id}{HASH_TAG_END}"
 
     @property
     def usage_head(self) -> str:

@@ -15,6 +15,38 @@ local function describe(chat, meta)
   return {redis.call('HGETALL', meta), redis.call('LLEN', chat), redis.call('TTL', meta)}
 end
 
+-- A key in an owner's slot, named from its head (KeySpace.user_index_head, usage_head) and the
+-- user id: standalone only (a key the script does not declare, in another slot).
+local function owner_key(head, uid)
+  return head .. uid .. HASH_TAG_END
+end
+
+-- The session's keys expire together: `ttl` seconds from now...
+local function expire_together(ttl, ...)
+  for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
+end
+
+-- ...or when meta does, for keys a script wrote without a user's activity (whose clock it must
+-- not restart), or emptied and re-created (which drops their expiry).
+local function expire_with_meta(meta, ...)
+  local pttl = redis.call('PTTL', meta)
+  if pttl > 0 then
+    for _, key in ipairs({...}) do redis.call('PEXPIRE', key, pttl) end
+  end
+end
+
+-- What the session recorded of a request_id (see remember_request: every record is
+-- "fingerprint first_seq count"): nil when nothing (or no request_id), false when the record is
+-- another request's (its fingerprint differs), else the first seq and the count.
+local function recorded_request(reqs, request_id, fingerprint)
+  if request_id == '' then return nil end
+  local rec = redis.call('HGET', reqs, request_id)
+  if not rec then return nil end
+  local fp, first, count = string.match(rec, '^(%S+) (%d+) (%d+)$')
+  if fp ~= fingerprint then return false end
+  return tonumber(first), tonumber(count)
+end
+
 -- A stored item is SEQ_HEAD .. seq .. ',' .. body; the body starts with its role.
 local function has_role(item, prefix)
   if not item then return false end

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from glide import Script
 
 from chatsession_server.domain import Role
-from chatsession_server.store import codec
+from chatsession_server.store import codec, keys
 from chatsession_server.store.lua.prelude import PRELUDE
 
 
@@ -72,7 +72,9 @@ def _constants() -> str:
         f"local SEEN_PRUNED_FIELD = {_lua_string(codec.SEEN_PRUNED_FIELD)}",
         f"local TOKENS_HEAD = {_lua_string(codec.TOKENS_HEAD)}",
         f"local SUMMARIZES_HEAD = {_lua_string(codec.SUMMARIZES_HEAD)}",
+        f"local HASH_TAG_END = {_lua_string(keys.HASH_TAG_END)}",
     ]
+    lines += [f"local PUBLISH_{kind.name} = {_lua_string(kind.value)}" for kind in codec.PublishKind]
     lines += [f"local USAGE_{m.upper()} = {_lua_string(m)}" for m in codec.USAGE_METRICS]
     return "\n".join(lines) + "\n"
 

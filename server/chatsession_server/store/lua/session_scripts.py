@@ -26,10 +26,6 @@ from typing import Any
 from chatsession_server.store.lua.prelude import USAGE_LUA
 from chatsession_server.store.lua.runtime import LuaScript
 
-# The index key of a user, built in Lua from the owner named in meta: standalone only (a key
-# the script does not declare, in another slot).
-_INDEX_OF = "index_key_head .. uid .. '}'"
-
 
 @dataclass(frozen=True, slots=True)
 class CreateArgs:
@@ -64,9 +60,9 @@ end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
 redis.call('DEL', chat, reqs, summary)
 redis.call('HSET', meta, unpack(ARGV, fields_from))
-redis.call('EXPIRE', meta, ttl)
+expire_together(ttl, meta)
 if index then redis.call('ZADD', index, now, session_id) end
-if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
+if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
 )
@@ -111,16 +107,12 @@ local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
-if request_id ~= '' then
-  local rec = redis.call('HGET', reqs, request_id)
-  if rec then
-    local fp, first, count = string.match(rec, '^(%S+) (%d+) (%d+)$')
-    if fp ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
-    first, count = tonumber(first), tonumber(count)
-    local len = redis.call('LLEN', chat)
-    local replay = read_range(chat, mc, len, pinned, first, first + count - 1)
-    return {ST_REPLAYED, first, replay, describe(chat, meta)}
-  end
+local replay_first, replay_count = recorded_request(reqs, request_id, fingerprint)
+if replay_first == false then return {ST_REQUEST_ID_REUSED} end
+if replay_first then
+  local len = redis.call('LLEN', chat)
+  local replay = read_range(chat, mc, len, pinned, replay_first, replay_first + replay_count - 1)
+  return {ST_REPLAYED, replay_first, replay, describe(chat, meta)}
 end
 if expected_last_seq ~= '' and tonumber(expected_last_seq) ~= mc then return {ST_SEQ_MISMATCH, mc} end
 
@@ -157,22 +149,17 @@ if request_id ~= '' then
                    idempotency_limit)
 end
 local ttl = m[3]
-redis.call('EXPIRE', chat, ttl)
-redis.call('EXPIRE', meta, ttl)
-redis.call('EXPIRE', reqs, ttl)
-redis.call('EXPIRE', summary, ttl)
+expire_together(ttl, chat, meta, reqs, summary)
 if index_key_head ~= '' then
-  local uid = m[1]
-  redis.call('ZADD', """
-    + _INDEX_OF
-    + r""", 'GT', last_active, session_id)
+  redis.call('ZADD', owner_key(index_key_head, m[1]), 'GT', last_active, session_id)
 end
 if usage_key_head ~= '' then
   local model = redis.call('HGET', meta, F_MODEL) or ''
-  count_usage(usage_key_head .. m[1] .. '}', model, usage_days, #items, tonumber(token_sum), 0)
+  count_usage(owner_key(usage_key_head, m[1]), model, usage_days, #items, tonumber(token_sum), 0)
 end
 local last = first + #items - 1
-local payload = 'M' .. string.format('%d', first) .. ' ' .. string.format('%d', last) .. ' ' .. m[1]
+local payload = PUBLISH_APPENDED .. string.format('%d', first) .. ' ' .. string.format('%d', last)
+  .. ' ' .. m[1]
 if size <= tonumber(inline_publish_bytes) then
   payload = payload .. '\n[' .. table.concat(items, ',') .. ']'
 end
@@ -332,14 +319,10 @@ if max_messages ~= '' then
 end
 if ttl ~= '' then
   redis.call('HSET', meta, F_TTL_SECONDS, ttl)
-  redis.call('EXPIRE', chat, ttl)
-  redis.call('EXPIRE', meta, ttl)
-  redis.call('EXPIRE', reqs, ttl)
-  redis.call('EXPIRE', summary, ttl)
+  expire_together(ttl, chat, meta, reqs, summary)
 elseif max_messages ~= '' then
-  -- A trim may have emptied and re-created the list, dropping its expiry: copy meta's.
-  local pttl = redis.call('PTTL', meta)
-  if pttl > 0 then redis.call('PEXPIRE', chat, pttl) end
+  -- A trim may have emptied and re-created the list, dropping its expiry.
+  expire_with_meta(meta, chat)
 end
 return {ST_OK, describe(chat, meta)}
 """,
@@ -364,10 +347,8 @@ local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
 local uid = m[1]
 if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
 redis.call('DEL', chat, meta, reqs, summary)
-if index_key_head ~= '' then redis.call('ZREM', """
-    + _INDEX_OF
-    + r""", session_id) end
-redis.call(publish_command, channel, 'D')
+if index_key_head ~= '' then redis.call('ZREM', owner_key(index_key_head, uid), session_id) end
+redis.call(publish_command, channel, PUBLISH_DELETED)
 return {ST_OK, uid, m[2]}
 """,
 )
@@ -477,10 +458,9 @@ for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand
   redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
 end
 if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
-redis.call('EXPIRE', chat, ttl)
-redis.call('EXPIRE', meta, ttl)
+expire_together(ttl, chat, meta)
 if index then redis.call('ZADD', index, now, session_id) end
-if usage_key_head ~= '' then count_usage(usage_key_head .. user_id .. '}', model, usage_days, 0, 0, 1) end
+if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
 )
@@ -575,13 +555,9 @@ COMPACT = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
-if request_id ~= '' then
-  local rec = redis.call('HGET', reqs, request_id)
-  if rec then
-    if string.match(rec, '^(%S+) ') ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
-    return {ST_REPLAYED, redis.call('GET', summary) or '', describe(chat, meta)}
-  end
-end
+local replayed = recorded_request(reqs, request_id, fingerprint)
+if replayed == false then return {ST_REQUEST_ID_REUSED} end
+if replayed then return {ST_REPLAYED, redis.call('GET', summary) or '', describe(chat, meta)} end
 local mc, pinned, up_to = tonumber(m[2]), tonumber(m[3] or '0'), tonumber(up_to_seq)
 if up_to > mc then return {ST_UP_TO_SEQ_AHEAD, mc} end
 if up_to <= pinned then return {ST_UP_TO_SEQ_IN_PROMPT, pinned} end
@@ -608,13 +584,10 @@ if request_id ~= '' then
   local record = fingerprint .. ' ' .. string.format('%d', up_to) .. ' 0'
   remember_request(reqs, request_id, record, idempotency_limit)
 end
--- The keys expire together, on meta's clock: a compaction is no activity of the user's.
-local pttl = redis.call('PTTL', meta)
-if pttl > 0 then
-  for _, key in ipairs({chat, reqs, summary}) do redis.call('PEXPIRE', key, pttl) end
-end
+-- A compaction is no activity of the user's.
+expire_with_meta(meta, chat, reqs, summary)
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
-redis.call(publish_command, channel, 'C' .. string.format('%d', pinned + 1) .. ' '
+redis.call(publish_command, channel, PUBLISH_COMPACTED .. string.format('%d', pinned + 1) .. ' '
            .. string.format('%d', up_to) .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, item, describe(chat, meta)}
 """,
@@ -643,13 +616,9 @@ CLEAR = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
-if request_id ~= '' then
-  local rec = redis.call('HGET', reqs, request_id)
-  if rec then
-    if string.match(rec, '^(%S+) ') ~= fingerprint then return {ST_REQUEST_ID_REUSED} end
-    return {ST_REPLAYED, describe(chat, meta)}
-  end
-end
+local replayed = recorded_request(reqs, request_id, fingerprint)
+if replayed == false then return {ST_REQUEST_ID_REUSED} end
+if replayed then return {ST_REPLAYED, describe(chat, meta)} end
 local keep = keep_system_prompt == '1' and tonumber(m[3] or '0') or 0
 local len = redis.call('LLEN', chat)
 unstore(meta, bytes_of(chat, keep, len - 1))
@@ -663,11 +632,10 @@ redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
 if request_id ~= '' then
   remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
-  -- The keys expire together, on meta's clock (as after a compaction).
-  local pttl = redis.call('PTTL', meta)
-  if pttl > 0 then redis.call('PEXPIRE', reqs, pttl) end
+  expire_with_meta(meta, reqs)  -- as after a compaction
 end
-redis.call(publish_command, channel, 'X' .. m[2] .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
+redis.call(publish_command, channel,
+           PUBLISH_CLEARED .. m[2] .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, describe(chat, meta)}
 """,
 )
