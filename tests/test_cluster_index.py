@@ -15,6 +15,7 @@ from chatsession_client import AlreadyExistsError, SessionClient, UnavailableErr
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.store.lua import session_scripts
+from chatsession_server.store.owner_index import SecondStepOwnerIndex
 from chatsession_server.store.session_store import SessionStore
 from tests.helpers import meta, raises
 
@@ -22,21 +23,21 @@ pytestmark = pytest.mark.cluster_only
 
 
 def fail_script(monkeypatch: pytest.MonkeyPatch, store: SessionStore, script: Any) -> None:
-    original = store._run
+    original = store._scripts.call
 
     async def run(which: Any, keys_: Any, args: Any) -> Any:
         if which is script:
             raise StoreUnavailable("injected: the connection to the node was lost")
         return await original(which, keys_, args)
 
-    monkeypatch.setattr(store, "_run", run)
+    monkeypatch.setattr(store._scripts, "call", run)
 
 
 def fail_index_step(monkeypatch: pytest.MonkeyPatch, store: SessionStore, name: str) -> None:
     async def broken(*args: Any) -> None:
         raise StoreUnavailable("injected: the index node is unreachable")
 
-    monkeypatch.setattr(store, name, broken)
+    monkeypatch.setattr(store._owner_index, name, broken)
 
 
 async def listed(client: SessionClient, user_id: str) -> list[str]:
@@ -72,7 +73,7 @@ async def test_a_create_cut_off_after_its_index_step_is_never_listed_and_its_ent
 async def test_a_create_whose_index_step_fails_creates_nothing(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    fail_index_step(monkeypatch, server.store, "_enter_index")
+    fail_index_step(monkeypatch, server.store, "enter")
     await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-b"))
     assert await raw.exists([f"meta:{{{uid}-b}}", f"user_sessions:{{{uid}}}"]) == 0
 
@@ -83,7 +84,7 @@ async def test_an_append_whose_index_step_fails_is_acknowledged_and_the_listing_
     index = f"user_sessions:{{{uid}}}"
     older = await client.create_session(uid, session_id=f"{uid}-old")
     newer = await client.create_session(uid, session_id=f"{uid}-new")
-    fail_index_step(monkeypatch, server.store, "_index_touch")
+    fail_index_step(monkeypatch, server.store, "touch")
     appended = await client.append(older.session_id, [user("still stored")])
     assert [m.seq for m in appended.messages] == [1]
     last_active = float((await meta(raw, older.session_id))["last_active"])
@@ -100,7 +101,7 @@ async def test_a_delete_whose_index_step_fails_is_acknowledged_and_its_entry_goe
 ) -> None:
     index = f"user_sessions:{{{uid}}}"
     s = await client.create_session(uid, session_id=f"{uid}-d")
-    fail_index_step(monkeypatch, server.store, "_unindex")
+    fail_index_step(monkeypatch, server.store, "unindex")
     await client.delete_session(s.session_id)
     monkeypatch.undo()
     assert await raw.exists([f"meta:{{{uid}-d}}"]) == 0
@@ -114,18 +115,19 @@ async def test_a_delete_whose_index_step_fails_is_acknowledged_and_its_entry_goe
 async def test_a_late_index_removal_spares_a_namesake_created_since(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    store = server.store
+    owner_index = server.store._owner_index
+    assert isinstance(owner_index, SecondStepOwnerIndex)
     held: list[tuple[str, str, str]] = []
 
     async def hold(user_id: str, session_id: str, last_active: str) -> None:
         held.append((user_id, session_id, last_active))
 
     s = await client.create_session(uid, session_id=f"{uid}-n")
-    monkeypatch.setattr(store, "_unindex", hold)
+    monkeypatch.setattr(owner_index, "unindex", hold)
     await client.delete_session(s.session_id)
     monkeypatch.undo()
     again = await client.create_session(uid, session_id=f"{uid}-n")
-    await store._unindex(*held[0])  # the first delete's second step arrives late
+    await owner_index.unindex(*held[0])  # the first delete's second step arrives late
     assert await listed(client, uid) == [again.session_id]
 
 

@@ -17,6 +17,7 @@ import pytest
 from chatsession_client import AlreadyExistsError, SessionClient, user
 from chatsession_server.app import RunningServer
 from chatsession_server.domain import NewSession
+from chatsession_server.store.owner_index import SecondStepOwnerIndex
 from chatsession_server.store.session_store import SessionStore
 from tests.helpers import raises
 
@@ -47,7 +48,8 @@ async def listed(client: SessionClient, user_id: str) -> list[str]:
 async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slower_clock(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:
-    store = server.store
+    owner_index = server.store._owner_index
+    assert isinstance(owner_index, SecondStepOwnerIndex)
     held: list[tuple[str, str, str]] = []
 
     async def hold(user_id: str, session_id: str, last_active: str) -> None:
@@ -55,11 +57,11 @@ async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slow
 
     s = await client.create_session(uid, session_id=f"{uid}-x")
     await client.append(s.session_id, [user("hi")])
-    monkeypatch.setattr(store, "_unindex", hold)
+    monkeypatch.setattr(owner_index, "unindex", hold)
     await client.delete_session(s.session_id)
     monkeypatch.undo()
     again, _ = await replica_behind(server, 0.5).create(new(uid, s.session_id))  # the user starts over
-    await store._unindex(*held[0])  # the delete's second step arrives late
+    await owner_index.unindex(*held[0])  # the delete's second step arrives late
     assert (await client.get_session(again.session_id)).user_id == uid  # live
     assert await listed(client, uid) == [again.session_id]
 
@@ -70,7 +72,9 @@ async def test_a_late_revert_spares_a_session_created_since_by_a_replica_with_a_
     store = server.store
     taken = f"{uid}-y"
     await client.create_session(f"{uid}-bob", session_id=taken)  # bob has the id
-    original = store._revert_index
+    owner_index = store._owner_index
+    assert isinstance(owner_index, SecondStepOwnerIndex)
+    original = owner_index.revert
 
     async def late(*args: Any) -> None:
         # Before the refused create undoes its index step: bob deletes his session and the user
@@ -79,7 +83,7 @@ async def test_a_late_revert_spares_a_session_created_since_by_a_replica_with_a_
         await replica_behind(server, 0.5).create(new(uid, taken))
         await original(*args)
 
-    monkeypatch.setattr(store, "_revert_index", late)
+    monkeypatch.setattr(owner_index, "revert", late)
     await raises(AlreadyExistsError, client.create_session(uid, session_id=taken))
     monkeypatch.undo()
     assert (await client.get_session(taken)).user_id == uid  # live, the user's

@@ -27,14 +27,14 @@ async def test_paging_lists_every_live_session_when_a_score_is_repaired_mid_page
 ) -> None:
     store = server.store
     skipped = await client.create_session(uid, session_id=f"{uid}-s")
-    original_run = store._run
+    original_run = store._scripts.call
 
     async def cut_off(which: Any, keys_: Any, args: Any) -> Any:
         if which is session_scripts.CREATE:
             raise StoreUnavailable("injected: the connection to the node was lost")
         return await original_run(which, keys_, args)
 
-    monkeypatch.setattr(store, "_run", cut_off)  # a create cut off after its index step
+    monkeypatch.setattr(store._scripts, "call", cut_off)  # a create cut off after its index step
     await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-dead"))
     monkeypatch.undo()
     lagging = await client.create_session(uid, session_id=f"{uid}-b")
@@ -47,7 +47,7 @@ async def test_paging_lists_every_live_session_when_a_score_is_repaired_mid_page
     async def broken(*args: Any) -> None:
         raise StoreUnavailable("injected: the index node is unreachable")
 
-    monkeypatch.setattr(store, "_index_touch", broken)
+    monkeypatch.setattr(store._owner_index, "touch", broken)
     await client.append(lagging.session_id, [user("index step fails: the score lags")])
     monkeypatch.undo()
     token = first.next_page_token

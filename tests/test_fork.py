@@ -277,14 +277,14 @@ async def test_cluster_a_fork_cut_off_between_its_steps_leaves_no_session_and_th
 ) -> None:
     await conversation(client, f"{uid}-src", uid)
     store = server.store
-    original = store._run
+    original = store._scripts.call
 
     async def run(which: Any, keys_: Any, args: Any) -> Any:
         if which is session_scripts.FORK_WRITE:  # the read step happened; the node of the fork is lost
             raise StoreUnavailable("injected: the connection to the node was lost")
         return await original(which, keys_, args)
 
-    monkeypatch.setattr(store, "_run", run)
+    monkeypatch.setattr(store._scripts, "call", run)
     await raises(
         UnavailableError, client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
     )

@@ -60,7 +60,7 @@ async def test_a_session_whose_append_index_step_failed_stays_listed(
     async def broken(*args: Any) -> None:
         raise StoreUnavailable("injected: the index node is unreachable")
 
-    monkeypatch.setattr(running.store, "_index_touch", broken)
+    monkeypatch.setattr(running.store._owner_index, "touch", broken)
     await client.append(s.session_id, [user("keeps the session alive until ~T0+5")])
     monkeypatch.undo()
     await asyncio.sleep(1.5)

@@ -33,7 +33,7 @@ async def test_a_lagging_row_past_the_page_end_is_listed_on_a_later_page(
         raise StoreUnavailable("injected: the index node is unreachable")
 
     # An append whose index step fails: acknowledged, its session's score lags (README).
-    monkeypatch.setattr(server.store, "_index_touch", broken)
+    monkeypatch.setattr(server.store._owner_index, "touch", broken)
     await client.append(lagging.session_id, [user("stored; the index step failed")])
     monkeypatch.undo()
     # No other activity: paging two by two must list all three.

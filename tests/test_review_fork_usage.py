@@ -165,6 +165,7 @@ async def test_cluster_a_message_is_counted_on_the_utc_day_it_was_appended(
         return readings.pop(0) if len(readings) > 1 else readings[0]
 
     monkeypatch.setattr(server.store, "_clock", clock)
+    monkeypatch.setattr(server.store._owner_index, "_clock", clock)  # the usage step's readings
     appended = await client.append(s.session_id, [user("late", tokens=2)])
     monkeypatch.undo()
     assert appended.messages[0].created_at.seconds == int(midnight) - 1

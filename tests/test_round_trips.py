@@ -64,7 +64,7 @@ async def test_in_a_cluster_an_append_is_its_script_and_one_index_and_usage_step
     client: SessionClient, raw: Any, uid: str
 ) -> None:
     """The owner's index and usage live in another slot: a second round trip, the USAGE_SYNC
-    script (see session_store.py). It is not skipped: every append raises last_active, the
+    script (see owner_index.py). It is not skipped: every append raises last_active, the
     index's score, and adds to the usage."""
     s = await client.create_session(uid)
     await client.append(s.session_id, [user("warm")])

@@ -29,6 +29,7 @@ from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
 from chatsession_server.store import codec
 from chatsession_server.store.lua import owner_scripts
+from chatsession_server.store.owner_index import SecondStepOwnerIndex
 from tests.helpers import raises, serving, violated_fields
 from tests.test_grpcurl import grpcurl
 
@@ -53,6 +54,8 @@ async def usage_of(client: SessionClient, user_id: str) -> dict[str, Any]:
 def clock(monkeypatch: pytest.MonkeyPatch, server: RunningServer, now: list[float]) -> Iterator[None]:
     """The store's clock reads now[0]: a test moves it across UTC days."""
     monkeypatch.setattr(server.store, "_clock", lambda: now[0])
+    if isinstance(server.store._owner_index, SecondStepOwnerIndex):  # its step reads the clock too
+        monkeypatch.setattr(server.store._owner_index, "_clock", lambda: now[0])
     yield
 
 
@@ -184,7 +187,7 @@ async def test_cluster_a_failed_usage_step_is_made_up_by_the_next_append_or_the_
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:
     store = server.store
-    original = store._run
+    original = store._scripts.run
     failing = [True]
 
     async def run(which: Any, keys_: Any, args: Any) -> Any:
@@ -192,7 +195,7 @@ async def test_cluster_a_failed_usage_step_is_made_up_by_the_next_append_or_the_
             raise StoreUnavailable("injected: the user's node is unreachable")
         return await original(which, keys_, args)
 
-    monkeypatch.setattr(store, "_run", run)
+    monkeypatch.setattr(store._scripts, "run", run)
     s = await client.create_session(uid, model="m")  # acknowledged, not yet counted
     await client.append(s.session_id, [user("a", tokens=2)], request_id="r1")  # the same
     assert (await usage_of(client, uid))["total"] == (0, 0, 0)

@@ -279,6 +279,12 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
     )
 
 
+def decode_described(session_id: str, described: Any) -> Session:
+    """A Session from a script's `describe(chat, meta)`: {HGETALL meta (flat), LLEN chat, TTL meta}."""
+    meta_flat, stored, ttl = described
+    return decode_session(session_id, pairs_to_map(meta_flat), int(stored), int(ttl))
+
+
 def pairs_to_map(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     """HGETALL as a Lua script returns it (a flat array) into a dict."""
     return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

@@ -52,7 +52,7 @@ class KeySpace:
 
     def user_index(self, user_id: str) -> str:
         """ZSET of a user's session ids scored by last_active. Its own slot: in a cluster it is kept
-        in a second step (see session_store.py); on standalone Valkey, in the session's scripts."""
+        in a second step (see owner_index.py); on standalone Valkey, in the session's scripts."""
         return f"{self.user_index_head}{user_id}{HASH_TAG_END}"
 
     @property
@@ -85,7 +85,7 @@ class KeySpace:
         (`total:<metric>`), per model (`model:<metric>:<model>`) and per UTC day
         (`day:<metric>:<YYYY-MM-DD>`, the last USAGE_DAYS days). No expiry: it outlives sessions. In the
         `{user_id}` slot of the owner's index; standalone, the create, append and fork scripts keep it
-        in their own step; in a cluster it is a second step (see session_store.py)."""
+        in their own step; in a cluster it is a second step (see owner_index.py)."""
         return f"{self.usage_head}{user_id}{HASH_TAG_END}"
 
     @property

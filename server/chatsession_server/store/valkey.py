@@ -2,7 +2,7 @@
 
 Holds a `GlideClient` (standalone) or a `GlideClusterClient`: they have the same command
 methods, so the rest of the store only asks `cluster` where the two modes really differ (the
-per-user index and the pub/sub flavour, see session_store.py and feed.py).
+per-user index and usage, see owner_index.py, and the pub/sub flavour, see feed.py).
 """
 
 from __future__ import annotations

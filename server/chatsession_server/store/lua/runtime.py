@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, Generic, TypeVar
 
 from glide import Script
@@ -20,6 +20,7 @@ from glide import Script
 from chatsession_server.domain import Role
 from chatsession_server.store import codec, keys
 from chatsession_server.store.lua.prelude import PRELUDE
+from chatsession_server.store.valkey import ValkeyConnection
 
 
 class Status(enum.StrEnum):
@@ -145,3 +146,20 @@ def _arg(value: object) -> str:
     if isinstance(value, str):
         return value
     raise TypeError(f"cannot pass {type(value).__name__} to a script")
+
+
+class ScriptRunner:
+    """Runs scripts on one connection. The store and its owner index share one runner: the one
+    place every script goes through (where a test makes a step fail)."""
+
+    def __init__(self, conn: ValkeyConnection) -> None:
+        self._conn = conn
+
+    async def run(self, script: LuaScript[A], keys: Sequence[str], args: A) -> Any:
+        """The script's reply as Valkey gives it."""
+        return await self._conn.script(script.script, script.keys(*keys), script.argv(args))
+
+    async def call(self, script: LuaScript[A], keys: Sequence[str], args: A) -> tuple[Status, Any]:
+        """For a script whose reply starts with its Status: that status, and the whole reply."""
+        reply = await self._conn.script(script.script, script.keys(*keys), script.argv(args))
+        return Status.of(reply), reply
