@@ -78,9 +78,14 @@ def body_prefix(role: Role) -> str:
     return f'"role":{json.dumps(role.value)},'
 
 
+TIME_FORMAT = "%.6f"
+"""Unix seconds as the meta HASH and the index scores hold them (microsecond precision); the
+scripts write a score in this form too."""
+
+
 def format_time(seconds: float) -> str:
-    """Unix seconds as the decimal string the meta HASH holds (microsecond precision)."""
-    return f"{seconds:.6f}"
+    """Unix seconds as the decimal string the meta HASH holds."""
+    return TIME_FORMAT % seconds
 
 
 def encode_body(message: NewMessage, created_at: float) -> str:
@@ -292,9 +297,12 @@ def pairs_to_map(flat: Sequence[bytes]) -> dict[bytes, bytes]:
 
 # --- Usage HASH fields (KeySpace.usage) --------------------------------------------------------
 
-USAGE_TOTAL_PREFIX = "total:"
-USAGE_DAY_PREFIX = "day:"
-USAGE_MODEL_PREFIX = "model:"
+USAGE_SEPARATOR = ":"
+"""between the parts of a usage field's name: `total:<metric>`, `model:<metric>:<model>`,
+`day:<metric>:<YYYY-MM-DD>`"""
+USAGE_TOTAL_PREFIX = "total" + USAGE_SEPARATOR
+USAGE_DAY_PREFIX = "day" + USAGE_SEPARATOR
+USAGE_MODEL_PREFIX = "model" + USAGE_SEPARATOR
 USAGE_PRUNED_FIELD = "pruned_day"
 """the UTC day old `day:` fields were last dropped: the scripts drop them once a day"""
 USAGE_METRICS = ("messages", "tokens", "sessions")
@@ -325,14 +333,15 @@ def decode_usage(fields: Mapping[bytes, bytes], oldest_day: str) -> UserUsage:
     days: dict[str, dict[str, int]] = {}
     for raw_name, raw_value in fields.items():
         name = raw_name.decode()
-        scope, _, rest = name.partition(":")
-        if scope + ":" == USAGE_TOTAL_PREFIX:
+        scope, _, rest = name.partition(USAGE_SEPARATOR)
+        scope += USAGE_SEPARATOR
+        if scope == USAGE_TOTAL_PREFIX:
             total[rest] = int(raw_value)
             continue
-        metric, _, which = rest.partition(":")
-        if scope + ":" == USAGE_MODEL_PREFIX:
+        metric, _, which = rest.partition(USAGE_SEPARATOR)
+        if scope == USAGE_MODEL_PREFIX:
             models.setdefault(which, {})[metric] = int(raw_value)
-        elif scope + ":" == USAGE_DAY_PREFIX and which >= oldest_day:
+        elif scope == USAGE_DAY_PREFIX and which >= oldest_day:
             days.setdefault(which, {})[metric] = int(raw_value)
 
     def counts(values: Mapping[str, int]) -> UsageCounts:

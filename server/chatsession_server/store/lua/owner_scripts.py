@@ -99,7 +99,7 @@ ENTER_INDEX = LuaScript(
 local current = redis.call('ZSCORE', index, session_id)
 local score = now
 if current and tonumber(current) >= tonumber(now) then
-  score = string.format('%.6f', tonumber(current) + 0.000001)
+  score = string.format(TIME_FORMAT, tonumber(current) + 0.000001)
 end
 redis.call('ZADD', index, score, session_id)
 return score

@@ -187,9 +187,9 @@ USAGE_LUA = r"""
 -- USAGE_MAX_MODELS are, else USAGE_OTHER_MODEL (the HASH, and GetUserUsage's reply, stay bounded).
 local function usage_model(usage, model)
   if model == USAGE_OTHER_MODEL then return model end
-  local counted = redis.call('HMGET', usage, USAGE_MODEL_PREFIX .. USAGE_MESSAGES .. ':' .. model,
-                             USAGE_MODEL_PREFIX .. USAGE_TOKENS .. ':' .. model,
-                             USAGE_MODEL_PREFIX .. USAGE_SESSIONS .. ':' .. model)
+  local counted = redis.call('HMGET', usage, USAGE_MODEL_PREFIX .. USAGE_MESSAGES .. USAGE_SEPARATOR .. model,
+                             USAGE_MODEL_PREFIX .. USAGE_TOKENS .. USAGE_SEPARATOR .. model,
+                             USAGE_MODEL_PREFIX .. USAGE_SESSIONS .. USAGE_SEPARATOR .. model)
   if counted[1] or counted[2] or counted[3] then return model end
   if tonumber(redis.call('HGET', usage, USAGE_MODELS_FIELD) or '0') >= USAGE_MAX_MODELS then
     return USAGE_OTHER_MODEL
@@ -205,8 +205,8 @@ local function count_usage(usage, model, days, messages, tokens, sessions)
     local metric, n = pair[1], pair[2]
     if n > 0 then
       redis.call('HINCRBY', usage, USAGE_TOTAL_PREFIX .. metric, n)
-      redis.call('HINCRBY', usage, USAGE_MODEL_PREFIX .. metric .. ':' .. model, n)
-      redis.call('HINCRBY', usage, USAGE_DAY_PREFIX .. metric .. ':' .. today, n)
+      redis.call('HINCRBY', usage, USAGE_MODEL_PREFIX .. metric .. USAGE_SEPARATOR .. model, n)
+      redis.call('HINCRBY', usage, USAGE_DAY_PREFIX .. metric .. USAGE_SEPARATOR .. today, n)
     end
   end
   -- Once a day: drop the days no longer kept (a day field ends with its YYYY-MM-DD).

@@ -1,11 +1,14 @@
-"""The Lua runtime: how a script is built and called.
+"""The Lua runtime: how a script is built, called, and its reply's status read.
 
 The contract between the two languages is defined on the Python side, once: each script's KEYS
 and ARGV are named (a keys tuple and an argument dataclass whose field order is ARGV's);
 `LuaScript` prepends Lua locals of those names, of the reply statuses (`Status`) and of every
-name, prefix and limit of codec.py and keys.py the scripts use (`_constants`), then the shared
-library (prelude.py). A Lua body refers only to those names; Valkey refuses a script that reads
-an undefined global, so a name that drifts fails every test that runs the script.
+name the stored forms and the watch publishes share with Python (`_constants`: codec.py's meta
+fields, prefixes, limits and publish letters, keys.py's hash-tag end), then the shared library
+(prelude.py). A Lua body refers only to those names for them (what is left literal is the
+punctuation between the parts of a value: spaces, commas); Valkey refuses a script that reads an
+undefined global, so a name that drifts fails every test that runs the script. `ScriptRunner`
+runs the scripts.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def _constants() -> str:
         f"local TOOL_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.TOOL))}",
         f"local SEQ_HEAD = {_lua_string(codec.SEQ_HEAD)}",
         f"local MAX_PINNED = {codec.MAX_PINNED}",
+        f"local TIME_FORMAT = {_lua_string(codec.TIME_FORMAT)}",
+        f"local USAGE_SEPARATOR = {_lua_string(codec.USAGE_SEPARATOR)}",
         f"local USAGE_TOTAL_PREFIX = {_lua_string(codec.USAGE_TOTAL_PREFIX)}",
         f"local USAGE_DAY_PREFIX = {_lua_string(codec.USAGE_DAY_PREFIX)}",
         f"local USAGE_MODEL_PREFIX = {_lua_string(codec.USAGE_MODEL_PREFIX)}",
