@@ -42,10 +42,8 @@ class CallObserver(WrappingInterceptor):
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         # grpc's stubs type the behaviours as sync callables; they are coroutines or async generators.
-        behaviour: Any = handler.unary_unary or handler.unary_stream
-        if handler.unary_unary or (behaviour is not None and inspect.iscoroutinefunction(behaviour)):
-            # A unary call, or a stream written by a coroutine (the error mapping's).
-
+        # A unary call, or a stream written by a coroutine (the error mapping's).
+        def timing(behaviour: Any) -> Any:
             async def timed(request: Any, context: Context) -> Any:
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
@@ -57,18 +55,10 @@ class CallObserver(WrappingInterceptor):
                 finally:
                     self._done(method, code, start, request, context)
 
-            make = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return make(
-                timed,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if behaviour is not None:  # a stream that is iterated (health's Watch)
+            return timed
 
+        # A stream that is iterated (health's Watch).
+        def timing_iterated(behaviour: Any) -> Any:
             async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
@@ -81,12 +71,11 @@ class CallObserver(WrappingInterceptor):
                 finally:
                     self._done(method, code, start, request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                generate,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # client streaming (reflection): neither measured nor logged
+            return generate
+
+        written = inspect.iscoroutinefunction(handler.unary_stream)
+        # Client streaming (reflection) has no wrapper: neither measured nor logged.
+        return self.rebuilt(handler, unary=timing, stream=timing if written else timing_iterated)
 
     def _done(self, method: str, code: grpc.StatusCode, start: float, request: Any, context: Context) -> None:
         seconds = time.perf_counter() - start
