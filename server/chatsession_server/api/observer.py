@@ -11,7 +11,6 @@ when tracing is off).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
@@ -23,6 +22,7 @@ from grpc import aio
 
 from chatsession_server.api.auth import CALLER
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
+from chatsession_server.api.status import code_of
 from chatsession_server.api.telemetry import TRACE_ID, CallMetrics
 
 ACCESS_LOGGER = "chatsession_server.access"
@@ -50,7 +50,7 @@ class CallObserver(WrappingInterceptor):
                 try:
                     return await behaviour(request, context)
                 except BaseException as exc:
-                    code = _code_of(exc, context)
+                    code = code_of(exc, context, mapped=True)
                     raise
                 finally:
                     self._done(method, code, start, request, context)
@@ -66,7 +66,7 @@ class CallObserver(WrappingInterceptor):
                     async for item in behaviour(request, context):
                         yield item
                 except BaseException as exc:
-                    code = _code_of(exc, context)
+                    code = code_of(exc, context, mapped=True)
                     raise
                 finally:
                     self._done(method, code, start, request, context)
@@ -83,14 +83,6 @@ class CallObserver(WrappingInterceptor):
             self._metrics.record(method, code, seconds)
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             _log_call(method, code, seconds, request, context)
-
-
-def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
-    if isinstance(exc, aio.AbortError):
-        return context.code() or grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN  # what grpc.aio answers an exception that escapes
 
 
 def _log_call(method: str, code: grpc.StatusCode, seconds: float, request: Any, context: Context) -> None:

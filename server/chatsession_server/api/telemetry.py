@@ -10,7 +10,6 @@ opentelemetry-instrumentation-grpc's grpc.aio server interceptor, which continue
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -30,9 +29,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
-from chatsession_server.api.status import to_grpc_status
+from chatsession_server.api.status import code_of
 from chatsession_server.errors import (
-    ChatSessionError,
     StoreFull,
     StoreOverloaded,
     StoreTimeout,
@@ -312,14 +310,7 @@ def _keep_trace_id() -> None:
 
 
 def _mark_span(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
-    if isinstance(exc, ChatSessionError):
-        code = to_grpc_status(exc).code  # only on errors, and only when tracing
-    elif isinstance(exc, aio.AbortError):
-        code = context.code() or grpc.StatusCode.UNKNOWN
-    elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        code = grpc.StatusCode.CANCELLED
-    else:
-        code = grpc.StatusCode.INTERNAL
+    code = code_of(exc, context, mapped=False)
     span = trace.get_current_span()
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in SERVER_ERROR_CODES:
