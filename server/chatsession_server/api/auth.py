@@ -25,6 +25,7 @@ from grpc import aio
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.api.status import to_grpc_status
+from chatsession_server.api.storage_layer import StorageLayer
 from chatsession_server.domain import (
     AppendResult,
     Compaction,
@@ -43,7 +44,6 @@ from chatsession_server.domain import (
     UserUsage,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
-from chatsession_server.ports import StorageLayer
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,14 @@ from typing import Any
 from grpc import aio
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
+from chatsession_server.api.storage_layer import StorageLayer
 from chatsession_server.domain import (
     NewFork,
     NewSession,
     Session,
 )
 from chatsession_server.errors import QuotaExceeded, SessionNotFound
-from chatsession_server.ports import SessionStorage, StorageLayer
+from chatsession_server.ports import SessionStorage
 
 
 class WatchQuota(WrappingInterceptor):
