@@ -52,16 +52,19 @@ class WrappingInterceptor(aio.ServerInterceptor):
         stream), its request deserializer through `request_deserializer` if given, its response
         serializer kept; `handler` itself when its kind has no wrapper (client streams never do).
         The wrappers run once per method, in `wrap`: what they return is what every call runs."""
+        deserialize = handler.request_deserializer
+        if request_deserializer is not None:
+            deserialize = request_deserializer(deserialize)
         if handler.unary_unary and unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 unary(handler.unary_unary),
-                request_deserializer=_rebuilt_deserializer(handler, request_deserializer),
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream and stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 stream(handler.unary_stream),
-                request_deserializer=_rebuilt_deserializer(handler, request_deserializer),
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -81,11 +84,6 @@ class WrappingInterceptor(aio.ServerInterceptor):
         wrapped = self.wrap(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
-
-
-def _rebuilt_deserializer(handler: Handler, wrap: Wrap | None) -> Callable[[bytes], Any] | None:
-    deserialize = handler.request_deserializer
-    return deserialize if wrap is None else wrap(deserialize)
 
 
 class ErrorMappingInterceptor(WrappingInterceptor):
