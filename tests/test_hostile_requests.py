@@ -1,19 +1,27 @@
-"""Hostile requests: bytes that do not parse, errors too big for trailers, forged page tokens,
-oversized masks and messages. Each gets a clear status, writes nothing and logs no traceback."""
+"""Hostile requests: bytes that do not parse, errors too big for trailers, oversized masks (refused
+before their paths are copied) and messages. Each gets a clear status, writes nothing and logs no
+traceback. (Forged page tokens: test_listing.py; every field's rules: test_validation.py; random
+requests: test_fuzz.py.)"""
 
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from glide import GlideClient
+from google.protobuf import field_mask_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import InvalidArgumentError, SessionClient, assistant, user
+from chatsession_server.api import validation
+from chatsession_server.api.limits import Limits
 from chatsession_server.app import RunningServer, start_server
+from chatsession_server.errors import InvalidArgument
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.helpers import meta, raises, stored_messages, violated_fields
 
@@ -81,6 +89,8 @@ async def test_hundreds_of_bad_fields_fit_in_the_trailers(
     # 300 messages x 2 violations: validation keeps 100 and stops soon after; 20 are shown.
     assert "at least 8" in err.field_violations[-1].description
     assert await stored_messages(raw, s.session_id) == []
+    await client.append(s.session_id, [user("ok")])  # the same read sees an accepted append
+    assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["ok"]
 
 
 async def test_huge_field_names_are_clipped(client: SessionClient, uid: str) -> None:
@@ -96,10 +106,7 @@ async def test_huge_field_names_are_clipped(client: SessionClient, uid: str) -> 
     assert len(str(err).encode()) < 4 * KIB
 
 
-# -- 3. page tokens ---------------------------------------------------------------------------------
-
-
-# -- 4. UpdateSession masks -------------------------------------------------------------------------
+# -- 3. UpdateSession masks -------------------------------------------------------------------------
 
 
 async def _update(client: SessionClient, session: session_pb2.Session, paths: list[str]) -> None:
@@ -140,7 +147,23 @@ async def test_mask_paths_must_be_distinct_and_label_keys_valid(
     assert dict(updated.labels) == {"a": "1"}
 
 
-# -- 5. size limits -----------------------------------------------------------------------------------
+def test_an_oversized_update_mask_is_refused_before_its_paths_are_copied() -> None:
+    request = pb.UpdateSessionRequest(
+        session=session_pb2.Session(session_id="s"),
+        update_mask=field_mask_pb2.FieldMask(paths=["ab"] * 1_000_000),
+    )
+    parsed = pb.UpdateSessionRequest.FromString(request.SerializeToString())  # as gRPC hands it over
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument):
+            validation.update_session(parsed, Limits.from_settings(Settings()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 1024 * 1024, f"refusing the mask took {peak // (1024 * 1024)} MiB"
+
+
+# -- 4. size limits -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +252,8 @@ async def test_request_over_the_transport_limit_never_reaches_the_servicer(
         )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await raw.llen(f"chat:{{{s.session_id}}}") == 0
+    await default_client.append(s.session_id, big[:1])  # the same read sees an accepted append
+    assert await raw.llen(f"chat:{{{s.session_id}}}") == 1
 
 
 async def test_pages_are_cut_by_bytes_so_every_reply_fits_a_default_client(
