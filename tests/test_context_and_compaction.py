@@ -448,6 +448,8 @@ async def test_clear_with_watchers_attached(client: SessionClient, raw: GlideCli
     m = await meta(raw, sid)
     assert (m["pinned"], m["message_count"]) == ("1", "7")
 
+    await client.compact_messages(sid, 7, system("S.", tokens=1))  # the read below sees both keys
+    assert await raw.exists([f"chat:{{{sid}}}", f"summary:{{{sid}}}"]) == 2
     everything = await client.clear_messages(sid)
     assert everything.messages_stored == 0
     assert await raw.exists([f"chat:{{{sid}}}", f"summary:{{{sid}}}"]) == 0

@@ -158,6 +158,7 @@ async def test_index_entries_older_than_the_max_ttl_are_dropped(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
     await raw.zadd(f"user_sessions:{{{uid}}}", {"ancient": 1000.0})
+    assert await raw.zscore(f"user_sessions:{{{uid}}}", "ancient") == 1000.0
     live = await client.create_session(uid)
     sessions = [s.session_id async for s in client.iter_sessions(uid)]
     assert sessions == [live.session_id]

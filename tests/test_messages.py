@@ -81,6 +81,9 @@ async def test_append_to_missing_session_is_not_found_and_writes_nothing(
 ) -> None:
     await raises(NotFoundError, client.append(f"{uid}-nope", [user("x")]))
     assert await raw.exists([f"chat:{{{uid}-nope}}", f"meta:{{{uid}-nope}}"]) == 0
+    await client.create_session(uid, session_id=f"{uid}-yes")  # the same read sees an append's keys
+    await client.append(f"{uid}-yes", [user("x")])
+    assert await raw.exists([f"chat:{{{uid}-yes}}", f"meta:{{{uid}-yes}}"]) == 2
 
 
 async def test_concurrent_appends_keep_counters_exact(

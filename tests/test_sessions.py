@@ -4,7 +4,6 @@ the replica acknowledgement --valkey-wait-replicas asks for, --max-session-bytes
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -28,6 +27,7 @@ from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.helpers import (
     command_calls,
+    eventually,
     meta,
     raises,
     session_keys_exist,
@@ -85,6 +85,7 @@ async def test_create_clash_is_already_exists_and_changes_nothing(
     before = await meta(raw, f"{uid}-s")
     await raises(AlreadyExistsError, client.create_session(f"{uid}-b", session_id=f"{uid}-s", title="second"))
     assert await meta(raw, f"{uid}-s") == before
+    assert await raw.exists([f"user_sessions:{{{uid}-a}}"]) == 1  # the same read sees an owner's index
     assert await raw.exists([f"user_sessions:{{{uid}-b}}"]) == 0
 
 
@@ -109,6 +110,8 @@ async def test_create_validation_names_fields(client: SessionClient, raw: GlideC
     )
     assert violated_fields(err) >= {"user_id", "session_id", "ttl_seconds", "max_messages", "title"}
     assert await raw.exists(["meta:{bad id{x}}"]) == 0
+    good = await client.create_session(uid, session_id=f"{uid}-good")  # the same read sees a session
+    assert await raw.exists([f"meta:{{{good.session_id}}}"]) == 1
 
 
 # --- GetSession and its read_mask -----------------------------------------------------------------
@@ -280,7 +283,12 @@ async def test_recreated_session_starts_empty(client: SessionClient, raw: GlideC
 
 async def test_expired_session_is_not_found(client: SessionClient, raw: GlideClient, uid: str) -> None:
     s = await client.create_session(uid, ttl_seconds=1)
-    await asyncio.sleep(1.2)
+    assert await session_keys_exist(raw, s.session_id) == 1  # its meta hash, until it expires
+
+    async def expired() -> bool:
+        return await session_keys_exist(raw, s.session_id) == 0
+
+    await eventually(expired, 5)
     await raises(NotFoundError, client.get_session(s.session_id))
     await raises(NotFoundError, client.append(s.session_id, [user("late")]))
     assert await session_keys_exist(raw, s.session_id) == 0
