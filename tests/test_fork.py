@@ -453,22 +453,6 @@ async def compacted_source(client: SessionClient, raw: GlideClient, session_id: 
     await raw.expire(f"summary:{{{session_id}}}", TTL)
 
 
-async def test_a_fork_of_a_session_with_the_most_labels_can_still_be_updated(
-    client: SessionClient, raw: GlideClient, uid: str
-) -> None:
-    labels = {f"k{i}": "v" for i in range(64)}
-    await client.create_session(uid, session_id=f"{uid}-src", labels=labels)
-    try:
-        fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
-    except (FailedPreconditionError, InvalidArgumentError):
-        # Refusing the fork clearly is a fix too, if it wrote nothing.
-        assert await session_keys_exist(raw, f"{uid}-f") == 0
-        return
-    assert fork.labels["forked_from"] == f"{uid}-src"
-    renamed = await client.update_session(f"{uid}-f", title="renamed")
-    assert renamed.title == "renamed"
-
-
 async def test_with_a_session_limit_a_retry_still_returns_the_fork_after_the_source_is_gone(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
@@ -533,7 +517,7 @@ MESSAGES_AT_THE_CAP = 780_000
 without a window: what 780 appends of 1000 leave."""
 
 
-async def test_a_session_at_the_size_cap_can_be_forked_without_blocking_valkey(
+async def test_a_session_at_the_size_cap_is_refused_a_fork_before_valkey_copies_it(
     settings: Settings, valkey_url: str, raw: GlideClient, uid: str
 ) -> None:
     async with (
@@ -561,9 +545,17 @@ async def test_a_session_at_the_size_cap_can_be_forked_without_blocking_valkey(
         )
         assert stored <= settings.max_session_bytes
         try:
-            fork = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
-            assert fork.session.message_count == MESSAGES_AT_THE_CAP
-        except (FailedPreconditionError, ResourceExhaustedError):
-            pass  # refusing a fork this big, clearly and at once, is a fix too
+            # Refused before the source is read: a script copying it would hold Valkey (the
+            # 500 ms timeout above) for everyone.
+            error = await raises(
+                ResourceExhaustedError,
+                client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1"),
+            )
+            assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [
+                ("max_fork_bytes", settings.max_fork_bytes)
+            ]
+            assert await session_keys_exist(raw, f"{uid}-src") == 2  # the same read sees the source
+            assert await session_keys_exist(raw, f"{uid}-f") == 0
+            assert (await client.get_session(f"{uid}-src")).message_count == MESSAGES_AT_THE_CAP
         finally:
             await raw.delete([chat, f"chat:{{{uid}-f}}"])
