@@ -19,9 +19,9 @@ import pytest
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import SessionClient, user
 from chatsession_server.api.observer import ACCESS_LOGGER
+from chatsession_server.api.watch import Watch
 from chatsession_server.domain import Appended, Heartbeat, StoredMessage
 from chatsession_server.settings import Settings
-from chatsession_server.watch import Watch
 from tests.helpers import serving
 from tests.test_quotas import connections, watch
 
