@@ -52,7 +52,7 @@ class Row:
     value: float
     baseline_name: str
     baseline: float
-    target: str  # the issue's target for value/baseline, or "" when there is none
+    target: str  # the bound value/baseline must meet, as "<= 1.1", or "" when there is none
     higher_is_better: bool = False
     round_ratios: list[float] = field(default_factory=list)
     """value/baseline of each round, when both were measured in rounds: the ratio is their median

@@ -161,3 +161,19 @@ async def subscribe_calls(raw: GlideClient) -> int:
         if m := re.search(rf"cmdstat_{command}:calls=(\d+)", text):
             total += int(m.group(1))
     return total
+
+
+async def command_calls(raw: GlideClient, key: str) -> dict[str, int]:
+    """Calls per command Valkey has served (on the node of `key`, in a cluster)."""
+    if isinstance(raw, GlideClusterClient):
+        text: Any = await raw.custom_command(
+            ["INFO", "commandstats"], route=SlotKeyRoute(SlotType.PRIMARY, key)
+        )
+    else:
+        text = await raw.custom_command(["INFO", "commandstats"])
+    calls: dict[str, int] = {}
+    for line in (text.decode() if isinstance(text, bytes) else str(text)).splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, stats = line.partition(":")
+            calls[name[len("cmdstat_") :]] = int(stats.split(",")[0].split("=")[1])
+    return calls

@@ -150,6 +150,7 @@ async def test_missing_or_unknown_token_is_unauthenticated_and_writes_nothing(
     auth_target: str, alice: SessionClient, raw: GlideClient
 ) -> None:
     own = await alice.create_session(ALICE, title="mine")
+    assert await raw.exists([f"meta:{{{own.session_id}}}"])  # the read below sees a session
     for token in (None, "not-a-known-token-at-all", ALICE_TOKEN + "x"):
         async with client_for(auth_target, token) as c:
             error = await raises(UnauthenticatedError, c.get_session(own.session_id))
@@ -162,6 +163,8 @@ async def test_missing_or_unknown_token_is_unauthenticated_and_writes_nothing(
     assert not await raw.exists([f"meta:{{{own.session_id}-2}}"])
     assert await stored_messages(raw, own.session_id) == []
     assert (await alice.get_session(own.session_id)).title == "mine"
+    await alice.append(own.session_id, [user("hers")])  # the same read sees an accepted append
+    assert [m["content"] for m in await stored_messages(raw, own.session_id)] == ["hers"]
 
 
 @pytest.mark.parametrize(
@@ -240,12 +243,15 @@ async def test_another_users_session_is_not_found_and_stays_unchanged(
     assert await raw.ttl(f"meta:{{{session.session_id}}}") > 3000
     assert (await bob.get_session(session.session_id)).title == "bob's"
     assert not await raw.exists([f"summary:{{{session.session_id}}}"])
+    await bob.compact_messages(session.session_id, 1, system("his"))  # the same read sees his summary
+    assert await raw.exists([f"summary:{{{session.session_id}}}"])
 
 
 async def test_listing_or_creating_for_another_user_is_permission_denied(
     alice: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
 ) -> None:
     await bob.create_session(BOB, session_id=f"{uid}-b")
+    assert await raw.exists([f"meta:{{{uid}-b}}"])  # the read below sees a session
     index_before = await raw.zcard(f"user_sessions:{{{BOB}}}")
 
     error = await raises(PermissionDeniedError, alice.list_sessions(BOB))
@@ -277,6 +283,7 @@ async def test_star_may_act_for_every_user(
     assert session.session_id in [s.session_id async for s in service.iter_sessions(BOB)]
     created = await service.create_session(ALICE, session_id=f"{uid}-for-alice")
     assert created.user_id == ALICE
+    assert await raw.exists([f"meta:{{{session.session_id}}}"])  # the read below sees it before
     await service.delete_session(session.session_id)
     assert not await raw.exists([f"meta:{{{session.session_id}}}"])
 

@@ -1,11 +1,13 @@
 """Cluster: the owner's index is a second step. A failure between the two steps never hides a
-live session from its owner's listing and never lists one that does not exist.
+live session from its owner's listing and never lists one that does not exist, and a late second
+step never removes the entry of a session created since, whatever the servers' clocks.
 
 Each test makes one step fail inside the real server (the store's own call raises, as a lost
 connection would), with real Valkey underneath, and checks the keys with a raw client."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from glide import GlideClient, UpdateOptions
 
 from chatsession_client import AlreadyExistsError, SessionClient, UnavailableError, user
 from chatsession_server.app import RunningServer
+from chatsession_server.domain import NewSession
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.store import scripts
 from chatsession_server.store.session_store import SessionStore
@@ -67,6 +70,7 @@ async def test_a_create_cut_off_after_its_index_step_is_never_listed_and_its_ent
     monkeypatch.undo()
     s = await client.create_session(uid, session_id=f"{uid}-a", request_id="r1")
     assert await listed(client, uid) == [s.session_id]
+    assert await raw.exists([f"meta:{{{uid}-a}}"]) == 1  # the read that saw no meta sees it now
 
 
 async def test_a_create_whose_index_step_fails_creates_nothing(
@@ -75,6 +79,9 @@ async def test_a_create_whose_index_step_fails_creates_nothing(
     fail_index_step(monkeypatch, server.store, "_enter_index")
     await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-b"))
     assert await raw.exists([f"meta:{{{uid}-b}}", f"user_sessions:{{{uid}}}"]) == 0
+    monkeypatch.undo()  # the same read sees both keys of a create whose steps all run
+    await client.create_session(uid, session_id=f"{uid}-b")
+    assert await raw.exists([f"meta:{{{uid}-b}}", f"user_sessions:{{{uid}}}"]) == 2
 
 
 async def test_an_append_whose_index_step_fails_is_acknowledged_and_the_listing_repairs_the_score(
@@ -100,6 +107,7 @@ async def test_a_delete_whose_index_step_fails_is_acknowledged_and_its_entry_goe
 ) -> None:
     index = f"user_sessions:{{{uid}}}"
     s = await client.create_session(uid, session_id=f"{uid}-d")
+    assert await raw.exists([f"meta:{{{uid}-d}}"]) == 1
     fail_index_step(monkeypatch, server.store, "_unindex")
     await client.delete_session(s.session_id)
     monkeypatch.undo()
@@ -137,4 +145,87 @@ async def test_a_refused_create_leaves_the_index_as_it_was(
     await raises(AlreadyExistsError, client.create_session(uid, session_id=f"{uid}-mine"))
     await raises(AlreadyExistsError, client.create_session(f"{uid}-other", session_id=f"{uid}-mine"))
     assert await raw.zscore(f"user_sessions:{{{uid}}}", mine.session_id) == before
+    assert await raw.exists([f"user_sessions:{{{uid}}}"]) == 1  # the same read sees an owner's index
     assert await raw.exists([f"user_sessions:{{{uid}-other}}"]) == 0
+
+
+# --- a late second step and the servers' clocks ----------------------------------------------------
+# A late second step (a delete's UNINDEX, a refused create's REVERT_INDEX) never removes the index
+# entry of a session created since, whatever the clocks of the servers involved: a create's index
+# step raises the score strictly, and undo steps compare against the score it wrote (a re-create
+# through a replica whose clock is behind would otherwise leave the score unchanged, and the late
+# step then remove a live session's entry). Replica B is a second SessionStore on the same Valkey
+# whose clock is 0.5 s behind; the late second step is held and released as above.
+
+
+def replica_behind(server: RunningServer, seconds: float) -> SessionStore:
+    return SessionStore(server.connection, clock=lambda: time.time() - seconds)
+
+
+def new(uid: str, session_id: str) -> NewSession:
+    return NewSession(
+        session_id=session_id,
+        user_id=uid,
+        model="",
+        title="",
+        labels={},
+        ttl_seconds=3600,
+        max_messages=-1,
+        request_id="",
+    )
+
+
+async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slower_clock(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
+) -> None:
+    store = server.store
+    held: list[tuple[str, str, str]] = []
+
+    async def hold(user_id: str, session_id: str, last_active: str) -> None:
+        held.append((user_id, session_id, last_active))
+
+    s = await client.create_session(uid, session_id=f"{uid}-x")
+    await client.append(s.session_id, [user("hi")])
+    monkeypatch.setattr(store, "_unindex", hold)
+    await client.delete_session(s.session_id)
+    monkeypatch.undo()
+    again, _ = await replica_behind(server, 0.5).create(new(uid, s.session_id))  # the user starts over
+    await store._unindex(*held[0])  # the delete's second step arrives late
+    assert (await client.get_session(again.session_id)).user_id == uid  # live
+    assert await listed(client, uid) == [again.session_id]
+
+
+async def test_a_late_revert_spares_a_session_created_since_by_a_replica_with_a_slower_clock(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
+) -> None:
+    store = server.store
+    taken = f"{uid}-y"
+    await client.create_session(f"{uid}-bob", session_id=taken)  # bob has the id
+    original = store._revert_index
+
+    async def late(*args: Any) -> None:
+        # Before the refused create undoes its index step: bob deletes his session and the user
+        # creates the id through replica B.
+        await store.delete(taken)
+        await replica_behind(server, 0.5).create(new(uid, taken))
+        await original(*args)
+
+    monkeypatch.setattr(store, "_revert_index", late)
+    await raises(AlreadyExistsError, client.create_session(uid, session_id=taken))
+    monkeypatch.undo()
+    assert (await client.get_session(taken)).user_id == uid  # live, the user's
+    assert await listed(client, uid) == [taken]
+
+
+async def test_a_deleted_session_whose_create_was_retried_leaves_no_index_entry(
+    client: SessionClient, raw: Any, uid: str
+) -> None:
+    """The retry's index step (ZADD GT now) is not undone on REPLAYED, so the score ends above
+    the session's last_active; UNINDEX then takes the entry for a namesake's and keeps it (a dead
+    entry every listing describes for INDEX_PRUNE_GRACE_SECONDS)."""
+    index = f"user_sessions:{{{uid}}}"
+    s = await client.create_session(uid, session_id=f"{uid}-r", request_id="r1")
+    await client.create_session(uid, session_id=s.session_id, request_id="r1")  # a client retry
+    assert await raw.zscore(index, s.session_id) is not None
+    await client.delete_session(s.session_id)
+    assert await raw.zscore(index, s.session_id) is None

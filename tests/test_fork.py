@@ -1,6 +1,7 @@
 """ForkSession through a real server and Valkey (both passes): what a fork copies, at every edge
-of at_seq, with a summary, idempotent retries, and refusals that write nothing (checked with a
-raw client)."""
+of at_seq, with a summary (and how long a copied summary lives), idempotent retries (also under a
+session limit, and against a create reusing the fork's request_id), the label limit, a source at
+--max-session-bytes, and refusals that write nothing (checked with a raw client)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,10 @@ async def test_at_seq_beyond_the_last_is_a_failed_precondition_and_writes_nothin
     )
     assert await session_keys_exist(raw, f"{uid}-f") == 0
     assert await index_score(raw, uid, f"{uid}-f") is None
+    # The same reads see the fork at the last seq.
+    await client.fork_session(f"{uid}-src", at_seq=6, new_session_id=f"{uid}-f")
+    assert await session_keys_exist(raw, f"{uid}-f") == 2
+    assert await index_score(raw, uid, f"{uid}-f") is not None
 
 
 async def test_a_seq_the_window_trimmed_is_a_failed_precondition_and_one_after_it_renumbers(
@@ -140,6 +145,7 @@ async def test_a_seq_the_window_trimmed_is_a_failed_precondition_and_one_after_i
     assert await session_keys_exist(raw, f"{uid}-f") == 0
     fork = (await client.fork_session(f"{uid}-src", at_seq=5, new_session_id=f"{uid}-f")).session
     assert (fork.message_count, fork.token_count, fork.max_messages) == (3, 1 + 2 + 5, 4)
+    assert await session_keys_exist(raw, f"{uid}-f") == 2
     copied = await stored_messages(raw, f"{uid}-f")
     assert [(m["seq"], m["content"]) for m in copied] == [
         (1, "You plan trips."),
@@ -180,6 +186,7 @@ async def test_a_summary_is_copied_renumbered_after_the_prompt(
     assert await session_keys_exist(raw, f"{uid}-x") == 0
     at_end = (await client.fork_session(f"{uid}-src", at_seq=4, new_session_id=f"{uid}-s")).session
     assert (at_end.message_count, at_end.token_count, at_end.messages_stored) == (3, 1 + 2 + 9, 2)
+    assert await session_keys_exist(raw, f"{uid}-s") == 2
     summary = json.loads(await raw.get(f"summary:{{{uid}-s}}") or b"null")
     assert (summary["seq"], summary["summarizes"], summary["content"]) == (3, [3, 3], "Summary of 3-4")
     assert 0 < await raw.ttl(f"summary:{{{uid}-s}}") <= 3600
@@ -197,6 +204,7 @@ async def test_a_summary_is_copied_renumbered_after_the_prompt(
     # Within the prompt: no summary.
     setup = (await client.fork_session(f"{uid}-src", at_seq=0, new_session_id=f"{uid}-p")).session
     assert setup.message_count == 2
+    assert await raw.exists([f"summary:{{{uid}-s}}"]) == 1  # the same read sees a copied summary
     assert await raw.exists([f"summary:{{{uid}-p}}"]) == 0
 
 
@@ -224,6 +232,7 @@ async def test_a_retry_with_the_same_request_id_returns_the_same_fork(
     await raises(
         NotFoundError, client.fork_session(f"{uid}-src", at_seq=4, new_session_id=f"{uid}-g", request_id="r1")
     )
+    assert await session_keys_exist(raw, f"{uid}-f") == 2  # the same read sees the fork
     assert await session_keys_exist(raw, f"{uid}-g") == 0
 
 
@@ -269,6 +278,10 @@ async def test_bad_requests_name_the_field_and_write_nothing(
     assert await index_score(raw, uid, f"{uid}-f") is None
     await raises(NotFoundError, client.fork_session(f"{uid}-nope", new_session_id=f"{uid}-f"))
     assert await session_keys_exist(raw, f"{uid}-f") == 0
+    # The same reads see a fork that is accepted.
+    await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")
+    assert await session_keys_exist(raw, f"{uid}-f") == 2
+    assert await index_score(raw, uid, f"{uid}-f") is not None
 
 
 @pytest.mark.cluster_only
@@ -294,6 +307,7 @@ async def test_cluster_a_fork_cut_off_between_its_steps_leaves_no_session_and_th
     retried = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
     assert not retried.replayed
     assert retried.session.message_count == 6
+    assert await session_keys_exist(raw, f"{uid}-f") == 2
     assert [s.session_id async for s in client.iter_sessions(uid)] == [f"{uid}-f", f"{uid}-src"]
     # The write done but its reply lost: the retry returns that fork.
     lost = await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
@@ -302,7 +316,7 @@ async def test_cluster_a_fork_cut_off_between_its_steps_leaves_no_session_and_th
 
 
 async def test_a_fork_counts_against_the_owners_session_limit(
-    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+    settings: Settings, valkey_url: str, client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
     async with (
         serving(settings, valkey_url, max_sessions_per_user=1) as running,
@@ -314,6 +328,9 @@ async def test_a_fork_counts_against_the_owners_session_limit(
         )
         assert "--max-sessions-per-user" in str(error)
     assert await session_keys_exist(raw, f"{uid}-f") == 0
+    # The same read sees the fork a server without the limit makes.
+    await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")
+    assert await session_keys_exist(raw, f"{uid}-f") == 1  # the source has no messages: its meta
 
 
 async def test_the_readme_grpcurl_recipe(target: str, client: SessionClient, uid: str) -> None:
@@ -393,6 +410,7 @@ async def test_a_source_past_the_fork_limits_is_resource_exhausted_and_writes_no
         )
         assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [quota]
         assert "--" + quota[0].replace("_", "-") in str(error)
+    assert await session_keys_exist(raw, f"{uid}-ok") == 2  # the same read sees the fork made
     assert await session_keys_exist(raw, f"{uid}-f") == 0
     assert (await meta(raw, f"{uid}-src"))["message_count"] == "4"
 
@@ -412,4 +430,132 @@ async def test_a_fork_of_a_fork_at_the_label_limit_replaces_forked_from(
         FailedPreconditionError, client.fork_session(f"{uid}-full", new_session_id=f"{uid}-h")
     )
     assert [(v.type, v.subject) for v in error.precondition_violations] == [("LABELS_FULL", "session_id")]
+    assert await session_keys_exist(raw, f"{uid}-g") == 1  # the same read sees a fork (its meta)
     assert await session_keys_exist(raw, f"{uid}-h") == 0
+
+
+# --- a fork's labels, summary, request_id and size, as the rest of the service meets them -------
+
+
+async def compacted_source(client: SessionClient, raw: GlideClient, session_id: str, uid: str) -> None:
+    """A session as a compaction of seqs 2-3 leaves it (the stored form `compact` above writes):
+    the prompt (seq 1), the summary (seq 3) in `summary:{id}`, then seq 4."""
+    await client.create_session(uid, session_id=session_id, ttl_seconds=TTL)
+    await client.append(session_id, [system("Be brief.", tokens=1)])
+    await client.append(session_id, [user("a", tokens=2), user("b", tokens=3), user("c", tokens=4)])
+    chat = f"chat:{{{session_id}}}"
+    kept = [item for item in await raw.lrange(chat, 0, -1) if json.loads(item)["seq"] not in (2, 3)]
+    await raw.delete([chat])
+    await raw.rpush(chat, kept)
+    await raw.expire(chat, TTL)
+    summary = {"seq": 3, "role": "system", "content": "a and b", "tokens": 5, "summarizes": [2, 3]}
+    await raw.set(f"summary:{{{session_id}}}", json.dumps(summary, separators=(",", ":")))
+    await raw.expire(f"summary:{{{session_id}}}", TTL)
+
+
+async def test_with_a_session_limit_a_retry_still_returns_the_fork_after_the_source_is_gone(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, max_sessions_per_user=10) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as limited,
+    ):
+        await limited.create_session(uid, session_id=f"{uid}-src")
+        await limited.append(f"{uid}-src", [user("hi")])
+        first = await limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+        await limited.delete_session(f"{uid}-src")
+        late = await limited.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+        assert late.replayed
+        assert late.session.created_at == first.session.created_at
+
+
+async def test_a_forks_summary_lives_as_long_as_the_fork(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await compacted_source(client, raw, f"{uid}-src", uid)
+    fork = (await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")).session
+    assert fork.message_count == 3  # prompt, summary, "c"
+    summary_key = f"summary:{{{uid}-f}}"
+    # As if 1134 s passed: every key of the fork has 100 s left; an append restarts the clock.
+    for key in (f"chat:{{{uid}-f}}", f"meta:{{{uid}-f}}", summary_key):
+        await raw.expire(key, 100)
+    await client.append(f"{uid}-f", [user("d")])
+    assert await raw.ttl(f"meta:{{{uid}-f}}") > 1000
+    assert await raw.ttl(summary_key) > 1000
+    # A longer TTL asked by an update applies to the summary too.
+    await client.update_session(f"{uid}-f", ttl_seconds=5000)
+    assert await raw.ttl(summary_key) > 4000
+
+
+async def test_deleting_a_fork_removes_its_summary(client: SessionClient, raw: GlideClient, uid: str) -> None:
+    await compacted_source(client, raw, f"{uid}-src", uid)
+    await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f")
+    assert await raw.exists([f"summary:{{{uid}-f}}"]) == 1
+    await client.delete_session(f"{uid}-f")
+    # A namesake created afterwards by another user, then forked: its fork must not carry the old
+    # summary (another user's conversation, in its stored form).
+    await client.create_session(f"{uid}-other", session_id=f"{uid}-f")
+    await client.append(f"{uid}-f", [user("fresh", tokens=1)])
+    again = (await client.fork_session(f"{uid}-f", new_session_id=f"{uid}-g")).session
+    assert (again.message_count, again.token_count) == (1, 1)
+    assert await raw.exists([f"summary:{{{uid}-f}}", f"summary:{{{uid}-g}}"]) == 0
+
+
+async def test_a_create_with_a_forks_request_id_is_not_a_replay_of_the_fork(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    await client.create_session(uid, session_id=f"{uid}-src", title="source")
+    await client.append(f"{uid}-src", [user("hi")])
+    await client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+    await raises(
+        AlreadyExistsError, client.create_session(uid, session_id=f"{uid}-f", title="new", request_id="r1")
+    )
+
+
+MESSAGES_AT_THE_CAP = 780_000
+"""Small messages (~84 bytes stored) filling the default --max-session-bytes (64 MiB) of a session
+without a window: what 780 appends of 1000 leave."""
+
+
+async def test_a_session_at_the_size_cap_is_refused_a_fork_before_valkey_copies_it(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        serving(settings, valkey_url, valkey_timeout_ms=500) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY, timeout=60) as client,
+    ):
+        await client.create_session(uid, session_id=f"{uid}-src", max_messages=-1)
+        # Seeded raw, in the stored form the append script writes (780 appends take a minute).
+        chat = f"chat:{{{uid}-src}}"
+        stored = 0
+        for first in range(1, MESSAGES_AT_THE_CAP + 1, 10_000):
+            items = [
+                f'{{"seq":{seq},"role":"user","content":"y","tokens":1,"created_at":1764000000.5}}'
+                for seq in range(first, first + 10_000)
+            ]
+            stored += sum(len(item) for item in items)
+            await raw.rpush(chat, items)
+        await raw.hset(
+            f"meta:{{{uid}-src}}",
+            {
+                "message_count": str(MESSAGES_AT_THE_CAP),
+                "token_count": str(MESSAGES_AT_THE_CAP),
+                "stored_bytes": str(stored),
+            },
+        )
+        assert stored <= settings.max_session_bytes
+        try:
+            # Refused before the source is read: a script copying it would hold Valkey (the
+            # 500 ms timeout above) for everyone.
+            error = await raises(
+                ResourceExhaustedError,
+                client.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1"),
+            )
+            assert [(v.quota_id, v.quota_value) for v in error.quota_violations] == [
+                ("max_fork_bytes", settings.max_fork_bytes)
+            ]
+            assert await session_keys_exist(raw, f"{uid}-src") == 2  # the same read sees the source
+            assert await session_keys_exist(raw, f"{uid}-f") == 0
+            assert (await client.get_session(f"{uid}-src")).message_count == MESSAGES_AT_THE_CAP
+        finally:
+            await raw.delete([chat, f"chat:{{{uid}-f}}"])

@@ -1,8 +1,12 @@
-"""AppendMessages and ListMessages: seqs, counters, window, idempotency, concurrency, paging."""
+"""AppendMessages and ListMessages: seqs, counters, concurrency, idempotent retries and the request
+records kept for them, the window and the pinned prompt it keeps (however long), paging. What these
+cost Valkey is in test_round_trips.py."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 import pytest
 from glide import GlideClient
@@ -17,7 +21,12 @@ from chatsession_client import (
     tool,
     user,
 )
+from chatsession_server.app import RunningServer
+from chatsession_server.domain import NewMessage, NewSession, Role
+from chatsession_server.store.session_store import SessionStore
 from tests.helpers import meta, raises, stored_messages
+
+# --- AppendMessages -------------------------------------------------------------------------------
 
 
 async def test_append_stores_json_and_counts_in_one_step(
@@ -72,6 +81,9 @@ async def test_append_to_missing_session_is_not_found_and_writes_nothing(
 ) -> None:
     await raises(NotFoundError, client.append(f"{uid}-nope", [user("x")]))
     assert await raw.exists([f"chat:{{{uid}-nope}}", f"meta:{{{uid}-nope}}"]) == 0
+    await client.create_session(uid, session_id=f"{uid}-yes")  # the same read sees an append's keys
+    await client.append(f"{uid}-yes", [user("x")])
+    assert await raw.exists([f"chat:{{{uid}-yes}}", f"meta:{{{uid}-yes}}"]) == 2
 
 
 async def test_concurrent_appends_keep_counters_exact(
@@ -90,6 +102,20 @@ async def test_concurrent_appends_keep_counters_exact(
     stored = await stored_messages(raw, s.session_id)
     assert [x["seq"] for x in stored] == list(range(1, n + 1))
     assert sorted(x["content"] for x in stored) == sorted(f"m{i}" for i in range(n))
+
+
+async def test_expected_last_seq_guards_interleaving(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    await client.append(s.session_id, [user("a")], expected_last_seq=0)
+    err = await raises(SeqMismatchError, client.append(s.session_id, [user("b")], expected_last_seq=0))
+    assert err.precondition_violations[0].subject == "expected_last_seq"
+    await client.append(s.session_id, [user("b")], expected_last_seq=1)
+    assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a", "b"]
+
+
+# --- idempotency: request_id and its records ------------------------------------------------------
 
 
 async def test_retry_with_same_request_id_appends_nothing(
@@ -123,15 +149,25 @@ async def test_reused_request_id_with_other_messages_fails(
     assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a"]
 
 
-async def test_expected_last_seq_guards_interleaving(
-    client: SessionClient, raw: GlideClient, uid: str
+async def test_forgetting_old_request_ids_works_with_a_large_idempotency_limit(
+    server: RunningServer, client: SessionClient, raw: Any, uid: str
 ) -> None:
-    s = await client.create_session(uid)
-    await client.append(s.session_id, [user("a")], expected_last_seq=0)
-    err = await raises(SeqMismatchError, client.append(s.session_id, [user("b")], expected_last_seq=0))
-    assert err.precondition_violations[0].subject == "expected_last_seq"
-    await client.append(s.session_id, [user("b")], expected_last_seq=1)
-    assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["a", "b"]
+    """APPEND forgets old request records in slices: one `HDEL reqs unpack(old)` of about limit/2
+    names stops at Lua's 8000, so with --idempotency-keys-per-session above ~16000 (accepted by
+    Settings) every append with a request_id on a busy session would fail (INTERNAL) after
+    RPUSH/HINCRBY/HSET already ran: the message stored, the session's expiry not refreshed, a new
+    chat LIST without any expiry, and no watcher told."""
+    s = await client.create_session(uid, session_id=f"{uid}-i")
+    store = SessionStore(server.connection, idempotency_limit=20_000)
+    await raw.hset(f"reqs:{{{s.session_id}}}", {f"r{i}": f"fp {i + 1} 1" for i in range(30_000)})
+    message = NewMessage(
+        role=Role.USER, content="x", tokens=0, name="", metadata={}, tool_calls=(), tool_call_id=""
+    )
+    await store.append(s.session_id, [message], request_id="new")
+    assert await raw.hlen(f"reqs:{{{s.session_id}}}") == 20_000
+
+
+# --- the window and the pinned prompt -------------------------------------------------------------
 
 
 async def test_window_trims_oldest_and_keeps_counting(
@@ -177,6 +213,33 @@ async def test_window_never_leaves_a_tool_result_without_its_call(
     assert [m["seq"] for m in stored] == [5]
     await client.append(s.session_id, [user("thanks")])
     assert [m["seq"] for m in await stored_messages(raw, s.session_id)] == [5, 6]
+
+
+PINNED = 8_100
+
+
+async def test_a_trim_keeps_a_legacy_prompt_of_any_length(server: RunningServer, raw: Any, uid: str) -> None:
+    """A trim keeps a pinned prompt stored before the MAX_PINNED cap, however long.
+
+    New prompts are capped at 16 messages, but a session stored before the cap may have pinned
+    thousands. Lua's unpack takes at most ~8000 values: a single LPUSH of the prompt after the
+    LTRIM would fail and lose the prompt; it is put back in slices."""
+    store = server.store
+    session_id = f"{uid}-legacy"
+    await store.create(
+        NewSession(session_id, uid, model="", title="", labels={}, ttl_seconds=600, max_messages=PINNED + 2)
+    )
+    for _ in range(PINNED // 900 + 1):
+        await store.append(session_id, [NewMessage(Role.SYSTEM, "s") for _ in range(900)])
+    await raw.hset(f"meta:{{{session_id}}}", {"pinned": str(PINNED)})  # as the code before the cap stored it
+    # Today this append fails (a Lua error: INTERNAL through gRPC); what matters is what it left.
+    with contextlib.suppress(Exception):
+        await store.append(session_id, [NewMessage(Role.USER, "u") for _ in range(5)])
+    assert (await meta(raw, session_id))["pinned"] == str(PINNED)
+    assert await raw.llen(f"chat:{{{session_id}}}") == PINNED + 2, "the pinned prompt was trimmed away"
+
+
+# --- ListMessages ---------------------------------------------------------------------------------
 
 
 async def test_list_messages_newest_and_paging_backward(client: SessionClient, uid: str) -> None:

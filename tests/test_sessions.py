@@ -1,22 +1,41 @@
-"""CreateSession, GetSession, UpdateSession, DeleteSession: results and what lands in Valkey."""
+"""CreateSession, GetSession (and its read_mask), UpdateSession, DeleteSession: results and what
+lands in Valkey; and the write rules the scripts hold atomically: the label count after an update,
+the replica acknowledgement --valkey-wait-replicas asks for, --max-session-bytes."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
 import pytest
 from glide import GlideClient
+from google.protobuf.field_mask_pb2 import FieldMask
 
+from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client import (
+    NO_RETRY,
     AlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     SessionClient,
+    UnavailableError,
     user,
 )
-from tests.helpers import meta, raises, session_keys_exist, stored_messages, violated_fields
+from chatsession_client.errors import from_rpc_error
+from chatsession_server.app import start_server
+from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import (
+    command_calls,
+    eventually,
+    meta,
+    raises,
+    session_keys_exist,
+    stored_messages,
+    violated_fields,
+)
+
+# --- CreateSession --------------------------------------------------------------------------------
 
 
 async def test_create_writes_meta_hash_ttl_and_index(
@@ -66,6 +85,7 @@ async def test_create_clash_is_already_exists_and_changes_nothing(
     before = await meta(raw, f"{uid}-s")
     await raises(AlreadyExistsError, client.create_session(f"{uid}-b", session_id=f"{uid}-s", title="second"))
     assert await meta(raw, f"{uid}-s") == before
+    assert await raw.exists([f"user_sessions:{{{uid}-a}}"]) == 1  # the same read sees an owner's index
     assert await raw.exists([f"user_sessions:{{{uid}-b}}"]) == 0
 
 
@@ -83,6 +103,20 @@ async def test_create_retry_with_request_id_returns_the_first_session(
     )
 
 
+async def test_create_validation_names_fields(client: SessionClient, raw: GlideClient, uid: str) -> None:
+    err = await raises(
+        InvalidArgumentError,
+        client.create_session("", session_id="bad id{x}", ttl_seconds=-5, max_messages=-7, title="t" * 2000),
+    )
+    assert violated_fields(err) >= {"user_id", "session_id", "ttl_seconds", "max_messages", "title"}
+    assert await raw.exists(["meta:{bad id{x}}"]) == 0
+    good = await client.create_session(uid, session_id=f"{uid}-good")  # the same read sees a session
+    assert await raw.exists([f"meta:{{{good.session_id}}}"]) == 1
+
+
+# --- GetSession and its read_mask -----------------------------------------------------------------
+
+
 async def test_get_returns_counters_and_missing_is_not_found(client: SessionClient, uid: str) -> None:
     s = await client.create_session(uid, session_id=f"{uid}-s")
     await client.append(s.session_id, [user("hello", tokens=5), user("again", tokens=7)])
@@ -90,6 +124,53 @@ async def test_get_returns_counters_and_missing_is_not_found(client: SessionClie
     assert (got.message_count, got.token_count, got.messages_stored) == (2, 12, 2)
     assert got.last_active.ToNanoseconds() >= got.created_at.ToNanoseconds()
     await raises(NotFoundError, client.get_session(f"{uid}-missing"))
+
+
+async def test_read_mask_reads_only_the_named_fields(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, title="t", labels={"team": "a", "other": "b"})
+    await client.append(s.session_id, [user("hi", tokens=9)])
+    key = f"meta:{{{s.session_id}}}"
+    before = await command_calls(raw, key)
+    got = await client.get_session(s.session_id, read_mask=["token_count", "labels.team"])
+    after = await command_calls(raw, key)
+    assert got.token_count == 9
+    assert dict(got.labels) == {"team": "a"}
+    assert (got.title, got.session_id, got.message_count) == ("", "", 0)
+    assert not got.HasField("created_at")
+    ran = {name for name in after if after[name] != before.get(name, 0)}
+    assert "hmget" in ran
+    assert not ran & {"hgetall", "llen", "ttl", "hget"}, ran
+
+    counted = await client.get_session(s.session_id, read_mask=["messages_stored", "expires_in_seconds"])
+    assert counted.messages_stored == 1
+    assert counted.expires_in_seconds > 0
+    assert counted.user_id == ""
+    whole = await client.get_session(s.session_id, read_mask=["*"])
+    assert (whole.title, whole.message_count, dict(whole.labels)) == ("t", 1, {"team": "a", "other": "b"})
+    labels = await client.get_session(s.session_id, read_mask=["labels", "created_at"])
+    assert dict(labels.labels) == {"team": "a", "other": "b"}
+    assert labels.HasField("created_at")
+
+    for mask in (["nope"], ["labels."], ["title", "session.title"]):
+        error = await raises(InvalidArgumentError, client.get_session(s.session_id, read_mask=mask))
+        assert violated_fields(error) == {"read_mask"}
+    await raises(NotFoundError, client.get_session(f"{uid}-missing", read_mask=["title"]))
+
+
+# --- UpdateSession --------------------------------------------------------------------------------
+
+
+async def update(
+    client: SessionClient, session: session_pb2.Session, paths: list[str]
+) -> session_pb2.Session:
+    """UpdateSession with an explicit mask (labels.<key> paths), errors as the client's exceptions."""
+    request = session_service_pb2.UpdateSessionRequest(session=session, update_mask=FieldMask(paths=paths))
+    try:
+        return (await client._stub.UpdateSession(request, timeout=10)).session
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
 
 
 async def test_update_applies_only_masked_fields(client: SessionClient, raw: GlideClient, uid: str) -> None:
@@ -156,6 +237,29 @@ async def test_update_rejects_unknown_mask_paths_and_missing_session(client: Ses
     await raises(NotFoundError, client.update_session(f"{uid}-missing", title="x"))
 
 
+async def test_the_label_count_after_an_update_is_checked_before_anything_is_written(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    s = await client.create_session(uid, labels={f"k{i}": "v" for i in range(60)})
+    before = await meta(raw, s.session_id)
+    new = {f"n{i}": "v" for i in range(10)}
+    # Ten more through labels.<key> paths, with a title change in the same request: refused whole.
+    patch = session_pb2.Session(session_id=s.session_id, title="changed", labels=new)
+    err = await raises(InvalidArgumentError, update(client, patch, ["title", *(f"labels.{k}" for k in new)]))
+    assert violated_fields(err) == {"session.labels"}
+    assert "70" in err.field_violations[0].description
+    assert await meta(raw, s.session_id) == before
+    # Removing some in the same request makes room.
+    patch = session_pb2.Session(session_id=s.session_id, labels=new)
+    paths = [*(f"labels.k{i}" for i in range(6)), *(f"labels.{k}" for k in new)]
+    assert len((await update(client, patch, paths)).labels) == 64
+    patch = session_pb2.Session(session_id=s.session_id, labels={"x": "1"})
+    await raises(InvalidArgumentError, update(client, patch, ["labels.x"]))
+
+
+# --- DeleteSession and expiry ---------------------------------------------------------------------
+
+
 async def test_delete_removes_keys_and_index_entry(client: SessionClient, raw: GlideClient, uid: str) -> None:
     s = await client.create_session(uid, session_id=f"{uid}-s")
     await client.append(s.session_id, [user("x")], request_id="r")
@@ -179,16 +283,83 @@ async def test_recreated_session_starts_empty(client: SessionClient, raw: GlideC
 
 async def test_expired_session_is_not_found(client: SessionClient, raw: GlideClient, uid: str) -> None:
     s = await client.create_session(uid, ttl_seconds=1)
-    await asyncio.sleep(1.2)
+    assert await session_keys_exist(raw, s.session_id) == 1  # its meta hash, until it expires
+
+    async def expired() -> bool:
+        return await session_keys_exist(raw, s.session_id) == 0
+
+    await eventually(expired, 5)
     await raises(NotFoundError, client.get_session(s.session_id))
     await raises(NotFoundError, client.append(s.session_id, [user("late")]))
     assert await session_keys_exist(raw, s.session_id) == 0
 
 
-async def test_create_validation_names_fields(client: SessionClient, raw: GlideClient, uid: str) -> None:
-    err = await raises(
-        InvalidArgumentError,
-        client.create_session("", session_id="bad id{x}", ttl_seconds=-5, max_messages=-7, title="t" * 2000),
+# --- write rules: replica acknowledgement, the session's byte cap ---------------------------------
+
+
+async def test_without_the_replicas_asked_for_a_write_is_unavailable_never_ok(
+    settings: Settings, valkey_url: str, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # The suite's Valkey has no replicas: WAIT 1 can never be satisfied.
+    waiting = Settings(
+        listen="127.0.0.1:0",
+        valkey_cluster=settings.valkey_cluster,
+        valkey_wait_replicas=1,
+        valkey_wait_timeout_ms=100,
     )
-    assert violated_fields(err) >= {"user_id", "session_id", "ttl_seconds", "max_messages", "title"}
-    assert await raw.exists(["meta:{bad id{x}}"]) == 0
+    s = await client.create_session(uid)
+    server = await start_server(waiting, ValkeyAddress.parse(valkey_url))
+    try:
+        async with SessionClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
+            err = await raises(UnavailableError, c.create_session(uid, request_id="c1"))
+            assert "replicas" in err.message
+            # The primary has the append; a retry with the same request_id finds it, and still
+            # cannot say it is replicated.
+            for _ in range(2):
+                err = await raises(
+                    UnavailableError, c.append(s.session_id, [user("kept once")], request_id="a1")
+                )
+                assert "replicas" in err.message
+            assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["kept once"]
+    finally:
+        await server.stop(0.5)
+
+
+@pytest.mark.parametrize("replicas", [-1])
+def test_wait_replicas_must_not_be_negative(replicas: int) -> None:
+    with pytest.raises(ValueError, match="valkey_wait_replicas"):
+        Settings(valkey_wait_replicas=replicas)
+
+
+async def stored_bytes(raw: GlideClient, session_id: str) -> tuple[int, int]:
+    """The session's stored_bytes count, and what its LIST really holds."""
+    items = await raw.lrange(f"chat:{{{session_id}}}", 0, -1)
+    return int((await meta(raw, session_id))["stored_bytes"]), sum(len(i) for i in items)
+
+
+async def test_a_session_stores_at_most_max_session_bytes(
+    settings: Settings, valkey_url: str, raw: GlideClient, uid: str
+) -> None:
+    capped = Settings(listen="127.0.0.1:0", valkey_cluster=settings.valkey_cluster, max_session_bytes=4000)
+    server = await start_server(capped, ValkeyAddress.parse(valkey_url))
+    try:
+        async with SessionClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
+            keeps_all = await c.create_session(uid)
+            for i in range(3):
+                await c.append(keeps_all.session_id, [user("x" * 1000)], request_id=f"r{i}")
+            counted, real = await stored_bytes(raw, keeps_all.session_id)
+            assert counted == real
+            err = await raises(ResourceExhaustedError, c.append(keeps_all.session_id, [user("y" * 1000)]))
+            assert "max-session-bytes" in err.message
+            assert await stored_bytes(raw, keeps_all.session_id) == (counted, real)  # nothing written
+            # A window keeps a session under the cap: trims give their bytes back.
+            windowed = await c.create_session(uid, max_messages=2)
+            for _ in range(20):
+                await c.append(windowed.session_id, [user("z" * 1000)])
+                counted, real = await stored_bytes(raw, windowed.session_id)
+                assert counted == real
+            await c.update_session(windowed.session_id, max_messages=1)
+            counted, real = await stored_bytes(raw, windowed.session_id)
+            assert counted == real < 1100
+    finally:
+        await server.stop(0.5)

@@ -1,4 +1,5 @@
-"""Settings from flags and environment; Valkey URL parsing."""
+"""Settings from flags and environment; Valkey URL parsing (a URL without its host never shows its
+password)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,10 @@ def test_workers_and_startup_wait_come_from_flags_or_environment() -> None:
     assert (s.workers, s.valkey_startup_timeout) == (0, 2.5)
     assert (s.listen_host, s.listen_port) == ("127.0.0.1", 50051)
     assert Settings(listen="[::]:0").listen_host == "[::]"
+
+
+@pytest.mark.parametrize("url", ["valkey://default:Zm9vYmFycXV4", "valkeys://:Zm9vYmFycXV4/0"])
+def test_a_valkey_url_without_a_host_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match="Valkey URL") as info:
+        ValkeyAddress.parse(url)
+    assert "Zm9v" not in str(info.value)

@@ -208,6 +208,8 @@ async def test_refusals_of_the_new_calls_are_typed_and_change_nothing(
     ]
     assert await dumps(raw, sid) == before
     assert await session_keys_exist(raw, new) == 0
+    await asyncio.to_thread(sync_client.fork_session, sid, new_session_id=new)  # the same read sees a fork
+    assert await session_keys_exist(raw, new) == 2
 
 
 async def test_a_compaction_retried_after_a_clear_is_summary_cleared(
@@ -220,6 +222,7 @@ async def test_a_compaction_retried_after_a_clear_is_summary_cleared(
         return sync_client.compact_messages(s.session_id, 1, system("a"), request_id="once")
 
     await asyncio.to_thread(compact)
+    assert await summary_of(raw, s.session_id) is not None  # the read below sees the summary
     await asyncio.to_thread(sync_client.clear_messages, s.session_id)
     with pytest.raises(SummaryClearedError):
         await asyncio.to_thread(compact)

@@ -1,5 +1,6 @@
 """GetUserUsage through a real server and Valkey (both passes): counted with every create and
-append, per model and per UTC day, never twice for a replay, kept after sessions go; in a
+append, per model and per UTC day (the day the message was appended), never twice for a replay,
+kept after sessions go, readable for a user of many models, kept apart under --key-prefix; in a
 cluster, a failed second step is made up later. Side effects checked with a raw client."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import asyncio
 import calendar
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,14 +24,17 @@ from chatsession_client import (
     NotFoundError,
     PermissionDeniedError,
     SessionClient,
+    system,
     user,
 )
 from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
 from chatsession_server.store import codec, scripts
-from tests.helpers import raises, serving, violated_fields
+from chatsession_server.store.keys import KeySpace
+from tests.helpers import eventually, raises, serving, violated_fields
 from tests.test_grpcurl import grpcurl
+from tests.test_key_prefix import _keys_named
 
 DAY = 86_400
 JAN_10 = float(calendar.timegm((2026, 1, 10, 12, 0, 0)))
@@ -116,10 +121,14 @@ async def test_usage_outlives_deletion_and_expiry(client: SessionClient, raw: Gl
     expiring = await client.create_session(uid)
     await client.append(expiring.session_id, [user("two", tokens=2), user("three", tokens=3)])
     await client.delete_session(deleted.session_id)
+    assert await raw.exists([f"meta:{{{expiring.session_id}}}"]) == 1
     for name in ("chat", "meta", "reqs"):
         await raw.pexpire(f"{name}:{{{expiring.session_id}}}", 1)
-    await asyncio.sleep(0.05)
-    assert await raw.exists([f"meta:{{{expiring.session_id}}}"]) == 0
+
+    async def expired() -> bool:
+        return await raw.exists([f"meta:{{{expiring.session_id}}}"]) == 0
+
+    await eventually(expired)
     assert (await usage_of(client, uid))["total"] == (3, 6, 2)
 
 
@@ -219,6 +228,10 @@ async def test_forking_another_users_session_is_not_found_and_writes_nothing(
     async with SessionClient(auth_target, token=ALICE_TOKEN, retry=NO_RETRY) as alice:
         await raises(NotFoundError, alice.fork_session(f"{uid}-bob", new_session_id=f"{uid}-stolen"))
     assert await raw.exists([f"meta:{{{uid}-stolen}}", f"chat:{{{uid}-stolen}}"]) == 0
+    # The same read sees the fork its owner's caller may make.
+    async with SessionClient(auth_target, token=ALL_TOKEN, retry=NO_RETRY) as service:
+        await service.fork_session(f"{uid}-bob", new_session_id=f"{uid}-copy")
+    assert await raw.exists([f"meta:{{{uid}-copy}}", f"chat:{{{uid}-copy}}"]) == 2
 
 
 async def test_the_readme_grpcurl_recipe(target: str, client: SessionClient, uid: str) -> None:
@@ -267,3 +280,61 @@ async def test_models_past_the_cap_are_counted_under_other_and_totals_stay_exact
     fields = await raw.hkeys(f"usage:{{{uid}}}")
     stored_models = {f.split(b":", 2)[2] for f in fields if f.startswith(b"model:")}
     assert len(stored_models) == codec.USAGE_MAX_MODELS + 1
+
+
+async def test_the_usage_of_a_user_of_many_models_stays_readable(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # What 20000 CreateSession calls, each with another model name, leave in the HASH (seeded raw:
+    # making them through the API would take minutes).
+    models = {f"model:sessions:{i:06d}{'m' * 250}": "1" for i in range(20_000)}
+    await raw.hset(f"usage:{{{uid}}}", models)
+    await raw.hset(f"usage:{{{uid}}}", {"total:sessions": "20000"})
+    reply = await client.get_user_usage(uid)
+    assert reply.total.sessions == 20_000
+
+
+@pytest.mark.cluster_only
+async def test_cluster_a_message_is_counted_on_the_utc_day_it_was_appended(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
+) -> None:
+    s = await client.create_session(uid)
+    # Just before the last UTC midnight (within the 90 days a reading shows), then just after it.
+    midnight = time.time() // DAY * DAY
+    readings = [midnight - 0.1, midnight + 0.1]  # the append's own reading, then every later one
+
+    def clock() -> float:
+        return readings.pop(0) if len(readings) > 1 else readings[0]
+
+    monkeypatch.setattr(server.store, "_clock", clock)
+    appended = await client.append(s.session_id, [user("late", tokens=2)])
+    monkeypatch.undo()
+    assert appended.messages[0].created_at.seconds == int(midnight) - 1
+    the_day_before = time.strftime("%Y-%m-%d", time.gmtime(midnight - 1))
+    days = {d.day: (d.usage.messages, d.usage.tokens) for d in (await client.get_user_usage(uid)).days}
+    assert days.get(the_day_before) == (1, 2), days
+
+
+async def test_fork_and_usage_keys_carry_the_prefix_and_stay_apart(
+    settings: Settings, valkey_url: str, raw: Any, valkey_cluster: bool, client: SessionClient, uid: str
+) -> None:
+    prefix = f"{uid}p:"
+    async with (
+        serving(settings, valkey_url, key_prefix=prefix) as running,
+        SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as prefixed,
+    ):
+        await prefixed.create_session(uid, session_id=f"{uid}-src", model="m")
+        await prefixed.append(f"{uid}-src", [system("s", tokens=1), user("u", tokens=2)])
+        await prefixed.fork_session(f"{uid}-src", new_session_id=f"{uid}-f", request_id="r1")
+        await prefixed.append(f"{uid}-f", [user("v", tokens=3)])
+        usage = await prefixed.get_user_usage(uid)
+        assert (usage.total.messages, usage.total.tokens, usage.total.sessions) == (3, 6, 2)
+    written = await _keys_named(raw, f"*{uid}*", valkey_cluster)
+    space = KeySpace(prefix)
+    expected = {space.chat(f"{uid}-f"), space.meta(f"{uid}-f"), space.usage(uid), space.user_index(uid)}
+    if valkey_cluster:
+        expected.add(space.usage_seen(uid))
+    assert expected <= written
+    assert all(key.startswith(prefix) for key in written), sorted(written)
+    # The deployment without a prefix sees none of it.
+    assert (await client.get_user_usage(uid)).total.sessions == 0

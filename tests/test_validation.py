@@ -72,7 +72,7 @@ async def test_bad_append_is_rejected_and_writes_nothing(
     ["", "has space", "brace{x}", "x" * 129, "slash/x", "ünï"],
     ids=["empty", "space", "brace", "long", "slash", "unicode"],
 )
-async def test_bad_session_ids(client: SessionClient, raw: GlideClient, bad_id: str) -> None:
+async def test_bad_session_ids(client: SessionClient, raw: GlideClient, uid: str, bad_id: str) -> None:
     for call in (
         client.get_session(bad_id),
         client.append(bad_id, [user("x")]),
@@ -82,6 +82,9 @@ async def test_bad_session_ids(client: SessionClient, raw: GlideClient, bad_id: 
         err = await raises(InvalidArgumentError, call)
         assert violated_fields(err) == {"session_id"}
     assert await raw.exists([f"chat:{{{bad_id}}}", f"meta:{{{bad_id}}}"]) == 0
+    good = await client.create_session(uid)  # the same read sees a session's keys
+    await client.append(good.session_id, [user("x")])
+    assert await raw.exists([f"chat:{{{good.session_id}}}", f"meta:{{{good.session_id}}}"]) == 2
 
 
 async def test_all_violations_reported_at_once(client: SessionClient, uid: str) -> None:

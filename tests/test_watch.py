@@ -30,12 +30,12 @@ from chatsession_client import (
     UnavailableError,
     user,
 )
+from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer, start_server
 from chatsession_server.domain import Appended, FeedEvent, Heartbeat, StoredMessage
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store.subscription import Subscription
-from chatsession_server.watch import Watch
 from tests.helpers import (
     as_is,
     channels_matching,

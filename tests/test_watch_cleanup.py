@@ -17,12 +17,12 @@ import pytest
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import SessionClient, user
 from chatsession_server.api.quotas import WatchQuota
+from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer
 from chatsession_server.domain import Appended, Heartbeat
 from chatsession_server.errors import PreconditionFailed, QuotaExceeded
 from chatsession_server.settings import Settings
 from chatsession_server.store.subscription import Subscription
-from chatsession_server.watch import Watch
 from tests.helpers import as_is, connections, eventually, new_session, serving, watch
 
 METHOD = "/chatsession.v1.SessionService/WatchMessages"

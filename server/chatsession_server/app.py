@@ -38,6 +38,7 @@ from chatsession_server.listen_address import claim_listen_port
 from chatsession_server.ports import SessionStorage
 from chatsession_server.settings import COMPRESSION_ALGORITHMS, Settings, ValkeyAddress
 from chatsession_server.store.feed import SessionFeed
+from chatsession_server.store.keys import KeySpace
 from chatsession_server.store.secrets import shared_secret
 from chatsession_server.store.session_store import SessionStore
 from chatsession_server.store.valkey import AnyConfig, ValkeyConnection, glide_config
@@ -190,7 +191,8 @@ class ListeningServer:
 
     async def connect(self, settings: Settings, valkey: ValkeyAddress) -> RunningServer:
         """Wait for Valkey (up to `valkey_startup_timeout`), wire the service, turn SERVING."""
-        connection, feed, token_key = await _connect_when_valkey_answers(settings, valkey)
+        key_space = KeySpace(settings.key_prefix)
+        connection, feed, token_key = await _connect_when_valkey_answers(settings, valkey, key_space)
         store = SessionStore(
             connection,
             idempotency_limit=settings.idempotency_keys_per_session,
@@ -199,7 +201,7 @@ class ListeningServer:
             max_fork_bytes=settings.max_fork_bytes,
             max_fork_messages=settings.max_fork_messages,
             max_ttl_seconds=settings.max_ttl_seconds,
-            key_space=settings.key_space,
+            key_space=key_space,
         )
         storage: SessionStorage = store
         if settings.max_sessions_per_user:
@@ -339,7 +341,7 @@ async def start_server(
 
 
 async def _connect_when_valkey_answers(
-    settings: Settings, valkey: ValkeyAddress
+    settings: Settings, valkey: ValkeyAddress, key_space: KeySpace
 ) -> tuple[ValkeyConnection, SessionFeed, bytes]:
     """Connect, retrying with backoff for up to `valkey_startup_timeout`; one log line per failed try."""
     loop = asyncio.get_running_loop()
@@ -348,7 +350,7 @@ async def _connect_when_valkey_answers(
     attempt = 1
     while True:
         try:
-            return await _connect(settings, valkey)
+            return await _connect(settings, valkey, key_space)
         except _NOT_YET as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             left = deadline - loop.time()
@@ -367,7 +369,9 @@ async def _connect_when_valkey_answers(
             attempt += 1
 
 
-async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyConnection, SessionFeed, bytes]:
+async def _connect(
+    settings: Settings, valkey: ValkeyAddress, key_space: KeySpace
+) -> tuple[ValkeyConnection, SessionFeed, bytes]:
     """The store's connection, the watch feed, and the key that signs page tokens."""
     # GLIDE's create() blocks the event loop for the whole connect timeout when nothing answers:
     # a plain TCP connect first keeps the loop (and health) responsive while Valkey is away.
@@ -405,7 +409,7 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
         raise
     try:
         token_key = settings.page_token_key.encode() or await shared_secret(
-            connection, settings.key_space.page_token_secret()
+            connection, key_space.page_token_secret()
         )
         feed = await SessionFeed.start(
             config("chatsession-watch"),
@@ -413,7 +417,7 @@ async def _connect(settings: Settings, valkey: ValkeyAddress) -> tuple[ValkeyCon
             buffer=settings.watch_buffer_events,
             poll_seconds=settings.watch_poll_seconds,
             sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
-            key_space=settings.key_space,
+            key_space=key_space,
         )
     except BaseException:
         await connection.close()

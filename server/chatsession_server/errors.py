@@ -83,8 +83,10 @@ class PermissionDenied(ChatSessionError):
 
 
 class QuotaExceeded(ChatSessionError):
-    """A usage limit of this server is reached (open watches, sessions of a user). `limit` names
-    the setting (a stable tag), `value` its value, `subject` what it counts against."""
+    """A usage limit of this server is reached: open watches, live sessions of a user, the bytes
+    a session may store (--max-session-bytes), what a fork may copy (--max-fork-bytes,
+    --max-fork-messages). `limit` names the setting (a stable tag), `value` its value, `subject`
+    what it counts against."""
 
     def __init__(self, limit: str, value: int, subject: str, description: str) -> None:
         self.limit = limit

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
-from chatsession_server.store.keys import KeySpace
-
 ENV_PREFIX = "CHATSESSION_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 # gRPC's compression algorithms, in the order of its bitset (grpc_compression_algorithm).
 COMPRESSION_ALGORITHMS = ("identity", "deflate", "gzip")
+KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
+"""What `--key-prefix` may be: no hash-tag braces (a prefix never changes which part of a key is
+hashed to a cluster slot), no spaces or glob characters, at most 64."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +345,8 @@ class Settings:
             raise ValueError("max_sessions_per_user must not be negative (0: no limit)")
         if self.max_fork_bytes <= 0 or self.max_fork_messages <= 0:
             raise ValueError("max_fork_bytes and max_fork_messages must be positive")
-        KeySpace(self.key_prefix)  # refuses a bad prefix now, with the other settings
+        if not KEY_PREFIX_PATTERN.fullmatch(self.key_prefix):
+            raise ValueError("key_prefix must be at most 64 characters from [A-Za-z0-9_.:-]")
         if not self.valkey_url and not self.embedded_valkey:
             raise ValueError(
                 f"no Valkey configured: set --valkey-url ({ENV_PREFIX}VALKEY_URL), or --embedded-valkey "
@@ -405,11 +408,6 @@ class Settings:
             raise ValueError(
                 f"the Valkey password is given more than once ({', '.join(sources)}): give it one way"
             )
-
-    @property
-    def key_space(self) -> KeySpace:
-        """The names of this deployment's keys and channels."""
-        return KeySpace(self.key_prefix)
 
     @property
     def listen_host(self) -> str:

@@ -1,7 +1,7 @@
 """Python clients for chatsession.v1.SessionService: `SessionClient` (asyncio) and
 `SyncSessionClient` (blocking), with the same methods, exceptions and retry policy."""
 
-from chatsession_client._common import (
+from chatsession_client._calls import (
     Message,
     Session,
     assistant,

@@ -31,7 +31,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message as ProtoMessage
 
 from chatsession.v1 import session_pb2, session_service_pb2
-from chatsession_client._common import Message, Session, message
+from chatsession_client._calls import Message, Session, message
 from chatsession_client.errors import ChatSessionError
 from chatsession_client.retry import Retry
 from chatsession_client.sync import SyncSessionClient

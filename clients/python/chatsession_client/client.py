@@ -10,7 +10,7 @@ Over TLS, as a caller of a server with --auth-tokens-file:
     SessionClient("chat.internal:50051", token="...", root_certificates=ca_pem)
 
 The blocking twin is chatsession_client.sync.SyncSessionClient: the same methods, built from the
-same requests (chatsession_client._common) and the same retry decisions (chatsession_client.retry).
+same requests (chatsession_client._calls) and the same retry decisions (chatsession_client.retry).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import TypeVar
 import grpc
 
 from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
-from chatsession_client import _common
-from chatsession_client._common import Message, Session
+from chatsession_client import _calls
+from chatsession_client._calls import Message, Session
 from chatsession_client.errors import ChatSessionError, from_rpc_error
 from chatsession_client.retry import Retry
 
@@ -55,7 +55,7 @@ class SessionClient:
         certificate_chain: bytes | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        credentials = _common.channel_credentials(
+        credentials = _calls.channel_credentials(
             tls=tls,
             root_certificates=root_certificates,
             private_key=private_key,
@@ -74,7 +74,7 @@ class SessionClient:
         self._stub = session_service_pb2_grpc.SessionServiceStub(self._channel)
         self._timeout = timeout
         self._retry = retry or Retry()
-        self._metadata = _common.call_metadata(token)
+        self._metadata = _calls.call_metadata(token)
 
     async def __aenter__(self) -> SessionClient:
         return self
@@ -119,7 +119,7 @@ class SessionClient:
         request_id: str | None = None,
     ) -> Session:
         """Create a session. A request_id is generated when not given, so retries are safe."""
-        request = _common.create_session_request(
+        request = _calls.create_session_request(
             user_id,
             session_id=session_id,
             model=model,
@@ -133,7 +133,7 @@ class SessionClient:
 
     async def get_session(self, session_id: str, *, read_mask: Iterable[str] | None = None) -> Session:
         """The session; with `read_mask` (e.g. ["token_count"]) only those fields, read alone."""
-        request = _common.get_session_request(session_id, read_mask=read_mask)
+        request = _calls.get_session_request(session_id, read_mask=read_mask)
         return (await self._call(self._stub.GetSession, request)).session
 
     async def update_session(
@@ -147,7 +147,7 @@ class SessionClient:
         max_messages: int | None = None,
     ) -> Session:
         """Change the given fields only (an update mask is built from the arguments that are not None)."""
-        request = _common.update_session_request(
+        request = _calls.update_session_request(
             session_id,
             title=title,
             model=model,
@@ -159,14 +159,14 @@ class SessionClient:
 
     async def delete_session(self, session_id: str, *, allow_missing: bool = False) -> None:
         """Delete a session. A retry that finds it gone (deleted by the first attempt) succeeds."""
-        first, retry = _common.delete_session_requests(session_id, allow_missing)
+        first, retry = _calls.delete_session_requests(session_id, allow_missing)
         await self._call(self._stub.DeleteSession, first, retry_request=retry)
 
     async def list_sessions(
         self, user_id: str, *, page_size: int = 0, page_token: str = ""
     ) -> session_service_pb2.ListSessionsResponse:
         """One page of the user's live sessions, most recently active first."""
-        request = _common.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
+        request = _calls.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
         return await self._call(self._stub.ListSessions, request)
 
     async def iter_sessions(self, user_id: str, *, page_size: int = 0) -> AsyncIterator[Session]:
@@ -176,7 +176,7 @@ class SessionClient:
             page = await self.list_sessions(user_id, page_size=page_size, page_token=token)
             for session in page.sessions:
                 yield session
-            token = _common.next_page_token(page)
+            token = _calls.next_page_token(page)
 
     async def append(
         self,
@@ -187,7 +187,7 @@ class SessionClient:
         expected_last_seq: int | None = None,
     ) -> session_service_pb2.AppendMessagesResponse:
         """Append messages. A request_id is generated when not given, so a retry never duplicates."""
-        request = _common.append_request(
+        request = _calls.append_request(
             session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
         )
         return await self._call(self._stub.AppendMessages, request)
@@ -201,7 +201,7 @@ class SessionClient:
         before_seq: int | None = None,
     ) -> session_service_pb2.ListMessagesResponse:
         """One page: the newest messages, or those after `after_seq` / before `before_seq` (ascending seq)."""
-        request = _common.list_messages_request(
+        request = _calls.list_messages_request(
             session_id, page_size=page_size, after_seq=after_seq, before_seq=before_seq
         )
         return await self._call(self._stub.ListMessages, request)
@@ -215,7 +215,7 @@ class SessionClient:
             page = await self.list_messages(session_id, page_size=page_size, after_seq=cursor)
             for m in page.messages:
                 yield m
-            cursor = _common.next_after_seq(page)
+            cursor = _calls.next_after_seq(page)
 
     async def fork_session(
         self,
@@ -228,14 +228,14 @@ class SessionClient:
         """Copy a session (its metadata, pinned prompt, summary and messages up to `at_seq`, or all
         of them) into a new session of the same user. A request_id is generated when not given, so
         a retry returns the same fork (`replayed`)."""
-        request = _common.fork_session_request(
+        request = _calls.fork_session_request(
             session_id, at_seq=at_seq, new_session_id=new_session_id, request_id=request_id
         )
         return await self._call(self._stub.ForkSession, request)
 
     async def get_user_usage(self, user_id: str) -> session_service_pb2.GetUserUsageResponse:
         """Messages, tokens and sessions created by the user: in total, per model, per UTC day."""
-        request = _common.get_user_usage_request(user_id)
+        request = _calls.get_user_usage_request(user_id)
         return await self._call(self._stub.GetUserUsage, request)
 
     async def watch(
@@ -255,7 +255,7 @@ class SessionClient:
         for up to the retry policy's deadline since the last event. Other errors (NOT_FOUND when
         the session is deleted or expires) end the iteration by raising.
         """
-        cursor = _common.WatchCursor(after_seq)
+        cursor = _calls.WatchCursor(after_seq)
         backoff = self._retry.start(time.monotonic())
         while True:
             call = self._stub.WatchMessages(cursor.request(session_id), metadata=self._metadata)
@@ -279,7 +279,7 @@ class SessionClient:
     ) -> session_service_pb2.GetContextResponse:
         """What a prompt is built from: the pinned system prompt, the summary, then the newest
         messages that fit `max_tokens` (0: no limit) and `max_messages` (0: no limit)."""
-        request = _common.get_context_request(session_id, max_tokens=max_tokens, max_messages=max_messages)
+        request = _calls.get_context_request(session_id, max_tokens=max_tokens, max_messages=max_messages)
         return await self._call(self._stub.GetContext, request)
 
     async def compact_messages(
@@ -287,7 +287,7 @@ class SessionClient:
     ) -> session_service_pb2.CompactMessagesResponse:
         """Replace the messages up to `up_to_seq` (after the pinned prompt) with `summary` (a
         system or assistant message). A request_id is generated when not given, so retries are safe."""
-        request = _common.compact_messages_request(session_id, up_to_seq, summary, request_id=request_id)
+        request = _calls.compact_messages_request(session_id, up_to_seq, summary, request_id=request_id)
         return await self._call(self._stub.CompactMessages, request)
 
     async def clear_messages(
@@ -295,7 +295,7 @@ class SessionClient:
     ) -> Session:
         """Empty the history and the summary; the session, its counters and expiry stay. A
         request_id is generated when not given, so a retry does not empty what was appended since."""
-        request = _common.clear_messages_request(
+        request = _calls.clear_messages_request(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return (await self._call(self._stub.ClearMessages, request)).session

@@ -109,7 +109,8 @@ class SeqMismatchError(FailedPreconditionError):
 
 
 class RequestIdReusedError(FailedPreconditionError):
-    """The append's `request_id` was already used for different messages in this session."""
+    """The `request_id` of an append, a compaction or a clear was already used for another request
+    in this session (the three share one record per request_id)."""
 
     violation_type = "REQUEST_ID_REUSED"
 

@@ -8,7 +8,7 @@ with SyncSessionClient("localhost:50051") as client:
         print(event.message.seq, event.message.content)
 
 Same methods, arguments, exceptions and Retry as SessionClient: requests are built by
-chatsession_client._common and retry decisions made by chatsession_client.retry, so each
+chatsession_client._calls and retry decisions made by chatsession_client.retry, so each
 method here mirrors its async twin line for line with the awaits taken out. A client is safe
 to share between threads (gRPC channels are).
 """
@@ -23,8 +23,8 @@ import grpc
 from google.protobuf.message import Message as ProtoMessage
 
 from chatsession.v1 import session_service_pb2 as pb
-from chatsession_client import _common
-from chatsession_client._common import Message, Session
+from chatsession_client import _calls
+from chatsession_client._calls import Message, Session
 from chatsession_client.errors import ChatSessionError, from_rpc_error
 from chatsession_client.retry import Retry
 
@@ -105,7 +105,7 @@ class SyncSessionClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        credentials = _common.channel_credentials(
+        credentials = _calls.channel_credentials(
             tls=tls,
             root_certificates=root_certificates,
             private_key=private_key,
@@ -124,7 +124,7 @@ class SyncSessionClient:
         self._stub = _BlockingStub(self._channel)
         self._timeout = timeout
         self._retry = retry or Retry()
-        self._metadata = _common.call_metadata(token)
+        self._metadata = _calls.call_metadata(token)
         self._sleep = sleep
         self._clock = clock
 
@@ -171,7 +171,7 @@ class SyncSessionClient:
         request_id: str | None = None,
     ) -> Session:
         """Create a session. A request_id is generated when not given, so retries are safe."""
-        request = _common.create_session_request(
+        request = _calls.create_session_request(
             user_id,
             session_id=session_id,
             model=model,
@@ -185,7 +185,7 @@ class SyncSessionClient:
 
     def get_session(self, session_id: str, *, read_mask: Iterable[str] | None = None) -> Session:
         """The session; with `read_mask` (e.g. ["token_count"]) only those fields, read alone."""
-        request = _common.get_session_request(session_id, read_mask=read_mask)
+        request = _calls.get_session_request(session_id, read_mask=read_mask)
         return self._call(self._stub.GetSession, request).session
 
     def update_session(
@@ -199,7 +199,7 @@ class SyncSessionClient:
         max_messages: int | None = None,
     ) -> Session:
         """Change the given fields only (an update mask is built from the arguments that are not None)."""
-        request = _common.update_session_request(
+        request = _calls.update_session_request(
             session_id,
             title=title,
             model=model,
@@ -211,14 +211,14 @@ class SyncSessionClient:
 
     def delete_session(self, session_id: str, *, allow_missing: bool = False) -> None:
         """Delete a session. A retry that finds it gone (deleted by the first attempt) succeeds."""
-        first, retry = _common.delete_session_requests(session_id, allow_missing)
+        first, retry = _calls.delete_session_requests(session_id, allow_missing)
         self._call(self._stub.DeleteSession, first, retry_request=retry)
 
     def list_sessions(
         self, user_id: str, *, page_size: int = 0, page_token: str = ""
     ) -> pb.ListSessionsResponse:
         """One page of the user's live sessions, most recently active first."""
-        request = _common.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
+        request = _calls.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
         return self._call(self._stub.ListSessions, request)
 
     def iter_sessions(self, user_id: str, *, page_size: int = 0) -> Iterator[Session]:
@@ -227,7 +227,7 @@ class SyncSessionClient:
         while token is not None:
             page = self.list_sessions(user_id, page_size=page_size, page_token=token)
             yield from page.sessions
-            token = _common.next_page_token(page)
+            token = _calls.next_page_token(page)
 
     def append(
         self,
@@ -238,7 +238,7 @@ class SyncSessionClient:
         expected_last_seq: int | None = None,
     ) -> pb.AppendMessagesResponse:
         """Append messages. A request_id is generated when not given, so a retry never duplicates."""
-        request = _common.append_request(
+        request = _calls.append_request(
             session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
         )
         return self._call(self._stub.AppendMessages, request)
@@ -252,7 +252,7 @@ class SyncSessionClient:
         before_seq: int | None = None,
     ) -> pb.ListMessagesResponse:
         """One page: the newest messages, or those after `after_seq` / before `before_seq` (ascending seq)."""
-        request = _common.list_messages_request(
+        request = _calls.list_messages_request(
             session_id, page_size=page_size, after_seq=after_seq, before_seq=before_seq
         )
         return self._call(self._stub.ListMessages, request)
@@ -263,7 +263,7 @@ class SyncSessionClient:
         while cursor is not None:
             page = self.list_messages(session_id, page_size=page_size, after_seq=cursor)
             yield from page.messages
-            cursor = _common.next_after_seq(page)
+            cursor = _calls.next_after_seq(page)
 
     def fork_session(
         self,
@@ -276,14 +276,14 @@ class SyncSessionClient:
         """Copy a session (its metadata, pinned prompt, summary and messages up to `at_seq`, or all
         of them) into a new session of the same user. A request_id is generated when not given, so
         a retry returns the same fork (`replayed`)."""
-        request = _common.fork_session_request(
+        request = _calls.fork_session_request(
             session_id, at_seq=at_seq, new_session_id=new_session_id, request_id=request_id
         )
         return self._call(self._stub.ForkSession, request)
 
     def get_user_usage(self, user_id: str) -> pb.GetUserUsageResponse:
         """Messages, tokens and sessions created by the user: in total, per model, per UTC day."""
-        request = _common.get_user_usage_request(user_id)
+        request = _calls.get_user_usage_request(user_id)
         return self._call(self._stub.GetUserUsage, request)
 
     def watch(
@@ -296,7 +296,7 @@ class SyncSessionClient:
         """Follow a session live, blocking between events; as SessionClient.watch, it resumes
         after the last seq it delivered when the stream breaks with a code the retry policy
         retries, and raises on others. Stop by leaving the loop (the stream is cancelled)."""
-        cursor = _common.WatchCursor(after_seq)
+        cursor = _calls.WatchCursor(after_seq)
         backoff = self._retry.start(self._clock())
         while True:
             call = self._stub.WatchMessages(cursor.request(session_id), metadata=self._metadata)
@@ -320,7 +320,7 @@ class SyncSessionClient:
     ) -> pb.GetContextResponse:
         """What a prompt is built from: the pinned system prompt, the summary, then the newest
         messages that fit `max_tokens` (0: no limit) and `max_messages` (0: no limit)."""
-        request = _common.get_context_request(session_id, max_tokens=max_tokens, max_messages=max_messages)
+        request = _calls.get_context_request(session_id, max_tokens=max_tokens, max_messages=max_messages)
         return self._call(self._stub.GetContext, request)
 
     def compact_messages(
@@ -328,7 +328,7 @@ class SyncSessionClient:
     ) -> pb.CompactMessagesResponse:
         """Replace the messages up to `up_to_seq` (after the pinned prompt) with `summary` (a
         system or assistant message). A request_id is generated when not given, so retries are safe."""
-        request = _common.compact_messages_request(session_id, up_to_seq, summary, request_id=request_id)
+        request = _calls.compact_messages_request(session_id, up_to_seq, summary, request_id=request_id)
         return self._call(self._stub.CompactMessages, request)
 
     def clear_messages(
@@ -336,7 +336,7 @@ class SyncSessionClient:
     ) -> Session:
         """Empty the history and the summary; the session, its counters and expiry stay. A
         request_id is generated when not given, so a retry does not empty what was appended since."""
-        request = _common.clear_messages_request(
+        request = _calls.clear_messages_request(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return self._call(self._stub.ClearMessages, request).session

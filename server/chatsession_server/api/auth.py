@@ -25,6 +25,7 @@ from grpc import aio
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.api.status import to_grpc_status
+from chatsession_server.api.storage_layer import StorageLayer
 from chatsession_server.domain import (
     AppendResult,
     Compaction,
@@ -43,7 +44,6 @@ from chatsession_server.domain import (
     UserUsage,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
-from chatsession_server.ports import StorageLayer
 
 log = logging.getLogger(__name__)
 
@@ -255,40 +255,32 @@ class AuthInterceptor(WrappingInterceptor):
                 return _refuse(refused)
         return await super().intercept_service(continuation, handler_call_details)
 
-    # The handlers are the servicer's coroutines and async generators; grpc's stubs type them as sync.
     def wrap(self, handler: Handler, method: str) -> Handler:
-        if handler.unary_unary:
-            respond: Any = handler.unary_unary
+        if not (handler.unary_unary or handler.unary_stream):
+            # Fail closed: a new kind of RPC must not slip through unauthenticated.
+            raise TypeError(f"{method}: AuthInterceptor does not cover client-streaming RPCs")
+        return self.rebuilt(handler, unary=self._authenticated_unary, stream=self._authenticated_stream)
 
-            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                await self._authenticate(context)
-                return await respond(request, context)
+    # The behaviours are the servicer's coroutines and async generators; grpc's stubs type them as sync.
+    def _authenticated_unary(self, respond: Any) -> Any:
+        async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            await self._authenticate(context)
+            return await respond(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            produce: Any = handler.unary_stream
+        return unary
 
-            async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                await self._authenticate(context)
-                items = produce(request, context)
-                try:
-                    async for item in items:
-                        yield item
-                        del item  # an idle stream does not hold its last reply
-                finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
-                    await items.aclose()
+    def _authenticated_stream(self, produce: Any) -> Any:
+        async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            await self._authenticate(context)
+            items = produce(request, context)
+            try:
+                async for item in items:
+                    yield item
+                    del item  # an idle stream does not hold its last reply
+            finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
+                await items.aclose()
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # Fail closed: a new kind of RPC must not slip through unauthenticated.
-        raise TypeError(f"{method}: AuthInterceptor does not cover client-streaming RPCs")
+        return stream
 
 
 def _caller() -> Grant:

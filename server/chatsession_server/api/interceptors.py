@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in the stubs only
+Wrap: TypeAlias = Callable[[Any], Any]
+"""What an interceptor does to one part of a handler: the part in (a behaviour, typed as sync by
+grpc's stubs though it is a coroutine or an async iterator; a deserializer), its replacement out."""
 
 
 class WrappingInterceptor(aio.ServerInterceptor):
@@ -36,6 +39,35 @@ class WrappingInterceptor(aio.ServerInterceptor):
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         raise NotImplementedError
+
+    @staticmethod
+    def rebuilt(
+        handler: Handler,
+        *,
+        unary: Wrap | None = None,
+        stream: Wrap | None = None,
+        request_deserializer: Wrap | None = None,
+    ) -> Handler:
+        """`handler` with its behaviour passed through `unary` (a unary call) or `stream` (a server
+        stream), its request deserializer through `request_deserializer` if given, its response
+        serializer kept; `handler` itself when its kind has no wrapper (client streams never do).
+        The wrappers run once per method, in `wrap`: what they return is what every call runs."""
+        deserialize = handler.request_deserializer
+        if request_deserializer is not None:
+            deserialize = request_deserializer(deserialize)
+        if handler.unary_unary and unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                unary(handler.unary_unary),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream and stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                stream(handler.unary_stream),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     async def intercept_service(
         self,
@@ -66,19 +98,12 @@ class ErrorMappingInterceptor(WrappingInterceptor):
         return method.startswith(self._prefix)
 
     def wrap(self, handler: Handler, method: str) -> Handler:
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return self.rebuilt(
+            handler,
+            unary=lambda respond: _wrap_unary(respond, method),
+            stream=lambda produce: _wrap_stream(produce, method),
+            request_deserializer=_tolerant,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ when tracing is off).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import time
@@ -23,6 +22,7 @@ from grpc import aio
 
 from chatsession_server.api.auth import CALLER
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
+from chatsession_server.api.status import code_of
 from chatsession_server.api.telemetry import TRACE_ID, CallMetrics
 
 ACCESS_LOGGER = "chatsession_server.access"
@@ -42,33 +42,23 @@ class CallObserver(WrappingInterceptor):
 
     def wrap(self, handler: Handler, method: str) -> Handler:
         # grpc's stubs type the behaviours as sync callables; they are coroutines or async generators.
-        behaviour: Any = handler.unary_unary or handler.unary_stream
-        if handler.unary_unary or (behaviour is not None and inspect.iscoroutinefunction(behaviour)):
-            # A unary call, or a stream written by a coroutine (the error mapping's).
-
+        # A unary call, or a stream written by a coroutine (the error mapping's).
+        def timing(behaviour: Any) -> Any:
             async def timed(request: Any, context: Context) -> Any:
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
                 try:
                     return await behaviour(request, context)
                 except BaseException as exc:
-                    code = _code_of(exc, context)
+                    code = code_of(exc, context, mapped=True)
                     raise
                 finally:
                     self._done(method, code, start, request, context)
 
-            make = (
-                grpc.unary_unary_rpc_method_handler
-                if handler.unary_unary
-                else grpc.unary_stream_rpc_method_handler
-            )
-            return make(
-                timed,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if behaviour is not None:  # a stream that is iterated (health's Watch)
+            return timed
 
+        # A stream that is iterated (health's Watch).
+        def timing_iterated(behaviour: Any) -> Any:
             async def generate(request: Any, context: Context) -> AsyncIterator[Any]:
                 start = time.perf_counter()
                 code = grpc.StatusCode.OK
@@ -76,17 +66,16 @@ class CallObserver(WrappingInterceptor):
                     async for item in behaviour(request, context):
                         yield item
                 except BaseException as exc:
-                    code = _code_of(exc, context)
+                    code = code_of(exc, context, mapped=True)
                     raise
                 finally:
                     self._done(method, code, start, request, context)
 
-            return grpc.unary_stream_rpc_method_handler(
-                generate,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # client streaming (reflection): neither measured nor logged
+            return generate
+
+        written = inspect.iscoroutinefunction(handler.unary_stream)
+        # Client streaming (reflection) has no wrapper: neither measured nor logged.
+        return self.rebuilt(handler, unary=timing, stream=timing if written else timing_iterated)
 
     def _done(self, method: str, code: grpc.StatusCode, start: float, request: Any, context: Context) -> None:
         seconds = time.perf_counter() - start
@@ -94,14 +83,6 @@ class CallObserver(WrappingInterceptor):
             self._metrics.record(method, code, seconds)
         if self._access_log and access_log.isEnabledFor(logging.INFO):
             _log_call(method, code, seconds, request, context)
-
-
-def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
-    if isinstance(exc, aio.AbortError):
-        return context.code() or grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN  # what grpc.aio answers an exception that escapes
 
 
 def _log_call(method: str, code: grpc.StatusCode, seconds: float, request: Any, context: Context) -> None:

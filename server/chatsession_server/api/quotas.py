@@ -13,17 +13,17 @@ import contextlib
 from collections.abc import Collection
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
+from chatsession_server.api.storage_layer import StorageLayer
 from chatsession_server.domain import (
     NewFork,
     NewSession,
     Session,
 )
 from chatsession_server.errors import QuotaExceeded, SessionNotFound
-from chatsession_server.ports import SessionStorage, StorageLayer
+from chatsession_server.ports import SessionStorage
 
 
 class WatchQuota(WrappingInterceptor):
@@ -83,9 +83,10 @@ class WatchQuota(WrappingInterceptor):
         return method == self._method and handler.unary_stream is not None
 
     def wrap(self, handler: Handler, method: str) -> Handler:
-        # The handler makes the stream's async iterator; grpc's stubs type it as sync.
-        produce: Any = handler.unary_stream
+        return self.rebuilt(handler, stream=self._admitted_stream)
 
+    def _admitted_stream(self, produce: Any) -> Any:
+        # `produce` makes the stream's async iterator; grpc's stubs type it as sync.
         def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> _Admitted:
             peer = context.peer()
             self._admit(peer)  # raises before the watch below has joined the feed
@@ -95,11 +96,7 @@ class WatchQuota(WrappingInterceptor):
                 self._release(peer)
                 raise
 
-        return grpc.unary_stream_rpc_method_handler(
-            stream,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return stream
 
 
 class _Admitted:

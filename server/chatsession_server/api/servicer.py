@@ -20,9 +20,9 @@ from chatsession_server.api.convert import (
 )
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
+from chatsession_server.api.watch import Watch
 from chatsession_server.errors import SessionNotFound
 from chatsession_server.ports import MessageFeed, SessionStorage
-from chatsession_server.watch import Watch
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 

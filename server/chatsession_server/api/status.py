@@ -1,13 +1,17 @@
-"""The one table from domain errors to gRPC status codes, with google.rpc rich details."""
+"""The one table from domain errors to gRPC status codes, with google.rpc rich details, and the
+one place that says which code an exception ends a call with."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc import aio
 from grpc_status import rpc_status
 
 from chatsession_server.errors import (
@@ -134,3 +138,21 @@ def to_grpc_status(error: ChatSessionError) -> grpc.Status:
         status.details.append(packed)
     grpc_status: grpc.Status = rpc_status.to_status(status)
     return grpc_status
+
+
+def code_of(exc: BaseException, context: aio.ServicerContext[Any, Any], *, mapped: bool) -> grpc.StatusCode:
+    """The code a call ends with when `exc` ends it: an abort's own; CANCELLED for a cancelled
+    call (or a stream closed under it). Anything else depends on where `exc` is met. `mapped`: met
+    outside the error mapping (interceptors.ErrorMappingInterceptor), which makes every error it
+    sees an abort, so what escapes it gets grpc.aio's answer, UNKNOWN. Not `mapped`: met inside
+    it, where a ChatSessionError is still to become its code from the table, and anything else
+    INTERNAL."""
+    if isinstance(exc, aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return grpc.StatusCode.CANCELLED
+    if mapped:
+        return grpc.StatusCode.UNKNOWN
+    if isinstance(exc, ChatSessionError):
+        return to_grpc_status(exc).code  # the whole status: only on errors, and only when tracing
+    return grpc.StatusCode.INTERNAL

@@ -10,7 +10,6 @@ opentelemetry-instrumentation-grpc's grpc.aio server interceptor, which continue
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -30,9 +29,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode
 
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
-from chatsession_server.api.status import to_grpc_status
+from chatsession_server.api.status import code_of
 from chatsession_server.errors import (
-    ChatSessionError,
     StoreFull,
     StoreOverloaded,
     StoreTimeout,
@@ -271,46 +269,40 @@ class SpanStatus(WrappingInterceptor):
         return method.startswith(self._prefix)
 
     def wrap(self, handler: Handler, method: str) -> Handler:
-        if handler.unary_unary:
-            respond: Any = handler.unary_unary
-
-            async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                _keep_trace_id()
-                try:
-                    return await respond(request, context)
-                except BaseException as exc:
-                    _mark_span(exc, context)
-                    raise
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
         # Any stream that is iterated (an async generator, or a function returning an async
         # iterator as the watch quota's does), not a coroutine that writes.
-        if handler.unary_stream and not inspect.iscoroutinefunction(handler.unary_stream):
-            produce: Any = handler.unary_stream
+        iterated = not inspect.iscoroutinefunction(handler.unary_stream)
+        return self.rebuilt(handler, unary=_marking_unary, stream=_marking_stream if iterated else None)
 
-            async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                _keep_trace_id()
-                items = produce(request, context)
-                try:
-                    async for item in items:
-                        yield item
-                        del item  # an idle stream does not hold its last reply
-                except BaseException as exc:
-                    _mark_span(exc, context)
-                    raise
-                finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
-                    await items.aclose()
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+# The behaviours are coroutines and async iterators; grpc's stubs type them as sync.
+def _marking_unary(respond: Any) -> Any:
+    async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        _keep_trace_id()
+        try:
+            return await respond(request, context)
+        except BaseException as exc:
+            _mark_span(exc, context)
+            raise
+
+    return unary
+
+
+def _marking_stream(produce: Any) -> Any:
+    async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        _keep_trace_id()
+        items = produce(request, context)
+        try:
+            async for item in items:
+                yield item
+                del item  # an idle stream does not hold its last reply
+        except BaseException as exc:
+            _mark_span(exc, context)
+            raise
+        finally:  # as the error mapping's: not contextlib.aclosing, an object per stream
+            await items.aclose()
+
+    return stream
 
 
 def _keep_trace_id() -> None:
@@ -318,14 +310,7 @@ def _keep_trace_id() -> None:
 
 
 def _mark_span(exc: BaseException, context: aio.ServicerContext[Any, Any]) -> None:
-    if isinstance(exc, ChatSessionError):
-        code = to_grpc_status(exc).code  # only on errors, and only when tracing
-    elif isinstance(exc, aio.AbortError):
-        code = context.code() or grpc.StatusCode.UNKNOWN
-    elif isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        code = grpc.StatusCode.CANCELLED
-    else:
-        code = grpc.StatusCode.INTERNAL
+    code = code_of(exc, context, mapped=False)
     span = trace.get_current_span()
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code in SERVER_ERROR_CODES:

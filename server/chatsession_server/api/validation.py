@@ -367,7 +367,7 @@ def get_user_usage(request: session_service_pb2.GetUserUsageRequest) -> str:
     return request.user_id
 
 
-# --- Context, compaction and clearing (issue 15) ----------------------------------------------
+# --- Read masks, context, compaction and clearing ---------------------------------------------
 
 # GetSession read_mask paths (AIP-157), besides `labels.<key>`.
 READABLE_FIELDS = (

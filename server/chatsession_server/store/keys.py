@@ -7,8 +7,9 @@ it never changes which part of a name is hashed to a cluster slot.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from chatsession_server.settings import KEY_PREFIX_PATTERN
 
 CHAT_PREFIX = "chat:"
 META_PREFIX = "meta:"
@@ -19,9 +20,6 @@ PAGE_TOKEN_SECRET = "chatsession:page_token_key"
 SUMMARY_PREFIX = "summary:"
 USAGE_PREFIX = "usage:"
 USAGE_SEEN_PREFIX = "usage_seen:"
-
-KEY_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
-"""What `--key-prefix` may be: no hash-tag braces, no spaces or glob characters, at most 64."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,8 +46,9 @@ T = TypeVar("T")
 
 
 class Watch(Generic[T]):
-    """A session's events, each as `present` makes it (the servicer's protobuf: so no second
-    iterator per watch sits between this one and the stream).
+    """A session's events, each as `present` makes it (the servicer's protobuf): the servicer
+    returns this iterator as it is, with no converting one of its own around it. The interceptors
+    still wrap it (the watch quota's always; auth's and tracing's when they are on).
 
     An async iterator whose state is these fields, not a generator's frame: an idle watch holds
     this object and the coroutine of the __anext__ waiting on its subscription (a generator held

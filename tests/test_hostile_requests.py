@@ -1,28 +1,28 @@
-"""Hostile requests: bytes that do not parse, errors too big for trailers, forged page tokens,
-oversized masks and messages. Each gets a clear status, writes nothing and logs no traceback."""
+"""Hostile requests: bytes that do not parse, errors too big for trailers, oversized masks (refused
+before their paths are copied) and messages. Each gets a clear status, writes nothing and logs no
+traceback. (Forged page tokens: test_listing.py; every field's rules: test_validation.py; random
+requests: test_fuzz.py.)"""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from glide import GlideClient
+from google.protobuf import field_mask_pb2
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import InvalidArgumentError, SessionClient, assistant, user
-from chatsession_server.api.page_token import PageTokens
+from chatsession_server.api import validation
+from chatsession_server.api.limits import Limits
 from chatsession_server.app import RunningServer, start_server
-from chatsession_server.domain import SessionCursor
-from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.errors import InvalidArgument
 from chatsession_server.settings import Settings, ValkeyAddress
-from chatsession_server.store.keys import KeySpace
 from tests.helpers import meta, raises, stored_messages, violated_fields
 
 SERVICE = "/chatsession.v1.SessionService/"
@@ -89,6 +89,8 @@ async def test_hundreds_of_bad_fields_fit_in_the_trailers(
     # 300 messages x 2 violations: validation keeps 100 and stops soon after; 20 are shown.
     assert "at least 8" in err.field_violations[-1].description
     assert await stored_messages(raw, s.session_id) == []
+    await client.append(s.session_id, [user("ok")])  # the same read sees an accepted append
+    assert [m["content"] for m in await stored_messages(raw, s.session_id)] == ["ok"]
 
 
 async def test_huge_field_names_are_clipped(client: SessionClient, uid: str) -> None:
@@ -104,116 +106,7 @@ async def test_huge_field_names_are_clipped(client: SessionClient, uid: str) -> 
     assert len(str(err).encode()) < 4 * KIB
 
 
-# -- 3. page tokens ---------------------------------------------------------------------------------
-
-
-def _signed(payload: bytes, key: bytes) -> str:
-    mac = hmac.new(key, payload, hashlib.sha256).digest()[:16]
-    return base64.urlsafe_b64encode(payload + mac).decode().rstrip("=")
-
-
-FORGED_PAYLOADS = {
-    "nan": b'{"v":1,"u":"alice","s":NaN,"i":"x"}',
-    "infinity": b'{"v":1,"u":"alice","s":-Infinity,"i":"x"}',
-    "float overflow": b'{"v":1,"u":"alice","s":1e400,"i":"x"}',
-    "400 digits": b'{"v":1,"u":"alice","s":' + b"9" * 400 + b',"i":"x"}',
-    "string score": b'{"v":1,"u":"alice","s":"12","i":"x"}',
-    "bool score": b'{"v":1,"u":"alice","s":true,"i":"x"}',
-    "id not a string": b'{"v":1,"u":"alice","s":1,"i":7}',
-    "bad id": b'{"v":1,"u":"alice","s":1,"i":"a b{c}"}',
-    "user not a string": b'{"v":1,"u":null,"s":1,"i":"x"}',
-    "a list": b"[1,2,3]",
-    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
-    "not utf-8": b'{"v":1,"u":"\xff","s":1,"i":"x"}',
-    "missing score": b'{"v":1,"u":"alice","i":"x"}',
-}
-
-
-@pytest.mark.parametrize("payload", FORGED_PAYLOADS.values(), ids=FORGED_PAYLOADS.keys())
-def test_signed_but_malformed_tokens_are_invalid_argument(payload: bytes) -> None:
-    tokens = PageTokens(b"k")
-    with pytest.raises(InvalidArgument) as info:
-        tokens.decode(_signed(payload, b"k"), "alice")
-    assert [v.field for v in info.value.violations] == ["page_token"]
-
-
-def test_token_round_trip_and_length_bound() -> None:
-    tokens = PageTokens(b"k")
-    cursor = SessionCursor(1_700_000_000.123456, "s-1")
-    assert tokens.decode(tokens.encode("alice", cursor), "alice") == cursor
-    with pytest.raises(InvalidArgument):
-        tokens.decode("A" * 100_000, "alice")
-
-
-async def test_token_forged_with_the_old_default_key_is_rejected(client: SessionClient, uid: str) -> None:
-    for payload in (
-        b'{"v":1,"u":"%s","s":NaN,"i":"x"}' % uid.encode(),
-        b'{"v":1,"u":"%s","s":' % uid.encode() + b"9" * 400 + b',"i":"x"}',
-        b'{"v":1,"u":"%s","s":1.5,"i":"x"}' % uid.encode(),
-    ):
-        token = _signed(payload, b"chatsession-page-tokens")
-        err = await raises(InvalidArgumentError, client.list_sessions(uid, page_token=token))
-        assert violated_fields(err) == {"page_token"}
-
-
-@pytest.fixture(scope="module")
-async def second_server(valkey_url: str, valkey_cluster: bool) -> AsyncIterator[RunningServer]:
-    """Another replica on the same Valkey, configured with no page-token key either."""
-    running = await start_server(
-        Settings(listen="127.0.0.1:0", valkey_cluster=valkey_cluster), ValkeyAddress.parse(valkey_url)
-    )
-    yield running
-    await running.stop(1.0)
-
-
-async def test_replicas_share_a_generated_key_and_other_deployments_do_not(
-    client: SessionClient, raw: GlideClient, second_server: RunningServer, uid: str
-) -> None:
-    assert Settings().page_token_key == ""
-    for i in range(3):
-        await client.create_session(uid, session_id=f"{uid}-{i}")
-    token = (await client.list_sessions(uid, page_size=1)).next_page_token
-    assert token
-    secret = await raw.get(KeySpace().page_token_secret())
-    assert secret is not None
-    assert len(secret) == 64
-    async with SessionClient(f"127.0.0.1:{second_server.port}") as replica:
-        page = await replica.list_sessions(uid, page_size=1, page_token=token)
-        assert [s.session_id for s in page.sessions] == [f"{uid}-1"]
-        assert await raw.get(KeySpace().page_token_secret()) == secret
-    with EmbeddedValkey() as elsewhere:
-        other = await start_server(Settings(listen="127.0.0.1:0"), ValkeyAddress.parse(elsewhere.url))
-        try:
-            async with SessionClient(f"127.0.0.1:{other.port}") as stranger:
-                err = await raises(InvalidArgumentError, stranger.list_sessions(uid, page_token=token))
-                assert violated_fields(err) == {"page_token"}
-        finally:
-            await other.stop(1.0)
-
-
-async def test_configured_key_still_signs(valkey_url: str, valkey_cluster: bool, uid: str) -> None:
-    settings = Settings(listen="127.0.0.1:0", page_token_key="replica-secret", valkey_cluster=valkey_cluster)
-    first = await start_server(settings, ValkeyAddress.parse(valkey_url))
-    second = await start_server(settings, ValkeyAddress.parse(valkey_url))
-    try:
-        async with (
-            SessionClient(f"127.0.0.1:{first.port}") as a,
-            SessionClient(f"127.0.0.1:{second.port}") as b,
-        ):
-            for i in range(2):
-                await a.create_session(uid, session_id=f"{uid}-{i}")
-            token = (await a.list_sessions(uid, page_size=1)).next_page_token
-            page = await b.list_sessions(uid, page_size=1, page_token=token)
-            assert [s.session_id for s in page.sessions] == [f"{uid}-0"]
-            forged = _signed(b'{"v":1,"u":"%s","s":NaN,"i":"x"}' % uid.encode(), b"replica-secret")
-            err = await raises(InvalidArgumentError, b.list_sessions(uid, page_token=forged))
-            assert violated_fields(err) == {"page_token"}
-    finally:
-        await first.stop(1.0)
-        await second.stop(1.0)
-
-
-# -- 4. UpdateSession masks -------------------------------------------------------------------------
+# -- 3. UpdateSession masks -------------------------------------------------------------------------
 
 
 async def _update(client: SessionClient, session: session_pb2.Session, paths: list[str]) -> None:
@@ -254,7 +147,23 @@ async def test_mask_paths_must_be_distinct_and_label_keys_valid(
     assert dict(updated.labels) == {"a": "1"}
 
 
-# -- 5. size limits -----------------------------------------------------------------------------------
+def test_an_oversized_update_mask_is_refused_before_its_paths_are_copied() -> None:
+    request = pb.UpdateSessionRequest(
+        session=session_pb2.Session(session_id="s"),
+        update_mask=field_mask_pb2.FieldMask(paths=["ab"] * 1_000_000),
+    )
+    parsed = pb.UpdateSessionRequest.FromString(request.SerializeToString())  # as gRPC hands it over
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument):
+            validation.update_session(parsed, Limits.from_settings(Settings()))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 * 1024 * 1024, f"refusing the mask took {peak // (1024 * 1024)} MiB"
+
+
+# -- 4. size limits -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +252,8 @@ async def test_request_over_the_transport_limit_never_reaches_the_servicer(
         )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await raw.llen(f"chat:{{{s.session_id}}}") == 0
+    await default_client.append(s.session_id, big[:1])  # the same read sees an accepted append
+    assert await raw.llen(f"chat:{{{s.session_id}}}") == 1
 
 
 async def test_pages_are_cut_by_bytes_so_every_reply_fits_a_default_client(
