@@ -12,14 +12,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 from glide import AllPrimaries, GlideClient, GlideClusterClient, SlotKeyRoute, SlotType
 
-from chatsession_client import ChatSessionError
+from chatsession.v1 import session_service_pb2 as pb
+from chatsession.v1 import session_service_pb2_grpc
+from chatsession_client import ChatSessionError, SessionClient, user
 from chatsession_server.app import RunningServer, start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 
 E = TypeVar("E", bound=ChatSessionError)
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -52,6 +56,50 @@ async def eventually(
             name = getattr(condition, "__qualname__", repr(condition))
             pytest.fail(f"{name} still false after {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def new_session(running: RunningServer, uid: str, messages: int = 0) -> str:
+    """A session of `uid` on `running`, with `messages` messages appended."""
+    async with SessionClient(f"127.0.0.1:{running.port}") as client:
+        session_id = (await client.create_session(uid)).session_id
+        for i in range(messages):
+            await client.append(session_id, [user(f"m{i}")])
+    return session_id
+
+
+def as_is(event: T) -> T:
+    """A Watch's `present` that hands each event over as it is."""
+    return event
+
+
+# Watches over gRPC as the tests open them.
+
+
+@contextlib.asynccontextmanager
+async def connections(
+    target: str, n: int
+) -> AsyncIterator[list[session_service_pb2_grpc.SessionServiceStub]]:
+    """Stubs over `n` HTTP/2 connections of their own (gRPC channels to one target would share one)."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)
+    ]
+    try:
+        yield [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
+    finally:
+        for c in channels:
+            await c.close()
+
+
+async def watch(
+    stub: session_service_pb2_grpc.SessionServiceStub, session_id: str, token: str | None = None
+) -> Any:
+    """A watch that the server has admitted: its first event (the heartbeat) has come."""
+    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id), metadata=metadata)
+    first = await asyncio.wait_for(call.read(), 10)
+    assert isinstance(first, pb.WatchMessagesResponse)
+    assert first.WhichOneof("event") == "heartbeat"
+    return call
 
 
 async def raises(cls: type[E], call: Awaitable[Any]) -> E:

@@ -7,9 +7,10 @@ import contextlib
 import os
 import re
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,12 +44,12 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 async def gone(*pids: int, timeout: float = 10.0) -> bool:
-    """True once none of `pids` is alive (False if some still are after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
+    """True once none of `pids` is alive (the test fails if some still are after `timeout`)."""
+
+    def none_alive() -> bool:
+        return not any(alive(p) for p in pids)
+
+    await eventually(none_alive, timeout, interval=0.05)
     return True
 
 

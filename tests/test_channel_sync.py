@@ -6,7 +6,7 @@ timeout, so the races and failures happen on cue; Valkey underneath is always th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ from chatsession_server.settings import ValkeyAddress
 from chatsession_server.store import channel_sync
 from chatsession_server.store.channel_sync import ChannelSync, PubSubControl, Sharded
 from chatsession_server.store.valkey import create_client, glide_config
-from tests.helpers import subscribers
+from tests.helpers import eventually, subscribers
 
 
 @pytest.fixture
@@ -48,6 +48,16 @@ async def syncing(client: PubSubControl, wanted: set[str]) -> AsyncIterator[Chan
         yield sync
     finally:
         await sync.close()
+
+
+def waiting_for_the_next_round(sync: ChannelSync) -> Callable[[], bool]:
+    """True once a round has been asked for since the one out now: what a join does when it must
+    not trust the channel's current subscription (a join that trusted it would be done at once)."""
+
+    def asked() -> bool:
+        return sync._next is not None
+
+    return asked
 
 
 class Layer:
@@ -139,7 +149,7 @@ async def test_a_join_during_an_unsubscribe_waits_and_is_subscribed_again(
         await asyncio.wait_for(gated.entered.wait(), 5)  # the round is out, unsubscribing
         wanted.add(channel)  # a watcher comes back meanwhile
         joining = asyncio.create_task(sync.subscribed(channel))
-        await asyncio.sleep(0.1)
+        await eventually(waiting_for_the_next_round(sync), interval=0)
         assert not joining.done()  # it must not trust a subscription that is going away
         gated.gate.set()
         await asyncio.wait_for(joining, 5)
@@ -163,7 +173,7 @@ async def test_a_join_during_a_round_that_will_unsubscribe_it_waits_for_the_next
         await asyncio.wait_for(gated.entered.wait(), 5)
         wanted.add(leaving)  # x is watched again while that round is out
         joining = asyncio.create_task(sync.subscribed(leaving))
-        await asyncio.sleep(0.1)
+        await eventually(waiting_for_the_next_round(sync), interval=0)
         assert not joining.done()
         gated.gate.set()
         await asyncio.wait_for(joining, 5)
@@ -211,8 +221,9 @@ async def test_a_failed_unsubscribe_is_retried_by_itself(
         wanted.clear()
         await sync.changed()
         assert await subscribers(raw, channel) == 1  # the first attempt failed
-        for _ in range(50):
-            await asyncio.sleep(0.05)
-            if await subscribers(raw, channel) == 0:
-                break
+
+        async def unsubscribed() -> bool:
+            return await subscribers(raw, channel) == 0
+
+        await eventually(unsubscribed)
         assert await subscribers(raw, channel) == 0  # nobody asked again: the retry did it

@@ -12,7 +12,7 @@ import pytest
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_server.settings import Settings
 from chatsession_server.store.keys import KeySpace
-from tests.helpers import serving
+from tests.helpers import eventually, serving
 
 
 async def _keys_named(raw: Any, pattern: str, valkey_cluster: bool) -> set[str]:
@@ -49,20 +49,23 @@ async def test_two_prefixes_share_one_valkey_without_interference(
         await a.create_session(uid, session_id=session_id, title="on a")
         await b.create_session(uid, session_id=session_id, title="on b")
         seen_on_b: list[str] = []
+        live = asyncio.Event()
 
         async def watch_b() -> None:
-            async for event in b.watch(session_id):
+            async for event in b.watch(session_id, include_heartbeats=True):
+                live.set()  # the first event, a heartbeat: joined the feed, subscribed
                 if event.WhichOneof("event") == "message":
                     seen_on_b.append(event.message.content)
                     return
 
         watcher = asyncio.create_task(watch_b())
-        await asyncio.sleep(0.3)  # let the watch subscribe: a's append must not reach it
+        await eventually(live.is_set)  # the watch is subscribed: a's appends must not reach it
         await a.append(session_id, [user("for a")], request_id="r1")
         await a.append(session_id, [user("for a again")], request_id="r2")
         # The same request_id on b is a new request there, not a replay of a's.
         appended = await b.append(session_id, [user("for b")], request_id="r1")
         assert not appended.replayed
+        # b's append, after a's, reaches the watch (it could have seen a's): the first it gets.
         await asyncio.wait_for(watcher, 10)
         assert seen_on_b == ["for b"]
 

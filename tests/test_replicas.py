@@ -13,6 +13,7 @@ import pytest
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import eventually
 from tests.processes import ServerProcess
 
 
@@ -56,16 +57,18 @@ async def test_a_watcher_on_one_replica_sees_appends_through_the_other(
     a, b = replicas
     s = await a.create_session(uid)
     seen: list[int] = []
+    live = asyncio.Event()
 
     async def watch() -> None:
-        async for event in a.watch(s.session_id, after_seq=0):
+        async for event in a.watch(s.session_id, after_seq=0, include_heartbeats=True):
+            live.set()  # the first event, a heartbeat: joined the feed, subscribed
             if event.HasField("message"):
                 seen.append(event.message.seq)
                 if event.message.seq == 5:
                     return
 
     watching = asyncio.create_task(watch())
-    await asyncio.sleep(0.2)
+    await eventually(live.is_set)
     for i in range(5):
         await b.append(s.session_id, [user(f"via b {i}")])
     await asyncio.wait_for(watching, 10)

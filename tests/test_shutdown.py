@@ -7,9 +7,11 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import eventually
 
 
 async def test_stop_reports_not_serving_and_lets_inflight_calls_finish(
@@ -25,8 +27,14 @@ async def test_stop_reports_not_serving_and_lets_inflight_calls_finish(
         reply = await health.Check(health_pb2.HealthCheckRequest(service="chatsession.v1.SessionService"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         s = await client.create_session("shutdown-user")
-        calls = [asyncio.create_task(client.append(s.session_id, [user(f"m{i}")])) for i in range(50)]
-        await asyncio.sleep(0)
+        sent: list[int] = []
+
+        async def append(i: int) -> pb.AppendMessagesResponse:
+            sent.append(i)
+            return await client.append(s.session_id, [user(f"m{i}")])
+
+        calls = [asyncio.create_task(append(i)) for i in range(50)]
+        await eventually(lambda: len(sent) == 50, interval=0)  # every call is on its way
         stopping = asyncio.create_task(running.stop(5.0))
         results = await asyncio.gather(*calls, return_exceptions=True)
         await stopping

@@ -1,8 +1,11 @@
-"""WatchMessages: backlog then live, resume, replicas, fan-out, slow consumers, endings."""
+"""WatchMessages as a watcher sees it: backlog then live, resume, across processes, fan-out, slow
+consumers, each message once through every handoff, how a watch ends, and never another user's
+messages."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -27,19 +30,34 @@ from chatsession_client import (
     UnavailableError,
     user,
 )
+from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer, start_server
+from chatsession_server.domain import Appended, FeedEvent, Heartbeat, StoredMessage
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
-from tests.helpers import channels_matching, raises, subscribe_calls, subscribers
+from chatsession_server.store.subscription import Subscription
+from tests.helpers import (
+    as_is,
+    channels_matching,
+    eventually,
+    new_session,
+    raises,
+    serving,
+    session_keys_exist,
+    subscribe_calls,
+    subscribers,
+)
+from tests.test_auth import ALICE, ALICE_TOKEN, BOB, BOB_TOKEN, client_for, tokens_file  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @asynccontextmanager
-async def serving(
+async def polling_server(
     base: Settings, valkey_url: str, port: int = 0, **overrides: Any
 ) -> AsyncIterator[RunningServer]:
-    """A server of its own on the suite's Valkey (standalone or cluster, as `base` says)."""
+    """A server of its own on the suite's Valkey (standalone or cluster, as `base` says), polling
+    every 0.2 s unless told otherwise."""
     settings = Settings(
         listen=f"127.0.0.1:{port}",
         **{"valkey_cluster": base.valkey_cluster, "watch_poll_seconds": 0.2, **overrides},
@@ -74,6 +92,27 @@ async def next_event(stream: Any) -> pb.WatchMessagesResponse:
 
 def reached(n: int) -> Callable[[list[pb.WatchMessagesResponse]], bool]:
     return lambda seen: bool(seqs(seen)) and seqs(seen)[-1] >= n
+
+
+async def live(
+    events: AsyncIterator[pb.WatchMessagesResponse], until: Callable[[list[pb.WatchMessagesResponse]], bool]
+) -> asyncio.Task[list[pb.WatchMessagesResponse]]:
+    """`collect(events, until)` in a task, handed back once the watch is live: `events` is a watch
+    asked for with include_heartbeats=True, whose first event is the heartbeat the server sends
+    once the watch has joined the feed (its process subscribed to the session's channel)."""
+    first = asyncio.Event()
+
+    def after_the_first(seen: list[pb.WatchMessagesResponse]) -> bool:
+        first.set()
+        return until(seen)
+
+    task = asyncio.create_task(collect(events, after_the_first))
+
+    def live_or_over() -> bool:
+        return first.is_set() or task.done()
+
+    await eventually(live_or_over)
+    return task
 
 
 async def test_backlog_then_live_in_order(client: SessionClient, uid: str) -> None:
@@ -137,14 +176,14 @@ async def test_append_on_one_process_reaches_a_watcher_on_another(
         async with SessionClient(f"127.0.0.1:{port}", retry=NO_RETRY) as other:
             s = await client.create_session(uid)
             # Watch here, append there...
-            watching = asyncio.create_task(collect(client.watch(s.session_id, after_seq=0), reached(6)))
-            await asyncio.sleep(0.2)
+            watching = await live(
+                client.watch(s.session_id, after_seq=0, include_heartbeats=True), reached(6)
+            )
             for i in range(6):
                 await other.append(s.session_id, [user(f"via-other-{i}")])
             assert seqs(await asyncio.wait_for(watching, 10)) == list(range(1, 7))
             # ...and the other way round.
-            watching = asyncio.create_task(collect(other.watch(s.session_id, after_seq=6), reached(9)))
-            await asyncio.sleep(0.2)
+            watching = await live(other.watch(s.session_id, after_seq=6, include_heartbeats=True), reached(9))
             for i in range(3):
                 await client.append(s.session_id, [user(f"via-here-{i}")])
             assert seqs(await asyncio.wait_for(watching, 10)) == [7, 8, 9]
@@ -158,10 +197,12 @@ async def test_hundred_watchers_see_the_same_complete_sequence(
 ) -> None:
     s = await client.create_session(uid)
     n = 60
-    watchers = [
-        asyncio.create_task(collect(client.watch(s.session_id, after_seq=0), reached(n))) for _ in range(100)
-    ]
-    await asyncio.sleep(0.5)
+    watchers = await asyncio.gather(
+        *(
+            live(client.watch(s.session_id, after_seq=0, include_heartbeats=True), reached(n))
+            for _ in range(100)
+        )
+    )
     # One subscription for the whole process, however many watchers.
     channel = f"watch:{{{s.session_id}}}"
     assert await subscribers(raw, channel) == 1
@@ -172,8 +213,11 @@ async def test_hundred_watchers_see_the_same_complete_sequence(
     assert all(seqs(r) == expected for r in results)
     contents = [[e.message.content for e in r if e.WhichOneof("event") == "message"] for r in results]
     assert all(c == contents[0] for c in contents)
-    await asyncio.sleep(0.3)  # the last watcher has left: the process unsubscribes
-    assert await subscribers(raw, channel) == 0
+
+    async def unsubscribed() -> bool:  # the last watcher has left: the process unsubscribes
+        return await subscribers(raw, channel) == 0
+
+    await eventually(unsubscribed)
 
 
 async def test_a_reconnect_storm_of_thousands_of_watchers_is_all_served(
@@ -209,7 +253,7 @@ async def test_many_sessions_subscribe_in_batches_and_leave_nothing_behind(
     settings: Settings, valkey_url: str, raw: GlideClient, uid: str
 ) -> None:
     # Polling is slowed to a minute, so a live delivery here can only come through pub/sub.
-    async with serving(settings, valkey_url, watch_poll_seconds=60) as running:
+    async with polling_server(settings, valkey_url, watch_poll_seconds=60) as running:
         target = f"127.0.0.1:{running.port}"
         async with SessionClient(target, retry=NO_RETRY) as c:
             ids = [(await c.create_session(uid, session_id=f"{uid}-{i}")).session_id for i in range(500)]
@@ -229,15 +273,18 @@ async def test_many_sessions_subscribe_in_batches_and_leave_nothing_behind(
             assert event.message.content == "live"
             for call in calls:
                 call.cancel()
-            await asyncio.sleep(0.5)
-            assert await channels_matching(raw, f"watch:{{{uid}-*") == []
+
+            async def none_left() -> bool:
+                return await channels_matching(raw, f"watch:{{{uid}-*") == []
+
+            await eventually(none_left)
 
 
 async def test_a_session_watched_again_while_being_unsubscribed_stays_live(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
     async with (
-        serving(settings, valkey_url, watch_poll_seconds=60) as running,
+        polling_server(settings, valkey_url, watch_poll_seconds=60) as running,
         SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
     ):
         s = await c.create_session(uid)
@@ -245,6 +292,8 @@ async def test_a_session_watched_again_while_being_unsubscribed_stays_live(
             leaving = c._stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id))
             await next_event(leaving)
             leaving.cancel()  # the last watcher leaves: an unsubscribe is on its way...
+            # Not a wait for a state: a delay of 0 to 2.7 ms, different each round, so the new
+            # watcher arrives at each point of the unsubscribe's way out.
             await asyncio.sleep(0.0003 * (round_no % 10))
             staying = c._stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id))
             await next_event(staying)  # ...and a new one arrives around it
@@ -257,7 +306,7 @@ async def test_a_session_watched_again_while_being_unsubscribed_stays_live(
 async def test_a_client_leaving_mid_write_is_no_error_and_leaves_the_feed(
     settings: Settings, valkey_url: str, uid: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with serving(settings, valkey_url) as running:
+    async with polling_server(settings, valkey_url) as running:
         target = f"127.0.0.1:{running.port}"
         async with SessionClient(target, retry=NO_RETRY) as c:
             s = await c.create_session(uid)
@@ -270,21 +319,20 @@ async def test_a_client_leaving_mid_write_is_no_error_and_leaves_the_feed(
                 call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id, after_seq=0))
                 await next_event(call)
                 await next_event(call)
-                await asyncio.sleep(0.3)  # the server is now blocked writing
+                # Not a wait for a state the test can see: time for the server to fill the HTTP/2
+                # window and block in a write (invisible from here), so the client leaves mid-write.
+                await asyncio.sleep(0.3)
                 assert running.feed.watcher_count == 1
                 if leave == "cancel":
                     call.cancel()
                 await channel.close()
-                for _ in range(50):
-                    await asyncio.sleep(0.05)
-                    if running.feed.watcher_count == 0:
-                        break
+                await eventually(lambda: running.feed.watcher_count == 0)
                 assert running.feed.watcher_count == 0
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_slow_watcher_does_not_delay_a_fast_one(settings: Settings, valkey_url: str, uid: str) -> None:
-    async with serving(settings, valkey_url, watch_buffer_events=4) as running:
+    async with polling_server(settings, valkey_url, watch_buffer_events=4) as running:
         target = f"127.0.0.1:{running.port}"
         async with (
             SessionClient(target, retry=NO_RETRY) as fast,
@@ -296,8 +344,7 @@ async def test_slow_watcher_does_not_delay_a_fast_one(settings: Settings, valkey
                 pb.WatchMessagesRequest(session_id=s.session_id, after_seq=0)
             )
             assert (await next_event(slow_events)).WhichOneof("event") == "heartbeat"  # then it stops reading
-            fast_task = asyncio.create_task(collect(fast.watch(s.session_id, after_seq=0), reached(n)))
-            await asyncio.sleep(0.2)
+            fast_task = await live(fast.watch(s.session_id, after_seq=0, include_heartbeats=True), reached(n))
             payload = "x" * 500
             for i in range(0, n, 20):
                 await fast.append(s.session_id, [user(f"{payload}{j}") for j in range(i, i + 20)])
@@ -315,8 +362,7 @@ async def test_slow_watcher_does_not_delay_a_fast_one(settings: Settings, valkey
 
 async def test_deleted_session_ends_the_watch_with_not_found(client: SessionClient, uid: str) -> None:
     s = await client.create_session(uid)
-    watching = asyncio.create_task(collect(client.watch(s.session_id, after_seq=0), lambda _: False))
-    await asyncio.sleep(0.2)
+    watching = await live(client.watch(s.session_id, after_seq=0, include_heartbeats=True), lambda _: False)
     await client.delete_session(s.session_id)
     await raises(NotFoundError, asyncio.wait_for(watching, 5))
 
@@ -325,7 +371,7 @@ async def test_expired_session_ends_the_watch_with_not_found(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
     async with (
-        serving(settings, valkey_url) as running,
+        polling_server(settings, valkey_url) as running,
         SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
     ):
         s = await c.create_session(uid, ttl_seconds=1)
@@ -353,7 +399,7 @@ async def test_trimmed_history_is_reported_explicitly(client: SessionClient, uid
 
 async def test_heartbeats_keep_an_idle_stream_open(settings: Settings, valkey_url: str, uid: str) -> None:
     async with (
-        serving(settings, valkey_url, watch_heartbeat_seconds=0.2) as running,
+        polling_server(settings, valkey_url, watch_heartbeat_seconds=0.2) as running,
         SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as c,
     ):
         s = await c.create_session(uid)
@@ -368,22 +414,21 @@ async def test_server_shutdown_ends_streams_with_unavailable_and_the_client_resu
 
     port = free_port()
     async with (
-        serving(settings, valkey_url, port=port) as first,
+        polling_server(settings, valkey_url, port=port) as first,
         SessionClient(f"127.0.0.1:{port}", retry=NO_RETRY) as c,
     ):
         s = await c.create_session(uid)
         await c.append(s.session_id, [user("one")])
         raw_stream = c._stub.WatchMessages(pb.WatchMessagesRequest(session_id=s.session_id, after_seq=0))
         resuming = SessionClient(f"127.0.0.1:{port}", retry=Retry(initial_backoff=0.05, deadline=20))
-        watching = asyncio.create_task(collect(resuming.watch(s.session_id, after_seq=0), reached(3)))
+        watching = await live(resuming.watch(s.session_id, after_seq=0, include_heartbeats=True), reached(3))
         await next_event(raw_stream)
         await next_event(raw_stream)
-        await asyncio.sleep(0.2)
         await first.stop(0.5)
         err = await raises(UnavailableError, _drain(raw_stream))
         assert "shutting down" in err.message
     async with (
-        serving(settings, valkey_url, port=port),
+        polling_server(settings, valkey_url, port=port),
         SessionClient(f"127.0.0.1:{port}", retry=NO_RETRY) as c,
     ):
         await c.append(s.session_id, [user("two"), user("three")])
@@ -411,7 +456,7 @@ def durable_valkey() -> Iterator[EmbeddedValkey]:
 async def test_valkey_restart_mid_watch_still_delivers_everything(
     settings: Settings, durable_valkey: EmbeddedValkey, uid: str
 ) -> None:
-    async with serving(
+    async with polling_server(
         settings,
         durable_valkey.url,
         valkey_cluster=False,
@@ -421,13 +466,140 @@ async def test_valkey_restart_mid_watch_still_delivers_everything(
         retry = Retry(initial_backoff=0.1, max_backoff=0.5, deadline=30)
         async with SessionClient(f"127.0.0.1:{running.port}", retry=retry) as c:
             s = await c.create_session(uid)
-            watching = asyncio.create_task(collect(c.watch(s.session_id, after_seq=0), reached(10)))
+            watching = await live(c.watch(s.session_id, after_seq=0, include_heartbeats=True), reached(10))
             for i in range(5):
                 await c.append(s.session_id, [user(f"before-{i}")])
             durable_valkey.kill()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # not a wait for a state: an outage that lasts a while
             durable_valkey.start()  # same port, same data (append-only file)
             for i in range(5):
                 await c.append(s.session_id, [user(f"after-{i}")])  # retries until Valkey is back
             events = await asyncio.wait_for(watching, 30)
             assert seqs(events) == list(range(1, 11))
+
+
+# -- each message once, through every handoff
+
+
+async def test_a_cancelled_wait_keeps_the_event_handed_to_it() -> None:
+    subscription = Subscription("s", 8)
+    event: FeedEvent = Appended(1, 1, None, "u")
+
+    async def take() -> FeedEvent | None:
+        return await subscription.next(60)
+
+    waiting = asyncio.ensure_future(take())
+    await eventually(lambda: subscription._waiter is not None)  # waiting on its future now
+    subscription.offer(event)  # arrives...
+    waiting.cancel()  # ...as the wait is cancelled (the task has not resumed yet)
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    again = asyncio.ensure_future(take())
+    done, _ = await asyncio.wait([again], timeout=1)
+    if not done:
+        again.cancel()
+    assert done  # else: still waiting, the event is gone
+    assert again.result() is event
+
+
+async def test_a_resumed_watch_gets_each_message_once_across_the_handoff_from_pages_to_live(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A resumed watch reading a backlog of several pages while appends keep coming gets every
+    seq once, in order, across the page-read to live handoff."""
+    async with serving(settings, valkey_url) as running:
+        session_id = await new_session(running, uid)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            await client.append(session_id, [user(f"b{i}") for i in range(450)])
+            events = Watch(running.store, running.feed, session_id, 1, heartbeat_seconds=60, present=as_is)
+            seen: list[int] = []
+            try:
+
+                async def consume() -> None:
+                    async for event in events:
+                        if isinstance(event, StoredMessage):
+                            seen.append(event.seq)
+                            if event.seq == 450 + 60:
+                                return
+
+                reader = asyncio.ensure_future(consume())
+                for i in range(60):
+                    await client.append(session_id, [user(f"live{i}")])
+                await asyncio.wait_for(reader, 30)
+            finally:
+                await events.aclose()
+        assert seen == list(range(2, 511))
+        assert (running.feed.watcher_count, running.feed.subscriptions) == (0, 0)
+
+
+async def test_a_slow_watch_whose_inbox_overflows_gets_each_message_once(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that reads nothing while its inbox overflows (a Behind collapse) and then resumes
+    reading gets every seq once, in order, then leaves the feed."""
+    async with serving(settings, valkey_url, watch_buffer_events=2) as running:
+        session_id = await new_session(running, uid, messages=1)
+        events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=60, present=as_is)
+        try:
+            assert await asyncio.wait_for(anext(events), 10) == Heartbeat(1)
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                for i in range(20):  # one at a time: twenty publishes into an inbox of two
+                    await client.append(session_id, [user(f"s{i}")])
+                seen: list[int] = []
+                while len(seen) < 20:
+                    event = await asyncio.wait_for(anext(events), 10)
+                    if isinstance(event, StoredMessage):
+                        seen.append(event.seq)
+                assert seen == list(range(2, 22))
+                await client.append(session_id, [user("after")])
+                event = await asyncio.wait_for(anext(events), 10)
+                assert isinstance(event, StoredMessage)
+                assert event.seq == 22
+        finally:
+            await events.aclose()
+        assert (running.feed.watcher_count, running.feed.subscriptions) == (0, 0)
+
+
+# -- never another user's messages
+
+
+async def test_a_watch_never_delivers_another_users_messages(
+    settings: Settings,
+    valkey_url: str,
+    raw: GlideClient,
+    tokens_file: Path,  # noqa: F811
+    uid: str,
+) -> None:
+    """Expiry publishes nothing, so until the feed's next poll a watch on an expired session still
+    follows its channel, where a session another user created under the same id meanwhile
+    publishes. Appends say whose session they went to: the watch ends (NOT_FOUND) instead of
+    delivering another user's message. Poll set to 30 s here to make the window deterministic."""
+    poll = {"watch_poll_seconds": 30.0}
+    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file), **poll) as running:
+        target = f"127.0.0.1:{running.port}"
+        async with client_for(target, ALICE_TOKEN) as alice, client_for(target, BOB_TOKEN) as bob:
+            mine = await alice.create_session(ALICE, session_id=f"{uid}-x", ttl_seconds=1)
+            seen: list[str] = []
+            following = asyncio.Event()
+
+            async def follow() -> None:
+                with contextlib.suppress(NotFoundError):
+                    async for event in alice.watch(mine.session_id, after_seq=0, include_heartbeats=True):
+                        if event.WhichOneof("event") == "heartbeat":
+                            following.set()  # joined the feed: following the session's channel
+                        else:
+                            seen.append(event.message.content)
+
+            watcher = asyncio.create_task(follow())
+            await eventually(following.is_set)
+
+            async def expired() -> bool:  # alice's idle session expires under her open watch
+                return await session_keys_exist(raw, mine.session_id) == 0
+
+            await eventually(expired)
+            theirs = await bob.create_session(BOB, session_id=mine.session_id)
+            await bob.append(theirs.session_id, [user("bob's private text")])
+            # The watch hears bob's append on the channel (it could have delivered it) and ends.
+            await eventually(watcher.done)
+            await watcher
+    assert seen == []

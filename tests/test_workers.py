@@ -1,4 +1,7 @@
-"""`--workers N`: worker processes sharing one port and one Valkey, kept running by a supervisor."""
+"""`--workers N`: worker processes sharing one port and one Valkey, kept running by a supervisor:
+a dead worker is replaced, also while Valkey is away (a worker that cannot reach Valkey within
+--valkey-startup-timeout exits 1, not CANNOT_START, which would stop the group although its
+siblings ride the outage out), and workers that can never start stop the group."""
 
 from __future__ import annotations
 
@@ -110,3 +113,22 @@ async def test_workers_that_cannot_start_stop_the_group_instead_of_restarting() 
     assert "could not start" in supervisor.text
     assert "restarting" not in supervisor.text
     assert "a-wrong-one" not in supervisor.text
+
+
+async def test_a_worker_restarted_during_a_valkey_outage_does_not_stop_the_group() -> None:
+    with EmbeddedValkey() as valkey:
+        supervisor = await ServerProcess.start(
+            "--listen", "127.0.0.1:0", "--workers", "2", "--valkey-startup-timeout", "1",
+            env={"CHATSESSION_VALKEY_URL": valkey.url},
+        )  # fmt: skip
+        try:
+            serving = await supervisor.wait_for(SERVING, count=2)
+            workers = {int(m.group(1)): int(m.group(2)) for m in serving}
+            valkey.stop()  # an outage (a restart, a failover): worker 2 keeps running meanwhile
+            os.kill(workers[1], signal.SIGKILL)
+            assert await gone(workers[1])
+            # The replacement cannot reach Valkey within its start-up timeout; the group should
+            # keep trying (as it does for any other death), not stop.
+            await supervisor.wait_for(r"worker 1 .*restarting", count=2, timeout=20)
+        finally:
+            await supervisor.kill()

