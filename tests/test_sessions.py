@@ -26,7 +26,7 @@ from chatsession_client.errors import from_rpc_error
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
 from tests.helpers import (
-    command_calls,
+    command_counts,
     eventually,
     meta,
     raises,
@@ -132,9 +132,9 @@ async def test_read_mask_reads_only_the_named_fields(
     s = await client.create_session(uid, title="t", labels={"team": "a", "other": "b"})
     await client.append(s.session_id, [user("hi", tokens=9)])
     key = f"meta:{{{s.session_id}}}"
-    before = await command_calls(raw, key)
+    before = await command_counts(raw, key=key)
     got = await client.get_session(s.session_id, read_mask=["token_count", "labels.team"])
-    after = await command_calls(raw, key)
+    after = await command_counts(raw, key=key)
     assert got.token_count == 9
     assert dict(got.labels) == {"team": "a"}
     assert (got.title, got.session_id, got.message_count) == ("", "", 0)

@@ -21,9 +21,8 @@ from chatsession_client import (
 from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.app import start_server
 from chatsession_server.settings import Settings, ValkeyAddress
-from tests.helpers import raises, serving
+from tests.helpers import grpcurl, raises, serving
 from tests.pki import CertificateAuthority, Issued
-from tests.test_grpcurl import grpcurl
 
 RUN = uuid.uuid4().hex[:8]
 ALICE, BOB = f"alice-{RUN}", f"bob-{RUN}"

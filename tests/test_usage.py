@@ -34,9 +34,7 @@ from chatsession_server.store import codec
 from chatsession_server.store.keys import KeySpace
 from chatsession_server.store.lua import owner_scripts
 from chatsession_server.store.owner_index import SecondStepOwnerIndex
-from tests.helpers import eventually, raises, serving, violated_fields
-from tests.test_grpcurl import grpcurl
-from tests.test_key_prefix import _keys_named
+from tests.helpers import eventually, grpcurl, keys_named, raises, serving, violated_fields
 
 DAY = 86_400
 JAN_10 = float(calendar.timegm((2026, 1, 10, 12, 0, 0)))
@@ -334,7 +332,7 @@ async def test_fork_and_usage_keys_carry_the_prefix_and_stay_apart(
         await prefixed.append(f"{uid}-f", [user("v", tokens=3)])
         usage = await prefixed.get_user_usage(uid)
         assert (usage.total.messages, usage.total.tokens, usage.total.sessions) == (3, 6, 2)
-    written = await _keys_named(raw, f"*{uid}*", valkey_cluster)
+    written = await keys_named(raw, f"*{uid}*", valkey_cluster)
     space = KeySpace(prefix)
     expected = {space.chat(f"{uid}-f"), space.meta(f"{uid}-f"), space.usage(uid), space.user_index(uid)}
     if valkey_cluster:

@@ -277,7 +277,15 @@ class TlsValkey:
     def url(self) -> str:
         return f"valkeys://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> None:
+    async def start(self, timeout: float = 10.0) -> None:
+        self._launch()
+        try:
+            await eventually(lambda: asyncio.to_thread(self._answers), timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _launch(self) -> None:
         issued = self.ca.issue("valkey", server=True)
         self._process = subprocess.Popen(
             [
@@ -289,19 +297,17 @@ class TlsValkey:
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                log = self._log.read_text() if self._log.exists() else ""
-                self._process = None
-                if "TLS support" in log:  # "Failed finding TLS support."
-                    raise TlsUnsupported(self.binary)
-                raise RuntimeError(f"{self.binary} exited at start-up:\n{log}")
-            if self._pong():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.binary} did not answer over TLS on port {self.port} within {timeout}s")
+
+    def _answers(self) -> bool:
+        """True once the server answers PING over TLS; raises if it exited instead."""
+        assert self._process is not None
+        if self._process.poll() is not None:
+            log = self._log.read_text() if self._log.exists() else ""
+            self._process = None
+            if "TLS support" in log:  # "Failed finding TLS support."
+                raise TlsUnsupported(self.binary)
+            raise RuntimeError(f"{self.binary} exited at start-up:\n{log}")
+        return self._pong()
 
     def _pong(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.ca.cert))
@@ -334,13 +340,13 @@ def server_binaries() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tls_valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsValkey]:
+async def tls_valkey(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TlsValkey]:
     directory = tmp_path_factory.mktemp("valkey-tls")
     ca = CertificateAuthority(directory, "valkey-ca")
     for binary in server_binaries():
         server = TlsValkey(binary, directory, ca)
         try:
-            server.start()
+            await server.start()
         except TlsUnsupported:
             continue
         try:

@@ -37,8 +37,13 @@ from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store.subscription import Subscription
 from tests.helpers import (
+    ALICE,
+    ALICE_TOKEN,
+    BOB,
+    BOB_TOKEN,
     as_is,
     channels_matching,
+    client_for,
     eventually,
     new_session,
     raises,
@@ -47,7 +52,6 @@ from tests.helpers import (
     subscribe_calls,
     subscribers,
 )
-from tests.test_auth import ALICE, ALICE_TOKEN, BOB, BOB_TOKEN, client_for, tokens_file  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -567,7 +571,7 @@ async def test_a_watch_never_delivers_another_users_messages(
     settings: Settings,
     valkey_url: str,
     raw: GlideClient,
-    tokens_file: Path,  # noqa: F811
+    tokens_file: Path,
     uid: str,
 ) -> None:
     """Expiry publishes nothing, so until the feed's next poll a watch on an expired session still

@@ -33,8 +33,7 @@ from chatsession_server.api.observer import ACCESS_LOGGER
 from chatsession_server.domain import Appended, Deleted, StoredMessage
 from chatsession_server.settings import Settings
 from chatsession_server.store import keys
-from tests.helpers import connections, eventually, serving, watch
-from tests.test_round_trips import command_counts
+from tests.helpers import command_counts, connections, eventually, serving, watch
 
 WATCHES = 40
 SESSIONS = 12
