@@ -7,6 +7,7 @@ connection would), with real Valkey underneath, and checks the keys with a raw c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from chatsession_client import AlreadyExistsError, SessionClient, UnavailableErr
 from chatsession_server.app import RunningServer
 from chatsession_server.domain import NewSession
 from chatsession_server.errors import StoreUnavailable
+from chatsession_server.store import owner_index
 from chatsession_server.store.lua import session_scripts
 from chatsession_server.store.owner_index import SecondStepOwnerIndex
 from chatsession_server.store.session_store import SessionStore
@@ -72,6 +74,29 @@ async def test_a_create_cut_off_after_its_index_step_is_never_listed_and_its_ent
     s = await client.create_session(uid, session_id=f"{uid}-a", request_id="r1")
     assert await listed(client, uid) == [s.session_id]
     assert await raw.exists([f"meta:{{{uid}-a}}"]) == 1  # the read that saw no meta sees it now
+
+
+async def test_a_create_whose_index_step_outlasts_the_gap_is_not_sent_and_its_retry_completes(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    index = f"user_sessions:{{{uid}}}"
+    # The index step takes longer than the gap allows (as a slow WAIT for a replica would).
+    monkeypatch.setattr(owner_index, "CREATE_STEP_GAP_SECONDS", 0.05)
+    enter = server.store._owner_index.enter  # type: ignore[attr-defined]
+
+    async def slow_enter(*args: Any) -> str:
+        await asyncio.sleep(0.1)  # not a wait for a state: the slow step itself
+        return await enter(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(server.store._owner_index, "enter", slow_enter)
+    error = await raises(UnavailableError, client.create_session(uid, session_id=f"{uid}-a", request_id="r1"))
+    assert "took too long; retry with the same request_id" in str(error)
+    assert await raw.zscore(index, f"{uid}-a") is not None  # the index step happened...
+    assert await raw.exists([f"meta:{{{uid}-a}}"]) == 0  # ...the session step was never sent
+    monkeypatch.undo()
+    await client.create_session(uid, session_id=f"{uid}-a", request_id="r1")
+    assert await raw.exists([f"meta:{{{uid}-a}}"]) == 1  # the read that saw no meta sees it now
+    assert await listed(client, uid) == [f"{uid}-a"]
 
 
 async def test_a_create_whose_index_step_fails_creates_nothing(

@@ -9,8 +9,9 @@ and never shows one that does not exist:
 - create: index entry first (its score strictly raised: see owner_scripts.ENTER_INDEX), then the
   session. A crash in between leaves an entry without a session: listings skip it (they
   describe every candidate) and remove it once it is older than INDEX_PRUNE_GRACE_SECONDS, and
-  only if its score is unchanged. The session step is refused once CREATE_STEP_GAP_SECONDS have
-  passed since the entry was written, so no create can complete after its entry was pruned.
+  only if its score is unchanged. The session step is not sent once CREATE_STEP_GAP_SECONDS
+  have passed since the index step began (and each step is bounded by the Valkey timeout), so no
+  create can complete after its entry was pruned.
 - append: the session first, then ZADD GT of its new last_active. A failure in between leaves
   a stale (lower) score: the session is still listed; the next append or a listing that meets
   it repairs the score. The append itself is acknowledged (the message is stored).
@@ -89,19 +90,21 @@ class OwnerIndex(abc.ABC):
 
     @abc.abstractmethod
     async def count_created(self, session: Session, described: Any) -> None:
-        """After a create or a fork (and its replicated check): count the new session."""
+        """After a create or a fork is written (or found written, by a retry): count the new
+        session."""
 
     @abc.abstractmethod
     async def appended(
         self, result: AppendResult, described: Any, messages: int, tokens: int, appended_at: float
     ) -> None:
         """After an append (or its replay) of `messages` messages and `tokens` tokens at
-        `appended_at`: the index score and the usage. Never fails: the messages are stored."""
+        `appended_at`: the index score and the usage. A ChatSessionError of this step is logged,
+        not raised: the messages are stored."""
 
     @abc.abstractmethod
     async def deleted(self, session_id: str, reply: Any) -> None:
-        """After a delete (DELETE's reply: status, owner, last_active). Never fails: the session
-        is gone."""
+        """After a delete (DELETE's reply: status, owner, last_active). A ChatSessionError of
+        this step is logged, not raised: the session is gone."""
 
     @abc.abstractmethod
     async def prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
@@ -194,9 +197,11 @@ class SecondStepOwnerIndex(OwnerIndex):
         now: str,
         doing: str,
     ) -> tuple[Status, Any]:
+        # Timed from before the index step: the entry's score is `now`, and its WAIT for a
+        # replica is part of the gap.
+        started = time.monotonic()
         score_set = await self.enter(user_id, session_id, now)
-        indexed_at = time.monotonic()
-        if time.monotonic() - indexed_at > CREATE_STEP_GAP_SECONDS:
+        if time.monotonic() - started > CREATE_STEP_GAP_SECONDS:
             raise StoreUnavailable(f"{doing} the session took too long; retry with the same request_id")
         status, reply = await self._scripts.call(script, session_keys, args)
         if status is Status.EXISTS:
