@@ -47,8 +47,9 @@ T = TypeVar("T")
 
 class Watch(Generic[T]):
     """A session's events, each as `present` makes it (the servicer's protobuf): the servicer
-    returns this iterator as it is, with no converting one of its own around it. The interceptors
-    still wrap it (the watch quota's always; auth's and tracing's when they are on).
+    returns this iterator as it is, with no converting one of its own around it. What iterates it
+    is the interceptors' own stream wrappers (the watch quota's always; auth's and tracing's when
+    they are on), then the error mapping's coroutine, which writes each event to the call.
 
     An async iterator whose state is these fields, not a generator's frame: an idle watch holds
     this object and the coroutine of the __anext__ waiting on its subscription (a generator held
