@@ -14,6 +14,7 @@ from grpc import aio
 
 from chatsession_server.api.status import to_grpc_status
 from chatsession_server.errors import ChatSessionError, FieldViolation, InvalidArgument
+from chatsession_server.logs import loggable
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 def _check_decoded(request: Any, method: str) -> None:
     if isinstance(request, _Undecodable):
-        log.debug("%s: request does not parse (%s)", method, request.reason)
+        log.debug("%s: request does not parse (%s)", method, loggable(request.reason))
         raise UndecodableRequest(method, request.reason)
 
 

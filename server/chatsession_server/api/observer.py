@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from chatsession_server.api.auth import CALLER
+from chatsession_server.api.auth import CALLER, Grant
 from chatsession_server.api.interceptors import Handler, WrappingInterceptor
 from chatsession_server.api.status import code_of
 from chatsession_server.api.telemetry import TRACE_ID, CallMetrics
+from chatsession_server.logs import loggable
 
 ACCESS_LOGGER = "chatsession_server.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -91,19 +92,26 @@ def _log_call(method: str, code: grpc.StatusCode, seconds: float, request: Any, 
     session_id = getattr(request, "session_id", None)
     if session_id is None:  # UpdateSession names it inside its session
         session_id = getattr(getattr(request, "session", None), "session_id", "")
+    request_id = getattr(request, "request_id", "")
     grant = CALLER.get()
+    # What the caller chose (even a refused request's ids, or an unknown method's path) is escaped
+    # and cut, spaces too: one call is one line of bounded size, and its fields are its own.
     fields = {
-        "method": method,
+        "method": loggable(method, spaces=False),
         "code": code.name,
         "duration_ms": round(seconds * 1000, 3),
-        "session_id": session_id or "",
-        "request_id": getattr(request, "request_id", "") or "",
-        "peer": context.peer(),
-        "user": ("*" if grant.every_user else ",".join(sorted(grant.users))) if grant else "",
+        "session_id": loggable(session_id, spaces=False) if session_id else "",
+        "request_id": loggable(request_id, spaces=False) if request_id else "",
+        "peer": loggable(context.peer(), spaces=False),
+        "user": loggable(_users(grant), spaces=False) if grant else "",
         "trace_id": _trace_id(context),
     }
     text = " ".join(f"{key}={value}" for key, value in fields.items() if value != "" and key != "method")
-    access_log.info("%s %s", method, text, extra={"access": fields})
+    access_log.info("%s %s", fields["method"], text, extra={"access": fields})
+
+
+def _users(grant: Grant) -> str:
+    return "*" if grant.every_user else ",".join(sorted(grant.users))
 
 
 def _trace_id(context: Context) -> str:

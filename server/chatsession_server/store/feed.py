@@ -38,6 +38,7 @@ from chatsession_server.domain import (
     StoredMessage,
 )
 from chatsession_server.errors import ChatSessionError
+from chatsession_server.logs import loggable
 from chatsession_server.ports import FeedSubscription
 from chatsession_server.store import codec, keys
 from chatsession_server.store.channel_sync import ChannelSync, PubSubControl, Sharded
@@ -200,7 +201,7 @@ class SessionFeed:
         try:
             event = _parse(msg.message if isinstance(msg.message, bytes) else str(msg.message).encode())
         except (ValueError, KeyError) as exc:
-            log.warning("unreadable watch publish on %s: %s", channel_name, exc)
+            log.warning("unreadable watch publish on %s: %s", loggable(channel_name), exc)
             event = Behind()
         if isinstance(event, Appended):
             channel.last_seq = max(channel.last_seq, event.last_seq)

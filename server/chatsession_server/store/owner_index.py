@@ -45,6 +45,7 @@ from glide import UpdateOptions
 
 from chatsession_server.domain import AppendResult, Session
 from chatsession_server.errors import ChatSessionError, StoreUnavailable
+from chatsession_server.logs import loggable
 from chatsession_server.store import codec, keys
 from chatsession_server.store.lua import owner_scripts
 from chatsession_server.store.lua.runtime import LuaScript, ScriptRunner, Status
@@ -229,7 +230,9 @@ class SecondStepOwnerIndex(OwnerIndex):
         try:
             await self._scripts.run(owner_scripts.REVERT_INDEX, [self._keys.user_index(user_id)], args)
         except ChatSessionError as exc:
-            log.warning("session %s: index entry of a refused create left to pruning (%s)", session_id, exc)
+            log.warning(
+                "session %s: index entry of a refused create left to pruning (%s)", loggable(session_id), exc
+            )
 
     async def count_created(self, session: Session, described: Any) -> None:
         """Best effort: the session exists; a failed step is made up by the session's next one."""
@@ -237,7 +240,9 @@ class SecondStepOwnerIndex(OwnerIndex):
             await self._sync_usage(session, described, (0, 0), session.created_at, index=False)
         except ChatSessionError as exc:
             log.warning(
-                "session %s: usage not updated (%s); made up by its next step", session.session_id, exc
+                "session %s: usage not updated (%s); made up by its next step",
+                loggable(session.session_id),
+                exc,
             )
 
     async def appended(
@@ -252,7 +257,7 @@ class SecondStepOwnerIndex(OwnerIndex):
             # append or a listing repairs it, the usage until the session's next step.
             log.warning(
                 "session %s: index score and usage not updated (%s); repaired later",
-                result.session.session_id,
+                loggable(result.session.session_id),
                 exc,
             )
 
@@ -298,7 +303,7 @@ class SecondStepOwnerIndex(OwnerIndex):
             await self.unindex(reply[1].decode(), session_id, reply[2].decode())
         except ChatSessionError as exc:
             # The session is gone: acknowledge it. Listings skip the entry, then prune it.
-            log.warning("session %s: index entry left to pruning (%s)", session_id, exc)
+            log.warning("session %s: index entry left to pruning (%s)", loggable(session_id), exc)
 
     async def unindex(self, user_id: str, session_id: str, last_active: str) -> None:
         """A delete's second step: the entry goes unless a namesake created since holds it."""
