@@ -368,8 +368,9 @@ async def test_pages_are_cut_by_bytes_so_every_reply_fits_a_default_client(
 
 
 def big_labels(char: str) -> dict[str, str]:
-    """The most a session may carry: 64 labels of a 128-character key and a 1024-character value."""
-    return {f"{i:03d}" + char * 125: char * 1024 for i in range(64)}
+    """The most a session may carry: 64 labels of a 128-character key (ASCII, as keys must be) and
+    a 1024-character value of `char`."""
+    return {f"{i:03d}" + "k" * 125: char * 1024 for i in range(64)}
 
 
 async def test_a_list_sessions_page_fits_a_default_client_with_non_ascii_labels(

@@ -23,6 +23,11 @@ ROLE_OF: Mapping[str, Role] = {role.value: role for role in Role}
 
 _NO_METADATA: Mapping[str, str] = MappingProxyType({})
 
+FORKED_FROM_LABEL = "forked_from"
+"""The label ForkSession gives a fork: the source's session id (the store writes it)."""
+RESERVED_LABELS = frozenset({FORKED_FROM_LABEL})
+"""Labels only the service sets: a caller reads them, never sets or removes them."""
+
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:

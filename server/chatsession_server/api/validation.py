@@ -11,6 +11,7 @@ from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
 from chatsession_server.domain import (
+    RESERVED_LABELS,
     Compaction,
     ContextQuery,
     MessageQuery,
@@ -26,6 +27,13 @@ from chatsession_server.errors import FieldViolation, InvalidArgument
 # Ids end up inside key names and `{}` hash tags: keep them to a safe alphabet.
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _ID_RULE = "must be 1-128 characters from [A-Za-z0-9_.:-]"
+# Label keys as Kubernetes and cloud labels spell them (`team`, `app.example.com/tier`): no
+# spaces, braces, wildcards or control characters for a caller to slip into what reads them.
+_LABEL_KEY = re.compile(rf"[A-Za-z0-9._/-]{{1,{L.MAX_LABEL_KEY_LENGTH}}}")
+_LABEL_KEY_RULE = f"label keys must be 1-{L.MAX_LABEL_KEY_LENGTH} characters from [A-Za-z0-9._/-]"
+_RESERVED_RULE = (
+    f"is a label the service sets ({', '.join(sorted(RESERVED_LABELS))}): it cannot be set or removed"
+)
 _ROLES = {
     session_pb2.ROLE_SYSTEM: Role.SYSTEM,
     session_pb2.ROLE_USER: Role.USER,
@@ -91,6 +99,22 @@ class Violations:
             if len(value) > value_len:
                 self.add(f"{field}[{key!r}]", f"values must be at most {value_len} characters")
 
+    def labels(self, field: str, values: Mapping[str, str]) -> None:
+        """A session's labels as a caller sets them (CreateSession, an UpdateSession of `labels`)."""
+        if len(values) > L.MAX_LABELS:
+            self.add(field, f"must have at most {L.MAX_LABELS} entries")
+            return  # the entries of a map this size are not worth checking one by one
+        for key, value in values.items():
+            self.label_key(f"{field}[{key!r}]", key)
+            if len(value) > L.MAX_LABEL_VALUE_LENGTH:
+                self.add(f"{field}[{key!r}]", f"values must be at most {L.MAX_LABEL_VALUE_LENGTH} characters")
+
+    def label_key(self, field: str, key: str) -> None:
+        if key in RESERVED_LABELS:
+            self.add(field, _RESERVED_RULE)
+        elif not _LABEL_KEY.fullmatch(key):
+            self.add(field, _LABEL_KEY_RULE)
+
     def page_size(self, value: int) -> None:
         if value < 0:
             self.add("page_size", "must not be negative")
@@ -123,7 +147,7 @@ def create_session(request: session_service_pb2.CreateSessionRequest, limits: Li
     v.id("request_id", request.request_id, required=False)
     v.text("model", request.model, L.MAX_MODEL_LENGTH)
     v.text("title", request.title, L.MAX_TITLE_LENGTH)
-    v.string_map("labels", request.labels, L.MAX_LABELS, L.MAX_LABEL_KEY_LENGTH, L.MAX_LABEL_VALUE_LENGTH)
+    v.labels("labels", request.labels)
     ttl = _ttl(v, "ttl_seconds", request.ttl_seconds, limits)
     window = _window(v, "max_messages", request.max_messages, limits)
     v.raise_if_any()
@@ -189,18 +213,20 @@ def update_session(
         elif path == "max_messages":
             window = _window(v, "session.max_messages", s.max_messages, limits)
         elif path == "labels":
-            v.string_map(
-                "session.labels", s.labels, L.MAX_LABELS, L.MAX_LABEL_KEY_LENGTH, L.MAX_LABEL_VALUE_LENGTH
-            )
+            v.labels("session.labels", s.labels)
             replace_labels = dict(s.labels)
         elif path.startswith("labels.") and len(path) > len("labels."):
             key = path[len("labels.") :]
             if len(key) > L.MAX_LABEL_KEY_LENGTH:
                 v.add("update_mask", f"label keys must be 1-{L.MAX_LABEL_KEY_LENGTH} characters")
+            elif key in RESERVED_LABELS:
+                v.add(f"session.labels[{key!r}]", _RESERVED_RULE)
             elif key in s.labels:
+                v.label_key(f"session.labels[{key!r}]", key)
                 v.text(f"session.labels[{key!r}]", s.labels[key], L.MAX_LABEL_VALUE_LENGTH)
                 set_labels[key] = s.labels[key]
             else:
+                # Any key within the length: a label stored before the key rule can be removed.
                 remove_labels.add(key)
         else:
             v.add(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from chatsession_server.domain import (
+    FORKED_FROM_LABEL,
     ROLE_OF,
     NewMessage,
     Role,
@@ -361,8 +362,6 @@ def decode_usage(fields: Mapping[bytes, bytes], oldest_day: str) -> UserUsage:
 
 
 # --- ForkSession ------------------------------------------------------------------------------
-
-FORKED_FROM_LABEL = "forked_from"
 
 
 def renumbered(item: bytes | str, seq: int) -> str:

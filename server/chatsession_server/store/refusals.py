@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatsession_server.domain import Compaction, NewFork
+from chatsession_server.domain import FORKED_FROM_LABEL, Compaction, NewFork
 from chatsession_server.errors import (
     ChatSessionError,
     FieldViolation,
@@ -14,7 +14,6 @@ from chatsession_server.errors import (
     QuotaExceeded,
     SessionNotFound,
 )
-from chatsession_server.store import codec
 from chatsession_server.store.lua.runtime import Status
 
 
@@ -119,7 +118,7 @@ def fork_labels_full(source: str, labels: int, max_labels: int) -> PreconditionF
         "LABELS_FULL",
         "session_id",
         f"a fork of session {source!r} would have {labels} labels (with "
-        f"`{codec.FORKED_FROM_LABEL}`), more than the limit of {max_labels}: remove one first",
+        f"`{FORKED_FROM_LABEL}`), more than the limit of {max_labels}: remove one first",
     )
 
 
