@@ -121,7 +121,13 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     create.add_argument("--id", default="", help="session id (default: the server makes one)")
     create.add_argument("--title", default="")
     create.add_argument("--model", default="")
-    create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="repeatable; KEY is 1-128 characters from [A-Za-z0-9._/-], not forked_from",
+    )
     create.add_argument(
         "--ttl", type=int, default=0, metavar="SECONDS", help="expiry (default: the server's)"
     )

@@ -170,7 +170,8 @@ class SyncSessionClient:
         max_messages: int = 0,
         request_id: str | None = None,
     ) -> Session:
-        """Create a session. A request_id is generated when not given, so retries are safe."""
+        """Create a session. A request_id is generated when not given, so retries are safe.
+        Label keys are 1-128 characters from [A-Za-z0-9._/-], never `forked_from` (ForkSession's)."""
         request = _calls.create_session_request(
             user_id,
             session_id=session_id,
@@ -198,7 +199,8 @@ class SyncSessionClient:
         ttl_seconds: int | None = None,
         max_messages: int | None = None,
     ) -> Session:
-        """Change the given fields only (an update mask is built from the arguments that are not None)."""
+        """Change the given fields only (an update mask is built from the arguments that are not None).
+        `labels` replaces them all (a fork's `forked_from` too) and must not name `forked_from`."""
         request = _calls.update_session_request(
             session_id,
             title=title,
