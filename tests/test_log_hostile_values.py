@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import signal
+from pathlib import Path
 
 import grpc
 import pytest
@@ -153,3 +154,26 @@ def test_any_record_quoting_an_unescaped_value_stays_one_line(formatter: logging
     assert line.splitlines() == [line]
     message = json.loads(line)["message"] if isinstance(formatter, JsonFormatter) else line
     assert "session a\\nb: \\x1b\\u2028" in message
+
+
+@pytest.mark.standalone_only
+async def test_an_unknown_methods_path_is_logged_escaped_and_cut(tmp_path: Path) -> None:
+    """With auth on, a call to any method is refused (and logged) before gRPC looks for it: its
+    path, the caller's to choose, is a logged value like the ids."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-7Hq2LmZ0pX9vR4sW alice\n")
+    server = await ServerProcess.start("--listen", "127.0.0.1:0", "--auth-tokens-file", str(tokens))
+    port = (await server.wait_for(SERVING))[0].group(1)
+    path = "/evil.Service/" + "\x1b[2J" + "m" * 4_000  # within gRPC's 8 KiB of headers
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call(b"", timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await server.wait_for("UNAUTHENTICATED")
+    await stopped(server)
+    (line,) = [line for line in server.lines if f" {ACCESS}: " in line]
+    assert TEXT_RECORD.match(line)
+    assert "\x1b" not in line
+    assert f" {ACCESS}: {loggable(path, spaces=False)} code=UNAUTHENTICATED " in line
+    assert len(line.encode()) < 1024
