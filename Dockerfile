@@ -2,19 +2,19 @@
 # without one it refuses to start, unless CHATSESSION_EMBEDDED_VALKEY=1 asks for a private
 # valkey-server whose data goes with the container.
 
-# Build: every dependency from requirements.lock (exact versions, hashes checked), then the project
-# itself with --no-deps, so nothing unpinned enters the virtualenv the image ships.
+# Build: every dependency from requirements.lock (exact versions, hashes checked), then the project's
+# two distributions with --no-deps (the client's, which holds the generated code, and the server's,
+# which depends on it), so nothing unpinned enters the virtualenv the image ships.
 FROM python:3.12-slim AS build
 WORKDIR /src
 COPY requirements.lock ./
 RUN python -m venv /opt/chatsession \
     && /opt/chatsession/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
         -r requirements.lock
-COPY pyproject.toml README.md ./
-COPY gen gen
-COPY server server
 COPY clients/python clients/python
-RUN /opt/chatsession/bin/pip install --no-cache-dir --no-deps .
+COPY pyproject.toml README.md ./
+COPY server server
+RUN /opt/chatsession/bin/pip install --no-cache-dir --no-deps ./clients/python .
 
 # Run: the base image and that virtualenv only (same path, so its scripts' interpreter lines hold).
 FROM python:3.12-slim

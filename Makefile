@@ -5,14 +5,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 # protos/google/rpc is vendored for other languages; Python has it from googleapis-common-protos.
+# The generated Python code lives in the client's distribution, which ships it (and the server
+# depends on that distribution).
+GEN := clients/python/gen
 PROTOS := $(shell find protos/chatsession -name '*.proto' | sort)
 
 .PHONY: venv run test lint fmt gen gen-check docs lock lock-check bench bench-smoke check clean
 
-$(BIN)/chatsession-server: pyproject.toml
+# Two distributions, both editable, in one pip call: the server's (root) depends on the client's
+# (clients/python), and naming both lets pip take chatsession-client from the tree, not an index.
+$(BIN)/chatsession-server: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/chatsession-server
@@ -24,17 +29,17 @@ test: venv  ## the whole test suite, against standalone Valkey and against a loc
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(BIN)/python -m pytest --valkey-cluster $(PYTEST_ARGS)
 
-gen: venv  ## regenerate gen/ from protos/
-	rm -rf gen/chatsession
-	mkdir -p gen
-	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=gen --grpc_python_out=gen \
-		--mypy_out=quiet:gen --mypy_grpc_out=only_async,quiet:gen $(PROTOS)
+gen: venv  ## regenerate clients/python/gen/ from protos/
+	rm -rf $(GEN)/chatsession
+	mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=$(GEN) --grpc_python_out=$(GEN) \
+		--mypy_out=quiet:$(GEN) --mypy_grpc_out=only_async,quiet:$(GEN) $(PROTOS)
 
-gen-check: venv  ## fail if gen/ differs from what protos/ generate
+gen-check: venv  ## fail if clients/python/gen/ differs from what protos/ generate
 	rm -rf .gen-check && mkdir -p .gen-check
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=.gen-check --grpc_python_out=.gen-check \
 		--mypy_out=quiet:.gen-check --mypy_grpc_out=only_async,quiet:.gen-check $(PROTOS)
-	diff -r .gen-check/chatsession gen/chatsession || (echo "gen/ is stale: run 'make gen'"; exit 1)
+	diff -r .gen-check/chatsession $(GEN)/chatsession || (echo "$(GEN)/ is stale: run 'make gen'"; exit 1)
 	rm -rf .gen-check
 
 lint: venv  ## ruff, mypy --strict, buf lint, buf format
@@ -56,10 +61,14 @@ docs: venv  ## write README.md's generated tables (configuration)
 # requirements.lock pins what the image installs, with hashes. An existing pin stays while it still
 # satisfies pyproject.toml: `make lock` changes only what the dependencies' change needs
 # (`make lock LOCK_ARGS=--upgrade` moves everything to the newest allowed).
+# The server depends on chatsession-client, which is this tree's clients/python, not a package on
+# an index: pyproject.toml's [tool.uv.sources] points uv at that folder, so the client's own
+# dependencies are resolved and pinned with the server's, and --no-emit-package leaves the client
+# itself out of the lock (a local folder has no hash to pin; the image installs it with --no-deps).
 LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes --universal \
-	--python-version 3.12 --custom-compile-command 'make lock'
+	--python-version 3.12 --no-emit-package chatsession-client --custom-compile-command 'make lock'
 
-lock: venv  ## re-lock requirements.lock after pyproject.toml's dependencies changed
+lock: venv  ## re-lock requirements.lock after pyproject.toml's (or clients/python's) dependencies changed
 	$(LOCK_COMPILE) $(LOCK_ARGS) -o requirements.lock
 
 lock-check: venv  ## fail if requirements.lock does not match pyproject.toml's dependencies

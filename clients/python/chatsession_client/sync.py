@@ -46,7 +46,7 @@ def _unary(
 
 class _BlockingStub:
     """The service's methods as blocking callables. (The generated stub would work on a blocking
-    channel too, but gen/ is typed for grpc.aio only.) A new RPC is one line here."""
+    channel too, but its .pyi types it for grpc.aio only.) A new RPC is one line here."""
 
     def __init__(self, channel: grpc.Channel) -> None:
         self.CreateSession = _unary(

