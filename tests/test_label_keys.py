@@ -138,3 +138,23 @@ async def test_a_label_stored_before_the_rule_stays_readable_and_removable(
     await update(client, s.session_id, {}, ["labels.old key"])
     assert dict((await client.get_session(s.session_id)).labels) == {"team": "a", "équipe": "x"}
     assert "label:old key" not in await meta(raw, s.session_id)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a whole-map `labels` update (as the client's update_session(labels=...) sends, or a "
+    "'*' mask) drops a fork's forked_from: the reserved label is removed with nothing refused, "
+    "though the rule (and README) say a caller can neither set nor remove it",
+)
+async def test_a_whole_map_labels_update_does_not_remove_a_forks_reserved_label(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    source = await client.create_session(uid, labels={"team": "a"})
+    fork = (await client.fork_session(source.session_id)).session
+    assert dict(fork.labels)[FORKED_FROM_LABEL] == source.session_id
+    try:
+        await client.update_session(fork.session_id, labels={"team": "b"})
+    except InvalidArgumentError:
+        pass  # refusing the removal would keep the rule too
+    stored = await meta(raw, fork.session_id)
+    assert stored.get(f"label:{FORKED_FROM_LABEL}") == source.session_id
