@@ -163,3 +163,18 @@ def test_the_client_installs_beside_google_adk(tmp_path: Path) -> None:
     run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
     requires = installed(venv)
     assert {"chatsession-client", "google-adk"} <= set(requires)
+
+
+# The generated stubs refuse a grpcio older than the grpcio-tools that wrote them (their
+# GRPC_GENERATED_VERSION): the lowest grpcio the client's metadata allows must import them.
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    strict=True,
+    reason="clients/python/pyproject.toml allows grpcio>=1.85, but the generated *_pb2_grpc.py say "
+    "GRPC_GENERATED_VERSION = '1.85.1' and raise RuntimeError on import under grpcio 1.85.0: an "
+    "install pip accepts (pip check passes) whose `import chatsession_client` fails",
+)
+def test_the_lowest_grpcio_the_client_allows_imports_it(tmp_path: Path) -> None:
+    venv = fresh_venv(tmp_path / "venv", "grpcio==1.85.0", "grpcio-status==1.85.0")
+    run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
+    run_in(venv, venv / "bin" / "python", "-c", "import chatsession_client")
