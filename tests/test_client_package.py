@@ -178,3 +178,25 @@ def test_the_lowest_grpcio_the_client_allows_imports_it(tmp_path: Path) -> None:
     venv = fresh_venv(tmp_path / "venv", "grpcio==1.85.0", "grpcio-status==1.85.0")
     run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
     run_in(venv, venv / "bin" / "python", "-c", "import chatsession_client")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the wheel ships the generated .pyi stubs and an annotated client but no py.typed "
+    "(PEP 561) in chatsession_client or chatsession/v1: a user's type checker skips them all "
+    "('installed, but missing library stubs or py.typed marker')",
+)
+def test_a_type_checker_sees_the_installed_clients_types(venv: Path, tmp_path: Path) -> None:
+    script = tmp_path / "uses_client.py"
+    script.write_text(
+        "from chatsession.v1 import session_pb2\n"
+        "from chatsession_client import SyncSessionClient\n"
+        "reveal_type(SyncSessionClient)\n"
+        "reveal_type(session_pb2.Session)\n"
+    )
+    mypy = Path(sys.executable).parent / "mypy"
+    done = subprocess.run(
+        [mypy, "--strict", "--no-incremental", "--python-executable", venv / "bin" / "python", script],
+        capture_output=True, text=True, env=venv_env(), cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout
