@@ -190,7 +190,8 @@ async def test_a_traceparent_trace_id_cannot_bring_spaces_into_the_access_line()
     server, target = await started("text")
     # 32 characters int(_, 16) accepts: leading/trailing whitespace is allowed by int().
     forged = " " * 2 + "0x" + "a_" * 13 + "a" + " " * 1
-    assert len(forged) == 32 and int(forged, 16)
+    assert len(forged) == 32
+    assert int(forged, 16)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = session_service_pb2_grpc.SessionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):
