@@ -180,12 +180,6 @@ async def test_an_unknown_methods_path_is_logged_escaped_and_cut(tmp_path: Path)
 
 
 @pytest.mark.standalone_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="the access line's trace_id is the caller's traceparent field as sent once int(x, 16) "
-    "accepts it (which allows surrounding spaces, '_' and a '0x' prefix): never passed through "
-    "loggable(spaces=False), so a caller adds bare space-separated tokens to the line",
-)
 async def test_a_traceparent_trace_id_cannot_bring_spaces_into_the_access_line() -> None:
     server, target = await started("text")
     # 32 characters int(_, 16) accepts: leading/trailing whitespace is allowed by int().

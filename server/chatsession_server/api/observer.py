@@ -114,6 +114,9 @@ def _users(grant: Grant) -> str:
     return "*" if grant.every_user else ",".join(sorted(grant.users))
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def _trace_id(context: Context) -> str:
     traced = TRACE_ID.get()
     if traced:
@@ -121,10 +124,8 @@ def _trace_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "traceparent":  # version-traceid-parentid-flags (W3C)
             parts = str(value).split("-")
+            # 32 hex digits and nothing else: int(_, 16) would also take spaces, '_' and '0x'.
             if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
-                try:
-                    int(parts[1], 16)
-                except ValueError:
-                    return ""
-                return parts[1].lower()
+                trace_id = parts[1].lower()
+                return trace_id if _HEX_DIGITS.issuperset(trace_id) else ""
     return ""
