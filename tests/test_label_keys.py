@@ -142,12 +142,6 @@ async def test_a_label_stored_before_the_rule_stays_readable_and_removable(
     assert "label:old key" not in await meta(raw, s.session_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a whole-map `labels` update (as the client's update_session(labels=...) sends, or a "
-    "'*' mask) drops a fork's forked_from: the reserved label is removed with nothing refused, "
-    "though the rule (and README) say a caller can neither set nor remove it",
-)
 async def test_a_whole_map_labels_update_does_not_remove_a_forks_reserved_label(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:

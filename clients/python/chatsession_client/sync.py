@@ -200,7 +200,7 @@ class SyncSessionClient:
         max_messages: int | None = None,
     ) -> Session:
         """Change the given fields only (an update mask is built from the arguments that are not None).
-        `labels` replaces them all (a fork's `forked_from` too) and must not name `forked_from`."""
+        `labels` replaces them all but a fork's `forked_from` (which stays) and must not name it."""
         request = _calls.update_session_request(
             session_id,
             title=title,

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from glide import Script
 
-from chatsession_server.domain import Role
+from chatsession_server.domain import RESERVED_LABELS, Role
 from chatsession_server.store import codec, keys
 from chatsession_server.store.lua.prelude import PRELUDE
 from chatsession_server.store.valkey import ValkeyConnection
@@ -62,6 +62,11 @@ def _constants() -> str:
     lines = [f"local {n} = {_lua_string(v)}" for n, v in zip(names, values, strict=True)]
     lines += [
         f"local LABEL_PREFIX = {_lua_string(codec.LABEL_FIELD_PREFIX)}",
+        "local RESERVED_LABEL_FIELDS = {"
+        + "".join(
+            f"[{_lua_string(codec.LABEL_FIELD_PREFIX + key)}] = true, " for key in sorted(RESERVED_LABELS)
+        )
+        + "}",
         f"local SYSTEM_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.SYSTEM))}",
         f"local TOOL_BODY_PREFIX = {_lua_string(codec.body_prefix(Role.TOOL))}",
         f"local SEQ_HEAD = {_lua_string(codec.SEQ_HEAD)}",

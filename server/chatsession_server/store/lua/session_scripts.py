@@ -292,11 +292,12 @@ local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local n_set = tonumber(set_count)
 local first_delete = changes_from + 2 * n_set
+-- A whole-map update replaces the caller's labels; those the service sets (a fork's forked_from)
+-- stay, and count.
 local labels = {}
-if clear_labels ~= '1' then
-  for _, f in ipairs(redis.call('HKEYS', meta)) do
-    if string.sub(f, 1, #LABEL_PREFIX) == LABEL_PREFIX then labels[f] = true end
-  end
+for _, f in ipairs(redis.call('HKEYS', meta)) do
+  local label = string.sub(f, 1, #LABEL_PREFIX) == LABEL_PREFIX
+  if label and (clear_labels ~= '1' or RESERVED_LABEL_FIELDS[f]) then labels[f] = true end
 end
 for i = first_delete, #ARGV do labels[ARGV[i]] = nil end
 for i = changes_from, first_delete - 1, 2 do
@@ -308,7 +309,9 @@ if count > tonumber(max_labels) then return {ST_TOO_MANY_LABELS, count} end
 
 if clear_labels == '1' then
   for _, f in ipairs(redis.call('HKEYS', meta)) do
-    if string.sub(f, 1, #LABEL_PREFIX) == LABEL_PREFIX then redis.call('HDEL', meta, f) end
+    if string.sub(f, 1, #LABEL_PREFIX) == LABEL_PREFIX and not RESERVED_LABEL_FIELDS[f] then
+      redis.call('HDEL', meta, f)
+    end
   end
 end
 if n_set > 0 then redis.call('HSET', meta, unpack(ARGV, changes_from, first_delete - 1)) end

@@ -127,7 +127,9 @@ class Session(_message.Message):
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels: at most 64 entries; keys 1-128 and values at most 1024 characters."""
+        """Labels: at most 64 entries; keys 1-128 characters from [A-Za-z0-9._/-], values at most 1024
+        characters. `forked_from` is set by ForkSession only: a caller cannot set or remove it.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:

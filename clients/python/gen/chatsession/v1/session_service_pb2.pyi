@@ -75,7 +75,7 @@ class CreateSessionRequest(_message.Message):
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form labels."""
+        """Labels, as in Session.labels (keys from [A-Za-z0-9._/-], `forked_from` reserved)."""
 
     def __init__(
         self,
