@@ -34,11 +34,13 @@ gen: venv  ## regenerate clients/python/gen/ from protos/
 	mkdir -p $(GEN)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=$(GEN) --grpc_python_out=$(GEN) \
 		--mypy_out=quiet:$(GEN) --mypy_grpc_out=only_async,quiet:$(GEN) $(PROTOS)
+	touch $(GEN)/chatsession/v1/py.typed  # PEP 561: a user's type checker reads the stubs beside it
 
 gen-check: venv  ## fail if clients/python/gen/ differs from what protos/ generate
 	rm -rf .gen-check && mkdir -p .gen-check
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=.gen-check --grpc_python_out=.gen-check \
 		--mypy_out=quiet:.gen-check --mypy_grpc_out=only_async,quiet:.gen-check $(PROTOS)
+	touch .gen-check/chatsession/v1/py.typed
 	diff -r .gen-check/chatsession $(GEN)/chatsession || (echo "$(GEN)/ is stale: run 'make gen'"; exit 1)
 	rm -rf .gen-check
 
