@@ -10,7 +10,8 @@ from chatsession_server.domain import Behind, Closing, Deleted, FeedEvent
 
 class Subscription:
     """A full inbox collapses into a single `Behind`: the watcher then re-reads from the LIST,
-    so a slow consumer costs neither memory nor other watchers.
+    so a slow consumer never holds up other watchers, and holds at most `limit` events (bounded in
+    count: an event may carry the messages of one append).
 
     Most watchers sit idle for minutes, so an idle one holds no queue, task, timer or coroutine:
     only the future it awaits, and a deadline that the feed's sweep checks (asyncio.Event plus
