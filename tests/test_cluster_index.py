@@ -45,6 +45,22 @@ def fail_index_step(monkeypatch: pytest.MonkeyPatch, store: SessionStore, name: 
     monkeypatch.setattr(store._owner_index, name, broken)
 
 
+def hold_unindex(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer
+) -> tuple[SecondStepOwnerIndex, list[tuple[str, str, str]]]:
+    """The server's owner index, and the arguments of its deletes' index steps, held back (not
+    run) for the test to run late."""
+    index_steps = server.store._owner_index
+    assert isinstance(index_steps, SecondStepOwnerIndex)
+    held: list[tuple[str, str, str]] = []
+
+    async def hold(user_id: str, session_id: str, last_active: str) -> None:
+        held.append((user_id, session_id, last_active))
+
+    monkeypatch.setattr(index_steps, "unindex", hold)
+    return index_steps, held
+
+
 async def listed(client: SessionClient, user_id: str) -> list[str]:
     return [s.session_id async for s in client.iter_sessions(user_id)]
 
@@ -148,19 +164,12 @@ async def test_a_delete_whose_index_step_fails_is_acknowledged_and_its_entry_goe
 async def test_a_late_index_removal_spares_a_namesake_created_since(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    owner_index = server.store._owner_index
-    assert isinstance(owner_index, SecondStepOwnerIndex)
-    held: list[tuple[str, str, str]] = []
-
-    async def hold(user_id: str, session_id: str, last_active: str) -> None:
-        held.append((user_id, session_id, last_active))
-
     s = await client.create_session(uid, session_id=f"{uid}-n")
-    monkeypatch.setattr(owner_index, "unindex", hold)
+    index_steps, held = hold_unindex(monkeypatch, server)
     await client.delete_session(s.session_id)
     monkeypatch.undo()
     again = await client.create_session(uid, session_id=f"{uid}-n")
-    await owner_index.unindex(*held[0])  # the first delete's second step arrives late
+    await index_steps.unindex(*held[0])  # the first delete's second step arrives late
     assert await listed(client, uid) == [again.session_id]
 
 
@@ -205,20 +214,13 @@ def new(uid: str, session_id: str) -> NewSession:
 async def test_a_late_unindex_spares_a_namesake_created_by_a_replica_with_a_slower_clock(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, uid: str
 ) -> None:
-    owner_index = server.store._owner_index
-    assert isinstance(owner_index, SecondStepOwnerIndex)
-    held: list[tuple[str, str, str]] = []
-
-    async def hold(user_id: str, session_id: str, last_active: str) -> None:
-        held.append((user_id, session_id, last_active))
-
     s = await client.create_session(uid, session_id=f"{uid}-x")
     await client.append(s.session_id, [user("hi")])
-    monkeypatch.setattr(owner_index, "unindex", hold)
+    index_steps, held = hold_unindex(monkeypatch, server)
     await client.delete_session(s.session_id)
     monkeypatch.undo()
     again, _ = await replica_behind(server, 0.5).create(new(uid, s.session_id))  # the user starts over
-    await owner_index.unindex(*held[0])  # the delete's second step arrives late
+    await index_steps.unindex(*held[0])  # the delete's second step arrives late
     assert (await client.get_session(again.session_id)).user_id == uid  # live
     assert await listed(client, uid) == [again.session_id]
 
