@@ -177,7 +177,8 @@ class ListMessagesArgs:
     after_seq: int | None
     before_seq: int | None
     max_bytes: int
-    """a page stops short of this many bytes of stored JSON (but holds at least one message)"""
+    """a page stops short of this many bytes of stored JSON (but holds at least one message); a
+    message counts for its reply_bytes instead when those are more (see codec.REPLY_BYTES_PATTERN)"""
 
 
 LIST_MESSAGES = LuaScript(
@@ -217,7 +218,7 @@ local summary_item, s_seq = read_summary(summary)
 if s_seq and (s_seq < lo or s_seq > hi) then summary_item = false end
 local i_lo, i_hi = list_index(mc, len, pinned, p_lo, true), list_index(mc, len, pinned, p_hi, false)
 if na + nb > 0 and limit > 0 and i_lo <= i_hi then
-  local budget, size, slice = tonumber(max_bytes) - (summary_item and #summary_item or 0), 0, 8
+  local budget, size, slice = tonumber(max_bytes) - (summary_item and reply_size(summary_item) or 0), 0, 8
   local kept, stop = {}, false
   local i = forward and i_lo or i_hi
   while not stop and i >= i_lo and i <= i_hi do
@@ -227,8 +228,9 @@ if na + nb > 0 and limit > 0 and i_lo <= i_hi then
     local first, last, step = 1, #part, 1
     if not forward then first, last, step = #part, 1, -1 end
     for k = first, last, step do
-      if #kept > 0 and size + #part[k] > budget then stop = true break end
-      size = size + #part[k]
+      local item_size = reply_size(part[k])
+      if #kept > 0 and size + item_size > budget then stop = true break end
+      size = size + item_size
       kept[#kept + 1] = part[k]
     end
     i = forward and b + 1 or a - 1
@@ -477,7 +479,8 @@ class ContextArgs:
     max_messages: int
     """most messages of the recent part; 0: no limit"""
     max_bytes: int
-    """the whole reply stops short of this many bytes of stored JSON"""
+    """the whole reply stops short of this many bytes of stored JSON (counted as ListMessagesArgs'
+    max_bytes)"""
 
 
 # Walks the window from its newest item in small slices and stops at the first message that does
@@ -495,7 +498,7 @@ if summary_item then head[#head + 1] = summary_item end
 local tokens, size = 0, 0
 for _, item in ipairs(head) do
   tokens = tokens + tokens_of(item)
-  size = size + #item
+  size = size + reply_size(item)
 end
 local max_tokens, max_messages, max_size = tonumber(max_tokens), tonumber(max_messages), tonumber(max_bytes)
 if max_tokens > 0 and tokens > max_tokens then return {ST_OVER_BUDGET, tokens} end
@@ -507,15 +510,15 @@ while not stop and i >= pinned do
   local part = redis.call('LRANGE', chat, math.max(i - 15, pinned), i)
   for k = #part, 1, -1 do
     local item = part[k]
-    local t = tokens_of(item)
+    local t, item_size = tokens_of(item), reply_size(item)
     if (max_messages > 0 and #recent >= max_messages) or (max_tokens > 0 and tokens + t > max_tokens)
-        or size + #item > max_size then
+        or size + item_size > max_size then
       stop = true
       break
     end
     recent[#recent + 1] = item
     recent_tokens[#recent_tokens + 1] = t
-    tokens, size = tokens + t, size + #item
+    tokens, size = tokens + t, size + item_size
   end
   i = i - #part
 end
