@@ -137,18 +137,27 @@ async def test_a_message_without_a_payload_stores_nothing_of_one(
 ) -> None:
     session = await client.create_session(uid)
     sid = session.session_id
+    await client.append(sid, [user("first", tokens=1)])
+    # A session that never stored a payload is marked as such: its reads look for none.
+    assert "payloads" not in await meta(raw, sid)
     reply = await client.append(sid, [user("plain", tokens=1), user("null", payload=None)])
     assert not reply.messages[0].HasField("payload")
     assert reply.messages[1].HasField("payload")
     assert payload_of(reply.messages[1], "none") is None
     assert payload_of(reply.messages[0], "none") == "none"
-    plain, null = await stored_messages(raw, sid)
+    _, plain, null = await stored_messages(raw, sid)
+    assert (await meta(raw, sid))["payloads"] == "1"
     assert "payload" not in plain
     assert "reply_bytes" not in plain
     assert null["payload"] == "null"
     listed = (await client.list_messages(sid)).messages
-    assert not listed[0].HasField("payload")
-    assert listed[1].HasField("payload")
+    assert not listed[1].HasField("payload")
+    assert listed[2].HasField("payload")
+    # A compaction's summary with a payload marks a session too.
+    other = (await client.create_session(uid)).session_id
+    await client.append(other, [user("a"), user("b")])
+    await client.compact_messages(other, 1, assistant("sum", payload={"k": 1}))
+    assert (await meta(raw, other))["payloads"] == "1"
 
 
 async def test_compaction_clear_and_window_trims_leave_payloads_as_they_are(
@@ -283,6 +292,11 @@ async def test_a_page_of_payloads_fits_a_default_client(
         read = [m async for m in c.iter_messages(sid)]
         assert len(read) == 8
         assert all(payload_of(m) == numbers for m in read)
+        # A fork's pages are counted the same way (it is marked as holding payloads too).
+        fork = (await c.fork_session(sid)).session.session_id
+        forked = await c.list_messages(fork, page_size=100)
+        assert forked.has_more
+        assert forked.ByteSize() < 4 * 1024 * 1024
         context = await c.get_context(sid)
         assert context.truncated
         assert context.ByteSize() < 4 * 1024 * 1024

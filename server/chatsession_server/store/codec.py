@@ -67,6 +67,10 @@ class MetaField(enum.StrEnum):
     announced (or read the result of) from a newer one"""
     CLEARED_AT_SEQ = "cleared_at_seq"
     """the session's last seq when it was last cleared: a watch resumed at or before it missed that"""
+    PAYLOADS = "payloads"
+    """'1' once the session has stored a message with a payload (set by appends, compactions and
+    forks, never unset): only then do the page and context budgets look for reply_bytes in
+    each message (REPLY_BYTES_PATTERN), so a session without payloads pays nothing for them"""
 
 
 class PublishKind(enum.StrEnum):
@@ -446,6 +450,7 @@ def fork_fields(
         MetaField.TITLE,
         MetaField.TTL_SECONDS,
         MetaField.MAX_MESSAGES,
+        MetaField.PAYLOADS,
     )
     for field in copied:  # those the source has (an old session may lack max_messages)
         if (value := source.get(field.encode())) is not None:

@@ -6,7 +6,7 @@ Layout of a session (see also keys.py):
              indices pinned..len-1), where base = message_count - (len - pinned).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] label:<key>...
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [payloads] label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0") and clears ("fingerprint last_seq 0").
   summary:{id}  STRING: CompactMessages' summary, stored JSON with seq = the last seq it replaces
@@ -90,6 +90,8 @@ class AppendArgs:
     usage_key_head: str
     """'' in a cluster: the caller counts the append in the owner's usage in a second step"""
     usage_days: str
+    with_payload: bool
+    """a message carries a payload: the session's PAYLOADS flag is set"""
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -141,6 +143,7 @@ if tonumber(now) > tonumber(last_active) then last_active = now end
 redis.call('HINCRBY', meta, F_MESSAGE_COUNT, #items)
 redis.call('HINCRBY', meta, F_TOKEN_COUNT, token_sum)
 redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
+if with_payload == '1' then redis.call('HSET', meta, F_PAYLOADS, '1') end
 trim_window(chat, meta, tonumber(m[4]), pinned)
 if tonumber(m[4]) > 0 then len = redis.call('LLEN', chat) end
 
@@ -185,8 +188,10 @@ LIST_MESSAGES = LuaScript(
     ("chat", "meta", "summary"),
     ListMessagesArgs,
     r"""
-local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ)
+local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
+                     F_PAYLOADS)
 if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
+local size_of = m[6] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
 local base = mc - (len - pinned)
@@ -218,7 +223,7 @@ local summary_item, s_seq = read_summary(summary)
 if s_seq and (s_seq < lo or s_seq > hi) then summary_item = false end
 local i_lo, i_hi = list_index(mc, len, pinned, p_lo, true), list_index(mc, len, pinned, p_hi, false)
 if na + nb > 0 and limit > 0 and i_lo <= i_hi then
-  local budget, size, slice = tonumber(max_bytes) - (summary_item and reply_size(summary_item) or 0), 0, 8
+  local budget, size, slice = tonumber(max_bytes) - (summary_item and size_of(summary_item) or 0), 0, 8
   local kept, stop = {}, false
   local i = forward and i_lo or i_hi
   while not stop and i >= i_lo and i <= i_hi do
@@ -228,7 +233,7 @@ if na + nb > 0 and limit > 0 and i_lo <= i_hi then
     local first, last, step = 1, #part, 1
     if not forward then first, last, step = #part, 1, -1 end
     for k = first, last, step do
-      local item_size = reply_size(part[k])
+      local item_size = size_of(part[k])
       if #kept > 0 and size + item_size > budget then stop = true break end
       size = size + item_size
       kept[#kept + 1] = part[k]
@@ -489,16 +494,17 @@ GET_CONTEXT = LuaScript(
     ("chat", "meta", "summary"),
     ContextArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local pinned = tonumber(m[2] or '0')
+local size_of = m[3] and reply_size or string.len
 local head = pinned > 0 and redis.call('LRANGE', chat, 0, pinned - 1) or {}
 local summary_item = read_summary(summary)
 if summary_item then head[#head + 1] = summary_item end
 local tokens, size = 0, 0
 for _, item in ipairs(head) do
   tokens = tokens + tokens_of(item)
-  size = size + reply_size(item)
+  size = size + size_of(item)
 end
 local max_tokens, max_messages, max_size = tonumber(max_tokens), tonumber(max_messages), tonumber(max_bytes)
 if max_tokens > 0 and tokens > max_tokens then return {ST_OVER_BUDGET, tokens} end
@@ -510,7 +516,7 @@ while not stop and i >= pinned do
   local part = redis.call('LRANGE', chat, math.max(i - 15, pinned), i)
   for k = #part, 1, -1 do
     local item = part[k]
-    local t, item_size = tokens_of(item), reply_size(item)
+    local t, item_size = tokens_of(item), size_of(item)
     if (max_messages > 0 and #recent >= max_messages) or (max_tokens > 0 and tokens + t > max_tokens)
         or size + item_size > max_size then
       stop = true
@@ -546,6 +552,8 @@ class CompactArgs:
     channel: str
     max_session_bytes: int
     """0: no limit; else a compaction that would leave the session above it and larger is refused"""
+    with_payload: bool
+    """the summary carries a payload: the session's PAYLOADS flag is set"""
     summary_body: str
     """the summary's JSON without its opening `{"seq":N,` (as codec.encode_body gives it)"""
 
@@ -586,6 +594,7 @@ if drop > 0 then drop_after_prompt(chat, meta, pinned, drop) end
 if old then unstore(meta, #old) end
 redis.call('HINCRBY', meta, F_STORED_BYTES, #item)
 redis.call('SET', summary, item)
+if with_payload == '1' then redis.call('HSET', meta, F_PAYLOADS, '1') end
 if request_id ~= '' then
   local record = fingerprint .. ' ' .. string.format('%d', up_to) .. ' 0'
   remember_request(reqs, request_id, record, idempotency_limit)
