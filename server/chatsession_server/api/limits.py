@@ -39,6 +39,7 @@ class Limits:
     max_messages_per_append: int
     max_message_bytes: int
     max_append_bytes: int
+    max_clock_skew_seconds: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -50,4 +51,5 @@ class Limits:
             max_messages_per_append=settings.max_messages_per_append,
             max_message_bytes=settings.max_message_bytes,
             max_append_bytes=settings.max_append_bytes,
+            max_clock_skew_seconds=settings.max_clock_skew_seconds,
         )

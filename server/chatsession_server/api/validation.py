@@ -4,10 +4,12 @@ naming every bad field. Nothing reaches the store before it passes here."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Mapping
 
 from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
@@ -308,6 +310,9 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
     payload: str | None = None
     if m.HasField("payload"):
         payload = _payload(v, f"{field}.payload", m.payload, limits)
+    created_at: float | None = None
+    if m.HasField("created_at"):
+        created_at = _created_at(v, f"{field}.created_at", m.created_at, limits)
     if role is None:
         return None
     return NewMessage(
@@ -320,7 +325,26 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
         tool_call_id=tool_call_id,
         payload=payload,
         reply_bytes=size + L.REPLY_OVERHEAD_BYTES if payload is not None else 0,
+        created_at=created_at,
     )
+
+
+def _created_at(v: Violations, field: str, value: Timestamp, limits: Limits) -> float | None:
+    """A message's own time in unix seconds: from the epoch on, at most max_clock_skew_seconds
+    ahead of this server's clock."""
+    seconds, nanos = value.seconds, value.nanos
+    if not 0 <= nanos <= 999_999_999:
+        v.add(field, "nanos must be 0-999999999")
+        return None
+    if seconds < 0:
+        v.add(field, "must not be before 1970-01-01T00:00:00Z")
+        return None
+    at = seconds + nanos / 1e9
+    latest = time.time() + limits.max_clock_skew_seconds
+    if at > latest:
+        v.add(field, f"is more than {limits.max_clock_skew_seconds} seconds ahead of the server's clock")
+        return None
+    return at
 
 
 def _payload(v: Violations, field: str, value: struct_pb2.Value, limits: Limits) -> str | None:

@@ -100,10 +100,13 @@ def format_time(seconds: float) -> str:
 
 
 def encode_body(message: NewMessage, created_at: float) -> str:
-    """The message's JSON without its opening `{"seq":N,`, which the append script prepends.
+    """The message's JSON without its opening `{"seq":N,`, which the append script prepends;
+    `created_at` is the message's own time when the caller gave one.
 
     `role` comes first so the scripts can tell system and tool messages from the prefix alone.
     """
+    if message.created_at is not None:
+        created_at = message.created_at
     if not (
         message.name
         or message.metadata
@@ -227,7 +230,7 @@ def stored_message(message: NewMessage, seq: int, created_at: float) -> StoredMe
         message.role,
         message.content,
         message.tokens,
-        round(created_at, 6),
+        round(created_at if message.created_at is None else message.created_at, 6),
         message.name,
         message.metadata,
         message.tool_calls,

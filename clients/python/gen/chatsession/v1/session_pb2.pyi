@@ -138,7 +138,10 @@ class Session(_message.Message):
 
     @_builtins.property
     def last_active(self) -> _timestamp_pb2.Timestamp:
-        """When a message was last appended (creation time if none). Output only."""
+        """When a message was last appended (creation time if none): the newest `created_at` of the
+        last append's messages. Moves back only when a caller gives its messages older times (an
+        import). ListSessions orders by it. Output only.
+        """
 
     def __init__(
         self,

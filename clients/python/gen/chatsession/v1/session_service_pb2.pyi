@@ -362,8 +362,8 @@ class AppendMessagesRequest(_message.Message):
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Message]:
-        """Messages to append, oldest first: 1-1000 of them. `seq` and `created_at` are assigned
-        by the server.
+        """Messages to append, oldest first: 1-1000 of them. `seq` is assigned by the server, and
+        `created_at` too unless the message has its own (see Message.created_at).
         """
 
     def __init__(
