@@ -79,6 +79,8 @@ class StoredMessage(NamedTuple):
 
 UNLIMITED = -1
 """`max_messages` value for a session without a sliding window."""
+NEVER_EXPIRES = -1
+"""`ttl_seconds` (and `expires_in_seconds`) of a session that never expires: its keys have no TTL."""
 
 
 @dataclass(frozen=True, slots=True)

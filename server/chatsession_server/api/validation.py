@@ -16,6 +16,7 @@ from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.payload import PayloadError, payload_json
 from chatsession_server.domain import (
+    NEVER_EXPIRES,
     RESERVED_LABELS,
     Compaction,
     ContextQuery,
@@ -126,8 +127,8 @@ class Violations:
 
 
 def _ttl(v: Violations, field: str, value: int, limits: Limits) -> int:
-    if value < 0 or value > limits.max_ttl_seconds:
-        v.add(field, f"must be between 0 (server default) and {limits.max_ttl_seconds}")
+    if value < NEVER_EXPIRES or value > limits.max_ttl_seconds:
+        v.add(field, f"must be -1 (never expires), 0 (server default) or 1-{limits.max_ttl_seconds}")
     return value or limits.default_ttl_seconds
 
 

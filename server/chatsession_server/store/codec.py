@@ -11,6 +11,7 @@ from typing import Any
 
 from chatsession_server.domain import (
     FORKED_FROM_LABEL,
+    NEVER_EXPIRES,
     ROLE_OF,
     NewMessage,
     Role,
@@ -308,7 +309,8 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         message_count=int(_text(meta, MetaField.MESSAGE_COUNT, "0")),
         token_count=int(_text(meta, MetaField.TOKEN_COUNT, "0")),
         messages_stored=stored,
-        expires_in_seconds=max(ttl, 0),
+        # TTL says -1 for a key without expiry (a session with ttl_seconds NEVER_EXPIRES)
+        expires_in_seconds=NEVER_EXPIRES if ttl == -1 else max(ttl, 0),
         ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
         max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
     )

@@ -472,8 +472,8 @@ redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
 for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
   redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
 end
-if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
-expire_together(ttl, chat, meta)
+if summary_json ~= '' then redis.call('SET', summary, summary_json) end
+expire_together(ttl, chat, meta, summary)
 if index then redis.call('ZADD', index, now, session_id) end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}

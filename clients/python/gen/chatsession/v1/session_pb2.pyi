@@ -116,11 +116,12 @@ class Session(_message.Message):
     """Messages currently kept in the LIST (its LLEN). Output only."""
     expires_in_seconds: _builtins.int
     """Seconds until the session expires (its keys' TTL); every append resets it to
-    `ttl_seconds`. Output only.
+    `ttl_seconds`; -1 for a session that never expires. Output only.
     """
     ttl_seconds: _builtins.int
-    """Idle lifetime in seconds. On create and update, 0 means the server's default;
-    values above the server's maximum are rejected.
+    """Idle lifetime in seconds. On create and update, 0 means the server's default and -1
+    never expires (the keys have no TTL: for an application that owns retention and deletes
+    sessions itself); values above the server's maximum are rejected.
     """
     max_messages: _builtins.int
     """Sliding window: keep only the newest `max_messages` messages (the leading system

@@ -65,7 +65,7 @@ class CreateSessionRequest(_message.Message):
     title: _builtins.str
     """Human-readable title."""
     ttl_seconds: _builtins.int
-    """Idle lifetime in seconds; 0 means the server's default."""
+    """Idle lifetime in seconds; 0 means the server's default, -1 never expires."""
     max_messages: _builtins.int
     """Sliding window size; 0 means the server's default, -1 keeps every message."""
     request_id: _builtins.str
