@@ -31,9 +31,10 @@ TOKENS_HEAD = ',"tokens":'
 it: a quote inside a string is escaped)."""
 REPLY_BYTES_PATTERN = "^" + SEQ_HEAD + '%d+,"role":"%a+","reply_bytes":(%d+),'
 """Lua pattern of a stored message with a payload, capturing its `reply_bytes` (written right
-after its role, before the payload): what the message takes in a reply, which the scripts' page
-and context budgets count when it is more than the stored JSON (a payload of small numbers is
-shorter as JSON than encoded)."""
+after its role, before the payload): what the message counts for in a reply, which the scripts'
+page and context budgets count when it is more than the stored JSON: its encoded size (a payload
+of small numbers is shorter as JSON than encoded), or more for a payload of many values, whose
+conversion costs CPU (see api/limits.py)."""
 SUMMARIZES_HEAD = ',"summarizes":['
 """The compaction script closes a summary's body with this, its first and last seq, and `]}`."""
 MAX_PINNED = 16

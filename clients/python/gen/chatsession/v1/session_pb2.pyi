@@ -286,7 +286,8 @@ class Message(_message.Message):
         Numbers are doubles (integers are exact up to 2^53); NaN and infinities are refused.
         Counted in the size limits: its encoded size is part of the message's (`max_message_bytes`)
         and the append's; its stored JSON text counts toward `max_session_bytes`. At most 24
-        levels of nested lists and objects.
+        levels of nested lists and objects and 10000 values (each null, bool, number, string, list
+        and object counts one), 20000 in all the payloads of one AppendMessages.
         """
 
     def __init__(
