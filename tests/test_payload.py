@@ -37,7 +37,16 @@ from chatsession_server.api.limits import (
 from chatsession_server.api.payload import payload_field, payload_json
 from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
-from tests.helpers import eventually, grpcurl, meta, raises, serving, stored_messages, violated_fields
+from tests.helpers import (
+    eventually,
+    grpcurl,
+    meta,
+    raises,
+    serving,
+    stored_messages,
+    subscribers,
+    violated_fields,
+)
 
 # Values a JSON round trip through Lua's cjson (14 significant digits) or a careless converter
 # would change.
@@ -413,3 +422,33 @@ def test_the_servers_encoding_of_a_stored_payload_is_the_value_protobuf_makes(va
     back.MergeFromString(payload_field(text, 11))
     assert back.payload == sent.payload
     assert same(payload_of(back), value)
+
+
+async def test_a_watch_delivers_payloads_in_the_announcement_and_read_back(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # Appends up to 64 KiB travel in the announcement; larger ones are announced without their
+    # messages, and the watcher reads them back.
+    sid = (await client.create_session(uid)).session_id
+    big = {"blob": "é" * 40_000, "x": 0.30000000000000004}
+    watched: list[session_pb2.Message] = []
+
+    async def watch() -> None:
+        async for event in client.watch(sid):  # new messages only: they come from the feed
+            if event.HasField("message"):
+                watched.append(event.message)
+
+    watcher = asyncio.create_task(watch())
+    try:
+
+        async def subscribed() -> bool:
+            return await subscribers(raw, f"watch:{{{sid}}}") > 0
+
+        await eventually(subscribed)
+        await client.append(sid, [user("small", payload=[1.5, -0.0])])
+        await client.append(sid, [user("big", payload=big)])
+        await eventually(lambda: len(watched) == 2)
+    finally:
+        watcher.cancel()
+    assert same(payload_of(watched[0]), [1.5, -0.0])
+    assert payload_of(watched[1]) == big
