@@ -414,3 +414,22 @@ async def test_without_mtls_a_missing_token_is_refused_before_the_request_is_rea
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await raw_create(b"\xff\xff\xff not protobuf", timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_unauthenticated_call_is_refused_before_its_request_arrives(
+    auth_target: str,
+) -> None:
+    # The refusal asks for no request: a call whose request never comes (a client stream that
+    # sends nothing and stays open) is answered at once. A handler that read the request first
+    # would wait for it until the deadline.
+    async with grpc.aio.insecure_channel(auth_target) as channel:
+        never_sending: Any = channel.stream_unary("/chatsession.v1.SessionService/AppendMessages")
+        waiting = asyncio.Event()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            await waiting.wait()  # never set: the request never comes
+            yield b""
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await never_sending(nothing(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -155,13 +155,16 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
 
 
 def _refuse(error: Unauthenticated) -> Handler:
-    """A handler that aborts with `error`, taking the request as raw bytes (never parsed). Unary
-    for every kind of method: it ends the call before a reply, streaming ones included."""
+    """A handler that aborts with `error` without reading the request: a client stream for every
+    kind of method (it ends the call before a reply, streaming ones included). gRPC reads a unary
+    request whole before its handler runs; a client stream's messages only as the handler asks,
+    and this one never does: the call is refused with at most its HTTP/2 window (64 KiB, see
+    --http2-bdp-probe) taken in, whatever size of message it announced."""
 
-    async def refuse(request: bytes, context: aio.ServicerContext[Any, Any]) -> None:
+    async def refuse(requests: Any, context: aio.ServicerContext[Any, Any]) -> None:
         await context.abort_with_status(to_grpc_status(error))
 
-    return grpc.unary_unary_rpc_method_handler(cast(Any, refuse))
+    return grpc.stream_unary_rpc_method_handler(cast(Any, refuse))
 
 
 def refused_before_reading(
