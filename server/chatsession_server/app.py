@@ -213,7 +213,7 @@ class ListeningServer:
         if settings.max_sessions_per_user:
             storage = SessionQuota(storage, settings.max_sessions_per_user)
         if self.auth is not None:  # outermost: PERMISSION_DENIED before anything is counted
-            storage = AuthorizedStorage(storage)
+            storage = AuthorizedStorage(storage, scoped_ids=not settings.global_session_ids)
         servicer = SessionServicer(
             storage,
             feed,

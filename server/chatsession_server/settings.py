@@ -170,6 +170,14 @@ class Settings:
             "callers and the users each may act for: '<token> <user_id>[,...]' lines; SIGHUP re-reads it"
         ),
     )
+    global_session_ids: bool = field(
+        default=False,
+        metadata=_meta(
+            "with auth on, let a caller limited to some users choose any new session id (ALREADY_EXISTS "
+            "then tells it that an id is taken, by another user's session too); false: only "
+            "'<user_id>/<name>' ids of its users, or none (the server makes one)"
+        ),
+    )
     # -- request size limits. gRPC clients receive at most 4 MiB by default: requests are held to
     # that, and an append to 3 MiB so that its reply (the messages echoed with seq and created_at,
     # plus the session, labels and all) always fits a default client.
