@@ -90,7 +90,7 @@ bench-smoke: venv  ## every benchmark row once with tiny counts (seconds); check
 # SOAK_SHORT_CHECKS only; the others are printed.
 SOAK_SHORT_CHECKS ?= unauthenticated
 
-soak: venv  ## every soak scenario at the full counts (a few minutes); exit 1 when a target is missed
+soak: venv  ## every soak scenario at the full counts (about a minute); exit 1 when a target is missed
 	$(BIN)/python bench/soak.py --check $(SOAK_ARGS)
 
 soak-short: venv  ## the soak at small counts (about a minute), checking SOAK_SHORT_CHECKS' targets

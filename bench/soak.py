@@ -12,7 +12,7 @@ bounded in count and in time (a scenario that passes its time is a figure of its
 - unauthenticated: with auth on, large requests without a token. The server's RSS growth, and
   whether it returns near its start within a minute.
 
-    python bench/soak.py                         # the full counts (a few minutes), figures only
+    python bench/soak.py                         # the full counts (about a minute), figures only
     python bench/soak.py --check                 # and exit 1 when a target is missed
     python bench/soak.py --short --check unauthenticated   # CI: small counts, the targets named
     python bench/soak.py --only unauthenticated  # one scenario

@@ -86,19 +86,23 @@ class Violations:
         if self.items:
             raise InvalidArgument(self.items, self.omitted)
 
-    def id(self, field: str, value: str, *, required: bool = True) -> None:
+    def id(
+        self,
+        field: str,
+        value: str,
+        *,
+        required: bool = True,
+        pattern: re.Pattern[str] = _ID,
+        rule: str = _ID_RULE,
+    ) -> None:
         if not value:
             if required:
                 self.add(field, "is required")
-        elif not _ID.fullmatch(value):
-            self.add(field, _ID_RULE)
+        elif not pattern.fullmatch(value):
+            self.add(field, rule)
 
     def session_id(self, field: str, value: str, *, required: bool = True) -> None:
-        if not value:
-            if required:
-                self.add(field, "is required")
-        elif not _SESSION_ID.fullmatch(value):
-            self.add(field, _SESSION_ID_RULE)
+        self.id(field, value, required=required, pattern=_SESSION_ID, rule=_SESSION_ID_RULE)
 
     def text(self, field: str, value: str, max_length: int) -> None:
         if len(value) > max_length:
