@@ -21,6 +21,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
 )
 
@@ -83,6 +85,18 @@ class SessionStorage(Protocol):
         request_id: str = "",
         owners: Collection[str] | None = None,
     ) -> Session: ...
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """A session's state (key -> the value's JSON text); with `keys`, those it holds."""
+        ...
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """Applies `delta` atomically; the whole state after it."""
+        ...
 
 
 class FeedSubscription(Protocol):

@@ -10,6 +10,7 @@ from chatsession_client._calls import (
     tool,
     user,
 )
+from chatsession_client._state import state_delta
 from chatsession_client.client import SessionClient
 from chatsession_client.errors import (
     AfterSeqAheadError,
@@ -35,6 +36,7 @@ from chatsession_client.errors import (
     ResourceExhaustedError,
     ResourceInfo,
     SeqMismatchError,
+    StateFullError,
     SummaryClearedError,
     UnauthenticatedError,
     UnavailableError,
@@ -74,6 +76,7 @@ __all__ = [
     "SeqMismatchError",
     "Session",
     "SessionClient",
+    "StateFullError",
     "SummaryClearedError",
     "SyncSessionClient",
     "UnauthenticatedError",
@@ -83,6 +86,7 @@ __all__ = [
     "UpToSeqInPromptError",
     "assistant",
     "message",
+    "state_delta",
     "system",
     "tool",
     "user",

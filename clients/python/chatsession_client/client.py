@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
-from chatsession_client import _calls
+from chatsession_client import _calls, _state
 from chatsession_client._calls import Message, Session
 from chatsession_client.errors import ChatSessionError, from_rpc_error
 from chatsession_client.retry import Retry
@@ -301,3 +301,17 @@ class SessionClient:
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return (await self._call(self._stub.ClearMessages, request)).session
+
+    async def get_state(self, session_id: str, *, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """A session's state as Python values; with `keys`, only those of them it holds."""
+        request = _state.get_state_request(session_id, keys)
+        return _state.state_of((await self._call(self._stub.GetState, request)).state)
+
+    async def update_state(
+        self, session_id: str, values: Mapping[str, Any] | None = None, *, remove: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Set `values` (key -> any JSON-able value) and remove the keys `remove` of a session's
+        state in one atomic step; returns the whole state after it. Safe to retry: the values are
+        absolute."""
+        request = _state.update_state_request(session_id, values, remove)
+        return _state.state_of((await self._call(self._stub.UpdateState, request)).state)

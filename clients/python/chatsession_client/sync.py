@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message as ProtoMessage
 
 from chatsession.v1 import session_service_pb2 as pb
-from chatsession_client import _calls
+from chatsession_client import _calls, _state
 from chatsession_client._calls import Message, Session
 from chatsession_client.errors import ChatSessionError, from_rpc_error
 from chatsession_client.retry import Retry
@@ -73,6 +73,8 @@ class _BlockingStub:
         self.ClearMessages = _unary(
             channel, "ClearMessages", pb.ClearMessagesRequest, pb.ClearMessagesResponse
         )
+        self.GetState = _unary(channel, "GetState", pb.GetStateRequest, pb.GetStateResponse)
+        self.UpdateState = _unary(channel, "UpdateState", pb.UpdateStateRequest, pb.UpdateStateResponse)
         self.WatchMessages: grpc.UnaryStreamMultiCallable[
             pb.WatchMessagesRequest, pb.WatchMessagesResponse
         ] = channel.unary_stream(
@@ -342,3 +344,17 @@ class SyncSessionClient:
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return self._call(self._stub.ClearMessages, request).session
+
+    def get_state(self, session_id: str, *, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """A session's state as Python values; with `keys`, only those of them it holds."""
+        request = _state.get_state_request(session_id, keys)
+        return _state.state_of(self._call(self._stub.GetState, request).state)
+
+    def update_state(
+        self, session_id: str, values: Mapping[str, Any] | None = None, *, remove: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Set `values` (key -> any JSON-able value) and remove the keys `remove` of a session's
+        state in one atomic step; returns the whole state after it. Safe to retry: the values are
+        absolute."""
+        request = _state.update_state_request(session_id, values, remove)
+        return _state.state_of(self._call(self._stub.UpdateState, request).state)

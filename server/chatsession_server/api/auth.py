@@ -41,6 +41,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
@@ -379,6 +381,16 @@ class AuthorizedStorage(StorageLayer):
         return await super().clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
         )
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        return await super().get_state(scope, keys, owners=_owners(owners))
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        return await super().update_state(scope, delta, owners=_owners(owners))
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

@@ -35,12 +35,14 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
 )
 from chatsession_server.errors import SessionAlreadyExists, SessionNotFound
 from chatsession_server.store import codec, keys, refusals
 from chatsession_server.store.listing import PAGE_BYTES, SessionListing
-from chatsession_server.store.lua import session_scripts
+from chatsession_server.store.lua import session_scripts, state_scripts
 from chatsession_server.store.lua.runtime import LuaScript, ScriptRunner, Status, owners_arg
 from chatsession_server.store.owner_index import INDEX_PRUNE_GRACE_SECONDS, owner_index_for
 from chatsession_server.store.valkey import ValkeyConnection
@@ -59,6 +61,8 @@ class SessionStore:
         max_session_bytes: int = 0,
         max_fork_bytes: int = 0,
         max_fork_messages: int = 0,
+        max_state_keys: int = 1000,
+        max_state_bytes: int = 1024 * 1024,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
         max_ttl_seconds: int = 30 * 86_400,
@@ -71,6 +75,8 @@ class SessionStore:
         self._max_session_bytes = max_session_bytes
         self._max_fork_bytes = max_fork_bytes
         self._max_fork_messages = max_fork_messages
+        self._max_state_keys = max_state_keys
+        self._max_state_bytes = max_state_bytes
         self._clock = clock
         self._publish = "SPUBLISH" if conn.cluster else "PUBLISH"
         self._scripts = ScriptRunner(conn)
@@ -91,6 +97,10 @@ class SessionStore:
             self._keys.requests(session_id),
             self._keys.summary(session_id),
         ]
+
+    def _session_keys_and_state(self, session_id: str) -> list[str]:
+        """The session's keys, its state's last: for the scripts that write or expire it too."""
+        return [*self._session_keys(session_id), self._keys.state(session_id)]
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         """Create a session; returns it and whether this was a replay of an earlier create."""
@@ -127,7 +137,7 @@ class SessionStore:
         around it; returns the session and whether this was a replay."""
         status, reply = await self._owner_index.write_new(
             script,
-            self._session_keys(session_id),
+            self._session_keys_and_state(session_id),
             args,
             user_id=user_id,
             session_id=session_id,
@@ -219,7 +229,9 @@ class SessionStore:
             set_count=len(to_set),
             changes=[*codec.flatten(to_set.items()), *to_delete],
         )
-        status, reply = await self._scripts.call(session_scripts.UPDATE, self._session_keys(session_id), args)
+        status, reply = await self._scripts.call(
+            session_scripts.UPDATE, self._session_keys_and_state(session_id), args
+        )
         if status is not Status.OK:
             raise refusals.update_refused(status, reply, session_id, self._max_labels)
         await self._conn.replicated(self._keys.meta(session_id))
@@ -234,7 +246,9 @@ class SessionStore:
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
         )
-        status, reply = await self._scripts.call(session_scripts.DELETE, self._session_keys(session_id), args)
+        status, reply = await self._scripts.call(
+            session_scripts.DELETE, self._session_keys_and_state(session_id), args
+        )
         if status is Status.NOT_FOUND:
             return False
         await self._conn.replicated(self._keys.meta(session_id))
@@ -270,7 +284,9 @@ class SessionStore:
             usage_days=codec.usage_days(now),
             bodies=bodies,
         )
-        status, reply = await self._scripts.call(session_scripts.APPEND, self._session_keys(session_id), args)
+        status, reply = await self._scripts.call(
+            session_scripts.APPEND, self._session_keys_and_state(session_id), args
+        )
         if status is Status.OK:
             first_seq = int(reply[1])
             # The script stored exactly stored_json(seq, body): the reply is built from the
@@ -325,7 +341,12 @@ class SessionStore:
         origin = f"{source} {'' if fork.at_seq is None else fork.at_seq}"
         status, reply = await self._scripts.call(
             session_scripts.FORK_READ,
-            [self._keys.chat(source), self._keys.meta(source), self._keys.summary(source)],
+            [
+                self._keys.chat(source),
+                self._keys.meta(source),
+                self._keys.summary(source),
+                self._keys.state(source),
+            ],
             session_scripts.ForkReadArgs(
                 owners_arg(owners), fork.at_seq, self._max_fork_bytes, self._max_fork_messages
             ),
@@ -342,7 +363,7 @@ class SessionStore:
                     max_fork_messages=self._max_fork_messages,
                 )
             return found, True
-        _, meta_flat, prompt, recent, summary = reply
+        _, meta_flat, prompt, recent, summary, state_flat = reply
         items, summary_json, message_count, token_count = codec.fork_contents(prompt, summary, recent)
         now = codec.format_time(self._clock())
         fields = codec.fork_fields(
@@ -366,6 +387,7 @@ class SessionStore:
             ttl=int(fields[codec.MetaField.TTL_SECONDS]),
             model=fields.get(codec.MetaField.MODEL, ""),
             summary_json=summary_json,
+            state_copy=codec.encode_state_delta(codec.decode_state(state_flat), ()),
             field_count=len(fields),
             payload=[*codec.flatten(fields.items()), *items],
         )
@@ -397,6 +419,7 @@ class SessionStore:
             model="",
             usage_days=codec.usage_days(float(now)) if now else "",  # "": a probe counts nothing
             summary_json="",
+            state_copy="",
             field_count=0,
             payload=[],
         )
@@ -503,6 +526,49 @@ class SessionStore:
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         """A page of the user's live sessions, most recently active first (see listing.py)."""
         return await self._listing.list_sessions(user_id, limit, cursor)
+
+    def _state_keys(self, scope: StateScope) -> list[str]:
+        """A session's state and its meta (whose owner the scripts check)."""
+        return [self._keys.state(scope.session_id), self._keys.meta(scope.session_id)]
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """The state (key -> JSON text), or its `keys` that it holds; `owners` as for a session."""
+        status, reply = await self._scripts.call(
+            state_scripts.GET_STATE,
+            self._state_keys(scope),
+            state_scripts.GetStateArgs(owners_arg(owners), list(keys)),
+        )
+        if status is Status.NOT_FOUND:
+            raise SessionNotFound(scope.session_id)
+        if not keys:
+            return codec.decode_state(reply[1])
+        return {key: value.decode() for key, value in zip(keys, reply[1], strict=True) if value is not None}
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """Applies `delta` in one step; the whole state after it (key -> JSON text)."""
+        state_keys = self._state_keys(scope)
+        status, reply = await self._scripts.call(
+            state_scripts.UPDATE_STATE,
+            state_keys,
+            state_scripts.UpdateStateArgs(
+                owners_arg(owners),
+                self._max_state_keys,
+                self._max_state_bytes,
+                codec.encode_state_delta(delta.to_set, delta.to_remove),
+            ),
+        )
+        if status is Status.NOT_FOUND:
+            raise SessionNotFound(scope.session_id)
+        if status is Status.STATE_FULL:
+            raise refusals.state_full(
+                reply, field="delta", max_keys=self._max_state_keys, max_bytes=self._max_state_bytes
+            )
+        await self._conn.replicated(state_keys[0])
+        return codec.decode_state(reply[1])
 
 
 # GetSession read_mask paths read from a meta field of their own.
