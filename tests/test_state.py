@@ -20,6 +20,8 @@ from chatsession_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    RequestIdReusedError,
+    SeqMismatchError,
     SessionClient,
     StateFullError,
     SyncSessionClient,
@@ -277,11 +279,17 @@ async def test_a_hostile_delta_is_invalid_naming_the_field_and_changes_nothing(
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.UpdateState(request)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        # The same delta on an append refuses the messages too.
+        append = pb.AppendMessagesRequest(session_id=session_id, messages=[user("hi")], state_delta=delta)
+        with pytest.raises(grpc.aio.AioRpcError) as appended:
+            await stub.AppendMessages(append)
+        assert appended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     error = await raises(InvalidArgumentError, _update_with(client, request))
     fields = violated_fields(error)
     # (A long field name comes cut, with an ellipsis.)
     assert any(f == field or (f.endswith("…") and field.startswith(f[:-1])) for f in fields), (case, fields)
     assert await raw_state(raw, state_key(session_id)) == before
+    assert (await client.get_session(session_id)).message_count == 0
 
 
 async def _update_with(client: SessionClient, request: pb.UpdateStateRequest) -> Any:
@@ -361,6 +369,29 @@ async def test_a_state_over_a_lowered_limit_may_still_shrink(
     assert await small_states.update_state(session_id, remove=["k0"]) == {f"k{i}": i for i in range(1, 5)}
 
 
+# --- With an append ----------------------------------------------------------------------------
+
+
+async def test_an_append_changes_its_messages_and_the_state_in_one_step(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    session_id = await new_session(client, uid, ttl_seconds=600)
+    await client.update_state(session_id, {"turn": 0, "gone": "soon"})
+    await raw.expire(f"meta:{{{session_id}}}", 100)
+    await raw.expire(state_key(session_id), 100)
+    reply = await client.append(
+        session_id,
+        [user("hi")],
+        state_delta=state_delta({"turn": 1, "last": {"said": "hi"}}, remove=["gone"]),
+    )
+    assert reply.session.message_count == 1
+    assert await client.get_state(session_id) == {"turn": 1, "last": {"said": "hi"}}
+    assert await raw.ttl(state_key(session_id)) == 600  # restarted with the session's other keys
+    # A plain mapping sets its keys.
+    await client.append(session_id, [user("again")], state_delta={"turn": 2})
+    assert (await client.get_state(session_id, keys=["turn"])) == {"turn": 2}
+
+
 async def test_an_append_without_a_delta_keeps_the_state_and_restarts_its_clock(
     client: SessionClient, raw: GlideClient, uid: str
 ) -> None:
@@ -370,6 +401,51 @@ async def test_an_append_without_a_delta_keeps_the_state_and_restarts_its_clock(
     await client.append(session_id, [user("hi")])
     assert await client.get_state(session_id) == {"a": 1}
     assert await raw.ttl(state_key(session_id)) == 600
+
+
+async def test_a_refused_append_changes_no_state(
+    client: SessionClient, small_states: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    session_id = await new_session(client, uid)
+    await client.append(session_id, [user("one")], state_delta={"a": 1})
+    before = await raw_state(raw, state_key(session_id))
+    # A stale expected_last_seq.
+    await raises(
+        SeqMismatchError, client.append(session_id, [user("two")], expected_last_seq=0, state_delta={"a": 2})
+    )
+    # A bad message beside a good delta.
+    await raises(InvalidArgumentError, client.append(session_id, [user("")], state_delta={"a": 3}))
+    # A state too full refuses the messages too.
+    error = await raises(
+        FailedPreconditionError, small_states.append(session_id, [user("two")], state_delta={"b": "x" * 200})
+    )
+    assert error.precondition_violations[0].type == "STATE_FULL"
+    assert error.precondition_violations[0].subject == "state_delta"
+    assert await raw_state(raw, state_key(session_id)) == before
+    assert (await client.get_session(session_id)).message_count == 1
+
+
+async def test_a_replayed_append_applies_its_delta_once(client: SessionClient, uid: str) -> None:
+    session_id = await new_session(client, uid)
+    first = await client.append(session_id, [user("hi")], request_id="r1", state_delta={"count": 1})
+    await client.update_state(session_id, {"count": 5})
+    again = await client.append(session_id, [user("hi")], request_id="r1", state_delta={"count": 1})
+    assert again.replayed
+    assert [m.seq for m in again.messages] == [m.seq for m in first.messages]
+    assert await client.get_state(session_id) == {"count": 5}
+    # The same request_id with another change is another request.
+    await raises(
+        RequestIdReusedError,
+        client.append(session_id, [user("hi")], request_id="r1", state_delta={"count": 2}),
+    )
+    await raises(RequestIdReusedError, client.append(session_id, [user("hi")], request_id="r1"))
+    # And an append recorded without a change is not one with a change.
+    await client.append(session_id, [user("plain")], request_id="r2")
+    await raises(
+        RequestIdReusedError,
+        client.append(session_id, [user("plain")], request_id="r2", state_delta={"x": 1}),
+    )
+    assert await client.get_state(session_id) == {"count": 5}
 
 
 # --- Who may read and change a state -----------------------------------------------------------
@@ -391,6 +467,7 @@ async def test_another_users_session_state_is_not_found(auth_target: str, uid: s
         await alice.update_state(session_id, {"secret": 1})
         await raises(NotFoundError, bob.get_state(session_id))
         await raises(NotFoundError, bob.update_state(session_id, {"secret": 0}))
+        await raises(NotFoundError, bob.append(session_id, [user("x")], state_delta={"secret": 0}))
         assert await alice.get_state(session_id) == {"secret": 1}
         assert await service.get_state(session_id) == {"secret": 1}
 
@@ -422,7 +499,7 @@ async def test_the_blocking_client_reads_and_changes_state(
 
     def use() -> tuple[dict[str, Any], dict[str, Any]]:
         with SyncSessionClient(target) as blocking:
-            blocking.update_state(session_id, {"a": [1, {"b": None}]})
+            blocking.append(session_id, [user("hi")], state_delta={"a": [1, {"b": None}]})
             changed = blocking.update_state(session_id, {"c": 1.5}, remove=["a"])
             return changed, blocking.get_state(session_id)
 

@@ -60,6 +60,7 @@ class SessionStorage(Protocol):
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult: ...
 
     async def list_messages(

@@ -77,6 +77,11 @@ def state_delta(values: Mapping[str, Any] | None = None, remove: Iterable[str] =
     return delta
 
 
+def as_state_delta(change: Mapping[str, Any] | StateDelta) -> StateDelta:
+    """An append's `state_delta`: a StateDelta as it is, a mapping as the keys to set."""
+    return change if isinstance(change, StateDelta) else state_delta(change)
+
+
 def get_state_request(session_id: str, keys: Iterable[str] | None) -> session_service_pb2.GetStateRequest:
     return session_service_pb2.GetStateRequest(
         scope=session_service_pb2.StateScope(session_id=session_id), keys=list(keys or ())

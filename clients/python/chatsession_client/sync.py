@@ -240,11 +240,16 @@ class SyncSessionClient:
         *,
         request_id: str | None = None,
         expected_last_seq: int | None = None,
+        state_delta: Mapping[str, Any] | _state.StateDelta | None = None,
     ) -> pb.AppendMessagesResponse:
-        """Append messages. A request_id is generated when not given, so a retry never duplicates."""
+        """Append messages. A request_id is generated when not given, so a retry never duplicates.
+        `state_delta` changes the session's state in the same step: a mapping sets those keys
+        (any JSON-able values), a `state_delta(values, remove=...)` also removes keys."""
         request = _calls.append_request(
             session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
         )
+        if state_delta is not None:
+            request.state_delta.CopyFrom(_state.as_state_delta(state_delta))
         return self._call(self._stub.AppendMessages, request)
 
     def list_messages(

@@ -338,6 +338,7 @@ class AuthorizedStorage(StorageLayer):
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult:
         return await super().append(
             session_id,
@@ -345,6 +346,7 @@ class AuthorizedStorage(StorageLayer):
             request_id=request_id,
             expected_last_seq=expected_last_seq,
             owners=_owners(owners),
+            state_delta=state_delta,
         )
 
     async def list_messages(

@@ -89,8 +89,9 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         self, request: pb.AppendMessagesRequest, context: Context
     ) -> pb.AppendMessagesResponse:
         session_id, messages, request_id, expected = validation.append_messages(request, self._limits)
+        state_delta = validation.append_state_delta(request)
         result = await self._store.append(
-            session_id, messages, request_id=request_id, expected_last_seq=expected
+            session_id, messages, request_id=request_id, expected_last_seq=expected, state_delta=state_delta
         )
         reply = pb.AppendMessagesResponse(session=session_to_proto(result.session), replayed=result.replayed)
         add_messages(reply.messages, result.messages)

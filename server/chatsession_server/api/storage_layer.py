@@ -65,6 +65,7 @@ class StorageLayer:
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult:
         return await self._inner.append(
             session_id,
@@ -72,6 +73,7 @@ class StorageLayer:
             request_id=request_id,
             expected_last_seq=expected_last_seq,
             owners=owners,
+            state_delta=state_delta,
         )
 
     async def list_messages(

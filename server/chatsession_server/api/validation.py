@@ -563,3 +563,13 @@ def update_state(request: session_service_pb2.UpdateStateRequest) -> tuple[State
     delta = state_delta(v, "delta", request.delta)
     v.raise_if_any()
     return scope, delta
+
+
+def append_state_delta(request: session_service_pb2.AppendMessagesRequest) -> StateDelta | None:
+    """AppendMessagesRequest.state_delta (None when absent), checked apart from the messages."""
+    if not request.HasField("state_delta"):
+        return None
+    v = Violations()
+    delta = state_delta(v, "state_delta", request.state_delta)
+    v.raise_if_any()
+    return delta

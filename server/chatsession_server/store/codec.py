@@ -471,3 +471,11 @@ def decode_state(flat: Sequence[bytes]) -> dict[str, str]:
         for i in range(0, len(flat), 2)
         if flat[i] != STATE_BYTES_FIELD.encode()
     }
+
+
+def state_fingerprint(fingerprint: str, encoded_delta: str) -> str:
+    """An append's fingerprint with its state change: a request_id reused with another change is
+    another request. Without a change the fingerprint is the messages' alone, as it always was."""
+    if not encoded_delta:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}\n{encoded_delta}".encode()).hexdigest()

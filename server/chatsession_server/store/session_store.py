@@ -263,14 +263,16 @@ class SessionStore:
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
+        delta = codec.encode_state_delta(state_delta.to_set, state_delta.to_remove) if state_delta else ""
         args = session_scripts.AppendArgs(
             owners=owners_arg(owners),
             now=codec.format_time(now),
             request_id=request_id,
-            fingerprint=codec.fingerprint(messages) if request_id else "",
+            fingerprint=codec.state_fingerprint(codec.fingerprint(messages), delta) if request_id else "",
             expected_last_seq=expected_last_seq,
             token_sum=sum(m.tokens for m in messages),
             index_key_head=self._owner_index.index_head,
@@ -282,6 +284,9 @@ class SessionStore:
             max_session_bytes=self._max_session_bytes,
             usage_key_head=self._owner_index.usage_head,
             usage_days=codec.usage_days(now),
+            state_delta=delta,
+            max_state_keys=self._max_state_keys,
+            max_state_bytes=self._max_state_bytes,
             bodies=bodies,
         )
         status, reply = await self._scripts.call(
@@ -298,6 +303,10 @@ class SessionStore:
             stored = codec.decode_messages(reply[2])
             described = reply[3]
             result = AppendResult(stored, codec.decode_described(session_id, described), replayed=True)
+        elif status is Status.STATE_FULL:
+            raise refusals.state_full(
+                reply, field="state_delta", max_keys=self._max_state_keys, max_bytes=self._max_state_bytes
+            )
         else:
             raise refusals.append_refused(
                 status,

@@ -92,6 +92,10 @@ class AppendArgs:
     usage_key_head: str
     """'' in a cluster: the caller counts the append in the owner's usage in a second step"""
     usage_days: str
+    state_delta: str
+    """codec.encode_state_delta's ('' for none): applied with the messages, or neither is"""
+    max_state_keys: int
+    max_state_bytes: int
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -103,6 +107,7 @@ APPEND = LuaScript(
     ("chat", "meta", "reqs", "summary", "state"),
     AppendArgs,
     USAGE_LUA
+    + STATE_LUA
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
                      F_LAST_ACTIVE, F_STORED_BYTES)
@@ -136,6 +141,9 @@ for _, item in ipairs(items) do size = size + #item end
 local stored = tonumber(m[7] or '0')
 local cap = tonumber(max_session_bytes)
 if cap > 0 and stored + size > cap then return {ST_TOO_LARGE, stored, size} end
+-- The last check, and the first write: a state too full refuses the messages too.
+local state_refused = apply_state_delta(state, state_delta, max_state_keys, max_state_bytes)
+if state_refused then return state_refused end
 local len = redis.call('RPUSH', chat, unpack(items))
 redis.call('HINCRBY', meta, F_STORED_BYTES, size)
 local last_active = m[6]

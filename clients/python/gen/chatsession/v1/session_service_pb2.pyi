@@ -349,6 +349,7 @@ class AppendMessagesRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     EXPECTED_LAST_SEQ_FIELD_NUMBER: _builtins.int
+    STATE_DELTA_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Id of the session. Required."""
     request_id: _builtins.str
@@ -367,6 +368,13 @@ class AppendMessagesRequest(_message.Message):
         by the server.
         """
 
+    @_builtins.property
+    def state_delta(self) -> Global___StateDelta:
+        """Optional change of the session's state, applied in the same atomic step as the append:
+        both happen or neither does (a refused append changes no state), and a retry with the
+        same `request_id` applies nothing again. Part of what a reused `request_id` is compared on.
+        """
+
     def __init__(
         self,
         *,
@@ -374,10 +382,11 @@ class AppendMessagesRequest(_message.Message):
         messages: _abc.Iterable[_session_pb2.Message] | None = ...,
         request_id: _builtins.str = ...,
         expected_last_seq: _builtins.int | None = ...,
+        state_delta: Global___StateDelta | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_last_seq", b"_expected_last_seq", "expected_last_seq", b"expected_last_seq"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_last_seq", b"_expected_last_seq", "expected_last_seq", b"expected_last_seq", "state_delta", b"state_delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_last_seq", b"_expected_last_seq", "expected_last_seq", b"expected_last_seq", "messages", b"messages", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_last_seq", b"_expected_last_seq", "expected_last_seq", b"expected_last_seq", "messages", b"messages", "request_id", b"request_id", "session_id", b"session_id", "state_delta", b"state_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_last_seq: _TypeAlias = _typing.Literal["expected_last_seq"]  # noqa: Y015
     _WhichOneofArgType__expected_last_seq: _TypeAlias = _typing.Literal["_expected_last_seq", b"_expected_last_seq"]  # noqa: Y015
