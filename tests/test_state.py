@@ -20,6 +20,7 @@ from chatsession_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     RequestIdReusedError,
     SeqMismatchError,
     SessionClient,
@@ -33,7 +34,9 @@ from chatsession_server.settings import Settings
 from tests.helpers import (
     ALICE,
     ALICE_TOKEN,
+    BOB,
     BOB_TOKEN,
+    CAROL,
     SERVICE_TOKEN,
     client_for,
     grpcurl,
@@ -244,6 +247,11 @@ HOSTILE_UPDATES: list[tuple[str, pb.UpdateStateRequest, str]] = [
         pb.UpdateStateRequest(scope=pb.StateScope(session_id="a}{b"), delta=_delta(a=TEXT)),
         "scope.session_id",
     ),
+    (
+        "a user id with spaces",
+        pb.UpdateStateRequest(scope=pb.StateScope(user_id="a b"), delta=_delta(a=TEXT)),
+        "scope.user_id",
+    ),
 ]
 HOSTILE_DELTAS: list[tuple[str, pb.StateDelta, str]] = [
     ("an empty key", _delta(**{"": TEXT}), "delta.set['']"),
@@ -448,6 +456,38 @@ async def test_a_replayed_append_applies_its_delta_once(client: SessionClient, u
     assert await client.get_state(session_id) == {"count": 5}
 
 
+# --- A user's state ----------------------------------------------------------------------------
+
+
+async def test_a_user_state_is_shared_by_the_user_and_never_expires(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    assert await client.get_state(user_id=uid) == {}
+    assert await client.update_state(user_id=uid, values={"theme": "dark", "n": 1}) == {
+        "theme": "dark",
+        "n": 1,
+    }
+    session_id = await new_session(client, uid)
+    await client.update_state(session_id, {"n": 2})  # a session's own state is apart
+    await client.delete_session(session_id)
+    assert await client.get_state(user_id=uid) == {"theme": "dark", "n": 1}
+    assert await client.get_state(user_id=uid, keys=["n"]) == {"n": 1}
+    key = f"user_state:{{{uid}}}"
+    assert await raw.ttl(key) == -1
+    held = await raw_state(raw, key)
+    assert held["n"] == "1"
+    assert int(held[""]) == counted_bytes(held)
+    assert await client.update_state(user_id=uid, remove=["theme", "n"]) == {}
+    assert not await raw.exists([key])
+
+
+async def test_a_user_state_has_the_limits_of_a_session_state(small_states: SessionClient, uid: str) -> None:
+    await small_states.update_state(user_id=uid, values={"a": 1, "b": 2, "c": 3})
+    error = await raises(FailedPreconditionError, small_states.update_state(user_id=uid, values={"d": 4}))
+    assert error.precondition_violations[0].type == "STATE_FULL"
+    assert await small_states.get_state(user_id=uid) == {"a": 1, "b": 2, "c": 3}
+
+
 # --- Who may read and change a state -----------------------------------------------------------
 
 
@@ -457,7 +497,9 @@ async def auth_target(settings: Settings, valkey_url: str, tokens_file: Path) ->
         yield f"127.0.0.1:{running.port}"
 
 
-async def test_another_users_session_state_is_not_found(auth_target: str, uid: str) -> None:
+async def test_another_users_session_state_is_not_found_and_their_user_state_is_denied(
+    auth_target: str, raw: GlideClient, uid: str
+) -> None:
     async with (
         client_for(auth_target, ALICE_TOKEN) as alice,
         client_for(auth_target, BOB_TOKEN) as bob,
@@ -465,11 +507,21 @@ async def test_another_users_session_state_is_not_found(auth_target: str, uid: s
     ):
         session_id = await new_session(alice, ALICE, session_id=f"{uid}-alice")
         await alice.update_state(session_id, {"secret": 1})
+        await alice.update_state(user_id=ALICE, values={"secret": 2})
         await raises(NotFoundError, bob.get_state(session_id))
         await raises(NotFoundError, bob.update_state(session_id, {"secret": 0}))
         await raises(NotFoundError, bob.append(session_id, [user("x")], state_delta={"secret": 0}))
+        await raises(PermissionDeniedError, bob.get_state(user_id=ALICE))
+        await raises(PermissionDeniedError, bob.update_state(user_id=ALICE, values={"secret": 0}))
         assert await alice.get_state(session_id) == {"secret": 1}
+        assert await alice.get_state(user_id=ALICE) == {"secret": 2}
+        # A grant of two users reaches both; a grant of every user reaches any.
+        assert await alice.update_state(user_id=CAROL, values={"c": 1}) == {"c": 1}
         assert await service.get_state(session_id) == {"secret": 1}
+        assert await service.get_state(user_id=BOB) == {}
+        await service.update_state(user_id=ALICE, remove=["secret"])
+        await alice.update_state(user_id=CAROL, remove=["c"])
+    assert not await raw.exists([f"user_state:{{{ALICE}}}"])
 
 
 # --- Other clients -----------------------------------------------------------------------------
@@ -497,14 +549,16 @@ async def test_the_blocking_client_reads_and_changes_state(
 ) -> None:
     session_id = await new_session(client, uid)
 
-    def use() -> tuple[dict[str, Any], dict[str, Any]]:
+    def use() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         with SyncSessionClient(target) as blocking:
             blocking.append(session_id, [user("hi")], state_delta={"a": [1, {"b": None}]})
             changed = blocking.update_state(session_id, {"c": 1.5}, remove=["a"])
-            return changed, blocking.get_state(session_id)
+            mine = blocking.update_state(user_id=uid, values={"u": True})
+            return changed, blocking.get_state(session_id), mine
 
-    changed, read = await asyncio.to_thread(use)
+    changed, read, mine = await asyncio.to_thread(use)
     assert changed == read == {"c": 1.5}
+    assert mine == {"u": True}
 
 
 def test_the_client_refuses_what_json_cannot_hold_before_sending() -> None:

@@ -295,9 +295,11 @@ class CompactResult:
 
 @dataclass(frozen=True, slots=True)
 class StateScope:
-    """Whose state: a session's."""
+    """Whose state: a session's (`session_id`) or the one every session of a user shares
+    (`user_id`); exactly one is set."""
 
     session_id: str = ""
+    user_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

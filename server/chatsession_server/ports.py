@@ -90,7 +90,8 @@ class SessionStorage(Protocol):
     async def get_state(
         self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
     ) -> dict[str, str]:
-        """A session's state (key -> the value's JSON text); with `keys`, those it holds."""
+        """A session's state or a user's (key -> the value's JSON text); with `keys`, those it
+        holds. `owners` is checked for a session's state only."""
         ...
 
     async def update_state(

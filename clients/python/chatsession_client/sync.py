@@ -350,16 +350,24 @@ class SyncSessionClient:
         )
         return self._call(self._stub.ClearMessages, request).session
 
-    def get_state(self, session_id: str, *, keys: Iterable[str] | None = None) -> dict[str, Any]:
-        """A session's state as Python values; with `keys`, only those of them it holds."""
-        request = _state.get_state_request(session_id, keys)
+    def get_state(
+        self, session_id: str | None = None, *, user_id: str | None = None, keys: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """A session's state, or with `user_id=` the state every session of that user shares, as
+        Python values; with `keys`, only those of them it holds."""
+        request = _state.get_state_request(session_id, user_id, keys)
         return _state.state_of(self._call(self._stub.GetState, request).state)
 
     def update_state(
-        self, session_id: str, values: Mapping[str, Any] | None = None, *, remove: Iterable[str] = ()
+        self,
+        session_id: str | None = None,
+        values: Mapping[str, Any] | None = None,
+        *,
+        remove: Iterable[str] = (),
+        user_id: str | None = None,
     ) -> dict[str, Any]:
-        """Set `values` (key -> any JSON-able value) and remove the keys `remove` of a session's
-        state in one atomic step; returns the whole state after it. Safe to retry: the values are
-        absolute."""
-        request = _state.update_state_request(session_id, values, remove)
+        """Set `values` (key -> any JSON-able value) and remove the keys `remove` in one atomic
+        step, in a session's state or (`user_id=`) a user's; returns the whole state after it.
+        Safe to retry: the values are absolute."""
+        request = _state.update_state_request(session_id, user_id, values, remove)
         return _state.state_of(self._call(self._stub.UpdateState, request).state)

@@ -387,12 +387,21 @@ class AuthorizedStorage(StorageLayer):
     async def get_state(
         self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
     ) -> dict[str, str]:
-        return await super().get_state(scope, keys, owners=_owners(owners))
+        return await super().get_state(scope, keys, owners=_state_owners(scope, owners))
 
     async def update_state(
         self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
     ) -> dict[str, str]:
-        return await super().update_state(scope, delta, owners=_owners(owners))
+        return await super().update_state(scope, delta, owners=_state_owners(scope, owners))
+
+
+def _state_owners(scope: StateScope, asked: Collection[str] | None) -> Collection[str] | None:
+    """A session's state is the session's: its owner is checked with it (another user's is not
+    found); a user's state needs a grant for that user (PERMISSION_DENIED, as ListSessions)."""
+    if scope.session_id:
+        return _owners(asked)
+    _require_user(scope.user_id)
+    return asked
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

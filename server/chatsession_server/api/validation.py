@@ -507,7 +507,10 @@ def _state_scope(v: Violations, field: str, scope: session_service_pb2.StateScop
     if which == "session_id":
         v.id(f"{field}.session_id", scope.session_id)
         return StateScope(session_id=scope.session_id)
-    v.add(field, "is required: set session_id")
+    if which == "user_id":
+        v.id(f"{field}.user_id", scope.user_id)
+        return StateScope(user_id=scope.user_id)
+    v.add(field, "is required: set session_id or user_id")
     return StateScope()
 
 

@@ -21,6 +21,7 @@ SUMMARY_PREFIX = "summary:"
 USAGE_PREFIX = "usage:"
 USAGE_SEEN_PREFIX = "usage_seen:"
 STATE_PREFIX = "state:"
+USER_STATE_PREFIX = "user_state:"
 
 HASH_TAG_END = "}"
 """Closes the hash tag a `*_head` opens: a script names an owner's key as head, user id, this."""
@@ -111,6 +112,11 @@ class KeySpace:
         Same slot and expiry as the session's other keys; deleted and forked with it, kept by
         ClearMessages and CompactMessages; absent while the state is empty."""
         return f"{self.prefix}{STATE_PREFIX}{{{session_id}}}"
+
+    def user_state(self, user_id: str) -> str:
+        """HASH of the state every session of a user shares, as `state` holds it. In the user's
+        slot (beside `user_sessions:{<user_id>}`); no expiry: it outlives the user's sessions."""
+        return f"{self.prefix}{USER_STATE_PREFIX}{{{user_id}}}"
 
 
 DEFAULT_KEY_SPACE = KeySpace()

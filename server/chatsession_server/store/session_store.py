@@ -537,17 +537,20 @@ class SessionStore:
         return await self._listing.list_sessions(user_id, limit, cursor)
 
     def _state_keys(self, scope: StateScope) -> list[str]:
-        """A session's state and its meta (whose owner the scripts check)."""
-        return [self._keys.state(scope.session_id), self._keys.meta(scope.session_id)]
+        """A session's state and its meta (whose owner the scripts check), or a user's state."""
+        if scope.session_id:
+            return [self._keys.state(scope.session_id), self._keys.meta(scope.session_id)]
+        return [self._keys.user_state(scope.user_id)]
 
     async def get_state(
         self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
     ) -> dict[str, str]:
-        """The state (key -> JSON text), or its `keys` that it holds; `owners` as for a session."""
+        """The state (key -> JSON text), or its `keys` that it holds; `owners` as for a session
+        (a user's state is the caller's to check)."""
         status, reply = await self._scripts.call(
             state_scripts.GET_STATE,
             self._state_keys(scope),
-            state_scripts.GetStateArgs(owners_arg(owners), list(keys)),
+            state_scripts.GetStateArgs(owners_arg(owners) if scope.session_id else "", list(keys)),
         )
         if status is Status.NOT_FOUND:
             raise SessionNotFound(scope.session_id)
@@ -564,7 +567,7 @@ class SessionStore:
             state_scripts.UPDATE_STATE,
             state_keys,
             state_scripts.UpdateStateArgs(
-                owners_arg(owners),
+                owners_arg(owners) if scope.session_id else "",
                 self._max_state_keys,
                 self._max_state_bytes,
                 codec.encode_state_delta(delta.to_set, delta.to_remove),

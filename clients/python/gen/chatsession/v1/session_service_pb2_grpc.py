@@ -227,8 +227,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetState(self, request, context):
-        """Reads a session's state (a JSON map): whole, or the named keys. A session of another user
-        is NOT_FOUND.
+        """Reads a state (a JSON map of a session, or shared by a user's sessions): whole, or the
+        named keys. A session of another user is NOT_FOUND; another user's state PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,8 +62,8 @@ class SessionServiceStub:
     expiry (and the pinned system prompt when asked).
     """
     GetState: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetStateRequest, _session_service_pb2.GetStateResponse]
-    """Reads a session's state (a JSON map): whole, or the named keys. A session of another user
-    is NOT_FOUND.
+    """Reads a state (a JSON map of a session, or shared by a user's sessions): whole, or the
+    named keys. A session of another user is NOT_FOUND; another user's state PERMISSION_DENIED.
     """
     UpdateState: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateStateRequest, _session_service_pb2.UpdateStateResponse]
     """Sets and removes keys of a state in one atomic step, and returns the state after it.
@@ -203,8 +203,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.GetStateRequest,
         context: _aio.ServicerContext[_session_service_pb2.GetStateRequest, _abc.Awaitable[_session_service_pb2.GetStateResponse]],
     ) -> _abc.Awaitable[_session_service_pb2.GetStateResponse]:
-        """Reads a session's state (a JSON map): whole, or the named keys. A session of another user
-        is NOT_FOUND.
+        """Reads a state (a JSON map of a session, or shared by a user's sessions): whole, or the
+        named keys. A session of another user is NOT_FOUND; another user's state PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
