@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -568,3 +571,46 @@ def test_the_client_refuses_what_json_cannot_hold_before_sending() -> None:
         state_delta({"a": {1: "x"}})
     with pytest.raises(ValueError, match="2\\*\\*53"):
         state_delta({"a": 2**60})
+
+
+# --- The README's State section, as a reader runs it ---------------------------------------------
+
+
+def _readme_state_section() -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("## State\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+async def test_the_readme_state_recipes_run_in_order(target: str, client: SessionClient, uid: str) -> None:
+    block = re.search(r"```sh\n(.*?)^```", _readme_state_section(), flags=re.MULTILINE | re.DOTALL)
+    assert block is not None
+    words = shlex.split(block.group(1).replace("\\\n", " "), comments=True)
+    starts = [i for i, word in enumerate(words) if word == "grpcurl"]
+    session_id = f"{uid}-trip"
+    await client.create_session(uid, session_id=session_id)
+    replies = []
+    for start, end in zip(starts, [*starts[1:], len(words)], strict=True):
+        args = [
+            target if a == "localhost:50051" else a.replace("trip-42", session_id).replace("alice", uid)
+            for a in words[start + 1 : end]
+        ]
+        code, out = await grpcurl(*args)
+        assert code == 0, (args, out)
+        replies.append(json.loads(out))
+    assert replies[0] == {"state": {"cart": {"hotel": "Bristol", "nights": 3}, "step": "booking"}}
+    assert replies[1]["messages"][0]["seq"] == "1"
+    assert replies[2] == {"state": {"step": "done"}}
+    assert replies[3] == {"state": {"home": "Bergen"}}
+
+
+async def test_the_readme_state_snippet_runs_as_a_script(target: str, uid: str) -> None:
+    code = re.search(r"```python\n(.*?)```", _readme_state_section(), re.DOTALL)
+    assert code is not None
+    script = code.group(1).replace("localhost:50051", target).replace('"alice"', repr(uid))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == ["{'step': 'done', 'rating': 5}", "{'home': 'Bergen'}"]
