@@ -47,6 +47,7 @@ from tests.helpers import (
     serving,
     violated_fields,
 )
+from tests.test_cli import cli
 
 EVERY_KIND = {
     "name": "Åsa 🌍",
@@ -614,3 +615,39 @@ async def test_the_readme_state_snippet_runs_as_a_script(target: str, uid: str) 
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ["{'step': 'done', 'rating': 5}", "{'home': 'Bergen'}"]
+
+
+# --- The command line --------------------------------------------------------------------------
+
+
+async def test_the_command_line_reads_and_changes_a_state(
+    target: str, client: SessionClient, uid: str
+) -> None:
+    session_id = await new_session(client, uid)
+    result = await cli(
+        "--address", target, "state", session_id, "--set", 'cart={"nights": 3}', "--set", "step=search",
+        "--json",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert result.json() == {"state": {"cart": {"nights": 3}, "step": "search"}}
+    result = await cli(
+        "--address", target, "append", session_id, "Book it.", "--state-set", "step=done",
+        "--state-remove", "cart",
+    )  # fmt: skip
+    assert (result.code, result.out) == (0, "1\n"), result.err
+    result = await cli("--address", target, "state", session_id)
+    assert result.out == 'step: "done"\n'
+    result = await cli("--address", target, "state", "--user", uid, "--set", "n=2", "--json")
+    assert result.json() == {"state": {"n": 2}}
+    result = await cli("--address", target, "state", "--user", uid, "--key", "n", "--key", "x")
+    assert result.out == "n: 2\n"
+    # One state, named once; a KEY=JSON pair; --key only to read.
+    for argv in (["state"], ["state", session_id, "--user", uid], ["state", session_id, "--set", "novalue"]):
+        result = await cli("--address", target, *argv)
+        assert result.code == 2, argv
+        assert result.err.count("\n") == 1
+    result = await cli("--address", target, "state", session_id, "--set", "a=1", "--key", "a")
+    assert result.code == 2
+    result = await cli("--address", target, "state", session_id, "--set", "a\nb=1")
+    assert result.code == 3  # INVALID_ARGUMENT, from the server
+    assert "state keys" in result.err
