@@ -343,6 +343,21 @@ async def test_a_value_of_256_kib_is_allowed(client: SessionClient, uid: str) ->
     assert await client.update_state(session_id, {"big": text}) == {"big": text}
 
 
+async def test_a_state_at_the_default_limit_dense_in_numbers_reads_whole(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    """The worst case for a reply: JSON digits are 5.5 times larger as protobuf Values; a state at
+    the default --max-state-bytes still fits a default client's 4 MiB."""
+    session_id = await new_session(client, uid)
+    digits = [0] * 130_000  # "[0,0,...]": 260 KB of JSON each
+    await client.update_state(session_id, {"a": digits})
+    await client.update_state(session_id, {"b": digits})
+    held = await raw_state(raw, state_key(session_id))
+    assert 500_000 < int(held[""]) <= Settings().max_state_bytes
+    state = await client.get_state(session_id)
+    assert state == {"a": digits, "b": digits}
+
+
 @pytest.fixture(scope="module")
 async def small_states(settings: Settings, valkey_url: str) -> AsyncIterator[SessionClient]:
     """A server whose states hold at most 3 keys and 100 bytes."""
@@ -614,7 +629,7 @@ async def test_the_readme_state_snippet_runs_as_a_script(target: str, uid: str) 
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().splitlines() == ["{'step': 'done', 'rating': 5}", "{'home': 'Bergen'}"]
+    assert out.decode().splitlines() == ["{'rating': 5, 'step': 'done'}", "{'home': 'Bergen'}"]
 
 
 # --- The command line --------------------------------------------------------------------------

@@ -68,11 +68,13 @@ function deltaToProto(delta) {
 }
 
 /**
- * A reply whose `state` map holds Value objects, with plain values instead.
+ * A reply whose `state` map holds Value objects, with plain values instead, sorted by key (a
+ * protobuf map has no order).
  * @param {any} reply
  */
 function withPlainState(reply) {
-  return { ...reply, state: mapValues(reply.state ?? {}, fromValue) };
+  const state = reply.state ?? {};
+  return { ...reply, state: Object.fromEntries(Object.keys(state).sort().map((key) => [key, fromValue(state[key])])) };
 }
 
 module.exports = { toValue, fromValue, deltaToProto, withPlainState };

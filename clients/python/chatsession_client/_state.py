@@ -105,5 +105,5 @@ def update_state_request(
 
 
 def state_of(state: Mapping[str, struct_pb2.Value]) -> dict[str, Any]:
-    """A reply's state map as Python values."""
-    return {key: from_value(value) for key, value in state.items()}
+    """A reply's state map as Python values, sorted by key (a protobuf map has no order)."""
+    return {key: from_value(state[key]) for key in sorted(state)}

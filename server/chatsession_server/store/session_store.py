@@ -62,7 +62,7 @@ class SessionStore:
         max_fork_bytes: int = 0,
         max_fork_messages: int = 0,
         max_state_keys: int = 1000,
-        max_state_bytes: int = 1024 * 1024,
+        max_state_bytes: int = 512 * 1024,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
         max_ttl_seconds: int = 30 * 86_400,
