@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from chatsession_server.domain import NewMessage, Role, ToolCall
 from chatsession_server.store import codec
-from chatsession_server.store.lua import owner_scripts, runtime, session_scripts
+from chatsession_server.store.lua import owner_scripts, runtime, session_scripts, state_scripts
 
 texts = st.text(max_size=50)
 
@@ -46,7 +46,7 @@ def test_stored_json_starts_with_what_the_scripts_match(
     assert codec.decode_message(stored).seq == seq
 
 
-@pytest.mark.parametrize("script", session_scripts.ALL + owner_scripts.ALL)
+@pytest.mark.parametrize("script", session_scripts.ALL + owner_scripts.ALL + state_scripts.ALL)
 def test_scripts_name_every_key_and_argument_instead_of_indexing(script: runtime.LuaScript[object]) -> None:
     header, _, body = script.source.partition("\nlocal function describe")
     assert "KEYS[" not in body

@@ -206,6 +206,8 @@ class ListeningServer:
             max_session_bytes=settings.max_session_bytes,
             max_fork_bytes=settings.max_fork_bytes,
             max_fork_messages=settings.max_fork_messages,
+            max_state_keys=settings.max_state_keys,
+            max_state_bytes=settings.max_state_bytes,
             max_ttl_seconds=settings.max_ttl_seconds,
             key_space=key_space,
         )

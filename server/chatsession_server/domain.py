@@ -317,3 +317,21 @@ class CompactResult:
     summary: StoredMessage
     session: Session
     replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StateScope:
+    """Whose state: a session's (`session_id`) or the one every session of a user shares
+    (`user_id`); exactly one is set."""
+
+    session_id: str = ""
+    user_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StateDelta:
+    """A change of a state: keys to set, with their values' JSON text, and keys to remove (never
+    one of those set)."""
+
+    to_set: Mapping[str, str] = field(default_factory=dict)
+    to_remove: frozenset[str] = frozenset()

@@ -21,6 +21,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
 )
 
@@ -58,6 +60,7 @@ class SessionStorage(Protocol):
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult: ...
 
     async def list_messages(
@@ -83,6 +86,19 @@ class SessionStorage(Protocol):
         request_id: str = "",
         owners: Collection[str] | None = None,
     ) -> Session: ...
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """A session's state or a user's (key -> the value's JSON text); with `keys`, those it
+        holds. `owners` is checked for a session's state only."""
+        ...
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """Applies `delta` atomically; the whole state after it."""
+        ...
 
 
 class FeedSubscription(Protocol):

@@ -253,6 +253,13 @@ class Settings:
         default=20_000,
         metadata=_meta("most stored messages a session may hold to be forked"),
     )
+    # -- state (README "State"): what one state (a session's, or a user's) may hold, keys and
+    # values as their JSON text. A whole state comes back in GetState and UpdateState: at 512 KiB
+    # of JSON even one dense in small numbers (5.5 times larger as protobuf) fits a client's 4 MiB.
+    max_state_keys: int = field(default=1000, metadata=_meta("most keys one state may hold"))
+    max_state_bytes: int = field(
+        default=512 * 1024, metadata=_meta("most bytes of keys and JSON values one state may hold")
+    )
     # -- the embedded Valkey (README "Containers"). The image turns it off: a container given no
     # Valkey URL stops with one line instead of keeping its sessions inside itself.
     embedded_valkey: bool = field(
@@ -373,6 +380,8 @@ class Settings:
             raise ValueError("max_watchers and max_watchers_per_connection must be positive")
         if self.max_sessions_per_user < 0:
             raise ValueError("max_sessions_per_user must not be negative (0: no limit)")
+        if self.max_state_keys <= 0 or self.max_state_bytes <= 0:
+            raise ValueError("max_state_keys and max_state_bytes must be positive")
         if self.max_fork_bytes <= 0 or self.max_fork_messages <= 0:
             raise ValueError("max_fork_bytes and max_fork_messages must be positive")
         if not KEY_PREFIX_PATTERN.fullmatch(self.key_prefix):

@@ -10,9 +10,11 @@
 // (an RPC named Get* or List*, as the proto names its standard methods) as it is; a write when its
 // request has a `request_id` field, which the client fills when the caller left it empty, once
 // per call, so every attempt carries the same id and the server applies the write once. A write
-// without one (UpdateSession, DeleteSession) is never retried.
+// without one (UpdateSession, DeleteSession, UpdateState) is never retried.
 //
 // A message's `payload` (a google.protobuf.Value) is a plain JS value both ways: see payload.js.
+// State values are plain JavaScript values too: getState and updateState return `state` as an
+// object of them, updateState takes `delta.set` and appendMessages `stateDelta.set` as one.
 
 const path = require('node:path');
 const { randomUUID } = require('node:crypto');
@@ -22,6 +24,7 @@ const protoLoader = require('@grpc/proto-loader');
 const { ChatSessionError, toChatSessionError } = require('./errors');
 const { Backoff, DEFAULT_RETRY, retryPolicy } = require('./retry');
 const { decodePayloads, encodePayloads, fromValue, toValue } = require('./payload');
+const { deltaToProto, withPlainState } = require('./state');
 
 const DEFAULT_PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
 const SERVICE_NAME = 'chatsession.v1.SessionService';
@@ -178,6 +181,37 @@ class SessionClient {
         call.cancel();
       }
     }
+  }
+
+  /**
+   * A state, whole or by `keys`: `{scope: {sessionId}}` (a session's) or `{scope: {userId}}` (the
+   * one every session of a user shares). Resolves to `{state}`, plain values.
+   * @param {{scope: {sessionId?: string, userId?: string}, keys?: string[]}} request
+   * @param {CallOptions} [options]
+   */
+  async getState(request, options) {
+    return withPlainState(await this.unary('getState', request, options));
+  }
+
+  /**
+   * Sets `delta.set` (plain values) and removes `delta.remove` in one atomic step; resolves to
+   * `{state}`, the whole state after it, plain values.
+   * @param {{scope: {sessionId?: string, userId?: string}, delta?: {set?: Record<string, unknown>, remove?: string[]}}} request
+   * @param {CallOptions} [options]
+   */
+  async updateState(request, options) {
+    return withPlainState(await this.unary('updateState', { ...request, delta: deltaToProto(request.delta) }, options));
+  }
+
+  /**
+   * Appends messages; a `stateDelta` (`set` as plain values, `remove`) changes the session's
+   * state in the same step.
+   * @param {{stateDelta?: {set?: Record<string, unknown>, remove?: string[]}} & Record<string, any>} request
+   * @param {CallOptions} [options]
+   */
+  async appendMessages(request, options) {
+    const stateDelta = deltaToProto(request.stateDelta);
+    return this.unary('appendMessages', stateDelta ? { ...request, stateDelta } : request, options);
   }
 
   close() {

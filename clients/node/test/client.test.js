@@ -253,3 +253,29 @@ test('a message keeps its own createdAt, and the session last_active follows it'
   const page = await client.listMessages({ sessionId: session.sessionId });
   assert.deepEqual(page.messages[0].createdAt, createdAt);
 });
+
+test('state: plain values in and out, with an append, by key, and a user state', async () => {
+  const userId = newUser();
+  const { session } = await client.createSession({ userId });
+  const scope = { sessionId: session.sessionId };
+  const value = { hotel: 'Bristol', nights: 3, ratio: 0.5, ok: true, none: null, list: [1, 'two', [], {}] };
+  const { state } = await client.updateState({ scope, delta: { set: { cart: value, step: 'search' } } });
+  assert.deepEqual(state, { cart: value, step: 'search' });
+
+  const appended = await client.appendMessages({
+    sessionId: session.sessionId,
+    messages: [user('Book it.', 3)],
+    stateDelta: { set: { step: 'done' }, remove: ['cart'] },
+  });
+  assert.equal(appended.session.messageCount, 1);
+  assert.deepEqual((await client.getState({ scope })).state, { step: 'done' });
+  assert.deepEqual((await client.getState({ scope, keys: ['step', 'absent'] })).state, { step: 'done' });
+
+  const mine = await client.updateState({ scope: { userId }, delta: { set: { home: 'Bergen' } } });
+  assert.deepEqual(mine.state, { home: 'Bergen' });
+  assert.deepEqual((await client.getState({ scope: { userId } })).state, { home: 'Bergen' });
+
+  const bad = await failure(client.updateState({ scope, delta: { set: { 'a\nb': 1 } } }));
+  assert.equal(bad.code, status.INVALID_ARGUMENT);
+  await assert.rejects(client.updateState({ scope, delta: { set: { a: Number.NaN } } }), TypeError);
+});

@@ -11,6 +11,7 @@ from chatsession_client._calls import (
     user,
 )
 from chatsession_client._payload import payload_of, payload_value
+from chatsession_client._state import state_delta
 from chatsession_client.client import SessionClient
 from chatsession_client.errors import (
     AfterSeqAheadError,
@@ -36,6 +37,7 @@ from chatsession_client.errors import (
     ResourceExhaustedError,
     ResourceInfo,
     SeqMismatchError,
+    StateFullError,
     SummaryClearedError,
     UnauthenticatedError,
     UnavailableError,
@@ -75,6 +77,7 @@ __all__ = [
     "SeqMismatchError",
     "Session",
     "SessionClient",
+    "StateFullError",
     "SummaryClearedError",
     "SyncSessionClient",
     "UnauthenticatedError",
@@ -86,6 +89,7 @@ __all__ = [
     "message",
     "payload_of",
     "payload_value",
+    "state_delta",
     "system",
     "tool",
     "user",

@@ -9,6 +9,8 @@
     chatsession fork SESSION --at-seq 4
     chatsession clear SESSION --keep-system-prompt
     chatsession usage --user alice
+    chatsession state SESSION --set 'cart={"nights": 3}' --remove draft
+    chatsession state --user alice
     chatsession rm SESSION
 
 --json prints one JSON document (the protobuf JSON mapping, as grpcurl prints it), or one JSON
@@ -33,6 +35,7 @@ from google.protobuf.message import Message as ProtoMessage
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client._calls import Message, Session, message
 from chatsession_client._payload import payload_of, payload_value
+from chatsession_client._state import state_delta
 from chatsession_client.errors import ChatSessionError
 from chatsession_client.retry import Retry
 from chatsession_client.sync import SyncSessionClient
@@ -151,6 +154,7 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     )
     append.add_argument("--request-id", help="idempotency key (default: a fresh one)")
     append.add_argument("--expected-last-seq", type=int, help="append only if this is the last seq")
+    _state_change_options(append, "state-", "with the message: ")
 
     show = command("show", "A session's metadata and its stored messages.")
     show.add_argument("session")
@@ -188,6 +192,16 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     usage = command("usage", "Messages, tokens and sessions a user created: in total, per model, per day.")
     usage.add_argument("--user", required=True)
 
+    state = command(
+        "state",
+        "A session's state (or with --user, the one a user's sessions share): print it, or change "
+        "it with --set and --remove (in one step) and print it after.",
+    )
+    state.add_argument("session", nargs="?", help="the session (or --user)")
+    state.add_argument("--user", help="the user whose shared state to read or change")
+    state.add_argument("--key", action="append", default=[], help="repeatable; print only these keys")
+    _state_change_options(state, "", "")
+
     rm = command("rm", "Delete a session.")
     rm.add_argument("session")
     rm.add_argument("--allow-missing", action="store_true", help="succeed if it does not exist")
@@ -201,6 +215,7 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
         "fork": fork,
         "clear": clear,
         "usage": usage,
+        "state": state,
         "rm": rm,
     }
 
@@ -364,6 +379,9 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
             [message(args.role, content, tokens=args.tokens, name=args.name, **payload)],
             request_id=args.request_id,
             expected_last_seq=args.expected_last_seq,
+            state_delta=state_delta(_state_values(args.state_set, "--state-set"), args.state_remove)
+            if args.state_set or args.state_remove
+            else None,
         )
         if out.json:
             out.document(_as_dict(appended))
@@ -424,6 +442,8 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
                 out.line(_counts_line(f"model {per_model.model or '(none)'}", per_model.usage))
             for per_day in usage.days:
                 out.line(_counts_line(per_day.day, per_day.usage))
+    elif args.command == "state":
+        _state(args, client, out)
     elif args.command == "rm":
         client.delete_session(args.session, allow_missing=args.allow_missing)
         if out.json:
@@ -487,3 +507,47 @@ def main(
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
+
+
+def _state_change_options(parser: argparse.ArgumentParser, prefix: str, purpose: str) -> None:
+    parser.add_argument(
+        f"--{prefix}set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help=f"repeatable; {purpose}set KEY of the state to the JSON value (a bare word is a string)",
+    )
+    parser.add_argument(
+        f"--{prefix}remove", action="append", default=[], metavar="KEY", help=f"repeatable; {purpose}drop KEY"
+    )
+
+
+def _state_values(pairs: Iterable[str], option: str) -> dict[str, Any]:
+    """The values --set (or --state-set) KEY=JSON pairs give."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise UsageError(f"{option} {pair!r}: expected KEY=JSON")
+        try:
+            values[key] = json.loads(text)
+        except ValueError:
+            values[key] = text  # `--set step=done`: a word is meant as a string
+    return values
+
+
+def _state(args: argparse.Namespace, client: SyncSessionClient, out: _Output) -> None:
+    if (args.session is None) == (args.user is None):
+        raise UsageError("name one state: a SESSION, or --user USER for the state a user's sessions share")
+    values = _state_values(args.set, "--set")
+    if not values and not args.remove:
+        state = client.get_state(args.session, user_id=args.user, keys=args.key or None)
+    elif args.key:
+        raise UsageError("--key reads part of a state: not with --set or --remove")
+    else:
+        state = client.update_state(args.session, values, remove=args.remove, user_id=args.user)
+    if out.json:
+        out.document({"state": state})
+    else:
+        for key, value in state.items():
+            out.line(f"{key}: {json.dumps(value, ensure_ascii=False)}")

@@ -177,6 +177,13 @@ class LabelsFullError(FailedPreconditionError):
     violation_type = "LABELS_FULL"
 
 
+class StateFullError(FailedPreconditionError):
+    """UpdateState or an append's state_delta: the state would hold more keys or bytes than the
+    server allows (--max-state-keys, --max-state-bytes); nothing was changed (nor appended)."""
+
+    violation_type = "STATE_FULL"
+
+
 class UnavailableError(ChatSessionError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -244,6 +251,7 @@ _BY_PRECONDITION: dict[str, type[FailedPreconditionError]] = {
         AtSeqBeyondLastError,
         AtSeqTrimmedError,
         LabelsFullError,
+        StateFullError,
     )
 }
 

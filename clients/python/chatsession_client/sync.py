@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message as ProtoMessage
 
 from chatsession.v1 import session_service_pb2 as pb
-from chatsession_client import _calls
+from chatsession_client import _calls, _state
 from chatsession_client._calls import Message, Session
 from chatsession_client.errors import ChatSessionError, from_rpc_error
 from chatsession_client.retry import Retry
@@ -73,6 +73,8 @@ class _BlockingStub:
         self.ClearMessages = _unary(
             channel, "ClearMessages", pb.ClearMessagesRequest, pb.ClearMessagesResponse
         )
+        self.GetState = _unary(channel, "GetState", pb.GetStateRequest, pb.GetStateResponse)
+        self.UpdateState = _unary(channel, "UpdateState", pb.UpdateStateRequest, pb.UpdateStateResponse)
         self.WatchMessages: grpc.UnaryStreamMultiCallable[
             pb.WatchMessagesRequest, pb.WatchMessagesResponse
         ] = channel.unary_stream(
@@ -240,11 +242,16 @@ class SyncSessionClient:
         *,
         request_id: str | None = None,
         expected_last_seq: int | None = None,
+        state_delta: Mapping[str, Any] | _state.StateDelta | None = None,
     ) -> pb.AppendMessagesResponse:
-        """Append messages. A request_id is generated when not given, so a retry never duplicates."""
+        """Append messages. A request_id is generated when not given, so a retry never duplicates.
+        `state_delta` changes the session's state in the same step: a mapping sets those keys
+        (any JSON-able values), a `state_delta(values, remove=...)` also removes keys."""
         request = _calls.append_request(
             session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq
         )
+        if state_delta is not None:
+            request.state_delta.CopyFrom(_state.as_state_delta(state_delta))
         return self._call(self._stub.AppendMessages, request)
 
     def list_messages(
@@ -344,3 +351,25 @@ class SyncSessionClient:
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return self._call(self._stub.ClearMessages, request).session
+
+    def get_state(
+        self, session_id: str | None = None, *, user_id: str | None = None, keys: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """A session's state, or with `user_id=` the state every session of that user shares, as
+        Python values; with `keys`, only those of them it holds."""
+        request = _state.get_state_request(session_id, user_id, keys)
+        return _state.state_of(self._call(self._stub.GetState, request).state)
+
+    def update_state(
+        self,
+        session_id: str | None = None,
+        values: Mapping[str, Any] | None = None,
+        *,
+        remove: Iterable[str] = (),
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Set `values` (key -> any JSON-able value) and remove the keys `remove` in one atomic
+        step, in a session's state or (`user_id=`) a user's; returns the whole state after it.
+        Safe to retry: the values are absolute."""
+        request = _state.update_state_request(session_id, user_id, values, remove)
+        return _state.state_of(self._call(self._stub.UpdateState, request).state)

@@ -41,6 +41,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
     scope_owner,
 )
@@ -368,6 +370,7 @@ class AuthorizedStorage(StorageLayer):
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult:
         return await super().append(
             session_id,
@@ -375,6 +378,7 @@ class AuthorizedStorage(StorageLayer):
             request_id=request_id,
             expected_last_seq=expected_last_seq,
             owners=_owners(owners),
+            state_delta=state_delta,
         )
 
     async def list_messages(
@@ -413,6 +417,25 @@ class AuthorizedStorage(StorageLayer):
         return await super().clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
         )
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        return await super().get_state(scope, keys, owners=_state_owners(scope, owners))
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        return await super().update_state(scope, delta, owners=_state_owners(scope, owners))
+
+
+def _state_owners(scope: StateScope, asked: Collection[str] | None) -> Collection[str] | None:
+    """A session's state is the session's: its owner is checked with it (another user's is not
+    found); a user's state needs a grant for that user (PERMISSION_DENIED, as ListSessions)."""
+    if scope.session_id:
+        return _owners(asked)
+    _require_user(scope.user_id)
+    return asked
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

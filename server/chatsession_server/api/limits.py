@@ -61,3 +61,15 @@ class Limits:
             max_append_bytes=settings.max_append_bytes,
             max_clock_skew_seconds=settings.max_clock_skew_seconds,
         )
+
+
+# State (GetState, UpdateState, AppendMessagesRequest.state_delta). What a scope may hold in all
+# is a setting (--max-state-keys, --max-state-bytes); these bound one request.
+MAX_STATE_KEY_BYTES = 256
+MAX_STATE_VALUE_BYTES = 256 * 1024
+"""a value's JSON text, UTF-8"""
+MAX_STATE_DEPTH = 32
+"""arrays and objects nested in one value: a protobuf reader (upb, C++) refuses a message nested
+past 100 deep, and a reply holds a value 3 messages down, 3 more per object: 32 still reads"""
+MAX_STATE_DELTA_KEYS = 1000
+"""keys one change sets and removes, together, and one GetState names"""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, MutableMapping
 from typing import Any, TypeAlias
 
+from google.protobuf import struct_pb2
 from grpc import aio
 
 from chatsession.v1 import session_service_pb2 as pb
@@ -20,6 +21,7 @@ from chatsession_server.api.convert import (
 )
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
+from chatsession_server.api.state_values import fill_value
 from chatsession_server.api.watch import Watch
 from chatsession_server.errors import SessionNotFound
 from chatsession_server.ports import MessageFeed, SessionStorage
@@ -87,8 +89,9 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         self, request: pb.AppendMessagesRequest, context: Context
     ) -> pb.AppendMessagesResponse:
         session_id, messages, request_id, expected = validation.append_messages(request, self._limits)
+        state_delta = validation.append_state_delta(request)
         result = await self._store.append(
-            session_id, messages, request_id=request_id, expected_last_seq=expected
+            session_id, messages, request_id=request_id, expected_last_seq=expected, state_delta=state_delta
         )
         reply = pb.AppendMessagesResponse(session=session_to_proto(result.session), replayed=result.replayed)
         add_messages(reply.messages, result.messages)
@@ -157,3 +160,20 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return pb.ClearMessagesResponse(session=session_to_proto(session))
+
+    async def GetState(self, request: pb.GetStateRequest, context: Context) -> pb.GetStateResponse:
+        scope, keys = validation.get_state(request)
+        reply = pb.GetStateResponse()
+        _fill_state(reply.state, await self._store.get_state(scope, keys))
+        return reply
+
+    async def UpdateState(self, request: pb.UpdateStateRequest, context: Context) -> pb.UpdateStateResponse:
+        scope, delta = validation.update_state(request)
+        reply = pb.UpdateStateResponse()
+        _fill_state(reply.state, await self._store.update_state(scope, delta))
+        return reply
+
+
+def _fill_state(target: MutableMapping[str, struct_pb2.Value], state: Mapping[str, str]) -> None:
+    for key, text in state.items():
+        fill_value(target[key], text)

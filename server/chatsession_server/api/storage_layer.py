@@ -20,6 +20,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
 )
 from chatsession_server.ports import SessionStorage
@@ -63,9 +65,15 @@ class StorageLayer:
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult:
         return await self._inner.append(
-            session_id, messages, request_id=request_id, expected_last_seq=expected_last_seq, owners=owners
+            session_id,
+            messages,
+            request_id=request_id,
+            expected_last_seq=expected_last_seq,
+            owners=owners,
+            state_delta=state_delta,
         )
 
     async def list_messages(
@@ -100,3 +108,13 @@ class StorageLayer:
         return await self._inner.clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=owners
         )
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        return await self._inner.get_state(scope, keys, owners=owners)
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        return await self._inner.update_state(scope, delta, owners=owners)

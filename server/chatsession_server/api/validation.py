@@ -15,6 +15,7 @@ from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.payload import PayloadError, PayloadTooLarge, payload_json
+from chatsession_server.api.state_values import BadValue, value_to_json
 from chatsession_server.domain import (
     NEVER_EXPIRES,
     RESERVED_LABELS,
@@ -26,6 +27,8 @@ from chatsession_server.domain import (
     NewSession,
     Role,
     SessionPatch,
+    StateDelta,
+    StateScope,
     ToolCall,
     scope_owner,
     scope_rule,
@@ -584,3 +587,91 @@ def clear_messages(request: session_service_pb2.ClearMessagesRequest) -> tuple[s
     v.id("request_id", request.request_id, required=False)
     v.raise_if_any()
     return request.session_id, request.keep_system_prompt, request.request_id
+
+
+# --- State ------------------------------------------------------------------------------------
+
+# C0 and C1 control characters and DEL: a key is shown, logged and typed by people.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_STATE_KEY_RULE = f"state keys must be 1-{L.MAX_STATE_KEY_BYTES} bytes of UTF-8 without control characters"
+
+
+def _state_key(v: Violations, field: str, key: str) -> None:
+    if not 1 <= len(key.encode()) <= L.MAX_STATE_KEY_BYTES or _CONTROL_CHARACTER.search(key):
+        v.add(field, _STATE_KEY_RULE)
+
+
+def _state_scope(v: Violations, field: str, scope: session_service_pb2.StateScope, given: bool) -> StateScope:
+    which = scope.WhichOneof("scope") if given else None
+    if which == "session_id":
+        v.session_id(f"{field}.session_id", scope.session_id)
+        return StateScope(session_id=scope.session_id)
+    if which == "user_id":
+        v.id(f"{field}.user_id", scope.user_id)
+        return StateScope(user_id=scope.user_id)
+    v.add(field, "is required: set session_id or user_id")
+    return StateScope()
+
+
+def state_delta(v: Violations, field: str, delta: session_service_pb2.StateDelta) -> StateDelta:
+    """A delta's keys and values, each value as the JSON text to store."""
+    to_set, to_remove = delta.set, delta.remove
+    count = len(to_set) + len(to_remove)
+    if count > L.MAX_STATE_DELTA_KEYS:
+        # Said at once: a million keys are not checked one by one.
+        v.add(field, f"must set and remove at most {L.MAX_STATE_DELTA_KEYS} keys together, not {count}")
+        return StateDelta()
+    texts: dict[str, str] = {}
+    for key, value in to_set.items():
+        if v.full:
+            break
+        name = f"{field}.set[{key!r}]"
+        _state_key(v, name, key)
+        try:
+            text = value_to_json(value, L.MAX_STATE_DEPTH)
+        except BadValue as exc:
+            v.add(name, str(exc))
+            continue
+        size = len(text.encode())
+        if size > L.MAX_STATE_VALUE_BYTES:
+            v.add(name, f"is {size} bytes as JSON; the limit is {L.MAX_STATE_VALUE_BYTES}")
+        texts[key] = text
+    for i, key in enumerate(to_remove):
+        if v.full:
+            break
+        _state_key(v, f"{field}.remove[{i}]", key)
+        if key in to_set:
+            v.add(f"{field}.remove[{i}]", f"{key!r} is in {field}.set too: a key is set or removed, not both")
+    return StateDelta(texts, frozenset(to_remove))
+
+
+def get_state(request: session_service_pb2.GetStateRequest) -> tuple[StateScope, list[str]]:
+    """The scope and the keys to read (none: the whole state)."""
+    v = Violations()
+    scope = _state_scope(v, "scope", request.scope, request.HasField("scope"))
+    keys = list(request.keys)
+    if len(keys) > L.MAX_STATE_DELTA_KEYS:
+        v.add("keys", f"must name at most {L.MAX_STATE_DELTA_KEYS} keys, not {len(keys)}")
+        v.raise_if_any()
+    for i, key in enumerate(keys):
+        _state_key(v, f"keys[{i}]", key)
+    v.raise_if_any()
+    return scope, list(dict.fromkeys(keys))
+
+
+def update_state(request: session_service_pb2.UpdateStateRequest) -> tuple[StateScope, StateDelta]:
+    v = Violations()
+    scope = _state_scope(v, "scope", request.scope, request.HasField("scope"))
+    delta = state_delta(v, "delta", request.delta)
+    v.raise_if_any()
+    return scope, delta
+
+
+def append_state_delta(request: session_service_pb2.AppendMessagesRequest) -> StateDelta | None:
+    """AppendMessagesRequest.state_delta (None when absent), checked apart from the messages."""
+    if not request.HasField("state_delta"):
+        return None
+    v = Violations()
+    delta = state_delta(v, "state_delta", request.state_delta)
+    v.raise_if_any()
+    return delta

@@ -476,3 +476,39 @@ def fork_fields(
     if request_id:
         fields[MetaField.CREATE_REQUEST_ID] = request_id
     return fields
+
+
+# --- State (KeySpace.state, KeySpace.user_state) ------------------------------------------------
+
+STATE_BYTES_FIELD = ""
+"""The field of a state HASH that holds the bytes of its keys and values (no key is empty)."""
+
+
+def encode_state_delta(to_set: Mapping[str, str], to_remove: Iterable[str]) -> str:
+    """A state change as the scripts take it: '' for none, else the JSON
+    `[[key, json text, key, json text, ...], [key to remove, ...]]`, keys sorted (so that the same
+    change is the same text). The values are the JSON texts to store, carried as JSON strings:
+    cjson gives a string back byte for byte, so no script ever re-encodes a value."""
+    removed = sorted(set(to_remove))
+    if not to_set and not removed:
+        return ""
+    pairs = [item for key in sorted(to_set) for item in (key, to_set[key])]
+    return _BODY_ENCODER.encode([pairs, removed])
+
+
+def decode_state(flat: Sequence[bytes]) -> dict[str, str]:
+    """A state HASH as HGETALL gives it to a script (a flat array): key -> JSON text, without
+    the bytes field."""
+    return {
+        flat[i].decode(): flat[i + 1].decode()
+        for i in range(0, len(flat), 2)
+        if flat[i] != STATE_BYTES_FIELD.encode()
+    }
+
+
+def state_fingerprint(fingerprint: str, encoded_delta: str) -> str:
+    """An append's fingerprint with its state change: a request_id reused with another change is
+    another request. Without a change the fingerprint is the messages' alone, as it always was."""
+    if not encoded_delta:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}\n{encoded_delta}".encode()).hexdigest()

@@ -20,6 +20,8 @@ PAGE_TOKEN_SECRET = "chatsession:page_token_key"
 SUMMARY_PREFIX = "summary:"
 USAGE_PREFIX = "usage:"
 USAGE_SEEN_PREFIX = "usage_seen:"
+STATE_PREFIX = "state:"
+USER_STATE_PREFIX = "user_state:"
 
 HASH_TAG_END = "}"
 """Closes the hash tag a `*_head` opens: a script names an owner's key as head, user id, this."""
@@ -102,6 +104,19 @@ class KeySpace:
         """STRING: the random secret that signs ListSessions page tokens when none is configured
         (created once by the first server to start, then shared by every replica). No expiry."""
         return f"{self.prefix}{PAGE_TOKEN_SECRET}"
+
+    def state(self, session_id: str) -> str:
+        """HASH of the session's state: key -> the value's JSON text (as the caller's
+        google.protobuf.Value, written once by Python, never re-encoded), and the field "" (no key
+        is empty) -> the bytes of every other key and value, which the limits are checked against.
+        Same slot and expiry as the session's other keys; deleted and forked with it, kept by
+        ClearMessages and CompactMessages; absent while the state is empty."""
+        return f"{self.prefix}{STATE_PREFIX}{{{session_id}}}"
+
+    def user_state(self, user_id: str) -> str:
+        """HASH of the state every session of a user shares, as `state` holds it. In the user's
+        slot (beside `user_sessions:{<user_id>}`); no expiry: it outlives the user's sessions."""
+        return f"{self.prefix}{USER_STATE_PREFIX}{{{user_id}}}"
 
 
 DEFAULT_KEY_SPACE = KeySpace()

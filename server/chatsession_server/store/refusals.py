@@ -192,3 +192,14 @@ def clear_refused(status: Status, session_id: str, request_id: str) -> ChatSessi
     if status is Status.REQUEST_ID_REUSED:
         return request_id_reused(request_id)
     return SessionNotFound(session_id)
+
+
+def state_full(reply: Any, *, field: str, max_keys: int, max_bytes: int) -> PreconditionFailed:
+    """A state change that would take the state past --max-state-keys or --max-state-bytes (and
+    grow it): nothing was changed (nor appended, for an append's state_delta)."""
+    keys, size = int(reply[1]), int(reply[2])
+    if keys > max_keys:
+        held = f"{keys} keys; the limit is {max_keys} (--max-state-keys)"
+    else:
+        held = f"{size} bytes of keys and JSON values; the limit is {max_bytes} (--max-state-bytes)"
+    return PreconditionFailed("STATE_FULL", field, f"the state would hold {held}: remove keys first")

@@ -35,6 +35,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    StateDelta,
+    StateScope,
     UserUsage,
     scope_owner,
     scope_rule,
@@ -42,7 +44,7 @@ from chatsession_server.domain import (
 from chatsession_server.errors import FieldViolation, InvalidArgument, SessionAlreadyExists, SessionNotFound
 from chatsession_server.store import codec, keys, refusals
 from chatsession_server.store.listing import PAGE_BYTES, SessionListing
-from chatsession_server.store.lua import session_scripts
+from chatsession_server.store.lua import session_scripts, state_scripts
 from chatsession_server.store.lua.runtime import LuaScript, ScriptRunner, Status, owners_arg
 from chatsession_server.store.owner_index import INDEX_PRUNE_GRACE_SECONDS, owner_index_for
 from chatsession_server.store.valkey import ValkeyConnection
@@ -61,6 +63,8 @@ class SessionStore:
         max_session_bytes: int = 0,
         max_fork_bytes: int = 0,
         max_fork_messages: int = 0,
+        max_state_keys: int = 1000,
+        max_state_bytes: int = 512 * 1024,
         clock: Callable[[], float] = time.time,
         prune_grace_seconds: float = INDEX_PRUNE_GRACE_SECONDS,
         max_ttl_seconds: int = 30 * 86_400,
@@ -73,6 +77,8 @@ class SessionStore:
         self._max_session_bytes = max_session_bytes
         self._max_fork_bytes = max_fork_bytes
         self._max_fork_messages = max_fork_messages
+        self._max_state_keys = max_state_keys
+        self._max_state_bytes = max_state_bytes
         self._clock = clock
         self._publish = "SPUBLISH" if conn.cluster else "PUBLISH"
         self._scripts = ScriptRunner(conn)
@@ -93,6 +99,10 @@ class SessionStore:
             self._keys.requests(session_id),
             self._keys.summary(session_id),
         ]
+
+    def _session_keys_and_state(self, session_id: str) -> list[str]:
+        """The session's keys, its state's last: for the scripts that write or expire it too."""
+        return [*self._session_keys(session_id), self._keys.state(session_id)]
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         """Create a session; returns it and whether this was a replay of an earlier create."""
@@ -129,7 +139,7 @@ class SessionStore:
         around it; returns the session and whether this was a replay."""
         status, reply = await self._owner_index.write_new(
             script,
-            self._session_keys(session_id),
+            self._session_keys_and_state(session_id),
             args,
             user_id=user_id,
             session_id=session_id,
@@ -221,7 +231,9 @@ class SessionStore:
             set_count=len(to_set),
             changes=[*codec.flatten(to_set.items()), *to_delete],
         )
-        status, reply = await self._scripts.call(session_scripts.UPDATE, self._session_keys(session_id), args)
+        status, reply = await self._scripts.call(
+            session_scripts.UPDATE, self._session_keys_and_state(session_id), args
+        )
         if status is not Status.OK:
             raise refusals.update_refused(status, reply, session_id, self._max_labels)
         await self._conn.replicated(self._keys.meta(session_id))
@@ -236,7 +248,9 @@ class SessionStore:
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
         )
-        status, reply = await self._scripts.call(session_scripts.DELETE, self._session_keys(session_id), args)
+        status, reply = await self._scripts.call(
+            session_scripts.DELETE, self._session_keys_and_state(session_id), args
+        )
         if status is Status.NOT_FOUND:
             return False
         await self._conn.replicated(self._keys.meta(session_id))
@@ -251,17 +265,19 @@ class SessionStore:
         request_id: str = "",
         expected_last_seq: int | None = None,
         owners: Collection[str] | None = None,
+        state_delta: StateDelta | None = None,
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
         own_times = [m.created_at for m in messages if m.created_at is not None]
         active_at = max(own_times) if len(own_times) == len(messages) else max([now, *own_times])
+        delta = codec.encode_state_delta(state_delta.to_set, state_delta.to_remove) if state_delta else ""
         args = session_scripts.AppendArgs(
             owners=owners_arg(owners),
             now=codec.format_time(active_at),
             caller_time=bool(own_times),
             request_id=request_id,
-            fingerprint=codec.fingerprint(messages) if request_id else "",
+            fingerprint=codec.state_fingerprint(codec.fingerprint(messages), delta) if request_id else "",
             expected_last_seq=expected_last_seq,
             token_sum=sum(m.tokens for m in messages),
             index_key_head=self._owner_index.index_head,
@@ -274,9 +290,14 @@ class SessionStore:
             usage_key_head=self._owner_index.usage_head,
             usage_days=codec.usage_days(now),
             with_payload=any(m.payload is not None for m in messages),
+            state_delta=delta,
+            max_state_keys=self._max_state_keys,
+            max_state_bytes=self._max_state_bytes,
             bodies=bodies,
         )
-        status, reply = await self._scripts.call(session_scripts.APPEND, self._session_keys(session_id), args)
+        status, reply = await self._scripts.call(
+            session_scripts.APPEND, self._session_keys_and_state(session_id), args
+        )
         if status is Status.OK:
             first_seq = int(reply[1])
             # The script stored exactly stored_json(seq, body): the reply is built from the
@@ -288,6 +309,10 @@ class SessionStore:
             stored = codec.decode_messages(reply[2])
             described = reply[3]
             result = AppendResult(stored, codec.decode_described(session_id, described), replayed=True)
+        elif status is Status.STATE_FULL:
+            raise refusals.state_full(
+                reply, field="state_delta", max_keys=self._max_state_keys, max_bytes=self._max_state_bytes
+            )
         else:
             raise refusals.append_refused(
                 status,
@@ -331,7 +356,12 @@ class SessionStore:
         origin = f"{source} {'' if fork.at_seq is None else fork.at_seq}"
         status, reply = await self._scripts.call(
             session_scripts.FORK_READ,
-            [self._keys.chat(source), self._keys.meta(source), self._keys.summary(source)],
+            [
+                self._keys.chat(source),
+                self._keys.meta(source),
+                self._keys.summary(source),
+                self._keys.state(source),
+            ],
             session_scripts.ForkReadArgs(
                 owners_arg(owners), fork.at_seq, self._max_fork_bytes, self._max_fork_messages
             ),
@@ -348,7 +378,7 @@ class SessionStore:
                     max_fork_messages=self._max_fork_messages,
                 )
             return found, True
-        _, meta_flat, prompt, recent, summary = reply
+        _, meta_flat, prompt, recent, summary, state_flat = reply
         items, summary_json, message_count, token_count = codec.fork_contents(prompt, summary, recent)
         now = codec.format_time(self._clock())
         fields = codec.fork_fields(
@@ -374,6 +404,7 @@ class SessionStore:
             ttl=int(fields[codec.MetaField.TTL_SECONDS]),
             model=fields.get(codec.MetaField.MODEL, ""),
             summary_json=summary_json,
+            state_copy=codec.encode_state_delta(codec.decode_state(state_flat), ()),
             field_count=len(fields),
             payload=[*codec.flatten(fields.items()), *items],
         )
@@ -405,6 +436,7 @@ class SessionStore:
             model="",
             usage_days=codec.usage_days(float(now)) if now else "",  # "": a probe counts nothing
             summary_json="",
+            state_copy="",
             field_count=0,
             payload=[],
         )
@@ -512,6 +544,52 @@ class SessionStore:
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         """A page of the user's live sessions, most recently active first (see listing.py)."""
         return await self._listing.list_sessions(user_id, limit, cursor)
+
+    def _state_keys(self, scope: StateScope) -> list[str]:
+        """A session's state and its meta (whose owner the scripts check), or a user's state."""
+        if scope.session_id:
+            return [self._keys.state(scope.session_id), self._keys.meta(scope.session_id)]
+        return [self._keys.user_state(scope.user_id)]
+
+    async def get_state(
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """The state (key -> JSON text), or its `keys` that it holds; `owners` as for a session
+        (a user's state is the caller's to check)."""
+        status, reply = await self._scripts.call(
+            state_scripts.GET_STATE,
+            self._state_keys(scope),
+            state_scripts.GetStateArgs(owners_arg(owners) if scope.session_id else "", list(keys)),
+        )
+        if status is Status.NOT_FOUND:
+            raise SessionNotFound(scope.session_id)
+        if not keys:
+            return codec.decode_state(reply[1])
+        return {key: value.decode() for key, value in zip(keys, reply[1], strict=True) if value is not None}
+
+    async def update_state(
+        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+    ) -> dict[str, str]:
+        """Applies `delta` in one step; the whole state after it (key -> JSON text)."""
+        state_keys = self._state_keys(scope)
+        status, reply = await self._scripts.call(
+            state_scripts.UPDATE_STATE,
+            state_keys,
+            state_scripts.UpdateStateArgs(
+                owners_arg(owners) if scope.session_id else "",
+                self._max_state_keys,
+                self._max_state_bytes,
+                codec.encode_state_delta(delta.to_set, delta.to_remove),
+            ),
+        )
+        if status is Status.NOT_FOUND:
+            raise SessionNotFound(scope.session_id)
+        if status is Status.STATE_FULL:
+            raise refusals.state_full(
+                reply, field="delta", max_keys=self._max_state_keys, max_bytes=self._max_state_bytes
+            )
+        await self._conn.replicated(state_keys[0])
+        return codec.decode_state(reply[1])
 
 
 # GetSession read_mask paths read from a meta field of their own.

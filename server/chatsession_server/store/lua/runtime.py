@@ -45,6 +45,7 @@ class Status(enum.StrEnum):
     UP_TO_SEQ_AHEAD = "up_to_seq_ahead"
     UP_TO_SEQ_IN_PROMPT = "up_to_seq_in_prompt"
     ALREADY_COMPACTED = "already_compacted"
+    STATE_FULL = "state_full"
 
     @classmethod
     def of(cls, reply: Any) -> Status:
@@ -85,6 +86,7 @@ def _constants() -> str:
         f"local REPLY_BYTES_PATTERN = {_lua_string(codec.REPLY_BYTES_PATTERN)}",
         f"local SUMMARIZES_HEAD = {_lua_string(codec.SUMMARIZES_HEAD)}",
         f"local HASH_TAG_END = {_lua_string(keys.HASH_TAG_END)}",
+        f"local STATE_BYTES_FIELD = {_lua_string(codec.STATE_BYTES_FIELD)}",
     ]
     lines += [f"local PUBLISH_{kind.name} = {_lua_string(kind.value)}" for kind in codec.PublishKind]
     lines += [f"local USAGE_{m.upper()} = {_lua_string(m)}" for m in codec.USAGE_METRICS]

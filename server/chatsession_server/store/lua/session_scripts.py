@@ -11,7 +11,8 @@ Layout of a session (see also keys.py):
              compactions ("fingerprint up_to_seq 0") and clears ("fingerprint last_seq 0").
   summary:{id}  STRING: CompactMessages' summary, stored JSON with seq = the last seq it replaces
              (pinned < seq <= base: it stands where the messages it replaced were).
-All four expire together. On standalone Valkey the create, append, delete and fork scripts also
+  state:{id}  HASH: the session's state (see state_scripts.py).
+All five expire together. On standalone Valkey the create, append, delete and fork scripts also
 keep the owner's index `user_sessions:{uid}` and usage `usage:{uid}` exact in the same step (they
 are given their keys or the heads of their names); in a cluster those live in another slot and
 owner_index.py keeps them in a second step.
@@ -25,6 +26,7 @@ from typing import Any
 
 from chatsession_server.store.lua.prelude import USAGE_LUA
 from chatsession_server.store.lua.runtime import LuaScript
+from chatsession_server.store.lua.state_scripts import STATE_LUA
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,7 @@ class CreateArgs:
 
 # KEYS: index is given on standalone Valkey only (in a cluster the caller adds the entry first).
 CREATE = LuaScript(
-    ("chat", "meta", "reqs", "summary", "index"),
+    ("chat", "meta", "reqs", "summary", "state", "index"),
     CreateArgs,
     USAGE_LUA
     + r"""
@@ -58,7 +60,7 @@ if existing[1] then
   return {ST_EXISTS, existing[1], existing[3]}
 end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
-redis.call('DEL', chat, reqs, summary)
+redis.call('DEL', chat, reqs, summary, state)
 redis.call('HSET', meta, unpack(ARGV, fields_from))
 expire_together(ttl, meta)
 if index then redis.call('ZADD', index, now, session_id) end
@@ -97,6 +99,10 @@ class AppendArgs:
     usage_days: str
     with_payload: bool
     """a message carries a payload: the session's PAYLOADS flag is set"""
+    state_delta: str
+    """codec.encode_state_delta's ('' for none): applied with the messages, or neither is"""
+    max_state_keys: int
+    max_state_bytes: int
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -105,9 +111,10 @@ class AppendArgs:
 # are small enough: watchers get them without a read, and re-read the LIST when they are not
 # there. The owner lets a watch tell its session from a namesake created after it expired.
 APPEND = LuaScript(
-    ("chat", "meta", "reqs", "summary"),
+    ("chat", "meta", "reqs", "summary", "state"),
     AppendArgs,
     USAGE_LUA
+    + STATE_LUA
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
                      F_LAST_ACTIVE, F_STORED_BYTES)
@@ -141,6 +148,9 @@ for _, item in ipairs(items) do size = size + #item end
 local stored = tonumber(m[7] or '0')
 local cap = tonumber(max_session_bytes)
 if cap > 0 and stored + size > cap then return {ST_TOO_LARGE, stored, size} end
+-- The last check, and the first write: a state too full refuses the messages too.
+local state_refused = apply_state_delta(state, state_delta, max_state_keys, max_state_bytes)
+if state_refused then return state_refused end
 local len = redis.call('RPUSH', chat, unpack(items))
 redis.call('HINCRBY', meta, F_STORED_BYTES, size)
 local last_active = m[6]
@@ -157,7 +167,7 @@ if request_id ~= '' then
                    idempotency_limit)
 end
 local ttl = m[3]
-expire_together(ttl, chat, meta, reqs, summary)
+expire_together(ttl, chat, meta, reqs, summary, state)
 if index_key_head ~= '' then
   redis.call('ZADD', owner_key(index_key_head, m[1]), last_active, session_id)
 end
@@ -297,7 +307,7 @@ class UpdateArgs:
 
 # Checks the label count the change would leave before it writes anything.
 UPDATE = LuaScript(
-    ("chat", "meta", "reqs", "summary"),
+    ("chat", "meta", "reqs", "summary", "state"),
     UpdateArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
@@ -334,7 +344,7 @@ if max_messages ~= '' then
 end
 if ttl ~= '' then
   redis.call('HSET', meta, F_TTL_SECONDS, ttl)
-  expire_together(ttl, chat, meta, reqs, summary)
+  expire_together(ttl, chat, meta, reqs, summary, state)
 elseif max_messages ~= '' then
   -- A trim may have emptied and re-created the list, dropping its expiry.
   expire_with_meta(meta, chat)
@@ -355,13 +365,13 @@ class DeleteArgs:
 
 
 DELETE = LuaScript(
-    ("chat", "meta", "reqs", "summary"),
+    ("chat", "meta", "reqs", "summary", "state"),
     DeleteArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
 local uid = m[1]
 if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
-redis.call('DEL', chat, meta, reqs, summary)
+redis.call('DEL', chat, meta, reqs, summary, state)
 if index_key_head ~= '' then redis.call('ZREM', owner_key(index_key_head, uid), session_id) end
 redis.call(publish_command, channel, PUBLISH_DELETED)
 return {ST_OK, uid, m[2]}
@@ -385,7 +395,7 @@ class ForkReadArgs:
 # of what it replaced; the window's messages up to at_seq. at_seq must name a message still
 # stored (or the summary's last seq, or lie within the prompt), else TRIMMED.
 FORK_READ = LuaScript(
-    ("chat", "meta", "summary"),
+    ("chat", "meta", "summary", "state"),
     ForkReadArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
@@ -416,7 +426,8 @@ local recent = {}
 if at > base then recent = read_range(chat, mc, len, pinned, base + 1, at) end
 local kept_summary = ''
 if summary_json and at > pinned then kept_summary = summary_json end
-return {ST_OK, redis.call('HGETALL', meta), prompt, recent, kept_summary}
+-- The state as it is now (it has no history: at_seq does not change it).
+return {ST_OK, redis.call('HGETALL', meta), prompt, recent, kept_summary, redis.call('HGETALL', state)}
 """,
 )
 
@@ -440,6 +451,8 @@ class ForkWriteArgs:
     usage_days: str
     summary_json: str
     """'' for none"""
+    state_copy: str
+    """the source's state as a delta that sets it all (codec.encode_state_delta), '' for none"""
     field_count: int
     """how many field/value pairs of the new meta HASH lead `payload`"""
     payload: Sequence[str]
@@ -450,9 +463,10 @@ class ForkWriteArgs:
 # absent. A retry with the same request_id (and the same source and at_seq) finds the fork and
 # returns it; anything else already there is EXISTS. KEYS: index on standalone Valkey only.
 FORK_WRITE = LuaScript(
-    ("chat", "meta", "reqs", "summary", "index"),
+    ("chat", "meta", "reqs", "summary", "state", "index"),
     ForkWriteArgs,
     USAGE_LUA
+    + STATE_LUA
     + r"""
 local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
 if existing[1] then
@@ -466,14 +480,15 @@ if existing[1] then
 end
 if probe == '1' then return {ST_NOT_FOUND} end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
-redis.call('DEL', chat, reqs, summary)
+redis.call('DEL', chat, reqs, summary, state)
 local first_item = payload_from + 2 * tonumber(field_count)
 redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
 for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
   redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
 end
 if summary_json ~= '' then redis.call('SET', summary, summary_json) end
-expire_together(ttl, chat, meta, summary)
+apply_state_delta(state, state_copy, 0, 0)  -- no cap: the source held it
+expire_together(ttl, chat, meta, summary, state)
 if index then redis.call('ZADD', index, now, session_id) end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}

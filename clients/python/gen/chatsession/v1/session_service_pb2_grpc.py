@@ -106,6 +106,16 @@ class SessionServiceStub:
                 request_serializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesRequest.SerializeToString,
                 response_deserializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesResponse.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/chatsession.v1.SessionService/GetState',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetStateResponse.FromString,
+                _registered_method=True)
+        self.UpdateState = channel.unary_unary(
+                '/chatsession.v1.SessionService/UpdateState',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -216,6 +226,23 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """Reads a state (a JSON map of a session, or shared by a user's sessions): whole, or the
+        named keys. A session of another user is NOT_FOUND; another user's state PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateState(self, request, context):
+        """Sets and removes keys of a state in one atomic step, and returns the state after it.
+        FAILED_PRECONDITION (STATE_FULL) when the state would hold more keys or bytes than the
+        server allows, and nothing is changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -283,6 +310,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ClearMessages,
                     request_deserializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesRequest.FromString,
                     response_serializer=chatsession_dot_v1_dot_session__service__pb2.ClearMessagesResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.GetStateRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.GetStateResponse.SerializeToString,
+            ),
+            'UpdateState': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateState,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -643,6 +680,60 @@ class SessionService:
             '/chatsession.v1.SessionService/ClearMessages',
             chatsession_dot_v1_dot_session__service__pb2.ClearMessagesRequest.SerializeToString,
             chatsession_dot_v1_dot_session__service__pb2.ClearMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/GetState',
+            chatsession_dot_v1_dot_session__service__pb2.GetStateRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.GetStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/UpdateState',
+            chatsession_dot_v1_dot_session__service__pb2.UpdateStateRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.UpdateStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,15 @@ class SessionServiceStub:
     """Empties a session's history and summary, keeping the session, its metadata, counters and
     expiry (and the pinned system prompt when asked).
     """
+    GetState: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetStateRequest, _session_service_pb2.GetStateResponse]
+    """Reads a state (a JSON map of a session, or shared by a user's sessions): whole, or the
+    named keys. A session of another user is NOT_FOUND; another user's state PERMISSION_DENIED.
+    """
+    UpdateState: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateStateRequest, _session_service_pb2.UpdateStateResponse]
+    """Sets and removes keys of a state in one atomic step, and returns the state after it.
+    FAILED_PRECONDITION (STATE_FULL) when the state would hold more keys or bytes than the
+    server allows, and nothing is changed.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -186,6 +195,27 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_session_service_pb2.ClearMessagesResponse]:
         """Empties a session's history and summary, keeping the session, its metadata, counters and
         expiry (and the pinned system prompt when asked).
+        """
+
+    @_abc_1.abstractmethod
+    def GetState(
+        self,
+        request: _session_service_pb2.GetStateRequest,
+        context: _aio.ServicerContext[_session_service_pb2.GetStateRequest, _abc.Awaitable[_session_service_pb2.GetStateResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.GetStateResponse]:
+        """Reads a state (a JSON map of a session, or shared by a user's sessions): whole, or the
+        named keys. A session of another user is NOT_FOUND; another user's state PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateState(
+        self,
+        request: _session_service_pb2.UpdateStateRequest,
+        context: _aio.ServicerContext[_session_service_pb2.UpdateStateRequest, _abc.Awaitable[_session_service_pb2.UpdateStateResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.UpdateStateResponse]:
+        """Sets and removes keys of a state in one atomic step, and returns the state after it.
+        FAILED_PRECONDITION (STATE_FULL) when the state would hold more keys or bytes than the
+        server allows, and nothing is changed.
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...
