@@ -214,6 +214,7 @@ class ListeningServer:
             Limits.from_settings(settings),
             PageTokens(token_key),
             heartbeat_seconds=settings.watch_heartbeat_seconds,
+            watch_page_bytes=settings.watch_buffer_bytes,
         )
         self.slot.fill(servicer)
         if self.telemetry is not None:
@@ -414,7 +415,7 @@ async def _connect(
         feed = await SessionFeed.start(
             config("chatsession-watch"),
             connection,
-            buffer=settings.watch_buffer_events,
+            buffer_bytes=settings.watch_buffer_bytes,
             poll_seconds=settings.watch_poll_seconds,
             sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
             key_space=key_space,

@@ -36,12 +36,14 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         page_tokens: PageTokens,
         *,
         heartbeat_seconds: float,
+        watch_page_bytes: int | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
         self._limits = limits
         self._tokens = page_tokens
         self._heartbeat_seconds = heartbeat_seconds
+        self._watch_page_bytes = watch_page_bytes
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Context
@@ -120,6 +122,7 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             after_seq,
             heartbeat_seconds=self._heartbeat_seconds,
             present=watch_event_to_proto,
+            page_bytes=self._watch_page_bytes,
         )
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.ForkSessionResponse:
