@@ -24,6 +24,7 @@ import pytest
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import SessionClient, user
+from chatsession_server.api import convert
 from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer
 from chatsession_server.domain import Appended, Heartbeat, StoredMessage
@@ -127,6 +128,32 @@ async def test_an_append_only_announced_is_read_once_for_all_the_watchers_at_its
                     await eventually(functools.partial(all_reached, 2 * (i + 1)))
                 reads = await script_calls(raw) - before - appends_alone
         assert reads == APPENDS  # one LIST read per append, whatever the number of watchers
+
+
+async def test_a_message_is_serialized_once_for_all_the_watchers_that_send_it(
+    settings: Settings, valkey_url: str, uid: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """24 watchers of a session each receive 8 messages: each message's reply was built (and
+    serialized) once for all of them, not once per watcher."""
+    built: list[int] = []
+    build = convert.watch_event_to_proto
+
+    def counting(event: Any) -> Any:
+        if isinstance(event, StoredMessage):
+            built.append(event.seq)
+        return build(event)
+
+    monkeypatch.setattr(convert, "watch_event_to_proto", counting)
+    async with serving(settings, valkey_url, **BIG_MESSAGES) as running:
+        session_id = await new_session(running, uid)
+        async with (
+            SessionClient(f"127.0.0.1:{running.port}") as client,
+            reading_watchers(running, session_id, WATCHERS) as all_reached,
+        ):
+            for i in range(APPENDS):
+                await client.append(session_id, [user(LARGE), user(f"small {i}")])
+                await eventually(functools.partial(all_reached, 2 * (i + 1)))
+    assert sorted(built) == list(range(1, 2 * APPENDS + 1))
 
 
 async def test_a_watcher_that_stops_reading_holds_its_byte_bound_then_gets_every_message_once(
