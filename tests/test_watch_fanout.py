@@ -75,31 +75,37 @@ async def reading_watchers(
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def scripts_run_by_appends(running: RunningServer, raw: Any, uid: str) -> tuple[int, int]:
+    """The scripts Valkey ran for APPENDS appends of two LARGE messages to a session nobody
+    watches, and for the same appends to a session WATCHERS watchers follow (each append received
+    by all of them, every seq once in order, before the next)."""
+    async with SessionClient(f"127.0.0.1:{running.port}") as client:
+        unwatched = (await client.create_session(uid)).session_id
+        # Valkey has the scripts loaded (a first call of each may take two).
+        await client.append(unwatched, [user("warm-up")])
+        await client.list_messages(unwatched, after_seq=0)
+        before = await script_calls(raw)
+        for _ in range(APPENDS):
+            await client.append(unwatched, [user(LARGE), user(LARGE)])
+        alone = await script_calls(raw) - before
+
+        watched = (await client.create_session(uid)).session_id
+        async with reading_watchers(running, watched, WATCHERS) as all_reached:
+            before = await script_calls(raw)
+            for i in range(APPENDS):
+                await client.append(watched, [user(LARGE), user(LARGE)])
+                await eventually(functools.partial(all_reached, 2 * (i + 1)))
+            return alone, await script_calls(raw) - before
+
+
 async def test_watchers_of_a_large_append_add_no_read_of_valkey(
     settings: Settings, valkey_url: str, raw: Any, uid: str
 ) -> None:
     """Appends of 200 KB to a session with 24 watchers cost Valkey the scripts the same appends
     cost with no watcher at all: the messages reach every watcher inside the publish."""
     async with serving(settings, valkey_url, **BIG_MESSAGES) as running:
-        target = f"127.0.0.1:{running.port}"
-        async with SessionClient(target) as client:
-            unwatched = (await client.create_session(uid)).session_id
-            # Valkey has the scripts loaded (a first call of each may take two).
-            await client.append(unwatched, [user("warm-up")])
-            await client.list_messages(unwatched, after_seq=0)
-            before = await script_calls(raw)
-            for _ in range(APPENDS):
-                await client.append(unwatched, [user(LARGE), user(LARGE)])
-            alone = await script_calls(raw) - before
-
-            watched = (await client.create_session(uid)).session_id
-            async with reading_watchers(running, watched, WATCHERS) as all_reached:
-                before = await script_calls(raw)
-                for i in range(APPENDS):
-                    await client.append(watched, [user(LARGE), user(LARGE)])
-                    await eventually(functools.partial(all_reached, 2 * (i + 1)))
-                watched_cost = await script_calls(raw) - before
-        assert watched_cost == alone
+        alone, watched = await scripts_run_by_appends(running, raw, uid)
+    assert watched == alone
 
 
 async def test_an_append_only_announced_is_read_once_for_all_the_watchers_at_its_cursor(
@@ -109,25 +115,8 @@ async def test_an_append_only_announced_is_read_once_for_all_the_watchers_at_its
     watchers, all at the same cursor, read it from the LIST in one read, not 24."""
     monkeypatch.setattr(session_store, "INLINE_PUBLISH_BYTES", 0)  # every append only announced
     async with serving(settings, valkey_url, **BIG_MESSAGES) as running:
-        target = f"127.0.0.1:{running.port}"
-        async with SessionClient(target) as client:
-            unwatched = (await client.create_session(uid)).session_id
-            # Valkey has the scripts loaded (a first call of each may take two).
-            await client.append(unwatched, [user("warm-up")])
-            await client.list_messages(unwatched, after_seq=0)
-            before = await script_calls(raw)
-            for _ in range(APPENDS):
-                await client.append(unwatched, [user(LARGE), user(LARGE)])
-            appends_alone = await script_calls(raw) - before
-
-            watched = (await client.create_session(uid)).session_id
-            async with reading_watchers(running, watched, WATCHERS) as all_reached:
-                before = await script_calls(raw)
-                for i in range(APPENDS):
-                    await client.append(watched, [user(LARGE), user(LARGE)])
-                    await eventually(functools.partial(all_reached, 2 * (i + 1)))
-                reads = await script_calls(raw) - before - appends_alone
-        assert reads == APPENDS  # one LIST read per append, whatever the number of watchers
+        alone, watched = await scripts_run_by_appends(running, raw, uid)
+    assert watched - alone == APPENDS  # one LIST read per append, whatever the number of watchers
 
 
 async def test_a_message_is_serialized_once_for_all_the_watchers_that_send_it(
