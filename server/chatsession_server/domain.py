@@ -242,7 +242,19 @@ class Cleared:
     """as in Compacted"""
 
 
-FeedEvent = Appended | Behind | Deleted | Closing | Compacted | Cleared
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """The stored messages after `after_seq` were removed when the session's last seq was
+    `last_seq` (seqs go on after it)."""
+
+    after_seq: int
+    last_seq: int
+    owner: str | None = None
+    rewrite: int | None = None
+    """as in Compacted"""
+
+
+FeedEvent = Appended | Behind | Deleted | Closing | Compacted | Cleared | Truncated
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +268,7 @@ class Trimmed:
     last_missing_seq: int
 
 
-WatchEvent = StoredMessage | Heartbeat | Trimmed | Compacted | Cleared
+WatchEvent = StoredMessage | Heartbeat | Trimmed | Compacted | Cleared | Truncated
 
 
 # --- Context, compaction and clearing ------------------------------------------------------------
@@ -290,4 +302,27 @@ class Compaction:
 class CompactResult:
     summary: StoredMessage
     session: Session
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """TruncateMessages' request: keep the stored messages with seq <= `after_seq`, or (when it is
+    None) remove the newest `pop_count` stored ones."""
+
+    after_seq: int | None
+    pop_count: int = 0
+    expected_last_seq: int | None = None
+    request_id: str = ""
+    return_removed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateResult:
+    session: Session
+    after_seq: int
+    """where the history now ends: every stored message after it was removed"""
+    removed_count: int
+    removed: tuple[StoredMessage, ...]
+    """the removed messages, oldest first (only when asked for, and never on a replay)"""
     replayed: bool

@@ -21,6 +21,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 
@@ -83,6 +85,10 @@ class SessionStorage(Protocol):
         request_id: str = "",
         owners: Collection[str] | None = None,
     ) -> Session: ...
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult: ...
 
 
 class FeedSubscription(Protocol):

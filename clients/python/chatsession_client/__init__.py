@@ -13,6 +13,7 @@ from chatsession_client._calls import (
 from chatsession_client.client import SessionClient
 from chatsession_client.errors import (
     AfterSeqAheadError,
+    AfterSeqTrimmedError,
     AlreadyCompactedError,
     AlreadyExistsError,
     AtSeqBeyondLastError,
@@ -29,8 +30,10 @@ from chatsession_client.errors import (
     LabelsFullError,
     NotFoundError,
     PermissionDeniedError,
+    PoppedMessageLostError,
     PreconditionViolation,
     QuotaViolation,
+    RemovedTooLargeError,
     RequestIdReusedError,
     ResourceExhaustedError,
     ResourceInfo,
@@ -48,6 +51,7 @@ from chatsession_client.sync import SyncSessionClient
 __all__ = [
     "NO_RETRY",
     "AfterSeqAheadError",
+    "AfterSeqTrimmedError",
     "AlreadyCompactedError",
     "AlreadyExistsError",
     "AtSeqBeyondLastError",
@@ -65,8 +69,10 @@ __all__ = [
     "Message",
     "NotFoundError",
     "PermissionDeniedError",
+    "PoppedMessageLostError",
     "PreconditionViolation",
     "QuotaViolation",
+    "RemovedTooLargeError",
     "RequestIdReusedError",
     "ResourceExhaustedError",
     "ResourceInfo",

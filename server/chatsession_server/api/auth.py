@@ -41,6 +41,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
@@ -379,6 +381,11 @@ class AuthorizedStorage(StorageLayer):
         return await super().clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
         )
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult:
+        return await super().truncate(session_id, truncation, owners=_owners(owners))
 
 
 def _owners(asked: Collection[str] | None) -> Collection[str] | None:

@@ -157,3 +157,17 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id
         )
         return pb.ClearMessagesResponse(session=session_to_proto(session))
+
+    async def TruncateMessages(
+        self, request: pb.TruncateMessagesRequest, context: Context
+    ) -> pb.TruncateMessagesResponse:
+        session_id, truncation = validation.truncate_messages(request)
+        result = await self._store.truncate(session_id, truncation)
+        reply = pb.TruncateMessagesResponse(
+            session=session_to_proto(result.session),
+            removed_count=result.removed_count,
+            replayed=result.replayed,
+            after_seq=result.after_seq,
+        )
+        add_messages(reply.removed_messages, result.removed)
+        return reply

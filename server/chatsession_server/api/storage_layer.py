@@ -20,6 +20,8 @@ from chatsession_server.domain import (
     SessionCursor,
     SessionPage,
     SessionPatch,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 from chatsession_server.ports import SessionStorage
@@ -100,3 +102,8 @@ class StorageLayer:
         return await self._inner.clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=owners
         )
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult:
+        return await self._inner.truncate(session_id, truncation, owners=owners)

@@ -61,6 +61,11 @@ class SessionServiceStub:
     """Empties a session's history and summary, keeping the session, its metadata, counters and
     expiry (and the pinned system prompt when asked).
     """
+    TruncateMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.TruncateMessagesRequest, _session_service_pb2.TruncateMessagesResponse]
+    """Removes the newest messages: those after a seq, or the newest few (pop), atomically, and
+    optionally returns them. Seqs are never reused: the next append still gets
+    `message_count + 1`, and watchers are told once (`Truncated`).
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -186,6 +191,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _abc.Awaitable[_session_service_pb2.ClearMessagesResponse]:
         """Empties a session's history and summary, keeping the session, its metadata, counters and
         expiry (and the pinned system prompt when asked).
+        """
+
+    @_abc_1.abstractmethod
+    def TruncateMessages(
+        self,
+        request: _session_service_pb2.TruncateMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.TruncateMessagesRequest, _abc.Awaitable[_session_service_pb2.TruncateMessagesResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.TruncateMessagesResponse]:
+        """Removes the newest messages: those after a seq, or the newest few (pop), atomically, and
+        optionally returns them. Seqs are never reused: the next append still gets
+        `message_count + 1`, and watchers are told once (`Truncated`).
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...
