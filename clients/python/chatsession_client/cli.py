@@ -420,9 +420,8 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
             for m in truncated.removed_messages:
                 out.line(_message_line(m))
             replayed = " (a retry: removed before)" if truncated.replayed else ""
-            out.line(
-                f"({truncated.removed_count} removed{replayed}; the history ends at seq {truncated.after_seq})"
-            )
+            ends = f"the history ends at seq {truncated.after_seq}"
+            out.line(f"({truncated.removed_count} removed{replayed}; {ends})")
     elif args.command == "pop":
         popped = client.pop_message(args.session)
         if out.json:
