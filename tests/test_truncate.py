@@ -616,3 +616,17 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             iter(model.prompt + model.window), None
         )
         await stored_bytes_match(raw, sid)
+
+
+async def test_a_clear_after_a_truncation_leaves_no_holes(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    await client.truncate_messages(sid, 3)
+    assert (await meta(raw, sid))["holes"] == "1"
+    await client.clear_messages(sid, keep_system_prompt=True)
+    assert "holes" not in await meta(raw, sid)
+    await client.append(sid, [user("a"), user("b")])
+    assert await all_messages(client, sid) == [1, 7, 8]
+    page = await client.list_messages(sid, before_seq=8, page_size=1)
+    assert (seqs(page.messages), page.window_start_seq) == ([7], 7)

@@ -633,6 +633,7 @@ if old then
   redis.call('DEL', summary)
 end
 redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
+redis.call('HDEL', meta, F_HOLES)  -- the window is empty: no hole is left in it
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
 if request_id ~= '' then
   remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
