@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,21 @@ from glide import GlideClient
 
 from chatsession_client import InvalidArgumentError, SessionClient, assistant, message, system, tool, user
 from tests.helpers import raises, stored_messages, violated_fields
+
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _nan_payload_message() -> Any:
+    """What a client that does not check could send: the Python client refuses NaN itself."""
+    m = user("x")
+    m.payload.number_value = float("nan")
+    return m
+
 
 BAD_APPENDS: list[tuple[str, Callable[[], list[Any]], dict[str, Any], str]] = [
     ("no messages", lambda: [], {}, "messages"),
@@ -38,6 +54,15 @@ BAD_APPENDS: list[tuple[str, Callable[[], list[Any]], dict[str, Any], str]] = [
         {},
         "messages[0].metadata",
     ),
+    ("payload too deep", lambda: [user("x"), user("y", payload=_nested(25))], {}, "messages[1].payload"),
+    ("payload NaN", lambda: [_nan_payload_message()], {}, "messages[0].payload"),
+    (
+        "time far ahead",
+        lambda: [user("x"), user("y", created_at=time.time() + 86_400)],
+        {},
+        "messages[1].created_at",
+    ),
+    ("time before 1970", lambda: [user("x", created_at=-1.0)], {}, "messages[0].created_at"),
     ("bad request_id", lambda: [user("x")], {"request_id": "has space"}, "request_id"),
     ("negative expected seq", lambda: [user("x")], {"expected_last_seq": -1}, "expected_last_seq"),
 ]
@@ -69,8 +94,8 @@ async def test_bad_append_is_rejected_and_writes_nothing(
 
 @pytest.mark.parametrize(
     "bad_id",
-    ["", "has space", "brace{x}", "x" * 129, "slash/x", "ünï"],
-    ids=["empty", "space", "brace", "long", "slash", "unicode"],
+    ["", "has space", "brace{x}", "x" * 129, "star*x", "back\\slash", "ünï"],
+    ids=["empty", "space", "brace", "long", "star", "backslash", "unicode"],
 )
 async def test_bad_session_ids(client: SessionClient, raw: GlideClient, uid: str, bad_id: str) -> None:
     for call in (

@@ -47,6 +47,12 @@ class NewMessage:
     metadata: Mapping[str, str] = field(default_factory=dict)
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
+    payload: str | None = None
+    """the caller's JSON value as JSON text (api/payload.py writes it); None: no payload"""
+    reply_bytes: int = 0
+    """with a payload: about what the message takes encoded in a reply (the page budgets count it)"""
+    created_at: float | None = None
+    """the caller's own time of the message (unix seconds); None: the server's time of the append"""
 
 
 class StoredMessage(NamedTuple):
@@ -67,10 +73,14 @@ class StoredMessage(NamedTuple):
     tool_call_id: str = ""
     summarizes: tuple[int, int] | None = None
     """On a compaction's summary: the first and last seq it stands for."""
+    payload: str | None = None
+    """The caller's JSON value as the JSON text stored (None: no payload)."""
 
 
 UNLIMITED = -1
 """`max_messages` value for a session without a sliding window."""
+NEVER_EXPIRES = -1
+"""`ttl_seconds` (and `expires_in_seconds`) of a session that never expires: its keys have no TTL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +112,20 @@ class NewSession:
     ttl_seconds: int
     max_messages: int
     request_id: str = ""
+    chosen_id: bool = False
+    """the caller chose `session_id` (else the server made it)"""
+
+
+def scope_owner(session_id: str) -> str | None:
+    """The user a '<user_id>/<name>' session id belongs to (no user id holds '/', so the prefix
+    names one user only); None for an id without '/'."""
+    owner, slash, _ = session_id.partition("/")
+    return owner if slash else None
+
+
+def scope_rule(user_id: str) -> str:
+    """What a refusal of a '<user_id>/<name>' id of another user says."""
+    return f"an id with '/' is the session of the user before its first '/': must start with '{user_id}/'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +137,8 @@ class NewFork:
     at_seq: int | None
     session_id: str
     request_id: str = ""
+    chosen_id: bool = False
+    """the caller chose `session_id` (else the server made it)"""
 
 
 @dataclass(frozen=True, slots=True)

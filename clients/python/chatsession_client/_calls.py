@@ -4,6 +4,7 @@ makes the call its own way, and asks here how to go on."""
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -12,6 +13,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession_client._payload import payload_value
 from chatsession_client.errors import PoppedMessageLostError
 
 Session = session_pb2.Session
@@ -25,6 +27,10 @@ _ROLES = {
 }
 
 
+_NO_PAYLOAD: Any = object()
+"""`message`'s default payload: none (None is JSON null, a payload like any other)."""
+
+
 def message(
     role: str | int,
     content: str,
@@ -34,10 +40,17 @@ def message(
     metadata: Mapping[str, str] | None = None,
     tool_calls: Iterable[tuple[str, str, str]] = (),
     tool_call_id: str = "",
+    payload: Any = _NO_PAYLOAD,
+    created_at: datetime.datetime | float | None = None,
 ) -> Message:
     """Build a Message; `role` is "system"/"user"/"assistant"/"tool" or a Role value.
-    `tool_calls` are (id, name, arguments) triples."""
-    return Message(
+    `tool_calls` are (id, name, arguments) triples. `payload`: any JSON-able value (dicts with
+    str keys, lists, str, int within +-2^53, finite float, bool, None) stored with the message
+    and read back with `payload_of`; left out, the message has none. `created_at`: the message's
+    own time (an aware datetime, or unix seconds), kept to the microsecond, for imports and
+    frameworks with their own clock; at most the server's max_clock_skew_seconds (default 300)
+    ahead of its clock; left out, the server's time of the append."""
+    out = Message(
         role=_ROLES[role] if isinstance(role, str) else role,  # type: ignore[arg-type]
         content=content,
         tokens=tokens,
@@ -46,6 +59,17 @@ def message(
         tool_calls=[session_pb2.ToolCall(id=i, name=n, arguments=a) for i, n, a in tool_calls],
         tool_call_id=tool_call_id,
     )
+    if payload is not _NO_PAYLOAD:
+        out.payload.CopyFrom(payload_value(payload))
+    if created_at is not None:
+        if isinstance(created_at, datetime.datetime):
+            if created_at.tzinfo is None:
+                raise ValueError("created_at: a naive datetime is ambiguous; give it a tzinfo")
+            out.created_at.FromDatetime(created_at)
+        else:
+            seconds, micros = divmod(round(created_at * 1_000_000), 1_000_000)
+            out.created_at.seconds, out.created_at.nanos = seconds, micros * 1000
+    return out
 
 
 def system(content: str, **kw: Any) -> Message:

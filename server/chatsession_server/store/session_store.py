@@ -38,8 +38,10 @@ from chatsession_server.domain import (
     TruncateResult,
     Truncation,
     UserUsage,
+    scope_owner,
+    scope_rule,
 )
-from chatsession_server.errors import SessionAlreadyExists, SessionNotFound
+from chatsession_server.errors import FieldViolation, InvalidArgument, SessionAlreadyExists, SessionNotFound
 from chatsession_server.store import codec, keys, refusals
 from chatsession_server.store.listing import PAGE_BYTES, SessionListing
 from chatsession_server.store.lua import session_scripts
@@ -257,9 +259,12 @@ class SessionStore:
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
+        own_times = [m.created_at for m in messages if m.created_at is not None]
+        active_at = max(own_times) if len(own_times) == len(messages) else max([now, *own_times])
         args = session_scripts.AppendArgs(
             owners=owners_arg(owners),
-            now=codec.format_time(now),
+            now=codec.format_time(active_at),
+            caller_time=bool(own_times),
             request_id=request_id,
             fingerprint=codec.fingerprint(messages) if request_id else "",
             expected_last_seq=expected_last_seq,
@@ -273,6 +278,7 @@ class SessionStore:
             max_session_bytes=self._max_session_bytes,
             usage_key_head=self._owner_index.usage_head,
             usage_days=codec.usage_days(now),
+            with_payload=any(m.payload is not None for m in messages),
             bodies=bodies,
         )
         status, reply = await self._scripts.call(session_scripts.APPEND, self._session_keys(session_id), args)
@@ -367,6 +373,8 @@ class SessionStore:
         if labels > self._max_labels:
             raise refusals.fork_labels_full(source, labels, self._max_labels)
         user_id = fields[codec.MetaField.USER_ID]
+        if scope_owner(fork.session_id) not in (None, user_id):  # 'bob/x' is only ever bob's
+            raise InvalidArgument([FieldViolation("new_session_id", scope_rule(user_id))])
         args = self._fork_write_args(fork, origin, owners, user_id=user_id, now=now, probe=False)
         args = dataclasses.replace(
             args,
@@ -463,6 +471,7 @@ class SessionStore:
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
             max_session_bytes=self._max_session_bytes,
+            with_payload=summary.payload is not None,
             summary_body=codec.encode_body(summary, now),
         )
         status, reply = await self._scripts.call(

@@ -21,9 +21,14 @@ local function owner_key(head, uid)
   return head .. uid .. HASH_TAG_END
 end
 
--- The session's keys expire together: `ttl` seconds from now...
+-- The session's keys expire together: `ttl` seconds from now (a negative ttl, NEVER_EXPIRES:
+-- never; EXPIRE would delete them)...
 local function expire_together(ttl, ...)
-  for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
+  if tonumber(ttl) < 0 then
+    for _, key in ipairs({...}) do redis.call('PERSIST', key) end
+  else
+    for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
+  end
 end
 
 -- ...or when meta does, for keys a script wrote without a user's activity (whose clock it must
@@ -32,6 +37,8 @@ local function expire_with_meta(meta, ...)
   local pttl = redis.call('PTTL', meta)
   if pttl > 0 then
     for _, key in ipairs({...}) do redis.call('PEXPIRE', key, pttl) end
+  elseif pttl == -1 then
+    for _, key in ipairs({...}) do redis.call('PERSIST', key) end
   end
 end
 
@@ -120,6 +127,14 @@ local function tokens_of(item)
   local at = string.find(item, TOKENS_HEAD, 1, true)
   if not at then return 0 end
   return tonumber(string.match(item, '^%d+', at + #TOKENS_HEAD)) or 0
+end
+
+-- What a stored item counts for in a reply's byte budget: its length, or what it takes encoded
+-- in the reply when its payload makes that more (its reply_bytes, right after its role).
+local function reply_size(item)
+  local encoded = string.match(item, REPLY_BYTES_PATTERN)
+  if encoded and tonumber(encoded) > #item then return tonumber(encoded) end
+  return #item
 end
 
 -- The stored summary (or false) and its seq.

@@ -8,7 +8,8 @@ Layout of a session (see also keys.py):
              holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes truncated] label:<key>...
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [payloads] [holes truncated]
+             label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0"), clears ("fingerprint last_seq 0") and
              truncations ("fingerprint after_seq removed").
@@ -76,6 +77,11 @@ class AppendArgs:
     owners: str
     """see `owners_arg`: a session of anyone else is not found"""
     now: str
+    """the append's time: the newest created_at of its messages (the server's clock for those
+    without one of their own)"""
+    caller_time: bool
+    """a message has a created_at of the caller's: last_active becomes `now` even if earlier
+    (an import); else it only moves forward, whatever the clocks of the servers appending"""
     request_id: str
     fingerprint: str
     expected_last_seq: int | None
@@ -93,6 +99,8 @@ class AppendArgs:
     usage_key_head: str
     """'' in a cluster: the caller counts the append in the owner's usage in a second step"""
     usage_days: str
+    with_payload: bool
+    """a message carries a payload: the session's PAYLOADS flag is set"""
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -141,10 +149,11 @@ if cap > 0 and stored + size > cap then return {ST_TOO_LARGE, stored, size} end
 local len = redis.call('RPUSH', chat, unpack(items))
 redis.call('HINCRBY', meta, F_STORED_BYTES, size)
 local last_active = m[6]
-if tonumber(now) > tonumber(last_active) then last_active = now end
+if caller_time == '1' or tonumber(now) > tonumber(last_active) then last_active = now end
 redis.call('HINCRBY', meta, F_MESSAGE_COUNT, #items)
 redis.call('HINCRBY', meta, F_TOKEN_COUNT, token_sum)
 redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
+if with_payload == '1' then redis.call('HSET', meta, F_PAYLOADS, '1') end
 trim_window(chat, meta, tonumber(m[4]), pinned)
 if tonumber(m[4]) > 0 then len = redis.call('LLEN', chat) end
 
@@ -155,7 +164,7 @@ end
 local ttl = m[3]
 expire_together(ttl, chat, meta, reqs, summary)
 if index_key_head ~= '' then
-  redis.call('ZADD', owner_key(index_key_head, m[1]), 'GT', last_active, session_id)
+  redis.call('ZADD', owner_key(index_key_head, m[1]), last_active, session_id)
 end
 if usage_key_head ~= '' then
   local model = redis.call('HGET', meta, F_MODEL) or ''
@@ -181,7 +190,8 @@ class ListMessagesArgs:
     after_seq: int | None
     before_seq: int | None
     max_bytes: int
-    """a page stops short of this many bytes of stored JSON (but holds at least one message)"""
+    """a page stops short of this many bytes of stored JSON (but holds at least one message); a
+    message counts for its reply_bytes instead when those are more (see codec.REPLY_BYTES_PATTERN)"""
 
 
 LIST_MESSAGES = LuaScript(
@@ -189,11 +199,12 @@ LIST_MESSAGES = LuaScript(
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
-                     F_HOLES, F_TRUNCATED)
+                     F_PAYLOADS, F_HOLES, F_TRUNCATED)
 if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
+local size_of = m[6] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
-local w = window_of(chat, mc, len, pinned, m[6])
+local w = window_of(chat, mc, len, pinned, m[7])
 local base = w.base
 local limit = tonumber(limit)
 local forward = after_seq ~= ''
@@ -217,7 +228,7 @@ if s_seq and (s_seq < lo or s_seq > hi) then summary_item = false end
 local i_lo, i_hi = first_at, math.min(first_at + limit - 1, last_at)
 if not forward then i_lo, i_hi = math.max(last_at - limit + 1, first_at), last_at end
 if na + nb > 0 and limit > 0 and i_lo <= i_hi then
-  local budget, size, slice = tonumber(max_bytes) - (summary_item and #summary_item or 0), 0, 8
+  local budget, size, slice = tonumber(max_bytes) - (summary_item and size_of(summary_item) or 0), 0, 8
   local kept, stop = {}, false
   local i = forward and i_lo or i_hi
   while not stop and i >= i_lo and i <= i_hi do
@@ -227,8 +238,9 @@ if na + nb > 0 and limit > 0 and i_lo <= i_hi then
     local first, last, step = 1, #part, 1
     if not forward then first, last, step = #part, 1, -1 end
     for k = first, last, step do
-      if #kept > 0 and size + #part[k] > budget then stop = true break end
-      size = size + #part[k]
+      local item_size = size_of(part[k])
+      if #kept > 0 and size + item_size > budget then stop = true break end
+      size = size + item_size
       kept[#kept + 1] = part[k]
     end
     i = forward and b + 1 or a - 1
@@ -265,7 +277,7 @@ end
 -- (With a summary, the seqs up to its own stand compacted, not trimmed.)
 local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
 return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
-        m[7] or ''}
+        m[8] or ''}
 """,
     read_only=True,
 )
@@ -462,8 +474,8 @@ redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
 for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
   redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
 end
-if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
-expire_together(ttl, chat, meta)
+if summary_json ~= '' then redis.call('SET', summary, summary_json) end
+expire_together(ttl, chat, meta, summary)
 if index then redis.call('ZADD', index, now, session_id) end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
@@ -479,7 +491,8 @@ class ContextArgs:
     max_messages: int
     """most messages of the recent part; 0: no limit"""
     max_bytes: int
-    """the whole reply stops short of this many bytes of stored JSON"""
+    """the whole reply stops short of this many bytes of stored JSON (counted as ListMessagesArgs'
+    max_bytes)"""
 
 
 # Walks the window from its newest item in small slices and stops at the first message that does
@@ -488,16 +501,17 @@ GET_CONTEXT = LuaScript(
     ("chat", "meta", "summary"),
     ContextArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local pinned = tonumber(m[2] or '0')
+local size_of = m[3] and reply_size or string.len
 local head = pinned > 0 and redis.call('LRANGE', chat, 0, pinned - 1) or {}
 local summary_item = read_summary(summary)
 if summary_item then head[#head + 1] = summary_item end
 local tokens, size = 0, 0
 for _, item in ipairs(head) do
   tokens = tokens + tokens_of(item)
-  size = size + #item
+  size = size + size_of(item)
 end
 local max_tokens, max_messages, max_size = tonumber(max_tokens), tonumber(max_messages), tonumber(max_bytes)
 if max_tokens > 0 and tokens > max_tokens then return {ST_OVER_BUDGET, tokens} end
@@ -509,15 +523,15 @@ while not stop and i >= pinned do
   local part = redis.call('LRANGE', chat, math.max(i - 15, pinned), i)
   for k = #part, 1, -1 do
     local item = part[k]
-    local t = tokens_of(item)
+    local t, item_size = tokens_of(item), size_of(item)
     if (max_messages > 0 and #recent >= max_messages) or (max_tokens > 0 and tokens + t > max_tokens)
-        or size + #item > max_size then
+        or size + item_size > max_size then
       stop = true
       break
     end
     recent[#recent + 1] = item
     recent_tokens[#recent_tokens + 1] = t
-    tokens, size = tokens + t, size + #item
+    tokens, size = tokens + t, size + item_size
   end
   i = i - #part
 end
@@ -545,6 +559,8 @@ class CompactArgs:
     channel: str
     max_session_bytes: int
     """0: no limit; else a compaction that would leave the session above it and larger is refused"""
+    with_payload: bool
+    """the summary carries a payload: the session's PAYLOADS flag is set"""
     summary_body: str
     """the summary's JSON without its opening `{"seq":N,` (as codec.encode_body gives it)"""
 
@@ -584,6 +600,7 @@ if drop > 0 then drop_after_prompt(chat, meta, pinned, drop) end
 if old then unstore(meta, #old) end
 redis.call('HINCRBY', meta, F_STORED_BYTES, #item)
 redis.call('SET', summary, item)
+if with_payload == '1' then redis.call('HSET', meta, F_PAYLOADS, '1') end
 if request_id ~= '' then
   local record = fingerprint .. ' ' .. string.format('%d', up_to) .. ' 0'
   remember_request(reqs, request_id, record, idempotency_limit)
@@ -675,7 +692,7 @@ TRUNCATE = LuaScript(
     ("chat", "meta", "reqs", "summary"),
     TruncateArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local recorded_after, recorded_removed = recorded_request(reqs, request_id, fingerprint)
 if recorded_after == false then return {ST_REQUEST_ID_REUSED} end
@@ -706,13 +723,16 @@ if removed > 0 and after > pinned and after <= w.base and after ~= s_seq then
 end
 local items, listed = {}, nil
 if return_removed == '1' and removed > 0 then
-  -- Checked before a write: a refusal leaves the session as it was.
+  -- Checked before a write: a refusal leaves the session as it was. The reply's budget counts
+  -- what a payload takes encoded, as a page's does.
   if removed > tonumber(max_removed_messages) then return {ST_TOO_LARGE, removed, -1} end
+  local size_of = m[6] and reply_size or string.len
+  local reply = drop_summary and size_of(summary_item) or 0
   listed = drop_summary and #summary_item or 0
   for at = cut, len - 1, 64 do
     for _, item in ipairs(redis.call('LRANGE', chat, at, math.min(at + 63, len - 1))) do
-      listed = listed + #item
-      if listed > tonumber(max_removed_bytes) then return {ST_TOO_LARGE, removed, listed} end
+      listed, reply = listed + #item, reply + size_of(item)
+      if reply > tonumber(max_removed_bytes) then return {ST_TOO_LARGE, removed, reply} end
       items[#items + 1] = item
     end
   end

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -98,7 +99,9 @@ class Session(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Unique id of the session: 1-128 characters from [A-Za-z0-9_.:-]."""
+    """Unique id of the session: 1-128 characters from [A-Za-z0-9_.:/-]. An id with '/' is
+    '<user_id>/<name>', a session of the user before its first '/'.
+    """
     user_id: _builtins.str
     """Owner of the session: 1-128 characters from [A-Za-z0-9_.:-]. Immutable."""
     model: _builtins.str
@@ -116,11 +119,12 @@ class Session(_message.Message):
     """Messages currently kept in the LIST (its LLEN). Output only."""
     expires_in_seconds: _builtins.int
     """Seconds until the session expires (its keys' TTL); every append resets it to
-    `ttl_seconds`. Output only.
+    `ttl_seconds`; -1 for a session that never expires. Output only.
     """
     ttl_seconds: _builtins.int
-    """Idle lifetime in seconds. On create and update, 0 means the server's default;
-    values above the server's maximum are rejected.
+    """Idle lifetime in seconds. On create and update, 0 means the server's default and -1
+    never expires (the keys have no TTL: for an application that owns retention and deletes
+    sessions itself); values above the server's maximum are rejected.
     """
     max_messages: _builtins.int
     """Sliding window: keep only the newest `max_messages` messages (the leading system
@@ -138,7 +142,10 @@ class Session(_message.Message):
 
     @_builtins.property
     def last_active(self) -> _timestamp_pb2.Timestamp:
-        """When a message was last appended (creation time if none). Output only."""
+        """When a message was last appended (creation time if none): the newest `created_at` of the
+        last append's messages. Moves back only when a caller gives its messages older times (an
+        import). ListSessions orders by it. Output only.
+        """
 
     def __init__(
         self,
@@ -198,7 +205,9 @@ Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 @_typing.final
 class Message(_message.Message):
     """One message of a conversation. Stored as a JSON string in `chat:{<session_id>}`:
-    `{"seq":7,"role":"user","content":"...","tokens":42,"created_at":1710000000.0,...}`.
+    `{"seq":7,"role":"user","content":"...","tokens":42,"created_at":1710000000.0,...}`; a message
+    with a payload also holds `"reply_bytes":N,"payload":"<the payload as JSON text>"` right after
+    its role (the payload is a JSON *string*: no script ever decodes or re-encodes it).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -233,6 +242,7 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     SUMMARIZES_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position in the session, 1-based, assigned by the server on append and never
     reused, even after the sliding window trims. Output only: ignored on input.
@@ -255,7 +265,11 @@ class Message(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the server stored it. Output only: ignored on input."""
+        """When the message was written. Optional on input: unset, the server's time of the append;
+        set, kept as given (microsecond precision): any time from the Unix epoch on, at most the
+        server's `max_clock_skew_seconds` (default 300) ahead of its clock (imports keep their
+        times). The session's `last_active` follows the newest `created_at` appended.
+        """
 
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
@@ -265,6 +279,18 @@ class Message(_message.Message):
     def summarizes(self) -> Global___SeqRange:
         """Set only on the summary CompactMessages stored: the seqs it stands for (its own `seq` is
         the range's `last_seq`). Output only: ignored on input.
+        """
+
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """The caller's own JSON value (a framework's message or event object), stored with the
+        message and returned as given by every read, GetContext, WatchMessages and ForkSession;
+        compaction and window trims leave it as it is. Unset: no payload (nothing stored).
+        Numbers are doubles (integers are exact up to 2^53); NaN and infinities are refused.
+        Counted in the size limits: its encoded size is part of the message's (`max_message_bytes`)
+        and the append's; its stored JSON text counts toward `max_session_bytes`. At most 24
+        levels of nested lists and objects and 10000 values (each null, bool, number, string, list
+        and object counts one), 20000 in all the payloads of one AppendMessages.
         """
 
     def __init__(
@@ -280,10 +306,11 @@ class Message(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str = ...,
         summarizes: Global___SeqRange | None = ...,
+        payload: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "summarizes", b"summarizes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "payload", b"payload", "summarizes", b"summarizes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "name", b"name", "role", b"role", "seq", b"seq", "summarizes", b"summarizes", "tokens", b"tokens", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "name", b"name", "payload", b"payload", "role", b"role", "seq", b"seq", "summarizes", b"summarizes", "tokens", b"tokens", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
