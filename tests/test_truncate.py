@@ -653,3 +653,15 @@ async def test_removed_messages_keep_their_payloads_and_count_them_in_the_reply(
     error = await raises(RemovedTooLargeError, client.truncate_messages(sid, 0, return_removed=True))
     assert "bytes of them" in error.message  # ...but not what they take in one
     assert (await client.truncate_messages(sid, 0)).removed_count == 6
+
+
+async def test_a_session_that_never_expires_stays_so_after_a_truncation(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = (await client.create_session(uid, ttl_seconds=-1, max_messages=-1)).session_id
+    await client.append(sid, [user("a"), user("b"), user("c")])
+    await client.truncate_messages(sid, 1, request_id="cut-1")
+    keys = [f"{prefix}:{{{sid}}}" for prefix in ("chat", "meta", "reqs")]
+    assert [await raw.ttl(key) for key in keys] == [-1, -1, -1]
+    assert (await client.get_session(sid)).expires_in_seconds == -1
+    await client.delete_session(sid)
