@@ -43,6 +43,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
     scope_owner,
 )
@@ -427,6 +429,11 @@ class AuthorizedStorage(StorageLayer):
         self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
     ) -> dict[str, str]:
         return await super().update_state(scope, delta, owners=_state_owners(scope, owners))
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult:
+        return await super().truncate(session_id, truncation, owners=_owners(owners))
 
 
 def _state_owners(scope: StateScope, asked: Collection[str] | None) -> Collection[str] | None:
