@@ -316,3 +316,23 @@ async def test_tls_client_certificate_and_token_options(
     anonymous = await cli(*tls, "ls", "--user", uid)  # a certificate the tokens file does not name
     assert anonymous.code == 6
     assert anonymous.err.startswith("chatsession: UNAUTHENTICATED: ")
+
+
+async def test_append_with_a_payload_shows_it_and_refuses_what_json_cannot_hold(
+    target: str, raw: GlideClient, uid: str
+) -> None:
+    created = await cli("--address", target, "create", "--user", uid)
+    session_id = created.out.strip()
+    payload = '{"call": {"x": 0.30000000000000004, "n": [1, null, true]}}'
+    appended = await cli("--address", target, "append", session_id, "hi", "--payload", payload)
+    assert appended.code == 0, appended.err
+    (stored,) = await stored_messages(raw, session_id)
+    assert json.loads(stored["payload"]) == json.loads(payload)
+    shown = await cli("--address", target, "show", session_id)
+    assert '[1] user: hi  payload: {"call":{"n":[1,null,true],"x":0.30000000000000004}}' in shown.out
+    for bad in ("{oops", "NaN", str(2**53 + 1)):
+        # A usage error, as argparse reports one: exit status 2, before any call.
+        with pytest.raises(SystemExit) as exited:
+            await cli("--address", target, "append", session_id, "x", "--payload", bad)
+        assert exited.value.code == 2
+    assert len(await stored_messages(raw, session_id)) == 1

@@ -131,3 +131,78 @@ def test_a_fingerprint_is_the_sha256_of_the_same_json_as_ever(messages: list[New
     ]  # fmt: skip
     raw = json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()
     assert codec.fingerprint(messages) == hashlib.sha256(raw).hexdigest()
+
+
+json_scalars = st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+json_values = st.recursive(
+    json_scalars | st.integers(-(2**53), 2**53) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)  # fmt: skip
+
+
+def _lua_pattern_as_regex(pattern: str) -> re.Pattern[str]:
+    """The Lua pattern classes REPLY_BYTES_PATTERN uses, as a Python regex."""
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern[i] == "%":
+            out += {"d": r"\d", "a": "[A-Za-z]"}[pattern[i + 1]]
+            i += 2
+        elif pattern[i] in "^()+":
+            out += pattern[i]
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out)
+
+
+@given(
+    role=st.sampled_from(list(Role)),
+    content=texts,
+    tokens=st.integers(0, 10**9),
+    payload=json_values,
+    reply_bytes=st.integers(1, 10**7),
+    name=st.sampled_from(["", "bob"]),
+)
+def test_a_payload_is_a_json_string_after_the_role_that_hides_nothing_the_scripts_match(
+    role: Role, content: str, tokens: int, payload: object, reply_bytes: int, name: str
+) -> None:
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    message = NewMessage(
+        role=role, content=content, tokens=tokens, name=name, payload=text, reply_bytes=reply_bytes
+    )
+    body = codec.encode_body(message, 1710000000.5)
+    expected: dict[str, object] = {"role": role.value, "reply_bytes": reply_bytes, "payload": text}
+    expected |= {"content": content, "tokens": tokens, "created_at": 1710000000.5}
+    if name:
+        expected["name"] = name
+    assert body == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))[1:]
+    stored = codec.stored_json(7, body)
+    assert body.startswith(codec.body_prefix(role))
+    # The scripts' reads of a stored message: its reply_bytes, its top-level tokens.
+    match = _lua_pattern_as_regex(codec.REPLY_BYTES_PATTERN).match(stored)
+    assert match is not None
+    assert int(match.group(1)) == reply_bytes
+    at = stored.index(codec.TOKENS_HEAD) + len(codec.TOKENS_HEAD)
+    assert int(re.match(r"\d+", stored[at:]).group()) == tokens  # type: ignore[union-attr]
+    decoded = codec.decode_message(stored)
+    assert decoded.payload == text
+    assert decoded == codec.stored_message(message, 7, 1710000000.5)
+    # Without a payload, nothing of one.
+    plain = codec.stored_json(7, codec.encode_body(NewMessage(role=role, content=content), 1.0))
+    assert _lua_pattern_as_regex(codec.REPLY_BYTES_PATTERN).match(plain) is None
+    assert codec.decode_message(plain).payload is None
+
+
+def test_a_payload_joins_the_fingerprint_only_when_there_is_one() -> None:
+    plain = NewMessage(role=Role.USER, content="x")
+    raw = json.dumps([["user", "x", 0, "", [], [], ""]], separators=(",", ":")).encode()
+    assert codec.fingerprint([plain]) == hashlib.sha256(raw).hexdigest()
+    with_payload = NewMessage(role=Role.USER, content="x", payload='{"a":1}', reply_bytes=40)
+    raw = json.dumps([["user", "x", 0, "", [], [], "", '{"a":1}']], separators=(",", ":")).encode()
+    assert codec.fingerprint([with_payload]) == hashlib.sha256(raw).hexdigest()
+    other = NewMessage(role=Role.USER, content="x", payload='{"a":2}', reply_bytes=40)
+    null = NewMessage(role=Role.USER, content="x", payload="null", reply_bytes=40)
+    assert len({codec.fingerprint([m]) for m in (plain, with_payload, other, null)}) == 4

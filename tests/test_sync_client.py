@@ -28,6 +28,7 @@ from chatsession_client import (
     UpToSeqAheadError,
     UpToSeqInPromptError,
     assistant,
+    payload_of,
     system,
     user,
 )
@@ -228,3 +229,24 @@ async def test_a_compaction_retried_after_a_clear_is_summary_cleared(
         await asyncio.to_thread(compact)
     assert await stored_messages(raw, s.session_id) == []
     assert await summary_of(raw, s.session_id) is None
+
+
+async def test_the_blocking_client_stores_and_reads_back_a_payload(
+    sync_client: SyncSessionClient, raw: GlideClient, uid: str
+) -> None:
+    payload = {"type": "function_call", "x": 0.30000000000000004, "ids": [2**53, -0.0], "none": None}
+
+    def work() -> tuple[Any, Any, Any]:
+        s = sync_client.create_session(uid)
+        appended = sync_client.append(s.session_id, [assistant("calling", payload=payload), user("plain")])
+        listed = sync_client.list_messages(s.session_id).messages
+        context = sync_client.get_context(s.session_id).messages
+        return (
+            [payload_of(m, "none") for m in appended.messages],
+            [payload_of(m, "none") for m in listed],
+            [payload_of(m, "none") for m in context],
+        )
+
+    appended, listed, context = await asyncio.to_thread(work)
+    assert appended == listed == context == [payload, "none"]
+    assert str(listed[0]["ids"][1]) == "-0.0"

@@ -11,6 +11,21 @@ from glide import GlideClient
 from chatsession_client import InvalidArgumentError, SessionClient, assistant, message, system, tool, user
 from tests.helpers import raises, stored_messages, violated_fields
 
+
+def _nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def _nan_payload_message() -> Any:
+    """What a client that does not check could send: the Python client refuses NaN itself."""
+    m = user("x")
+    m.payload.number_value = float("nan")
+    return m
+
+
 BAD_APPENDS: list[tuple[str, Callable[[], list[Any]], dict[str, Any], str]] = [
     ("no messages", lambda: [], {}, "messages"),
     ("unspecified role", lambda: [message(0, "x")], {}, "messages[0].role"),
@@ -38,6 +53,8 @@ BAD_APPENDS: list[tuple[str, Callable[[], list[Any]], dict[str, Any], str]] = [
         {},
         "messages[0].metadata",
     ),
+    ("payload too deep", lambda: [user("x"), user("y", payload=_nested(25))], {}, "messages[1].payload"),
+    ("payload NaN", lambda: [_nan_payload_message()], {}, "messages[0].payload"),
     ("bad request_id", lambda: [user("x")], {"request_id": "has space"}, "request_id"),
     ("negative expected seq", lambda: [user("x")], {"expected_last_seq": -1}, "expected_last_seq"),
 ]

@@ -47,6 +47,10 @@ class NewMessage:
     metadata: Mapping[str, str] = field(default_factory=dict)
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str = ""
+    payload: str | None = None
+    """the caller's JSON value as JSON text (api/payload.py writes it); None: no payload"""
+    reply_bytes: int = 0
+    """with a payload: about what the message takes encoded in a reply (the page budgets count it)"""
 
 
 class StoredMessage(NamedTuple):
@@ -67,6 +71,8 @@ class StoredMessage(NamedTuple):
     tool_call_id: str = ""
     summarizes: tuple[int, int] | None = None
     """On a compaction's summary: the first and last seq it stands for."""
+    payload: str | None = None
+    """The caller's JSON value as the JSON text stored (None: no payload)."""
 
 
 UNLIMITED = -1

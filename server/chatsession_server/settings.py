@@ -178,7 +178,9 @@ class Settings:
     )
     max_message_bytes: int = field(
         default=1024 * 1024,
-        metadata=_meta("largest message, protobuf-encoded: content, name, metadata and tool calls together"),
+        metadata=_meta(
+            "largest message, protobuf-encoded: content, name, metadata, tool calls and payload together"
+        ),
     )
     max_append_bytes: int = field(
         default=3 * 1024 * 1024, metadata=_meta("largest AppendMessages, its messages protobuf-encoded")

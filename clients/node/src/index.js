@@ -11,6 +11,8 @@
 // request has a `request_id` field, which the client fills when the caller left it empty, once
 // per call, so every attempt carries the same id and the server applies the write once. A write
 // without one (UpdateSession, DeleteSession) is never retried.
+//
+// A message's `payload` (a google.protobuf.Value) is a plain JS value both ways: see payload.js.
 
 const path = require('node:path');
 const { randomUUID } = require('node:crypto');
@@ -19,6 +21,7 @@ const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 const { ChatSessionError, toChatSessionError } = require('./errors');
 const { Backoff, DEFAULT_RETRY, retryPolicy } = require('./retry');
+const { decodePayloads, encodePayloads, fromValue, toValue } = require('./payload');
 
 const DEFAULT_PROTO_ROOT = path.resolve(__dirname, '..', '..', '..', 'protos');
 const SERVICE_NAME = 'chatsession.v1.SessionService';
@@ -95,6 +98,7 @@ class SessionClient {
    */
   async unary(name, request = {}, options = {}) {
     const rpc = this.unaryRpcs.get(name);
+    request = encodePayloads(request);
     if (rpc?.requestIdField && !(/** @type {{requestId?: string}} */ (request).requestId)) {
       // Made once per call, before the first attempt, so that every retry repeats it.
       request = { ...request, requestId: randomUUID().replaceAll('-', '') };
@@ -126,7 +130,7 @@ class SessionClient {
     const callOptions = timeoutMs === Infinity ? {} : { deadline: Date.now() + timeoutMs };
     return new Promise((resolve, reject) => {
       this.stub[name](request, this.metadata(options), callOptions, (/** @type {any} */ error, /** @type {any} */ response) =>
-        error ? reject(toChatSessionError(error, this.protoRoot)) : resolve(response),
+        error ? reject(toChatSessionError(error, this.protoRoot)) : resolve(decodePayloads(response)),
       );
     });
   }
@@ -152,6 +156,7 @@ class SessionClient {
       try {
         for await (const event of call) {
           backoff.restart();
+          decodePayloads(event);
           if (event.event === 'message') cursor = event.message.seq;
           else if (event.event === 'historyTrimmed') cursor = event.historyTrimmed.lastMissingSeq;
           // A summary stands at its range's last seq; a clear says the last seq it emptied.
@@ -213,4 +218,4 @@ class SessionClient {
   }
 }
 
-module.exports = { SessionClient, ChatSessionError, status: grpc.status, DEFAULT_PROTO_ROOT, DEFAULT_RETRY };
+module.exports = { SessionClient, ChatSessionError, status: grpc.status, DEFAULT_PROTO_ROOT, DEFAULT_RETRY, toValue, fromValue };

@@ -235,3 +235,56 @@ test('a watch is told of a truncation once and goes on after its last seq', asyn
   }
   assert.deepEqual(seen, [['truncated', 1, 3], ['message', 4]]);
 });
+
+test('a payload is a plain JS value in and out, exact through append, replay, list, context, fork and watch', async () => {
+  const payloads = [
+    0.1 + 0.2,
+    2 ** 53,
+    -0,
+    'unicode é 🎉 " \\ \n \u0000',
+    { nested: [[{ a: [1, { b: null }] }], []], t: true, f: false, '': 'empty key', empty: {} },
+    [],
+    {},
+    null,
+    false,
+    { at: new Date(0), skipped: undefined },
+  ];
+  const expected = payloads.slice(0, -1).concat([{ at: '1970-01-01T00:00:00.000Z' }]);
+  const { session } = await client.createSession({ userId: newUser() });
+  const sessionId = session.sessionId;
+  const messages = payloads.map((payload, i) => ({ ...user(`m${i}`, 1), payload }));
+  const check = (/** @type {any[]} */ got) => {
+    assert.equal(got.length, expected.length);
+    got.forEach((m, i) => assert.deepStrictEqual(m.payload, expected[i], `message ${i}`));
+    assert.ok(Object.is(got[2].payload, -0), '-0 keeps its sign');
+  };
+  const appended = await client.appendMessages({ sessionId, requestId: 'p-1', messages: [...messages, user('plain', 1)] });
+  check(appended.messages.slice(0, -1));
+  assert.equal(appended.messages.at(-1).payload, undefined);
+  const replay = await client.appendMessages({ sessionId, requestId: 'p-1', messages: [...messages, user('plain', 1)] });
+  assert.equal(replay.replayed, true);
+  check(replay.messages.slice(0, -1));
+  check((await client.listMessages({ sessionId, pageSize: 100 })).messages.slice(0, -1));
+  check((await client.getContext({ sessionId })).messages.slice(0, -1));
+  const { session: fork } = await client.forkSession({ sessionId });
+  check((await client.listMessages({ sessionId: fork.sessionId, pageSize: 100 })).messages.slice(0, -1));
+  const watched = [];
+  for await (const event of client.watch(sessionId, { afterSeq: 0 })) {
+    watched.push(event.message);
+    if (watched.length === messages.length) break;
+  }
+  check(watched);
+});
+
+test('a payload JSON cannot hold is refused before the call; too deep is INVALID_ARGUMENT naming it', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  for (const bad of [NaN, Infinity, 10n, () => 1]) {
+    await assert.rejects(client.appendMessages({ sessionId: session.sessionId, messages: [{ ...user('x', 1), payload: bad }] }), TypeError);
+  }
+  let deep = 1;
+  for (let i = 0; i < 25; i++) deep = [deep];
+  const error = await failure(client.appendMessages({ sessionId: session.sessionId, messages: [{ ...user('x', 1), payload: deep }] }));
+  assert.equal(error.code, status.INVALID_ARGUMENT);
+  assert.deepEqual(error.fieldViolations.map((v) => v.field), ['messages[0].payload']);
+  assert.equal((await client.getSession({ sessionId: session.sessionId })).session.messageCount, 0);
+});

@@ -10,6 +10,7 @@ from chatsession_client._calls import (
     tool,
     user,
 )
+from chatsession_client._payload import payload_of, payload_value
 from chatsession_client.client import SessionClient
 from chatsession_client.errors import (
     AfterSeqAheadError,
@@ -89,6 +90,8 @@ __all__ = [
     "UpToSeqInPromptError",
     "assistant",
     "message",
+    "payload_of",
+    "payload_value",
     "system",
     "tool",
     "user",

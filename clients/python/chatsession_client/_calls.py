@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession_client._payload import payload_value
 from chatsession_client.errors import PoppedMessageLostError
 
 Session = session_pb2.Session
@@ -25,6 +26,10 @@ _ROLES = {
 }
 
 
+_NO_PAYLOAD: Any = object()
+"""`message`'s default payload: none (None is JSON null, a payload like any other)."""
+
+
 def message(
     role: str | int,
     content: str,
@@ -34,10 +39,13 @@ def message(
     metadata: Mapping[str, str] | None = None,
     tool_calls: Iterable[tuple[str, str, str]] = (),
     tool_call_id: str = "",
+    payload: Any = _NO_PAYLOAD,
 ) -> Message:
     """Build a Message; `role` is "system"/"user"/"assistant"/"tool" or a Role value.
-    `tool_calls` are (id, name, arguments) triples."""
-    return Message(
+    `tool_calls` are (id, name, arguments) triples. `payload`: any JSON-able value (dicts with
+    str keys, lists, str, int within +-2^53, finite float, bool, None) stored with the message
+    and read back with `payload_of`; left out, the message has none."""
+    out = Message(
         role=_ROLES[role] if isinstance(role, str) else role,  # type: ignore[arg-type]
         content=content,
         tokens=tokens,
@@ -46,6 +54,9 @@ def message(
         tool_calls=[session_pb2.ToolCall(id=i, name=n, arguments=a) for i, n, a in tool_calls],
         tool_call_id=tool_call_id,
     )
+    if payload is not _NO_PAYLOAD:
+        out.payload.CopyFrom(payload_value(payload))
+    return out
 
 
 def system(content: str, **kw: Any) -> Message:

@@ -34,6 +34,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client._calls import Message, Session, message
+from chatsession_client._payload import payload_of, payload_value
 from chatsession_client.errors import ChatSessionError
 from chatsession_client.retry import Retry
 from chatsession_client.sync import SyncSessionClient
@@ -144,6 +145,12 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     append.add_argument("--role", default="user", choices=["system", "user", "assistant", "tool"])
     append.add_argument("--tokens", type=int, default=0)
     append.add_argument("--name", default="")
+    append.add_argument(
+        "--payload",
+        type=_json_value,
+        default=_NO_PAYLOAD,
+        help="the message's payload: any JSON value, stored and returned as given",
+    )
     append.add_argument("--request-id", help="idempotency key (default: a fresh one)")
     append.add_argument("--expected-last-seq", type=int, help="append only if this is the last seq")
 
@@ -277,11 +284,34 @@ def _role(m: Message) -> str:
 
 
 def _message_line(m: Message) -> str:
+    payload = ""
+    if m.HasField("payload"):
+        payload = "  payload: " + json.dumps(
+            payload_of(m), ensure_ascii=False, separators=(",", ":"), sort_keys=True
+        )
     if m.HasField("summarizes"):
         return (
             f"[{m.seq}] {_role(m)} (summary of {m.summarizes.first_seq}-{m.summarizes.last_seq}): {m.content}"
+            + payload
         )
-    return f"[{m.seq}] {_role(m)}: {m.content}"
+    return f"[{m.seq}] {_role(m)}: {m.content}{payload}"
+
+
+_NO_PAYLOAD: Any = object()
+
+
+def _json_value(text: str) -> Any:
+    """--payload's value: JSON text, parsed, that a payload holds as it is."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+        payload_value(value)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _counts_line(label: str, counts: session_service_pb2.UsageCounts) -> str:
@@ -350,9 +380,10 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
     elif args.command == "append":
         # The newline `echo` or an editor leaves at the end is not part of the message.
         content = stdin.read().removesuffix("\n") if args.content == "-" else args.content
+        payload = {} if args.payload is _NO_PAYLOAD else {"payload": args.payload}
         appended = client.append(
             args.session,
-            [message(args.role, content, tokens=args.tokens, name=args.name)],
+            [message(args.role, content, tokens=args.tokens, name=args.name, **payload)],
             request_id=args.request_id,
             expected_last_seq=args.expected_last_seq,
         )

@@ -8,6 +8,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatsession.v1 import session_pb2, session_service_pb2
+from chatsession_server.api.payload import set_payload
 from chatsession_server.domain import (
     Cleared,
     Compacted,
@@ -89,6 +90,8 @@ def _fill_message(out: session_pb2.Message, m: StoredMessage) -> None:
         out.tool_call_id = m.tool_call_id
     if m.summarizes is not None:
         out.summarizes.first_seq, out.summarizes.last_seq = m.summarizes
+    if m.payload is not None:
+        set_payload(out.payload, m.payload)
     _set_time(out.created_at, m.created_at)
 
 

@@ -19,6 +19,12 @@ MAX_METADATA_VALUE_LENGTH = 4096
 MAX_TOOL_CALLS = 128
 MAX_TOKENS_PER_MESSAGE = 1 << 31
 MAX_WINDOW = 1_000_000
+MAX_PAYLOAD_DEPTH = 24
+"""Lists and objects a payload may nest: each level of an object is three levels of protobuf
+messages, and protobuf parsers refuse a message nested deeper than 100 (the reply that carries
+a payload nests it three deeper still)."""
+REPLY_OVERHEAD_BYTES = 32
+"""What a stored message adds in a reply to what the caller sent (its seq and created_at)."""
 DEFAULT_SESSIONS_PAGE = 50
 DEFAULT_MESSAGES_PAGE = 100
 MAX_PAGE_SIZE = 1000

@@ -7,9 +7,12 @@ import re
 import uuid
 from collections.abc import Mapping
 
+from google.protobuf import struct_pb2
+
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
+from chatsession_server.api.payload import PayloadError, payload_json
 from chatsession_server.domain import (
     RESERVED_LABELS,
     Compaction,
@@ -303,6 +306,9 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
     size = m.ByteSize()
     if size > limits.max_message_bytes:
         v.add(field, f"is {size} bytes encoded; the limit is {limits.max_message_bytes}")
+    payload: str | None = None
+    if m.HasField("payload"):
+        payload = _payload(v, f"{field}.payload", m.payload, limits)
     if role is None:
         return None
     return NewMessage(
@@ -313,7 +319,22 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
         metadata=dict(metadata) if metadata else {},
         tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in tool_calls) if tool_calls else (),
         tool_call_id=tool_call_id,
+        payload=payload,
+        reply_bytes=size + L.REPLY_OVERHEAD_BYTES if payload is not None else 0,
     )
+
+
+def _payload(v: Violations, field: str, value: struct_pb2.Value, limits: Limits) -> str | None:
+    """The payload as the JSON text the store keeps, or None after saying what is wrong."""
+    size = value.ByteSize()
+    if size > limits.max_message_bytes:  # said before the walk, which it would make long
+        v.add(field, f"is {size} bytes encoded; a message's limit is {limits.max_message_bytes}")
+        return None
+    try:
+        return payload_json(value, L.MAX_PAYLOAD_DEPTH)
+    except PayloadError as exc:
+        v.add(field, str(exc))
+        return None
 
 
 def append_messages(

@@ -26,7 +26,13 @@ SEQ_HEAD = '{"seq":'
 """How every stored message begins: the append script writes SEQ_HEAD, the seq, a comma, the body."""
 TOKENS_HEAD = ',"tokens":'
 """What precedes a stored message's token count: the first occurrence is the top-level field
-(`encode_body` puts it right after role and content, and a quote inside a string is escaped)."""
+(`encode_body` puts it after role, content and a payload's two fields, none of which can hold
+it: a quote inside a string is escaped)."""
+REPLY_BYTES_PATTERN = "^" + SEQ_HEAD + '%d+,"role":"%a+","reply_bytes":(%d+),'
+"""Lua pattern of a stored message with a payload, capturing its `reply_bytes` (written right
+after its role, before the payload): what the message takes in a reply, which the scripts' page
+and context budgets count when it is more than the stored JSON (a payload of small numbers is
+shorter as JSON than encoded)."""
 SUMMARIZES_HEAD = ',"summarizes":['
 """The compaction script closes a summary's body with this, its first and last seq, and `]}`."""
 MAX_PINNED = 16
@@ -65,6 +71,10 @@ class MetaField(enum.StrEnum):
     """"1" once a truncation left the window's seqs short of message_count: its seqs may have holes
     (removed seqs are never reused), so the scripts read them from the items instead of counting
     back from message_count (absent or "0": no holes)"""
+    PAYLOADS = "payloads"
+    """'1' once the session has stored a message with a payload (set by appends, compactions and
+    forks, never unset): only then do the page and context budgets look for reply_bytes in
+    each message (REPLY_BYTES_PATTERN), so a session without payloads pays nothing for them"""
 
 
 class PublishKind(enum.StrEnum):
@@ -99,14 +109,25 @@ def encode_body(message: NewMessage, created_at: float) -> str:
 
     `role` comes first so the scripts can tell system and tool messages from the prefix alone.
     """
-    if not (message.name or message.metadata or message.tool_calls or message.tool_call_id):
+    if not (
+        message.name
+        or message.metadata
+        or message.tool_calls
+        or message.tool_call_id
+        or message.payload is not None
+    ):
         # Most messages are just these four fields: written directly, byte for byte what the
         # json.dumps below gives (tests/test_script_contract.py), in less than half the time.
         return (
             f'"role":"{message.role.value}","content":{_json_string(message.content)},'
             f'"tokens":{message.tokens},"created_at":{round(created_at, 6)!r}}}'
         )
-    obj: dict[str, Any] = {"role": message.role.value, "content": message.content, "tokens": message.tokens}
+    obj: dict[str, Any] = {"role": message.role.value}
+    if message.payload is not None:
+        # A JSON string holding the payload's JSON text: no script parses it (REPLY_BYTES_PATTERN).
+        obj["reply_bytes"] = message.reply_bytes
+        obj["payload"] = message.payload
+    obj["content"], obj["tokens"] = message.content, message.tokens
     obj["created_at"] = round(created_at, 6)
     if message.name:
         obj["name"] = message.name
@@ -140,21 +161,23 @@ def fingerprint(messages: Sequence[NewMessage]) -> str:
 
 def _canonical(m: NewMessage) -> str:
     """One message's part of the fingerprint: its JSON list [role, content, tokens, name,
-    metadata pairs sorted, tool calls, tool_call_id]. Request records outlive a server upgrade:
-    these bytes never change (tests/test_script_contract.py holds them to json.dumps)."""
-    if not (m.name or m.metadata or m.tool_calls or m.tool_call_id):
+    metadata pairs sorted, tool calls, tool_call_id], and the payload's JSON text after them when
+    it has one. Request records outlive a server upgrade: these bytes never change
+    (tests/test_script_contract.py holds them to json.dumps)."""
+    if not (m.name or m.metadata or m.tool_calls or m.tool_call_id or m.payload is not None):
         return f'["{m.role.value}",{_json_string(m.content)},{m.tokens},"",[],[],""]'
-    return _BODY_ENCODER.encode(
-        [
-            m.role.value,
-            m.content,
-            m.tokens,
-            m.name,
-            sorted(m.metadata.items()),
-            [[c.id, c.name, c.arguments] for c in m.tool_calls],
-            m.tool_call_id,
-        ]
-    )
+    parts: list[Any] = [
+        m.role.value,
+        m.content,
+        m.tokens,
+        m.name,
+        sorted(m.metadata.items()),
+        [[c.id, c.name, c.arguments] for c in m.tool_calls],
+        m.tool_call_id,
+    ]
+    if m.payload is not None:
+        parts.append(m.payload)
+    return _BODY_ENCODER.encode(parts)
 
 
 def decode_message(raw: bytes | str) -> StoredMessage:
@@ -197,6 +220,7 @@ def message_from_obj(obj: dict[str, Any]) -> StoredMessage:
         else (),
         str(obj.get("tool_call_id") or ""),
         _seq_range(obj.get("summarizes")),
+        obj.get("payload"),
     )
 
 
@@ -213,6 +237,8 @@ def stored_message(message: NewMessage, seq: int, created_at: float) -> StoredMe
         message.metadata,
         message.tool_calls,
         message.tool_call_id,
+        None,
+        message.payload,
     )
 
 
@@ -429,6 +455,7 @@ def fork_fields(
         MetaField.TITLE,
         MetaField.TTL_SECONDS,
         MetaField.MAX_MESSAGES,
+        MetaField.PAYLOADS,
     )
     for field in copied:  # those the source has (an old session may lack max_messages)
         if (value := source.get(field.encode())) is not None:

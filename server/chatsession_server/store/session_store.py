@@ -273,6 +273,7 @@ class SessionStore:
             max_session_bytes=self._max_session_bytes,
             usage_key_head=self._owner_index.usage_head,
             usage_days=codec.usage_days(now),
+            with_payload=any(m.payload is not None for m in messages),
             bodies=bodies,
         )
         status, reply = await self._scripts.call(session_scripts.APPEND, self._session_keys(session_id), args)
@@ -461,6 +462,7 @@ class SessionStore:
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
             max_session_bytes=self._max_session_bytes,
+            with_payload=summary.payload is not None,
             summary_body=codec.encode_body(summary, now),
         )
         status, reply = await self._scripts.call(

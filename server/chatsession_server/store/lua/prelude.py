@@ -122,6 +122,14 @@ local function tokens_of(item)
   return tonumber(string.match(item, '^%d+', at + #TOKENS_HEAD)) or 0
 end
 
+-- What a stored item counts for in a reply's byte budget: its length, or what it takes encoded
+-- in the reply when its payload makes that more (its reply_bytes, right after its role).
+local function reply_size(item)
+  local encoded = string.match(item, REPLY_BYTES_PATTERN)
+  if encoded and tonumber(encoded) > #item then return tonumber(encoded) end
+  return #item
+end
+
 -- The stored summary (or false) and its seq.
 local function read_summary(summary)
   local item = redis.call('GET', summary)

@@ -82,6 +82,7 @@ def _constants() -> str:
         f"local USAGE_MODELS_FIELD = {_lua_string(codec.USAGE_MODELS_FIELD)}",
         f"local SEEN_PRUNED_FIELD = {_lua_string(codec.SEEN_PRUNED_FIELD)}",
         f"local TOKENS_HEAD = {_lua_string(codec.TOKENS_HEAD)}",
+        f"local REPLY_BYTES_PATTERN = {_lua_string(codec.REPLY_BYTES_PATTERN)}",
         f"local SUMMARIZES_HEAD = {_lua_string(codec.SUMMARIZES_HEAD)}",
         f"local HASH_TAG_END = {_lua_string(keys.HASH_TAG_END)}",
     ]

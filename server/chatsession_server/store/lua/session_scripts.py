@@ -8,7 +8,7 @@ Layout of a session (see also keys.py):
              holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes] label:<key>...
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes] [payloads] label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0"), clears ("fingerprint last_seq 0") and
              truncations ("fingerprint after_seq removed").
@@ -93,6 +93,8 @@ class AppendArgs:
     usage_key_head: str
     """'' in a cluster: the caller counts the append in the owner's usage in a second step"""
     usage_days: str
+    with_payload: bool
+    """a message carries a payload: the session's PAYLOADS flag is set"""
     bodies: Sequence[str]
     """one per message: its JSON without the opening `{"seq":N,`"""
 
@@ -145,6 +147,7 @@ if tonumber(now) > tonumber(last_active) then last_active = now end
 redis.call('HINCRBY', meta, F_MESSAGE_COUNT, #items)
 redis.call('HINCRBY', meta, F_TOKEN_COUNT, token_sum)
 redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
+if with_payload == '1' then redis.call('HSET', meta, F_PAYLOADS, '1') end
 trim_window(chat, meta, tonumber(m[4]), pinned)
 if tonumber(m[4]) > 0 then len = redis.call('LLEN', chat) end
 
@@ -181,7 +184,8 @@ class ListMessagesArgs:
     after_seq: int | None
     before_seq: int | None
     max_bytes: int
-    """a page stops short of this many bytes of stored JSON (but holds at least one message)"""
+    """a page stops short of this many bytes of stored JSON (but holds at least one message); a
+    message counts for its reply_bytes instead when those are more (see codec.REPLY_BYTES_PATTERN)"""
 
 
 LIST_MESSAGES = LuaScript(
@@ -189,8 +193,9 @@ LIST_MESSAGES = LuaScript(
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
-                     F_HOLES)
+                     F_HOLES, F_PAYLOADS)
 if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
+local size_of = m[7] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
 local w = window_of(chat, mc, len, pinned, m[6])
@@ -217,7 +222,7 @@ if s_seq and (s_seq < lo or s_seq > hi) then summary_item = false end
 local i_lo, i_hi = first_at, math.min(first_at + limit - 1, last_at)
 if not forward then i_lo, i_hi = math.max(last_at - limit + 1, first_at), last_at end
 if na + nb > 0 and limit > 0 and i_lo <= i_hi then
-  local budget, size, slice = tonumber(max_bytes) - (summary_item and #summary_item or 0), 0, 8
+  local budget, size, slice = tonumber(max_bytes) - (summary_item and size_of(summary_item) or 0), 0, 8
   local kept, stop = {}, false
   local i = forward and i_lo or i_hi
   while not stop and i >= i_lo and i <= i_hi do
@@ -227,8 +232,9 @@ if na + nb > 0 and limit > 0 and i_lo <= i_hi then
     local first, last, step = 1, #part, 1
     if not forward then first, last, step = #part, 1, -1 end
     for k = first, last, step do
-      if #kept > 0 and size + #part[k] > budget then stop = true break end
-      size = size + #part[k]
+      local item_size = size_of(part[k])
+      if #kept > 0 and size + item_size > budget then stop = true break end
+      size = size + item_size
       kept[#kept + 1] = part[k]
     end
     i = forward and b + 1 or a - 1
@@ -478,7 +484,8 @@ class ContextArgs:
     max_messages: int
     """most messages of the recent part; 0: no limit"""
     max_bytes: int
-    """the whole reply stops short of this many bytes of stored JSON"""
+    """the whole reply stops short of this many bytes of stored JSON (counted as ListMessagesArgs'
+    max_bytes)"""
 
 
 # Walks the window from its newest item in small slices and stops at the first message that does
@@ -487,16 +494,17 @@ GET_CONTEXT = LuaScript(
     ("chat", "meta", "summary"),
     ContextArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local pinned = tonumber(m[2] or '0')
+local size_of = m[3] and reply_size or string.len
 local head = pinned > 0 and redis.call('LRANGE', chat, 0, pinned - 1) or {}
 local summary_item = read_summary(summary)
 if summary_item then head[#head + 1] = summary_item end
 local tokens, size = 0, 0
 for _, item in ipairs(head) do
   tokens = tokens + tokens_of(item)
-  size = size + #item
+  size = size + size_of(item)
 end
 local max_tokens, max_messages, max_size = tonumber(max_tokens), tonumber(max_messages), tonumber(max_bytes)
 if max_tokens > 0 and tokens > max_tokens then return {ST_OVER_BUDGET, tokens} end
@@ -508,15 +516,15 @@ while not stop and i >= pinned do
   local part = redis.call('LRANGE', chat, math.max(i - 15, pinned), i)
   for k = #part, 1, -1 do
     local item = part[k]
-    local t = tokens_of(item)
+    local t, item_size = tokens_of(item), size_of(item)
     if (max_messages > 0 and #recent >= max_messages) or (max_tokens > 0 and tokens + t > max_tokens)
-        or size + #item > max_size then
+        or size + item_size > max_size then
       stop = true
       break
     end
     recent[#recent + 1] = item
     recent_tokens[#recent_tokens + 1] = t
-    tokens, size = tokens + t, size + #item
+    tokens, size = tokens + t, size + item_size
   end
   i = i - #part
 end
@@ -544,6 +552,8 @@ class CompactArgs:
     channel: str
     max_session_bytes: int
     """0: no limit; else a compaction that would leave the session above it and larger is refused"""
+    with_payload: bool
+    """the summary carries a payload: the session's PAYLOADS flag is set"""
     summary_body: str
     """the summary's JSON without its opening `{"seq":N,` (as codec.encode_body gives it)"""
 
@@ -583,6 +593,7 @@ if drop > 0 then drop_after_prompt(chat, meta, pinned, drop) end
 if old then unstore(meta, #old) end
 redis.call('HINCRBY', meta, F_STORED_BYTES, #item)
 redis.call('SET', summary, item)
+if with_payload == '1' then redis.call('HSET', meta, F_PAYLOADS, '1') end
 if request_id ~= '' then
   local record = fingerprint .. ' ' .. string.format('%d', up_to) .. ' 0'
   remember_request(reqs, request_id, record, idempotency_limit)

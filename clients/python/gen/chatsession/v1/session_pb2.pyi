@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -197,7 +198,9 @@ Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 @_typing.final
 class Message(_message.Message):
     """One message of a conversation. Stored as a JSON string in `chat:{<session_id>}`:
-    `{"seq":7,"role":"user","content":"...","tokens":42,"created_at":1710000000.0,...}`.
+    `{"seq":7,"role":"user","content":"...","tokens":42,"created_at":1710000000.0,...}`; a message
+    with a payload also holds `"reply_bytes":N,"payload":"<the payload as JSON text>"` right after
+    its role (the payload is a JSON *string*: no script ever decodes or re-encodes it).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -232,6 +235,7 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     SUMMARIZES_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position in the session, 1-based, assigned by the server on append and never
     reused, even after the sliding window trims. Output only: ignored on input.
@@ -254,7 +258,11 @@ class Message(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
-        """When the server stored it. Output only: ignored on input."""
+        """When the message was written. Optional on input: unset, the server's time of the append;
+        set, kept as given (microsecond precision): any time from the Unix epoch on, at most the
+        server's `max_clock_skew_seconds` (default 300) ahead of its clock (imports keep their
+        times). The session's `last_active` follows the newest `created_at` appended.
+        """
 
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
@@ -264,6 +272,17 @@ class Message(_message.Message):
     def summarizes(self) -> Global___SeqRange:
         """Set only on the summary CompactMessages stored: the seqs it stands for (its own `seq` is
         the range's `last_seq`). Output only: ignored on input.
+        """
+
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Value:
+        """The caller's own JSON value (a framework's message or event object), stored with the
+        message and returned as given by every read, GetContext, WatchMessages and ForkSession;
+        compaction and window trims leave it as it is. Unset: no payload (nothing stored).
+        Numbers are doubles (integers are exact up to 2^53); NaN and infinities are refused.
+        Counted in the size limits: its encoded size is part of the message's (`max_message_bytes`)
+        and the append's; its stored JSON text counts toward `max_session_bytes`. At most 24
+        levels of nested lists and objects.
         """
 
     def __init__(
@@ -279,10 +298,11 @@ class Message(_message.Message):
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
         tool_call_id: _builtins.str = ...,
         summarizes: Global___SeqRange | None = ...,
+        payload: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "summarizes", b"summarizes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "payload", b"payload", "summarizes", b"summarizes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "name", b"name", "role", b"role", "seq", b"seq", "summarizes", b"summarizes", "tokens", b"tokens", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "created_at", b"created_at", "metadata", b"metadata", "name", b"name", "payload", b"payload", "role", b"role", "seq", b"seq", "summarizes", b"summarizes", "tokens", b"tokens", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
