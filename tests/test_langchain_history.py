@@ -264,6 +264,8 @@ async def test_concurrent_adds_keep_every_message_and_each_call_together(
         assert found[at : at + 4] == [f"{b}-{i}" for i in range(4)]
 
 
+# langchain-core 1.x deprecates it (for LangGraph's persistence), and it is what LangChain code uses.
+@pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 async def test_runnable_with_message_history_remembers_the_conversation(
     target: str, uid: str, mode: str
