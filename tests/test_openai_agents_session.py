@@ -455,3 +455,15 @@ async def test_numbers_come_back_equal_and_integers_beyond_2_53_are_refused(
     with pytest.raises(ValueError, match="2\\^53"):
         await session.add_items(as_items([{"role": "user", "content": "n", "n": 2**60}]))
     assert len(await stored_messages(raw, session.session_id)) == 1
+
+
+async def test_an_item_the_server_refuses_is_refused_with_its_batch_naming_it(
+    new_session: Callable[..., ChatsessionSession], raw: Any
+) -> None:
+    session = new_session()
+    await session.add_items(items("kept"))
+    # The suite's server takes 1024 bytes of content: the item's text is more.
+    error = await raises(InvalidArgumentError, session.add_items(items("fine", "x" * 2000)))
+    assert "messages[1].content" in violated_fields(error)
+    assert contents(await session.get_items()) == ["kept"]
+    assert len(await stored_messages(raw, session.session_id)) == 1
