@@ -86,6 +86,8 @@ async def test_pop_returns_the_newest_and_the_next_append_gets_message_count_plu
 ) -> None:
     sid = await conversation(client, uid)
     usage_before = await usage(raw, uid)
+    last_active = (await meta(raw, sid))["last_active"]
+    listed_at = await raw.zscore(f"user_sessions:{{{uid}}}", sid)
     popped = await client.pop_message(sid)
     assert popped is not None
     assert (popped.seq, popped.content, popped.tokens) == (6, "five", 50)
@@ -96,6 +98,9 @@ async def test_pop_returns_the_newest_and_the_next_append_gets_message_count_plu
     assert [m["seq"] for m in await stored_messages(raw, sid)] == [1, 2, 3, 4, 5]
     await stored_bytes_match(raw, sid)
     assert await usage(raw, uid) == usage_before  # billing never goes down
+    # No activity of the user's: the session keeps its place in the owner's listing.
+    assert (fields["last_active"], fields["rewrites"]) == (last_active, "1")
+    assert await raw.zscore(f"user_sessions:{{{uid}}}", sid) == listed_at
 
     session = await client.get_session(sid)
     assert (session.message_count, session.token_count, session.messages_stored) == (6, 155, 5)
@@ -422,6 +427,37 @@ async def test_a_watch_reading_past_a_hole_reports_no_trimming(client: SessionCl
     assert kinds == [("message", 1), ("message", 2), ("message", 3), ("message", 7)]
 
 
+async def first_events(client: SessionClient, sid: str, after_seq: int) -> list[tuple[str, Any]]:
+    """What a watch resumed after `after_seq` is told up to its first message."""
+    kinds: list[tuple[str, Any]] = []
+    async for event in client.watch(sid, after_seq=after_seq):
+        kind = str(event.WhichOneof("event"))
+        cut = event.truncated
+        kinds.append((kind, (cut.after_seq, cut.last_seq) if kind == "truncated" else event.message.seq))
+        if kind == "message":
+            break
+    return kinds
+
+
+async def test_a_watch_resumed_within_what_a_truncation_removed_is_told_first(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)  # the watcher delivered 1..5, then lost its stream
+    await client.truncate_messages(sid, 3)
+    await client.append(sid, [user("after")])
+    assert (await meta(raw, sid))["truncated"] == "3 6"
+    assert await asyncio.wait_for(first_events(client, sid, 5), 30) == [("truncated", (3, 6)), ("message", 7)]
+    # Resumed before the cut (it holds nothing removed) or past it (it saw what came after): not told.
+    assert await asyncio.wait_for(first_events(client, sid, 3), 30) == [("message", 7)]
+    await client.append(sid, [user("more")])
+    assert await asyncio.wait_for(first_events(client, sid, 7), 30) == [("message", 8)]
+    # A truncation reaching into the removed run joins it: 2..8 are one run of removed seqs.
+    await client.truncate_messages(sid, 2)
+    await client.append(sid, [user("again")])
+    assert (await meta(raw, sid))["truncated"] == "2 8"
+    assert await asyncio.wait_for(first_events(client, sid, 5), 30) == [("truncated", (2, 8)), ("message", 9)]
+
+
 def test_the_truncation_publish_reads_back() -> None:
     assert parse_publish(b"T3 6 alice 2") == Truncated(3, 6, "alice", 2)
 
@@ -580,3 +616,17 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             iter(model.prompt + model.window), None
         )
         await stored_bytes_match(raw, sid)
+
+
+async def test_a_clear_after_a_truncation_leaves_no_holes(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = await conversation(client, uid)
+    await client.truncate_messages(sid, 3)
+    assert (await meta(raw, sid))["holes"] == "1"
+    await client.clear_messages(sid, keep_system_prompt=True)
+    assert "holes" not in await meta(raw, sid)
+    await client.append(sid, [user("a"), user("b")])
+    assert await all_messages(client, sid) == [1, 7, 8]
+    page = await client.list_messages(sid, before_seq=8, page_size=1)
+    assert (seqs(page.messages), page.window_start_seq) == ([7], 7)

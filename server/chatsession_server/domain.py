@@ -193,6 +193,8 @@ class MessagePage:
     """the session's compactions and clears so far, as of this read (see Compacted.rewrite)"""
     cleared_at_seq: int = 0
     """the session's last seq when it was last cleared (0: never)"""
+    truncated: tuple[int, int] | None = None
+    """(after, last): the seqs after+1..last the latest truncations removed (None: none)"""
 
 
 # --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------

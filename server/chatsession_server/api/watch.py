@@ -13,9 +13,9 @@ with after_seq at or before the seq of the session's last clear is told of it fi
 once: one resumed right at that seq may have seen it already); one resumed before a summary's
 seq meets the summary in its read, but one resumed past it is not told of a compaction it
 missed (nothing tells it from one it saw). A truncation is announced as `Truncated` from its
-publish only (a read finds nothing of it: the seqs it removed are holes in the window, which a read
-passes silently, unlike the seqs the window trimmed); like a compaction, one missed while
-disconnected is not announced to a resumed watch. Announcements come from publishes and reads, so one
+publish; a read passes the holes it left in the window silently (unlike the seqs the window
+trimmed), but a watch resumed within the seqs the latest truncation removed (and those of earlier
+ones it reached into) is told of it first, as of a clear. Announcements come from publishes and reads, so one
 published while Valkey was unreachable may not be made; the messages never miss.
 """
 
@@ -197,6 +197,8 @@ class Watch(Generic[T]):
             if self._resumed and cursor <= page.cleared_at_seq:
                 self._emit(Cleared(page.cleared_at_seq))
                 cleared_to = page.cleared_at_seq
+            elif self._resumed and page.truncated and page.truncated[0] < cursor <= page.truncated[1]:
+                self._emit(Truncated(*page.truncated))
         for message in page.messages:
             if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                 cursor = max(cursor, cleared_to)

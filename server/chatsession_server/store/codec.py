@@ -67,6 +67,9 @@ class MetaField(enum.StrEnum):
     it has announced (or read the result of) from a newer one"""
     CLEARED_AT_SEQ = "cleared_at_seq"
     """the session's last seq when it was last cleared: a watch resumed at or before it missed that"""
+    TRUNCATED = "truncated"
+    """"<after> <last>": every seq in after+1..last was removed by the latest truncation (merged with
+    the earlier ones it reaches into): a watch resumed within that range missed it"""
     HOLES = "holes"
     """"1" once a truncation left the window's seqs short of message_count: its seqs may have holes
     (removed seqs are never reused), so the scripts read them from the items instead of counting

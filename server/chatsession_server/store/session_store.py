@@ -313,7 +313,8 @@ class SessionStore:
         )
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
-        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq = reply
+        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq, truncated = reply
+        removed = truncated.split() if truncated else ()
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
@@ -322,6 +323,7 @@ class SessionStore:
             history_trimmed=bool(trimmed),
             rewrites=int(rewrites),
             cleared_at_seq=int(cleared_at_seq),
+            truncated=(int(removed[0]), int(removed[1])) if removed else None,
         )
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:

@@ -177,6 +177,10 @@ end
 -- without holes, else found by bisection (a few LINDEX).
 local function window_at(w, seq)
   if not w.holes then return w.pinned + math.min(math.max(seq - w.base - 1, 0), w.len - w.pinned) end
+  -- The ends first (the newest page asks for both): no bisection for a seq outside the window.
+  if seq <= w.base + 1 then return w.pinned end
+  if not w.last then w.last = seq_of(redis.call('LINDEX', w.chat, w.len - 1)) end
+  if seq > w.last then return w.len end
   local lo, hi = w.pinned, w.len
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)

@@ -8,7 +8,8 @@ Layout of a session (see also keys.py):
              holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes] [payloads] label:<key>...
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes truncated] [payloads]
+             label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0"), clears ("fingerprint last_seq 0") and
              truncations ("fingerprint after_seq removed").
@@ -193,9 +194,9 @@ LIST_MESSAGES = LuaScript(
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
-                     F_HOLES, F_PAYLOADS)
+                     F_HOLES, F_TRUNCATED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
-local size_of = m[7] and reply_size or string.len
+local size_of = m[8] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
 local w = window_of(chat, mc, len, pinned, m[6])
@@ -270,7 +271,8 @@ if #items > 0 and has_more == 1 then
 end
 -- (With a summary, the seqs up to its own stand compacted, not trimmed.)
 local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
-return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0')}
+return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
+        m[7] or ''}
 """,
     read_only=True,
 )
@@ -643,6 +645,7 @@ if old then
   redis.call('DEL', summary)
 end
 redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
+redis.call('HDEL', meta, F_HOLES)  -- the window is empty: no hole is left in it
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
 if request_id ~= '' then
   remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
@@ -684,7 +687,7 @@ TRUNCATE = LuaScript(
     ("chat", "meta", "reqs", "summary"),
     TruncateArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local recorded_after, recorded_removed = recorded_request(reqs, request_id, fingerprint)
 if recorded_after == false then return {ST_REQUEST_ID_REUSED} end
@@ -735,6 +738,12 @@ if removed > 0 then
   if cut < pinned then redis.call('HSET', meta, F_PINNED, cut) end
   -- A window left (cut beyond the prompt) now ends short of message_count.
   if cut > pinned then redis.call('HSET', meta, F_HOLES, '1') else redis.call('HDEL', meta, F_HOLES) end
+  -- What a resumed watch is told: after+1..message_count are gone, and so is an earlier range
+  -- this one reaches into (together they are one run of removed seqs).
+  local earlier_after, earlier_last = string.match(m[5] or '', '^(%d+) (%d+)$')
+  local from = after
+  if earlier_after and after < tonumber(earlier_last) then from = math.min(after, tonumber(earlier_after)) end
+  redis.call('HSET', meta, F_TRUNCATED, string.format('%d', from) .. ' ' .. m[2])
 end
 if request_id ~= '' then
   remember_request(reqs, request_id,

@@ -358,7 +358,8 @@ class AppendMessagesRequest(_message.Message):
     """
     expected_last_seq: _builtins.int
     """Optional optimistic check: append only if the session's newest seq (`message_count`)
-    equals this value, else FAILED_PRECONDITION and nothing is written.
+    equals this value, else FAILED_PRECONDITION and nothing is written. (A truncation does not
+    change `message_count`: this tells whether anyone appended since.)
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Message]:
@@ -483,7 +484,9 @@ class ListMessagesResponse(_message.Message):
     when reading forward, older ones otherwise).
     """
     last_seq: _builtins.int
-    """Seq of the newest message (the session's `message_count`); 0 when empty."""
+    """Seq of the newest message appended (the session's `message_count`, which TruncateMessages
+    does not lower); 0 when none was.
+    """
     window_start_seq: _builtins.int
     """Seq of the oldest message the sliding window still keeps after the system prompt;
     messages with seqs between the system prompt and this one were trimmed (or, up to the
