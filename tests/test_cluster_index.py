@@ -261,3 +261,29 @@ async def test_a_deleted_session_whose_create_was_retried_leaves_no_index_entry(
     assert await raw.zscore(index, s.session_id) is not None
     await client.delete_session(s.session_id)
     assert await raw.zscore(index, s.session_id) is None
+
+
+async def test_a_late_append_index_step_never_overwrites_a_newer_score(
+    monkeypatch: pytest.MonkeyPatch, server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # A caller's created_at can move last_active back (an import), so the step sets the score
+    # rather than raising it; a step that arrives after a later append's must then not count.
+    index = f"user_sessions:{{{uid}}}"
+    sid = (await client.create_session(uid)).session_id
+    index_steps = server.store._owner_index
+    assert isinstance(index_steps, SecondStepOwnerIndex)
+    held: list[tuple[Any, ...]] = []
+    run_touch = index_steps.touch
+
+    async def hold(*args: Any) -> None:
+        held.append(args)
+
+    monkeypatch.setattr(index_steps, "touch", hold)
+    await client.append(sid, [user("at the server's time")])
+    monkeypatch.setattr(index_steps, "touch", run_touch)
+    imported = await client.append(sid, [user("imported", created_at=86_400.0)])
+    assert await raw.zscore(index, sid) == 86_400.0  # moved back, as the session's last_active
+    await run_touch(*held[0])  # the first append's step, late
+    assert await raw.zscore(index, sid) == 86_400.0
+    assert (await meta(raw, sid))["last_active"] == "86400.000000"
+    assert imported.session.last_active.seconds == 86_400

@@ -28,10 +28,25 @@ from chatsession_client import (
     tool,
     user,
 )
-from chatsession_server.api.limits import MAX_PAYLOAD_DEPTH
+from chatsession_server.api.limits import (
+    MAX_PAYLOAD_DEPTH,
+    MAX_PAYLOAD_VALUES,
+    MAX_PAYLOAD_VALUES_PER_APPEND,
+    REPLY_BYTES_PER_VALUE,
+)
+from chatsession_server.api.payload import payload_field, payload_json
 from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
-from tests.helpers import eventually, grpcurl, meta, raises, serving, stored_messages, violated_fields
+from tests.helpers import (
+    eventually,
+    grpcurl,
+    meta,
+    raises,
+    serving,
+    stored_messages,
+    subscribers,
+    violated_fields,
+)
 
 # Values a JSON round trip through Lua's cjson (14 significant digits) or a careless converter
 # would change.
@@ -274,20 +289,21 @@ async def test_a_payload_counts_in_the_message_size_limit(
         assert len(await stored_messages(raw, sid)) == 1
 
 
-async def test_a_page_of_payloads_fits_a_default_client(
+async def test_a_page_or_context_of_payloads_converts_a_bounded_number_of_values(
     settings: Settings, valkey_url: str, uid: str, server: RunningServer
 ) -> None:
-    # Small numbers are 2 bytes of JSON each but 11 encoded: pages and contexts count a message's
-    # encoded size when it is more than its stored JSON, so a reply stays within the 4 MiB a
-    # default client receives.
+    # Converting a payload costs CPU per value, and small numbers are 2 bytes of JSON each but 11
+    # encoded: pages and contexts count a payload message as 64 bytes a value at the least (or its
+    # encoded size when more), so a reply converts at most about 49000 values and fits the 4 MiB
+    # a default client takes.
     async with SessionClient(f"127.0.0.1:{server.port}", retry=NO_RETRY) as c:
         sid = (await c.create_session(uid, max_messages=-1)).session_id
-        numbers = [7] * 80_000  # ~160 KB stored, ~880 KB encoded
+        numbers = [7] * (MAX_PAYLOAD_VALUES - 1)  # ~20 KB stored, ~110 KB encoded, 640 KB counted
         for _ in range(8):
             await c.append(sid, [user("n", tokens=1, payload=numbers)])
         page = await c.list_messages(sid, page_size=100)
         assert page.has_more
-        assert 1 <= len(page.messages) < 8
+        assert len(page.messages) == 3 * 1024 * 1024 // (MAX_PAYLOAD_VALUES * REPLY_BYTES_PER_VALUE)
         assert page.ByteSize() < 4 * 1024 * 1024
         read = [m async for m in c.iter_messages(sid)]
         assert len(read) == 8
@@ -296,11 +312,30 @@ async def test_a_page_of_payloads_fits_a_default_client(
         fork = (await c.fork_session(sid)).session.session_id
         forked = await c.list_messages(fork, page_size=100)
         assert forked.has_more
-        assert forked.ByteSize() < 4 * 1024 * 1024
+        assert len(forked.messages) == len(page.messages)
         context = await c.get_context(sid)
         assert context.truncated
-        assert context.ByteSize() < 4 * 1024 * 1024
+        assert len(context.messages) == len(page.messages)
         assert all(payload_of(m) == numbers for m in context.messages)
+
+
+async def test_a_payload_or_an_append_with_too_many_values_is_refused(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = (await client.create_session(uid)).session_id
+    error = await raises(
+        InvalidArgumentError, client.append(sid, [user("x", payload=[None] * MAX_PAYLOAD_VALUES)])
+    )
+    assert violated_fields(error) == {"messages[0].payload"}
+    assert f"at most {MAX_PAYLOAD_VALUES} values" in error.field_violations[0].description
+    # Each within the limit, together past the request's.
+    part = [None] * (MAX_PAYLOAD_VALUES_PER_APPEND // 2 - 10)
+    messages = [user("a", payload=part), user("b", payload=part), user("c", payload=[1] * 30), user("d")]
+    error = await raises(InvalidArgumentError, client.append(sid, messages))
+    assert violated_fields(error) == {"messages[2].payload"}
+    assert f"past {MAX_PAYLOAD_VALUES_PER_APPEND} values" in error.field_violations[0].description
+    assert await stored_messages(raw, sid) == []
+    assert len((await client.append(sid, messages[:2])).messages) == 2
 
 
 async def test_grpcurl_sends_and_shows_a_payload_as_json(target: str, uid: str) -> None:
@@ -377,3 +412,43 @@ def test_a_message_built_without_a_payload_has_none() -> None:
     assert payload_of(m) is None
     assert payload_of(m, default="absent") == "absent"
     assert user("x", payload=None).HasField("payload")
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_the_servers_encoding_of_a_stored_payload_is_the_value_protobuf_makes(value: Any) -> None:
+    sent = user("x", payload=value)
+    text, _ = payload_json(sent.payload, max_depth=MAX_PAYLOAD_DEPTH, max_values=MAX_PAYLOAD_VALUES)
+    back = session_pb2.Message()
+    back.MergeFromString(payload_field(text, 11))
+    assert back.payload == sent.payload
+    assert same(payload_of(back), value)
+
+
+async def test_a_watch_delivers_payloads_in_the_announcement_and_read_back(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # Appends up to 64 KiB travel in the announcement; larger ones are announced without their
+    # messages, and the watcher reads them back.
+    sid = (await client.create_session(uid)).session_id
+    big = {"blob": "é" * 40_000, "x": 0.30000000000000004}
+    watched: list[session_pb2.Message] = []
+
+    async def watch() -> None:
+        async for event in client.watch(sid):  # new messages only: they come from the feed
+            if event.HasField("message"):
+                watched.append(event.message)
+
+    watcher = asyncio.create_task(watch())
+    try:
+
+        async def subscribed() -> bool:
+            return await subscribers(raw, f"watch:{{{sid}}}") > 0
+
+        await eventually(subscribed)
+        await client.append(sid, [user("small", payload=[1.5, -0.0])])
+        await client.append(sid, [user("big", payload=big)])
+        await eventually(lambda: len(watched) == 2)
+    finally:
+        watcher.cancel()
+    assert same(payload_of(watched[0]), [1.5, -0.0])
+    assert payload_of(watched[1]) == big

@@ -1,5 +1,6 @@
 """The README is true where a test can tell: its generated tables are current (`make docs` writes
-them) and its first snippet runs as written."""
+them) and its Python snippets (the first, and those of the payload and never-expire sections) run as
+written."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,11 +22,11 @@ def test_generated_tables_in_the_readme_are_current() -> None:
     assert result.returncode == 0, result.stderr
 
 
-async def test_the_first_session_snippet_runs_as_a_script(target: str) -> None:
-    """The README's first Python snippet, run as it is written (a script), against a real server."""
+async def run_snippet(target: str, heading: str) -> str:
+    """The first Python snippet after `heading`, run as it is written (a script) against a real
+    server; its output."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## A first session") :]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    code = re.search(r"```python\n(.*?)```", text[text.index(heading) :], re.DOTALL)
     assert code is not None
     script = code.group(1).replace("localhost:50051", target)
     # Asynchronous on purpose: the server under test runs on this very event loop.
@@ -32,4 +35,14 @@ async def test_the_first_session_snippet_runs_as_a_script(target: str) -> None:
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert out.decode().splitlines()[0] == "['You are a travel agent.', 'Hotels?']"
+    return out.decode()
+
+
+async def test_the_first_session_snippet_runs_as_a_script(target: str) -> None:
+    out = await run_snippet(target, "## A first session")
+    assert out.splitlines()[0] == "['You are a travel agent.', 'Hotels?']"
+
+
+@pytest.mark.parametrize("heading", ["## Message payloads", "## Sessions that never expire"])
+async def test_a_sections_python_snippet_runs_as_a_script(target: str, heading: str) -> None:
+    await run_snippet(target, heading)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,13 @@ BAD_APPENDS: list[tuple[str, Callable[[], list[Any]], dict[str, Any], str]] = [
     ),
     ("payload too deep", lambda: [user("x"), user("y", payload=_nested(25))], {}, "messages[1].payload"),
     ("payload NaN", lambda: [_nan_payload_message()], {}, "messages[0].payload"),
+    (
+        "time far ahead",
+        lambda: [user("x"), user("y", created_at=time.time() + 86_400)],
+        {},
+        "messages[1].created_at",
+    ),
+    ("time before 1970", lambda: [user("x", created_at=-1.0)], {}, "messages[0].created_at"),
     ("bad request_id", lambda: [user("x")], {"request_id": "has space"}, "request_id"),
     ("negative expected seq", lambda: [user("x")], {"expected_last_seq": -1}, "expected_last_seq"),
 ]

@@ -51,6 +51,8 @@ class NewMessage:
     """the caller's JSON value as JSON text (api/payload.py writes it); None: no payload"""
     reply_bytes: int = 0
     """with a payload: about what the message takes encoded in a reply (the page budgets count it)"""
+    created_at: float | None = None
+    """the caller's own time of the message (unix seconds); None: the server's time of the append"""
 
 
 class StoredMessage(NamedTuple):
@@ -77,6 +79,8 @@ class StoredMessage(NamedTuple):
 
 UNLIMITED = -1
 """`max_messages` value for a session without a sliding window."""
+NEVER_EXPIRES = -1
+"""`ttl_seconds` (and `expires_in_seconds`) of a session that never expires: its keys have no TTL."""
 
 
 @dataclass(frozen=True, slots=True)

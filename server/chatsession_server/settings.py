@@ -113,6 +113,10 @@ class Settings:
         default=-1, metadata=_meta("sliding window of a new session; -1 keeps every message")
     )
     max_content_bytes: int = field(default=256 * 1024, metadata=_meta("largest message content, UTF-8"))
+    max_clock_skew_seconds: int = field(
+        default=300,
+        metadata=_meta("how far ahead of this server's clock a message's own created_at may be, in seconds"),
+    )
     max_messages_per_append: int = field(default=1000, metadata=_meta("most messages in one AppendMessages"))
     idempotency_keys_per_session: int = field(
         default=1000, metadata=_meta("newest request_ids remembered per session")
@@ -320,6 +324,8 @@ class Settings:
             )
         if not 1 <= self.default_ttl_seconds <= self.max_ttl_seconds:
             raise ValueError("default_ttl_seconds must be between 1 and max_ttl_seconds")
+        if self.max_clock_skew_seconds < 0:
+            raise ValueError("max_clock_skew_seconds must not be negative")
         if self.default_max_messages == 0 or self.default_max_messages < -1:
             raise ValueError("default_max_messages must be positive or -1")
         for name in (

@@ -288,3 +288,13 @@ test('a payload JSON cannot hold is refused before the call; too deep is INVALID
   assert.deepEqual(error.fieldViolations.map((v) => v.field), ['messages[0].payload']);
   assert.equal((await client.getSession({ sessionId: session.sessionId })).session.messageCount, 0);
 });
+
+test('a message keeps its own createdAt, and the session last_active follows it', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const createdAt = { seconds: 86_400, nanos: 123_456_000 };
+  const appended = await client.appendMessages({ sessionId: session.sessionId, messages: [{ ...user('old', 1), createdAt }] });
+  assert.deepEqual(appended.messages[0].createdAt, createdAt);
+  assert.deepEqual(appended.session.lastActive, createdAt);
+  const page = await client.listMessages({ sessionId: session.sessionId });
+  assert.deepEqual(page.messages[0].createdAt, createdAt);
+});

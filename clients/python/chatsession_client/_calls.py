@@ -4,6 +4,7 @@ makes the call its own way, and asks here how to go on."""
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -40,11 +41,15 @@ def message(
     tool_calls: Iterable[tuple[str, str, str]] = (),
     tool_call_id: str = "",
     payload: Any = _NO_PAYLOAD,
+    created_at: datetime.datetime | float | None = None,
 ) -> Message:
     """Build a Message; `role` is "system"/"user"/"assistant"/"tool" or a Role value.
     `tool_calls` are (id, name, arguments) triples. `payload`: any JSON-able value (dicts with
     str keys, lists, str, int within +-2^53, finite float, bool, None) stored with the message
-    and read back with `payload_of`; left out, the message has none."""
+    and read back with `payload_of`; left out, the message has none. `created_at`: the message's
+    own time (an aware datetime, or unix seconds), kept to the microsecond, for imports and
+    frameworks with their own clock; at most the server's max_clock_skew_seconds (default 300)
+    ahead of its clock; left out, the server's time of the append."""
     out = Message(
         role=_ROLES[role] if isinstance(role, str) else role,  # type: ignore[arg-type]
         content=content,
@@ -56,6 +61,14 @@ def message(
     )
     if payload is not _NO_PAYLOAD:
         out.payload.CopyFrom(payload_value(payload))
+    if created_at is not None:
+        if isinstance(created_at, datetime.datetime):
+            if created_at.tzinfo is None:
+                raise ValueError("created_at: a naive datetime is ambiguous; give it a tzinfo")
+            out.created_at.FromDatetime(created_at)
+        else:
+            seconds, micros = divmod(round(created_at * 1_000_000), 1_000_000)
+            out.created_at.seconds, out.created_at.nanos = seconds, micros * 1000
     return out
 
 

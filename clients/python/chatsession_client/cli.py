@@ -132,7 +132,7 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
         help="repeatable; KEY is 1-128 characters from [A-Za-z0-9._/-], not forked_from",
     )
     create.add_argument(
-        "--ttl", type=int, default=0, metavar="SECONDS", help="expiry (default: the server's)"
+        "--ttl", type=int, default=0, metavar="SECONDS", help="expiry (default: the server's; -1: never)"
     )
     create.add_argument("--max-messages", type=int, default=0, help="window size (default: the server's)")
     create.add_argument("--request-id", help="idempotency key (default: a fresh one)")

@@ -119,7 +119,9 @@ class SessionClient:
         request_id: str | None = None,
     ) -> Session:
         """Create a session. A request_id is generated when not given, so retries are safe.
-        Label keys are 1-128 characters from [A-Za-z0-9._/-], never `forked_from` (ForkSession's)."""
+        Label keys are 1-128 characters from [A-Za-z0-9._/-], never `forked_from` (ForkSession's).
+        `ttl_seconds`: 0 the server's default, -1 never expires; `max_messages`: 0 the server's
+        default, -1 keeps every message."""
         request = _calls.create_session_request(
             user_id,
             session_id=session_id,

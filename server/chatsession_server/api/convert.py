@@ -8,7 +8,7 @@ from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatsession.v1 import session_pb2, session_service_pb2
-from chatsession_server.api.payload import set_payload
+from chatsession_server.api.payload import payload_field
 from chatsession_server.domain import (
     Cleared,
     Compacted,
@@ -29,6 +29,9 @@ _ROLE_TO_PROTO = {
     Role.ASSISTANT: session_pb2.ROLE_ASSISTANT,
     Role.TOOL: session_pb2.ROLE_TOOL,
 }
+
+
+_PAYLOAD_FIELD = session_pb2.Message.DESCRIPTOR.fields_by_name["payload"].number
 
 
 def _set_time(target: Timestamp, seconds: float) -> None:
@@ -91,7 +94,7 @@ def _fill_message(out: session_pb2.Message, m: StoredMessage) -> None:
     if m.summarizes is not None:
         out.summarizes.first_seq, out.summarizes.last_seq = m.summarizes
     if m.payload is not None:
-        set_payload(out.payload, m.payload)
+        out.MergeFromString(payload_field(m.payload, _PAYLOAD_FIELD))
     _set_time(out.created_at, m.created_at)
 
 

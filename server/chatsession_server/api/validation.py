@@ -4,16 +4,19 @@ naming every bad field. Nothing reaches the store before it passes here."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Mapping
 
 from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
-from chatsession_server.api.payload import PayloadError, payload_json
+from chatsession_server.api.payload import PayloadError, PayloadTooLarge, payload_json
 from chatsession_server.domain import (
+    NEVER_EXPIRES,
     RESERVED_LABELS,
     Compaction,
     ContextQuery,
@@ -125,8 +128,8 @@ class Violations:
 
 
 def _ttl(v: Violations, field: str, value: int, limits: Limits) -> int:
-    if value < 0 or value > limits.max_ttl_seconds:
-        v.add(field, f"must be between 0 (server default) and {limits.max_ttl_seconds}")
+    if value < NEVER_EXPIRES or value > limits.max_ttl_seconds:
+        v.add(field, f"must be -1 (never expires), 0 (server default) or 1-{limits.max_ttl_seconds}")
     return value or limits.default_ttl_seconds
 
 
@@ -260,7 +263,10 @@ def list_sessions(request: session_service_pb2.ListSessionsRequest) -> tuple[str
     return request.user_id, min(request.page_size or L.DEFAULT_SESSIONS_PAGE, L.MAX_PAGE_SIZE)
 
 
-def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) -> NewMessage | None:
+def _message(
+    v: Violations, field: str, m: session_pb2.Message, limits: Limits, payload_budget: list[int] | None = None
+) -> NewMessage | None:
+    """`payload_budget`: [values the request's payloads may still hold], spent here."""
     # Each field is read once: every read of a protobuf field builds a new Python object.
     content, tokens, name, metadata = m.content, m.tokens, m.name, m.metadata
     tool_calls, tool_call_id = m.tool_calls, m.tool_call_id
@@ -307,8 +313,12 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
     if size > limits.max_message_bytes:
         v.add(field, f"is {size} bytes encoded; the limit is {limits.max_message_bytes}")
     payload: str | None = None
+    payload_values = 0
     if m.HasField("payload"):
-        payload = _payload(v, f"{field}.payload", m.payload, limits)
+        payload, payload_values = _payload(v, f"{field}.payload", m.payload, limits, payload_budget)
+    created_at: float | None = None
+    if m.HasField("created_at"):
+        created_at = _created_at(v, f"{field}.created_at", m.created_at, limits)
     if role is None:
         return None
     return NewMessage(
@@ -320,21 +330,61 @@ def _message(v: Violations, field: str, m: session_pb2.Message, limits: Limits) 
         tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in tool_calls) if tool_calls else (),
         tool_call_id=tool_call_id,
         payload=payload,
-        reply_bytes=size + L.REPLY_OVERHEAD_BYTES if payload is not None else 0,
+        reply_bytes=max(size + L.REPLY_OVERHEAD_BYTES, payload_values * L.REPLY_BYTES_PER_VALUE)
+        if payload is not None
+        else 0,
+        created_at=created_at,
     )
 
 
-def _payload(v: Violations, field: str, value: struct_pb2.Value, limits: Limits) -> str | None:
-    """The payload as the JSON text the store keeps, or None after saying what is wrong."""
+def _created_at(v: Violations, field: str, value: Timestamp, limits: Limits) -> float | None:
+    """A message's own time in unix seconds: from the epoch on, at most max_clock_skew_seconds
+    ahead of this server's clock."""
+    seconds, nanos = value.seconds, value.nanos
+    if not 0 <= nanos <= 999_999_999:
+        v.add(field, "nanos must be 0-999999999")
+        return None
+    if seconds < 0:
+        v.add(field, "must not be before 1970-01-01T00:00:00Z")
+        return None
+    at = seconds + nanos / 1e9
+    latest = time.time() + limits.max_clock_skew_seconds
+    if at > latest:
+        v.add(field, f"is more than {limits.max_clock_skew_seconds} seconds ahead of the server's clock")
+        return None
+    return at
+
+
+def _payload(
+    v: Violations, field: str, value: struct_pb2.Value, limits: Limits, budget: list[int] | None
+) -> tuple[str | None, int]:
+    """The payload as the JSON text the store keeps and its count of values, or (None, 0) after
+    saying what is wrong."""
     size = value.ByteSize()
     if size > limits.max_message_bytes:  # said before the walk, which it would make long
         v.add(field, f"is {size} bytes encoded; a message's limit is {limits.max_message_bytes}")
-        return None
+        return None, 0
+    left = L.MAX_PAYLOAD_VALUES if budget is None else min(L.MAX_PAYLOAD_VALUES, budget[0])
     try:
-        return payload_json(value, L.MAX_PAYLOAD_DEPTH)
+        text, values = payload_json(value, max_depth=L.MAX_PAYLOAD_DEPTH, max_values=left)
+    except PayloadTooLarge:
+        if left < L.MAX_PAYLOAD_VALUES:  # the request's budget ran out, not the message's
+            v.add(field, f"takes the request's payloads past {L.MAX_PAYLOAD_VALUES_PER_APPEND} values")
+            if budget is not None:
+                budget[0] = 0
+        else:
+            v.add(
+                field,
+                f"must hold at most {L.MAX_PAYLOAD_VALUES} values"
+                " (each null, bool, number, string, list and object counts one)",
+            )
+        return None, 0
     except PayloadError as exc:
         v.add(field, str(exc))
-        return None
+        return None, 0
+    if budget is not None:
+        budget[0] -= values
+    return text, values
 
 
 def append_messages(
@@ -357,10 +407,11 @@ def append_messages(
     if size > limits.max_append_bytes:
         v.add("messages", f"are {size} bytes encoded; the limit per append is {limits.max_append_bytes}")
     messages: list[NewMessage] = []
+    payload_budget = [L.MAX_PAYLOAD_VALUES_PER_APPEND]
     for i, m in enumerate(request.messages):
         if v.full:
             break
-        checked = _message(v, f"messages[{i}]", m, limits)
+        checked = _message(v, f"messages[{i}]", m, limits, payload_budget)
         if checked is not None:
             messages.append(checked)
     v.raise_if_any()

@@ -11,6 +11,7 @@ from typing import Any
 
 from chatsession_server.domain import (
     FORKED_FROM_LABEL,
+    NEVER_EXPIRES,
     ROLE_OF,
     NewMessage,
     Role,
@@ -30,9 +31,10 @@ TOKENS_HEAD = ',"tokens":'
 it: a quote inside a string is escaped)."""
 REPLY_BYTES_PATTERN = "^" + SEQ_HEAD + '%d+,"role":"%a+","reply_bytes":(%d+),'
 """Lua pattern of a stored message with a payload, capturing its `reply_bytes` (written right
-after its role, before the payload): what the message takes in a reply, which the scripts' page
-and context budgets count when it is more than the stored JSON (a payload of small numbers is
-shorter as JSON than encoded)."""
+after its role, before the payload): what the message counts for in a reply, which the scripts'
+page and context budgets count when it is more than the stored JSON: its encoded size (a payload
+of small numbers is shorter as JSON than encoded), or more for a payload of many values, whose
+conversion costs CPU (see api/limits.py)."""
 SUMMARIZES_HEAD = ',"summarizes":['
 """The compaction script closes a summary's body with this, its first and last seq, and `]}`."""
 MAX_PINNED = 16
@@ -108,10 +110,13 @@ def format_time(seconds: float) -> str:
 
 
 def encode_body(message: NewMessage, created_at: float) -> str:
-    """The message's JSON without its opening `{"seq":N,`, which the append script prepends.
+    """The message's JSON without its opening `{"seq":N,`, which the append script prepends;
+    `created_at` is the message's own time when the caller gave one.
 
     `role` comes first so the scripts can tell system and tool messages from the prefix alone.
     """
+    if message.created_at is not None:
+        created_at = message.created_at
     if not (
         message.name
         or message.metadata
@@ -235,7 +240,7 @@ def stored_message(message: NewMessage, seq: int, created_at: float) -> StoredMe
         message.role,
         message.content,
         message.tokens,
-        round(created_at, 6),
+        round(created_at if message.created_at is None else message.created_at, 6),
         message.name,
         message.metadata,
         message.tool_calls,
@@ -313,7 +318,8 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         message_count=int(_text(meta, MetaField.MESSAGE_COUNT, "0")),
         token_count=int(_text(meta, MetaField.TOKEN_COUNT, "0")),
         messages_stored=stored,
-        expires_in_seconds=max(ttl, 0),
+        # TTL says -1 for a key without expiry (a session with ttl_seconds NEVER_EXPIRES)
+        expires_in_seconds=NEVER_EXPIRES if ttl == -1 else max(ttl, 0),
         ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
         max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
     )

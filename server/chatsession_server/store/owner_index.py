@@ -12,9 +12,13 @@ and never shows one that does not exist:
   only if its score is unchanged. The session step is not sent once CREATE_STEP_GAP_SECONDS
   have passed since the index step began (and each step is bounded by the Valkey timeout), so no
   create can complete after its entry was pruned.
-- append: the session first, then ZADD GT of its new last_active. A failure in between leaves
-  a stale (lower) score: the session is still listed; the next append or a listing that meets
-  it repairs the score. The append itself is acknowledged (the message is stored).
+- append: the session first, then the score set to its new last_active, unless a later append's
+  step got there first (usage_seen's record tells by message_count): last_active may move back
+  when a caller gives its messages' created_at (an import), so the score is set, not only
+  raised. A failure in between leaves a stale score: the session is still listed; the next
+  append sets it, and a listing that meets it raises a lower one (a higher one, left by an
+  import whose step failed, stays until the session's next append). The append itself is
+  acknowledged (the message is stored).
 - delete: the session first, then the entry is removed unless its score is newer than the
   deleted session's last_active (a namesake created since keeps its entry). A failure in
   between leaves an entry without a session: skipped, then pruned as above; the delete is

@@ -257,9 +257,12 @@ class SessionStore:
     ) -> AppendResult:
         now = self._clock()
         bodies = [codec.encode_body(m, now) for m in messages]
+        own_times = [m.created_at for m in messages if m.created_at is not None]
+        active_at = max(own_times) if len(own_times) == len(messages) else max([now, *own_times])
         args = session_scripts.AppendArgs(
             owners=owners_arg(owners),
-            now=codec.format_time(now),
+            now=codec.format_time(active_at),
+            caller_time=bool(own_times),
             request_id=request_id,
             fingerprint=codec.fingerprint(messages) if request_id else "",
             expected_last_seq=expected_last_seq,

@@ -148,13 +148,15 @@ class UsageSyncArgs:
     """unix seconds: now - the longest TTL; a session created before it may have lost its record"""
     now: str
     index_score: str
-    """the session's last_active, for the owner's index (when KEYS holds it)"""
+    """the session's last_active, for the owner's index (when KEYS holds it): set as it is, unless
+    a step of the session with a higher message_count was synced already"""
 
 
 # Cluster: an append's (or a create's, a fork's) second step, in the user's slot. It counts what
 # the session's counters say is new since the last step that reached here (usage_seen), so a
 # step repeated by a replay counts nothing, and one that failed is made up by the session's next
-# step. KEYS: the owner's index too after an append (its score raised, never lowered, as before).
+# step. KEYS: the owner's index too after an append (its score set to the session's last_active,
+# unless a later step of the session got here first).
 USAGE_SYNC = LuaScript(
     ("usage", "seen", "index"),
     UsageSyncArgs,
@@ -167,6 +169,8 @@ if rec then
   local c, rm, rt = string.match(rec, '^(%S+) (%d+) (%d+)')
   if tonumber(c) == tonumber(created_at) then from_m, from_t, new = tonumber(rm), tonumber(rt), 0 end
 end
+-- A step that saw fewer messages than the last one synced arrives late: its last_active is older.
+local stale = from_m ~= nil and mc < from_m
 if not from_m then
   if tonumber(created_at) < tonumber(horizon) then
     -- Its record was dropped (no step for the longest TTL): what came before this call was counted.
@@ -190,7 +194,9 @@ if redis.call('HGET', seen, SEEN_PRUNED_FIELD) ~= today then
   end
   redis.call('HSET', seen, SEEN_PRUNED_FIELD, today)
 end
-if index then redis.call('ZADD', index, 'GT', index_score, session_id) end
+-- The score is the session's last_active as of the newest step (a caller's created_at may have
+-- moved it back: an import), set unless this step is late.
+if index and not stale then redis.call('ZADD', index, index_score, session_id) end
 return new
 """,
 )

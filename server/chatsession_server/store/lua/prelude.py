@@ -21,9 +21,14 @@ local function owner_key(head, uid)
   return head .. uid .. HASH_TAG_END
 end
 
--- The session's keys expire together: `ttl` seconds from now...
+-- The session's keys expire together: `ttl` seconds from now (a negative ttl, NEVER_EXPIRES:
+-- never; EXPIRE would delete them)...
 local function expire_together(ttl, ...)
-  for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
+  if tonumber(ttl) < 0 then
+    for _, key in ipairs({...}) do redis.call('PERSIST', key) end
+  else
+    for _, key in ipairs({...}) do redis.call('EXPIRE', key, ttl) end
+  end
 end
 
 -- ...or when meta does, for keys a script wrote without a user's activity (whose clock it must
@@ -32,6 +37,8 @@ local function expire_with_meta(meta, ...)
   local pttl = redis.call('PTTL', meta)
   if pttl > 0 then
     for _, key in ipairs({...}) do redis.call('PEXPIRE', key, pttl) end
+  elseif pttl == -1 then
+    for _, key in ipairs({...}) do redis.call('PERSIST', key) end
   end
 end
 

@@ -77,6 +77,11 @@ class AppendArgs:
     owners: str
     """see `owners_arg`: a session of anyone else is not found"""
     now: str
+    """the append's time: the newest created_at of its messages (the server's clock for those
+    without one of their own)"""
+    caller_time: bool
+    """a message has a created_at of the caller's: last_active becomes `now` even if earlier
+    (an import); else it only moves forward, whatever the clocks of the servers appending"""
     request_id: str
     fingerprint: str
     expected_last_seq: int | None
@@ -144,7 +149,7 @@ if cap > 0 and stored + size > cap then return {ST_TOO_LARGE, stored, size} end
 local len = redis.call('RPUSH', chat, unpack(items))
 redis.call('HINCRBY', meta, F_STORED_BYTES, size)
 local last_active = m[6]
-if tonumber(now) > tonumber(last_active) then last_active = now end
+if caller_time == '1' or tonumber(now) > tonumber(last_active) then last_active = now end
 redis.call('HINCRBY', meta, F_MESSAGE_COUNT, #items)
 redis.call('HINCRBY', meta, F_TOKEN_COUNT, token_sum)
 redis.call('HSET', meta, F_LAST_ACTIVE, last_active, F_PINNED, pinned)
@@ -159,7 +164,7 @@ end
 local ttl = m[3]
 expire_together(ttl, chat, meta, reqs, summary)
 if index_key_head ~= '' then
-  redis.call('ZADD', owner_key(index_key_head, m[1]), 'GT', last_active, session_id)
+  redis.call('ZADD', owner_key(index_key_head, m[1]), last_active, session_id)
 end
 if usage_key_head ~= '' then
   local model = redis.call('HGET', meta, F_MODEL) or ''
@@ -469,8 +474,8 @@ redis.call('HSET', meta, unpack(ARGV, payload_from, first_item - 1))
 for from = first_item, #ARGV, 1000 do  -- in slices: unpack takes a few thousand values at most
   redis.call('RPUSH', chat, unpack(ARGV, from, math.min(from + 999, #ARGV)))
 end
-if summary_json ~= '' then redis.call('SET', summary, summary_json, 'EX', ttl) end
-expire_together(ttl, chat, meta)
+if summary_json ~= '' then redis.call('SET', summary, summary_json) end
+expire_together(ttl, chat, meta, summary)
 if index then redis.call('ZADD', index, now, session_id) end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}

@@ -117,11 +117,12 @@ class Session(_message.Message):
     """Messages currently kept in the LIST (its LLEN). Output only."""
     expires_in_seconds: _builtins.int
     """Seconds until the session expires (its keys' TTL); every append resets it to
-    `ttl_seconds`. Output only.
+    `ttl_seconds`; -1 for a session that never expires. Output only.
     """
     ttl_seconds: _builtins.int
-    """Idle lifetime in seconds. On create and update, 0 means the server's default;
-    values above the server's maximum are rejected.
+    """Idle lifetime in seconds. On create and update, 0 means the server's default and -1
+    never expires (the keys have no TTL: for an application that owns retention and deletes
+    sessions itself); values above the server's maximum are rejected.
     """
     max_messages: _builtins.int
     """Sliding window: keep only the newest `max_messages` messages (the leading system
@@ -139,7 +140,10 @@ class Session(_message.Message):
 
     @_builtins.property
     def last_active(self) -> _timestamp_pb2.Timestamp:
-        """When a message was last appended (creation time if none). Output only."""
+        """When a message was last appended (creation time if none): the newest `created_at` of the
+        last append's messages. Moves back only when a caller gives its messages older times (an
+        import). ListSessions orders by it. Output only.
+        """
 
     def __init__(
         self,
@@ -283,7 +287,8 @@ class Message(_message.Message):
         Numbers are doubles (integers are exact up to 2^53); NaN and infinities are refused.
         Counted in the size limits: its encoded size is part of the message's (`max_message_bytes`)
         and the append's; its stored JSON text counts toward `max_session_bytes`. At most 24
-        levels of nested lists and objects.
+        levels of nested lists and objects and 10000 values (each null, bool, number, string, list
+        and object counts one), 20000 in all the payloads of one AppendMessages.
         """
 
     def __init__(

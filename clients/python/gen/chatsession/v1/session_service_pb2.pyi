@@ -65,7 +65,7 @@ class CreateSessionRequest(_message.Message):
     title: _builtins.str
     """Human-readable title."""
     ttl_seconds: _builtins.int
-    """Idle lifetime in seconds; 0 means the server's default."""
+    """Idle lifetime in seconds; 0 means the server's default, -1 never expires."""
     max_messages: _builtins.int
     """Sliding window size; 0 means the server's default, -1 keeps every message."""
     request_id: _builtins.str
@@ -363,8 +363,8 @@ class AppendMessagesRequest(_message.Message):
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Message]:
-        """Messages to append, oldest first: 1-1000 of them. `seq` and `created_at` are assigned
-        by the server.
+        """Messages to append, oldest first: 1-1000 of them. `seq` is assigned by the server, and
+        `created_at` too unless the message has its own (see Message.created_at).
         """
 
     def __init__(
