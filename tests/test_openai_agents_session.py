@@ -467,3 +467,15 @@ async def test_an_item_the_server_refuses_is_refused_with_its_batch_naming_it(
     assert "messages[1].content" in violated_fields(error)
     assert contents(await session.get_items()) == ["kept"]
     assert len(await stored_messages(raw, session.session_id)) == 1
+
+
+async def test_a_session_made_to_never_expire_keeps_no_ttl(
+    new_session: Callable[..., ChatsessionSession], client: SessionClient, raw: Any
+) -> None:
+    # As the SDK's SQLiteSession and RedisSession (ttl=None) keep a conversation until cleared.
+    session = new_session(ttl_seconds=-1, max_messages=-1)
+    await session.add_items(items("remember this"))
+    stored = await client.get_session(session.session_id)
+    assert (stored.expires_in_seconds, stored.max_messages) == (-1, -1)
+    assert await raw.ttl(f"meta:{{{session.session_id}}}") == -1
+    assert await raw.ttl(f"chat:{{{session.session_id}}}") == -1
