@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import CLIENT, fresh_venv, run_in, venv_env
 from tests.processes import ROOT
-from tests.test_client_package import CLIENT, run_in, venv_env
 
 README = ROOT / "README.md"
 CLIENT_README = CLIENT / "README.md"
@@ -94,24 +93,14 @@ async def test_a_langchain_conversation_survives_a_restart_of_the_app(
 async def test_the_adapters_install_beside_google_adk_and_run_from_the_install(
     tmp_path: Path, target: str, uid: str
 ) -> None:
-    venv = tmp_path / "venv"
-    python = venv / "bin" / "python"
-    await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "venv", str(venv)], check=True, timeout=120
-    )
-    install: list[str | Path] = [
-        python,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        f"{CLIENT}[openai-agents,langchain]",
+    venv = await asyncio.to_thread(
+        fresh_venv,
+        tmp_path / "venv",
         "google-adk==2.13.0",
-    ]
-    done = await asyncio.to_thread(
-        lambda: subprocess.run(install, capture_output=True, text=True, env=venv_env(), cwd=venv, timeout=360)
+        client=f"{CLIENT}[openai-agents,langchain]",
+        timeout=420,
     )
-    assert done.returncode == 0, done.stderr
+    python = venv / "bin" / "python"
     run_in(venv, python, "-m", "pip", "check")
     await agents_conversation(python, target, f"{uid}a", venv)
     await langchain_conversation(python, target, f"{uid}l", venv)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +23,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.processes import ROOT
+from tests.helpers import CLIENT, fresh_venv, run_in, venv_env
 
 # The install is the same whichever Valkey the server keeps its sessions in: the cluster pass
 # would only repeat it.
 pytestmark = pytest.mark.standalone_only
 
-CLIENT = ROOT / "clients" / "python"
 CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "googleapis-common-protos"}
 # What `python -m venv` puts in every virtualenv, before anything is installed.
 VENV_OWN = {"pip", "setuptools"}
@@ -59,35 +57,10 @@ with SyncSessionClient(sys.argv[1]) as client:
 """
 
 
-def venv_env() -> dict[str, str]:
-    """The environment with nothing that points at this checkout's virtualenv or sources."""
-    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-
-
-def fresh_venv(path: Path, *also: str) -> Path:
-    """A new virtualenv at PATH with `pip install ./clients/python ALSO...` in it."""
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
-    done = subprocess.run(
-        [path / "bin" / "python", "-m", "pip", "install", "--quiet", str(CLIENT), *also],
-        capture_output=True, text=True, env=venv_env(), cwd=path, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return path
-
-
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with `pip install ./clients/python` in it, and nothing else."""
     return fresh_venv(tmp_path_factory.mktemp("client-install") / "venv")
-
-
-def run_in(venv: Path, *argv: str | Path) -> str:
-    """Run ARGV in the virtualenv, outside the checkout (so nothing of it is on sys.path)."""
-    done = subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, env=venv_env(), cwd=venv, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def closure(names: set[str], requires: dict[str, list[str]]) -> set[str]:
