@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 GEN := clients/python/gen
 PROTOS := $(shell find protos/chatsession -name '*.proto' | sort)
 
-.PHONY: venv run test lint fmt gen gen-check docs lock lock-check bench bench-smoke check clean
+.PHONY: venv run test lint fmt gen gen-check docs lock lock-check bench bench-smoke soak soak-short check clean
 
 # Two distributions, both editable, in one pip call: the server's (root) depends on the client's
 # (clients/python), and naming both lets pip take chatsession-client from the tree, not an index.
@@ -86,6 +86,17 @@ bench: venv  ## benchmarks: figures and ratios against in-run baselines (a few m
 
 bench-smoke: venv  ## every benchmark row once with tiny counts (seconds); checks the results file has them all
 	$(BIN)/python bench/suite.py --smoke
+
+# Hostile but legal load on loopback (bench/soak.py): the watch fan-out, stalled watchers and
+# unauthenticated bytes, with figures and their targets. The short form (CI) checks the targets of
+# SOAK_SHORT_CHECKS only; the others are printed.
+SOAK_SHORT_CHECKS ?= unauthenticated
+
+soak: venv  ## every soak scenario at the full counts (about a minute); exit 1 when a target is missed
+	$(BIN)/python bench/soak.py --check $(SOAK_ARGS)
+
+soak-short: venv  ## the soak at small counts (about a minute), checking SOAK_SHORT_CHECKS' targets
+	$(BIN)/python bench/soak.py --short --check $(SOAK_SHORT_CHECKS) $(SOAK_ARGS)
 
 check: lint gen-check lock-check test
 

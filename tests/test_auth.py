@@ -20,6 +20,9 @@ from glide import GlideClient
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_client import (
+    AlreadyExistsError,
+    ChatSessionError,
+    InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
     SessionClient,
@@ -44,6 +47,7 @@ from tests.helpers import (
     raises,
     serving,
     stored_messages,
+    violated_fields,
 )
 from tests.processes import ROOT, ServerProcess
 
@@ -200,7 +204,7 @@ async def test_health_and_reflection_need_no_token(auth_target: str) -> None:
 async def test_another_users_session_is_not_found_and_stays_unchanged(
     alice: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    session = await bob.create_session(BOB, session_id=f"{uid}-bob", title="bob's", ttl_seconds=3600)
+    session = await bob.create_session(BOB, session_id=f"{BOB}/{uid}", title="bob's", ttl_seconds=3600)
     await bob.append(session.session_id, [user("private", tokens=2)])
     before = (await meta(raw, session.session_id), await stored_messages(raw, session.session_id))
     missing = await raises(NotFoundError, alice.get_session(f"{uid}-nobody"))
@@ -236,21 +240,21 @@ async def test_another_users_session_is_not_found_and_stays_unchanged(
 async def test_listing_or_creating_for_another_user_is_permission_denied(
     alice: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    await bob.create_session(BOB, session_id=f"{uid}-b")
-    assert await raw.exists([f"meta:{{{uid}-b}}"])  # the read below sees a session
+    await bob.create_session(BOB, session_id=f"{BOB}/{uid}-b")
+    assert await raw.exists([f"meta:{{{BOB}/{uid}-b}}"])  # the read below sees a session
     index_before = await raw.zcard(f"user_sessions:{{{BOB}}}")
 
     error = await raises(PermissionDeniedError, alice.list_sessions(BOB))
     assert BOB in error.message
-    await raises(PermissionDeniedError, alice.create_session(BOB, session_id=f"{uid}-forged"))
+    await raises(PermissionDeniedError, alice.create_session(BOB, session_id=f"{BOB}/{uid}-forged"))
 
-    assert not await raw.exists([f"meta:{{{uid}-forged}}"])
+    assert not await raw.exists([f"meta:{{{BOB}/{uid}-forged}}"])
     assert await raw.zcard(f"user_sessions:{{{BOB}}}") == index_before
 
 
 async def test_a_caller_may_act_for_each_of_its_users(alice: SessionClient, uid: str) -> None:
     for owner in (ALICE, CAROL):
-        session = await alice.create_session(owner, session_id=f"{uid}-{owner}", title="t")
+        session = await alice.create_session(owner, session_id=f"{owner}/{uid}", title="t")
         await alice.append(session.session_id, [user("hello", tokens=1)])
         assert (await first_event(alice, session.session_id)).message.content == "hello"
         assert [m.content for m in (await alice.list_messages(session.session_id)).messages] == ["hello"]
@@ -263,7 +267,7 @@ async def test_a_caller_may_act_for_each_of_its_users(alice: SessionClient, uid:
 async def test_star_may_act_for_every_user(
     service: SessionClient, bob: SessionClient, raw: GlideClient, uid: str
 ) -> None:
-    session = await bob.create_session(BOB, session_id=f"{uid}-s")
+    session = await bob.create_session(BOB, session_id=f"{BOB}/{uid}-s")
     await service.append(session.session_id, [user("from the service")])
     assert (await service.get_session(session.session_id)).message_count == 1
     assert session.session_id in [s.session_id async for s in service.iter_sessions(BOB)]
@@ -272,6 +276,80 @@ async def test_star_may_act_for_every_user(
     assert await raw.exists([f"meta:{{{session.session_id}}}"])  # the read below sees it before
     await service.delete_session(session.session_id)
     assert not await raw.exists([f"meta:{{{session.session_id}}}"])
+
+
+# --- session ids a caller chooses ---------------------------------------------------------------
+
+
+async def test_a_limited_caller_learns_nothing_from_another_users_session_ids(
+    alice: SessionClient, bob: SessionClient, service: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    # Bob's sessions under every kind of id: in his namespace, and a global one (made by a
+    # caller that may act for everyone). Alice tries each, and ids nobody has: the answers match
+    # word for word, and nothing is written.
+    await bob.create_session(BOB, session_id=f"{BOB}/{uid}")
+    await service.create_session(BOB, session_id=f"{uid}-global")
+    own = await alice.create_session(ALICE, session_id=f"{ALICE}/{uid}")
+
+    def create(user_id: str) -> Any:
+        return lambda session_id: alice.create_session(user_id, session_id=session_id)
+
+    def fork(session_id: str) -> Any:
+        return alice.fork_session(own.session_id, new_session_id=session_id)
+
+    bobs, free_of_bob = f"{BOB}/{uid}", f"{BOB}/{uid}-free"
+    taken_and_free = [
+        ("create global", create(ALICE), f"{uid}-global", f"{uid}-free"),
+        ("create as bob", create(BOB), bobs, free_of_bob),
+        ("create in bob's", create(ALICE), bobs, free_of_bob),
+        ("fork global", fork, f"{uid}-global", f"{uid}-free"),
+        ("fork to bob's", fork, bobs, free_of_bob),
+    ]
+    for name, attempt, taken, free in taken_and_free:
+        on_taken = await raises(ChatSessionError, attempt(taken))
+        on_free = await raises(ChatSessionError, attempt(free))
+        assert on_taken.code == on_free.code != grpc.StatusCode.ALREADY_EXISTS, name
+        assert on_taken.message == on_free.message.replace(free, taken), name
+        assert not await raw.exists([f"meta:{{{free}}}"]), name
+    assert (await service.get_session(f"{uid}-global")).user_id == BOB  # untouched
+    assert (await bob.get_session(f"{BOB}/{uid}")).user_id == BOB
+
+
+async def test_a_limited_caller_chooses_ids_in_its_users_namespaces(
+    alice: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    mine = await alice.create_session(ALICE, session_id=f"{ALICE}/{uid}/chat", title="t")
+    assert mine.session_id == f"{ALICE}/{uid}/chat"
+    assert (await alice.create_session(CAROL, session_id=f"{CAROL}/{uid}")).user_id == CAROL
+    await raises(AlreadyExistsError, alice.create_session(ALICE, session_id=mine.session_id))  # its own
+    fork = await alice.fork_session(mine.session_id, new_session_id=f"{ALICE}/{uid}/fork")
+    assert (fork.session.session_id, fork.session.user_id) == (f"{ALICE}/{uid}/fork", ALICE)
+    # Carol is alice's too, but a fork is its source owner's: carol's namespace is not for it.
+    error = await raises(
+        InvalidArgumentError, alice.fork_session(mine.session_id, new_session_id=f"{CAROL}/{uid}-f")
+    )
+    assert violated_fields(error) == {"new_session_id"}
+    assert not await raw.exists([f"meta:{{{CAROL}/{uid}-f}}"])
+    made = await alice.create_session(ALICE)  # or no id at all: the server makes one
+    assert "/" not in made.session_id
+    assert (await alice.fork_session(made.session_id)).session.user_id == ALICE
+    denied = await raises(PermissionDeniedError, alice.create_session(ALICE, session_id=f"{uid}-mine"))
+    assert "'<user_id>/<name>'" in denied.message
+
+
+async def test_global_session_ids_lets_limited_callers_choose_any_id_and_see_taken_ones(
+    settings: Settings, valkey_url: str, tokens_file: Path, uid: str
+) -> None:
+    async with serving(
+        settings, valkey_url, auth_tokens_file=str(tokens_file), global_session_ids=True
+    ) as running:
+        target = f"127.0.0.1:{running.port}"
+        async with client_for(target, ALICE_TOKEN) as alice, client_for(target, BOB_TOKEN) as bob:
+            await bob.create_session(BOB, session_id=f"{uid}-global")
+            assert (await alice.create_session(ALICE, session_id=f"{uid}-own")).user_id == ALICE
+            # The documented trade: a taken id is ALREADY_EXISTS, whoever has it.
+            await raises(AlreadyExistsError, alice.create_session(ALICE, session_id=f"{uid}-global"))
+            await raises(NotFoundError, alice.get_session(f"{uid}-global"))  # and still unreadable
 
 
 # --- reload and logs ---------------------------------------------------------------------------
@@ -415,4 +493,23 @@ async def test_without_mtls_a_missing_token_is_refused_before_the_request_is_rea
         raw_create: Any = channel.unary_unary("/chatsession.v1.SessionService/CreateSession")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await raw_create(b"\xff\xff\xff not protobuf", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_unauthenticated_call_is_refused_before_its_request_arrives(
+    auth_target: str,
+) -> None:
+    # The refusal asks for no request: a call whose request never comes (a client stream that
+    # sends nothing and stays open) is answered at once. A handler that read the request first
+    # would wait for it until the deadline.
+    async with grpc.aio.insecure_channel(auth_target) as channel:
+        never_sending: Any = channel.stream_unary("/chatsession.v1.SessionService/AppendMessages")
+        waiting = asyncio.Event()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            await waiting.wait()  # never set: the request never comes
+            yield b""
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await never_sending(nothing(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -330,8 +330,8 @@ async def test_json_access_log(tmp_path: Path) -> None:
     port = (await server.wait_for(SERVING))[0].group(1)
     target = f"127.0.0.1:{port}"
     async with SessionClient(target, token=TOKEN, retry=NO_RETRY) as client:
-        session = await client.create_session("alice", session_id="logged")
-        await client.append("logged", [user(CONTENT, tokens=9)], request_id="turn-1")
+        session = await client.create_session("alice", session_id="alice/logged")
+        await client.append("alice/logged", [user(CONTENT, tokens=9)], request_id="turn-1")
         await raises(NotFoundError, client.get_session("absent"))
     async with grpc.aio.insecure_channel(target) as channel:
         stub = session_service_pb2_grpc.SessionServiceStub(channel)
@@ -339,7 +339,9 @@ async def test_json_access_log(tmp_path: Path) -> None:
             ("authorization", f"Bearer {TOKEN}"),
             ("traceparent", f"00-{LOGGED_TRACE_ID}-00f067aa0ba902b7-01"),
         )
-        watch = stub.WatchMessages(pb.WatchMessagesRequest(session_id="logged", after_seq=0), metadata=traced)
+        watch = stub.WatchMessages(
+            pb.WatchMessagesRequest(session_id="alice/logged", after_seq=0), metadata=traced
+        )
         assert isinstance(await watch.read(), pb.WatchMessagesResponse)  # the heartbeat
         # A stream is logged when it ends, not before: a call made after it began is logged (and
         # access lines are written in order), the open stream is not.
@@ -349,7 +351,7 @@ async def test_json_access_log(tmp_path: Path) -> None:
         watch.cancel()
         wrong = (("authorization", "Bearer not-the-token-at-all-123"),)
         with pytest.raises(grpc.aio.AioRpcError) as unknown_token:
-            await stub.GetSession(pb.GetSessionRequest(session_id="logged"), metadata=wrong)
+            await stub.GetSession(pb.GetSessionRequest(session_id="alice/logged"), metadata=wrong)
         assert unknown_token.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await server.wait_for("GetSession UNAUTHENTICATED")
     text = await stopped(server)
@@ -367,7 +369,7 @@ async def test_json_access_log(tmp_path: Path) -> None:
     assert create["peer"].startswith("ipv4:127.0.0.1:")
     assert create["duration_ms"] > 0
     (append,) = by_method["AppendMessages"]
-    assert (append["code"], append["session_id"], append["request_id"]) == ("OK", "logged", "turn-1")
+    assert (append["code"], append["session_id"], append["request_id"]) == ("OK", "alice/logged", "turn-1")
     found, refused = by_method["GetSession"]
     assert (found["code"], found["session_id"]) == ("NOT_FOUND", "absent")
     assert (refused["code"], refused["user"]) == ("UNAUTHENTICATED", "")

@@ -8,6 +8,7 @@ import pytest
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_server.app import grpc_options
+from chatsession_server.memory import malloc_trim
 from chatsession_server.settings import Settings
 from tests.helpers import serving
 
@@ -51,6 +52,11 @@ def test_flags_and_environment() -> None:
     assert options["grpc.compression_enabled_algorithms_bitset"] == 0b101  # identity and gzip
     defaults = dict(grpc_options(Settings()))
     assert "grpc.max_concurrent_streams" not in defaults  # gRPC's own default
+    # No bandwidth probing by default: a call refused before it is read takes in 64 KiB at most.
+    assert defaults["grpc.http2.bdp_probe"] == 0
+    assert "grpc.http2.bdp_probe" not in dict(grpc_options(Settings(http2_bdp_probe=True)))
+    assert Settings().memory_trim_seconds == 10.0
+    assert Settings.from_sources(["--memory-trim-seconds", "0"], {}).memory_trim_seconds == 0
     assert defaults["grpc.compression_enabled_algorithms_bitset"] == 0b111
     assert Settings.from_sources(["--access-log"], {}).access_log is True
 
@@ -62,6 +68,7 @@ def test_flags_and_environment() -> None:
         (["--metrics-listen", "9464"], "metrics_listen must be HOST:PORT, got '9464'"),
         (["--keepalive-time-ms", "0"], "keepalive_time_ms must be positive"),
         (["--max-concurrent-streams", "-1"], "max_concurrent_streams must not be negative"),
+        (["--memory-trim-seconds", "-1"], "memory_trim_seconds must not be negative"),
         (["--compression-algorithms", "gzip,zstd"], "compression_algorithms: unknown zstd"),
         (
             ["--compression-algorithms", "identity", "--default-compression", "gzip"],
@@ -116,3 +123,13 @@ async def test_compression_not_accepted_is_refused(settings: Settings, valkey_ur
         assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
         reply = await call_with(target, grpc.Compression.NoCompression, f"{uid}-plain")
         assert reply.session.session_id == f"{uid}-plain"
+
+
+def test_memory_trim_hands_freed_memory_back() -> None:
+    # glibc (this suite's platform): malloc_trim is found and returns 1 once there is freed memory
+    # to give back, as after a burst of large buffers.
+    trim = malloc_trim()
+    assert trim is not None
+    burst = [bytearray(64 * 1024) for _ in range(2000)]  # below the mmap threshold: arena memory
+    del burst
+    assert trim() == 1

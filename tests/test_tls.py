@@ -155,8 +155,8 @@ async def test_certificate_subject_stands_for_a_token(mtls_target: str, pki: Pki
         tls_client(mtls_target, pki, pki.bob) as bob,
         tls_client(mtls_target, pki, pki.nobody) as nobody,
     ):
-        mine = await alice.create_session(ALICE, session_id=f"{uid}-a")
-        theirs = await bob.create_session(BOB, session_id=f"{uid}-b")  # by its URI subjectAltName
+        mine = await alice.create_session(ALICE, session_id=f"{ALICE}/{uid}-a")
+        theirs = await bob.create_session(BOB, session_id=f"{BOB}/{uid}-b")  # by its URI subjectAltName
         assert (await alice.get_session(mine.session_id)).user_id == ALICE
         await raises(NotFoundError, alice.get_session(theirs.session_id))
         await raises(PermissionDeniedError, alice.list_sessions(BOB))

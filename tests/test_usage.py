@@ -228,8 +228,9 @@ async def test_forking_another_users_session_is_not_found_and_writes_nothing(
         await service.create_session("bob-usage", session_id=f"{uid}-bob")
         await service.append(f"{uid}-bob", [user("private")])
     async with SessionClient(auth_target, token=ALICE_TOKEN, retry=NO_RETRY) as alice:
-        await raises(NotFoundError, alice.fork_session(f"{uid}-bob", new_session_id=f"{uid}-stolen"))
-    assert await raw.exists([f"meta:{{{uid}-stolen}}", f"chat:{{{uid}-stolen}}"]) == 0
+        stolen = f"alice-usage/{uid}-stolen"  # an id alice may choose: the source decides
+        await raises(NotFoundError, alice.fork_session(f"{uid}-bob", new_session_id=stolen))
+    assert await raw.exists([f"meta:{{{stolen}}}", f"chat:{{{stolen}}}"]) == 0
     # The same read sees the fork its owner's caller may make.
     async with SessionClient(auth_target, token=ALL_TOKEN, retry=NO_RETRY) as service:
         await service.fork_session(f"{uid}-bob", new_session_id=f"{uid}-copy")

@@ -577,9 +577,11 @@ async def test_a_watch_never_delivers_another_users_messages(
     """Expiry publishes nothing, so until the feed's next poll a watch on an expired session still
     follows its channel, where a session another user created under the same id meanwhile
     publishes. Appends say whose session they went to: the watch ends (NOT_FOUND) instead of
-    delivering another user's message. Poll set to 30 s here to make the window deterministic."""
-    poll = {"watch_poll_seconds": 30.0}
-    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file), **poll) as running:
+    delivering another user's message. Poll set to 30 s here to make the window deterministic.
+    Limited callers reach one id only with --global-session-ids (else each keeps to its users'
+    '<user_id>/' ids); callers for every user always can."""
+    options = {"watch_poll_seconds": 30.0, "global_session_ids": True}
+    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file), **options) as running:
         target = f"127.0.0.1:{running.port}"
         async with client_for(target, ALICE_TOKEN) as alice, client_for(target, BOB_TOKEN) as bob:
             mine = await alice.create_session(ALICE, session_id=f"{uid}-x", ttl_seconds=1)

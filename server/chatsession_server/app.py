@@ -35,6 +35,7 @@ from chatsession_server.api.tls import exposure_warnings, server_credentials
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.errors import StoreTimeout, StoreUnavailable
 from chatsession_server.listen_address import claim_listen_port
+from chatsession_server.memory import trim_every
 from chatsession_server.ports import SessionStorage
 from chatsession_server.settings import COMPRESSION_ALGORITHMS, Settings, ValkeyAddress
 from chatsession_server.store.feed import SessionFeed
@@ -93,6 +94,11 @@ def grpc_options(settings: Settings, *, share_port: bool = False) -> list[tuple[
         ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
     ]
+    if not settings.http2_bdp_probe:
+        # Without probing, a call's HTTP/2 window stays at gRPC's 64 KiB until its handler asks for
+        # the request, which then opens the window to the whole message: a call refused before it
+        # is read (auth) brings in at most that much, however large the message it announced.
+        options.append(("grpc.http2.bdp_probe", 0))
     if settings.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
     return options
@@ -207,7 +213,7 @@ class ListeningServer:
         if settings.max_sessions_per_user:
             storage = SessionQuota(storage, settings.max_sessions_per_user)
         if self.auth is not None:  # outermost: PERMISSION_DENIED before anything is counted
-            storage = AuthorizedStorage(storage)
+            storage = AuthorizedStorage(storage, scoped_ids=not settings.global_session_ids)
         servicer = SessionServicer(
             storage,
             feed,
@@ -483,7 +489,14 @@ async def serve(settings: Settings, *, share_port: bool = False) -> None:
             gc.freeze()
             if running.auth is not None:
                 loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
+            trimming = (
+                asyncio.ensure_future(trim_every(settings.memory_trim_seconds))
+                if settings.memory_trim_seconds
+                else None
+            )
             await stopping.wait()
+            if trimming is not None:
+                trimming.cancel()
             log.info("shutting down: draining for up to %.1fs", settings.grace_seconds)
             await running.stop(settings.grace_seconds)
     finally:

@@ -112,6 +112,20 @@ class NewSession:
     ttl_seconds: int
     max_messages: int
     request_id: str = ""
+    chosen_id: bool = False
+    """the caller chose `session_id` (else the server made it)"""
+
+
+def scope_owner(session_id: str) -> str | None:
+    """The user a '<user_id>/<name>' session id belongs to (no user id holds '/', so the prefix
+    names one user only); None for an id without '/'."""
+    owner, slash, _ = session_id.partition("/")
+    return owner if slash else None
+
+
+def scope_rule(user_id: str) -> str:
+    """What a refusal of a '<user_id>/<name>' id of another user says."""
+    return f"an id with '/' is the session of the user before its first '/': must start with '{user_id}/'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +137,8 @@ class NewFork:
     at_seq: int | None
     session_id: str
     request_id: str = ""
+    chosen_id: bool = False
+    """the caller chose `session_id` (else the server made it)"""
 
 
 @dataclass(frozen=True, slots=True)

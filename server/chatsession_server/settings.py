@@ -174,6 +174,14 @@ class Settings:
             "callers and the users each may act for: '<token> <user_id>[,...]' lines; SIGHUP re-reads it"
         ),
     )
+    global_session_ids: bool = field(
+        default=False,
+        metadata=_meta(
+            "with auth on, let a caller limited to some users choose any new session id (ALREADY_EXISTS "
+            "then tells it that an id is taken, by another user's session too); false: only "
+            "'<user_id>/<name>' ids of its users, or none (the server makes one)"
+        ),
+    )
     # -- request size limits. gRPC clients receive at most 4 MiB by default: requests are held to
     # that, and an append to 3 MiB so that its reply (the messages echoed with seq and created_at,
     # plus the session, labels and all) always fits a default client.
@@ -290,6 +298,20 @@ class Settings:
     max_concurrent_streams: int = field(
         default=0, metadata=_meta("most calls open at once on one HTTP/2 connection; 0: gRPC's default")
     )
+    http2_bdp_probe: bool = field(
+        default=False,
+        metadata=_meta(
+            "let gRPC widen HTTP/2 receive windows by bandwidth probing (a connection may then take in "
+            "megabytes of a call before it is authenticated); false: a call is let in 64 KiB at a "
+            "time until its handler reads the request, which then comes in whole"
+        ),
+    )
+    memory_trim_seconds: float = field(
+        default=10.0,
+        metadata=_meta(
+            "every this often, hand memory the process freed back to the OS (glibc malloc_trim); 0: never"
+        ),
+    )
     compression_algorithms: str = field(
         default="identity,deflate,gzip",
         metadata=_meta("compression accepted from clients (identity is always accepted), comma-separated"),
@@ -373,6 +395,8 @@ class Settings:
         for name in ("keepalive_time_ms", "keepalive_timeout_ms", "keepalive_min_ping_interval_ms"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.memory_trim_seconds < 0:
+            raise ValueError("memory_trim_seconds must not be negative (0: never)")
         if self.max_concurrent_streams < 0:
             raise ValueError("max_concurrent_streams must not be negative (0: gRPC's default)")
         unknown = set(self.accepted_compression) - set(COMPRESSION_ALGORITHMS)

@@ -44,8 +44,10 @@ from chatsession_server.domain import (
     TruncateResult,
     Truncation,
     UserUsage,
+    scope_owner,
 )
 from chatsession_server.errors import PermissionDenied, Unauthenticated
+from chatsession_server.ports import SessionStorage
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +159,16 @@ def _bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
 
 
 def _refuse(error: Unauthenticated) -> Handler:
-    """A handler that aborts with `error`, taking the request as raw bytes (never parsed). Unary
-    for every kind of method: it ends the call before a reply, streaming ones included."""
+    """A handler that aborts with `error` without reading the request: a client stream for every
+    kind of method (it ends the call before a reply, streaming ones included). gRPC reads a unary
+    request whole before its handler runs; a client stream's messages only as the handler asks,
+    and this one never does: the call is refused with at most its HTTP/2 window (64 KiB, see
+    --http2-bdp-probe) taken in, whatever size of message it announced."""
 
-    async def refuse(request: bytes, context: aio.ServicerContext[Any, Any]) -> None:
+    async def refuse(requests: Any, context: aio.ServicerContext[Any, Any]) -> None:
         await context.abort_with_status(to_grpc_status(error))
 
-    return grpc.unary_unary_rpc_method_handler(cast(Any, refuse))
+    return grpc.stream_unary_rpc_method_handler(cast(Any, refuse))
 
 
 def refused_before_reading(
@@ -297,16 +302,43 @@ def _require_user(user_id: str) -> None:
         raise PermissionDenied(f"this caller may not act for user {user_id!r}")
 
 
+def _require_scoped_id(session_id: str, field: str) -> None:
+    """A caller limited to some users chooses new session ids in their namespaces only
+    ('<user_id>/<name>'): decided from the grant alone, before anything is read, so the answer
+    says nothing about which ids exist."""
+    grant = _caller()
+    if grant.every_user:
+        return
+    owner = scope_owner(session_id)
+    if owner is None:
+        raise PermissionDenied(
+            f"{field}: this caller may choose only ids of its users' own, '<user_id>/<name>' "
+            f"(or leave {field} empty for one the server makes)"
+        )
+    if not grant.allows(owner):
+        raise PermissionDenied(f"this caller may not act for user {owner!r}")
+
+
 class AuthorizedStorage(StorageLayer):
     """The store as the current caller (`CALLER`) sees it; the servicer uses it unchanged.
 
     Session-scoped calls pass the caller's users down as `owners`: the store checks the owner in
     the same atomic step as the operation (no extra round trip, no window in which the session
     could change hands). Calls naming a user are checked here.
+
+    `scoped_ids`: a caller limited to some users may choose a new session's id (CreateSession,
+    ForkSession) only as '<user_id>/<name>' of one of its users. Session ids are one namespace:
+    were any id its to choose, ALREADY_EXISTS would tell it that another user's session has one.
     """
+
+    def __init__(self, inner: SessionStorage, *, scoped_ids: bool = True) -> None:
+        super().__init__(inner)
+        self._scoped_ids = scoped_ids
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         _require_user(new.user_id)
+        if self._scoped_ids and new.chosen_id:
+            _require_scoped_id(new.session_id, "session_id")
         return await super().create(new)
 
     async def get(
@@ -354,6 +386,8 @@ class AuthorizedStorage(StorageLayer):
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
         # The fork belongs to the source's owner: checked with the source, in its read step.
+        if self._scoped_ids and fork.chosen_id:
+            _require_scoped_id(fork.session_id, "new_session_id")
         return await super().fork(fork, owners=_owners(owners))
 
     async def user_usage(self, user_id: str) -> UserUsage:

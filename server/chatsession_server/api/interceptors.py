@@ -49,16 +49,24 @@ class WrappingInterceptor(aio.ServerInterceptor):
         stream: Wrap | None = None,
         request_deserializer: Wrap | None = None,
     ) -> Handler:
-        """`handler` with its behaviour passed through `unary` (a unary call) or `stream` (a server
-        stream), its request deserializer through `request_deserializer` if given, its response
-        serializer kept; `handler` itself when its kind has no wrapper (client streams never do).
-        The wrappers run once per method, in `wrap`: what they return is what every call runs."""
+        """`handler` with its behaviour passed through `unary` (a unary call, or a call refused
+        before its request is read: auth's refusal, a client stream it never reads) or `stream` (a
+        server stream), its request deserializer through `request_deserializer` if given, its
+        response serializer kept; `handler` itself when its kind has no wrapper (bidirectional
+        streams never do). The wrappers run once per method, in `wrap`: what they return is what
+        every call runs."""
         deserialize = handler.request_deserializer
         if request_deserializer is not None:
             deserialize = request_deserializer(deserialize)
         if handler.unary_unary and unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 unary(handler.unary_unary),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary and unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                unary(handler.stream_unary),
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )

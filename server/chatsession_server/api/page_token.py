@@ -16,7 +16,7 @@ import json
 import math
 from typing import NoReturn
 
-from chatsession_server.api.validation import is_valid_id
+from chatsession_server.api.validation import is_valid_session_id
 from chatsession_server.domain import SessionCursor
 from chatsession_server.errors import FieldViolation, InvalidArgument
 
@@ -37,7 +37,7 @@ def _parse(payload: bytes) -> tuple[SessionCursor, str]:
         raise ValueError("score is not a number")
     if not math.isfinite(float(score)):  # OverflowError for a huge int
         raise ValueError("score is not finite")
-    if not isinstance(session_id, str) or not is_valid_id(session_id):
+    if not isinstance(session_id, str) or not is_valid_session_id(session_id):
         raise ValueError("not a session id")
     if not isinstance(owner, str):
         raise ValueError("not a user id")

@@ -28,12 +28,18 @@ from chatsession_server.domain import (
     SessionPatch,
     ToolCall,
     Truncation,
+    scope_owner,
+    scope_rule,
 )
 from chatsession_server.errors import FieldViolation, InvalidArgument
 
 # Ids end up inside key names and `{}` hash tags: keep them to a safe alphabet.
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _ID_RULE = "must be 1-128 characters from [A-Za-z0-9_.:-]"
+# Session ids may also hold '/': a session id with one belongs to the user named before its first
+# '/' ('<user_id>/<name>'), which no user id holds, so the prefix names one user only.
+_SESSION_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
+_SESSION_ID_RULE = "must be 1-128 characters from [A-Za-z0-9_.:/-]"
 # Label keys as Kubernetes and cloud labels spell them (`team`, `app.example.com/tier`): no
 # spaces, braces, wildcards or control characters for a caller to slip into what reads them.
 _LABEL_KEY = re.compile(rf"[A-Za-z0-9._/-]{{1,{L.MAX_LABEL_KEY_LENGTH}}}")
@@ -56,6 +62,10 @@ MAX_MASK_PATHS = len(UPDATABLE_FIELDS) + L.MAX_LABELS
 
 def is_valid_id(value: str) -> bool:
     return _ID.fullmatch(value) is not None
+
+
+def is_valid_session_id(value: str) -> bool:
+    return _SESSION_ID.fullmatch(value) is not None
 
 
 class Violations:
@@ -83,12 +93,23 @@ class Violations:
         if self.items:
             raise InvalidArgument(self.items, self.omitted)
 
-    def id(self, field: str, value: str, *, required: bool = True) -> None:
+    def id(
+        self,
+        field: str,
+        value: str,
+        *,
+        required: bool = True,
+        pattern: re.Pattern[str] = _ID,
+        rule: str = _ID_RULE,
+    ) -> None:
         if not value:
             if required:
                 self.add(field, "is required")
-        elif not _ID.fullmatch(value):
-            self.add(field, _ID_RULE)
+        elif not pattern.fullmatch(value):
+            self.add(field, rule)
+
+    def session_id(self, field: str, value: str, *, required: bool = True) -> None:
+        self.id(field, value, required=required, pattern=_SESSION_ID, rule=_SESSION_ID_RULE)
 
     def text(self, field: str, value: str, max_length: int) -> None:
         if len(value) > max_length:
@@ -149,8 +170,11 @@ def session_id_for(user_id: str, session_id: str, request_id: str) -> str:
 
 def create_session(request: session_service_pb2.CreateSessionRequest, limits: Limits) -> NewSession:
     v = Violations()
-    v.id("session_id", request.session_id, required=False)
+    v.session_id("session_id", request.session_id, required=False)
     v.id("user_id", request.user_id)
+    owner = scope_owner(request.session_id)
+    if owner is not None and owner != request.user_id and is_valid_id(request.user_id):
+        v.add("session_id", scope_rule(request.user_id))
     v.id("request_id", request.request_id, required=False)
     v.text("model", request.model, L.MAX_MODEL_LENGTH)
     v.text("title", request.title, L.MAX_TITLE_LENGTH)
@@ -160,6 +184,7 @@ def create_session(request: session_service_pb2.CreateSessionRequest, limits: Li
     v.raise_if_any()
     return NewSession(
         session_id=session_id_for(request.user_id, request.session_id, request.request_id),
+        chosen_id=bool(request.session_id),
         user_id=request.user_id,
         model=request.model,
         title=request.title,
@@ -172,7 +197,7 @@ def create_session(request: session_service_pb2.CreateSessionRequest, limits: Li
 
 def session_id(session_id: str) -> str:
     v = Violations()
-    v.id("session_id", session_id)
+    v.session_id("session_id", session_id)
     v.raise_if_any()
     return session_id
 
@@ -185,7 +210,7 @@ def update_session(
         v.add("session", "is required")
         v.raise_if_any()
     s = request.session
-    v.id("session.session_id", s.session_id)
+    v.session_id("session.session_id", s.session_id)
     # Bounded before anything else (before even a copy): every path becomes work, and a Lua
     # argument, in the store.
     if len(request.update_mask.paths) > MAX_MASK_PATHS:
@@ -391,7 +416,7 @@ def append_messages(
     request: session_service_pb2.AppendMessagesRequest, limits: Limits
 ) -> tuple[str, list[NewMessage], str, int | None]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     v.id("request_id", request.request_id, required=False)
     expected = request.expected_last_seq if request.HasField("expected_last_seq") else None
     if expected is not None and expected < 0:
@@ -420,7 +445,7 @@ def append_messages(
 
 def watch_messages(request: session_service_pb2.WatchMessagesRequest) -> tuple[str, int | None]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     after = request.after_seq if request.HasField("after_seq") else None
     if after is not None and after < 0:
         v.add("after_seq", "must not be negative")
@@ -430,7 +455,7 @@ def watch_messages(request: session_service_pb2.WatchMessagesRequest) -> tuple[s
 
 def list_messages(request: session_service_pb2.ListMessagesRequest) -> tuple[str, MessageQuery]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     v.page_size(request.page_size)
     after = request.after_seq if request.HasField("after_seq") else None
     before = request.before_seq if request.HasField("before_seq") else None
@@ -445,8 +470,8 @@ def list_messages(request: session_service_pb2.ListMessagesRequest) -> tuple[str
 
 def fork_session(request: session_service_pb2.ForkSessionRequest) -> NewFork:
     v = Violations()
-    v.id("session_id", request.session_id)
-    v.id("new_session_id", request.new_session_id, required=False)
+    v.session_id("session_id", request.session_id)
+    v.session_id("new_session_id", request.new_session_id, required=False)
     v.id("request_id", request.request_id, required=False)
     at_seq = request.at_seq if request.HasField("at_seq") else None
     if at_seq is not None and at_seq < 0:
@@ -456,7 +481,9 @@ def fork_session(request: session_service_pb2.ForkSessionRequest) -> NewFork:
     v.raise_if_any()
     # A generated id derives from the source and the request_id ('/' keeps it apart from a create's).
     new_id = session_id_for(f"fork/{request.session_id}", request.new_session_id, request.request_id)
-    return NewFork(request.session_id, at_seq, new_id, request.request_id)
+    return NewFork(
+        request.session_id, at_seq, new_id, request.request_id, chosen_id=bool(request.new_session_id)
+    )
 
 
 def get_user_usage(request: session_service_pb2.GetUserUsageRequest) -> str:
@@ -490,7 +517,7 @@ MAX_READ_MASK_PATHS = len(READABLE_FIELDS) + L.MAX_LABELS
 def get_session(request: session_service_pb2.GetSessionRequest) -> tuple[str, frozenset[str] | None]:
     """The session id and the fields to read (None: every field)."""
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     if not request.HasField("read_mask"):
         v.raise_if_any()
         return request.session_id, None
@@ -517,7 +544,7 @@ def get_session(request: session_service_pb2.GetSessionRequest) -> tuple[str, fr
 
 def get_context(request: session_service_pb2.GetContextRequest) -> tuple[str, ContextQuery]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     if request.max_tokens < 0:
         v.add("max_tokens", "must not be negative (0 means no limit)")
     if request.max_messages < 0:
@@ -530,7 +557,7 @@ def compact_messages(
     request: session_service_pb2.CompactMessagesRequest, limits: Limits
 ) -> tuple[str, Compaction]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     v.id("request_id", request.request_id, required=False)
     if request.up_to_seq < 1:
         v.add("up_to_seq", "must be at least 1")
@@ -554,7 +581,7 @@ def compact_messages(
 def clear_messages(request: session_service_pb2.ClearMessagesRequest) -> tuple[str, bool, str]:
     """The session id, keep_system_prompt and request_id."""
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     v.id("request_id", request.request_id, required=False)
     v.raise_if_any()
     return request.session_id, request.keep_system_prompt, request.request_id
@@ -562,7 +589,7 @@ def clear_messages(request: session_service_pb2.ClearMessagesRequest) -> tuple[s
 
 def truncate_messages(request: session_service_pb2.TruncateMessagesRequest) -> tuple[str, Truncation]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     v.id("request_id", request.request_id, required=False)
     after_seq = request.after_seq if request.HasField("after_seq") else None
     if after_seq is not None and request.pop_count:

@@ -38,8 +38,10 @@ from chatsession_server.domain import (
     TruncateResult,
     Truncation,
     UserUsage,
+    scope_owner,
+    scope_rule,
 )
-from chatsession_server.errors import SessionAlreadyExists, SessionNotFound
+from chatsession_server.errors import FieldViolation, InvalidArgument, SessionAlreadyExists, SessionNotFound
 from chatsession_server.store import codec, keys, refusals
 from chatsession_server.store.listing import PAGE_BYTES, SessionListing
 from chatsession_server.store.lua import session_scripts
@@ -371,6 +373,8 @@ class SessionStore:
         if labels > self._max_labels:
             raise refusals.fork_labels_full(source, labels, self._max_labels)
         user_id = fields[codec.MetaField.USER_ID]
+        if scope_owner(fork.session_id) not in (None, user_id):  # 'bob/x' is only ever bob's
+            raise InvalidArgument([FieldViolation("new_session_id", scope_rule(user_id))])
         args = self._fork_write_args(fork, origin, owners, user_id=user_id, now=now, probe=False)
         args = dataclasses.replace(
             args,

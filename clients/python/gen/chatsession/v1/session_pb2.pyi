@@ -99,7 +99,9 @@ class Session(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Unique id of the session: 1-128 characters from [A-Za-z0-9_.:-]."""
+    """Unique id of the session: 1-128 characters from [A-Za-z0-9_.:/-]. An id with '/' is
+    '<user_id>/<name>', a session of the user before its first '/'.
+    """
     user_id: _builtins.str
     """Owner of the session: 1-128 characters from [A-Za-z0-9_.:-]. Immutable."""
     model: _builtins.str

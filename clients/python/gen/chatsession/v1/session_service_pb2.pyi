@@ -55,8 +55,12 @@ class CreateSessionRequest(_message.Message):
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Optional id chosen by the caller, 1-128 characters from [A-Za-z0-9_.:-]. When empty the
-    server generates one (derived from `request_id` when that is set, so a retry lands on it).
+    """Optional id chosen by the caller, 1-128 characters from [A-Za-z0-9_.:/-]. An id with '/'
+    is '<user_id>/<name>': a session of this `user_id` (INVALID_ARGUMENT otherwise). With auth
+    on, a caller limited to some users may choose only such ids of its users
+    (PERMISSION_DENIED otherwise, whether or not the id is taken), unless the server runs with
+    --global-session-ids. When empty the server generates one (derived from `request_id` when
+    that is set, so a retry lands on it).
     """
     user_id: _builtins.str
     """Owner of the session. Required."""
@@ -585,7 +589,8 @@ class WatchMessagesResponse(_message.Message):
     @_builtins.property
     def truncated(self) -> Global___Truncated:
         """TruncateMessages removed the messages after a seq; delivery goes on with the messages
-        appended next (their seqs follow `last_seq`: removed seqs are never reused).
+        appended next (their seqs follow `last_seq`: removed seqs are never reused). Sent once when
+        it happens, and first to a watch resumed with `after_seq` among the seqs it removed.
         """
 
     def __init__(
@@ -678,9 +683,12 @@ class ForkSessionRequest(_message.Message):
     (AT_SEQ_TRIMMED; the last seq a summary replaced is allowed: the fork ends with the summary).
     """
     new_session_id: _builtins.str
-    """Id of the new session, 1-128 characters from [A-Za-z0-9_.:-], not `session_id`. When
-    empty the server generates one (derived from `request_id` when that is set, so a retry
-    lands on it). ALREADY_EXISTS if taken, except by this very fork (see `request_id`).
+    """Id of the new session, 1-128 characters from [A-Za-z0-9_.:/-], not `session_id`. An id
+    with '/' must be '<user_id>/<name>' of the source's owner (INVALID_ARGUMENT otherwise); with
+    auth on, a caller limited to some users may choose only such ids (PERMISSION_DENIED
+    otherwise), as in CreateSession. When empty the server generates one (derived from
+    `request_id` when that is set, so a retry lands on it). ALREADY_EXISTS if taken, except by
+    this very fork (see `request_id`).
     """
     request_id: _builtins.str
     """Optional idempotency key, 1-128 characters from [A-Za-z0-9_.:-]. Retrying a fork with the
