@@ -98,6 +98,8 @@ class Session:
     expires_in_seconds: int
     ttl_seconds: int
     max_messages: int
+    app: str = ""
+    """the app (namespace) it belongs to; '' for none"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,16 @@ class NewSession:
     request_id: str = ""
     chosen_id: bool = False
     """the caller chose `session_id` (else the server made it)"""
+    app: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """What a ListSessions lists: a user's sessions (`app` '': of every app, else of that app),
+    or with `user_id` '' every user's sessions of `app`."""
+
+    user_id: str
+    app: str = ""
 
 
 def scope_owner(session_id: str) -> str | None:

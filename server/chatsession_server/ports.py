@@ -50,7 +50,9 @@ class SessionStorage(Protocol):
 
     async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool: ...
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage: ...
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage: ...
 
     async def append(
         self,

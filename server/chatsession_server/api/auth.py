@@ -58,13 +58,22 @@ LINE_FORMAT = "expected '<token> <user_id>[,<user_id>...]' or 'cert:CN=<name> <u
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """The users a caller may act for: those listed, or every user (`*`)."""
+    """The users a caller may act for: those listed, or every user (`*`); and the apps it is
+    granted (`apps=`), see README "Security"."""
 
     users: frozenset[str]
     every_user: bool = False
+    apps: frozenset[str] | None = None
+    """the apps of `apps=<app>,...`; None: the line has no `apps=`"""
+    every_app: bool = False
+    """`apps=*`"""
 
     def allows(self, user_id: str) -> bool:
         return self.every_user or user_id in self.users
+
+    def allows_app(self, app: str) -> bool:
+        """Whether the grant names `app` (by name or `apps=*`)."""
+        return self.every_app or (self.apps is not None and app in self.apps)
 
 
 CALLER: ContextVar[Grant | None] = ContextVar("chatsession_caller", default=None)
@@ -302,6 +311,19 @@ def _require_user(user_id: str) -> None:
         raise PermissionDenied(f"this caller may not act for user {user_id!r}")
 
 
+def _require_app_listing(app: str) -> None:
+    """Listing an app across its users shows every user's sessions of it: the grant must name
+    the app and every user."""
+    grant = _caller()
+    if not grant.allows_app(app):
+        raise PermissionDenied(f"this caller may not list app {app!r}: its grant does not name the app")
+    if not grant.every_user:
+        raise PermissionDenied(
+            f"this caller may not list every user's sessions of app {app!r}: "
+            "its grant is limited to some users"
+        )
+
+
 def _require_scoped_id(session_id: str, field: str) -> None:
     """A caller limited to some users chooses new session ids in their namespaces only
     ('<user_id>/<name>'): decided from the grant alone, before anything is read, so the answer
@@ -358,9 +380,14 @@ class AuthorizedStorage(StorageLayer):
     async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
         return await super().delete(session_id, owners=_owners(owners))
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        _require_user(user_id)
-        return await super().list_sessions(user_id, limit, cursor)
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage:
+        if user_id:
+            _require_user(user_id)
+        else:
+            _require_app_listing(app)
+        return await super().list_sessions(user_id, limit, cursor, app=app)
 
     async def append(
         self,

@@ -54,8 +54,10 @@ class StorageLayer:
     async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
         return await self._inner.delete(session_id, owners=owners)
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        return await self._inner.list_sessions(user_id, limit, cursor)
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage:
+        return await self._inner.list_sessions(user_id, limit, cursor, app=app)
 
     async def append(
         self,

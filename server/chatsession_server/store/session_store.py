@@ -26,6 +26,7 @@ from chatsession_server.domain import (
     CompactResult,
     Context,
     ContextQuery,
+    Listed,
     MessagePage,
     MessageQuery,
     NewFork,
@@ -116,6 +117,7 @@ class SessionStore:
             ttl_seconds=new.ttl_seconds,
             max_messages=new.max_messages,
             request_id=new.request_id,
+            app=new.app,
         )
         args = session_scripts.CreateArgs(
             now=now,
@@ -126,17 +128,27 @@ class SessionStore:
             model=new.model,
             usage_key_head=self._owner_index.usage_head,
             usage_days=codec.usage_days(float(now)),
+            app=new.app,
+            app_index_head=self._owner_index.app_index_head,
             fields=fields,
         )
         return await self._write_new(
-            session_scripts.CREATE, args, new.session_id, new.user_id, now, "creating"
+            session_scripts.CREATE, args, new.session_id, new.user_id, now, "creating", app=new.app
         )
 
     async def _write_new(
-        self, script: LuaScript[Any], args: Any, session_id: str, user_id: str, now: str, doing: str
+        self,
+        script: LuaScript[Any],
+        args: Any,
+        session_id: str,
+        user_id: str,
+        now: str,
+        doing: str,
+        *,
+        app: str,
     ) -> tuple[Session, bool]:
-        """A create's or a fork's write (CREATE, FORK_WRITE) with the owner's index and usage kept
-        around it; returns the session and whether this was a replay."""
+        """A create's or a fork's write (CREATE, FORK_WRITE) with the owner's index and usage (and
+        the app's indexes) kept around it; returns the session and whether this was a replay."""
         status, reply = await self._owner_index.write_new(
             script,
             self._session_keys_and_state(session_id),
@@ -145,6 +157,7 @@ class SessionStore:
             session_id=session_id,
             now=now,
             doing=doing,
+            app=app,
         )
         if status is Status.EXISTS:
             raise SessionAlreadyExists(session_id)
@@ -244,6 +257,7 @@ class SessionStore:
         args = session_scripts.DeleteArgs(
             owners=owners_arg(owners),
             index_key_head=self._owner_index.index_head,
+            app_index_head=self._owner_index.app_index_head,
             session_id=session_id,
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
@@ -281,6 +295,7 @@ class SessionStore:
             expected_last_seq=expected_last_seq,
             token_sum=sum(m.tokens for m in messages),
             index_key_head=self._owner_index.index_head,
+            app_index_head=self._owner_index.app_index_head,
             session_id=session_id,
             idempotency_limit=self._idempotency_limit,
             publish_command=self._publish,
@@ -395,7 +410,7 @@ class SessionStore:
         labels = sum(1 for name in fields if name.startswith(codec.LABEL_FIELD_PREFIX))
         if labels > self._max_labels:
             raise refusals.fork_labels_full(source, labels, self._max_labels)
-        user_id = fields[codec.MetaField.USER_ID]
+        user_id, app = fields[codec.MetaField.USER_ID], fields.get(codec.MetaField.APP, "")
         if scope_owner(fork.session_id) not in (None, user_id):  # 'bob/x' is only ever bob's
             raise InvalidArgument([FieldViolation("new_session_id", scope_rule(user_id))])
         args = self._fork_write_args(fork, origin, owners, user_id=user_id, now=now, probe=False)
@@ -403,13 +418,15 @@ class SessionStore:
             args,
             ttl=int(fields[codec.MetaField.TTL_SECONDS]),
             model=fields.get(codec.MetaField.MODEL, ""),
+            app=app,
+            app_index_head=self._owner_index.app_index_head,
             summary_json=summary_json,
             state_copy=codec.encode_state_delta(codec.decode_state(state_flat), ()),
             field_count=len(fields),
             payload=[*codec.flatten(fields.items()), *items],
         )
         return await self._write_new(
-            session_scripts.FORK_WRITE, args, fork.session_id, user_id, now, "forking"
+            session_scripts.FORK_WRITE, args, fork.session_id, user_id, now, "forking", app=app
         )
 
     def _fork_write_args(
@@ -435,6 +452,8 @@ class SessionStore:
             usage_key_head=self._owner_index.usage_head,
             model="",
             usage_days=codec.usage_days(float(now)) if now else "",  # "": a probe counts nothing
+            app="",
+            app_index_head=self._owner_index.app_index_head,
             summary_json="",
             state_copy="",
             field_count=0,
@@ -541,9 +560,12 @@ class SessionStore:
         await self._conn.replicated(self._keys.meta(session_id))
         return codec.decode_described(session_id, reply[1])
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        """A page of the user's live sessions, most recently active first (see listing.py)."""
-        return await self._listing.list_sessions(user_id, limit, cursor)
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage:
+        """A page of the user's live sessions (of `app` only, if given), or with `user_id` '' of
+        every user's sessions of `app`, most recently active first (see listing.py)."""
+        return await self._listing.list_sessions(Listed(user_id, app), limit, cursor)
 
     def _state_keys(self, scope: StateScope) -> list[str]:
         """A session's state and its meta (whose owner the scripts check), or a user's state."""
@@ -603,4 +625,5 @@ _META_OF_FIELD = {
     "token_count": codec.MetaField.TOKEN_COUNT.value,
     "ttl_seconds": codec.MetaField.TTL_SECONDS.value,
     "max_messages": codec.MetaField.MAX_MESSAGES.value,
+    "app": codec.MetaField.APP.value,
 }

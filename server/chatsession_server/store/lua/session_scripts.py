@@ -5,7 +5,7 @@ Layout of a session (see also keys.py):
              indices 0..pinned-1, never trimmed) and base+1..message_count (the window, at
              indices pinned..len-1), where base = message_count - (len - pinned).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
-             token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
+             token_count ttl_seconds max_messages pinned stored_bytes [app] [create_request_id]
              [fork_origin usage_base] [rewrites] [cleared_at_seq] [payloads] label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0") and clears ("fingerprint last_seq 0").
@@ -14,8 +14,9 @@ Layout of a session (see also keys.py):
   state:{id}  HASH: the session's state (see state_scripts.py).
 All five expire together. On standalone Valkey the create, append, delete and fork scripts also
 keep the owner's index `user_sessions:{uid}` and usage `usage:{uid}` exact in the same step (they
-are given their keys or the heads of their names); in a cluster those live in another slot and
-owner_index.py keeps them in a second step.
+are given their keys or the heads of their names), and for a session of an app the owner's index
+of the app `user_sessions:{uid}:<app>` and the app's `app_sessions:{<app>}`; in a cluster those
+live in other slots and owner_index.py keeps them in steps of their own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ from typing import Any
 from chatsession_server.store.lua.prelude import USAGE_LUA
 from chatsession_server.store.lua.runtime import LuaScript
 from chatsession_server.store.lua.state_scripts import STATE_LUA
+
+# Standalone only: a session of an app is also in its owner's index of that app (the owner's
+# index key `index` .. ':' .. app, in the same slot) and in the app's index (named from its
+# head), with the score the owner's index gets. `flag`: 'NX' (a replay: add what is missing,
+# keep scores) or 'CH' (set the score; CH changes only what ZADD returns).
+APP_INDEX_LUA = r"""
+local function index_app(index, app_head, app, flag, score, session_id)
+  if app == '' or app_head == '' then return end
+  redis.call('ZADD', index .. ':' .. app, flag, score, session_id)
+  redis.call('ZADD', owner_key(app_head, app), flag, score, session_id)
+end
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +53,10 @@ class CreateArgs:
     usage_key_head: str
     """'' in a cluster: the caller counts the new session in the user's usage in a second step"""
     usage_days: str
+    app: str
+    """'' for none"""
+    app_index_head: str
+    """'' in a cluster: the caller enters the app's indexes in a step of their own"""
     fields: Sequence[str]
     """flat field/value pairs of the new meta HASH"""
 
@@ -49,21 +66,29 @@ CREATE = LuaScript(
     ("chat", "meta", "reqs", "summary", "state", "index"),
     CreateArgs,
     USAGE_LUA
+    + APP_INDEX_LUA
     + r"""
-local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE, F_FORK_ORIGIN)
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE, F_FORK_ORIGIN,
+                           F_APP)
 if existing[1] then
   -- A fork with this request_id is not this create's (FORK_WRITE replays it, not CREATE).
   if request_id ~= '' and existing[1] == user_id and existing[2] == request_id and not existing[4] then
-    if index then redis.call('ZADD', index, 'NX', existing[3], session_id) end
+    if index then
+      redis.call('ZADD', index, 'NX', existing[3], session_id)
+      index_app(index, app_index_head, existing[5] or '', 'NX', existing[3], session_id)
+    end
     return {ST_REPLAYED, describe(chat, meta)}
   end
-  return {ST_EXISTS, existing[1], existing[3]}
+  return {ST_EXISTS, existing[1], existing[3], existing[5] or ''}
 end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
 redis.call('DEL', chat, reqs, summary, state)
 redis.call('HSET', meta, unpack(ARGV, fields_from))
 expire_together(ttl, meta)
-if index then redis.call('ZADD', index, now, session_id) end
+if index then
+  redis.call('ZADD', index, now, session_id)
+  index_app(index, app_index_head, app, 'CH', now, session_id)
+end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
@@ -86,6 +111,8 @@ class AppendArgs:
     token_sum: int
     index_key_head: str
     """'' in a cluster: the caller updates the owner's index in a second step"""
+    app_index_head: str
+    """'' in a cluster: the caller updates the app's indexes in steps of their own"""
     session_id: str
     idempotency_limit: int
     publish_command: str
@@ -115,9 +142,10 @@ APPEND = LuaScript(
     AppendArgs,
     USAGE_LUA
     + STATE_LUA
+    + APP_INDEX_LUA
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
-                     F_LAST_ACTIVE, F_STORED_BYTES)
+                     F_LAST_ACTIVE, F_STORED_BYTES, F_APP)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
@@ -169,7 +197,9 @@ end
 local ttl = m[3]
 expire_together(ttl, chat, meta, reqs, summary, state)
 if index_key_head ~= '' then
-  redis.call('ZADD', owner_key(index_key_head, m[1]), last_active, session_id)
+  local index = owner_key(index_key_head, m[1])
+  redis.call('ZADD', index, last_active, session_id)
+  index_app(index, app_index_head, m[8] or '', 'CH', last_active, session_id)
 end
 if usage_key_head ~= '' then
   local model = redis.call('HGET', meta, F_MODEL) or ''
@@ -359,6 +389,8 @@ class DeleteArgs:
     owners: str
     index_key_head: str
     """'' in a cluster: the caller removes the index entry in a second step"""
+    app_index_head: str
+    """'' in a cluster: the caller removes the app's index entries in steps of their own"""
     session_id: str
     publish_command: str
     channel: str
@@ -368,13 +400,21 @@ DELETE = LuaScript(
     ("chat", "meta", "reqs", "summary", "state"),
     DeleteArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
+local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE, F_APP)
 local uid = m[1]
 if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
 redis.call('DEL', chat, meta, reqs, summary, state)
-if index_key_head ~= '' then redis.call('ZREM', owner_key(index_key_head, uid), session_id) end
+local app = m[3] or ''
+if index_key_head ~= '' then
+  local index = owner_key(index_key_head, uid)
+  redis.call('ZREM', index, session_id)
+  if app ~= '' then
+    redis.call('ZREM', index .. ':' .. app, session_id)
+    redis.call('ZREM', owner_key(app_index_head, app), session_id)
+  end
+end
 redis.call(publish_command, channel, PUBLISH_DELETED)
-return {ST_OK, uid, m[2]}
+return {ST_OK, uid, m[2], app}
 """,
 )
 
@@ -449,6 +489,10 @@ class ForkWriteArgs:
     """'' in a cluster: the caller counts the new session in a second step"""
     model: str
     usage_days: str
+    app: str
+    """the source's ('' for none)"""
+    app_index_head: str
+    """'' in a cluster: the caller enters the app's indexes in a step of their own"""
     summary_json: str
     """'' for none"""
     state_copy: str
@@ -467,16 +511,21 @@ FORK_WRITE = LuaScript(
     ForkWriteArgs,
     USAGE_LUA
     + STATE_LUA
+    + APP_INDEX_LUA
     + r"""
-local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE,
+                           F_APP)
 if existing[1] then
   if request_id ~= '' and existing[2] == request_id and existing[3] == origin
       and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1]) then
-    if index then redis.call('ZADD', index, 'NX', existing[4], session_id) end
+    if index then
+      redis.call('ZADD', index, 'NX', existing[4], session_id)
+      index_app(index, app_index_head, existing[5] or '', 'NX', existing[4], session_id)
+    end
     return {ST_REPLAYED, describe(chat, meta)}
   end
   if probe == '1' then return {ST_NOT_FOUND} end
-  return {ST_EXISTS, existing[1], existing[4]}
+  return {ST_EXISTS, existing[1], existing[4], existing[5] or ''}
 end
 if probe == '1' then return {ST_NOT_FOUND} end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
@@ -489,7 +538,10 @@ end
 if summary_json ~= '' then redis.call('SET', summary, summary_json) end
 apply_state_delta(state, state_copy, 0, 0)  -- no cap: the source held it
 expire_together(ttl, chat, meta, summary, state)
-if index then redis.call('ZADD', index, now, session_id) end
+if index then
+  redis.call('ZADD', index, now, session_id)
+  index_app(index, app_index_head, app, 'CH', now, session_id)
+end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
