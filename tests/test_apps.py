@@ -6,6 +6,9 @@ a failed or late step is skipped, repaired or pruned by listings, as the owner's
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
+
 import grpc
 import pytest
 from glide import GlideClient, UpdateOptions
@@ -15,13 +18,16 @@ from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client import (
     AlreadyExistsError,
     InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
     SessionClient,
     UnavailableError,
     user,
 )
 from chatsession_server.app import RunningServer
+from chatsession_server.settings import Settings
 from chatsession_server.store.lua import session_scripts
-from tests.helpers import meta, raises, violated_fields
+from tests.helpers import ALICE, BOB, RUN, client_for, meta, raises, serving, violated_fields
 from tests.test_cluster_index import fail_index_step, fail_script, hold_unindex
 
 
@@ -307,3 +313,118 @@ async def test_in_a_cluster_a_create_cut_off_after_its_index_steps_is_never_list
     await age_entries(raw, app_index(app), [f"{uid}-dead"])
     assert await listed(client, app=app) == [live.session_id]
     assert await raw.zscore(app_index(app), f"{uid}-dead") is None
+
+
+# --- tokens that grant apps -----------------------------------------------------------------------
+
+APP = f"travel-{RUN}"
+OTHER_APP = f"support-{RUN}"
+TRAVEL_SERVICE = "travel-service-" + uuid.uuid4().hex  # every user, confined to APP
+TRAVEL_ALICE = "travel-alice-" + uuid.uuid4().hex  # alice, confined to APP
+ADMIN = "admin-" + uuid.uuid4().hex  # every user, every app
+EVERY_USER = "every-user-" + uuid.uuid4().hex  # every user, no apps= (today's meaning)
+JUST_ALICE = "just-alice-" + uuid.uuid4().hex  # alice, no apps=
+
+
+@pytest.fixture(scope="module")
+async def apps_target(
+    settings: Settings, valkey_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    path = tmp_path_factory.mktemp("apps-auth") / "tokens"
+    path.write_text(
+        f"{TRAVEL_SERVICE} * apps={APP}\n"
+        f"{TRAVEL_ALICE} {ALICE} apps={APP}\n"
+        f"{ADMIN} * apps=*\n"
+        f"{EVERY_USER} *\n"
+        f"{JUST_ALICE} {ALICE},{BOB}\n"
+    )
+    async with serving(settings, valkey_url, auth_tokens_file=str(path)) as running:
+        yield f"127.0.0.1:{running.port}"
+
+
+async def test_listing_an_app_across_users_needs_the_app_and_every_user_in_the_grant(
+    apps_target: str, uid: str
+) -> None:
+    async with client_for(apps_target, ADMIN) as admin:
+        mine = await admin.create_session(ALICE, app=APP, title=uid)
+        theirs = await admin.create_session(BOB, app=APP, title=uid)
+    for token in (TRAVEL_SERVICE, ADMIN):
+        async with client_for(apps_target, token) as caller:
+            seen = [s.session_id async for s in caller.iter_sessions(app=APP)]
+            assert seen[:2] == [theirs.session_id, mine.session_id]
+    refusals = [
+        (EVERY_USER, APP, "does not name the app"),  # no apps=: not across users
+        (TRAVEL_SERVICE, OTHER_APP, "does not name the app"),
+        (TRAVEL_ALICE, APP, "limited to some users"),
+        (JUST_ALICE, APP, "does not name the app"),
+    ]
+    for token, app, says in refusals:
+        async with client_for(apps_target, token) as caller:
+            error = await raises(PermissionDeniedError, caller.list_sessions(app=app))
+            assert says in str(error), (token, str(error))
+
+
+async def test_a_grant_with_apps_creates_sessions_only_in_them_and_writes_nothing_else(
+    apps_target: str, raw: GlideClient, uid: str
+) -> None:
+    async with (
+        client_for(apps_target, TRAVEL_SERVICE) as service,
+        client_for(apps_target, JUST_ALICE) as alice,
+    ):
+        made = await service.create_session(ALICE, session_id=f"{ALICE}/{uid}-ok", app=APP)
+        assert made.app == APP
+        for app, says in ((OTHER_APP, "does not name it"), ("", "set app")):
+            error = await raises(
+                PermissionDeniedError, service.create_session(ALICE, session_id=f"{ALICE}/{uid}-no", app=app)
+            )
+            assert says in str(error)
+            assert str(error).startswith("PERMISSION_DENIED: app:")
+        assert await raw.exists([f"meta:{{{ALICE}/{uid}-no}}"]) == 0
+        assert await raw.zscore(app_index(OTHER_APP), f"{ALICE}/{uid}-no") is None
+        assert await raw.zscore(f"user_sessions:{{{ALICE}}}", f"{ALICE}/{uid}-no") is None
+        # Without apps=, today's meaning: any app, or none.
+        assert (await alice.create_session(ALICE, app=OTHER_APP)).app == OTHER_APP
+        assert (await alice.create_session(ALICE)).app == ""
+
+
+async def test_a_grant_with_apps_touches_only_its_apps_sessions(apps_target: str, uid: str) -> None:
+    async with client_for(apps_target, ADMIN) as admin:
+        travel = await admin.create_session(ALICE, session_id=f"{ALICE}/{uid}-t", app=APP)
+        support = await admin.create_session(ALICE, session_id=f"{ALICE}/{uid}-s", app=OTHER_APP)
+        plain = await admin.create_session(ALICE, session_id=f"{ALICE}/{uid}-p")
+        bobs = await admin.create_session(BOB, session_id=f"{BOB}/{uid}-t", app=APP)
+    async with client_for(apps_target, TRAVEL_ALICE) as confined:
+        assert (await confined.get_session(travel.session_id)).app == APP
+        await confined.append(travel.session_id, [user("in the app")])
+        assert (await confined.get_session(travel.session_id, read_mask=["title"])).title == ""
+        await confined.update_state(travel.session_id, {"k": 1})
+        for outside in (support, plain, bobs):  # another app, no app, another user
+            sid = outside.session_id
+            await raises(NotFoundError, confined.get_session(sid))
+            await raises(NotFoundError, confined.get_session(sid, read_mask=["title"]))
+            await raises(NotFoundError, confined.append(sid, [user("x")]))
+            await raises(NotFoundError, confined.list_messages(sid))
+            await raises(NotFoundError, confined.get_state(sid))
+            await raises(NotFoundError, confined.fork_session(sid))
+            await raises(NotFoundError, confined.delete_session(sid))
+        in_app = [s async for s in confined.iter_sessions(ALICE, app=APP)]
+        assert travel.session_id in {s.session_id for s in in_app}
+        assert {s.app for s in in_app} == {APP}
+        error = await raises(PermissionDeniedError, confined.list_sessions(ALICE))
+        assert "set app" in str(error)
+        await raises(PermissionDeniedError, confined.list_sessions(ALICE, app=OTHER_APP))
+        fork = (await confined.fork_session(travel.session_id)).session
+        assert fork.app == APP
+    async with client_for(apps_target, TRAVEL_SERVICE) as service:
+        assert (await service.get_session(bobs.session_id)).user_id == BOB  # every user, in the app
+        await raises(NotFoundError, service.get_session(support.session_id))
+    async with client_for(apps_target, JUST_ALICE) as alice:
+        # Without apps=: every session of its users, whatever the app.
+        listed_ids = {s.session_id async for s in alice.iter_sessions(ALICE)}
+        assert {travel.session_id, support.session_id, plain.session_id} <= listed_ids
+        assert (await alice.get_session(support.session_id)).app == OTHER_APP
+        assert (await alice.get_session(support.session_id)).messages_stored == 0
+    async with client_for(apps_target, ADMIN) as admin:
+        # Untouched by the refused calls.
+        for outside in (support, plain, bobs):
+            assert (await admin.get_session(outside.session_id)).message_count == 0

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 
 class Role(enum.StrEnum):
@@ -117,6 +117,31 @@ class NewSession:
     chosen_id: bool = False
     """the caller chose `session_id` (else the server made it)"""
     app: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """Whose sessions a call may touch, for a caller confined to some apps: those of `users`
+    (None: of every user) that belong to one of `apps` (never a session without an app)."""
+
+    users: frozenset[str] | None
+    apps: frozenset[str]
+
+    def allow(self, user_id: str, app: str) -> bool:
+        return (self.users is None or user_id in self.users) and app in self.apps
+
+
+Owned: TypeAlias = Collection[str] | Owners | None
+"""A store call's `owners`: the user ids whose sessions it may touch, an `Owners`, or None (anyone's)."""
+
+
+def owns(owners: Owned, user_id: str, app: str) -> bool:
+    """Whether `owners` lets a call touch a session of `user_id` in `app` ('' for none)."""
+    if owners is None:
+        return True
+    if isinstance(owners, Owners):
+        return owners.allow(user_id, app)
+    return user_id in owners
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from chatsession_server.domain import (
     NewFork,
     NewMessage,
     NewSession,
+    Owned,
     Session,
     SessionCursor,
     SessionPage,
@@ -39,6 +40,7 @@ from chatsession_server.domain import (
     StateDelta,
     StateScope,
     UserUsage,
+    owns,
     scope_owner,
     scope_rule,
 )
@@ -170,7 +172,7 @@ class SessionStore:
         self,
         session_id: str,
         *,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         fields: Collection[str] | None = None,
     ) -> Session:
         """The session; not found when it belongs to none of `owners` (None: anyone's). With
@@ -185,20 +187,18 @@ class SessionStore:
         if not meta:
             raise SessionNotFound(session_id)
         session = codec.decode_session(session_id, meta, int(stored), int(ttl))
-        if owners is not None and session.user_id not in owners:
+        if not owns(owners, session.user_id, session.app):
             raise SessionNotFound(session_id)
         return session
 
-    async def _get_fields(
-        self, session_id: str, fields: Collection[str], owners: Collection[str] | None
-    ) -> Session:
+    async def _get_fields(self, session_id: str, fields: Collection[str], owners: Owned) -> Session:
         """One HMGET of the named meta fields (and of the owner, to check it); LLEN and TTL only
         when `messages_stored` or `expires_in_seconds` are named. `labels` (the whole map, whose
         keys are not known beforehand) reads the hash with HGETALL instead. Fields not named
         keep their zero values."""
         meta_key = self._keys.meta(session_id)
-        wanted = [codec.MetaField.USER_ID.value]
-        wanted += [_META_OF_FIELD[f] for f in fields if f in _META_OF_FIELD]
+        wanted = [codec.MetaField.USER_ID.value, codec.MetaField.APP.value]
+        wanted += [_META_OF_FIELD[f] for f in fields if f in _META_OF_FIELD and f != "app"]
         wanted += [codec.LABEL_FIELD_PREFIX + f[len("labels.") :] for f in fields if f.startswith("labels.")]
         whole = "labels" in fields
         batch = self._conn.batch(atomic=True)
@@ -216,16 +216,15 @@ class SessionStore:
         else:
             meta = {name.encode(): value for name, value in zip(wanted, replies[0], strict=True) if value}
         owner = meta.get(codec.MetaField.USER_ID.encode())
-        if owner is None or (owners is not None and owner.decode() not in owners):
+        app = meta.get(codec.MetaField.APP.encode(), b"")
+        if owner is None or not owns(owners, owner.decode(), app.decode()):
             raise SessionNotFound(session_id)
         rest = iter(replies[1:])
         stored = int(next(rest)) if "messages_stored" in fields else 0
         ttl = int(next(rest)) if "expires_in_seconds" in fields else 0
         return codec.decode_session(session_id, meta, stored, ttl)
 
-    async def update(
-        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
-    ) -> Session:
+    async def update(self, session_id: str, patch: SessionPatch, *, owners: Owned = None) -> Session:
         to_set: dict[str, str] = {}
         if patch.title is not None:
             to_set["title"] = patch.title
@@ -252,7 +251,7 @@ class SessionStore:
         await self._conn.replicated(self._keys.meta(session_id))
         return codec.decode_described(session_id, reply[1])
 
-    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+    async def delete(self, session_id: str, *, owners: Owned = None) -> bool:
         """Delete a session; False when there was none (of `owners`)."""
         args = session_scripts.DeleteArgs(
             owners=owners_arg(owners),
@@ -278,7 +277,7 @@ class SessionStore:
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         state_delta: StateDelta | None = None,
     ) -> AppendResult:
         now = self._clock()
@@ -342,7 +341,7 @@ class SessionStore:
         return result
 
     async def list_messages(
-        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+        self, session_id: str, query: MessageQuery, *, owners: Owned = None
     ) -> MessagePage:
         status, reply = await self._scripts.call(
             session_scripts.LIST_MESSAGES,
@@ -364,7 +363,7 @@ class SessionStore:
             cleared_at_seq=int(cleared_at_seq),
         )
 
-    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+    async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:
         """Copy `fork.source_id` up to `fork.at_seq` into the new session `fork.session_id` (see
         the module docstring for the two steps); returns it and whether this was a replay."""
         source = fork.source_id
@@ -433,7 +432,7 @@ class SessionStore:
         self,
         fork: NewFork,
         origin: str,
-        owners: Collection[str] | None,
+        owners: Owned,
         *,
         user_id: str,
         now: str,
@@ -460,7 +459,7 @@ class SessionStore:
             payload=[],
         )
 
-    async def _find_fork(self, fork: NewFork, origin: str, owners: Collection[str] | None) -> Session | None:
+    async def _find_fork(self, fork: NewFork, origin: str, owners: Owned) -> Session | None:
         """The fork a first attempt with this request_id made, or None; writes nothing (its index
         entry was entered by that attempt, before its write)."""
         args = self._fork_write_args(fork, origin, owners, user_id="", now="", probe=True)
@@ -481,9 +480,7 @@ class SessionStore:
         oldest = codec.usage_days(self._clock()).split()[1]
         return codec.decode_usage(fields, oldest)
 
-    async def get_context(
-        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
-    ) -> Context:
+    async def get_context(self, session_id: str, query: ContextQuery, *, owners: Owned = None) -> Context:
         """Pinned prompt, summary and the newest messages that fit the budget, in one script."""
         args = session_scripts.ContextArgs(
             owners_arg(owners), query.max_tokens, query.max_messages, PAGE_BYTES
@@ -498,7 +495,7 @@ class SessionStore:
         return Context(tuple(codec.decode_message(raw) for raw in items), int(tokens), bool(truncated))
 
     async def compact(
-        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+        self, session_id: str, compaction: Compaction, *, owners: Owned = None
     ) -> CompactResult:
         now = self._clock()
         summary = compaction.summary
@@ -542,7 +539,7 @@ class SessionStore:
         *,
         keep_system_prompt: bool,
         request_id: str = "",
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
     ) -> Session:
         args = session_scripts.ClearArgs(
             owners_arg(owners),
@@ -574,7 +571,7 @@ class SessionStore:
         return [self._keys.user_state(scope.user_id)]
 
     async def get_state(
-        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
         """The state (key -> JSON text), or its `keys` that it holds; `owners` as for a session
         (a user's state is the caller's to check)."""
@@ -590,7 +587,7 @@ class SessionStore:
         return {key: value.decode() for key, value in zip(keys, reply[1], strict=True) if value is not None}
 
     async def update_state(
-        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+        self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         """Applies `delta` in one step; the whole state after it (key -> JSON text)."""
         state_keys = self._state_keys(scope)

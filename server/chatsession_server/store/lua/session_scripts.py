@@ -146,7 +146,7 @@ APPEND = LuaScript(
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
                      F_LAST_ACTIVE, F_STORED_BYTES, F_APP)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
 local replay_first, replay_count = recorded_request(reqs, request_id, fingerprint)
@@ -235,7 +235,7 @@ LIST_MESSAGES = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
                      F_PAYLOADS)
-if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[3], meta) then return {ST_NOT_FOUND} end
 local size_of = m[6] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
@@ -341,7 +341,7 @@ UPDATE = LuaScript(
     UpdateArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local n_set = tonumber(set_count)
 local first_delete = changes_from + 2 * n_set
 -- A whole-map update replaces the caller's labels; those the service sets (a fork's forked_from)
@@ -402,7 +402,7 @@ DELETE = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE, F_APP)
 local uid = m[1]
-if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
+if not uid or not owned(owners, uid, meta) then return {ST_NOT_FOUND} end
 redis.call('DEL', chat, meta, reqs, summary, state)
 local app = m[3] or ''
 if index_key_head ~= '' then
@@ -439,7 +439,7 @@ FORK_READ = LuaScript(
     ForkReadArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
 local len = redis.call('LLEN', chat)
 -- Checked before reading anything: copying more would hold Valkey (this script, then FORK_WRITE)
@@ -517,7 +517,7 @@ local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FOR
                            F_APP)
 if existing[1] then
   if request_id ~= '' and existing[2] == request_id and existing[3] == origin
-      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1]) then
+      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1], meta) then
     if index then
       redis.call('ZADD', index, 'NX', existing[4], session_id)
       index_app(index, app_index_head, existing[5] or '', 'NX', existing[4], session_id)
@@ -567,7 +567,7 @@ GET_CONTEXT = LuaScript(
     ContextArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED, F_PAYLOADS)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local pinned = tonumber(m[2] or '0')
 local size_of = m[3] and reply_size or string.len
 local head = pinned > 0 and redis.call('LRANGE', chat, 0, pinned - 1) or {}
@@ -640,7 +640,7 @@ COMPACT = LuaScript(
     CompactArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local replayed = recorded_request(reqs, request_id, fingerprint)
 if replayed == false then return {ST_REQUEST_ID_REUSED} end
 if replayed then return {ST_REPLAYED, redis.call('GET', summary) or '', describe(chat, meta)} end
@@ -702,7 +702,7 @@ CLEAR = LuaScript(
     ClearArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local replayed = recorded_request(reqs, request_id, fingerprint)
 if replayed == false then return {ST_REQUEST_ID_REUSED} end
 if replayed then return {ST_REPLAYED, describe(chat, meta)} end
