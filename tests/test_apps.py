@@ -21,6 +21,7 @@ from chatsession_client import (
     NotFoundError,
     PermissionDeniedError,
     SessionClient,
+    StateFullError,
     UnavailableError,
     user,
 )
@@ -28,6 +29,7 @@ from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
 from chatsession_server.store.lua import session_scripts
 from tests.helpers import ALICE, BOB, RUN, client_for, meta, raises, serving, violated_fields
+from tests.test_cli import cli
 from tests.test_cluster_index import fail_index_step, fail_script, hold_unindex
 
 
@@ -428,3 +430,71 @@ async def test_a_grant_with_apps_touches_only_its_apps_sessions(apps_target: str
         # Untouched by the refused calls.
         for outside in (support, plain, bobs):
             assert (await admin.get_session(outside.session_id)).message_count == 0
+
+
+# --- an app's state ---------------------------------------------------------------------------------
+
+
+async def test_an_apps_state_is_shared_by_its_sessions_and_outlives_them(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    app = f"{uid}-app"
+    assert await client.update_state(app=app, values={"banner": "Spring sale", "n": 2}) == {
+        "banner": "Spring sale",
+        "n": 2,
+    }
+    assert await client.get_state(app=app, keys=["n", "absent"]) == {"n": 2}
+    assert await raw.hget(f"app_state:{{{app}}}", "banner") == b'"Spring sale"'
+    assert await raw.ttl(f"app_state:{{{app}}}") == -1  # no expiry
+    s = await client.create_session(uid, app=app)
+    await client.delete_session(s.session_id)
+    assert await client.get_state(app=app) == {"banner": "Spring sale", "n": 2}
+    assert await client.update_state(app=app, remove=["banner", "n"]) == {}
+    assert await raw.exists([f"app_state:{{{app}}}"]) == 0
+    # The user's state and the app's are apart.
+    await client.update_state(user_id=app, values={"mine": 1})
+    assert await client.get_state(app=app) == {}
+
+
+async def test_an_apps_state_has_the_limits_of_every_state(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    app = f"{uid}-app"
+    for bad_scope in ("a b", "x" * 129, ""):
+        request = session_service_pb2.GetStateRequest(scope=session_service_pb2.StateScope(app=bad_scope))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client._stub.GetState(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "scope.app" in (info.value.details() or "")
+    error = await raises(InvalidArgumentError, client.update_state(app=app, values={"a\nb": 1}))
+    assert violated_fields(error) == {"delta.set['a\\nb']"}
+    await client.update_state(app=app, values={f"k{i}": i for i in range(600)})
+    await raises(StateFullError, client.update_state(app=app, values={f"more{i}": i for i in range(401)}))
+    assert len(await client.get_state(app=app)) == 600  # nothing of the refused change
+
+
+async def test_an_apps_state_needs_a_grant_naming_the_app(apps_target: str, raw: GlideClient) -> None:
+    for token in (TRAVEL_SERVICE, TRAVEL_ALICE, ADMIN):  # the app named (users do not matter), or apps=*
+        async with client_for(apps_target, token) as caller:
+            assert await caller.update_state(app=APP, values={"seen_by": token[:6]}) == {"seen_by": token[:6]}
+    for token, app in ((EVERY_USER, APP), (JUST_ALICE, APP), (TRAVEL_SERVICE, OTHER_APP)):
+        async with client_for(apps_target, token) as caller:
+            error = await raises(PermissionDeniedError, caller.get_state(app=app))
+            assert "does not name it" in str(error)
+            await raises(PermissionDeniedError, caller.update_state(app=app, values={"x": 1}))
+    assert await raw.hgetall(f"app_state:{{{OTHER_APP}}}") == {}
+    assert await raw.hget(f"app_state:{{{APP}}}", "x") is None
+
+
+async def test_the_cli_creates_lists_and_keeps_state_by_app(target: str, uid: str) -> None:
+    app = f"{uid}-app"
+    base = ("--address", target, "--json")
+    made = (await cli(*base, "create", "--user", uid, "--app", app)).json()
+    assert made["app"] == app
+    listed_ids = [s["session_id"] for s in (await cli(*base, "ls", "--app", app)).json()["sessions"]]
+    assert listed_ids == [made["session_id"]]
+    assert (await cli(*base, "ls", "--user", uid, "--app", f"{app}-x")).json() == {"sessions": []}
+    assert (await cli(*base, "ls")).code != 0
+    state = await cli(*base, "state", "--app", app, "--set", "banner=sale")
+    assert state.json() == {"state": {"banner": "sale"}}
+    assert (await cli(*base, "state", "--app", app, "--user", uid)).code != 0

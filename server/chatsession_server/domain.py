@@ -358,11 +358,12 @@ class CompactResult:
 
 @dataclass(frozen=True, slots=True)
 class StateScope:
-    """Whose state: a session's (`session_id`) or the one every session of a user shares
-    (`user_id`); exactly one is set."""
+    """Whose state: a session's (`session_id`), the one every session of a user shares
+    (`user_id`) or the one every session of an app shares (`app`); exactly one is set."""
 
     session_id: str = ""
     user_id: str = ""
+    app: str = ""
 
 
 @dataclass(frozen=True, slots=True)

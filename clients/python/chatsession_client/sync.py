@@ -360,11 +360,16 @@ class SyncSessionClient:
         return self._call(self._stub.ClearMessages, request).session
 
     def get_state(
-        self, session_id: str | None = None, *, user_id: str | None = None, keys: Iterable[str] | None = None
+        self,
+        session_id: str | None = None,
+        *,
+        user_id: str | None = None,
+        app: str | None = None,
+        keys: Iterable[str] | None = None,
     ) -> dict[str, Any]:
-        """A session's state, or with `user_id=` the state every session of that user shares, as
-        Python values; with `keys`, only those of them it holds."""
-        request = _state.get_state_request(session_id, user_id, keys)
+        """A session's state, or with `user_id=` the state every session of that user shares (with
+        `app=`, every session of that app), as Python values; with `keys`, only those it holds."""
+        request = _state.get_state_request(session_id, user_id, keys, app)
         return _state.state_of(self._call(self._stub.GetState, request).state)
 
     def update_state(
@@ -374,9 +379,10 @@ class SyncSessionClient:
         *,
         remove: Iterable[str] = (),
         user_id: str | None = None,
+        app: str | None = None,
     ) -> dict[str, Any]:
         """Set `values` (key -> any JSON-able value) and remove the keys `remove` in one atomic
-        step, in a session's state or (`user_id=`) a user's; returns the whole state after it.
-        Safe to retry: the values are absolute."""
-        request = _state.update_state_request(session_id, user_id, values, remove)
+        step, in a session's state, a user's (`user_id=`) or an app's (`app=`); returns the whole
+        state after it. Safe to retry: the values are absolute."""
+        request = _state.update_state_request(session_id, user_id, values, remove, app)
         return _state.state_of(self._call(self._stub.UpdateState, request).state)

@@ -491,9 +491,17 @@ class AuthorizedStorage(StorageLayer):
 
 def _state_owners(scope: StateScope, asked: Owned) -> Owned:
     """A session's state is the session's: its owner is checked with it (another user's is not
-    found); a user's state needs a grant for that user (PERMISSION_DENIED, as ListSessions)."""
+    found); a user's state needs a grant for that user (PERMISSION_DENIED, as ListSessions), an
+    app's a grant naming the app (whatever its users: every user's sessions of the app share it)."""
     if scope.session_id:
         return _owners(asked)
+    if scope.app:
+        if not _caller().allows_app(scope.app):
+            raise PermissionDenied(
+                f"scope.app: this caller may not use the state of app {scope.app!r}: "
+                "its grant does not name it"
+            )
+        return asked
     _require_user(scope.user_id)
     return asked
 

@@ -623,7 +623,10 @@ def _state_scope(v: Violations, field: str, scope: session_service_pb2.StateScop
     if which == "user_id":
         v.id(f"{field}.user_id", scope.user_id)
         return StateScope(user_id=scope.user_id)
-    v.add(field, "is required: set session_id or user_id")
+    if which == "app":
+        v.id(f"{field}.app", scope.app)
+        return StateScope(app=scope.app)
+    v.add(field, "is required: set session_id, user_id or app")
     return StateScope()
 
 

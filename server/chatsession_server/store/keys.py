@@ -23,6 +23,7 @@ USAGE_SEEN_PREFIX = "usage_seen:"
 STATE_PREFIX = "state:"
 USER_STATE_PREFIX = "user_state:"
 APP_INDEX_PREFIX = "app_sessions:"
+APP_STATE_PREFIX = "app_state:"
 
 HASH_TAG_END = "}"
 """Closes the hash tag a `*_head` opens: a script names an owner's key as head, user id, this."""
@@ -142,6 +143,11 @@ class KeySpace:
         """HASH of the state every session of a user shares, as `state` holds it. In the user's
         slot (beside `user_sessions:{<user_id>}`); no expiry: it outlives the user's sessions."""
         return f"{self.prefix}{USER_STATE_PREFIX}{{{user_id}}}"
+
+    def app_state(self, app: str) -> str:
+        """HASH of the state every session of an app shares (ADK's `app:` keys), as `state`
+        holds it. In the app's slot (beside `app_sessions:{<app>}`); no expiry."""
+        return f"{self.prefix}{APP_STATE_PREFIX}{{{app}}}"
 
 
 DEFAULT_KEY_SPACE = KeySpace()

@@ -565,9 +565,12 @@ class SessionStore:
         return await self._listing.list_sessions(Listed(user_id, app), limit, cursor)
 
     def _state_keys(self, scope: StateScope) -> list[str]:
-        """A session's state and its meta (whose owner the scripts check), or a user's state."""
+        """A session's state and its meta (whose owner the scripts check), or a user's or an
+        app's state."""
         if scope.session_id:
             return [self._keys.state(scope.session_id), self._keys.meta(scope.session_id)]
+        if scope.app:
+            return [self._keys.app_state(scope.app)]
         return [self._keys.user_state(scope.user_id)]
 
     async def get_state(

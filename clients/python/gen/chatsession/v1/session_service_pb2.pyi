@@ -1167,31 +1167,37 @@ Global___ClearMessagesResponse: _TypeAlias = ClearMessagesResponse  # noqa: Y015
 
 @_typing.final
 class StateScope(_message.Message):
-    """Whose state: one session's, or the state every session of a user shares. (Field 3 is
-    left free for the state of an app, which is to come with apps.)
+    """Whose state: one session's, the state every session of a user shares, or the state every
+    session of an app shares.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """A session's own state: it expires, is deleted and forked with the session, and is kept
     by ClearMessages and CompactMessages.
     """
     user_id: _builtins.str
     """The state shared by every session of a user; it never expires."""
+    app: _builtins.str
+    """The state shared by every session of an app (Session.app), whoever's; it never expires.
+    With auth on, only for a caller whose grant names the app (`apps=`).
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        app: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_scope: _TypeAlias = _typing.Literal["session_id", "user_id"]  # noqa: Y015
+    _WhichOneofReturnType_scope: _TypeAlias = _typing.Literal["session_id", "user_id", "app"]  # noqa: Y015
     _WhichOneofArgType_scope: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_scope) -> _WhichOneofReturnType_scope | None: ...
 
