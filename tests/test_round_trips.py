@@ -35,6 +35,8 @@ async def commands_of(raw: Any, step: Any) -> dict[str, int]:
 
 APPEND_SCRIPT_COMMANDS = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", APPEND.source)}
 APPEND_SCRIPT_COMMANDS |= {"publish", "spublish"}  # called by the name it is given
+# Whether anyone follows the channel (the messages go inside the publish only then).
+APPEND_SCRIPT_COMMANDS |= {"pubsub|numsub", "pubsub|shardnumsub"}
 
 
 @pytest.mark.standalone_only

@@ -320,6 +320,36 @@ async def test_a_missing_or_bad_scope_is_invalid_naming_it(
     assert field in violated_fields(error)
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (payloads here are shorter than 2**14)."""
+    size = len(payload)
+    varint = bytes([size]) if size < 0x80 else bytes([size & 0x7F | 0x80, size >> 7])
+    return bytes([number << 3 | 2]) + varint + payload
+
+
+async def test_a_value_nested_past_what_protobuf_parses_is_invalid(
+    target: str, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    session_id = await new_session(client, uid)
+    value = struct_pb2.Value(number_value=1)
+    for _ in range(40):  # 3 messages an object: past upb's 100 before validation sees it
+        outer = struct_pb2.Value()
+        outer.struct_value.fields["a"].CopyFrom(value)
+        value = outer
+    # Written as wire bytes: this protobuf refuses to build (parse) such a message itself.
+    entry = _field(1, b"a") + _field(2, value.SerializeToString())
+    scope = pb.StateScope(session_id=session_id).SerializeToString()
+    request = _field(1, scope) + _field(2, _field(1, entry))
+    async with grpc.aio.insecure_channel(target) as channel:
+        update: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/chatsession.v1.SessionService/UpdateState"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await update(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert not await raw.exists([state_key(session_id)])
+
+
 async def test_get_state_refuses_bad_or_too_many_keys(client: SessionClient, uid: str) -> None:
     session_id = await new_session(client, uid)
     error = await raises(InvalidArgumentError, client.get_state(session_id, keys=["ok", "", "a\x00"]))

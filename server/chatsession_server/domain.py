@@ -237,6 +237,9 @@ class MessageQuery:
     limit: int
     after_seq: int | None = None
     before_seq: int | None = None
+    max_bytes: int | None = None
+    """a page stops short of this many bytes of stored messages (holding at least one); None: the
+    store's own page bound"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
+from typing import Protocol, TypeVar
 
 from chatsession_server.domain import (
     AppendResult,
@@ -26,6 +26,8 @@ from chatsession_server.domain import (
     StateScope,
     UserUsage,
 )
+
+T = TypeVar("T")
 
 
 class SessionStorage(Protocol):
@@ -120,3 +122,13 @@ class MessageFeed(Protocol):
     async def join(self, session_id: str) -> FeedSubscription: ...
 
     async def leave(self, subscription: FeedSubscription) -> None: ...
+
+    async def read(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        """A watcher's own read of the store; its failure never marks the store unreachable."""
+        ...
+
+    async def read_shared(
+        self, subscription: FeedSubscription, key: Hashable, fetch: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`fetch()` once for all the session's watchers here asking with an equal key meanwhile."""
+        ...

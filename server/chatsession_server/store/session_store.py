@@ -52,8 +52,13 @@ from chatsession_server.store.lua.runtime import LuaScript, ScriptRunner, Status
 from chatsession_server.store.owner_index import INDEX_PRUNE_GRACE_SECONDS, owner_index_for
 from chatsession_server.store.valkey import ValkeyConnection
 
-# Appends up to this size travel to watchers inside the publish; larger ones are only announced.
-INLINE_PUBLISH_BYTES = 64 * 1024
+# Appends up to this size (their stored JSON) travel to watchers inside the publish, which Valkey
+# sends once to each process that has a watcher of the session: so every append within
+# --max-append-bytes does, bar one whose content JSON escaping blows up several times. A larger
+# one is only announced, and each process reads it from the LIST once for its watchers (see
+# SessionFeed.read_shared). The bound keeps a publish well under Valkey's default output buffer
+# limit for pub/sub clients (32 MB), past which it would drop the feed's connection.
+INLINE_PUBLISH_BYTES = 8 * 1024 * 1024
 
 
 class SessionStore:
@@ -347,7 +352,11 @@ class SessionStore:
             session_scripts.LIST_MESSAGES,
             [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)],
             session_scripts.ListMessagesArgs(
-                owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
+                owners_arg(owners),
+                query.limit,
+                query.after_seq,
+                query.before_seq,
+                PAGE_BYTES if query.max_bytes is None else min(query.max_bytes, PAGE_BYTES),
             ),
         )
         if status is Status.NOT_FOUND:
