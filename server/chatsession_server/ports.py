@@ -24,6 +24,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 
@@ -101,6 +103,10 @@ class SessionStorage(Protocol):
     ) -> dict[str, str]:
         """Applies `delta` atomically; the whole state after it."""
         ...
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
+    ) -> TruncateResult: ...
 
 
 class FeedSubscription(Protocol):

@@ -46,6 +46,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
     scope_owner,
 )
@@ -487,6 +489,11 @@ class AuthorizedStorage(StorageLayer):
         self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         return await super().update_state(scope, delta, owners=_state_owners(scope, owners))
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
+    ) -> TruncateResult:
+        return await super().truncate(session_id, truncation, owners=_owners(owners))
 
 
 def _state_owners(scope: StateScope, asked: Owned) -> Owned:

@@ -23,6 +23,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 from chatsession_server.ports import SessionStorage
@@ -117,3 +119,8 @@ class StorageLayer:
         self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         return await self._inner.update_state(scope, delta, owners=owners)
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
+    ) -> TruncateResult:
+        return await self._inner.truncate(session_id, truncation, owners=owners)
