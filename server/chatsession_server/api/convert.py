@@ -55,6 +55,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         expires_in_seconds=s.expires_in_seconds,
         ttl_seconds=s.ttl_seconds,
         max_messages=s.max_messages,
+        app=s.app,
     )
     if s.labels:
         out.labels.update(s.labels)

@@ -81,10 +81,10 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
-        user_id, limit = validation.list_sessions(request)
-        cursor = self._tokens.decode(request.page_token, user_id) if request.page_token else None
-        page = await self._store.list_sessions(user_id, limit, cursor)
-        token = self._tokens.encode(user_id, page.next_cursor) if page.next_cursor else ""
+        listed, limit = validation.list_sessions(request)
+        cursor = self._tokens.decode(request.page_token, listed) if request.page_token else None
+        page = await self._store.list_sessions(listed.user_id, limit, cursor, app=listed.app)
+        token = self._tokens.encode(listed, page.next_cursor) if page.next_cursor else ""
         return pb.ListSessionsResponse(
             sessions=[session_to_proto(s) for s in page.sessions], next_page_token=token
         )
