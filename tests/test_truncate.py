@@ -32,10 +32,21 @@ from chatsession_client import (
     system,
     user,
 )
+from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer
-from chatsession_server.domain import NewMessage, NewSession, Role, Truncated
+from chatsession_server.domain import Heartbeat, NewMessage, NewSession, Role, StoredMessage, Truncated
+from chatsession_server.settings import Settings
 from chatsession_server.store.feed import _parse as parse_publish
-from tests.helpers import meta, raises, stored_messages, violated_fields
+from tests.helpers import (
+    as_is,
+    eventually,
+    meta,
+    new_session,
+    raises,
+    serving,
+    stored_messages,
+    violated_fields,
+)
 
 
 def seqs(messages: Any) -> list[int]:
@@ -446,7 +457,7 @@ async def test_a_watch_resumed_within_what_a_truncation_removed_is_told_first(
     sid = await conversation(client, uid)  # the watcher delivered 1..5, then lost its stream
     await client.truncate_messages(sid, 3)
     await client.append(sid, [user("after")])
-    assert (await meta(raw, sid))["truncated"] == "3 6"
+    assert (await meta(raw, sid))["truncated"] == "3 6 1"
     assert await asyncio.wait_for(first_events(client, sid, 5), 30) == [("truncated", (3, 6)), ("message", 7)]
     # Resumed before the cut (it holds nothing removed) or past it (it saw what came after): not told.
     assert await asyncio.wait_for(first_events(client, sid, 3), 30) == [("message", 7)]
@@ -455,7 +466,7 @@ async def test_a_watch_resumed_within_what_a_truncation_removed_is_told_first(
     # A truncation reaching into the removed run joins it: 2..8 are one run of removed seqs.
     await client.truncate_messages(sid, 2)
     await client.append(sid, [user("again")])
-    assert (await meta(raw, sid))["truncated"] == "2 8"
+    assert (await meta(raw, sid))["truncated"] == "2 8 2"
     assert await asyncio.wait_for(first_events(client, sid, 5), 30) == [("truncated", (2, 8)), ("message", 9)]
 
 
@@ -665,3 +676,36 @@ async def test_a_session_that_never_expires_stays_so_after_a_truncation(
     assert [await raw.ttl(key) for key in keys] == [-1, -1, -1]
     assert (await client.get_session(sid)).expires_in_seconds == -1
     await client.delete_session(sid)
+
+
+async def test_a_stalled_watcher_whose_inbox_dropped_a_truncation_is_still_told_of_it(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watcher that delivered 1..5, then stopped reading while 3 was kept (4 and 5 removed) and
+    appends overflowed its inbox (the truncation's event among those dropped for a Behind), reads
+    the missed appends back from the LIST: it must still be told that 4..5 are gone, before the
+    messages that came after them, or its client shows removed messages for good."""
+    bound = 8 * 1024
+    async with serving(settings, valkey_url, watch_buffer_bytes=bound) as running:
+        session_id = await new_session(running, uid, messages=5)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            delivered: list[Any] = []
+            while len(delivered) < 6:  # the heartbeat, then 1..5 read from the LIST
+                delivered.append(await asyncio.wait_for(anext(events), 10))
+            assert [e.seq for e in delivered[1:]] == [1, 2, 3, 4, 5]
+            channel = running.feed._channels[session_id]
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                await client.truncate_messages(session_id, 3)
+                for i in range(40):  # 40 appends of ~1 KiB: past the 8 KiB inbox
+                    await client.append(session_id, [user("z" * 900 + str(i))])
+            await eventually(lambda: channel.last_seq == 45)
+            after: list[Any] = []
+            while not after or not (isinstance(after[-1], StoredMessage) and after[-1].seq == 45):
+                event = await asyncio.wait_for(anext(events), 10)
+                if not isinstance(event, Heartbeat):
+                    after.append(event)
+        finally:
+            await events.aclose()
+        assert after[0] == Truncated(3, 5), after[:3]
+        assert [e.seq for e in after[1:]] == list(range(6, 46))

@@ -208,6 +208,14 @@ class Watch(Generic[T]):
                 cleared_to = page.cleared_at_seq
             elif self._resumed and page.truncated and page.truncated[0] < cursor <= page.truncated[1]:
                 self._emit(Truncated(*page.truncated))
+        elif page.truncated and page.truncation_rewrite > self._truncation_seen:
+            # A truncation this watch was not told of (its event dropped from a full inbox, or
+            # still queued behind this read): told now, before the messages after it, and its
+            # event (numbered at or below) not again.
+            self._truncation_seen = page.truncation_rewrite
+            if page.truncated[0] < cursor:
+                self._emit(Truncated(*page.truncated))
+                cursor = max(cursor, page.truncated[1])
         for message in page.messages:
             if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                 cursor = max(cursor, cleared_to)

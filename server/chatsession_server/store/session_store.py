@@ -363,6 +363,7 @@ class SessionStore:
             rewrites=int(rewrites),
             cleared_at_seq=int(cleared_at_seq),
             truncated=(int(removed[0]), int(removed[1])) if removed else None,
+            truncation_rewrite=int(removed[2]) if len(removed) > 2 else 0,
         )
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:

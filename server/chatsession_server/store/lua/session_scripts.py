@@ -711,7 +711,8 @@ class TruncateArgs:
 # order of seqs), removes the rest: one LTRIM, as the removed items are always the LIST's tail (a
 # cut into the prompt takes the whole window and the summary with it). The counters stay (seqs are
 # never reused: the next append gets message_count + 1), so a window left short of message_count
-# is marked `holes`. Publishes "T<after> <message_count> <owner> <rewrite>" (as COMPACT's). A
+# is marked `holes`. Publishes "T<after> <message_count> <owner> <rewrite>" (as COMPACT's) and
+# keeps "<after> <message_count> <rewrite>" in meta's `truncated` (merged with an earlier run). A
 # request_id's record is "fingerprint after removed"; a replay removes nothing.
 TRUNCATE = LuaScript(
     ("chat", "meta", "reqs", "summary"),
@@ -746,7 +747,7 @@ local removed = len - cut + (drop_summary and 1 or 0)
 if removed > 0 and after > pinned and after <= w.base and after ~= s_seq then
   return {ST_TRIMMED, pinned, w.base, s_seq or -1}
 end
-local items, listed = {}, nil
+local items, listed, rewrite = {}, nil, nil
 if return_removed == '1' and removed > 0 then
   -- Checked before a write: a refusal leaves the session as it was. The reply's budget counts
   -- what a payload takes encoded, as a page's does.
@@ -773,10 +774,14 @@ if removed > 0 then
   if cut > pinned then redis.call('HSET', meta, F_HOLES, '1') else redis.call('HDEL', meta, F_HOLES) end
   -- What a resumed watch is told: after+1..message_count are gone, and so is an earlier range
   -- this one reaches into (together they are one run of removed seqs).
-  local earlier_after, earlier_last = string.match(m[5] or '', '^(%d+) (%d+)$')
+  local earlier_after, earlier_last = string.match(m[5] or '', '^(%d+) (%d+)')
   local from = after
   if earlier_after and after < tonumber(earlier_last) then from = math.min(after, tonumber(earlier_after)) end
-  redis.call('HSET', meta, F_TRUNCATED, string.format('%d', from) .. ' ' .. m[2])
+  -- With this truncation's rewrite: a watch that reads past it later (its event dropped from a
+  -- full inbox, or still queued behind the read) tells it from one it was told of.
+  rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
+  redis.call('HSET', meta, F_TRUNCATED, string.format('%d', from) .. ' ' .. m[2] .. ' '
+             .. string.format('%d', rewrite))
 end
 if request_id ~= '' then
   remember_request(reqs, request_id,
@@ -785,7 +790,6 @@ if request_id ~= '' then
   expire_with_meta(meta, reqs)  -- a truncation is no activity of the user's
 end
 if removed > 0 then
-  local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
   redis.call(publish_command, channel, PUBLISH_TRUNCATED .. string.format('%d', after) .. ' ' .. m[2]
              .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 end
