@@ -565,11 +565,33 @@ async def test_model_of_appends_truncations_pops_and_compactions(
     model = Model(max_messages=rng.choice([-1, 5, 9]))
     sid = (await client.create_session(uid, max_messages=model.max_messages)).session_id
     usage_now = await usage(raw, uid)
+    # A live watch follows the whole run: every event once, in the order of the writes.
+    watched: list[tuple[Any, ...]] = []
+    expected_events: list[tuple[Any, ...]] = []
+
+    async def follow() -> None:
+        async for event in client.watch(sid, include_heartbeats=True):
+            kind = event.WhichOneof("event")
+            if kind == "message":
+                watched.append(("message", event.message.seq))
+            elif kind == "truncated":
+                watched.append(("truncated", event.truncated.after_seq, event.truncated.last_seq))
+            elif kind == "compacted":
+                cut = event.compacted.summarizes
+                watched.append(("compacted", cut.first_seq, cut.last_seq))
+            elif kind != "heartbeat":
+                watched.append((kind,))
+            elif not watched:
+                watched.append(("live",))
+
+    watcher = asyncio.create_task(follow())
+    await eventually(lambda: watched == [("live",)])
     for step in range(45):
         op = rng.choice(["append", "append", "truncate", "pop", "compact"])
         if op == "append":
             roles = [rng.choice(["system", "user", "assistant"]) for _ in range(rng.randint(1, 3))]
             await client.append(sid, [system(r) if r == "system" else user(r, tokens=2) for r in roles])
+            expected_events += [("message", model.message_count + 1 + i) for i in range(len(roles))]
             model.append(roles)
             usage_now = await usage(raw, uid)
         elif op in ("truncate", "pop"):
@@ -589,12 +611,15 @@ async def test_model_of_appends_truncations_pops_and_compactions(
                 outcome = ("trimmed", 0, after)
             assert outcome == (expected, removed, after), (step, op, after, model)
             assert await usage(raw, uid) == usage_now
+            if removed:
+                expected_events.append(("truncated", after, model.message_count))
         else:
             low = max(len(model.prompt) + 1, model.summary[0] if model.summary else 0)
             if low > model.message_count:
                 continue
             up_to = rng.randint(low, model.message_count)
             await client.compact_messages(sid, up_to, assistant("S", tokens=1))
+            expected_events.append(("compacted", len(model.prompt) + 1, up_to))
             model.summary = (up_to, len(model.prompt) + 1)
             model.window = [s for s in model.window if s > up_to]
 
@@ -628,6 +653,14 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             iter(model.prompt + model.window), None
         )
         await stored_bytes_match(raw, sid)
+
+    await client.append(sid, [user("last")])
+    expected_events.append(("message", model.message_count + 1))
+    try:
+        await eventually(lambda: watched[-1:] == expected_events[-1:])
+    finally:
+        watcher.cancel()
+    assert watched[1:] == expected_events
 
 
 async def test_a_clear_after_a_truncation_leaves_no_holes(
