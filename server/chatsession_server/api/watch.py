@@ -15,7 +15,9 @@ seq meets the summary in its read, but one resumed past it is not told of a comp
 missed (nothing tells it from one it saw). A truncation is announced as `Truncated` from its
 publish; a read passes the holes it left in the window silently (unlike the seqs the window
 trimmed), but a watch resumed within the seqs the latest truncation removed (and those of earlier
-ones it reached into) is told of it first, as of a clear. Announcements come from publishes and reads, so one
+ones it reached into) is told of it first, as of a clear. A watch that later reads past a clear or a
+truncation it was not told of (its event dropped from a full inbox) is told of it then, once.
+Announcements come from publishes and reads, so one
 published while Valkey was unreachable may not be made; the messages never miss.
 """
 
@@ -64,6 +66,7 @@ class Watch(Generic[T]):
     __slots__ = (
         "_after_seq",
         "_clear_seen",
+        "_cleared_at",
         "_compaction_seen",
         "_cursor",
         "_feed",
@@ -110,6 +113,7 @@ class Watch(Generic[T]):
         # The newest rewrite (see the module docstring) of each kind announced, or read past: a
         # publish numbered at or below it is not announced (again).
         self._compaction_seen = self._clear_seen = self._truncation_seen = 0
+        self._cleared_at = 0  # the session's cleared_at_seq as of the last clear this watch knows of
         self._ready: deque[WatchEvent] | None = None  # events to deliver, in order; None when none
 
     def __aiter__(self) -> Watch[T]:
@@ -203,19 +207,27 @@ class Watch(Generic[T]):
             self._first_read = False
             # This read shows every clear and truncation so far.
             self._clear_seen = self._truncation_seen = page.rewrites
+            self._cleared_at = page.cleared_at_seq
             if self._resumed and cursor <= page.cleared_at_seq:
                 self._emit(Cleared(page.cleared_at_seq))
                 cleared_to = page.cleared_at_seq
             elif self._resumed and page.truncated and page.truncated[0] < cursor <= page.truncated[1]:
                 self._emit(Truncated(*page.truncated))
-        elif page.truncated and page.truncation_rewrite > self._truncation_seen:
-            # A truncation this watch was not told of (its event dropped from a full inbox, or
-            # still queued behind this read): told now, before the messages after it, and its
-            # event (numbered at or below) not again.
-            self._truncation_seen = page.truncation_rewrite
-            if page.truncated[0] < cursor:
-                self._emit(Truncated(*page.truncated))
-                cursor = max(cursor, page.truncated[1])
+        else:
+            # A clear or truncation this watch was not told of (its event dropped from a full
+            # inbox, or still queued behind this read): told now, before the messages after it,
+            # and its event (numbered at or below what this read shows) not again.
+            if page.cleared_at_seq > self._cleared_at:
+                self._cleared_at = page.cleared_at_seq
+                self._clear_seen = max(self._clear_seen, page.rewrites)
+                if cursor <= page.cleared_at_seq:
+                    self._emit(Cleared(page.cleared_at_seq))
+                    cleared_to = page.cleared_at_seq
+            if page.truncated and page.truncation_rewrite > self._truncation_seen:
+                self._truncation_seen = page.truncation_rewrite
+                if page.truncated[0] < cursor:
+                    self._emit(Truncated(*page.truncated))
+                    cursor = max(cursor, page.truncated[1])
         for message in page.messages:
             if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                 cursor = max(cursor, cleared_to)
@@ -265,6 +277,7 @@ class Watch(Generic[T]):
                 return  # announced, or older than what a read showed
             if isinstance(event, Cleared):
                 self._clear_seen = event.rewrite or self._clear_seen
+                self._cleared_at = max(self._cleared_at, event.last_seq)
                 self._emit(Cleared(event.last_seq))
             else:
                 self._compaction_seen = event.rewrite or self._compaction_seen
