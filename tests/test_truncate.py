@@ -742,3 +742,25 @@ async def test_a_stalled_watcher_whose_inbox_dropped_a_truncation_is_still_told_
             await events.aclose()
         assert after[0] == Truncated(3, 5), after[:3]
         assert [e.seq for e in after[1:]] == list(range(6, 46))
+
+
+async def test_a_cut_back_to_the_prompt_is_no_trimming_for_a_page_or_a_watch(
+    client: SessionClient, uid: str
+) -> None:
+    """Truncating every message after the prompt (after_seq = the prompt's last seq, as popping
+    them all does) removes seqs; nothing was trimmed by the window (max_messages -1): a page does
+    not say history_trimmed and a watch reading past them is not told HistoryTrimmed, as with a
+    cut above the prompt."""
+    sid = await conversation(client, uid, max_messages=-1)
+    await client.truncate_messages(sid, 1)
+    page = await client.list_messages(sid, after_seq=0)
+    assert (seqs(page.messages), page.history_trimmed) == ([1], False)
+    await client.append(sid, [user("after")])  # 1, 7
+    page = await client.list_messages(sid, after_seq=0)
+    assert (seqs(page.messages), page.history_trimmed, page.window_start_seq) == ([1, 7], False, 7)
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=0):
+        kinds.append((str(event.WhichOneof("event")), event.message.seq))
+        if event.message.seq == 7:
+            break
+    assert kinds == [("message", 1), ("message", 7)]

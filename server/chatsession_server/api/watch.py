@@ -38,6 +38,7 @@ from chatsession_server.domain import (
     Deleted,
     FeedEvent,
     Heartbeat,
+    MessagePage,
     MessageQuery,
     Trimmed,
     Truncated,
@@ -238,14 +239,14 @@ class Watch(Generic[T]):
                 continue
             if message.seq > cursor + 1 and cursor + 1 < page.window_start_seq:
                 # (Above the window's start, a gap is what a truncation removed: announced apart.)
-                self._emit(Trimmed(cursor + 1, min(message.seq, page.window_start_seq) - 1))
+                _emit_trimmed(self, page, cursor + 1, min(message.seq, page.window_start_seq) - 1)
             self._emit(message)
             cursor = message.seq
         cursor = max(cursor, cleared_to)
         if not page.has_more:
             if page.last_seq > cursor:  # everything after the cursor is gone
                 if cursor + 1 < page.window_start_seq:
-                    self._emit(Trimmed(cursor + 1, min(page.last_seq, page.window_start_seq - 1)))
+                    _emit_trimmed(self, page, cursor + 1, min(page.last_seq, page.window_start_seq - 1))
                 cursor = page.last_seq
             self._must_read = False
         self._cursor = cursor
@@ -298,6 +299,14 @@ class Watch(Generic[T]):
             raise SessionNotFound(self._session_id)
         elif isinstance(event, Closing):
             raise ShuttingDown("server is shutting down: reconnect with after_seq set to your last seq")
+
+
+def _emit_trimmed(watch: Watch[T], page: MessagePage, first_seq: int, last_seq: int) -> None:
+    """Trimmed(first_seq, last_seq), unless the latest truncations removed those seqs (a cut back
+    to the prompt leaves no window to start them above): passed silently, as a hole is."""
+    cut = page.truncated
+    if cut is None or not cut[0] < first_seq <= last_seq <= cut[1]:
+        watch._emit(Trimmed(first_seq, last_seq))
 
 
 def _leave_later(loop: asyncio.AbstractEventLoop, feed: MessageFeed, subscription: FeedSubscription) -> None:

@@ -294,8 +294,12 @@ local span_lo, span_hi = lo, hi
 if #items > 0 and has_more == 1 then
   if forward then span_hi = p_hi else span_lo = p_lo end
 end
--- (With a summary, the seqs up to its own stand compacted, not trimmed.)
-local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
+-- (With a summary, the seqs up to its own stand compacted, not trimmed; those the latest
+-- truncations removed, e.g. every one after the prompt, are not trimmed either.)
+local t_lo, t_hi = math.max(span_lo, (s_seq or pinned) + 1), math.min(span_hi, base)
+local trimmed = (t_lo <= t_hi) and 1 or 0
+local cut_from, cut_last = string.match(m[8] or '', '^(%d+) (%d+)')
+if trimmed == 1 and cut_from and t_lo > tonumber(cut_from) and t_hi <= tonumber(cut_last) then trimmed = 0 end
 return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
         m[8] or ''}
 """,
