@@ -518,6 +518,8 @@ class Model:
     summary: tuple[int, int] | None = None
     window: list[int] = field(default_factory=list)
     message_count: int = 0
+    cut: tuple[int, int] | None = None
+    """(after, last): the seqs the latest truncations removed (meta's truncated)"""
 
     def items(self) -> list[int]:
         return self.prompt + ([self.summary[0]] if self.summary else []) + self.window
@@ -543,8 +545,12 @@ class Model:
             return "ahead", 0
         removed = [s for s in self.items() if s > after]
         summary_seq = self.summary[0] if self.summary else -1
-        if removed and len(self.prompt) < after <= self.base() and after != summary_seq:
+        was_cut = self.cut is not None and self.cut[0] < after and self.base() <= self.cut[1]
+        if removed and len(self.prompt) < after <= self.base() and after != summary_seq and not was_cut:
             return "trimmed", 0
+        if removed:
+            earlier = self.cut[0] if self.cut and after < self.cut[1] else after
+            self.cut = (min(after, earlier), self.message_count)
         self.prompt = [s for s in self.prompt if s <= after]
         if self.summary and self.summary[0] > after:
             self.summary = None
@@ -764,3 +770,19 @@ async def test_a_cut_back_to_the_prompt_is_no_trimming_for_a_page_or_a_watch(
         if event.message.seq == 7:
             break
     assert kinds == [("message", 1), ("message", 7)]
+
+
+async def test_a_seq_a_cut_back_to_the_prompt_removed_is_no_trimmed_seq_for_truncate_or_fork(
+    client: SessionClient, uid: str
+) -> None:
+    """After a cut back to the prompt and an append (1, 7), seqs 2..6 were removed, not trimmed:
+    truncating or forking at one of them works as in a hole above the prompt (it keeps what the
+    session held at that seq) instead of AFTER_SEQ_TRIMMED."""
+    sid = await conversation(client, uid, max_messages=-1)
+    await client.truncate_messages(sid, 1)
+    await client.append(sid, [user("after")])
+    fork = await client.fork_session(sid, at_seq=4)
+    assert await all_messages(client, fork.session.session_id) == [1]
+    reply = await client.truncate_messages(sid, 4)
+    assert reply.removed_count == 1
+    assert await all_messages(client, sid) == [1]

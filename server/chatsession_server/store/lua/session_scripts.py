@@ -413,7 +413,8 @@ FORK_READ = LuaScript(
     ("chat", "meta", "summary", "state"),
     ForkReadArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES,
+                     F_TRUNCATED)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
 local len = redis.call('LLEN', chat)
@@ -433,7 +434,10 @@ local summary_json = redis.call('GET', summary)
 local summary_seq = -1
 if summary_json then summary_seq = seq_of(summary_json) end
 -- (at_seq absent: whatever is stored, even if the newest message is gone, as after a clear)
-if at_seq ~= '' and at > pinned and at <= base and at ~= summary_seq then
+-- (A seq a truncation removed, up to the window's start, is no trimmed seq, as in TRUNCATE.)
+local cut_from, cut_last = string.match(m[6] or '', '^(%d+) (%d+)')
+local was_cut = cut_from and at > tonumber(cut_from) and base <= tonumber(cut_last)
+if at_seq ~= '' and at > pinned and at <= base and at ~= summary_seq and not was_cut then
   return {ST_TRIMMED, pinned, base, summary_seq}
 end
 local prompt = {}
@@ -748,7 +752,11 @@ end
 local cut = after < pinned and math.max(after, 0) or window_at(w, after + 1)
 local drop_summary = summary_item and s_seq > after
 local removed = len - cut + (drop_summary and 1 or 0)
-if removed > 0 and after > pinned and after <= w.base and after ~= s_seq then
+-- (A seq an earlier truncation removed, up to the window's start, is no trimmed seq: it keeps
+-- what the session held at it, as one in a hole does.)
+local cut_from, cut_last = string.match(m[5] or '', '^(%d+) (%d+)')
+local was_cut = cut_from and after > tonumber(cut_from) and w.base <= tonumber(cut_last)
+if removed > 0 and after > pinned and after <= w.base and after ~= s_seq and not was_cut then
   return {ST_TRIMMED, pinned, w.base, s_seq or -1}
 end
 local items, listed, rewrite = {}, nil, nil
