@@ -353,7 +353,7 @@ class SessionStore:
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
         _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq, truncated = reply
-        removed = truncated.split() if truncated else ()
+        removed = truncated.split() if truncated else []
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
