@@ -569,7 +569,9 @@ async def test_model_of_appends_truncations_pops_and_compactions(
 ) -> None:
     rng = random.Random(seed)
     model = Model(max_messages=rng.choice([-1, 5, 9]))
-    sid = (await client.create_session(uid, max_messages=model.max_messages)).session_id
+    ttl = -1 if seed % 2 else 3600  # a session that never expires, or one that does
+    sid = (await client.create_session(uid, max_messages=model.max_messages, ttl_seconds=ttl)).session_id
+    state: dict[str, Any] = {}
     usage_now = await usage(raw, uid)
     # A live watch follows the whole run: every event once, in the order of the writes.
     watched: list[tuple[Any, ...]] = []
@@ -596,7 +598,11 @@ async def test_model_of_appends_truncations_pops_and_compactions(
         op = rng.choice(["append", "append", "truncate", "pop", "compact"])
         if op == "append":
             roles = [rng.choice(["system", "user", "assistant"]) for _ in range(rng.randint(1, 3))]
-            await client.append(sid, [system(r) if r == "system" else user(r, tokens=2) for r in roles])
+            delta = {f"k{rng.randint(1, 3)}": step} if rng.random() < 0.5 else None
+            await client.append(
+                sid, [system(r) if r == "system" else user(r, tokens=2) for r in roles], state_delta=delta
+            )
+            state.update(delta or {})
             expected_events += [("message", model.message_count + 1 + i) for i in range(len(roles))]
             model.append(roles)
             usage_now = await usage(raw, uid)
@@ -659,6 +665,12 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             iter(model.prompt + model.window), None
         )
         await stored_bytes_match(raw, sid)
+        assert await client.get_state(sid) == state
+        # Every key the session has expires with meta, or none does (ttl -1).
+        for prefix in ("chat", "reqs", "summary", "state"):
+            key_ttl = await raw.ttl(f"{prefix}:{{{sid}}}")
+            assert key_ttl == -2 or (key_ttl == -1) == (ttl == -1), (step, op, prefix, key_ttl)
+        assert (await raw.ttl(f"meta:{{{sid}}}") == -1) == (ttl == -1)
 
     await client.append(sid, [user("last")])
     expected_events.append(("message", model.message_count + 1))
