@@ -32,10 +32,21 @@ from chatsession_client import (
     system,
     user,
 )
+from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer
-from chatsession_server.domain import NewMessage, NewSession, Role, Truncated
+from chatsession_server.domain import Heartbeat, NewMessage, NewSession, Role, StoredMessage, Truncated
+from chatsession_server.settings import Settings
 from chatsession_server.store.feed import _parse as parse_publish
-from tests.helpers import meta, raises, stored_messages, violated_fields
+from tests.helpers import (
+    as_is,
+    eventually,
+    meta,
+    new_session,
+    raises,
+    serving,
+    stored_messages,
+    violated_fields,
+)
 
 
 def seqs(messages: Any) -> list[int]:
@@ -446,7 +457,7 @@ async def test_a_watch_resumed_within_what_a_truncation_removed_is_told_first(
     sid = await conversation(client, uid)  # the watcher delivered 1..5, then lost its stream
     await client.truncate_messages(sid, 3)
     await client.append(sid, [user("after")])
-    assert (await meta(raw, sid))["truncated"] == "3 6"
+    assert (await meta(raw, sid))["truncated"] == "3 6 1"
     assert await asyncio.wait_for(first_events(client, sid, 5), 30) == [("truncated", (3, 6)), ("message", 7)]
     # Resumed before the cut (it holds nothing removed) or past it (it saw what came after): not told.
     assert await asyncio.wait_for(first_events(client, sid, 3), 30) == [("message", 7)]
@@ -455,7 +466,7 @@ async def test_a_watch_resumed_within_what_a_truncation_removed_is_told_first(
     # A truncation reaching into the removed run joins it: 2..8 are one run of removed seqs.
     await client.truncate_messages(sid, 2)
     await client.append(sid, [user("again")])
-    assert (await meta(raw, sid))["truncated"] == "2 8"
+    assert (await meta(raw, sid))["truncated"] == "2 8 2"
     assert await asyncio.wait_for(first_events(client, sid, 5), 30) == [("truncated", (2, 8)), ("message", 9)]
 
 
@@ -507,6 +518,8 @@ class Model:
     summary: tuple[int, int] | None = None
     window: list[int] = field(default_factory=list)
     message_count: int = 0
+    cut: tuple[int, int] | None = None
+    """(after, last): the seqs the latest truncations removed (meta's truncated)"""
 
     def items(self) -> list[int]:
         return self.prompt + ([self.summary[0]] if self.summary else []) + self.window
@@ -532,8 +545,12 @@ class Model:
             return "ahead", 0
         removed = [s for s in self.items() if s > after]
         summary_seq = self.summary[0] if self.summary else -1
-        if removed and len(self.prompt) < after <= self.base() and after != summary_seq:
+        was_cut = self.cut is not None and self.cut[0] < after and self.base() <= self.cut[1]
+        if removed and len(self.prompt) < after <= self.base() and after != summary_seq and not was_cut:
             return "trimmed", 0
+        if removed:
+            earlier = self.cut[0] if self.cut and after < self.cut[1] else after
+            self.cut = (min(after, earlier), self.message_count)
         self.prompt = [s for s in self.prompt if s <= after]
         if self.summary and self.summary[0] > after:
             self.summary = None
@@ -552,13 +569,41 @@ async def test_model_of_appends_truncations_pops_and_compactions(
 ) -> None:
     rng = random.Random(seed)
     model = Model(max_messages=rng.choice([-1, 5, 9]))
-    sid = (await client.create_session(uid, max_messages=model.max_messages)).session_id
+    ttl = -1 if seed % 2 else 3600  # a session that never expires, or one that does
+    sid = (await client.create_session(uid, max_messages=model.max_messages, ttl_seconds=ttl)).session_id
+    state: dict[str, Any] = {}
     usage_now = await usage(raw, uid)
+    # A live watch follows the whole run: every event once, in the order of the writes.
+    watched: list[tuple[Any, ...]] = []
+    expected_events: list[tuple[Any, ...]] = []
+
+    async def follow() -> None:
+        async for event in client.watch(sid, include_heartbeats=True):
+            kind = event.WhichOneof("event")
+            if kind == "message":
+                watched.append(("message", event.message.seq))
+            elif kind == "truncated":
+                watched.append(("truncated", event.truncated.after_seq, event.truncated.last_seq))
+            elif kind == "compacted":
+                cut = event.compacted.summarizes
+                watched.append(("compacted", cut.first_seq, cut.last_seq))
+            elif kind != "heartbeat":
+                watched.append((kind,))
+            elif not watched:
+                watched.append(("live",))
+
+    watcher = asyncio.create_task(follow())
+    await eventually(lambda: watched == [("live",)])
     for step in range(45):
         op = rng.choice(["append", "append", "truncate", "pop", "compact"])
         if op == "append":
             roles = [rng.choice(["system", "user", "assistant"]) for _ in range(rng.randint(1, 3))]
-            await client.append(sid, [system(r) if r == "system" else user(r, tokens=2) for r in roles])
+            delta = {f"k{rng.randint(1, 3)}": step} if rng.random() < 0.5 else None
+            await client.append(
+                sid, [system(r) if r == "system" else user(r, tokens=2) for r in roles], state_delta=delta
+            )
+            state.update(delta or {})
+            expected_events += [("message", model.message_count + 1 + i) for i in range(len(roles))]
             model.append(roles)
             usage_now = await usage(raw, uid)
         elif op in ("truncate", "pop"):
@@ -578,12 +623,15 @@ async def test_model_of_appends_truncations_pops_and_compactions(
                 outcome = ("trimmed", 0, after)
             assert outcome == (expected, removed, after), (step, op, after, model)
             assert await usage(raw, uid) == usage_now
+            if removed:
+                expected_events.append(("truncated", after, model.message_count))
         else:
             low = max(len(model.prompt) + 1, model.summary[0] if model.summary else 0)
             if low > model.message_count:
                 continue
             up_to = rng.randint(low, model.message_count)
             await client.compact_messages(sid, up_to, assistant("S", tokens=1))
+            expected_events.append(("compacted", len(model.prompt) + 1, up_to))
             model.summary = (up_to, len(model.prompt) + 1)
             model.window = [s for s in model.window if s > up_to]
 
@@ -617,6 +665,20 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             iter(model.prompt + model.window), None
         )
         await stored_bytes_match(raw, sid)
+        assert await client.get_state(sid) == state
+        # Every key the session has expires with meta, or none does (ttl -1).
+        for prefix in ("chat", "reqs", "summary", "state"):
+            key_ttl = await raw.ttl(f"{prefix}:{{{sid}}}")
+            assert key_ttl == -2 or (key_ttl == -1) == (ttl == -1), (step, op, prefix, key_ttl)
+        assert (await raw.ttl(f"meta:{{{sid}}}") == -1) == (ttl == -1)
+
+    await client.append(sid, [user("last")])
+    expected_events.append(("message", model.message_count + 1))
+    try:
+        await eventually(lambda: watched[-1:] == expected_events[-1:])
+    finally:
+        watcher.cancel()
+    assert watched[1:] == expected_events
 
 
 async def test_a_clear_after_a_truncation_leaves_no_holes(
@@ -665,3 +727,74 @@ async def test_a_session_that_never_expires_stays_so_after_a_truncation(
     assert [await raw.ttl(key) for key in keys] == [-1, -1, -1]
     assert (await client.get_session(sid)).expires_in_seconds == -1
     await client.delete_session(sid)
+
+
+async def test_a_stalled_watcher_whose_inbox_dropped_a_truncation_is_still_told_of_it(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watcher that delivered 1..5, then stopped reading while 3 was kept (4 and 5 removed) and
+    appends overflowed its inbox (the truncation's event among those dropped for a Behind), reads
+    the missed appends back from the LIST: it must still be told that 4..5 are gone, before the
+    messages that came after them, or its client shows removed messages for good."""
+    bound = 8 * 1024
+    async with serving(settings, valkey_url, watch_buffer_bytes=bound) as running:
+        session_id = await new_session(running, uid, messages=5)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            delivered: list[Any] = []
+            while len(delivered) < 6:  # the heartbeat, then 1..5 read from the LIST
+                delivered.append(await asyncio.wait_for(anext(events), 10))
+            assert [e.seq if isinstance(e, StoredMessage) else e for e in delivered[1:]] == [1, 2, 3, 4, 5]
+            channel = running.feed._channels[session_id]
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                await client.truncate_messages(session_id, 3)
+                for i in range(40):  # 40 appends of ~1 KiB: past the 8 KiB inbox
+                    await client.append(session_id, [user("z" * 900 + str(i))])
+            await eventually(lambda: channel.last_seq == 45)
+            after: list[Any] = []
+            while not after or not (isinstance(after[-1], StoredMessage) and after[-1].seq == 45):
+                event = await asyncio.wait_for(anext(events), 10)
+                if not isinstance(event, Heartbeat):
+                    after.append(event)
+        finally:
+            await events.aclose()
+        assert after[0] == Truncated(3, 5), after[:3]
+        assert [e.seq for e in after[1:]] == list(range(6, 46))
+
+
+async def test_a_cut_back_to_the_prompt_is_no_trimming_for_a_page_or_a_watch(
+    client: SessionClient, uid: str
+) -> None:
+    """Truncating every message after the prompt (after_seq = the prompt's last seq, as popping
+    them all does) removes seqs; nothing was trimmed by the window (max_messages -1): a page does
+    not say history_trimmed and a watch reading past them is not told HistoryTrimmed, as with a
+    cut above the prompt."""
+    sid = await conversation(client, uid, max_messages=-1)
+    await client.truncate_messages(sid, 1)
+    page = await client.list_messages(sid, after_seq=0)
+    assert (seqs(page.messages), page.history_trimmed) == ([1], False)
+    await client.append(sid, [user("after")])  # 1, 7
+    page = await client.list_messages(sid, after_seq=0)
+    assert (seqs(page.messages), page.history_trimmed, page.window_start_seq) == ([1, 7], False, 7)
+    kinds: list[tuple[str, int]] = []
+    async for event in client.watch(sid, after_seq=0):
+        kinds.append((str(event.WhichOneof("event")), event.message.seq))
+        if event.message.seq == 7:
+            break
+    assert kinds == [("message", 1), ("message", 7)]
+
+
+async def test_a_seq_a_cut_back_to_the_prompt_removed_is_no_trimmed_seq_for_truncate_or_fork(
+    client: SessionClient, uid: str
+) -> None:
+    """After a cut back to the prompt and an append (1, 7), seqs 2..6 were removed, not trimmed:
+    truncating or forking at one of them works as in a hole above the prompt (it keeps what the
+    session held at that seq) instead of AFTER_SEQ_TRIMMED."""
+    sid = await conversation(client, uid, max_messages=-1)
+    await client.truncate_messages(sid, 1)
+    await client.append(sid, [user("after")])
+    fork = await client.fork_session(sid, at_seq=4)
+    assert await all_messages(client, fork.session.session_id) == [1]
+    reply = await client.truncate_messages(sid, 4)
+    assert reply.removed_count == 1
+    assert await all_messages(client, sid) == [1]

@@ -255,6 +255,8 @@ class MessagePage:
     """the session's last seq when it was last cleared (0: never)"""
     truncated: tuple[int, int] | None = None
     """(after, last): the seqs after+1..last the latest truncations removed (None: none)"""
+    truncation_rewrite: int = 0
+    """the rewrite (see Truncated.rewrite) of the latest truncation (0: none, or not recorded)"""
 
 
 # --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------

@@ -15,7 +15,9 @@ seq meets the summary in its read, but one resumed past it is not told of a comp
 missed (nothing tells it from one it saw). A truncation is announced as `Truncated` from its
 publish; a read passes the holes it left in the window silently (unlike the seqs the window
 trimmed), but a watch resumed within the seqs the latest truncation removed (and those of earlier
-ones it reached into) is told of it first, as of a clear. Announcements come from publishes and reads, so one
+ones it reached into) is told of it first, as of a clear. A watch that later reads past a clear or a
+truncation it was not told of (its event dropped from a full inbox) is told of it then, once.
+Announcements come from publishes and reads, so one
 published while Valkey was unreachable may not be made; the messages never miss.
 """
 
@@ -36,6 +38,7 @@ from chatsession_server.domain import (
     Deleted,
     FeedEvent,
     Heartbeat,
+    MessagePage,
     MessageQuery,
     Trimmed,
     Truncated,
@@ -64,6 +67,7 @@ class Watch(Generic[T]):
     __slots__ = (
         "_after_seq",
         "_clear_seen",
+        "_cleared_at",
         "_compaction_seen",
         "_cursor",
         "_feed",
@@ -110,6 +114,7 @@ class Watch(Generic[T]):
         # The newest rewrite (see the module docstring) of each kind announced, or read past: a
         # publish numbered at or below it is not announced (again).
         self._compaction_seen = self._clear_seen = self._truncation_seen = 0
+        self._cleared_at = 0  # the session's cleared_at_seq as of the last clear this watch knows of
         self._ready: deque[WatchEvent] | None = None  # events to deliver, in order; None when none
 
     def __aiter__(self) -> Watch[T]:
@@ -203,11 +208,27 @@ class Watch(Generic[T]):
             self._first_read = False
             # This read shows every clear and truncation so far.
             self._clear_seen = self._truncation_seen = page.rewrites
+            self._cleared_at = page.cleared_at_seq
             if self._resumed and cursor <= page.cleared_at_seq:
                 self._emit(Cleared(page.cleared_at_seq))
                 cleared_to = page.cleared_at_seq
             elif self._resumed and page.truncated and page.truncated[0] < cursor <= page.truncated[1]:
                 self._emit(Truncated(*page.truncated))
+        else:
+            # A clear or truncation this watch was not told of (its event dropped from a full
+            # inbox, or still queued behind this read): told now, before the messages after it,
+            # and its event (numbered at or below what this read shows) not again.
+            if page.cleared_at_seq > self._cleared_at:
+                self._cleared_at = page.cleared_at_seq
+                self._clear_seen = max(self._clear_seen, page.rewrites)
+                if cursor <= page.cleared_at_seq:
+                    self._emit(Cleared(page.cleared_at_seq))
+                    cleared_to = page.cleared_at_seq
+            if page.truncated and page.truncation_rewrite > self._truncation_seen:
+                self._truncation_seen = page.truncation_rewrite
+                if page.truncated[0] < cursor:
+                    self._emit(Truncated(*page.truncated))
+                    cursor = max(cursor, page.truncated[1])
         for message in page.messages:
             if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                 cursor = max(cursor, cleared_to)
@@ -218,14 +239,14 @@ class Watch(Generic[T]):
                 continue
             if message.seq > cursor + 1 and cursor + 1 < page.window_start_seq:
                 # (Above the window's start, a gap is what a truncation removed: announced apart.)
-                self._emit(Trimmed(cursor + 1, min(message.seq, page.window_start_seq) - 1))
+                _emit_trimmed(self, page, cursor + 1, min(message.seq, page.window_start_seq) - 1)
             self._emit(message)
             cursor = message.seq
         cursor = max(cursor, cleared_to)
         if not page.has_more:
             if page.last_seq > cursor:  # everything after the cursor is gone
                 if cursor + 1 < page.window_start_seq:
-                    self._emit(Trimmed(cursor + 1, min(page.last_seq, page.window_start_seq - 1)))
+                    _emit_trimmed(self, page, cursor + 1, min(page.last_seq, page.window_start_seq - 1))
                 cursor = page.last_seq
             self._must_read = False
         self._cursor = cursor
@@ -257,6 +278,7 @@ class Watch(Generic[T]):
                 return  # announced, or older than what a read showed
             if isinstance(event, Cleared):
                 self._clear_seen = event.rewrite or self._clear_seen
+                self._cleared_at = max(self._cleared_at, event.last_seq)
                 self._emit(Cleared(event.last_seq))
             else:
                 self._compaction_seen = event.rewrite or self._compaction_seen
@@ -277,6 +299,14 @@ class Watch(Generic[T]):
             raise SessionNotFound(self._session_id)
         elif isinstance(event, Closing):
             raise ShuttingDown("server is shutting down: reconnect with after_seq set to your last seq")
+
+
+def _emit_trimmed(watch: Watch[T], page: MessagePage, first_seq: int, last_seq: int) -> None:
+    """Trimmed(first_seq, last_seq), unless the latest truncations removed those seqs (a cut back
+    to the prompt leaves no window to start them above): passed silently, as a hole is."""
+    cut = page.truncated
+    if cut is None or not cut[0] < first_seq <= last_seq <= cut[1]:
+        watch._emit(Trimmed(first_seq, last_seq))
 
 
 def _leave_later(loop: asyncio.AbstractEventLoop, feed: MessageFeed, subscription: FeedSubscription) -> None:

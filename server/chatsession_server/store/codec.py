@@ -70,8 +70,10 @@ class MetaField(enum.StrEnum):
     CLEARED_AT_SEQ = "cleared_at_seq"
     """the session's last seq when it was last cleared: a watch resumed at or before it missed that"""
     TRUNCATED = "truncated"
-    """"<after> <last>": every seq in after+1..last was removed by the latest truncation (merged with
-    the earlier ones it reaches into): a watch resumed within that range missed it"""
+    """"<after> <last> <rewrite>": every seq in after+1..last was removed by the latest truncation
+    (merged with the earlier ones it reaches into), the session's rewrite that one was: a watch
+    resumed within that range missed it, and one that reads past it knows whether it was told
+    (a record written before the rewrite was kept has none)"""
     HOLES = "holes"
     """"1" once a truncation left the window's seqs short of message_count: its seqs may have holes
     (removed seqs are never reused), so the scripts read them from the items instead of counting

@@ -367,7 +367,7 @@ class SessionStore:
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
         _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq, truncated = reply
-        removed = truncated.split() if truncated else ()
+        removed = truncated.split() if truncated else []
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
@@ -377,6 +377,7 @@ class SessionStore:
             rewrites=int(rewrites),
             cleared_at_seq=int(cleared_at_seq),
             truncated=(int(removed[0]), int(removed[1])) if removed else None,
+            truncation_rewrite=int(removed[2]) if len(removed) > 2 else 0,
         )
 
     async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:

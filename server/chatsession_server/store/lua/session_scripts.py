@@ -324,8 +324,12 @@ local span_lo, span_hi = lo, hi
 if #items > 0 and has_more == 1 then
   if forward then span_hi = p_hi else span_lo = p_lo end
 end
--- (With a summary, the seqs up to its own stand compacted, not trimmed.)
-local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
+-- (With a summary, the seqs up to its own stand compacted, not trimmed; those the latest
+-- truncations removed, e.g. every one after the prompt, are not trimmed either.)
+local t_lo, t_hi = math.max(span_lo, (s_seq or pinned) + 1), math.min(span_hi, base)
+local trimmed = (t_lo <= t_hi) and 1 or 0
+local cut_from, cut_last = string.match(m[8] or '', '^(%d+) (%d+)')
+if trimmed == 1 and cut_from and t_lo > tonumber(cut_from) and t_hi <= tonumber(cut_last) then trimmed = 0 end
 return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
         m[8] or ''}
 """,
@@ -449,7 +453,8 @@ FORK_READ = LuaScript(
     ("chat", "meta", "summary", "state"),
     ForkReadArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES,
+                     F_TRUNCATED)
 if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
 local len = redis.call('LLEN', chat)
@@ -469,7 +474,10 @@ local summary_json = redis.call('GET', summary)
 local summary_seq = -1
 if summary_json then summary_seq = seq_of(summary_json) end
 -- (at_seq absent: whatever is stored, even if the newest message is gone, as after a clear)
-if at_seq ~= '' and at > pinned and at <= base and at ~= summary_seq then
+-- (A seq a truncation removed, up to the window's start, is no trimmed seq, as in TRUNCATE.)
+local cut_from, cut_last = string.match(m[6] or '', '^(%d+) (%d+)')
+local was_cut = cut_from and at > tonumber(cut_from) and base <= tonumber(cut_last)
+if at_seq ~= '' and at > pinned and at <= base and at ~= summary_seq and not was_cut then
   return {ST_TRIMMED, pinned, base, summary_seq}
 end
 local prompt = {}
@@ -763,7 +771,8 @@ class TruncateArgs:
 # order of seqs), removes the rest: one LTRIM, as the removed items are always the LIST's tail (a
 # cut into the prompt takes the whole window and the summary with it). The counters stay (seqs are
 # never reused: the next append gets message_count + 1), so a window left short of message_count
-# is marked `holes`. Publishes "T<after> <message_count> <owner> <rewrite>" (as COMPACT's). A
+# is marked `holes`. Publishes "T<after> <message_count> <owner> <rewrite>" (as COMPACT's) and
+# keeps "<after> <message_count> <rewrite>" in meta's `truncated` (merged with an earlier run). A
 # request_id's record is "fingerprint after removed"; a replay removes nothing.
 TRUNCATE = LuaScript(
     ("chat", "meta", "reqs", "summary"),
@@ -795,10 +804,14 @@ end
 local cut = after < pinned and math.max(after, 0) or window_at(w, after + 1)
 local drop_summary = summary_item and s_seq > after
 local removed = len - cut + (drop_summary and 1 or 0)
-if removed > 0 and after > pinned and after <= w.base and after ~= s_seq then
+-- (A seq an earlier truncation removed, up to the window's start, is no trimmed seq: it keeps
+-- what the session held at it, as one in a hole does.)
+local cut_from, cut_last = string.match(m[5] or '', '^(%d+) (%d+)')
+local was_cut = cut_from and after > tonumber(cut_from) and w.base <= tonumber(cut_last)
+if removed > 0 and after > pinned and after <= w.base and after ~= s_seq and not was_cut then
   return {ST_TRIMMED, pinned, w.base, s_seq or -1}
 end
-local items, listed = {}, nil
+local items, listed, rewrite = {}, nil, nil
 if return_removed == '1' and removed > 0 then
   -- Checked before a write: a refusal leaves the session as it was. The reply's budget counts
   -- what a payload takes encoded, as a page's does.
@@ -825,10 +838,14 @@ if removed > 0 then
   if cut > pinned then redis.call('HSET', meta, F_HOLES, '1') else redis.call('HDEL', meta, F_HOLES) end
   -- What a resumed watch is told: after+1..message_count are gone, and so is an earlier range
   -- this one reaches into (together they are one run of removed seqs).
-  local earlier_after, earlier_last = string.match(m[5] or '', '^(%d+) (%d+)$')
+  local earlier_after, earlier_last = string.match(m[5] or '', '^(%d+) (%d+)')
   local from = after
   if earlier_after and after < tonumber(earlier_last) then from = math.min(after, tonumber(earlier_after)) end
-  redis.call('HSET', meta, F_TRUNCATED, string.format('%d', from) .. ' ' .. m[2])
+  -- With this truncation's rewrite: a watch that reads past it later (its event dropped from a
+  -- full inbox, or still queued behind the read) tells it from one it was told of.
+  rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
+  redis.call('HSET', meta, F_TRUNCATED, string.format('%d', from) .. ' ' .. m[2] .. ' '
+             .. string.format('%d', rewrite))
 end
 if request_id ~= '' then
   remember_request(reqs, request_id,
@@ -837,7 +854,6 @@ if request_id ~= '' then
   expire_with_meta(meta, reqs)  -- a truncation is no activity of the user's
 end
 if removed > 0 then
-  local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
   redis.call(publish_command, channel, PUBLISH_TRUNCATED .. string.format('%d', after) .. ' ' .. m[2]
              .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 end
