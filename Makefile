@@ -14,10 +14,12 @@ PROTOS := $(shell find protos/chatsession -name '*.proto' | sort)
 
 # Two distributions, both editable, in one pip call: the server's (root) depends on the client's
 # (clients/python), and naming both lets pip take chatsession-client from the tree, not an index.
+# The client comes with its adapter extras: their tests run in this virtualenv (the frameworks'
+# pins agree with the server's; tests/test_adapter_apps.py checks them beside google-adk too).
 $(BIN)/chatsession-server: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e './clients/python[openai-agents,langchain]' -e '.[dev]'
 	touch $@
 
 venv: $(BIN)/chatsession-server

@@ -5,6 +5,8 @@
     python bench/load.py echo-script --port P ...     # the echo after one GLIDE script call
     python bench/load.py cookbook --valkey-url URL    # the cookbook append: 4 sequential GLIDE awaits
     python bench/load.py list-sessions --port P / scan-listing --valkey-url URL / populate ...
+    python bench/load.py agent-turn --port P          # an Agents SDK turn through ChatsessionSession
+    python bench/load.py agent-turn-redis --valkey-url URL   # the same turn through the SDK's RedisSession
 
 The cookbook baselines (the append, the SCAN listing) stand for code an application server runs
 against Valkey, so they run with `--as-server` on the server's core, as chatsession does.
@@ -100,8 +102,62 @@ async def sessions_for(stubs: list[Any], count: int, messages: int) -> list[str]
     return ids
 
 
+# An Agents SDK turn as the Runner stores it: the user's input, then the model's output message
+# (content of CONTENT's size each), and the next turn's read of the newest AGENT_HISTORY items.
+AGENT_HISTORY = 20
+AGENT_TURN: list[dict[str, Any]] = [
+    {"role": "user", "content": CONTENT},
+    {
+        "id": "msg_0123456789abcdef",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "output_text", "text": CONTENT, "annotations": [], "logprobs": []}],
+    },
+]
+
+
+async def agent_turns(args: argparse.Namespace) -> dict[str, Any]:
+    """`in_flight` conversations, each with AGENT_HISTORY items already, taking turns: add the
+    turn's two items, read the newest AGENT_HISTORY. Through chatsession (ChatsessionSession over
+    one shared SessionClient) or, the baseline, the Agents SDK's RedisSession on the same Valkey."""
+    from agents.extensions.memory.redis_session import RedisSession
+    from redis.asyncio import Redis
+
+    from chatsession_client import SessionClient
+    from chatsession_client.openai_agents import ChatsessionSession
+
+    run_id = uuid.uuid4().hex[:8]
+    sessions: list[Any]
+    if args.kind == "agent-turn":
+        client = SessionClient(f"127.0.0.1:{args.port}")
+        sessions = [
+            ChatsessionSession(f"agents-{run_id}-{i}", user_id="bench-agents", client=client)
+            for i in range(args.in_flight)
+        ]
+        close = client.close
+    else:
+        redis = Redis.from_url(args.valkey_url.replace("valkey://", "redis://"))
+        sessions = [RedisSession(f"agents-{run_id}-{i}", redis_client=redis) for i in range(args.in_flight)]
+        close = redis.aclose
+    try:
+        for session in sessions:
+            await session.add_items(AGENT_TURN * (AGENT_HISTORY // 2))
+
+        async def turn(slot: int) -> None:
+            await sessions[slot].add_items(AGENT_TURN)
+            history = await sessions[slot].get_items(limit=AGENT_HISTORY)
+            assert len(history) == AGENT_HISTORY, len(history)
+
+        return await drive(turn, args.in_flight, args, args.cpu_pid)
+    finally:
+        await close()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = args.kind
+    if kind in ("agent-turn", "agent-turn-redis"):
+        return await agent_turns(args)
     if kind in ("cookbook", "scan-listing", "populate"):
         client = await glide(args.valkey_url)
         try:

@@ -127,11 +127,37 @@ def median(rounds: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in rounds))
 
 
+Plan = list[tuple[str, str, dict[str, Any]]]
+"""Measurements of a round, in order: (name, bench/load.py kind, its options)."""
+
+
+def interleaved(args: argparse.Namespace, plan: Plan, label: str) -> dict[str, list[dict[str, Any]]]:
+    """`args.rounds` rounds of `plan`: each figure's runs, one a round, measured right next to the
+    runs of its baseline."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in range(args.rounds):
+        for name, kind, options in plan:
+            runs.setdefault(name, []).append(measure(kind, args, **options))
+        print(f"  {label}round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{name} {runs[name][-1]['rps']:,.0f}/s" for name, _, _ in plan
+        ), file=sys.stderr)  # fmt: skip
+    return runs
+
+
+def paired_row(
+    runs: dict[str, list[dict[str, Any]]], name: str, unit: str, ours: str, base: str, key: str,
+    base_name: str, target: str = "",
+) -> Row:  # fmt: skip
+    """The median of `ours`' runs against the median of `base`'s, and the median of the rounds' ratios."""
+    ratios = [a[key] / b[key] for a, b in zip(runs[ours], runs[base], strict=True) if b[key]]
+    return Row(name, unit, median(runs[ours], key), base_name, median(runs[base], key), target,
+               higher_is_better=key == "rps", round_ratios=ratios)  # fmt: skip
+
+
 def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: tuple[int, int]) -> list[Row]:
     (cs_port, cs_pid), (bare_port, bare_pid) = cs, bare
-    runs: dict[str, list[dict[str, Any]]] = {}
     # Each figure is measured right next to its baseline.
-    plan: list[tuple[str, str, dict[str, Any]]] = [
+    plan: Plan = [
         ("echo_1", "echo", {"port": bare_port, "cpu_pid": bare_pid}),
         ("append_1", "append", {"port": cs_port, "cpu_pid": cs_pid}),
         ("cookbook_1", "cookbook", {"valkey_url": url}),
@@ -144,18 +170,10 @@ def unary_rounds(args: argparse.Namespace, url: str, cs: tuple[int, int], bare: 
         ("list_64", "list", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
         ("get_64", "get", {"port": cs_port, "cpu_pid": cs_pid, "in_flight": 64}),
     ]
-    for r in range(args.rounds):
-        for name, kind, options in plan:
-            runs.setdefault(name, []).append(measure(kind, args, **options))
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{name} {runs[name][-1]['rps']:,.0f}/s" for name, _, _ in plan
-        ), file=sys.stderr)  # fmt: skip
+    runs = interleaved(args, plan, "")
 
     def row(name: str, unit: str, ours: str, base: str, key: str, base_name: str, target: str) -> Row:
-        pairs = list(zip(runs[ours], runs[base], strict=True))
-        ratios = [a[key] / b[key] for a, b in pairs if b[key]]
-        return Row(name, unit, median(runs[ours], key), base_name, median(runs[base], key), target,
-                   higher_is_better=key == "rps", round_ratios=ratios)  # fmt: skip
+        return paired_row(runs, name, unit, ours, base, key, base_name, target)
 
     echo, cpu = "bare grpc.aio echo", "cpu_us_per_call"
     floor = "the echo after one GLIDE script call"
@@ -220,6 +238,30 @@ def watch_rows(args: argparse.Namespace) -> list[Row]:
             "AppendMessages round trip p50", latency["append_rtt_p50_ms"], "<= 1.5"),
         Row(f"idle watcher server RSS ({args.idle:,} watchers)", "KiB", idle["idle_watcher_kib"],
             "bare grpc.aio stream", idle["bare_stream_kib"], "<= 1.1"),
+    ]  # fmt: skip
+
+
+def agent_rows(args: argparse.Namespace, url: str, cs: tuple[int, int]) -> list[Row]:
+    """An OpenAI Agents SDK turn (add the turn's 2 items, read the newest 20) through
+    ChatsessionSession against the SDK's own RedisSession on the same Valkey, each from a load
+    process of its own, in interleaved rounds."""
+    port, pid = cs
+    plan: Plan = [
+        ("ours_1", "agent-turn", {"port": port, "cpu_pid": pid}),
+        ("redis_1", "agent-turn-redis", {"valkey_url": url}),
+        ("redis_16", "agent-turn-redis", {"valkey_url": url, "in_flight": 16}),
+        ("ours_16", "agent-turn", {"port": port, "cpu_pid": pid, "in_flight": 16}),
+    ]
+    runs = interleaved(args, plan, "agent turns, ")
+
+    def row(name: str, unit: str, ours: str, base: str, key: str) -> Row:
+        return paired_row(runs, name, unit, ours, base, key, "openai-agents RedisSession, same Valkey")
+
+    return [
+        row("Agents SDK turn (add 2 items, read newest 20), ChatsessionSession, 1 in flight, p50", "µs",
+            "ours_1", "redis_1", "p50_us"),
+        row("Agents SDK turns, ChatsessionSession, 16 conversations in flight", "turns/s",
+            "ours_16", "redis_16", "rps"),
     ]  # fmt: skip
 
 
@@ -298,6 +340,7 @@ def main() -> None:
             server_process([str(BENCH / "bare_stream_server.py"), "--valkey-url", valkey.url]) as bare,
         ):
             rows += unary_rounds(args, valkey.url, cs, bare)
+            rows += agent_rows(args, valkey.url, cs)
             command("127.0.0.1", valkey.port, "FLUSHALL")
             rows += listing_rows(args, valkey.url, cs[0])
     rows += watch_rows(args)
@@ -319,12 +362,12 @@ def main() -> None:
         out.write("\n")
     print(f"wrote {args.output} ({time.time() - started:.0f} s)", file=sys.stderr)
     if args.smoke:
-        check(results, expected=13 + len(args.listing) + 1 + 2 + 2)
+        check(results, expected=13 + 2 + len(args.listing) + 1 + 2 + 2)
 
 
 def check(results: dict[str, Any], expected: int) -> None:
-    """The smoke run's assertion: every row there (10 unary, the listings and their flatness, 2
-    watch, 2 scale-out), each with a figure and a baseline."""
+    """The smoke run's assertion: every row there (13 unary, 2 agent turns, the listings and their
+    flatness, 2 watch, 2 scale-out), each with a figure and a baseline."""
     rows = results["rows"]
     assert len(rows) == expected, f"{len(rows)} rows, expected {expected}"
     for row in rows:

@@ -7,8 +7,10 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -235,3 +237,34 @@ TOKENS = f"""\
 async def client_for(target: str, token: str | None) -> AsyncIterator[SessionClient]:
     async with SessionClient(target, token=token, retry=NO_RETRY) as c:
         yield c
+
+
+# Fresh virtualenvs with the client's distribution installed, as a user installs it.
+
+CLIENT = Path(__file__).resolve().parent.parent / "clients" / "python"
+
+
+def venv_env() -> dict[str, str]:
+    """The environment with nothing that points at this checkout's virtualenv or sources."""
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+
+
+def fresh_venv(path: Path, *also: str, client: str = str(CLIENT), timeout: float = 240) -> Path:
+    """A new virtualenv at PATH with `pip install <client> ALSO...` in it (`client`: ./clients/python,
+    or with extras: f"{CLIENT}[openai-agents]")."""
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
+    done = subprocess.run(
+        [path / "bin" / "python", "-m", "pip", "install", "--quiet", client, *also],
+        capture_output=True, text=True, env=venv_env(), cwd=path, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return path
+
+
+def run_in(venv: Path, *argv: str | Path) -> str:
+    """Run ARGV in the virtualenv, outside the checkout (so nothing of it is on sys.path)."""
+    done = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, env=venv_env(), cwd=venv, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout

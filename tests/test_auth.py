@@ -220,6 +220,8 @@ async def test_another_users_session_is_not_found_and_stays_unchanged(
         "get_context": alice.get_context(session.session_id),
         "compact": alice.compact_messages(session.session_id, 1, system("mine now")),
         "clear": alice.clear_messages(session.session_id),
+        "truncate": alice.truncate_messages(session.session_id, 0, return_removed=True),
+        "pop": alice.pop_message(session.session_id),
     }
     for name, attempt in attempts.items():
         error = await raises(NotFoundError, attempt)

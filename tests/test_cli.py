@@ -217,6 +217,30 @@ class Lines(io.StringIO):
         return await asyncio.to_thread(self.lines.get, timeout=30)
 
 
+async def test_truncate_and_pop_print_what_they_removed(client: SessionClient, target: str, uid: str) -> None:
+    session = await client.create_session(uid)
+    sid = session.session_id
+    await client.append(sid, [system("Be brief."), user("one"), user("two"), user("three")])
+    cut = await cli("--address", target, "truncate", sid, "--after-seq", "2", "--show-removed")
+    assert (cut.code, cut.out.splitlines()) == (
+        0,
+        ["[3] user: two", "[4] user: three", "(2 removed; the history ends at seq 2)"],
+    )
+    popped = await cli("--address", target, "--json", "pop", sid)
+    assert popped.json()["message"]["content"] == "one"
+    assert (await cli("--address", target, "pop", sid)).out == "[1] system: Be brief.\n"
+    assert (await cli("--address", target, "--json", "pop", sid)).json() == {"message": None}
+    with pytest.raises(SystemExit):  # argparse: one of the two
+        await cli("--address", target, "truncate", sid, "--after-seq", "0", "--pop", "1")
+    ahead = await cli("--address", target, "truncate", sid, "--after-seq", "9")
+    assert (ahead.code, ahead.err) == (
+        5,
+        "chatsession: FAILED_PRECONDITION: after_seq 9 is beyond the session's last seq 4\n",
+    )
+    pops = await cli("--address", target, "--json", "truncate", sid, "--pop", "3")
+    assert pops.json()["session"]["message_count"] == "4"
+
+
 async def test_tail_follow_says_in_text_when_messages_were_compacted_or_cleared(
     client: SessionClient, target: str, uid: str
 ) -> None:
@@ -234,6 +258,11 @@ async def test_tail_follow_says_in_text_when_messages_were_compacted_or_cleared(
         assert await out.next() == "[1..3 compacted into a summary]"
         await client.clear_messages(sid)
         assert await out.next() == "[history cleared after seq 3]"
+        await client.append(sid, [user("four"), user("five")])
+        assert await out.next() == "[4] user: four"
+        assert await out.next() == "[5] user: five"
+        await client.truncate_messages(sid, 4)
+        assert await out.next() == "[messages after seq 4 removed; seqs go on after 5]"
         await client.delete_session(sid)
         assert await asyncio.wait_for(following, 30) == 4
     finally:

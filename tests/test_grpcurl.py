@@ -133,6 +133,35 @@ async def test_readme_recipes_for_context_compaction_and_clearing(
     assert json.loads(out)["session"]["messages_stored"] == "1"
 
 
+async def test_readme_recipes_for_removing_the_tail(target: str, client: SessionClient, uid: str) -> None:
+    rewind = readme_recipes("TruncateMessages", containing={"TruncateMessages": "after_seq"})[
+        "TruncateMessages"
+    ]
+    pop = readme_recipes("TruncateMessages", containing={"TruncateMessages": "pop_count"})["TruncateMessages"]
+    session_id = f"{uid}-tail"
+    await client.create_session(uid, session_id=session_id)
+    await client.append(session_id, [system("You are a travel agent."), user("Oslo?"), user("A"), user("B")])
+
+    def run(args: list[str]) -> list[str]:
+        out = [target if a == "localhost:50051" else a for a in args]
+        at = out.index("-d") + 1
+        out[at] = out[at].replace('"trip-42"', json.dumps(session_id))
+        return out
+
+    code, out = await grpcurl(*run(rewind))
+    assert code == 0, out
+    reply = json.loads(out)
+    assert [m["seq"] for m in reply["removed_messages"]] == ["3", "4"]
+    assert (reply["removed_count"], reply["after_seq"], reply["session"]["message_count"]) == ("2", "2", "4")
+    code, out = await grpcurl(*run(rewind))  # the same request_id: a replay
+    assert code == 0, out
+    assert json.loads(out)["replayed"] is True
+    code, out = await grpcurl(*run(pop))
+    assert code == 0, out
+    assert [m["content"] for m in json.loads(out)["removed_messages"]] == ["Oslo?"]
+    assert [m.seq for m in (await client.list_messages(session_id)).messages] == [1]
+
+
 async def test_every_recipe_of_the_readme_grpcurl_section_works_in_order(target: str, uid: str) -> None:
     """The README's grpcurl section, run command by command as a reader would (with ids of this
     test's own): each succeeds, and the session it builds ends up deleted."""

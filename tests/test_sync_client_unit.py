@@ -20,6 +20,7 @@ from chatsession.v1 import session_pb2
 from chatsession.v1 import session_service_pb2 as pb
 from chatsession_client import (
     AfterSeqAheadError,
+    AfterSeqTrimmedError,
     AlreadyCompactedError,
     AlreadyExistsError,
     AtSeqBeyondLastError,
@@ -32,7 +33,9 @@ from chatsession_client import (
     InvalidArgumentError,
     LabelsFullError,
     NotFoundError,
+    PoppedMessageLostError,
     QuotaViolation,
+    RemovedTooLargeError,
     RequestIdReusedError,
     ResourceExhaustedError,
     ResourceInfo,
@@ -250,6 +253,10 @@ def fork_call(client: SyncSessionClient) -> object:
     return client.fork_session("s1", at_seq=3)
 
 
+def truncate_call(client: SyncSessionClient) -> object:
+    return client.truncate_messages("s1", 3, return_removed=True)
+
+
 @pytest.mark.parametrize(
     ("call", "rpc_name", "kind", "subject", "expected"),
     [
@@ -262,6 +269,10 @@ def fork_call(client: SyncSessionClient) -> object:
         (fork_call, "ForkSession", "AT_SEQ_BEYOND_LAST", "at_seq", AtSeqBeyondLastError),
         (fork_call, "ForkSession", "AT_SEQ_TRIMMED", "at_seq", AtSeqTrimmedError),
         (fork_call, "ForkSession", "LABELS_FULL", "session_id", LabelsFullError),
+        (truncate_call, "TruncateMessages", "AFTER_SEQ_AHEAD", "after_seq", AfterSeqAheadError),
+        (truncate_call, "TruncateMessages", "AFTER_SEQ_TRIMMED", "after_seq", AfterSeqTrimmedError),
+        (truncate_call, "TruncateMessages", "REMOVED_TOO_LARGE", "return_removed", RemovedTooLargeError),
+        (truncate_call, "TruncateMessages", "LAST_SEQ_MISMATCH", "expected_last_seq", SeqMismatchError),
     ],
 )
 def test_the_context_compaction_and_fork_refusals_are_typed(
@@ -500,3 +511,36 @@ def test_a_watch_of_new_messages_resumes_from_its_first_heartbeat(
     assert watching.next().message.seq == 8
     stream.terminate((), grpc.StatusCode.OK, "")
     assert watching.done.result(TIMEOUT) is None
+
+
+def test_a_retried_pop_keeps_its_request_id_and_says_when_its_message_is_lost(
+    client: SyncSessionClient, channel: Any
+) -> None:
+    """A pop whose answer was lost is retried with the same request_id: the server pops nothing
+    more, and can only say that the first attempt removed one (whose message is gone)."""
+    answer = run(lambda: client.pop_message("s1"))
+    _, first, rpc = take(channel, "TruncateMessages")
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    _, second, rpc = take(channel, "TruncateMessages")
+    rpc.terminate(pb.TruncateMessagesResponse(removed_count=1, replayed=True), (), grpc.StatusCode.OK, "")
+    with pytest.raises(PoppedMessageLostError):
+        answer.result(TIMEOUT)
+    assert (first.pop_count, first.return_removed, first.HasField("after_seq")) == (1, True, False)
+    assert first.request_id
+    assert second == first
+
+    answer = run(lambda: client.pop_message("s1"))
+    _, _, rpc = take(channel, "TruncateMessages")
+    rpc.terminate(pb.TruncateMessagesResponse(removed_count=0), (), grpc.StatusCode.OK, "")
+    assert answer.result(TIMEOUT) is None  # an empty session
+
+
+def test_truncate_sends_after_seq_zero_and_its_guard(client: SyncSessionClient, channel: Any) -> None:
+    answer = run(lambda: client.truncate_messages("s1", 0, expected_last_seq=0, return_removed=True))
+    _, request, rpc = take(channel, "TruncateMessages")
+    rpc.terminate(pb.TruncateMessagesResponse(removed_count=2), (), grpc.StatusCode.OK, "")
+    assert answer.result(TIMEOUT).removed_count == 2
+    # Zeros that mean something are sent as set: remove everything, only at seq 0.
+    assert (request.HasField("after_seq"), request.after_seq) == (True, 0)
+    assert (request.HasField("expected_last_seq"), request.expected_last_seq) == (True, 0)
+    assert (request.pop_count, request.return_removed) == (0, True)

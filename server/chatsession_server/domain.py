@@ -213,6 +213,8 @@ class MessagePage:
     """the session's compactions and clears so far, as of this read (see Compacted.rewrite)"""
     cleared_at_seq: int = 0
     """the session's last seq when it was last cleared (0: never)"""
+    truncated: tuple[int, int] | None = None
+    """(after, last): the seqs after+1..last the latest truncations removed (None: none)"""
 
 
 # --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------
@@ -268,7 +270,19 @@ class Cleared:
     """as in Compacted"""
 
 
-FeedEvent = Appended | Behind | Deleted | Closing | Compacted | Cleared
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """The stored messages after `after_seq` were removed when the session's last seq was
+    `last_seq` (seqs go on after it)."""
+
+    after_seq: int
+    last_seq: int
+    owner: str | None = None
+    rewrite: int | None = None
+    """as in Compacted"""
+
+
+FeedEvent = Appended | Behind | Deleted | Closing | Compacted | Cleared | Truncated
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +296,7 @@ class Trimmed:
     last_missing_seq: int
 
 
-WatchEvent = StoredMessage | Heartbeat | Trimmed | Compacted | Cleared
+WatchEvent = StoredMessage | Heartbeat | Trimmed | Compacted | Cleared | Truncated
 
 
 # --- Context, compaction and clearing ------------------------------------------------------------
@@ -335,3 +349,26 @@ class StateDelta:
 
     to_set: Mapping[str, str] = field(default_factory=dict)
     to_remove: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """TruncateMessages' request: keep the stored messages with seq <= `after_seq`, or (when it is
+    None) remove the newest `pop_count` stored ones."""
+
+    after_seq: int | None
+    pop_count: int = 0
+    expected_last_seq: int | None = None
+    request_id: str = ""
+    return_removed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateResult:
+    session: Session
+    after_seq: int
+    """where the history now ends: every stored message after it was removed"""
+    removed_count: int
+    removed: tuple[StoredMessage, ...]
+    """the removed messages, oldest first (only when asked for, and never on a replay)"""
+    replayed: bool

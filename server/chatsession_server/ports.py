@@ -23,6 +23,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 
@@ -99,6 +101,10 @@ class SessionStorage(Protocol):
     ) -> dict[str, str]:
         """Applies `delta` atomically; the whole state after it."""
         ...
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult: ...
 
 
 class FeedSubscription(Protocol):

@@ -140,7 +140,7 @@ class SessionClient {
 
   /**
    * Follows a session live, as an async iterator of WatchMessagesResponse events (`event` says
-   * which of `message`, `historyTrimmed`, `compacted`, `cleared` or `heartbeat` it holds). When the stream breaks with
+   * which of `message`, `historyTrimmed`, `compacted`, `cleared`, `truncated` or `heartbeat` it holds). When the stream breaks with
    * a code a unary call would be retried on (UNAVAILABLE: a server shutting down, a dropped
    * connection; DEADLINE_EXCEEDED: Valkey slow) it reconnects after the last seq it delivered,
    * with the same backoff, so no message is lost or repeated; other errors (NOT_FOUND when the session
@@ -165,6 +165,10 @@ class SessionClient {
           // A summary stands at its range's last seq; a clear says the last seq it emptied.
           else if (event.event === 'compacted') cursor = Math.max(cursor ?? 0, event.compacted.summarizes.lastSeq);
           else if (event.event === 'cleared') cursor = Math.max(cursor ?? 0, event.cleared.lastSeq);
+          // Seqs go on after a truncation's last seq; messages up to its afterSeq still come.
+          else if (event.event === 'truncated' && cursor !== undefined && cursor > event.truncated.afterSeq) {
+            cursor = Math.max(cursor, event.truncated.lastSeq);
+          }
           else if (event.event === 'heartbeat') {
             cursor = Math.max(cursor ?? 0, event.heartbeat.lastSeq);
             if (!includeHeartbeats) continue;
@@ -212,6 +216,27 @@ class SessionClient {
   async appendMessages(request, options) {
     const stateDelta = deltaToProto(request.stateDelta);
     return this.unary('appendMessages', stateDelta ? { ...request, stateDelta } : request, options);
+  }
+
+  /**
+   * Removes the session's newest stored message and returns it (null when it stores none), in one
+   * call (TruncateMessages with popCount 1). Rejects with a ChatSessionError (code ABORTED) in the
+   * rare case that an attempt of this call popped the message but its answer was lost: the retry
+   * finds the pop done and the message gone.
+   * @param {string} sessionId
+   * @param {CallOptions & {requestId?: string}} [options]
+   * @returns {Promise<any>}
+   */
+  async popMessage(sessionId, options = {}) {
+    const { requestId, ...callOptions } = options;
+    const reply = await this.unary('truncateMessages', { sessionId, popCount: 1, returnRemoved: true, requestId }, callOptions);
+    if (reply.removedMessages.length > 0) return reply.removedMessages[reply.removedMessages.length - 1];
+    if (reply.removedCount > 0) {
+      const details = `session ${sessionId}: an earlier attempt of this pop removed its newest message, but its answer was lost; the message is gone`;
+      const cause = /** @type {any} */ ({ code: grpc.status.ABORTED, details, metadata: new grpc.Metadata() });
+      throw new ChatSessionError(cause, this.protoRoot);
+    }
+    return null;
   }
 
   close() {

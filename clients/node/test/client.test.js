@@ -191,6 +191,51 @@ test('a refused CompactMessages comes with its PreconditionFailure decoded', asy
   assert.deepEqual(page.messages.map((m) => m.content), ['one', 'two']);
 });
 
+test('truncateMessages removes the tail, popMessage the newest; seqs go on after the last', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const sessionId = session.sessionId;
+  await client.appendMessages({ sessionId, messages: [user('one'), user('two'), user('three'), user('four')] });
+  const cut = await client.truncateMessages({ sessionId, afterSeq: 2, returnRemoved: true, expectedLastSeq: 4 });
+  assert.deepEqual(cut.removedMessages.map((m) => m.seq), [3, 4]);
+  assert.equal(cut.removedCount, 2);
+  assert.equal(cut.session.messageCount, 4); // seqs are never reused
+  assert.equal((await client.popMessage(sessionId)).content, 'two');
+  const appended = await client.appendMessages({ sessionId, messages: [user('five')] });
+  assert.equal(appended.messages[0].seq, 5);
+  const page = await client.listMessages({ sessionId, afterSeq: 0 });
+  assert.deepEqual(page.messages.map((m) => m.seq), [1, 5]);
+
+  const everything = await client.truncateMessages({ sessionId, afterSeq: 0 }); // 0 is sent, not dropped
+  assert.equal(everything.removedCount, 2);
+  assert.equal(await client.popMessage(sessionId), null);
+
+  const error = await failure(client.truncateMessages({ sessionId, afterSeq: 9 }));
+  assert.equal(error.code, status.FAILED_PRECONDITION);
+  assert.deepEqual(error.preconditionFailure.violations, [
+    { type: 'AFTER_SEQ_AHEAD', subject: 'after_seq', description: "after_seq 9 is beyond the session's last seq 5" },
+  ]);
+  const missing = await failure(client.truncateMessages({ sessionId }));
+  assert.equal(missing.code, status.INVALID_ARGUMENT);
+  assert.deepEqual(missing.badRequest.fieldViolations.map((v) => v.field), ['after_seq']);
+});
+
+test('a watch is told of a truncation once and goes on after its last seq', async () => {
+  const { session } = await client.createSession({ userId: newUser() });
+  const sessionId = session.sessionId;
+  await client.appendMessages({ sessionId, messages: [user('one'), user('two'), user('three')] });
+  const events = client.watch(sessionId, { includeHeartbeats: true });
+  assert.equal((await events.next()).value.event, 'heartbeat');
+  await client.truncateMessages({ sessionId, afterSeq: 1 });
+  await client.appendMessages({ sessionId, messages: [user('four')] });
+  const seen = [];
+  for await (const event of events) {
+    if (event.event === 'heartbeat') continue;
+    seen.push(event.event === 'truncated' ? ['truncated', event.truncated.afterSeq, event.truncated.lastSeq] : ['message', event.message.seq]);
+    if (event.event === 'message') break;
+  }
+  assert.deepEqual(seen, [['truncated', 1, 3], ['message', 4]]);
+});
+
 test('a payload is a plain JS value in and out, exact through append, replay, list, context, fork and watch', async () => {
   const payloads = [
     0.1 + 0.2,

@@ -15,6 +15,7 @@ from chatsession_client._state import state_delta
 from chatsession_client.client import SessionClient
 from chatsession_client.errors import (
     AfterSeqAheadError,
+    AfterSeqTrimmedError,
     AlreadyCompactedError,
     AlreadyExistsError,
     AtSeqBeyondLastError,
@@ -31,8 +32,10 @@ from chatsession_client.errors import (
     LabelsFullError,
     NotFoundError,
     PermissionDeniedError,
+    PoppedMessageLostError,
     PreconditionViolation,
     QuotaViolation,
+    RemovedTooLargeError,
     RequestIdReusedError,
     ResourceExhaustedError,
     ResourceInfo,
@@ -51,6 +54,7 @@ from chatsession_client.sync import SyncSessionClient
 __all__ = [
     "NO_RETRY",
     "AfterSeqAheadError",
+    "AfterSeqTrimmedError",
     "AlreadyCompactedError",
     "AlreadyExistsError",
     "AtSeqBeyondLastError",
@@ -68,8 +72,10 @@ __all__ = [
     "Message",
     "NotFoundError",
     "PermissionDeniedError",
+    "PoppedMessageLostError",
     "PreconditionViolation",
     "QuotaViolation",
+    "RemovedTooLargeError",
     "RequestIdReusedError",
     "ResourceExhaustedError",
     "ResourceInfo",

@@ -14,6 +14,7 @@ from google.protobuf import field_mask_pb2
 
 from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_client._payload import payload_value
+from chatsession_client.errors import PoppedMessageLostError
 
 Session = session_pb2.Session
 Message = session_pb2.Message
@@ -209,6 +210,42 @@ def clear_messages_request(
     )
 
 
+def truncate_messages_request(
+    session_id: str,
+    after_seq: int | None = None,
+    *,
+    pop_count: int = 0,
+    expected_last_seq: int | None = None,
+    request_id: str | None = None,
+    return_removed: bool = False,
+) -> session_service_pb2.TruncateMessagesRequest:
+    request = session_service_pb2.TruncateMessagesRequest(
+        session_id=session_id,
+        pop_count=pop_count,
+        return_removed=return_removed,
+        # Made once per call: a retry of a truncation whose answer was lost removes nothing more
+        # (not even what was appended since).
+        request_id=request_id_or_new(request_id),
+    )
+    if after_seq is not None:
+        request.after_seq = after_seq
+    if expected_last_seq is not None:
+        request.expected_last_seq = expected_last_seq
+    return request
+
+
+def popped_message(session_id: str, reply: session_service_pb2.TruncateMessagesResponse) -> Message | None:
+    """pop_message's answer: the message removed, None when the session stored none."""
+    if reply.removed_messages:
+        return reply.removed_messages[-1]
+    if reply.removed_count:
+        raise PoppedMessageLostError(
+            f"session {session_id!r}: an earlier attempt of this pop removed its newest message, but "
+            "its answer was lost; the message is gone"
+        )
+    return None
+
+
 def list_sessions_request(
     user_id: str, *, page_size: int = 0, page_token: str = ""
 ) -> session_service_pb2.ListSessionsRequest:
@@ -320,6 +357,11 @@ class WatchCursor:
             self.seq = event.message.seq
         elif kind == "history_trimmed":
             self.seq = event.history_trimmed.last_missing_seq
+        elif kind == "truncated":
+            # Seqs go on after the last one at the truncation; messages before after_seq still
+            # come when the cursor is below it.
+            if self.seq is not None and self.seq > event.truncated.after_seq:
+                self.seq = max(self.seq, event.truncated.last_seq)
         elif kind in ("compacted", "cleared"):
             # A summary stands at its range's last seq; a clear says the last seq it emptied.
             last = event.compacted.summarizes.last_seq if kind == "compacted" else event.cleared.last_seq

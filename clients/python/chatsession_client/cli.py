@@ -8,6 +8,8 @@
     chatsession context SESSION --max-tokens 4000
     chatsession fork SESSION --at-seq 4
     chatsession clear SESSION --keep-system-prompt
+    chatsession truncate SESSION --after-seq 4 --show-removed
+    chatsession pop SESSION
     chatsession usage --user alice
     chatsession state SESSION --set 'cart={"nights": 3}' --remove draft
     chatsession state --user alice
@@ -189,6 +191,24 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     clear.add_argument("session")
     clear.add_argument("--keep-system-prompt", action="store_true", help="keep the pinned system prompt")
 
+    truncate = command(
+        "truncate",
+        "Remove the newest messages: those after --after-seq (0: all, the prompt too), or the newest "
+        "--pop N. Seqs are never reused: the next message appended gets the session's message_count + 1.",
+    )
+    truncate.add_argument("session")
+    which = truncate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--after-seq", type=int, help="keep the messages up to and including this seq")
+    which.add_argument("--pop", type=int, metavar="N", help="remove the newest N stored messages")
+    truncate.add_argument(
+        "--expected-last-seq", type=int, help="only if the session's last seq (message_count) is this"
+    )
+    truncate.add_argument("--show-removed", action="store_true", help="print the removed messages")
+    truncate.add_argument("--request-id", help="idempotency key (default: a fresh one)")
+
+    pop = command("pop", "Remove the newest stored message and print it (nothing when there is none).")
+    pop.add_argument("session")
+
     usage = command("usage", "Messages, tokens and sessions a user created: in total, per model, per day.")
     usage.add_argument("--user", required=True)
 
@@ -214,6 +234,8 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
         "context": context,
         "fork": fork,
         "clear": clear,
+        "truncate": truncate,
+        "pop": pop,
         "usage": usage,
         "state": state,
         "rm": rm,
@@ -432,6 +454,29 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
         cleared = client.clear_messages(args.session, keep_system_prompt=args.keep_system_prompt)
         if out.json:
             out.document(_as_dict(cleared))
+    elif args.command == "truncate":
+        truncated = client.truncate_messages(
+            args.session,
+            args.after_seq,
+            pop_count=args.pop or 0,
+            expected_last_seq=args.expected_last_seq,
+            request_id=args.request_id,
+            return_removed=args.show_removed,
+        )
+        if out.json:
+            out.document(_as_dict(truncated))
+        else:
+            for m in truncated.removed_messages:
+                out.line(_message_line(m))
+            replayed = " (a retry: removed before)" if truncated.replayed else ""
+            ends = f"the history ends at seq {truncated.after_seq}"
+            out.line(f"({truncated.removed_count} removed{replayed}; {ends})")
+    elif args.command == "pop":
+        popped = client.pop_message(args.session)
+        if out.json:
+            out.document({"message": _as_dict(popped) if popped is not None else None})
+        elif popped is not None:
+            out.line(_message_line(popped))
     elif args.command == "usage":
         usage = client.get_user_usage(args.user)
         if out.json:
@@ -478,6 +523,9 @@ def _tail(args: argparse.Namespace, client: SyncSessionClient, out: _Output) -> 
             out.line(f"[{replaced.first_seq}..{replaced.last_seq} compacted into a summary]")
         elif event.HasField("cleared"):
             out.line(f"[history cleared after seq {event.cleared.last_seq}]")
+        elif event.HasField("truncated"):
+            cut = event.truncated
+            out.line(f"[messages after seq {cut.after_seq} removed; seqs go on after {cut.last_seq}]")
 
 
 def main(

@@ -109,16 +109,39 @@ class SeqMismatchError(FailedPreconditionError):
 
 
 class RequestIdReusedError(FailedPreconditionError):
-    """The `request_id` of an append, a compaction or a clear was already used for another request
-    in this session (the three share one record per request_id)."""
+    """The `request_id` of an append, a compaction, a clear or a truncation was already used for
+    another request in this session (the four share one record per request_id)."""
 
     violation_type = "REQUEST_ID_REUSED"
 
 
 class AfterSeqAheadError(FailedPreconditionError):
-    """A watch's `after_seq` is beyond the session's last seq (was the session re-created?)."""
+    """A watch's or a truncation's `after_seq` is beyond the session's last seq (was the session
+    re-created?)."""
 
     violation_type = "AFTER_SEQ_AHEAD"
+
+
+class AfterSeqTrimmedError(FailedPreconditionError):
+    """TruncateMessages: `after_seq` was trimmed by the window or replaced by a compaction, so the
+    history cannot be taken back to it (the description says which seqs can)."""
+
+    violation_type = "AFTER_SEQ_TRIMMED"
+
+
+class RemovedTooLargeError(FailedPreconditionError):
+    """TruncateMessages with return_removed: the removed messages would not fit a reply (1000
+    messages, about 3 MiB); nothing was removed. Truncate in steps or without return_removed."""
+
+    violation_type = "REMOVED_TOO_LARGE"
+
+
+class PoppedMessageLostError(ChatSessionError):
+    """pop_message: an earlier attempt of this very call popped the message but its answer was
+    lost, and the retry (the same request_id) can only say that it was done: the message is gone.
+    Raised by the client, not sent by the server."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 class ContextOverBudgetError(FailedPreconditionError):
@@ -242,6 +265,8 @@ _BY_PRECONDITION: dict[str, type[FailedPreconditionError]] = {
         SeqMismatchError,
         RequestIdReusedError,
         AfterSeqAheadError,
+        AfterSeqTrimmedError,
+        RemovedTooLargeError,
         ContextOverBudgetError,
         ContextTooLargeError,
         UpToSeqAheadError,

@@ -75,6 +75,9 @@ class _BlockingStub:
         )
         self.GetState = _unary(channel, "GetState", pb.GetStateRequest, pb.GetStateResponse)
         self.UpdateState = _unary(channel, "UpdateState", pb.UpdateStateRequest, pb.UpdateStateResponse)
+        self.TruncateMessages = _unary(
+            channel, "TruncateMessages", pb.TruncateMessagesRequest, pb.TruncateMessagesResponse
+        )
         self.WatchMessages: grpc.UnaryStreamMultiCallable[
             pb.WatchMessagesRequest, pb.WatchMessagesResponse
         ] = channel.unary_stream(
@@ -373,3 +376,39 @@ class SyncSessionClient:
         Safe to retry: the values are absolute."""
         request = _state.update_state_request(session_id, user_id, values, remove)
         return _state.state_of(self._call(self._stub.UpdateState, request).state)
+
+    def truncate_messages(
+        self,
+        session_id: str,
+        after_seq: int | None = None,
+        *,
+        pop_count: int = 0,
+        expected_last_seq: int | None = None,
+        request_id: str | None = None,
+        return_removed: bool = False,
+    ) -> pb.TruncateMessagesResponse:
+        """Remove the newest messages: those with seq > `after_seq` (0 removes everything, the
+        pinned prompt too), or else the newest `pop_count` stored. Seqs are never reused: the next
+        append still gets `message_count + 1`. `expected_last_seq`: only if the session's
+        message_count is still this (else SeqMismatchError, nothing removed). `return_removed`:
+        the removed messages come back in `removed_messages` (RemovedTooLargeError, nothing
+        removed, past 1000 messages or about 3 MiB). A request_id is generated when not given,
+        so a retry removes nothing more (not even messages appended since)."""
+        request = _calls.truncate_messages_request(
+            session_id,
+            after_seq,
+            pop_count=pop_count,
+            expected_last_seq=expected_last_seq,
+            request_id=request_id,
+            return_removed=return_removed,
+        )
+        return self._call(self._stub.TruncateMessages, request)
+
+    def pop_message(self, session_id: str, *, request_id: str | None = None) -> Message | None:
+        """Remove the session's newest stored message and return it (None when it stores none),
+        in one call. Raises PoppedMessageLostError in the rare case that an attempt of this call
+        popped the message but its answer was lost (the retry finds the pop done)."""
+        request = _calls.truncate_messages_request(
+            session_id, pop_count=1, return_removed=True, request_id=request_id
+        )
+        return _calls.popped_message(session_id, self._call(self._stub.TruncateMessages, request))

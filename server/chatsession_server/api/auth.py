@@ -43,6 +43,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
     scope_owner,
 )
@@ -417,6 +419,11 @@ class AuthorizedStorage(StorageLayer):
         return await super().clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
         )
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult:
+        return await super().truncate(session_id, truncation, owners=_owners(owners))
 
     async def get_state(
         self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None

@@ -17,6 +17,7 @@ from chatsession_server.domain import (
     Session,
     StoredMessage,
     Trimmed,
+    Truncated,
     UsageCounts,
     UserUsage,
     WatchEvent,
@@ -112,6 +113,10 @@ def watch_event_to_proto(event: WatchEvent) -> session_service_pb2.WatchMessages
     if isinstance(event, Cleared):
         return session_service_pb2.WatchMessagesResponse(
             cleared=session_service_pb2.Cleared(last_seq=event.last_seq)
+        )
+    if isinstance(event, Truncated):
+        return session_service_pb2.WatchMessagesResponse(
+            truncated=session_service_pb2.Truncated(after_seq=event.after_seq, last_seq=event.last_seq)
         )
     assert isinstance(event, Trimmed)
     trimmed = session_service_pb2.HistoryTrimmed(

@@ -173,6 +173,20 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         _fill_state(reply.state, await self._store.update_state(scope, delta))
         return reply
 
+    async def TruncateMessages(
+        self, request: pb.TruncateMessagesRequest, context: Context
+    ) -> pb.TruncateMessagesResponse:
+        session_id, truncation = validation.truncate_messages(request)
+        result = await self._store.truncate(session_id, truncation)
+        reply = pb.TruncateMessagesResponse(
+            session=session_to_proto(result.session),
+            removed_count=result.removed_count,
+            replayed=result.replayed,
+            after_seq=result.after_seq,
+        )
+        add_messages(reply.removed_messages, result.removed)
+        return reply
+
 
 def _fill_state(target: MutableMapping[str, struct_pb2.Value], state: Mapping[str, str]) -> None:
     for key, text in state.items():

@@ -22,6 +22,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
 )
 from chatsession_server.ports import SessionStorage
@@ -118,3 +120,8 @@ class StorageLayer:
         self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
     ) -> dict[str, str]:
         return await self._inner.update_state(scope, delta, owners=owners)
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult:
+        return await self._inner.truncate(session_id, truncation, owners=owners)

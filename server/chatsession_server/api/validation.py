@@ -30,6 +30,7 @@ from chatsession_server.domain import (
     StateDelta,
     StateScope,
     ToolCall,
+    Truncation,
     scope_owner,
     scope_rule,
 )
@@ -675,3 +676,30 @@ def append_state_delta(request: session_service_pb2.AppendMessagesRequest) -> St
     delta = state_delta(v, "state_delta", request.state_delta)
     v.raise_if_any()
     return delta
+
+
+def truncate_messages(request: session_service_pb2.TruncateMessagesRequest) -> tuple[str, Truncation]:
+    v = Violations()
+    v.id("session_id", request.session_id)
+    v.id("request_id", request.request_id, required=False)
+    after_seq = request.after_seq if request.HasField("after_seq") else None
+    if after_seq is not None and request.pop_count:
+        v.add("pop_count", "set either after_seq or pop_count, not both")
+    elif after_seq is None and not request.pop_count:
+        # An empty request must not remove everything (as after_seq = 0 would).
+        v.add("after_seq", "is required: the seq to keep up to (0 removes everything), or set pop_count")
+    if after_seq is not None and after_seq < 0:
+        v.add("after_seq", "must not be negative (0 removes everything)")
+    if request.pop_count < 0:
+        v.add("pop_count", "must not be negative")
+    expected = request.expected_last_seq if request.HasField("expected_last_seq") else None
+    if expected is not None and expected < 0:
+        v.add("expected_last_seq", "must not be negative")
+    v.raise_if_any()
+    return request.session_id, Truncation(
+        after_seq=after_seq,
+        pop_count=request.pop_count,
+        expected_last_seq=expected,
+        request_id=request.request_id,
+        return_removed=request.return_removed,
+    )

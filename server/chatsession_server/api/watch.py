@@ -12,7 +12,10 @@ too). A clear is announced as `Cleared` and moves the cursor to the tail it left
 with after_seq at or before the seq of the session's last clear is told of it first (at most
 once: one resumed right at that seq may have seen it already); one resumed before a summary's
 seq meets the summary in its read, but one resumed past it is not told of a compaction it
-missed (nothing tells it from one it saw). Announcements come from publishes and reads, so one
+missed (nothing tells it from one it saw). A truncation is announced as `Truncated` from its
+publish; a read passes the holes it left in the window silently (unlike the seqs the window
+trimmed), but a watch resumed within the seqs the latest truncation removed (and those of earlier
+ones it reached into) is told of it first, as of a clear. Announcements come from publishes and reads, so one
 published while Valkey was unreachable may not be made; the messages never miss.
 """
 
@@ -35,6 +38,7 @@ from chatsession_server.domain import (
     Heartbeat,
     MessageQuery,
     Trimmed,
+    Truncated,
     WatchEvent,
 )
 from chatsession_server.errors import PreconditionFailed, SessionNotFound, ShuttingDown
@@ -74,6 +78,7 @@ class Watch(Generic[T]):
         "_session_id",
         "_storage",
         "_subscription",
+        "_truncation_seen",
     )
 
     def __init__(
@@ -101,7 +106,7 @@ class Watch(Generic[T]):
         self._first_read = True
         # The newest rewrite (see the module docstring) of each kind announced, or read past: a
         # publish numbered at or below it is not announced (again).
-        self._compaction_seen = self._clear_seen = 0
+        self._compaction_seen = self._clear_seen = self._truncation_seen = 0
         self._ready: deque[WatchEvent] | None = None  # events to deliver, in order; None when none
 
     def __aiter__(self) -> Watch[T]:
@@ -187,10 +192,13 @@ class Watch(Generic[T]):
         cleared_to = 0
         if self._first_read:
             self._first_read = False
-            self._clear_seen = page.rewrites  # this read shows every clear so far
+            # This read shows every clear and truncation so far.
+            self._clear_seen = self._truncation_seen = page.rewrites
             if self._resumed and cursor <= page.cleared_at_seq:
                 self._emit(Cleared(page.cleared_at_seq))
                 cleared_to = page.cleared_at_seq
+            elif self._resumed and page.truncated and page.truncated[0] < cursor <= page.truncated[1]:
+                self._emit(Truncated(*page.truncated))
         for message in page.messages:
             if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                 cursor = max(cursor, cleared_to)
@@ -199,14 +207,16 @@ class Watch(Generic[T]):
                 self._emit(Compacted(*message.summarizes))
                 cursor = message.seq
                 continue
-            if message.seq > cursor + 1:
-                self._emit(Trimmed(cursor + 1, message.seq - 1))
+            if message.seq > cursor + 1 and cursor + 1 < page.window_start_seq:
+                # (Above the window's start, a gap is what a truncation removed: announced apart.)
+                self._emit(Trimmed(cursor + 1, min(message.seq, page.window_start_seq) - 1))
             self._emit(message)
             cursor = message.seq
         cursor = max(cursor, cleared_to)
         if not page.has_more:
             if page.last_seq > cursor:  # everything after the cursor is gone
-                self._emit(Trimmed(cursor + 1, page.last_seq))
+                if cursor + 1 < page.window_start_seq:
+                    self._emit(Trimmed(cursor + 1, min(page.last_seq, page.window_start_seq - 1)))
                 cursor = page.last_seq
             self._must_read = False
         self._cursor = cursor
@@ -243,6 +253,15 @@ class Watch(Generic[T]):
                 self._compaction_seen = event.rewrite or self._compaction_seen
                 self._emit(Compacted(event.first_seq, event.last_seq))
             self._cursor = max(cursor, event.last_seq)
+        elif isinstance(event, Truncated):
+            if event.owner is not None and event.owner != self._owner:
+                raise SessionNotFound(self._session_id)
+            if event.rewrite is not None and event.rewrite <= self._truncation_seen:
+                return  # older than what a read showed
+            self._truncation_seen = event.rewrite or self._truncation_seen
+            self._emit(Truncated(event.after_seq, event.last_seq))
+            if cursor > event.after_seq:  # the removed seqs it has not had will not come
+                self._cursor = max(cursor, event.last_seq)
         elif isinstance(event, Behind):
             self._must_read = event.last_seq == 0 or event.last_seq > cursor
         elif isinstance(event, Deleted):

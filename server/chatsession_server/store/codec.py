@@ -65,10 +65,17 @@ class MetaField(enum.StrEnum):
     """on a fork: "<message_count> <token_count>" it was created with (copied, not appended: the
     usage counts them for the source only)"""
     REWRITES = "rewrites"
-    """compactions and clears so far: numbers their publishes, so a watcher tells one it has
-    announced (or read the result of) from a newer one"""
+    """compactions, clears and truncations so far: numbers their publishes, so a watcher tells one
+    it has announced (or read the result of) from a newer one"""
     CLEARED_AT_SEQ = "cleared_at_seq"
     """the session's last seq when it was last cleared: a watch resumed at or before it missed that"""
+    TRUNCATED = "truncated"
+    """"<after> <last>": every seq in after+1..last was removed by the latest truncation (merged with
+    the earlier ones it reaches into): a watch resumed within that range missed it"""
+    HOLES = "holes"
+    """"1" once a truncation left the window's seqs short of message_count: its seqs may have holes
+    (removed seqs are never reused), so the scripts read them from the items instead of counting
+    back from message_count (absent or "0": no holes)"""
     PAYLOADS = "payloads"
     """'1' once the session has stored a message with a payload (set by appends, compactions and
     forks, never unset): only then do the page and context budgets look for reply_bytes in
@@ -83,6 +90,7 @@ class PublishKind(enum.StrEnum):
     DELETED = "D"
     COMPACTED = "C"
     CLEARED = "X"
+    TRUNCATED = "T"
 
 
 def body_prefix(role: Role) -> str:

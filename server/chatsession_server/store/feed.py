@@ -1,7 +1,8 @@
 """SessionFeed: the process's one pub/sub connection, fanned out to its local watchers.
 
 Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last> <owner>
-<rewrite>"), clears ("X<last seq> <owner> <rewrite>") and deletes ("D") publish on `watch:{<id>}`
+<rewrite>"), clears ("X<last seq> <owner> <rewrite>"), truncations ("T<after seq> <last seq> <owner>
+<rewrite>") and deletes ("D") publish on `watch:{<id>}`
 (see lua/session_scripts.py; the leading letter is codec.PublishKind, for the scripts and
 `_parse` alike); in a cluster with SPUBLISH, and the feed subscribes with SSUBSCRIBE: a sharded
 channel lives on the node of its session's slot, so a publish reaches only that node's
@@ -36,6 +37,7 @@ from chatsession_server.domain import (
     Deleted,
     FeedEvent,
     StoredMessage,
+    Truncated,
 )
 from chatsession_server.errors import ChatSessionError
 from chatsession_server.logs import loggable
@@ -51,6 +53,7 @@ _APPENDED = codec.PublishKind.APPENDED.encode()
 _DELETED = codec.PublishKind.DELETED.encode()
 _COMPACTED = codec.PublishKind.COMPACTED.encode()
 _CLEARED = codec.PublishKind.CLEARED.encode()
+_TRUNCATED = codec.PublishKind.TRUNCATED.encode()
 _MESSAGE_COUNT = codec.MetaField.MESSAGE_COUNT.value
 
 
@@ -279,6 +282,9 @@ def _parse(payload: bytes) -> FeedEvent:
     if payload.startswith(_CLEARED):
         last_seq, user, *rewrite = payload[1:].split(b" ")
         return Cleared(int(last_seq), user.decode(), int(rewrite[0]) if rewrite else None)
+    if payload.startswith(_TRUNCATED):
+        after_seq, last_seq, user, number = payload[1:].split(b" ")
+        return Truncated(int(after_seq), int(last_seq), user.decode(), int(number))
     if not payload.startswith(_APPENDED):
         raise ValueError(f"unknown event {payload[:16]!r}")
     head, _, body = payload.partition(b"\n")

@@ -47,7 +47,8 @@ class KeySpace:
 
     def requests(self, session_id: str) -> str:
         """HASH request_id -> "fingerprint first_seq count": the idempotency records of
-        AppendMessages, CompactMessages and ClearMessages (one record per request_id)."""
+        AppendMessages, CompactMessages, ClearMessages and TruncateMessages (one record per
+        request_id)."""
         return f"{self.prefix}{REQUESTS_PREFIX}{{{session_id}}}"
 
     def user_index(self, user_id: str) -> str:

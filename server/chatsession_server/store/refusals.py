@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatsession_server.domain import FORKED_FROM_LABEL, Compaction, NewFork
+from chatsession_server.domain import FORKED_FROM_LABEL, Compaction, NewFork, Truncation
 from chatsession_server.errors import (
     ChatSessionError,
     FieldViolation,
@@ -18,8 +18,8 @@ from chatsession_server.store.lua.runtime import Status
 
 
 def request_id_reused(request_id: str) -> PreconditionFailed:
-    """An append, compaction or clear whose request_id this session recorded for another request
-    (request_ids of the three share one record per session)."""
+    """An append, compaction, clear or truncation whose request_id this session recorded for another
+    request (request_ids of the four share one record per session)."""
     return PreconditionFailed(
         "REQUEST_ID_REUSED",
         "request_id",
@@ -203,3 +203,49 @@ def state_full(reply: Any, *, field: str, max_keys: int, max_bytes: int) -> Prec
     else:
         held = f"{size} bytes of keys and JSON values; the limit is {max_bytes} (--max-state-bytes)"
     return PreconditionFailed("STATE_FULL", field, f"the state would hold {held}: remove keys first")
+
+
+def truncation_refused(
+    status: Status,
+    reply: Any,
+    *,
+    session_id: str,
+    truncation: Truncation,
+    max_removed_messages: int,
+    max_removed_bytes: int,
+) -> ChatSessionError:
+    if status is Status.REQUEST_ID_REUSED:
+        return request_id_reused(truncation.request_id)
+    if status is Status.SEQ_MISMATCH:
+        return PreconditionFailed(
+            "LAST_SEQ_MISMATCH",
+            "expected_last_seq",
+            f"the session's last seq is {int(reply[1])}, not {truncation.expected_last_seq}",
+        )
+    if status is Status.BEYOND_LAST:
+        return PreconditionFailed(
+            "AFTER_SEQ_AHEAD",
+            "after_seq",
+            f"after_seq {truncation.after_seq} is beyond the session's last seq {int(reply[1])}",
+        )
+    if status is Status.TRIMMED:
+        pinned, base, summary_seq = int(reply[1]), int(reply[2]), int(reply[3])
+        at_summary = f", {summary_seq} (keeps the summary)" if summary_seq > 0 else ""
+        return PreconditionFailed(
+            "AFTER_SEQ_TRIMMED",
+            "after_seq",
+            f"seq {truncation.after_seq} of session {session_id!r} was trimmed by the window or "
+            f"compacted, so the history cannot be taken back to it: truncate at 0-{pinned} (the "
+            f"prompt){at_summary} or after {base}",
+        )
+    if status is Status.TOO_LARGE:
+        removed, size = int(reply[1]), int(reply[2])
+        held = f"{size} bytes of them" if size >= 0 else f"{removed} messages"
+        return PreconditionFailed(
+            "REMOVED_TOO_LARGE",
+            "return_removed",
+            f"this truncation would remove {removed} messages and return {held}, more than a reply "
+            f"holds ({max_removed_messages} messages, {max_removed_bytes} bytes): truncate in steps "
+            "(a higher after_seq first) or without return_removed",
+        )
+    return SessionNotFound(session_id)

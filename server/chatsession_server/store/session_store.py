@@ -37,6 +37,8 @@ from chatsession_server.domain import (
     SessionPatch,
     StateDelta,
     StateScope,
+    TruncateResult,
+    Truncation,
     UserUsage,
     scope_owner,
     scope_rule,
@@ -51,6 +53,9 @@ from chatsession_server.store.valkey import ValkeyConnection
 
 # Appends up to this size travel to watchers inside the publish; larger ones are only announced.
 INLINE_PUBLISH_BYTES = 64 * 1024
+# TruncateMessages returns at most this many removed messages (and PAGE_BYTES of them): a reply's
+# bounds, as a ListMessages page's.
+MAX_REMOVED_MESSAGES = 1000
 
 
 class SessionStore:
@@ -338,7 +343,8 @@ class SessionStore:
         )
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
-        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq = reply
+        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq, truncated = reply
+        removed = truncated.split() if truncated else ()
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
@@ -347,6 +353,7 @@ class SessionStore:
             history_trimmed=bool(trimmed),
             rewrites=int(rewrites),
             cleared_at_seq=int(cleared_at_seq),
+            truncated=(int(removed[0]), int(removed[1])) if removed else None,
         )
 
     async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
@@ -540,6 +547,50 @@ class SessionStore:
             raise refusals.clear_refused(status, session_id, request_id)
         await self._conn.replicated(self._keys.meta(session_id))
         return codec.decode_described(session_id, reply[1])
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+    ) -> TruncateResult:
+        """Removes the newest stored messages in one script (see session_scripts.TRUNCATE)."""
+        t = truncation
+        # "t": never equal to another kind's fingerprint (see compact); what the call removes is
+        # named by after_seq or pop_count, not by expected_last_seq or return_removed.
+        what = f"a{t.after_seq}" if t.after_seq is not None else f"p{t.pop_count}"
+        args = session_scripts.TruncateArgs(
+            owners=owners_arg(owners),
+            after_seq=t.after_seq,
+            pop_count=t.pop_count,
+            expected_last_seq=t.expected_last_seq,
+            request_id=t.request_id,
+            fingerprint="t" + what if t.request_id else "",
+            idempotency_limit=self._idempotency_limit,
+            publish_command=self._publish,
+            channel=self._keys.watch_channel(session_id),
+            return_removed=t.return_removed,
+            max_removed_messages=MAX_REMOVED_MESSAGES,
+            max_removed_bytes=PAGE_BYTES,
+        )
+        status, reply = await self._scripts.call(
+            session_scripts.TRUNCATE, self._session_keys(session_id), args
+        )
+        if status is not Status.OK and status is not Status.REPLAYED:
+            raise refusals.truncation_refused(
+                status,
+                reply,
+                session_id=session_id,
+                truncation=t,
+                max_removed_messages=MAX_REMOVED_MESSAGES,
+                max_removed_bytes=PAGE_BYTES,
+            )
+        await self._conn.replicated(self._keys.meta(session_id))
+        _, after_seq, removed_count, items, described = reply
+        return TruncateResult(
+            session=codec.decode_described(session_id, described),
+            after_seq=int(after_seq),
+            removed_count=int(removed_count),
+            removed=codec.decode_messages(items),
+            replayed=status is Status.REPLAYED,
+        )
 
     async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
         """A page of the user's live sessions, most recently active first (see listing.py)."""

@@ -166,30 +166,50 @@ local function trim_window(chat, meta, max, pinned)
 end
 
 
--- Where seq is in the LIST (the pinned prompt, then the window, with no gap in between); a seq
--- that was trimmed maps to the window's first item (`at_least`) or the prompt's last.
-local function list_index(mc, len, pinned, seq, at_least)
-  local base = mc - (len - pinned)
-  if seq <= pinned then return seq - 1 end
-  if seq > base then return pinned + seq - base - 1 end
-  return at_least and pinned or pinned - 1
+-- Where the window stands in the LIST: its items are at indices pinned..len-1 in seq order, after
+-- the seqs pinned+1..base that are gone (trimmed, compacted, cleared). Their seqs run base+1..mc
+-- without a hole unless a truncation left some (meta's `holes` is '1'): then they are read from the
+-- items themselves.
+local function window_of(chat, mc, len, pinned, holes)
+  local w = {chat = chat, len = len, pinned = pinned, holes = holes == '1' and len > pinned}
+  if w.holes then
+    w.base = seq_of(redis.call('LINDEX', chat, pinned)) - 1
+  else
+    w.base = mc - (len - pinned)
+  end
+  return w
+end
+
+-- The LIST index of the first window item with a seq >= `seq` (len when there is none): counted
+-- without holes, else found by bisection (a few LINDEX).
+local function window_at(w, seq)
+  if not w.holes then return w.pinned + math.min(math.max(seq - w.base - 1, 0), w.len - w.pinned) end
+  -- The ends first (the newest page asks for both): no bisection for a seq outside the window.
+  if seq <= w.base + 1 then return w.pinned end
+  if not w.last then w.last = seq_of(redis.call('LINDEX', w.chat, w.len - 1)) end
+  if seq > w.last then return w.len end
+  local lo, hi = w.pinned, w.len
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if seq_of(redis.call('LINDEX', w.chat, mid)) < seq then lo = mid + 1 else hi = mid end
+  end
+  return lo
 end
 
 -- Stored messages with lo <= seq <= hi, oldest first.
-local function read_range(chat, mc, len, pinned, lo, hi)
+local function read_range(w, lo, hi)
   local out = {}
   if lo < 1 then lo = 1 end
-  if hi > mc then hi = mc end
   if lo > hi then return out end
-  local base = mc - (len - pinned)
+  local pinned = w.pinned
   if lo <= pinned then
-    for _, v in ipairs(redis.call('LRANGE', chat, lo - 1, math.min(hi, pinned) - 1)) do out[#out + 1] = v end
-  end
-  local from = math.max(lo, base + 1)
-  if from <= hi then
-    for _, v in ipairs(redis.call('LRANGE', chat, pinned + from - base - 1, pinned + hi - base - 1)) do
+    for _, v in ipairs(redis.call('LRANGE', w.chat, lo - 1, math.min(hi, pinned) - 1)) do
       out[#out + 1] = v
     end
+  end
+  local from, to = window_at(w, math.max(lo, pinned + 1)), window_at(w, hi + 1) - 1
+  if from <= to then
+    for _, v in ipairs(redis.call('LRANGE', w.chat, from, to)) do out[#out + 1] = v end
   end
   return out
 end

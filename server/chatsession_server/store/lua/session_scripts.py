@@ -3,12 +3,16 @@
 Layout of a session (see also keys.py):
   chat:{id}  LIST of JSON messages. Stored seqs are 1..pinned (the leading system prompt, at
              indices 0..pinned-1, never trimmed) and base+1..message_count (the window, at
-             indices pinned..len-1), where base = message_count - (len - pinned).
+             indices pinned..len-1), where base = message_count - (len - pinned); once a
+             truncation has removed the newest (meta's `holes`), the window's seqs may have
+             holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] [payloads] label:<key>...
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes truncated] [payloads]
+             label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
-             compactions ("fingerprint up_to_seq 0") and clears ("fingerprint last_seq 0").
+             compactions ("fingerprint up_to_seq 0"), clears ("fingerprint last_seq 0") and
+             truncations ("fingerprint after_seq removed").
   summary:{id}  STRING: CompactMessages' summary, stored JSON with seq = the last seq it replaces
              (pinned < seq <= base: it stands where the messages it replaced were).
   state:{id}  HASH: the session's state (see state_scripts.py).
@@ -117,7 +121,7 @@ APPEND = LuaScript(
     + STATE_LUA
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
-                     F_LAST_ACTIVE, F_STORED_BYTES)
+                     F_LAST_ACTIVE, F_STORED_BYTES, F_HOLES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
@@ -125,7 +129,8 @@ local replay_first, replay_count = recorded_request(reqs, request_id, fingerprin
 if replay_first == false then return {ST_REQUEST_ID_REUSED} end
 if replay_first then
   local len = redis.call('LLEN', chat)
-  local replay = read_range(chat, mc, len, pinned, replay_first, replay_first + replay_count - 1)
+  local w = window_of(chat, mc, len, pinned, m[8])
+  local replay = read_range(w, replay_first, replay_first + replay_count - 1)
   return {ST_REPLAYED, replay_first, replay, describe(chat, meta)}
 end
 if expected_last_seq ~= '' and tonumber(expected_last_seq) ~= mc then return {ST_SEQ_MISMATCH, mc} end
@@ -204,30 +209,24 @@ LIST_MESSAGES = LuaScript(
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
-                     F_PAYLOADS)
+                     F_HOLES, F_TRUNCATED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
-local size_of = m[6] and reply_size or string.len
+local size_of = m[8] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
-local base = mc - (len - pinned)
+local w = window_of(chat, mc, len, pinned, m[6])
+local base = w.base
 local limit = tonumber(limit)
 local forward = after_seq ~= ''
 local lo = forward and tonumber(after_seq) + 1 or 1
 local hi = before_seq ~= '' and math.min(tonumber(before_seq) - 1, mc) or mc
--- The stored seqs within [lo, hi] form two runs: the pinned prompt and the window.
+-- The stored items with seqs within [lo, hi] form two runs, adjacent in the LIST: na of the
+-- pinned prompt (seqs a1..a2), then nb of the window (indices w1..w2).
 local a1, a2 = math.max(lo, 1), math.min(hi, pinned)
-local b1, b2 = math.max(lo, base + 1), hi
-local na, nb = math.max(a2 - a1 + 1, 0), math.max(b2 - b1 + 1, 0)
+local w1, w2 = window_at(w, math.max(lo, pinned + 1)), window_at(w, hi + 1) - 1
+local na, nb = math.max(a2 - a1 + 1, 0), math.max(w2 - w1 + 1, 0)
+local first_at, last_at = (na > 0) and a1 - 1 or w1, (nb > 0) and w2 or a2 - 1
 local p_lo, p_hi
-if forward then
-  if na >= limit then p_lo, p_hi = a1, a1 + limit - 1
-  elseif nb > 0 then p_lo, p_hi = (na > 0) and a1 or b1, b1 + math.min(limit - na, nb) - 1
-  else p_lo, p_hi = a1, a2 end
-else
-  if nb >= limit then p_lo, p_hi = b2 - limit + 1, b2
-  elseif na > 0 then p_lo, p_hi = a2 - math.min(limit - nb, na) + 1, (nb > 0) and b2 or a2
-  else p_lo, p_hi = b1, b2 end
-end
 -- Read from the near end in small slices and stop short of max_bytes (keeping at least one), so
 -- neither the reply nor this script's own memory grows with the page: a forward page keeps its
 -- oldest, a backward one its newest; the reader pages on from where it stopped.
@@ -236,7 +235,8 @@ local items = {}
 -- are kept out of the page's budget when it is in the range.
 local summary_item, s_seq = read_summary(summary)
 if s_seq and (s_seq < lo or s_seq > hi) then summary_item = false end
-local i_lo, i_hi = list_index(mc, len, pinned, p_lo, true), list_index(mc, len, pinned, p_hi, false)
+local i_lo, i_hi = first_at, math.min(first_at + limit - 1, last_at)
+if not forward then i_lo, i_hi = math.max(last_at - limit + 1, first_at), last_at end
 if na + nb > 0 and limit > 0 and i_lo <= i_hi then
   local budget, size, slice = tonumber(max_bytes) - (summary_item and size_of(summary_item) or 0), 0, 8
   local kept, stop = {}, false
@@ -286,7 +286,8 @@ if #items > 0 and has_more == 1 then
 end
 -- (With a summary, the seqs up to its own stand compacted, not trimmed.)
 local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
-return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0')}
+return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
+        m[7] or ''}
 """,
     read_only=True,
 )
@@ -398,7 +399,7 @@ FORK_READ = LuaScript(
     ("chat", "meta", "summary", "state"),
     ForkReadArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
 local len = redis.call('LLEN', chat)
@@ -412,7 +413,8 @@ end
 local at = mc
 if at_seq ~= '' then at = tonumber(at_seq) end
 if at > mc then return {ST_BEYOND_LAST, mc} end
-local base = mc - (len - pinned)
+local w = window_of(chat, mc, len, pinned, m[5])
+local base = w.base
 local summary_json = redis.call('GET', summary)
 local summary_seq = -1
 if summary_json then summary_seq = seq_of(summary_json) end
@@ -423,7 +425,7 @@ end
 local prompt = {}
 if pinned > 0 then prompt = redis.call('LRANGE', chat, 0, pinned - 1) end
 local recent = {}
-if at > base then recent = read_range(chat, mc, len, pinned, base + 1, at) end
+if at > base then recent = read_range(w, base + 1, at) end
 local kept_summary = ''
 if summary_json and at > pinned then kept_summary = summary_json end
 -- The state as it is now (it has no history: at_seq does not change it).
@@ -587,7 +589,7 @@ COMPACT = LuaScript(
     ("chat", "meta", "reqs", "summary"),
     CompactArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES)
 if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
 local replayed = recorded_request(reqs, request_id, fingerprint)
 if replayed == false then return {ST_REQUEST_ID_REUSED} end
@@ -598,8 +600,7 @@ if up_to <= pinned then return {ST_UP_TO_SEQ_IN_PROMPT, pinned} end
 local old, old_seq = read_summary(summary)
 if old and up_to < old_seq then return {ST_ALREADY_COMPACTED, old_seq} end
 local len = redis.call('LLEN', chat)
-local base = mc - (len - pinned)
-local drop = math.min(math.max(up_to - base, 0), len - pinned)
+local drop = window_at(window_of(chat, mc, len, pinned, m[5]), up_to + 1) - pinned
 local item = SEQ_HEAD .. string.format('%d', up_to) .. ',' .. string.sub(summary_body, 1, -2)
   .. SUMMARIZES_HEAD .. string.format('%d', pinned + 1) .. ',' .. string.format('%d', up_to) .. ']}'
 -- The cap every append is held to: a compaction may not take the session above it, unless it
@@ -664,6 +665,7 @@ if old then
   redis.call('DEL', summary)
 end
 redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
+redis.call('HDEL', meta, F_HOLES)  -- the window is empty: no hole is left in it
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
 if request_id ~= '' then
   remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
@@ -672,6 +674,109 @@ end
 redis.call(publish_command, channel,
            PUBLISH_CLEARED .. m[2] .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
 return {ST_OK, describe(chat, meta)}
+""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TruncateArgs:
+    owners: str
+    after_seq: int | None
+    """None: pop_count says what goes"""
+    pop_count: int
+    expected_last_seq: int | None
+    request_id: str
+    fingerprint: str
+    idempotency_limit: int
+    publish_command: str
+    channel: str
+    return_removed: bool
+    max_removed_messages: int
+    """with return_removed: refuse (TOO_LARGE) removing more messages than this..."""
+    max_removed_bytes: int
+    """...or more bytes of them"""
+
+
+# Keeps the stored items with seq <= after (the pinned prompt, the summary, the window, in this
+# order of seqs), removes the rest: one LTRIM, as the removed items are always the LIST's tail (a
+# cut into the prompt takes the whole window and the summary with it). The counters stay (seqs are
+# never reused: the next append gets message_count + 1), so a window left short of message_count
+# is marked `holes`. Publishes "T<after> <message_count> <owner> <rewrite>" (as COMPACT's). A
+# request_id's record is "fingerprint after removed"; a replay removes nothing.
+TRUNCATE = LuaScript(
+    ("chat", "meta", "reqs", "summary"),
+    TruncateArgs,
+    r"""
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED)
+if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+local recorded_after, recorded_removed = recorded_request(reqs, request_id, fingerprint)
+if recorded_after == false then return {ST_REQUEST_ID_REUSED} end
+if recorded_after then return {ST_REPLAYED, recorded_after, recorded_removed, {}, describe(chat, meta)} end
+local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
+if expected_last_seq ~= '' and tonumber(expected_last_seq) ~= mc then return {ST_SEQ_MISMATCH, mc} end
+local len = redis.call('LLEN', chat)
+local w = window_of(chat, mc, len, pinned, m[4])
+local summary_item, s_seq = read_summary(summary)
+local after
+if after_seq ~= '' then
+  after = tonumber(after_seq)
+  if after > mc then return {ST_BEYOND_LAST, mc} end
+else
+  -- The newest item kept, counting the summary as one between the prompt and the window.
+  local kept = len + (summary_item and 1 or 0) - tonumber(pop_count)
+  if kept <= 0 then after = 0
+  elseif kept <= pinned then after = kept
+  elseif summary_item and kept == pinned + 1 then after = s_seq
+  else after = seq_of(redis.call('LINDEX', chat, kept - 1 - (summary_item and 1 or 0))) end
+end
+-- The LIST keeps its indices 0..cut-1.
+local cut = after < pinned and math.max(after, 0) or window_at(w, after + 1)
+local drop_summary = summary_item and s_seq > after
+local removed = len - cut + (drop_summary and 1 or 0)
+if removed > 0 and after > pinned and after <= w.base and after ~= s_seq then
+  return {ST_TRIMMED, pinned, w.base, s_seq or -1}
+end
+local items, listed = {}, nil
+if return_removed == '1' and removed > 0 then
+  -- Checked before a write: a refusal leaves the session as it was.
+  if removed > tonumber(max_removed_messages) then return {ST_TOO_LARGE, removed, -1} end
+  listed = drop_summary and #summary_item or 0
+  for at = cut, len - 1, 64 do
+    for _, item in ipairs(redis.call('LRANGE', chat, at, math.min(at + 63, len - 1))) do
+      listed = listed + #item
+      if listed > tonumber(max_removed_bytes) then return {ST_TOO_LARGE, removed, listed} end
+      items[#items + 1] = item
+    end
+  end
+  -- The summary's seq lies between the removed prompt's and the window's.
+  if drop_summary then table.insert(items, math.max(pinned - cut, 0) + 1, summary_item) end
+end
+if removed > 0 then
+  unstore(meta, listed or (bytes_of(chat, cut, len - 1) + (drop_summary and #summary_item or 0)))
+  if cut == 0 then redis.call('DEL', chat) else redis.call('LTRIM', chat, 0, cut - 1) end
+  if drop_summary then redis.call('DEL', summary) end
+  if cut < pinned then redis.call('HSET', meta, F_PINNED, cut) end
+  -- A window left (cut beyond the prompt) now ends short of message_count.
+  if cut > pinned then redis.call('HSET', meta, F_HOLES, '1') else redis.call('HDEL', meta, F_HOLES) end
+  -- What a resumed watch is told: after+1..message_count are gone, and so is an earlier range
+  -- this one reaches into (together they are one run of removed seqs).
+  local earlier_after, earlier_last = string.match(m[5] or '', '^(%d+) (%d+)$')
+  local from = after
+  if earlier_after and after < tonumber(earlier_last) then from = math.min(after, tonumber(earlier_after)) end
+  redis.call('HSET', meta, F_TRUNCATED, string.format('%d', from) .. ' ' .. m[2])
+end
+if request_id ~= '' then
+  remember_request(reqs, request_id,
+                   fingerprint .. ' ' .. string.format('%d', after) .. ' ' .. string.format('%d', removed),
+                   idempotency_limit)
+  expire_with_meta(meta, reqs)  -- a truncation is no activity of the user's
+end
+if removed > 0 then
+  local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
+  redis.call(publish_command, channel, PUBLISH_TRUNCATED .. string.format('%d', after) .. ' ' .. m[2]
+             .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
+end
+return {ST_OK, after, removed, items, describe(chat, meta)}
 """,
 )
 
@@ -686,4 +791,5 @@ ALL: tuple[LuaScript[Any], ...] = (
     GET_CONTEXT,
     COMPACT,
     CLEAR,
+    TRUNCATE,
 )

@@ -109,11 +109,12 @@ class Session(_message.Message):
     title: _builtins.str
     """Human-readable title, at most 1024 characters."""
     message_count: _builtins.int
-    """Messages ever appended, including those the sliding window has trimmed; the seq of
-    the newest message. Output only.
+    """Messages ever appended, including those the sliding window has trimmed (or
+    TruncateMessages removed); the seq of the newest message appended. Seqs are never reused:
+    the next append gets message_count + 1. Output only.
     """
     token_count: _builtins.int
-    """Sum of the `tokens` of every message ever appended. Output only."""
+    """Sum of the `tokens` of every message ever appended (removed ones included). Output only."""
     messages_stored: _builtins.int
     """Messages currently kept in the LIST (its LLEN). Output only."""
     expires_in_seconds: _builtins.int

@@ -364,7 +364,8 @@ class AppendMessagesRequest(_message.Message):
     """
     expected_last_seq: _builtins.int
     """Optional optimistic check: append only if the session's newest seq (`message_count`)
-    equals this value, else FAILED_PRECONDITION and nothing is written.
+    equals this value, else FAILED_PRECONDITION and nothing is written. (A truncation does not
+    change `message_count`: this tells whether anyone appended since.)
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Message]:
@@ -497,7 +498,9 @@ class ListMessagesResponse(_message.Message):
     when reading forward, older ones otherwise).
     """
     last_seq: _builtins.int
-    """Seq of the newest message (the session's `message_count`); 0 when empty."""
+    """Seq of the newest message appended (the session's `message_count`, which TruncateMessages
+    does not lower); 0 when none was.
+    """
     window_start_seq: _builtins.int
     """Seq of the oldest message the sliding window still keeps after the system prompt;
     messages with seqs between the system prompt and this one were trimmed (or, up to the
@@ -569,6 +572,7 @@ class WatchMessagesResponse(_message.Message):
     HISTORY_TRIMMED_FIELD_NUMBER: _builtins.int
     COMPACTED_FIELD_NUMBER: _builtins.int
     CLEARED_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> _session_pb2.Message:
         """A message, in seq order."""
@@ -592,6 +596,12 @@ class WatchMessagesResponse(_message.Message):
     def cleared(self) -> Global___Cleared:
         """ClearMessages emptied the history; delivery goes on with the messages appended next."""
 
+    @_builtins.property
+    def truncated(self) -> Global___Truncated:
+        """TruncateMessages removed the messages after a seq; delivery goes on with the messages
+        appended next (their seqs follow `last_seq`: removed seqs are never reused).
+        """
+
     def __init__(
         self,
         *,
@@ -600,12 +610,13 @@ class WatchMessagesResponse(_message.Message):
         history_trimmed: Global___HistoryTrimmed | None = ...,
         compacted: Global___Compacted | None = ...,
         cleared: Global___Cleared | None = ...,
+        truncated: Global___Truncated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "compacted", b"compacted", "event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "compacted", b"compacted", "event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message", "truncated", b"truncated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "compacted", b"compacted", "event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleared", b"cleared", "compacted", b"compacted", "event", b"event", "heartbeat", b"heartbeat", "history_trimmed", b"history_trimmed", "message", b"message", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["message", "heartbeat", "history_trimmed", "compacted", "cleared"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["message", "heartbeat", "history_trimmed", "compacted", "cleared", "truncated"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
@@ -1386,3 +1397,150 @@ class UpdateStateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateStateResponse: _TypeAlias = UpdateStateResponse  # noqa: Y015
+
+@_typing.final
+class TruncateMessagesRequest(_message.Message):
+    """Request for TruncateMessages. Exactly one of `after_seq` and `pop_count` says what goes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    POP_COUNT_FIELD_NUMBER: _builtins.int
+    EXPECTED_LAST_SEQ_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RETURN_REMOVED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Id of the session. Required."""
+    after_seq: _builtins.int
+    """Keep the stored messages with seq <= after_seq, remove the rest (0 removes everything,
+    the pinned system prompt too: set it to the prompt's last seq to keep the prompt). Must
+    not be negative. FAILED_PRECONDITION when it is beyond the session's last seq
+    (AFTER_SEQ_AHEAD), or when messages would go and it names a seq the sliding window trimmed
+    or a compaction replaced (AFTER_SEQ_TRIMMED: that point cannot be restored; the summary's
+    own seq keeps the summary). At or after the newest stored seq: nothing is removed.
+    """
+    pop_count: _builtins.int
+    """Instead of `after_seq`: remove the newest `pop_count` stored messages (1 pops the newest;
+    the summary counts as one message, the prompt's messages go last). More than the session
+    stores removes everything; an empty session removes nothing. Not negative.
+    """
+    expected_last_seq: _builtins.int
+    """Optional optimistic check, as in AppendMessages: truncate only if the session's newest
+    seq (`message_count`) equals this value, else FAILED_PRECONDITION (LAST_SEQ_MISMATCH) and
+    nothing is written. A truncation does not change `message_count`.
+    """
+    request_id: _builtins.str
+    """Optional idempotency key, 1-128 characters from [A-Za-z0-9_.:-], shared with
+    AppendMessages', CompactMessages' and ClearMessages' keys. A retry with the same key and
+    request removes nothing more (not even messages appended since) and returns the first
+    call's `after_seq` and `removed_count` with `replayed` (but no `removed_messages`: they
+    are gone); with a different request it fails with FAILED_PRECONDITION (REQUEST_ID_REUSED).
+    """
+    return_removed: _builtins.bool
+    """Return the removed messages in `removed_messages`. When they would not fit a reply (more
+    than 1000 messages or about 3 MiB of them) the call fails with FAILED_PRECONDITION
+    (REMOVED_TOO_LARGE) and nothing is removed: truncate in steps, or without them.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        after_seq: _builtins.int | None = ...,
+        pop_count: _builtins.int = ...,
+        expected_last_seq: _builtins.int | None = ...,
+        request_id: _builtins.str = ...,
+        return_removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "_expected_last_seq", b"_expected_last_seq", "after_seq", b"after_seq", "expected_last_seq", b"expected_last_seq"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq", "_expected_last_seq", b"_expected_last_seq", "after_seq", b"after_seq", "expected_last_seq", b"expected_last_seq", "pop_count", b"pop_count", "request_id", b"request_id", "return_removed", b"return_removed", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after_seq: _TypeAlias = _typing.Literal["after_seq"]  # noqa: Y015
+    _WhichOneofArgType__after_seq: _TypeAlias = _typing.Literal["_after_seq", b"_after_seq"]  # noqa: Y015
+    _WhichOneofReturnType__expected_last_seq: _TypeAlias = _typing.Literal["expected_last_seq"]  # noqa: Y015
+    _WhichOneofArgType__expected_last_seq: _TypeAlias = _typing.Literal["_expected_last_seq", b"_expected_last_seq"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_seq) -> _WhichOneofReturnType__after_seq | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_last_seq) -> _WhichOneofReturnType__expected_last_seq | None: ...
+
+Global___TruncateMessagesRequest: _TypeAlias = TruncateMessagesRequest  # noqa: Y015
+
+@_typing.final
+class TruncateMessagesResponse(_message.Message):
+    """Response for TruncateMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    REMOVED_COUNT_FIELD_NUMBER: _builtins.int
+    REMOVED_MESSAGES_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    removed_count: _builtins.int
+    """How many stored messages were removed (the summary counts as one); 0 when none were."""
+    replayed: _builtins.bool
+    """True when this was a retry of an earlier call with the same `request_id`: nothing was
+    removed by this call.
+    """
+    after_seq: _builtins.int
+    """The seq the session's history now ends at: every stored message after it was removed
+    (with `pop_count`: the newest message kept, 0 when none is).
+    """
+    @_builtins.property
+    def session(self) -> _session_pb2.Session:
+        """The session after the truncation. `message_count` and `token_count` do not change (they
+        count what was appended; usage too); `messages_stored` does.
+        """
+
+    @_builtins.property
+    def removed_messages(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Message]:
+        """With `return_removed`: the removed messages, oldest first (a removed summary is marked by
+        `summarizes`). Empty on a replay.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: _session_pb2.Session | None = ...,
+        removed_count: _builtins.int = ...,
+        removed_messages: _abc.Iterable[_session_pb2.Message] | None = ...,
+        replayed: _builtins.bool = ...,
+        after_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "removed_count", b"removed_count", "removed_messages", b"removed_messages", "replayed", b"replayed", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TruncateMessagesResponse: _TypeAlias = TruncateMessagesResponse  # noqa: Y015
+
+@_typing.final
+class Truncated(_message.Message):
+    """Messages were removed from the end of the history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    """Every message with a seq after this one (up to `last_seq`) was removed; a client holding
+    them drops them.
+    """
+    last_seq: _builtins.int
+    """The session's last seq at the truncation; the next message delivered comes after it."""
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "last_seq", b"last_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Truncated: _TypeAlias = Truncated  # noqa: Y015

@@ -116,6 +116,11 @@ class SessionServiceStub:
                 request_serializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateRequest.SerializeToString,
                 response_deserializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateResponse.FromString,
                 _registered_method=True)
+        self.TruncateMessages = channel.unary_unary(
+                '/chatsession.v1.SessionService/TruncateMessages',
+                request_serializer=chatsession_dot_v1_dot_session__service__pb2.TruncateMessagesRequest.SerializeToString,
+                response_deserializer=chatsession_dot_v1_dot_session__service__pb2.TruncateMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -243,6 +248,15 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TruncateMessages(self, request, context):
+        """Removes the newest messages: those after a seq, or the newest few (pop), atomically, and
+        optionally returns them. Seqs are never reused: the next append still gets
+        `message_count + 1`, and watchers are told once (`Truncated`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +334,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.UpdateState,
                     request_deserializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateRequest.FromString,
                     response_serializer=chatsession_dot_v1_dot_session__service__pb2.UpdateStateResponse.SerializeToString,
+            ),
+            'TruncateMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.TruncateMessages,
+                    request_deserializer=chatsession_dot_v1_dot_session__service__pb2.TruncateMessagesRequest.FromString,
+                    response_serializer=chatsession_dot_v1_dot_session__service__pb2.TruncateMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -734,6 +753,33 @@ class SessionService:
             '/chatsession.v1.SessionService/UpdateState',
             chatsession_dot_v1_dot_session__service__pb2.UpdateStateRequest.SerializeToString,
             chatsession_dot_v1_dot_session__service__pb2.UpdateStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TruncateMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatsession.v1.SessionService/TruncateMessages',
+            chatsession_dot_v1_dot_session__service__pb2.TruncateMessagesRequest.SerializeToString,
+            chatsession_dot_v1_dot_session__service__pb2.TruncateMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,11 @@ class SessionServiceStub:
     FAILED_PRECONDITION (STATE_FULL) when the state would hold more keys or bytes than the
     server allows, and nothing is changed.
     """
+    TruncateMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.TruncateMessagesRequest, _session_service_pb2.TruncateMessagesResponse]
+    """Removes the newest messages: those after a seq, or the newest few (pop), atomically, and
+    optionally returns them. Seqs are never reused: the next append still gets
+    `message_count + 1`, and watchers are told once (`Truncated`).
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Stores the conversations of LLM applications in Valkey.
@@ -216,6 +221,17 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sets and removes keys of a state in one atomic step, and returns the state after it.
         FAILED_PRECONDITION (STATE_FULL) when the state would hold more keys or bytes than the
         server allows, and nothing is changed.
+        """
+
+    @_abc_1.abstractmethod
+    def TruncateMessages(
+        self,
+        request: _session_service_pb2.TruncateMessagesRequest,
+        context: _aio.ServicerContext[_session_service_pb2.TruncateMessagesRequest, _abc.Awaitable[_session_service_pb2.TruncateMessagesResponse]],
+    ) -> _abc.Awaitable[_session_service_pb2.TruncateMessagesResponse]:
+        """Removes the newest messages: those after a seq, or the newest few (pop), atomically, and
+        optionally returns them. Seqs are never reused: the next append still gets
+        `message_count + 1`, and watchers are told once (`Truncated`).
         """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _aio.Server) -> None: ...
