@@ -47,15 +47,15 @@ def fail_index_step(monkeypatch: pytest.MonkeyPatch, store: SessionStore, name: 
 
 def hold_unindex(
     monkeypatch: pytest.MonkeyPatch, server: RunningServer
-) -> tuple[SecondStepOwnerIndex, list[tuple[str, str, str]]]:
+) -> tuple[SecondStepOwnerIndex, list[tuple[str, str, str, str]]]:
     """The server's owner index, and the arguments of its deletes' index steps, held back (not
     run) for the test to run late."""
     index_steps = server.store._owner_index
     assert isinstance(index_steps, SecondStepOwnerIndex)
-    held: list[tuple[str, str, str]] = []
+    held: list[tuple[str, str, str, str]] = []
 
-    async def hold(user_id: str, session_id: str, last_active: str) -> None:
-        held.append((user_id, session_id, last_active))
+    async def hold(user_id: str, session_id: str, last_active: str, app: str = "") -> None:
+        held.append((user_id, session_id, last_active, app))
 
     monkeypatch.setattr(index_steps, "unindex", hold)
     return index_steps, held

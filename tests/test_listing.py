@@ -20,7 +20,7 @@ from chatsession_client import NO_RETRY, InvalidArgumentError, SessionClient, Un
 from chatsession_client.errors import ResourceExhaustedError
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.app import RunningServer, start_server
-from chatsession_server.domain import SessionCursor
+from chatsession_server.domain import Listed, SessionCursor
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.errors import InvalidArgument, StoreUnavailable
 from chatsession_server.settings import Settings, ValkeyAddress
@@ -262,6 +262,7 @@ FORGED_PAYLOADS = {
     "id not a string": b'{"v":1,"u":"alice","s":1,"i":7}',
     "bad id": b'{"v":1,"u":"alice","s":1,"i":"a b{c}"}',
     "user not a string": b'{"v":1,"u":null,"s":1,"i":"x"}',
+    "app not a string": b'{"v":1,"u":"alice","a":7,"s":1,"i":"x"}',
     "a list": b"[1,2,3]",
     "deep nesting": b"[" * 100_000 + b"]" * 100_000,
     "not utf-8": b'{"v":1,"u":"\xff","s":1,"i":"x"}',
@@ -273,16 +274,16 @@ FORGED_PAYLOADS = {
 def test_signed_but_malformed_tokens_are_invalid_argument(payload: bytes) -> None:
     tokens = PageTokens(b"k")
     with pytest.raises(InvalidArgument) as info:
-        tokens.decode(_signed(payload, b"k"), "alice")
+        tokens.decode(_signed(payload, b"k"), Listed("alice"))
     assert [v.field for v in info.value.violations] == ["page_token"]
 
 
 def test_token_round_trip_and_length_bound() -> None:
     tokens = PageTokens(b"k")
     cursor = SessionCursor(1_700_000_000.123456, "s-1")
-    assert tokens.decode(tokens.encode("alice", cursor), "alice") == cursor
+    assert tokens.decode(tokens.encode(Listed("alice"), cursor), Listed("alice")) == cursor
     with pytest.raises(InvalidArgument):
-        tokens.decode("A" * 100_000, "alice")
+        tokens.decode("A" * 100_000, Listed("alice"))
 
 
 async def test_token_forged_with_the_old_default_key_is_rejected(client: SessionClient, uid: str) -> None:

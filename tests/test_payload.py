@@ -37,6 +37,7 @@ from chatsession_server.api.limits import (
 from chatsession_server.api.payload import payload_field, payload_json
 from chatsession_server.app import RunningServer
 from chatsession_server.settings import Settings
+from chatsession_server.store import session_store
 from tests.helpers import (
     eventually,
     grpcurl,
@@ -425,10 +426,11 @@ def test_the_servers_encoding_of_a_stored_payload_is_the_value_protobuf_makes(va
 
 
 async def test_a_watch_delivers_payloads_in_the_announcement_and_read_back(
-    client: SessionClient, raw: GlideClient, uid: str
+    client: SessionClient, raw: GlideClient, uid: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Appends up to 64 KiB travel in the announcement; larger ones are announced without their
-    # messages, and the watcher reads them back.
+    # Appends up to INLINE_PUBLISH_BYTES travel in the announcement; larger ones are announced
+    # without their messages, and the watcher reads them back: 64 KiB here, for both ways.
+    monkeypatch.setattr(session_store, "INLINE_PUBLISH_BYTES", 64 * 1024)
     sid = (await client.create_session(uid)).session_id
     big = {"blob": "é" * 40_000, "x": 0.30000000000000004}
     watched: list[session_pb2.Message] = []

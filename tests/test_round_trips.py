@@ -35,6 +35,8 @@ async def commands_of(raw: Any, step: Any) -> dict[str, int]:
 
 APPEND_SCRIPT_COMMANDS = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", APPEND.source)}
 APPEND_SCRIPT_COMMANDS |= {"publish", "spublish"}  # called by the name it is given
+# Whether anyone follows the channel (the messages go inside the publish only then).
+APPEND_SCRIPT_COMMANDS |= {"pubsub|numsub", "pubsub|shardnumsub"}
 
 
 @pytest.mark.standalone_only
@@ -63,6 +65,33 @@ async def test_in_a_cluster_an_append_is_its_script_and_one_index_and_usage_step
     step_commands = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", USAGE_SYNC.source)}
     assert spent.pop("zadd") == 1  # the index, in the second step (the append's script skips it)
     assert set(spent) <= APPEND_SCRIPT_COMMANDS | step_commands, spent
+
+
+@pytest.mark.cluster_only
+async def test_in_a_cluster_an_append_to_a_session_of_an_app_adds_one_step_for_the_apps_index(
+    client: SessionClient, raw: Any, uid: str
+) -> None:
+    """The user's index of the app is in the owner's slot (the same step); the app's index is in
+    the app's own slot: one more round trip, a ZADD."""
+    s = await client.create_session(uid, app=f"{uid}-app")
+    await client.append(s.session_id, [user("warm")])
+    spent = await commands_of(raw, client.append(s.session_id, [user("hello", tokens=3)]))
+    assert spent.pop("evalsha") == 2  # the append's script, then the index and usage step's
+    assert spent.pop("zadd") == 3  # the user's index and the user's of the app, then the app's
+    step_commands = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", USAGE_SYNC.source)}
+    assert set(spent) <= APPEND_SCRIPT_COMMANDS | step_commands, spent
+
+
+@pytest.mark.standalone_only
+async def test_an_append_to_a_session_of_an_app_is_still_one_evalsha(
+    client: SessionClient, raw: Any, uid: str
+) -> None:
+    s = await client.create_session(uid, app=f"{uid}-app")
+    await client.append(s.session_id, [user("warm")])
+    spent = await commands_of(raw, client.append(s.session_id, [user("hello", tokens=3)]))
+    assert spent.pop("evalsha") == 1
+    assert spent["zadd"] == 3  # the owner's index, the owner's of the app, the app's: in the script
+    assert set(spent) <= APPEND_SCRIPT_COMMANDS, set(spent) - APPEND_SCRIPT_COMMANDS
 
 
 # What one window trim costs Valkey. Valkey runs one script at a time, so a script's cost is every

@@ -638,7 +638,9 @@ async def test_the_readme_state_recipes_run_in_order(target: str, client: Sessio
     replies = []
     for start, end in zip(starts, [*starts[1:], len(words)], strict=True):
         args = [
-            target if a == "localhost:50051" else a.replace("trip-42", session_id).replace("alice", uid)
+            target
+            if a == "localhost:50051"
+            else a.replace("trip-42", session_id).replace("alice", uid).replace('"travel"', f'"{uid}-travel"')
             for a in words[start + 1 : end]
         ]
         code, out = await grpcurl(*args)
@@ -648,6 +650,7 @@ async def test_the_readme_state_recipes_run_in_order(target: str, client: Sessio
     assert replies[1]["messages"][0]["seq"] == "1"
     assert replies[2] == {"state": {"step": "done"}}
     assert replies[3] == {"state": {"home": "Bergen"}}
+    assert replies[4] == {"state": {"banner": "Spring sale"}}
 
 
 async def test_the_readme_state_snippet_runs_as_a_script(target: str, uid: str) -> None:

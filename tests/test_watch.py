@@ -336,7 +336,7 @@ async def test_a_client_leaving_mid_write_is_no_error_and_leaves_the_feed(
 
 
 async def test_slow_watcher_does_not_delay_a_fast_one(settings: Settings, valkey_url: str, uid: str) -> None:
-    async with polling_server(settings, valkey_url, watch_buffer_events=4) as running:
+    async with polling_server(settings, valkey_url, watch_buffer_bytes=4096) as running:
         target = f"127.0.0.1:{running.port}"
         async with (
             SessionClient(target, retry=NO_RETRY) as fast,
@@ -541,7 +541,7 @@ async def test_a_slow_watch_whose_inbox_overflows_gets_each_message_once(
 ) -> None:
     """A watch that reads nothing while its inbox overflows (a Behind collapse) and then resumes
     reading gets every seq once, in order, then leaves the feed."""
-    async with serving(settings, valkey_url, watch_buffer_events=2) as running:
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
         session_id = await new_session(running, uid, messages=1)
         events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=60, present=as_is)
         try:

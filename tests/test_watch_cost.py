@@ -3,10 +3,12 @@
 Memory: an idle watch holds no task or timer of its own, one coroutine per layer of the stream (the
 watch's pending __anext__ and the interceptors around it), not the last reply it sent (a protobuf
 message costs its own arena, about 0.5 KiB) and not the messages it read from the LIST once they
-are sent (an idle watcher may cost at most 1.1x the memory of a bare grpc.aio stream); counted by
-kind, never timed. Once it has ended, no string of it stays interned: on CPython 3.12 (the image's
-Python) every interned string is immortal, so each connection's peer ("ipv4:ADDRESS:PORT") and each
-owner's user id would stay for the life of the process (100,000 peers: 9.9 MB on 3.12.1).
+are sent (the process keeps the serialized replies of its newest messages, shared by every watch
+and bounded in bytes: the test empties it); an idle watcher may cost at most 1.1x the memory of a
+bare grpc.aio stream; counted by kind, never timed. Once it has ended, no string of it stays
+interned: on CPython 3.12 (the image's Python) every interned string is immortal, so each
+connection's peer ("ipv4:ADDRESS:PORT") and each owner's user id would stay for the life of the
+process (100,000 peers: 9.9 MB on 3.12.1).
 
 Valkey reads: the feed's poll reads only the sessions pub/sub has not heard from since the
 previous poll, so N watched sessions that were just appended to cost no HGET, and each is read
@@ -101,6 +103,10 @@ async def test_an_idle_watch_holds_its_stream_frames_and_nothing_more(
                 assert kinds == ["heartbeat", "message"]
                 calls.append(call)
             del reply  # the test's own, not the server's
+            # The process's replies of the newest messages, shared by every watch (and bounded in
+            # bytes), keep their messages; no stream holds one of its own.
+            assert running.watch_replies is not None
+            running.watch_replies.clear()
             held = server_objects() - before
             assert server_tasks() == tasks_before
             assert (held["WatchMessagesResponse"], held["StoredMessage"]) == (0, 0), held

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
 from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage
+from chatsession_server.api.convert import SharedWatchReplies, serialized_or
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
 from chatsession_server.api.observer import CallObserver, access_log
@@ -118,7 +119,17 @@ class _SessionServiceSlot(grpc.GenericRpcHandler):
     def fill(self, servicer: SessionServicer) -> None:
         capture = _HandlerCapture()
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(servicer, cast(aio.Server, capture))
-        self._handlers = {f"/{SERVICE_NAME}/{name}": h for name, h in capture.handlers.items()}
+        handlers = dict(capture.handlers)
+        watch = handlers["WatchMessages"]
+        assert watch.unary_stream is not None
+        assert watch.response_serializer is not None
+        # The servicer's watches send each message as bytes serialized once for all of them.
+        handlers["WatchMessages"] = grpc.unary_stream_rpc_method_handler(
+            watch.unary_stream,
+            request_deserializer=watch.request_deserializer,
+            response_serializer=serialized_or(watch.response_serializer),
+        )
+        self._handlers = {f"/{SERVICE_NAME}/{name}": h for name, h in handlers.items()}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -165,6 +176,7 @@ class RunningServer:
     watch_quota: WatchQuota
     auth: AuthInterceptor | None = None
     telemetry: Telemetry | None = None
+    watch_replies: SharedWatchReplies | None = None
 
     async def stop(self, grace: float) -> None:
         # NOT_SERVING first, so load balancers stop sending new calls while we drain.
@@ -222,6 +234,7 @@ class ListeningServer:
             Limits.from_settings(settings),
             PageTokens(token_key),
             heartbeat_seconds=settings.watch_heartbeat_seconds,
+            watch_buffer_bytes=settings.watch_buffer_bytes,
         )
         self.slot.fill(servicer)
         if self.telemetry is not None:
@@ -238,6 +251,7 @@ class ListeningServer:
             self.watch_quota,
             self.auth,
             self.telemetry,
+            servicer.watch_replies,
         )
 
 
@@ -422,7 +436,7 @@ async def _connect(
         feed = await SessionFeed.start(
             config("chatsession-watch"),
             connection,
-            buffer=settings.watch_buffer_events,
+            buffer_bytes=settings.watch_buffer_bytes,
             poll_seconds=settings.watch_poll_seconds,
             sweep_seconds=min(1.0, settings.watch_heartbeat_seconds / 4),
             key_space=key_space,

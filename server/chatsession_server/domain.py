@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 
 class Role(enum.StrEnum):
@@ -98,6 +98,8 @@ class Session:
     expires_in_seconds: int
     ttl_seconds: int
     max_messages: int
+    app: str = ""
+    """the app (namespace) it belongs to; '' for none"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,41 @@ class NewSession:
     request_id: str = ""
     chosen_id: bool = False
     """the caller chose `session_id` (else the server made it)"""
+    app: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Owners:
+    """Whose sessions a call may touch, for a caller confined to some apps: those of `users`
+    (None: of every user) that belong to one of `apps` (never a session without an app)."""
+
+    users: frozenset[str] | None
+    apps: frozenset[str]
+
+    def allow(self, user_id: str, app: str) -> bool:
+        return (self.users is None or user_id in self.users) and app in self.apps
+
+
+Owned: TypeAlias = Collection[str] | Owners | None
+"""A store call's `owners`: the user ids whose sessions it may touch, an `Owners`, or None (anyone's)."""
+
+
+def owns(owners: Owned, user_id: str, app: str) -> bool:
+    """Whether `owners` lets a call touch a session of `user_id` in `app` ('' for none)."""
+    if owners is None:
+        return True
+    if isinstance(owners, Owners):
+        return owners.allow(user_id, app)
+    return user_id in owners
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """What a ListSessions lists: a user's sessions (`app` '': of every app, else of that app),
+    or with `user_id` '' every user's sessions of `app`."""
+
+    user_id: str
+    app: str = ""
 
 
 def scope_owner(session_id: str) -> str | None:
@@ -200,6 +237,9 @@ class MessageQuery:
     limit: int
     after_seq: int | None = None
     before_seq: int | None = None
+    max_bytes: int | None = None
+    """a page stops short of this many bytes of stored messages (holding at least one); None: the
+    store's own page bound"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,11 +375,12 @@ class CompactResult:
 
 @dataclass(frozen=True, slots=True)
 class StateScope:
-    """Whose state: a session's (`session_id`) or the one every session of a user shares
-    (`user_id`); exactly one is set."""
+    """Whose state: a session's (`session_id`), the one every session of a user shares
+    (`user_id`) or the one every session of an app shares (`app`); exactly one is set."""
 
     session_id: str = ""
     user_id: str = ""
+    app: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Collection, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Collection, Hashable, Sequence
+from typing import Protocol, TypeVar
 
 from chatsession_server.domain import (
     AppendResult,
@@ -17,6 +17,7 @@ from chatsession_server.domain import (
     NewFork,
     NewMessage,
     NewSession,
+    Owned,
     Session,
     SessionCursor,
     SessionPage,
@@ -27,6 +28,8 @@ from chatsession_server.domain import (
     Truncation,
     UserUsage,
 )
+
+T = TypeVar("T")
 
 
 class SessionStorage(Protocol):
@@ -40,19 +43,19 @@ class SessionStorage(Protocol):
         self,
         session_id: str,
         *,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         fields: Collection[str] | None = None,
     ) -> Session:
         """`fields`: read only these (GetSession's read_mask paths); None reads every field."""
         ...
 
-    async def update(
-        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
-    ) -> Session: ...
+    async def update(self, session_id: str, patch: SessionPatch, *, owners: Owned = None) -> Session: ...
 
-    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool: ...
+    async def delete(self, session_id: str, *, owners: Owned = None) -> bool: ...
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage: ...
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage: ...
 
     async def append(
         self,
@@ -61,23 +64,21 @@ class SessionStorage(Protocol):
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         state_delta: StateDelta | None = None,
     ) -> AppendResult: ...
 
     async def list_messages(
-        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+        self, session_id: str, query: MessageQuery, *, owners: Owned = None
     ) -> MessagePage: ...
 
-    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]: ...
+    async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]: ...
 
     async def user_usage(self, user_id: str) -> UserUsage: ...
-    async def get_context(
-        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
-    ) -> Context: ...
+    async def get_context(self, session_id: str, query: ContextQuery, *, owners: Owned = None) -> Context: ...
 
     async def compact(
-        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+        self, session_id: str, compaction: Compaction, *, owners: Owned = None
     ) -> CompactResult: ...
 
     async def clear(
@@ -86,24 +87,24 @@ class SessionStorage(Protocol):
         *,
         keep_system_prompt: bool,
         request_id: str = "",
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
     ) -> Session: ...
 
     async def get_state(
-        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
         """A session's state or a user's (key -> the value's JSON text); with `keys`, those it
         holds. `owners` is checked for a session's state only."""
         ...
 
     async def update_state(
-        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+        self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         """Applies `delta` atomically; the whole state after it."""
         ...
 
     async def truncate(
-        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
     ) -> TruncateResult: ...
 
 
@@ -127,3 +128,13 @@ class MessageFeed(Protocol):
     async def join(self, session_id: str) -> FeedSubscription: ...
 
     async def leave(self, subscription: FeedSubscription) -> None: ...
+
+    async def read(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        """A watcher's own read of the store; its failure never marks the store unreachable."""
+        ...
+
+    async def read_shared(
+        self, subscription: FeedSubscription, key: Hashable, fetch: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`fetch()` once for all the session's watchers here asking with an equal key meanwhile."""
+        ...

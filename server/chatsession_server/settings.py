@@ -158,8 +158,15 @@ class Settings:
     watch_poll_seconds: float = field(
         default=2.0, metadata=_meta("how often watched sessions are checked for missed appends and expiry")
     )
-    watch_buffer_events: int = field(
-        default=256, metadata=_meta("events buffered per watcher before it falls back to re-reading")
+    # What one watcher may hold for a client that reads slowly: the events buffered for it, and a
+    # page it reads back from Valkey (a page is at most 3 MiB whatever this says). Past it, the
+    # watcher drops its oldest buffered events and reads them back by seq once the client reads.
+    watch_buffer_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata=_meta(
+            "bytes of messages buffered per watcher; a watcher past it drops its oldest and reads them "
+            "back from Valkey, by seq, when its client reads again"
+        ),
     )
     log_level: str = field(default="INFO", metadata=_meta("DEBUG, INFO, WARNING or ERROR"))
     # Transport security and caller authorization (README "Security"); the files are read at start-up.
@@ -361,7 +368,7 @@ class Settings:
             "max_content_bytes",
             "max_messages_per_append",
             "idempotency_keys_per_session",
-            "watch_buffer_events",
+            "watch_buffer_bytes",
             "watch_heartbeat_seconds",
             "watch_poll_seconds",
             "max_pending_calls",

@@ -324,3 +324,23 @@ test('state: plain values in and out, with an append, by key, and a user state',
   assert.equal(bad.code, status.INVALID_ARGUMENT);
   await assert.rejects(client.updateState({ scope, delta: { set: { a: Number.NaN } } }), TypeError);
 });
+
+test('apps: a session of an app, listed across its users and by user, and the app state', async () => {
+  const app = `app-${randomUUID().slice(0, 8)}`;
+  const [alice, bob] = [newUser(), newUser()];
+  const { session: first } = await client.createSession({ userId: alice, app });
+  const { session: second } = await client.createSession({ userId: bob, app });
+  await client.createSession({ userId: alice });
+  assert.equal(first.app, app);
+  const page = await client.listSessions({ app, pageSize: 1 });
+  assert.deepEqual(page.sessions.map((s) => s.sessionId), [second.sessionId]);
+  const next = await client.listSessions({ app, pageSize: 1, pageToken: page.nextPageToken });
+  assert.deepEqual(next.sessions.map((s) => s.sessionId), [first.sessionId]);
+  const mine = await client.listSessions({ userId: alice, app });
+  assert.deepEqual(mine.sessions.map((s) => s.sessionId), [first.sessionId]);
+  const { state } = await client.updateState({ scope: { app }, delta: { set: { banner: 'sale', n: 2 } } });
+  assert.deepEqual(state, { banner: 'sale', n: 2 });
+  const bad = await failure(client.listSessions({ app: 'a b' }));
+  assert.equal(bad.code, status.INVALID_ARGUMENT);
+  assert.deepEqual(bad.fieldViolations.map((v) => v.field), ['app']);
+});

@@ -124,8 +124,10 @@ def create_session_request(
     ttl_seconds: int = 0,
     max_messages: int = 0,
     request_id: str | None = None,
+    app: str = "",
 ) -> session_service_pb2.CreateSessionRequest:
     return session_service_pb2.CreateSessionRequest(
+        app=app,
         session_id=session_id,
         user_id=user_id,
         model=model,
@@ -247,10 +249,10 @@ def popped_message(session_id: str, reply: session_service_pb2.TruncateMessagesR
 
 
 def list_sessions_request(
-    user_id: str, *, page_size: int = 0, page_token: str = ""
+    user_id: str | None, *, app: str | None = None, page_size: int = 0, page_token: str = ""
 ) -> session_service_pb2.ListSessionsRequest:
     return session_service_pb2.ListSessionsRequest(
-        user_id=user_id, page_size=page_size, page_token=page_token
+        user_id=user_id or "", app=app or "", page_size=page_size, page_token=page_token
     )
 
 

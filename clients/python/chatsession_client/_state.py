@@ -82,25 +82,38 @@ def as_state_delta(change: Mapping[str, Any] | StateDelta) -> StateDelta:
     return change if isinstance(change, StateDelta) else state_delta(change)
 
 
-def state_scope(session_id: str | None, user_id: str | None) -> session_service_pb2.StateScope:
-    if (session_id is None) == (user_id is None):
-        raise ValueError("name one state: a session_id, or user_id= for the state a user's sessions share")
+def state_scope(
+    session_id: str | None, user_id: str | None, app: str | None = None
+) -> session_service_pb2.StateScope:
+    if [session_id, user_id, app].count(None) != 2:
+        raise ValueError(
+            "name one state: a session_id, user_id= for the state a user's sessions share, "
+            "or app= for the state an app's sessions share"
+        )
     if session_id is not None:
         return session_service_pb2.StateScope(session_id=session_id)
+    if app is not None:
+        return session_service_pb2.StateScope(app=app)
     return session_service_pb2.StateScope(user_id=user_id or "")
 
 
 def get_state_request(
-    session_id: str | None, user_id: str | None, keys: Iterable[str] | None
+    session_id: str | None, user_id: str | None, keys: Iterable[str] | None, app: str | None = None
 ) -> session_service_pb2.GetStateRequest:
-    return session_service_pb2.GetStateRequest(scope=state_scope(session_id, user_id), keys=list(keys or ()))
+    return session_service_pb2.GetStateRequest(
+        scope=state_scope(session_id, user_id, app), keys=list(keys or ())
+    )
 
 
 def update_state_request(
-    session_id: str | None, user_id: str | None, values: Mapping[str, Any] | None, remove: Iterable[str]
+    session_id: str | None,
+    user_id: str | None,
+    values: Mapping[str, Any] | None,
+    remove: Iterable[str],
+    app: str | None = None,
 ) -> session_service_pb2.UpdateStateRequest:
     return session_service_pb2.UpdateStateRequest(
-        scope=state_scope(session_id, user_id), delta=state_delta(values, remove)
+        scope=state_scope(session_id, user_id, app), delta=state_delta(values, remove)
     )
 
 

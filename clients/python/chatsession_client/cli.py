@@ -4,6 +4,7 @@
     chatsession append SESSION "Find me a hotel" --role user
     chatsession show SESSION
     chatsession ls --user alice --json
+    chatsession ls --app travel
     chatsession tail -f SESSION
     chatsession context SESSION --max-tokens 4000
     chatsession fork SESSION --at-seq 4
@@ -13,6 +14,7 @@
     chatsession usage --user alice
     chatsession state SESSION --set 'cart={"nights": 3}' --remove draft
     chatsession state --user alice
+    chatsession state --app travel --set 'banner="Spring sale"'
     chatsession rm SESSION
 
 --json prints one JSON document (the protobuf JSON mapping, as grpcurl prints it), or one JSON
@@ -139,6 +141,7 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     )
     create.add_argument("--max-messages", type=int, default=0, help="window size (default: the server's)")
     create.add_argument("--request-id", help="idempotency key (default: a fresh one)")
+    create.add_argument("--app", default="", help="the app (namespace) the session belongs to, for good")
 
     append = command("append", "Append one message and print its seq.")
     append.add_argument("session")
@@ -161,8 +164,11 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
     show = command("show", "A session's metadata and its stored messages.")
     show.add_argument("session")
 
-    ls = command("ls", "A user's live sessions, most recently active first.")
-    ls.add_argument("--user", required=True)
+    ls = command(
+        "ls", "A user's live sessions (of one app, with --app), or an app's (--app alone), newest first."
+    )
+    ls.add_argument("--user", help="the user whose sessions to list (required without --app)")
+    ls.add_argument("--app", help="only sessions of this app; without --user, every user's")
     ls.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
 
     tail = command("tail", "The newest messages; with -f, then each new one as it comes.")
@@ -214,11 +220,13 @@ def _command_parsers() -> dict[str, argparse.ArgumentParser]:
 
     state = command(
         "state",
-        "A session's state (or with --user, the one a user's sessions share): print it, or change "
+        "A session's state (or with --user or --app, the one a user's or an app's sessions share): "
+        "print it, or change "
         "it with --set and --remove (in one step) and print it after.",
     )
     state.add_argument("session", nargs="?", help="the session (or --user)")
     state.add_argument("--user", help="the user whose shared state to read or change")
+    state.add_argument("--app", help="the app whose shared state to read or change")
     state.add_argument("--key", action="append", default=[], help="repeatable; print only these keys")
     _state_change_options(state, "", "")
 
@@ -387,6 +395,7 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
             ttl_seconds=args.ttl,
             max_messages=args.max_messages,
             request_id=args.request_id,
+            app=args.app,
         )
         if out.json:
             out.document(_as_dict(session))
@@ -422,7 +431,9 @@ def _run(args: argparse.Namespace, client: SyncSessionClient, out: _Output, stdi
                 out.line(_message_line(m))
     elif args.command == "ls":
         sessions: list[Session] = []
-        for s in client.iter_sessions(args.user):
+        if args.user is None and args.app is None:
+            raise UsageError("name a --user, an --app, or both")
+        for s in client.iter_sessions(args.user, app=args.app):
             sessions.append(s)
             if len(sessions) == args.limit:
                 break
@@ -585,15 +596,17 @@ def _state_values(pairs: Iterable[str], option: str) -> dict[str, Any]:
 
 
 def _state(args: argparse.Namespace, client: SyncSessionClient, out: _Output) -> None:
-    if (args.session is None) == (args.user is None):
-        raise UsageError("name one state: a SESSION, or --user USER for the state a user's sessions share")
+    if [args.session, args.user, args.app].count(None) != 2:
+        raise UsageError(
+            "name one state: a SESSION, --user USER or --app APP (the state their sessions share)"
+        )
     values = _state_values(args.set, "--set")
     if not values and not args.remove:
-        state = client.get_state(args.session, user_id=args.user, keys=args.key or None)
+        state = client.get_state(args.session, user_id=args.user, app=args.app, keys=args.key or None)
     elif args.key:
         raise UsageError("--key reads part of a state: not with --set or --remove")
     else:
-        state = client.update_state(args.session, values, remove=args.remove, user_id=args.user)
+        state = client.update_state(args.session, values, remove=args.remove, user_id=args.user, app=args.app)
     if out.json:
         out.document({"state": state})
     else:

@@ -117,11 +117,13 @@ class SessionClient:
         ttl_seconds: int = 0,
         max_messages: int = 0,
         request_id: str | None = None,
+        app: str = "",
     ) -> Session:
         """Create a session. A request_id is generated when not given, so retries are safe.
         Label keys are 1-128 characters from [A-Za-z0-9._/-], never `forked_from` (ForkSession's).
         `ttl_seconds`: 0 the server's default, -1 never expires; `max_messages`: 0 the server's
-        default, -1 keeps every message."""
+        default, -1 keeps every message. `app`: the app (namespace) the session belongs to, for
+        good (README "Apps")."""
         request = _calls.create_session_request(
             user_id,
             session_id=session_id,
@@ -131,6 +133,7 @@ class SessionClient:
             ttl_seconds=ttl_seconds,
             max_messages=max_messages,
             request_id=request_id,
+            app=app,
         )
         return (await self._call(self._stub.CreateSession, request)).session
 
@@ -167,17 +170,21 @@ class SessionClient:
         await self._call(self._stub.DeleteSession, first, retry_request=retry)
 
     async def list_sessions(
-        self, user_id: str, *, page_size: int = 0, page_token: str = ""
+        self, user_id: str | None = None, *, app: str | None = None, page_size: int = 0, page_token: str = ""
     ) -> session_service_pb2.ListSessionsResponse:
-        """One page of the user's live sessions, most recently active first."""
-        request = _calls.list_sessions_request(user_id, page_size=page_size, page_token=page_token)
+        """One page of the user's live sessions, most recently active first: of the app `app`
+        only, if given; without `user_id`, every user's sessions of the app `app`."""
+        request = _calls.list_sessions_request(user_id, app=app, page_size=page_size, page_token=page_token)
         return await self._call(self._stub.ListSessions, request)
 
-    async def iter_sessions(self, user_id: str, *, page_size: int = 0) -> AsyncIterator[Session]:
-        """Every live session of the user, most recently active first, fetched page by page."""
+    async def iter_sessions(
+        self, user_id: str | None = None, *, app: str | None = None, page_size: int = 0
+    ) -> AsyncIterator[Session]:
+        """Every live session of the user (of `app` only, if given; without `user_id`, of every
+        user of `app`), most recently active first, fetched page by page."""
         token: str | None = ""
         while token is not None:
-            page = await self.list_sessions(user_id, page_size=page_size, page_token=token)
+            page = await self.list_sessions(user_id, app=app, page_size=page_size, page_token=token)
             for session in page.sessions:
                 yield session
             token = _calls.next_page_token(page)
@@ -310,11 +317,16 @@ class SessionClient:
         return (await self._call(self._stub.ClearMessages, request)).session
 
     async def get_state(
-        self, session_id: str | None = None, *, user_id: str | None = None, keys: Iterable[str] | None = None
+        self,
+        session_id: str | None = None,
+        *,
+        user_id: str | None = None,
+        app: str | None = None,
+        keys: Iterable[str] | None = None,
     ) -> dict[str, Any]:
-        """A session's state, or with `user_id=` the state every session of that user shares, as
-        Python values; with `keys`, only those of them it holds."""
-        request = _state.get_state_request(session_id, user_id, keys)
+        """A session's state, or with `user_id=` the state every session of that user shares (with
+        `app=`, every session of that app), as Python values; with `keys`, only those it holds."""
+        request = _state.get_state_request(session_id, user_id, keys, app)
         return _state.state_of((await self._call(self._stub.GetState, request)).state)
 
     async def update_state(
@@ -324,11 +336,12 @@ class SessionClient:
         *,
         remove: Iterable[str] = (),
         user_id: str | None = None,
+        app: str | None = None,
     ) -> dict[str, Any]:
         """Set `values` (key -> any JSON-able value) and remove the keys `remove` in one atomic
-        step, in a session's state or (`user_id=`) a user's; returns the whole state after it.
-        Safe to retry: the values are absolute."""
-        request = _state.update_state_request(session_id, user_id, values, remove)
+        step, in a session's state, a user's (`user_id=`) or an app's (`app=`); returns the whole
+        state after it. Safe to retry: the values are absolute."""
+        request = _state.update_state_request(session_id, user_id, values, remove, app)
         return _state.state_of((await self._call(self._stub.UpdateState, request)).state)
 
     async def truncate_messages(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from chatsession_server.domain import (
     NewFork,
     NewMessage,
     NewSession,
+    Owned,
+    Owners,
     Session,
     SessionCursor,
     SessionPage,
@@ -55,18 +58,37 @@ log = logging.getLogger(__name__)
 
 K = TypeVar("K", str, bytes)
 MIN_TOKEN_LENGTH = 16
-LINE_FORMAT = "expected '<token> <user_id>[,<user_id>...]' or 'cert:CN=<name> <user_ids>' (users '*' = all)"
+LINE_FORMAT = (
+    "expected '<token> <user_id>[,<user_id>...] [apps=<app>[,<app>...]]' or "
+    "'cert:CN=<name> <user_ids> [apps=...]' (users '*' = all, apps=* = every app)"
+)
+_APP = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """The users a caller may act for: those listed, or every user (`*`)."""
+    """The users a caller may act for: those listed, or every user (`*`); and the apps it is
+    granted (`apps=`), see README "Security"."""
 
     users: frozenset[str]
     every_user: bool = False
+    apps: frozenset[str] | None = None
+    """the apps of `apps=<app>,...`; None: the line has no `apps=`"""
+    every_app: bool = False
+    """`apps=*`"""
 
     def allows(self, user_id: str) -> bool:
         return self.every_user or user_id in self.users
+
+    def allows_app(self, app: str) -> bool:
+        """Whether the grant names `app` (by name or `apps=*`)."""
+        return self.every_app or (self.apps is not None and app in self.apps)
+
+    @property
+    def confined_apps(self) -> frozenset[str] | None:
+        """The apps whose sessions alone the caller may touch (`apps=<app>,...`); None when it is
+        not confined (no `apps=`, or `apps=*`)."""
+        return None if self.every_app else self.apps
 
 
 CALLER: ContextVar[Grant | None] = ContextVar("chatsession_caller", default=None)
@@ -96,13 +118,24 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def _grant(users: str) -> Grant | None:
+def _grant(users: str, apps: str | None) -> Grant | None:
+    """The grant of a line's users field and its `apps=` field (None: the line has none)."""
+    granted: frozenset[str] | None = None
+    if apps is not None:
+        if apps == "*":
+            granted = frozenset()
+        else:
+            names = apps.split(",")
+            if not all(_APP.fullmatch(name) for name in names):
+                return None
+            granted = frozenset(names)
+    every_app = apps == "*"
     if users == "*":
-        return Grant(frozenset(), every_user=True)
+        return Grant(frozenset(), every_user=True, apps=granted, every_app=every_app)
     names = users.split(",")
     if any(not name or name == "*" for name in names):
         return None
-    return Grant(frozenset(names))
+    return Grant(frozenset(names), apps=granted, every_app=every_app)
 
 
 def _add(table: dict[K, Grant], key: K, grant: Grant, where: str) -> None:
@@ -129,7 +162,8 @@ def load_callers(path: str) -> Callers:
             continue
         where = f"auth tokens file {path}, line {number}"
         fields = content.split()
-        grant = _grant(fields[1]) if len(fields) == 2 else None
+        apps = fields[2].removeprefix("apps=") if len(fields) == 3 and fields[2].startswith("apps=") else None
+        grant = _grant(fields[1], apps) if len(fields) == 2 or apps is not None else None
         if grant is None:
             raise RuntimeError(f"{where}: {LINE_FORMAT}")
         credential = fields[0]
@@ -304,6 +338,29 @@ def _require_user(user_id: str) -> None:
         raise PermissionDenied(f"this caller may not act for user {user_id!r}")
 
 
+def _require_app_of_grant(app: str, doing: str) -> None:
+    """A caller confined to some apps (`apps=<app>,...`) works in those apps only."""
+    apps = _caller().confined_apps
+    if apps is None or app in apps:
+        return
+    if not app:
+        raise PermissionDenied(f"app: this caller may {doing} only in the apps of its grant: set app")
+    raise PermissionDenied(f"app: this caller may not {doing} in app {app!r}: its grant does not name it")
+
+
+def _require_app_listing(app: str) -> None:
+    """Listing an app across its users shows every user's sessions of it: the grant must name
+    the app and every user."""
+    grant = _caller()
+    if not grant.allows_app(app):
+        raise PermissionDenied(f"this caller may not list app {app!r}: its grant does not name the app")
+    if not grant.every_user:
+        raise PermissionDenied(
+            f"this caller may not list every user's sessions of app {app!r}: "
+            "its grant is limited to some users"
+        )
+
+
 def _require_scoped_id(session_id: str, field: str) -> None:
     """A caller limited to some users chooses new session ids in their namespaces only
     ('<user_id>/<name>'): decided from the grant alone, before anything is read, so the answer
@@ -339,6 +396,7 @@ class AuthorizedStorage(StorageLayer):
 
     async def create(self, new: NewSession) -> tuple[Session, bool]:
         _require_user(new.user_id)
+        _require_app_of_grant(new.app, "create sessions")
         if self._scoped_ids and new.chosen_id:
             _require_scoped_id(new.session_id, "session_id")
         return await super().create(new)
@@ -347,22 +405,26 @@ class AuthorizedStorage(StorageLayer):
         self,
         session_id: str,
         *,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         fields: Collection[str] | None = None,
     ) -> Session:
         return await super().get(session_id, owners=_owners(owners), fields=fields)
 
-    async def update(
-        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
-    ) -> Session:
+    async def update(self, session_id: str, patch: SessionPatch, *, owners: Owned = None) -> Session:
         return await super().update(session_id, patch, owners=_owners(owners))
 
-    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+    async def delete(self, session_id: str, *, owners: Owned = None) -> bool:
         return await super().delete(session_id, owners=_owners(owners))
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        _require_user(user_id)
-        return await super().list_sessions(user_id, limit, cursor)
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage:
+        if user_id:
+            _require_user(user_id)
+            _require_app_of_grant(app, "list sessions")
+        else:
+            _require_app_listing(app)
+        return await super().list_sessions(user_id, limit, cursor, app=app)
 
     async def append(
         self,
@@ -371,7 +433,7 @@ class AuthorizedStorage(StorageLayer):
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         state_delta: StateDelta | None = None,
     ) -> AppendResult:
         return await super().append(
@@ -384,11 +446,11 @@ class AuthorizedStorage(StorageLayer):
         )
 
     async def list_messages(
-        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+        self, session_id: str, query: MessageQuery, *, owners: Owned = None
     ) -> MessagePage:
         return await super().list_messages(session_id, query, owners=_owners(owners))
 
-    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+    async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:
         # The fork belongs to the source's owner: checked with the source, in its read step.
         if self._scoped_ids and fork.chosen_id:
             _require_scoped_id(fork.session_id, "new_session_id")
@@ -398,13 +460,11 @@ class AuthorizedStorage(StorageLayer):
         _require_user(user_id)
         return await super().user_usage(user_id)
 
-    async def get_context(
-        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
-    ) -> Context:
+    async def get_context(self, session_id: str, query: ContextQuery, *, owners: Owned = None) -> Context:
         return await super().get_context(session_id, query, owners=_owners(owners))
 
     async def compact(
-        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+        self, session_id: str, compaction: Compaction, *, owners: Owned = None
     ) -> CompactResult:
         return await super().compact(session_id, compaction, owners=_owners(owners))
 
@@ -414,41 +474,55 @@ class AuthorizedStorage(StorageLayer):
         *,
         keep_system_prompt: bool,
         request_id: str = "",
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
     ) -> Session:
         return await super().clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
         )
 
     async def truncate(
-        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
     ) -> TruncateResult:
         return await super().truncate(session_id, truncation, owners=_owners(owners))
 
     async def get_state(
-        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
         return await super().get_state(scope, keys, owners=_state_owners(scope, owners))
 
     async def update_state(
-        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+        self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         return await super().update_state(scope, delta, owners=_state_owners(scope, owners))
 
 
-def _state_owners(scope: StateScope, asked: Collection[str] | None) -> Collection[str] | None:
+def _state_owners(scope: StateScope, asked: Owned) -> Owned:
     """A session's state is the session's: its owner is checked with it (another user's is not
-    found); a user's state needs a grant for that user (PERMISSION_DENIED, as ListSessions)."""
+    found); a user's state needs a grant for that user (PERMISSION_DENIED, as ListSessions), an
+    app's a grant naming the app (whatever its users: every user's sessions of the app share it)."""
     if scope.session_id:
         return _owners(asked)
+    if scope.app:
+        if not _caller().allows_app(scope.app):
+            raise PermissionDenied(
+                f"scope.app: this caller may not use the state of app {scope.app!r}: "
+                "its grant does not name it"
+            )
+        return asked
     _require_user(scope.user_id)
     return asked
 
 
-def _owners(asked: Collection[str] | None) -> Collection[str] | None:
+def _owners(asked: Owned) -> Owned:
     """The users whose sessions this call may touch: the caller's (None when it may act for
-    anyone), narrowed to `asked` when the caller of the storage named some itself."""
+    anyone), narrowed to `asked` when the caller of the storage named some itself; for a caller
+    confined to some apps, only their sessions of those apps (an `Owners`)."""
+    if isinstance(asked, Owners):  # only this layer makes one: never asked by the layers above
+        raise TypeError("owners already narrowed by an AuthorizedStorage")
     grant = _caller()
     if grant.every_user:
-        return asked
-    return grant.users if asked is None else grant.users & frozenset(asked)
+        users = None if asked is None else frozenset(asked)
+    else:
+        users = grant.users if asked is None else grant.users & frozenset(asked)
+    apps = grant.confined_apps
+    return users if apps is None else Owners(users, apps)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -53,6 +55,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         expires_in_seconds=s.expires_in_seconds,
         ttl_seconds=s.ttl_seconds,
         max_messages=s.max_messages,
+        app=s.app,
     )
     if s.labels:
         out.labels.update(s.labels)
@@ -152,3 +155,52 @@ def masked_session(full: session_pb2.Session, paths: frozenset[str]) -> session_
         else:
             setattr(out, path, getattr(full, path))
     return out
+
+
+class SharedWatchReplies:
+    """WatchMessages' `present`, shared by every watch of the process: a message's reply is built
+    and serialized once, then the same bytes go to each watch sending that message object (the
+    feed hands one object per message to every watcher of a session, and watchers reading at one
+    cursor share one page). 300 watchers of a session otherwise built and serialized 300 copies of
+    each message, most of the server's time in a large fan-out, and each stalled stream held its
+    own. The replies of the newest messages are kept, up to `max_bytes` (the newest always); other
+    events are built as they come (gRPC serializes them)."""
+
+    __slots__ = ("_held", "_max_bytes", "_recent")
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        # id(message) -> (message, its serialized reply); the message is kept so that its id
+        # cannot be another's meanwhile.
+        self._recent: OrderedDict[int, tuple[StoredMessage, bytes]] = OrderedDict()
+        self._held = 0
+
+    def __call__(self, event: WatchEvent) -> session_service_pb2.WatchMessagesResponse | bytes:
+        if not isinstance(event, StoredMessage):
+            return watch_event_to_proto(event)
+        recent = self._recent
+        found = recent.get(id(event))
+        if found is not None and found[0] is event:
+            recent.move_to_end(id(event))
+            return found[1]
+        reply = watch_event_to_proto(event).SerializeToString()
+        if found is not None:  # an id reused by a newer message
+            self._held -= len(recent.pop(id(event))[1])
+        recent[id(event)] = (event, reply)
+        self._held += len(reply)
+        while self._held > self._max_bytes and len(recent) > 1:
+            self._held -= len(recent.popitem(last=False)[1][1])
+        return reply
+
+    def clear(self) -> None:
+        self._recent.clear()
+        self._held = 0
+
+
+def serialized_or(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """A response serializer that passes a reply already serialized (SharedWatchReplies') as it is."""
+
+    def serializer(reply: Any) -> bytes:
+        return reply if isinstance(reply, bytes) else serialize(reply)
+
+    return serializer

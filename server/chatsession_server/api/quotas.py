@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection
 from typing import Any
 
 from grpc import aio
@@ -20,6 +19,7 @@ from chatsession_server.api.storage_layer import StorageLayer
 from chatsession_server.domain import (
     NewFork,
     NewSession,
+    Owned,
     Session,
 )
 from chatsession_server.errors import QuotaExceeded, SessionNotFound
@@ -157,7 +157,7 @@ class SessionQuota(StorageLayer):
         await self._check(new.user_id, new.session_id)
         return await self._inner.create(new)
 
-    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+    async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:
         """A fork is a new session of the source's owner: it counts as a create. With the source
         gone, the store decides: a retry gets the fork its first attempt made, else NOT_FOUND."""
         try:

@@ -12,12 +12,12 @@ from chatsession.v1 import session_service_pb2 as pb
 from chatsession.v1 import session_service_pb2_grpc
 from chatsession_server.api import validation
 from chatsession_server.api.convert import (
+    SharedWatchReplies,
     add_messages,
     masked_session,
     message_to_proto,
     session_to_proto,
     usage_to_proto,
-    watch_event_to_proto,
 )
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
@@ -38,12 +38,16 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         page_tokens: PageTokens,
         *,
         heartbeat_seconds: float,
+        watch_buffer_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self._store = store
         self._feed = feed
         self._limits = limits
         self._tokens = page_tokens
         self._heartbeat_seconds = heartbeat_seconds
+        self._watch_buffer_bytes = watch_buffer_bytes
+        # Needs WatchMessages' response serializer to pass bytes through (convert.serialized_or).
+        self.watch_replies = SharedWatchReplies(watch_buffer_bytes)
 
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Context
@@ -77,10 +81,10 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
-        user_id, limit = validation.list_sessions(request)
-        cursor = self._tokens.decode(request.page_token, user_id) if request.page_token else None
-        page = await self._store.list_sessions(user_id, limit, cursor)
-        token = self._tokens.encode(user_id, page.next_cursor) if page.next_cursor else ""
+        listed, limit = validation.list_sessions(request)
+        cursor = self._tokens.decode(request.page_token, listed) if request.page_token else None
+        page = await self._store.list_sessions(listed.user_id, limit, cursor, app=listed.app)
+        token = self._tokens.encode(listed, page.next_cursor) if page.next_cursor else ""
         return pb.ListSessionsResponse(
             sessions=[session_to_proto(s) for s in page.sessions], next_page_token=token
         )
@@ -115,14 +119,16 @@ class SessionServicer(session_service_pb2_grpc.SessionServiceServicer):
         self, request: pb.WatchMessagesRequest, context: Context
     ) -> AsyncIterator[pb.WatchMessagesResponse]:
         # Not a generator itself: the watch is the stream's iterator (one layer less per idle watch).
+        # Its messages come serialized (bytes, which the method's serializer passes as they are).
         session_id, after_seq = validation.watch_messages(request)
-        return Watch(
+        return Watch[Any](
             self._store,
             self._feed,
             session_id,
             after_seq,
             heartbeat_seconds=self._heartbeat_seconds,
-            present=watch_event_to_proto,
+            present=self.watch_replies,
+            page_bytes=self._watch_buffer_bytes,
         )
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context: Context) -> pb.ForkSessionResponse:

@@ -16,6 +16,7 @@ from chatsession_server.domain import (
     NewFork,
     NewMessage,
     NewSession,
+    Owned,
     Session,
     SessionCursor,
     SessionPage,
@@ -43,21 +44,21 @@ class StorageLayer:
         self,
         session_id: str,
         *,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         fields: Collection[str] | None = None,
     ) -> Session:
         return await self._inner.get(session_id, owners=owners, fields=fields)
 
-    async def update(
-        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
-    ) -> Session:
+    async def update(self, session_id: str, patch: SessionPatch, *, owners: Owned = None) -> Session:
         return await self._inner.update(session_id, patch, owners=owners)
 
-    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+    async def delete(self, session_id: str, *, owners: Owned = None) -> bool:
         return await self._inner.delete(session_id, owners=owners)
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        return await self._inner.list_sessions(user_id, limit, cursor)
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage:
+        return await self._inner.list_sessions(user_id, limit, cursor, app=app)
 
     async def append(
         self,
@@ -66,7 +67,7 @@ class StorageLayer:
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         state_delta: StateDelta | None = None,
     ) -> AppendResult:
         return await self._inner.append(
@@ -79,23 +80,21 @@ class StorageLayer:
         )
 
     async def list_messages(
-        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+        self, session_id: str, query: MessageQuery, *, owners: Owned = None
     ) -> MessagePage:
         return await self._inner.list_messages(session_id, query, owners=owners)
 
-    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+    async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:
         return await self._inner.fork(fork, owners=owners)
 
     async def user_usage(self, user_id: str) -> UserUsage:
         return await self._inner.user_usage(user_id)
 
-    async def get_context(
-        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
-    ) -> Context:
+    async def get_context(self, session_id: str, query: ContextQuery, *, owners: Owned = None) -> Context:
         return await self._inner.get_context(session_id, query, owners=owners)
 
     async def compact(
-        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+        self, session_id: str, compaction: Compaction, *, owners: Owned = None
     ) -> CompactResult:
         return await self._inner.compact(session_id, compaction, owners=owners)
 
@@ -105,23 +104,23 @@ class StorageLayer:
         *,
         keep_system_prompt: bool,
         request_id: str = "",
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
     ) -> Session:
         return await self._inner.clear(
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=owners
         )
 
     async def get_state(
-        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
         return await self._inner.get_state(scope, keys, owners=owners)
 
     async def update_state(
-        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+        self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         return await self._inner.update_state(scope, delta, owners=owners)
 
     async def truncate(
-        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
     ) -> TruncateResult:
         return await self._inner.truncate(session_id, truncation, owners=owners)

@@ -21,6 +21,7 @@ from chatsession_server.domain import (
     RESERVED_LABELS,
     Compaction,
     ContextQuery,
+    Listed,
     MessageQuery,
     NewFork,
     NewMessage,
@@ -59,6 +60,7 @@ _ROLES = {
 # Derives session ids from (user_id, request_id) so a retried create lands on the same id.
 _SESSION_ID_NAMESPACE = uuid.UUID("8c0f3a52-58a4-4c39-9d0b-2f6c7c3f1a10")
 UPDATABLE_FIELDS = ("title", "model", "labels", "ttl_seconds", "max_messages")
+_APP_IMMUTABLE = "is immutable: a session's app is set by CreateSession (or ForkSession's source) only"
 # Each field once, or a label path per label a session may hold.
 MAX_MASK_PATHS = len(UPDATABLE_FIELDS) + L.MAX_LABELS
 
@@ -184,6 +186,7 @@ def create_session(request: session_service_pb2.CreateSessionRequest, limits: Li
     v.labels("labels", request.labels)
     ttl = _ttl(v, "ttl_seconds", request.ttl_seconds, limits)
     window = _window(v, "max_messages", request.max_messages, limits)
+    v.id("app", request.app, required=False)
     v.raise_if_any()
     return NewSession(
         session_id=session_id_for(request.user_id, request.session_id, request.request_id),
@@ -195,6 +198,7 @@ def create_session(request: session_service_pb2.CreateSessionRequest, limits: Li
         ttl_seconds=ttl,
         max_messages=window,
         request_id=request.request_id,
+        app=request.app,
     )
 
 
@@ -225,6 +229,8 @@ def update_session(
             paths = list(UPDATABLE_FIELDS)
     else:  # AIP-134: without a mask, apply the fields that are set
         paths = [f for f in UPDATABLE_FIELDS if (s.labels if f == "labels" else getattr(s, f))]
+        if s.app:
+            v.add("session.app", _APP_IMMUTABLE)
     if len(set(paths)) < len(paths):
         v.add("update_mask", "must not name a path twice")
     if sum(p.startswith("labels.") for p in paths) > L.MAX_LABELS:
@@ -263,6 +269,8 @@ def update_session(
             else:
                 # Any key within the length: a label stored before the key rule can be removed.
                 remove_labels.add(key)
+        elif path == "app":
+            v.add("session.app", _APP_IMMUTABLE)
         else:
             v.add(
                 "update_mask",
@@ -283,12 +291,17 @@ def update_session(
     return s.session_id, patch
 
 
-def list_sessions(request: session_service_pb2.ListSessionsRequest) -> tuple[str, int]:
+def list_sessions(request: session_service_pb2.ListSessionsRequest) -> tuple[Listed, int]:
+    """What to list (a user's sessions, of an app or of all; or an app's) and the page size."""
     v = Violations()
-    v.id("user_id", request.user_id)
+    v.id("app", request.app, required=False)
+    if not request.user_id and not request.app:
+        v.add("user_id", "is required, unless app is set (then every user's sessions of the app are listed)")
+    v.id("user_id", request.user_id, required=False)
     v.page_size(request.page_size)
     v.raise_if_any()
-    return request.user_id, min(request.page_size or L.DEFAULT_SESSIONS_PAGE, L.MAX_PAGE_SIZE)
+    page_size = min(request.page_size or L.DEFAULT_SESSIONS_PAGE, L.MAX_PAGE_SIZE)
+    return Listed(request.user_id, request.app), page_size
 
 
 def _message(
@@ -513,6 +526,7 @@ READABLE_FIELDS = (
     "expires_in_seconds",
     "ttl_seconds",
     "max_messages",
+    "app",
 )
 MAX_READ_MASK_PATHS = len(READABLE_FIELDS) + L.MAX_LABELS
 
@@ -610,7 +624,10 @@ def _state_scope(v: Violations, field: str, scope: session_service_pb2.StateScop
     if which == "user_id":
         v.id(f"{field}.user_id", scope.user_id)
         return StateScope(user_id=scope.user_id)
-    v.add(field, "is required: set session_id or user_id")
+    if which == "app":
+        v.id(f"{field}.app", scope.app)
+        return StateScope(app=scope.app)
+    v.add(field, "is required: set session_id, user_id or app")
     return StateScope()
 
 
@@ -680,7 +697,7 @@ def append_state_delta(request: session_service_pb2.AppendMessagesRequest) -> St
 
 def truncate_messages(request: session_service_pb2.TruncateMessagesRequest) -> tuple[str, Truncation]:
     v = Violations()
-    v.id("session_id", request.session_id)
+    v.session_id("session_id", request.session_id)
     v.id("request_id", request.request_id, required=False)
     after_seq = request.after_seq if request.HasField("after_seq") else None
     if after_seq is not None and request.pop_count:

@@ -72,6 +72,7 @@ class Watch(Generic[T]):
         "_loop",
         "_must_read",
         "_owner",
+        "_page_bytes",
         "_present",
         "_ready",
         "_resumed",
@@ -90,6 +91,7 @@ class Watch(Generic[T]):
         *,
         heartbeat_seconds: float,
         present: Callable[[WatchEvent], T],
+        page_bytes: int | None = None,
     ) -> None:
         self._storage = storage
         self._feed: MessageFeed | None = feed  # None once closed
@@ -97,6 +99,7 @@ class Watch(Generic[T]):
         self._after_seq = after_seq
         self._heartbeat_seconds = heartbeat_seconds
         self._present = present
+        self._page_bytes = page_bytes  # a read's page stops short of it (None: the store's bound)
         self._subscription: FeedSubscription | None = None  # joined on the first __anext__
         self._loop: asyncio.AbstractEventLoop | None = None  # the one it joined on
         self._owner = ""
@@ -121,7 +124,7 @@ class Watch(Generic[T]):
                 if subscription is None:
                     await self._start(feed)
                 elif self._must_read:
-                    await self._read()
+                    await self._read(feed, subscription)
                 else:
                     await subscription.wait(self._heartbeat_seconds)
                     if self._feed is not None:
@@ -166,7 +169,7 @@ class Watch(Generic[T]):
         self._subscription = subscription
         self._loop = asyncio.get_running_loop()
         self._session_id = subscription.session_id  # the feed's copy, one for all its watchers
-        session = await self._storage.get(self._session_id)
+        session = await feed.read(lambda: self._storage.get(self._session_id))
         # Only these two: the whole session (its title, labels...) is not held by each idle watch.
         # Not sys.intern'ed: interned strings are immortal on Python 3.12, one per user ever seen.
         self._owner, last_seq = session.user_id, session.message_count
@@ -183,11 +186,17 @@ class Watch(Generic[T]):
         self._must_read = self._cursor < last_seq or self._resumed
         self._emit(Heartbeat(self._cursor))  # live from here: the resume point
 
-    async def _read(self) -> None:
-        """A page of the LIST after the cursor; the last one ends the read."""
-        cursor = self._cursor
-        page = await self._storage.list_messages(
-            self._session_id, MessageQuery(limit=READ_PAGE, after_seq=cursor)
+    async def _read(self, feed: MessageFeed, subscription: FeedSubscription) -> None:
+        """A page of the LIST after the cursor; the last one ends the read. One read serves every
+        watcher of the session in this process at the same cursor (they fall back together when
+        a large append is only announced): the page is shared, never changed. It is read as the
+        session's owner's, so a namesake of another user's is not found (the watch ends)."""
+        cursor, owners = self._cursor, (self._owner,)
+        query = MessageQuery(limit=READ_PAGE, after_seq=cursor, max_bytes=self._page_bytes)
+        page = await feed.read_shared(
+            subscription,
+            (query, self._owner),
+            lambda: self._storage.list_messages(self._session_id, query, owners=owners),
         )
         cleared_to = 0
         if self._first_read:

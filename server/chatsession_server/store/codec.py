@@ -80,6 +80,8 @@ class MetaField(enum.StrEnum):
     """'1' once the session has stored a message with a payload (set by appends, compactions and
     forks, never unset): only then do the page and context budgets look for reply_bytes in
     each message (REPLY_BYTES_PATTERN), so a session without payloads pays nothing for them"""
+    APP = "app"
+    """the app (namespace) the session belongs to; absent for none. Immutable."""
 
 
 class PublishKind(enum.StrEnum):
@@ -267,6 +269,7 @@ def new_session_fields(
     ttl_seconds: int,
     max_messages: int,
     request_id: str,
+    app: str = "",
 ) -> list[str]:
     """Field/value pairs of a new meta HASH, flat, ready for HSET (`created_at` as format_time gives it)."""
     now = created_at
@@ -285,6 +288,8 @@ def new_session_fields(
     }
     if request_id:
         fields[MetaField.CREATE_REQUEST_ID] = request_id
+    if app:
+        fields[MetaField.APP] = app
     for key, value in labels.items():
         fields[LABEL_FIELD_PREFIX + key] = value
     return flatten(fields.items())
@@ -322,6 +327,7 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         expires_in_seconds=NEVER_EXPIRES if ttl == -1 else max(ttl, 0),
         ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
         max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
+        app=_text(meta, MetaField.APP),
     )
 
 
@@ -465,6 +471,7 @@ def fork_fields(
         MetaField.TTL_SECONDS,
         MetaField.MAX_MESSAGES,
         MetaField.PAYLOADS,
+        MetaField.APP,
     )
     for field in copied:  # those the source has (an old session may lack max_messages)
         if (value := source.get(field.encode())) is not None:

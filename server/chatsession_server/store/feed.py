@@ -8,9 +8,12 @@ Appends ("M<first> <last> <owner>[\n<messages>]"), compactions ("C<first> <last>
 channel lives on the node of its session's slot, so a publish reaches only that node's
 subscribers instead of every node of the cluster. The feed subscribes a session's channel when
 its first local watcher arrives and unsubscribes when the last leaves (in batches, see
-channel_sync.py). Pub/sub is only a doorbell: each watcher keeps a cursor and re-reads the LIST
-whenever an event cannot be trusted to follow on (a gap, a full buffer, a publish lost while
-Valkey was away).
+channel_sync.py). An append's publish carries its messages (up to
+session_store.INLINE_PUBLISH_BYTES), so Valkey sends them once to the process, which parses them
+once and hands the same objects to every watcher of the session. Pub/sub is not trusted to be
+complete: each watcher keeps a cursor and re-reads the LIST whenever an event cannot be trusted
+to follow on (a gap, an append only announced, events its inbox dropped, a publish lost while
+Valkey was away), and the session's watchers reading at one cursor share the read (read_shared).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
 from glide import (
     GlideClientConfiguration,
@@ -45,9 +49,16 @@ from chatsession_server.ports import FeedSubscription
 from chatsession_server.store import codec, keys
 from chatsession_server.store.channel_sync import ChannelSync, PubSubControl, Sharded
 from chatsession_server.store.subscription import Subscription
-from chatsession_server.store.valkey import AnyClient, AnyConfig, ValkeyConnection, create_client
+from chatsession_server.store.valkey import (
+    AnyClient,
+    AnyConfig,
+    ValkeyConnection,
+    create_client,
+    reads_for_watchers,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _APPENDED = codec.PublishKind.APPENDED.encode()
 _DELETED = codec.PublishKind.DELETED.encode()
@@ -58,7 +69,7 @@ _MESSAGE_COUNT = codec.MetaField.MESSAGE_COUNT.value
 
 
 class _Channel:
-    __slots__ = ("heard_at", "last_seq", "session_id", "watchers")
+    __slots__ = ("heard_at", "last_seq", "reads", "session_id", "watchers")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id  # its watchers' subscriptions share this string
@@ -66,6 +77,7 @@ class _Channel:
         self.watchers: list[Subscription] = []
         self.last_seq = 0  # newest seq this process has heard of
         self.heard_at = float("-inf")  # loop time of the last publish heard on the channel
+        self.reads: dict[Hashable, asyncio.Future[Any]] | None = None  # see read_shared; None: none yet
 
     def add(self, subscription: Subscription) -> None:
         subscription.place = len(self.watchers)
@@ -89,7 +101,7 @@ class SessionFeed:
         pubsub: AnyClient,
         commands: ValkeyConnection,
         *,
-        buffer: int,
+        buffer_bytes: int,
         poll_seconds: float,
         sweep_seconds: float,
         key_space: keys.KeySpace,
@@ -99,7 +111,7 @@ class SessionFeed:
         control: PubSubControl = Sharded(pubsub) if isinstance(pubsub, GlideClusterClient) else pubsub
         self._sync = ChannelSync(control, lambda: [self._keys.watch_channel(s) for s in self._channels])
         self._commands = commands
-        self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
         self._poll_seconds = poll_seconds
         self._sweep_seconds = sweep_seconds
         self._channels: dict[str, _Channel] = {}
@@ -114,7 +126,7 @@ class SessionFeed:
         base: AnyConfig,
         commands: ValkeyConnection,
         *,
-        buffer: int,
+        buffer_bytes: int,
         poll_seconds: float,
         sweep_seconds: float,
         key_space: keys.KeySpace,
@@ -138,7 +150,7 @@ class SessionFeed:
         feed = cls(
             client,
             commands,
-            buffer=buffer,
+            buffer_bytes=buffer_bytes,
             poll_seconds=poll_seconds,
             sweep_seconds=sweep_seconds,
             key_space=key_space,
@@ -166,7 +178,7 @@ class SessionFeed:
         channel = self._channels.get(session_id)
         if channel is None:
             channel = self._channels[session_id] = _Channel(session_id)
-        subscription = Subscription(channel.session_id, self._buffer)
+        subscription = Subscription(channel.session_id, self._buffer_bytes)
         channel.add(subscription)
         try:
             await self._sync.subscribed(self._keys.watch_channel(session_id))
@@ -189,6 +201,40 @@ class SessionFeed:
             if not self._closed:
                 self._sync.changed()  # the next round unsubscribes
 
+    async def read(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        """A watcher's read of Valkey: however it fails or however long it takes, it never marks
+        Valkey unreachable for the process's other calls (see valkey.reads_for_watchers)."""
+        with reads_for_watchers():
+            return await fetch()
+
+    async def read_shared(
+        self, subscription: FeedSubscription, key: Hashable, fetch: Callable[[], Awaitable[T]]
+    ) -> T:
+        """`fetch()` once for every watcher of `subscription`'s session in this process that asks
+        with an equal `key` while it runs: the watchers of a session that fall back to the LIST
+        at one cursor cost Valkey one read, not one each. A read as `read()` makes it; each
+        sharer gets its result or its error, and a sharer that gives up (cancelled) leaves it
+        running for the others."""
+        channel = self._channels.get(subscription.session_id)
+        if channel is None or not isinstance(subscription, Subscription) or subscription.place < 0:
+            return await self.read(fetch)  # not in the feed (any more): nobody to share with
+        reads = channel.reads
+        if reads is None:
+            reads = channel.reads = {}
+        shared = reads.get(key)
+        if shared is None:
+            shared = reads[key] = asyncio.ensure_future(self.read(fetch))
+
+            def done(future: asyncio.Future[Any], reads: dict[Hashable, asyncio.Future[Any]] = reads) -> None:
+                if reads.get(key) is future:
+                    del reads[key]
+                if not future.cancelled():
+                    future.exception()  # retrieved: every sharer may have given up
+
+            shared.add_done_callback(done)
+        result: T = await asyncio.shield(shared)
+        return result
+
     def _closing_subscription(self, session_id: str) -> Subscription:
         subscription = Subscription(session_id, 1)
         subscription.offer(Closing())
@@ -201,15 +247,18 @@ class SessionFeed:
         if channel is None or not channel.watchers:
             return
         channel.heard_at = asyncio.get_running_loop().time()
+        payload = msg.message if isinstance(msg.message, bytes) else str(msg.message).encode()
         try:
-            event = _parse(msg.message if isinstance(msg.message, bytes) else str(msg.message).encode())
+            event = _parse(payload)
         except (ValueError, KeyError) as exc:
             log.warning("unreadable watch publish on %s: %s", loggable(channel_name), exc)
             event = Behind()
         if isinstance(event, Appended):
             channel.last_seq = max(channel.last_seq, event.last_seq)
+        # What the event holds, as a watcher's inbox counts it: about its publish's size.
+        size = len(payload)
         for subscription in channel.watchers:
-            subscription.offer(event)
+            subscription.offer(event, size)
 
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -224,7 +273,7 @@ class SessionFeed:
         """Catch what pub/sub cannot promise: publishes lost while Valkey was away, and expiry."""
         while not self._closed:
             await asyncio.sleep(self._poll_seconds)
-            with contextlib.suppress(ChatSessionError):
+            with contextlib.suppress(ChatSessionError), reads_for_watchers():
                 await self.poll_once()
 
     async def poll_once(self) -> None:

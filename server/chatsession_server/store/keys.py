@@ -22,6 +22,8 @@ USAGE_PREFIX = "usage:"
 USAGE_SEEN_PREFIX = "usage_seen:"
 STATE_PREFIX = "state:"
 USER_STATE_PREFIX = "user_state:"
+APP_INDEX_PREFIX = "app_sessions:"
+APP_STATE_PREFIX = "app_state:"
 
 HASH_TAG_END = "}"
 """Closes the hash tag a `*_head` opens: a script names an owner's key as head, user id, this."""
@@ -55,6 +57,30 @@ class KeySpace:
         """ZSET of a user's session ids scored by last_active. Its own slot: in a cluster it is kept
         in a second step (see owner_index.py); on standalone Valkey, in the session's scripts."""
         return f"{self.user_index_head}{user_id}{HASH_TAG_END}"
+
+    def user_app_index(self, user_id: str, app: str) -> str:
+        """ZSET of a user's session ids of one app, scored by last_active, as `user_index` (which
+        still holds them too): `user_sessions:{<user_id>}:<app>`, in the user's slot, so the
+        step that keeps the user's index keeps it in the same script."""
+        return f"{self.user_index(user_id)}:{app}"
+
+    def app_index(self, app: str) -> str:
+        """ZSET of an app's session ids, of every user, scored by last_active. Its own slot: in
+        a cluster it is kept in a step of its own after the owner's (see owner_index.py); on
+        standalone Valkey, in the session's scripts."""
+        return f"{self.app_index_head}{app}{HASH_TAG_END}"
+
+    @property
+    def app_index_head(self) -> str:
+        """What a script puts before an app (and `}` after) to name that app's index (standalone
+        only: a key the script does not declare)."""
+        return f"{self.prefix}{APP_INDEX_PREFIX}{{"
+
+    def listing_index(self, user_id: str, app: str) -> str:
+        """The index a ListSessions reads: the user's, the user's of one app, or the app's."""
+        if not user_id:
+            return self.app_index(app)
+        return self.user_app_index(user_id, app) if app else self.user_index(user_id)
 
     @property
     def user_index_head(self) -> str:
@@ -118,6 +144,11 @@ class KeySpace:
         """HASH of the state every session of a user shares, as `state` holds it. In the user's
         slot (beside `user_sessions:{<user_id>}`); no expiry: it outlives the user's sessions."""
         return f"{self.prefix}{USER_STATE_PREFIX}{{{user_id}}}"
+
+    def app_state(self, app: str) -> str:
+        """HASH of the state every session of an app shares (ADK's `app:` keys), as `state`
+        holds it. In the app's slot (beside `app_sessions:{<app>}`); no expiry."""
+        return f"{self.prefix}{APP_STATE_PREFIX}{{{app}}}"
 
 
 DEFAULT_KEY_SPACE = KeySpace()

@@ -1,6 +1,7 @@
-"""SessionListing: ListSessions' pages, read from the owner's index.
+"""SessionListing: ListSessions' pages, read from the owner's index (`user_sessions:{uid}`), the
+owner's index of an app (`user_sessions:{uid}:<app>`) or an app's index (`app_sessions:{<app>}`).
 
-The index (`user_sessions:{uid}`) may hold entries whose session is gone (expired, or deleted or
+An index may hold entries whose session is gone (expired, or deleted or
 created half-way in a cluster: see owner_index.py) and scores that lag their session's
 last_active. A listing describes every candidate, so a page holds only live sessions, and has the
 owner index prune the dead entries and repair the lagging scores it met.
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from glide import InfBound, Limit, RangeByScore, ScoreBoundary
 
-from chatsession_server.domain import Session, SessionCursor, SessionPage
+from chatsession_server.domain import Listed, Session, SessionCursor, SessionPage
 from chatsession_server.store import codec, keys
 from chatsession_server.store.owner_index import OwnerIndex
 from chatsession_server.store.valkey import ValkeyConnection
@@ -30,8 +31,8 @@ class SessionListing:
         self._keys = key_space
         self._owner_index = owner_index
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        """A page of the user's live sessions, most recently active first.
+    async def list_sessions(self, listed: Listed, limit: int, cursor: SessionCursor | None) -> SessionPage:
+        """A page of the live sessions `listed` names, most recently active first.
 
         Reads the index by score (no SCAN), describes the candidates in one pipeline, and prunes
         index entries whose session has expired, so a page holds only live sessions. Each read
@@ -41,7 +42,7 @@ class SessionListing:
         so a page behind thousands of expired entries takes a few round trips, not hundreds. A
         page stops short of PAGE_BYTES of sessions, so that its reply fits a client.
         """
-        index = self._keys.user_index(user_id)
+        index = self._keys.listing_index(listed.user_id, listed.app)
         found: list[tuple[Session, float]] = []
         size = 0
         position = cursor  # the last row read: the next read starts after it
@@ -57,13 +58,13 @@ class SessionListing:
             ranked: dict[bytes, float] = (await self._conn.run(batch))[-1]
             rows = [(member.decode(), float(score)) for member, score in ranked.items()]
             fresh = [row for row in rows if position is None or _after_cursor(position, *row)]
-            live, dead = await self._describe_many(user_id, fresh)
+            live, dead = await self._describe_many(listed, fresh)
             if dead:
-                await self._owner_index.prune(user_id, dead)
+                await self._owner_index.prune(listed, dead)
             for session, score in live:
                 size += _listed_bytes(session)
                 if found and size > PAGE_BYTES:
-                    return await self._page(user_id, found[:limit], more=True)
+                    return await self._page(listed, found[:limit], more=True)
                 found.append((session, score))
             if len(found) > limit or len(rows) < fetch:
                 break
@@ -74,13 +75,13 @@ class SessionListing:
                 ties = fetch
             if dead:
                 read = min(2 * read, MAX_INDEX_READ)
-        return await self._page(user_id, found[:limit], more=len(found) > limit)
+        return await self._page(listed, found[:limit], more=len(found) > limit)
 
-    async def _page(self, user_id: str, shown: list[tuple[Session, float]], *, more: bool) -> SessionPage:
+    async def _page(self, listed: Listed, shown: list[tuple[Session, float]], *, more: bool) -> SessionPage:
         """The page of `shown`, with a cursor after its last session when `more` follow. Only the
         scores of sessions returned are repaired: one raised past the page's end would jump over
         the cursor and be skipped by the next page."""
-        await self._owner_index.repair_scores(user_id, shown)
+        await self._owner_index.repair_scores(listed, shown)
         next_cursor = None
         if more:
             last, score = shown[-1]
@@ -88,9 +89,10 @@ class SessionListing:
         return SessionPage(tuple(session for session, _ in shown), next_cursor)
 
     async def _describe_many(
-        self, user_id: str, candidates: Sequence[tuple[str, float]]
+        self, listed: Listed, candidates: Sequence[tuple[str, float]]
     ) -> tuple[list[tuple[Session, float]], list[tuple[str, float]]]:
-        """Live sessions (with their index score) for index rows, in order, and the dead rows."""
+        """Live sessions (with their index score) for index rows, in order, and the dead rows:
+        gone, or (a namesake) of another owner or app than the index's."""
         if not candidates:
             return [], []
         batch = self._conn.batch(atomic=False)
@@ -100,10 +102,16 @@ class SessionListing:
         rows = await self._conn.run(batch)
         live: list[tuple[Session, float]] = []
         dead: list[tuple[str, float]] = []
-        owner = codec.MetaField.USER_ID.encode()
+        owner_field, app_field = codec.MetaField.USER_ID.encode(), codec.MetaField.APP.encode()
+        owner, app = listed.user_id.encode(), listed.app.encode()
         for i, (session_id, score) in enumerate(candidates):
             meta, stored, ttl = rows[3 * i : 3 * i + 3]
-            if not meta or meta.get(owner) != user_id.encode():
+            if (
+                not meta
+                or owner_field not in meta
+                or (owner and meta[owner_field] != owner)
+                or (app and meta.get(app_field) != app)
+            ):
                 dead.append((session_id, score))
                 continue
             live.append((codec.decode_session(session_id, meta, int(stored), int(ttl)), score))
@@ -112,7 +120,8 @@ class SessionListing:
 
 def _listed_bytes(session: Session) -> int:
     """About what a session takes in a ListSessions reply: its strings, plus the fixed fields."""
-    texts = [session.session_id, session.user_id, session.title, session.model, *session.labels.keys()]
+    texts = [session.session_id, session.user_id, session.title, session.model, session.app]
+    texts += session.labels.keys()
     texts += session.labels.values()
     return sum(len(text.encode()) for text in texts) + 64
 

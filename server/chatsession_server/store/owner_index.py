@@ -25,6 +25,16 @@ and never shows one that does not exist:
   acknowledged.
 tests/test_cluster_index.py injects a failure between the steps of each.
 
+A session of an app is also in its owner's index of the app (`user_sessions:{uid}:<app>`, the
+owner's slot: kept by the same scripts as the owner's index, in the same step) and in the app's
+index (`app_sessions:{<app>}`, the app's own slot). Standalone, the session scripts keep both.
+In a cluster the app's index is one step more, right after the owner's, with the same rules: a
+create enters it (after the owner's entry, before the session; a refused create reverts it), an
+append sets its score after the owner's step (not when that step was late), a delete removes it
+after the owner's. A failure leaves what the owner's index would: an entry without a session
+(skipped, then pruned by a listing of the app) or a stale score (set by the next append, or
+raised by a listing), never a live session missing.
+
 Standalone, the create, append and fork scripts count the usage in their own step, and a replay
 never reaches that code. In a cluster it is the second step too (owner_scripts.USAGE_SYNC, in the
 same script as the append's index step: still two round trips), and it counts not "this call"
@@ -47,7 +57,7 @@ from typing import Any, TypeVar
 
 from glide import UpdateOptions
 
-from chatsession_server.domain import AppendResult, Session
+from chatsession_server.domain import AppendResult, Listed, Session
 from chatsession_server.errors import ChatSessionError, StoreUnavailable
 from chatsession_server.logs import loggable
 from chatsession_server.store import codec, keys
@@ -72,6 +82,8 @@ class OwnerIndex(abc.ABC):
     """what APPEND and DELETE are given to keep the index themselves ('': a second step does)"""
     usage_head: str
     """what CREATE, APPEND and FORK_WRITE are given to count the usage ('': a second step does)"""
+    app_index_head: str
+    """what the session scripts are given to keep an app's index ('': a step of its own does)"""
 
     def __init__(self, conn: ValkeyConnection, scripts: ScriptRunner, key_space: keys.KeySpace) -> None:
         self._conn = conn
@@ -89,9 +101,11 @@ class OwnerIndex(abc.ABC):
         session_id: str,
         now: str,
         doing: str,
+        app: str = "",
     ) -> tuple[Status, Any]:
         """Runs a create's or a fork's write (CREATE or FORK_WRITE, replying CREATED, REPLAYED or
-        EXISTS) with the index kept; `doing` names it in an error ("creating")."""
+        EXISTS) with the indexes kept (those of `app` too); `doing` names it in an error
+        ("creating")."""
 
     @abc.abstractmethod
     async def count_created(self, session: Session, described: Any) -> None:
@@ -112,18 +126,21 @@ class OwnerIndex(abc.ABC):
         this step is logged, not raised: the session is gone."""
 
     @abc.abstractmethod
-    async def prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
-        """Removes index entries a listing found dead (session id, score), if they still are."""
+    async def prune(self, listed: Listed, dead: Sequence[tuple[str, float]]) -> None:
+        """Removes entries a listing of `listed` found dead (session id, score) from the index it
+        read, if they still are."""
 
-    async def repair_scores(self, user_id: str, live: Sequence[tuple[Session, float]]) -> None:
-        """Raises index scores that lag their session's last_active (an append whose index step
-        failed, in a cluster). Never needed on standalone Valkey, where the scripts keep them."""
+    async def repair_scores(self, listed: Listed, live: Sequence[tuple[Session, float]]) -> None:
+        """Raises scores of the index a listing read that lag their session's last_active (an
+        append whose index step failed, in a cluster). Never needed on standalone Valkey, where
+        the scripts keep them."""
         behind = {
             session.session_id: session.last_active for session, score in live if session.last_active > score
         }
         if behind:
             batch = self._conn.batch(atomic=False)
-            batch.zadd(self._keys.user_index(user_id), behind, update_condition=UpdateOptions.GREATER_THAN)
+            index = self._keys.listing_index(listed.user_id, listed.app)
+            batch.zadd(index, behind, update_condition=UpdateOptions.GREATER_THAN)
             await self._conn.run(batch)
 
 
@@ -135,6 +152,7 @@ class InScriptOwnerIndex(OwnerIndex):
         super().__init__(conn, scripts, key_space)
         self.index_head = key_space.user_index_head
         self.usage_head = key_space.usage_head
+        self.app_index_head = key_space.app_index_head
 
     async def write_new(
         self,
@@ -146,6 +164,7 @@ class InScriptOwnerIndex(OwnerIndex):
         session_id: str,
         now: str,
         doing: str,
+        app: str = "",
     ) -> tuple[Status, Any]:
         session_keys.append(self._keys.user_index(user_id))
         return await self._scripts.call(script, session_keys, args)
@@ -161,12 +180,11 @@ class InScriptOwnerIndex(OwnerIndex):
     async def deleted(self, session_id: str, reply: Any) -> None:
         pass  # removed by the delete
 
-    async def prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
+    async def prune(self, listed: Listed, dead: Sequence[tuple[str, float]]) -> None:
         pairs = [item for session_id, _ in dead for item in (session_id, self._keys.meta(session_id))]
-        index = self._keys.user_index(user_id)
-        await self._scripts.run(
-            owner_scripts.PRUNE_INDEX, [index], owner_scripts.PruneIndexArgs(user_id, pairs)
-        )
+        index = self._keys.listing_index(listed.user_id, listed.app)
+        args = owner_scripts.PruneIndexArgs(listed.user_id, listed.app, pairs)
+        await self._scripts.run(owner_scripts.PRUNE_INDEX, [index], args)
 
 
 class SecondStepOwnerIndex(OwnerIndex):
@@ -187,6 +205,7 @@ class SecondStepOwnerIndex(OwnerIndex):
         super().__init__(conn, scripts, key_space)
         self.index_head = ""
         self.usage_head = ""
+        self.app_index_head = ""
         self._clock = clock
         self._prune_grace_seconds = prune_grace_seconds
         self._max_ttl_seconds = max_ttl_seconds
@@ -201,38 +220,60 @@ class SecondStepOwnerIndex(OwnerIndex):
         session_id: str,
         now: str,
         doing: str,
+        app: str = "",
     ) -> tuple[Status, Any]:
-        # Timed from before the index step: the entry's score is `now`, and its WAIT for a
-        # replica is part of the gap.
+        # Timed from before the index steps: the entry's score is `now`, and their WAITs for a
+        # replica are part of the gap.
         started = time.monotonic()
-        score_set = await self.enter(user_id, session_id, now)
+        indexes = self._indexes(user_id, app)
+        scores_set = [await self.enter(index_keys, session_id, now) for index_keys in indexes]
         if time.monotonic() - started > CREATE_STEP_GAP_SECONDS:
             raise StoreUnavailable(f"{doing} the session took too long; retry with the same request_id")
         status, reply = await self._scripts.call(script, session_keys, args)
         if status is Status.EXISTS:
-            owner, last_active = reply[1].decode(), reply[2].decode()
-            await self.revert(user_id, session_id, score_set, last_active if owner == user_id else "")
+            owner, last_active, its_app = reply[1].decode(), reply[2].decode(), reply[3].decode()
+            # The session holding the id keeps the entries it deserves: its owner's index (if
+            # it is this user's), the owner's index of its app and its app's index (if of `app`).
+            mine, same_app = owner == user_id, its_app == app
+            previous = [
+                [last_active if mine else "", last_active if mine and same_app else ""],
+                [last_active if same_app else ""],
+            ]
         elif status is Status.REPLAYED:
-            # The entry was there already: put back the score the session really has.
-            session = codec.decode_described(session_id, reply[1])
-            await self.revert(user_id, session_id, score_set, codec.format_time(session.last_active))
+            # The entries were there already: put back the score the session really has.
+            score = codec.format_time(codec.decode_described(session_id, reply[1]).last_active)
+            previous = [[score, score], [score]]
+        else:
+            return status, reply
+        for index_keys, score_set, put_back in zip(indexes, scores_set, previous, strict=False):
+            await self.revert(index_keys, session_id, score_set, put_back)
         return status, reply
 
-    async def enter(self, user_id: str, session_id: str, now: str) -> str:
-        """A create's index step; returns the score written."""
-        index = self._keys.user_index(user_id)
+    def _indexes(self, user_id: str, app: str) -> list[list[str]]:
+        """The keys of each index step of a session: the owner's index (with the owner's index
+        of the app, same slot), then the app's index."""
+        if not app:
+            return [[self._keys.user_index(user_id)]]
+        owners = [self._keys.user_index(user_id), self._keys.user_app_index(user_id, app)]
+        return [owners, [self._keys.app_index(app)]]
+
+    async def enter(self, index_keys: list[str], session_id: str, now: str) -> str:
+        """A create's index step (ENTER_INDEX on `index_keys`, one slot); returns the score written."""
         args = owner_scripts.EnterIndexArgs(session_id, now)
-        written = await self._scripts.run(owner_scripts.ENTER_INDEX, [index], args)
-        await self._conn.replicated(index)
+        written = await self._scripts.run(owner_scripts.ENTER_INDEX, index_keys, args)
+        await self._conn.replicated(index_keys[0])
         return written.decode() if isinstance(written, bytes) else str(written)
 
-    async def revert(self, user_id: str, session_id: str, score_set: str, previous: str) -> None:
-        """Undo a refused create's index step: put back the owner's score, or remove an entry
-        that another user's session id does not deserve. Best effort: an entry left behind is
-        skipped by listings and pruned after the grace period."""
-        args = owner_scripts.RevertIndexArgs(session_id, score_set, previous)
+    async def revert(
+        self, index_keys: list[str], session_id: str, score_set: str, previous: list[str]
+    ) -> None:
+        """Undo a refused create's index step: put back each key's score (`previous`, one per
+        key), or remove an entry that another session does not deserve ('') . Best effort: an
+        entry left behind is skipped by listings and pruned after the grace period."""
+        app_previous = previous[1] if len(previous) > 1 else ""
+        args = owner_scripts.RevertIndexArgs(session_id, score_set, previous[0], app_previous)
         try:
-            await self._scripts.run(owner_scripts.REVERT_INDEX, [self._keys.user_index(user_id)], args)
+            await self._scripts.run(owner_scripts.REVERT_INDEX, index_keys, args)
         except ChatSessionError as exc:
             log.warning(
                 "session %s: index entry of a refused create left to pruning (%s)", loggable(session_id), exc
@@ -299,29 +340,38 @@ class SecondStepOwnerIndex(OwnerIndex):
         usage_keys = [self._keys.usage(session.user_id), self._keys.usage_seen(session.user_id)]
         if index:
             usage_keys.append(self._keys.user_index(session.user_id))
-        await self._scripts.run(owner_scripts.USAGE_SYNC, usage_keys, args)
+            if session.app:
+                usage_keys.append(self._keys.user_app_index(session.user_id, session.app))
+        _, late = await self._scripts.run(owner_scripts.USAGE_SYNC, usage_keys, args)
         await self._conn.replicated(usage_keys[0])
+        if index and session.app and not int(late):
+            # The app's index, in its own slot: the score as the owner's step set it.
+            app_index = self._keys.app_index(session.app)
+            batch = self._conn.batch(atomic=False)
+            batch.zadd(app_index, {session.session_id: session.last_active})
+            await self._conn.run(batch)
+            await self._conn.replicated(app_index)
 
     async def deleted(self, session_id: str, reply: Any) -> None:
         try:
-            await self.unindex(reply[1].decode(), session_id, reply[2].decode())
+            await self.unindex(reply[1].decode(), session_id, reply[2].decode(), reply[3].decode())
         except ChatSessionError as exc:
             # The session is gone: acknowledge it. Listings skip the entry, then prune it.
             log.warning("session %s: index entry left to pruning (%s)", loggable(session_id), exc)
 
-    async def unindex(self, user_id: str, session_id: str, last_active: str) -> None:
-        """A delete's second step: the entry goes unless a namesake created since holds it."""
-        index = self._keys.user_index(user_id)
-        await self._scripts.run(
-            owner_scripts.UNINDEX, [index], owner_scripts.UnindexArgs(session_id, last_active)
-        )
-        await self._conn.replicated(index)
+    async def unindex(self, user_id: str, session_id: str, last_active: str, app: str = "") -> None:
+        """A delete's index steps: each entry goes unless a namesake created since holds it."""
+        for index_keys in self._indexes(user_id, app):
+            await self._scripts.run(
+                owner_scripts.UNINDEX, index_keys, owner_scripts.UnindexArgs(session_id, last_active)
+            )
+            await self._conn.replicated(index_keys[0])
 
-    async def prune(self, user_id: str, dead: Sequence[tuple[str, float]]) -> None:
+    async def prune(self, listed: Listed, dead: Sequence[tuple[str, float]]) -> None:
         """Only entries old and untouched enough: a create may still be between its steps."""
         cutoff = codec.format_time(self._clock() - self._prune_grace_seconds)
         seen = [item for session_id, score in dead for item in (session_id, repr(score))]
-        index = self._keys.user_index(user_id)
+        index = self._keys.listing_index(listed.user_id, listed.app)
         await self._scripts.run(
             owner_scripts.PRUNE_STALE, [index], owner_scripts.PruneStaleArgs(cutoff, seen)
         )

@@ -26,11 +26,13 @@ from chatsession_server.domain import (
     CompactResult,
     Context,
     ContextQuery,
+    Listed,
     MessagePage,
     MessageQuery,
     NewFork,
     NewMessage,
     NewSession,
+    Owned,
     Session,
     SessionCursor,
     SessionPage,
@@ -40,6 +42,7 @@ from chatsession_server.domain import (
     TruncateResult,
     Truncation,
     UserUsage,
+    owns,
     scope_owner,
     scope_rule,
 )
@@ -51,8 +54,13 @@ from chatsession_server.store.lua.runtime import LuaScript, ScriptRunner, Status
 from chatsession_server.store.owner_index import INDEX_PRUNE_GRACE_SECONDS, owner_index_for
 from chatsession_server.store.valkey import ValkeyConnection
 
-# Appends up to this size travel to watchers inside the publish; larger ones are only announced.
-INLINE_PUBLISH_BYTES = 64 * 1024
+# Appends up to this size (their stored JSON) travel to watchers inside the publish, which Valkey
+# sends once to each process that has a watcher of the session: so every append within
+# --max-append-bytes does, bar one whose content JSON escaping blows up several times. A larger
+# one is only announced, and each process reads it from the LIST once for its watchers (see
+# SessionFeed.read_shared). The bound keeps a publish well under Valkey's default output buffer
+# limit for pub/sub clients (32 MB), past which it would drop the feed's connection.
+INLINE_PUBLISH_BYTES = 8 * 1024 * 1024
 # TruncateMessages returns at most this many removed messages (and PAGE_BYTES of them): a reply's
 # bounds, as a ListMessages page's.
 MAX_REMOVED_MESSAGES = 1000
@@ -121,6 +129,7 @@ class SessionStore:
             ttl_seconds=new.ttl_seconds,
             max_messages=new.max_messages,
             request_id=new.request_id,
+            app=new.app,
         )
         args = session_scripts.CreateArgs(
             now=now,
@@ -131,17 +140,27 @@ class SessionStore:
             model=new.model,
             usage_key_head=self._owner_index.usage_head,
             usage_days=codec.usage_days(float(now)),
+            app=new.app,
+            app_index_head=self._owner_index.app_index_head,
             fields=fields,
         )
         return await self._write_new(
-            session_scripts.CREATE, args, new.session_id, new.user_id, now, "creating"
+            session_scripts.CREATE, args, new.session_id, new.user_id, now, "creating", app=new.app
         )
 
     async def _write_new(
-        self, script: LuaScript[Any], args: Any, session_id: str, user_id: str, now: str, doing: str
+        self,
+        script: LuaScript[Any],
+        args: Any,
+        session_id: str,
+        user_id: str,
+        now: str,
+        doing: str,
+        *,
+        app: str,
     ) -> tuple[Session, bool]:
-        """A create's or a fork's write (CREATE, FORK_WRITE) with the owner's index and usage kept
-        around it; returns the session and whether this was a replay."""
+        """A create's or a fork's write (CREATE, FORK_WRITE) with the owner's index and usage (and
+        the app's indexes) kept around it; returns the session and whether this was a replay."""
         status, reply = await self._owner_index.write_new(
             script,
             self._session_keys_and_state(session_id),
@@ -150,6 +169,7 @@ class SessionStore:
             session_id=session_id,
             now=now,
             doing=doing,
+            app=app,
         )
         if status is Status.EXISTS:
             raise SessionAlreadyExists(session_id)
@@ -162,7 +182,7 @@ class SessionStore:
         self,
         session_id: str,
         *,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         fields: Collection[str] | None = None,
     ) -> Session:
         """The session; not found when it belongs to none of `owners` (None: anyone's). With
@@ -177,20 +197,18 @@ class SessionStore:
         if not meta:
             raise SessionNotFound(session_id)
         session = codec.decode_session(session_id, meta, int(stored), int(ttl))
-        if owners is not None and session.user_id not in owners:
+        if not owns(owners, session.user_id, session.app):
             raise SessionNotFound(session_id)
         return session
 
-    async def _get_fields(
-        self, session_id: str, fields: Collection[str], owners: Collection[str] | None
-    ) -> Session:
+    async def _get_fields(self, session_id: str, fields: Collection[str], owners: Owned) -> Session:
         """One HMGET of the named meta fields (and of the owner, to check it); LLEN and TTL only
         when `messages_stored` or `expires_in_seconds` are named. `labels` (the whole map, whose
         keys are not known beforehand) reads the hash with HGETALL instead. Fields not named
         keep their zero values."""
         meta_key = self._keys.meta(session_id)
-        wanted = [codec.MetaField.USER_ID.value]
-        wanted += [_META_OF_FIELD[f] for f in fields if f in _META_OF_FIELD]
+        wanted = [codec.MetaField.USER_ID.value, codec.MetaField.APP.value]
+        wanted += [_META_OF_FIELD[f] for f in fields if f in _META_OF_FIELD and f != "app"]
         wanted += [codec.LABEL_FIELD_PREFIX + f[len("labels.") :] for f in fields if f.startswith("labels.")]
         whole = "labels" in fields
         batch = self._conn.batch(atomic=True)
@@ -208,16 +226,15 @@ class SessionStore:
         else:
             meta = {name.encode(): value for name, value in zip(wanted, replies[0], strict=True) if value}
         owner = meta.get(codec.MetaField.USER_ID.encode())
-        if owner is None or (owners is not None and owner.decode() not in owners):
+        app = meta.get(codec.MetaField.APP.encode(), b"")
+        if owner is None or not owns(owners, owner.decode(), app.decode()):
             raise SessionNotFound(session_id)
         rest = iter(replies[1:])
         stored = int(next(rest)) if "messages_stored" in fields else 0
         ttl = int(next(rest)) if "expires_in_seconds" in fields else 0
         return codec.decode_session(session_id, meta, stored, ttl)
 
-    async def update(
-        self, session_id: str, patch: SessionPatch, *, owners: Collection[str] | None = None
-    ) -> Session:
+    async def update(self, session_id: str, patch: SessionPatch, *, owners: Owned = None) -> Session:
         to_set: dict[str, str] = {}
         if patch.title is not None:
             to_set["title"] = patch.title
@@ -244,11 +261,12 @@ class SessionStore:
         await self._conn.replicated(self._keys.meta(session_id))
         return codec.decode_described(session_id, reply[1])
 
-    async def delete(self, session_id: str, *, owners: Collection[str] | None = None) -> bool:
+    async def delete(self, session_id: str, *, owners: Owned = None) -> bool:
         """Delete a session; False when there was none (of `owners`)."""
         args = session_scripts.DeleteArgs(
             owners=owners_arg(owners),
             index_key_head=self._owner_index.index_head,
+            app_index_head=self._owner_index.app_index_head,
             session_id=session_id,
             publish_command=self._publish,
             channel=self._keys.watch_channel(session_id),
@@ -269,7 +287,7 @@ class SessionStore:
         *,
         request_id: str = "",
         expected_last_seq: int | None = None,
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
         state_delta: StateDelta | None = None,
     ) -> AppendResult:
         now = self._clock()
@@ -286,6 +304,7 @@ class SessionStore:
             expected_last_seq=expected_last_seq,
             token_sum=sum(m.tokens for m in messages),
             index_key_head=self._owner_index.index_head,
+            app_index_head=self._owner_index.app_index_head,
             session_id=session_id,
             idempotency_limit=self._idempotency_limit,
             publish_command=self._publish,
@@ -332,13 +351,17 @@ class SessionStore:
         return result
 
     async def list_messages(
-        self, session_id: str, query: MessageQuery, *, owners: Collection[str] | None = None
+        self, session_id: str, query: MessageQuery, *, owners: Owned = None
     ) -> MessagePage:
         status, reply = await self._scripts.call(
             session_scripts.LIST_MESSAGES,
             [self._keys.chat(session_id), self._keys.meta(session_id), self._keys.summary(session_id)],
             session_scripts.ListMessagesArgs(
-                owners_arg(owners), query.limit, query.after_seq, query.before_seq, PAGE_BYTES
+                owners_arg(owners),
+                query.limit,
+                query.after_seq,
+                query.before_seq,
+                PAGE_BYTES if query.max_bytes is None else min(query.max_bytes, PAGE_BYTES),
             ),
         )
         if status is Status.NOT_FOUND:
@@ -356,7 +379,7 @@ class SessionStore:
             truncated=(int(removed[0]), int(removed[1])) if removed else None,
         )
 
-    async def fork(self, fork: NewFork, *, owners: Collection[str] | None = None) -> tuple[Session, bool]:
+    async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:
         """Copy `fork.source_id` up to `fork.at_seq` into the new session `fork.session_id` (see
         the module docstring for the two steps); returns it and whether this was a replay."""
         source = fork.source_id
@@ -402,7 +425,7 @@ class SessionStore:
         labels = sum(1 for name in fields if name.startswith(codec.LABEL_FIELD_PREFIX))
         if labels > self._max_labels:
             raise refusals.fork_labels_full(source, labels, self._max_labels)
-        user_id = fields[codec.MetaField.USER_ID]
+        user_id, app = fields[codec.MetaField.USER_ID], fields.get(codec.MetaField.APP, "")
         if scope_owner(fork.session_id) not in (None, user_id):  # 'bob/x' is only ever bob's
             raise InvalidArgument([FieldViolation("new_session_id", scope_rule(user_id))])
         args = self._fork_write_args(fork, origin, owners, user_id=user_id, now=now, probe=False)
@@ -410,20 +433,22 @@ class SessionStore:
             args,
             ttl=int(fields[codec.MetaField.TTL_SECONDS]),
             model=fields.get(codec.MetaField.MODEL, ""),
+            app=app,
+            app_index_head=self._owner_index.app_index_head,
             summary_json=summary_json,
             state_copy=codec.encode_state_delta(codec.decode_state(state_flat), ()),
             field_count=len(fields),
             payload=[*codec.flatten(fields.items()), *items],
         )
         return await self._write_new(
-            session_scripts.FORK_WRITE, args, fork.session_id, user_id, now, "forking"
+            session_scripts.FORK_WRITE, args, fork.session_id, user_id, now, "forking", app=app
         )
 
     def _fork_write_args(
         self,
         fork: NewFork,
         origin: str,
-        owners: Collection[str] | None,
+        owners: Owned,
         *,
         user_id: str,
         now: str,
@@ -442,13 +467,15 @@ class SessionStore:
             usage_key_head=self._owner_index.usage_head,
             model="",
             usage_days=codec.usage_days(float(now)) if now else "",  # "": a probe counts nothing
+            app="",
+            app_index_head=self._owner_index.app_index_head,
             summary_json="",
             state_copy="",
             field_count=0,
             payload=[],
         )
 
-    async def _find_fork(self, fork: NewFork, origin: str, owners: Collection[str] | None) -> Session | None:
+    async def _find_fork(self, fork: NewFork, origin: str, owners: Owned) -> Session | None:
         """The fork a first attempt with this request_id made, or None; writes nothing (its index
         entry was entered by that attempt, before its write)."""
         args = self._fork_write_args(fork, origin, owners, user_id="", now="", probe=True)
@@ -469,9 +496,7 @@ class SessionStore:
         oldest = codec.usage_days(self._clock()).split()[1]
         return codec.decode_usage(fields, oldest)
 
-    async def get_context(
-        self, session_id: str, query: ContextQuery, *, owners: Collection[str] | None = None
-    ) -> Context:
+    async def get_context(self, session_id: str, query: ContextQuery, *, owners: Owned = None) -> Context:
         """Pinned prompt, summary and the newest messages that fit the budget, in one script."""
         args = session_scripts.ContextArgs(
             owners_arg(owners), query.max_tokens, query.max_messages, PAGE_BYTES
@@ -486,7 +511,7 @@ class SessionStore:
         return Context(tuple(codec.decode_message(raw) for raw in items), int(tokens), bool(truncated))
 
     async def compact(
-        self, session_id: str, compaction: Compaction, *, owners: Collection[str] | None = None
+        self, session_id: str, compaction: Compaction, *, owners: Owned = None
     ) -> CompactResult:
         now = self._clock()
         summary = compaction.summary
@@ -530,7 +555,7 @@ class SessionStore:
         *,
         keep_system_prompt: bool,
         request_id: str = "",
-        owners: Collection[str] | None = None,
+        owners: Owned = None,
     ) -> Session:
         args = session_scripts.ClearArgs(
             owners_arg(owners),
@@ -549,7 +574,7 @@ class SessionStore:
         return codec.decode_described(session_id, reply[1])
 
     async def truncate(
-        self, session_id: str, truncation: Truncation, *, owners: Collection[str] | None = None
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
     ) -> TruncateResult:
         """Removes the newest stored messages in one script (see session_scripts.TRUNCATE)."""
         t = truncation
@@ -592,18 +617,24 @@ class SessionStore:
             replayed=status is Status.REPLAYED,
         )
 
-    async def list_sessions(self, user_id: str, limit: int, cursor: SessionCursor | None) -> SessionPage:
-        """A page of the user's live sessions, most recently active first (see listing.py)."""
-        return await self._listing.list_sessions(user_id, limit, cursor)
+    async def list_sessions(
+        self, user_id: str, limit: int, cursor: SessionCursor | None, *, app: str = ""
+    ) -> SessionPage:
+        """A page of the user's live sessions (of `app` only, if given), or with `user_id` '' of
+        every user's sessions of `app`, most recently active first (see listing.py)."""
+        return await self._listing.list_sessions(Listed(user_id, app), limit, cursor)
 
     def _state_keys(self, scope: StateScope) -> list[str]:
-        """A session's state and its meta (whose owner the scripts check), or a user's state."""
+        """A session's state and its meta (whose owner the scripts check), or a user's or an
+        app's state."""
         if scope.session_id:
             return [self._keys.state(scope.session_id), self._keys.meta(scope.session_id)]
+        if scope.app:
+            return [self._keys.app_state(scope.app)]
         return [self._keys.user_state(scope.user_id)]
 
     async def get_state(
-        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Collection[str] | None = None
+        self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
         """The state (key -> JSON text), or its `keys` that it holds; `owners` as for a session
         (a user's state is the caller's to check)."""
@@ -619,7 +650,7 @@ class SessionStore:
         return {key: value.decode() for key, value in zip(keys, reply[1], strict=True) if value is not None}
 
     async def update_state(
-        self, scope: StateScope, delta: StateDelta, *, owners: Collection[str] | None = None
+        self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         """Applies `delta` in one step; the whole state after it (key -> JSON text)."""
         state_keys = self._state_keys(scope)
@@ -654,4 +685,5 @@ _META_OF_FIELD = {
     "token_count": codec.MetaField.TOKEN_COUNT.value,
     "ttl_seconds": codec.MetaField.TTL_SECONDS.value,
     "max_messages": codec.MetaField.MAX_MESSAGES.value,
+    "app": codec.MetaField.APP.value,
 }

@@ -1,4 +1,4 @@
-"""Subscription: one watcher's bounded inbox of feed events."""
+"""Subscription: one watcher's inbox of feed events, bounded in bytes."""
 
 from __future__ import annotations
 
@@ -7,36 +7,53 @@ from collections import deque
 
 from chatsession_server.domain import Behind, Closing, Deleted, FeedEvent
 
+# What an event costs the inbox beyond the messages it carries: its objects and the inbox's entry.
+# Counted so that a flood of small events is bounded by the same byte limit as large ones.
+EVENT_OVERHEAD = 256
+
 
 class Subscription:
-    """A full inbox collapses into a single `Behind`: the watcher then re-reads from the LIST,
-    so a slow consumer never holds up other watchers, and holds at most `limit` events (bounded in
-    count: an event may carry the messages of one append).
+    """A watcher's inbox holds at most `limit_bytes` of events (counted by the bytes of the
+    messages they carry, plus EVENT_OVERHEAD each), except a single event, which always fits.
+    When a new event does not fit, the oldest are dropped for it and a `Behind` put in their
+    place: the watcher, when it reads again, re-reads from the LIST by seq what it missed, then
+    goes on with the newest events it kept. So a watcher that stops reading holds a bounded
+    number of bytes, and the events it holds are the feed's own objects, shared with every other
+    watcher of the session (a session's stalled watchers all keep its newest events: one copy).
 
     Most watchers sit idle for minutes, so an idle one holds no queue, task, timer or coroutine:
     only the future it awaits, and a deadline that the feed's sweep checks (asyncio.Event plus
     wait_for cost about 3 KiB more per watcher, and a timer per wait on every delivery)."""
 
-    __slots__ = ("_deadline", "_events", "_limit", "_waiter", "place", "session_id")
+    __slots__ = ("_deadline", "_events", "_held", "_limit", "_waiter", "place", "session_id")
 
-    def __init__(self, session_id: str, limit: int) -> None:
+    def __init__(self, session_id: str, limit_bytes: int) -> None:
         self.session_id = session_id
         self.place = -1  # its index in its channel's list of watchers (the feed's), -1 in none
-        self._limit = limit
-        self._events: deque[FeedEvent] | None = None  # made on the first event, dropped when drained
+        self._limit = limit_bytes
+        # (event, its cost) pairs; made on the first event, dropped when drained.
+        self._events: deque[tuple[FeedEvent, int]] | None = None
+        self._held = 0  # the costs of the events in the inbox
         self._waiter: asyncio.Future[None] | None = None  # what a wait() returned, while it waits
         self._deadline = 0.0  # loop time at which a wait() gives up
 
-    def offer(self, event: FeedEvent) -> None:
+    def offer(self, event: FeedEvent, size: int = 0) -> None:
+        """`size`: the bytes of the messages `event` carries (0 for one that carries none)."""
         events = self._events
         if events is None:
             events = self._events = deque()
+        cost = size + EVENT_OVERHEAD
         if isinstance(event, Deleted | Closing):
-            events.clear()
-        elif len(events) >= self._limit:
-            events.clear()
-            event = Behind()
-        events.append(event)
+            events.clear()  # the watch ends: nothing before it matters
+            self._held = 0
+        elif events and self._held + cost > self._limit:
+            while events and self._held + cost + EVENT_OVERHEAD > self._limit:
+                self._held -= events.popleft()[1]
+            if not events or not isinstance(events[0][0], Behind):
+                events.appendleft((Behind(), EVENT_OVERHEAD))
+                self._held += EVENT_OVERHEAD
+        events.append((event, cost))
+        self._held += cost
         self.wake()
 
     def expire(self, now: float) -> None:
@@ -69,7 +86,8 @@ class Subscription:
         events = self._events
         if not events:
             return None
-        event = events.popleft()
+        event, cost = events.popleft()
+        self._held -= cost
         if not events:
             self._events = None
         return event

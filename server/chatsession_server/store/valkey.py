@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -68,6 +69,23 @@ _TRANSIENT = (
     "readonly",
     "masterdown",
 )
+
+# False within reads_for_watchers(): the calls' failures say nothing of whether Valkey is up.
+_TELLS_HEALTH: contextvars.ContextVar[bool] = contextvars.ContextVar("chatsession_tells_health", default=True)
+
+
+@contextlib.contextmanager
+def reads_for_watchers() -> Iterator[None]:
+    """Calls made within never mark Valkey unreachable (standalone): a watch's read of a large
+    page, or the feed's poll, may time out while Valkey is busy serving it, and that must not make
+    every other call of the process fail UNAVAILABLE. They still fail at once while Valkey is
+    known down, and report their own timeout or error as any call does."""
+    token = _TELLS_HEALTH.set(False)
+    try:
+        yield
+    finally:
+        _TELLS_HEALTH.reset(token)
+
 
 # glide.TimeoutError / glide.ConnectionError shadow the builtins and do not subclass them.
 GlideTimeout = glide.TimeoutError
@@ -200,12 +218,16 @@ class ValkeyConnection:
         timeout) until a probe every PROBE_INTERVAL_SECONDS finds it answering again. A cluster
         has no single node to probe, and one node down must not fail the others' slots: GLIDE
         follows the topology (failovers included) and its errors pass through as they are.
+        Within reads_for_watchers() a call's failure passes through too: it marks nothing down.
         """
         if self.cluster:
             with translate_errors():
                 return await make()
         if self._down is not None:
             raise StoreUnavailable("Valkey is unreachable")
+        if not _TELLS_HEALTH.get():
+            with translate_errors():
+                return await make()
         try:
             with translate_errors():
                 return await make()

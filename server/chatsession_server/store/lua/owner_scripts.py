@@ -1,6 +1,8 @@
-"""Scripts that run in an owner's cluster slot: the user's index (`user_sessions:{uid}`), usage
-(`usage:{uid}`) and usage bookkeeping (`usage_seen:{uid}`). In a cluster they are the second step
-of a write (see owner_index.py); PRUNE_INDEX is standalone only.
+"""Scripts that run in an owner's cluster slot: the user's index (`user_sessions:{uid}`, and of
+an app `user_sessions:{uid}:<app>`), usage (`usage:{uid}`) and usage bookkeeping
+(`usage_seen:{uid}`); the index scripts run in an app's slot on its index (`app_sessions:{<app>}`)
+too. In a cluster they are the steps of a write after or before the session's own (see
+owner_index.py); PRUNE_INDEX is standalone only.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ from chatsession_server.store.lua.runtime import LuaScript
 @dataclass(frozen=True, slots=True)
 class PruneIndexArgs:
     user_id: str
+    """'' for an app's index (of every user)"""
+    app: str
+    """'' for a user's index of every app"""
     dead: Sequence[str]
     """(session_id, meta key) pairs"""
 
 
 # Standalone only (reads meta keys of other slots). Removes the entries whose session is still
-# missing (or owned by someone else) now, so one re-created meanwhile stays.
+# missing (or owned by someone else, or of another app) now, so one re-created meanwhile stays.
 PRUNE_INDEX = LuaScript(
     ("index",),
     PruneIndexArgs,
     r"""
 local removed = 0
 for i = dead_from, #ARGV, 2 do
-  local owner = redis.call('HGET', ARGV[i + 1], F_USER_ID)
-  if owner ~= user_id then removed = removed + redis.call('ZREM', index, ARGV[i]) end
+  local m = redis.call('HMGET', ARGV[i + 1], F_USER_ID, F_APP)
+  if not m[1] or (user_id ~= '' and m[1] ~= user_id) or (app ~= '' and m[2] ~= app) then
+    removed = removed + redis.call('ZREM', index, ARGV[i])
+  end
 end
 return removed
 """,
@@ -72,13 +79,20 @@ class UnindexArgs:
     """the deleted session's; a newer score belongs to a namesake created since"""
 
 
+# KEYS: the owner's index, and its index of the session's app (same slot) if it has one; or an
+# app's index alone. Each entry goes unless its score is newer than the deleted session's.
 UNINDEX = LuaScript(
-    ("index",),
+    ("index", "app_index"),
     UnindexArgs,
     r"""
-local score = redis.call('ZSCORE', index, session_id)
-if score and tonumber(score) <= tonumber(last_active) then return redis.call('ZREM', index, session_id) end
-return 0
+local removed = 0
+for _, key in ipairs(KEYS) do
+  local score = redis.call('ZSCORE', key, session_id)
+  if score and tonumber(score) <= tonumber(last_active) then
+    removed = removed + redis.call('ZREM', key, session_id)
+  end
+end
+return removed
 """,
 )
 
@@ -92,8 +106,10 @@ class EnterIndexArgs:
 # Cluster: a create's index step. The entry's score goes strictly up (to `now`, or just above the
 # score already there, whatever the clocks of the servers that wrote them), and the reply is the
 # score written, exactly: a later undo or removal compares against it, never against a clock.
+# KEYS: the owner's index, and its index of the session's app (same slot, same score) if it has
+# one; or an app's index alone.
 ENTER_INDEX = LuaScript(
-    ("index",),
+    ("index", "app_index"),
     EnterIndexArgs,
     r"""
 local current = redis.call('ZSCORE', index, session_id)
@@ -102,6 +118,7 @@ if current and tonumber(current) >= tonumber(now) then
   score = string.format(TIME_FORMAT, tonumber(current) + 0.000001)
 end
 redis.call('ZADD', index, score, session_id)
+if app_index then redis.call('ZADD', app_index, score, session_id) end
 return score
 """,
 )
@@ -114,17 +131,24 @@ class RevertIndexArgs:
     """what the create wrote; any other score means someone has touched the entry since"""
     previous: str
     """the score to put back, or '' to remove the entry"""
+    app_previous: str
+    """the same for the second key (app_index), when given"""
 
 
-# Cluster: a create that found the id taken undoes its index step.
+# Cluster: a create that found the id taken undoes its index step (KEYS as ENTER_INDEX's: the
+# first key's score tells whether the entries are still the step's).
 REVERT_INDEX = LuaScript(
-    ("index",),
+    ("index", "app_index"),
     RevertIndexArgs,
     r"""
 local score = redis.call('ZSCORE', index, session_id)
 if not score or tonumber(score) ~= tonumber(score_set) then return 0 end
-if previous == '' then return redis.call('ZREM', index, session_id) end
-redis.call('ZADD', index, 'XX', previous, session_id)
+local function put_back(key, score_before)
+  if score_before == '' then redis.call('ZREM', key, session_id)
+  else redis.call('ZADD', key, 'XX', score_before, session_id) end
+end
+put_back(index, previous)
+if app_index then put_back(app_index, app_previous) end
 return 1
 """,
 )
@@ -156,9 +180,10 @@ class UsageSyncArgs:
 # the session's counters say is new since the last step that reached here (usage_seen), so a
 # step repeated by a replay counts nothing, and one that failed is made up by the session's next
 # step. KEYS: the owner's index too after an append (its score set to the session's last_active,
-# unless a later step of the session got here first).
+# unless a later step of the session got here first), and the owner's index of the session's app
+# when it has one. Replies {new, late}: late (1) when a later step got here first.
 USAGE_SYNC = LuaScript(
-    ("usage", "seen", "index"),
+    ("usage", "seen", "index", "app_index"),
     UsageSyncArgs,
     USAGE_LUA
     + r"""
@@ -197,7 +222,8 @@ end
 -- The score is the session's last_active as of the newest step (a caller's created_at may have
 -- moved it back: an import), set unless this step is late.
 if index and not stale then redis.call('ZADD', index, index_score, session_id) end
-return new
+if app_index and not stale then redis.call('ZADD', app_index, index_score, session_id) end
+return {new, stale and 1 or 0}
 """,
 )
 

@@ -2,9 +2,19 @@
 that count the owner's usage. Both refer only to the names runtime.py injects."""
 
 PRELUDE = r"""
--- `owners` is ' ' .. user ids .. ' ' (ids hold no spaces), or '' for a caller acting for anyone.
-local function owned(owners, uid)
-  return owners == '' or string.find(owners, ' ' .. uid .. ' ', 1, true) ~= nil
+-- Whether the caller may touch the session of `uid` whose meta HASH is `meta`. `owners` is
+-- ' ' .. user ids .. ' ' (ids hold no spaces), or '' for a caller acting for anyone; a caller
+-- confined to some apps (runtime.owners_arg) adds '#|' .. apps joined by '|' .. '|' (after '*'
+-- for every user), and only sessions of those apps are its (the app read from meta only then).
+local function owned(owners, uid, meta)
+  if owners == '' then return true end
+  local users, apps = owners, nil
+  local cut = string.find(owners, '#', 1, true)
+  if cut then users, apps = string.sub(owners, 1, cut - 1), string.sub(owners, cut + 1) end
+  if users ~= '*' and string.find(users, ' ' .. uid .. ' ', 1, true) == nil then return false end
+  if not apps then return true end
+  local app = redis.call('HGET', meta, F_APP)
+  return app ~= false and string.find(apps, '|' .. app .. '|', 1, true) ~= nil
 end
 
 local function seq_of(item)

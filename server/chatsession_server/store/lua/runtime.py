@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 from glide import Script
 
-from chatsession_server.domain import RESERVED_LABELS, Role
+from chatsession_server.domain import RESERVED_LABELS, Owned, Owners, Role
 from chatsession_server.store import codec, keys
 from chatsession_server.store.lua.prelude import PRELUDE
 from chatsession_server.store.valkey import ValkeyConnection
@@ -96,10 +96,15 @@ def _constants() -> str:
 A = TypeVar("A")
 
 
-def owners_arg(owners: Collection[str] | None) -> str:
-    """The `owners` argument: the user ids whose sessions the caller may touch (None: anyone's)."""
+def owners_arg(owners: Owned) -> str:
+    """The `owners` argument: the user ids whose sessions the caller may touch (None: anyone's),
+    and for an `Owners` the apps it is confined to: ' a b ' or '*' (every user), then
+    '#|app|app|' (prelude.owned reads it)."""
     if owners is None:
         return ""
+    if isinstance(owners, Owners):
+        users = "*" if owners.users is None else owners_arg(owners.users)
+        return f"{users}#|{'|'.join(sorted(owners.apps))}|"
     return " " + " ".join(sorted(owners)) + " " if owners else " "
 
 

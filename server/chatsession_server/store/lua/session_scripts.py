@@ -7,7 +7,7 @@ Layout of a session (see also keys.py):
              truncation has removed the newest (meta's `holes`), the window's seqs may have
              holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
-             token_count ttl_seconds max_messages pinned stored_bytes [create_request_id]
+             token_count ttl_seconds max_messages pinned stored_bytes [app] [create_request_id]
              [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes truncated] [payloads]
              label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
@@ -18,8 +18,9 @@ Layout of a session (see also keys.py):
   state:{id}  HASH: the session's state (see state_scripts.py).
 All five expire together. On standalone Valkey the create, append, delete and fork scripts also
 keep the owner's index `user_sessions:{uid}` and usage `usage:{uid}` exact in the same step (they
-are given their keys or the heads of their names); in a cluster those live in another slot and
-owner_index.py keeps them in a second step.
+are given their keys or the heads of their names), and for a session of an app the owner's index
+of the app `user_sessions:{uid}:<app>` and the app's `app_sessions:{<app>}`; in a cluster those
+live in other slots and owner_index.py keeps them in steps of their own.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ from typing import Any
 from chatsession_server.store.lua.prelude import USAGE_LUA
 from chatsession_server.store.lua.runtime import LuaScript
 from chatsession_server.store.lua.state_scripts import STATE_LUA
+
+# Standalone only: a session of an app is also in its owner's index of that app (the owner's
+# index key `index` .. ':' .. app, in the same slot) and in the app's index (named from its
+# head), with the score the owner's index gets. `flag`: 'NX' (a replay: add what is missing,
+# keep scores) or 'CH' (set the score; CH changes only what ZADD returns).
+APP_INDEX_LUA = r"""
+local function index_app(index, app_head, app, flag, score, session_id)
+  if app == '' or app_head == '' then return end
+  redis.call('ZADD', index .. ':' .. app, flag, score, session_id)
+  redis.call('ZADD', owner_key(app_head, app), flag, score, session_id)
+end
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +57,10 @@ class CreateArgs:
     usage_key_head: str
     """'' in a cluster: the caller counts the new session in the user's usage in a second step"""
     usage_days: str
+    app: str
+    """'' for none"""
+    app_index_head: str
+    """'' in a cluster: the caller enters the app's indexes in a step of their own"""
     fields: Sequence[str]
     """flat field/value pairs of the new meta HASH"""
 
@@ -53,21 +70,29 @@ CREATE = LuaScript(
     ("chat", "meta", "reqs", "summary", "state", "index"),
     CreateArgs,
     USAGE_LUA
+    + APP_INDEX_LUA
     + r"""
-local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE, F_FORK_ORIGIN)
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_LAST_ACTIVE, F_FORK_ORIGIN,
+                           F_APP)
 if existing[1] then
   -- A fork with this request_id is not this create's (FORK_WRITE replays it, not CREATE).
   if request_id ~= '' and existing[1] == user_id and existing[2] == request_id and not existing[4] then
-    if index then redis.call('ZADD', index, 'NX', existing[3], session_id) end
+    if index then
+      redis.call('ZADD', index, 'NX', existing[3], session_id)
+      index_app(index, app_index_head, existing[5] or '', 'NX', existing[3], session_id)
+    end
     return {ST_REPLAYED, describe(chat, meta)}
   end
-  return {ST_EXISTS, existing[1], existing[3]}
+  return {ST_EXISTS, existing[1], existing[3], existing[5] or ''}
 end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
 redis.call('DEL', chat, reqs, summary, state)
 redis.call('HSET', meta, unpack(ARGV, fields_from))
 expire_together(ttl, meta)
-if index then redis.call('ZADD', index, now, session_id) end
+if index then
+  redis.call('ZADD', index, now, session_id)
+  index_app(index, app_index_head, app, 'CH', now, session_id)
+end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
@@ -90,6 +115,8 @@ class AppendArgs:
     token_sum: int
     index_key_head: str
     """'' in a cluster: the caller updates the owner's index in a second step"""
+    app_index_head: str
+    """'' in a cluster: the caller updates the app's indexes in steps of their own"""
     session_id: str
     idempotency_limit: int
     publish_command: str
@@ -112,17 +139,19 @@ class AppendArgs:
 
 
 # Publishes "M<first> <last> <owner>" on the watch channel, followed by "\n[<messages>]" when they
-# are small enough: watchers get them without a read, and re-read the LIST when they are not
-# there. The owner lets a watch tell its session from a namesake created after it expired.
+# are small enough and the channel has a subscriber: watchers get them without a read, and
+# re-read the LIST when they are not there. The owner lets a watch tell its session from a
+# namesake created after it expired.
 APPEND = LuaScript(
     ("chat", "meta", "reqs", "summary", "state"),
     AppendArgs,
     USAGE_LUA
     + STATE_LUA
+    + APP_INDEX_LUA
     + r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_TTL_SECONDS, F_MAX_MESSAGES, F_PINNED,
-                     F_LAST_ACTIVE, F_STORED_BYTES, F_HOLES)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+                     F_LAST_ACTIVE, F_STORED_BYTES, F_HOLES, F_APP)
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local mc = tonumber(m[2])
 local pinned = tonumber(m[5] or '0')
 local replay_first, replay_count = recorded_request(reqs, request_id, fingerprint)
@@ -174,7 +203,9 @@ end
 local ttl = m[3]
 expire_together(ttl, chat, meta, reqs, summary, state)
 if index_key_head ~= '' then
-  redis.call('ZADD', owner_key(index_key_head, m[1]), last_active, session_id)
+  local index = owner_key(index_key_head, m[1])
+  redis.call('ZADD', index, last_active, session_id)
+  index_app(index, app_index_head, m[9] or '', 'CH', last_active, session_id)
 end
 if usage_key_head ~= '' then
   local model = redis.call('HGET', meta, F_MODEL) or ''
@@ -183,8 +214,17 @@ end
 local last = first + #items - 1
 local payload = PUBLISH_APPENDED .. string.format('%d', first) .. ' ' .. string.format('%d', last)
   .. ' ' .. m[1]
-if size <= tonumber(inline_publish_bytes) then
-  payload = payload .. '\n[' .. table.concat(items, ',') .. ']'
+-- Copying the messages into the publish costs Valkey about 3 ms a MB: only for a channel someone
+-- follows (a process with a watcher of the session), and in one concatenation.
+local numsub = publish_command == 'SPUBLISH' and 'SHARDNUMSUB' or 'NUMSUB'
+if size <= tonumber(inline_publish_bytes) and redis.call('PUBSUB', numsub, channel)[2] > 0 then
+  local parts = {payload, '\n['}
+  for i, item in ipairs(items) do
+    if i > 1 then parts[#parts + 1] = ',' end
+    parts[#parts + 1] = item
+  end
+  parts[#parts + 1] = ']'
+  payload = table.concat(parts)
 end
 redis.call(publish_command, channel, payload)
 -- describe(chat, meta) without asking what this script knows: the length and the TTL it set.
@@ -210,7 +250,7 @@ LIST_MESSAGES = LuaScript(
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
                      F_HOLES, F_TRUNCATED, F_PAYLOADS)
-if not m[1] or not owned(owners, m[3]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[3], meta) then return {ST_NOT_FOUND} end
 local size_of = m[8] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
@@ -312,7 +352,7 @@ UPDATE = LuaScript(
     UpdateArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_TTL_SECONDS, F_PINNED)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local n_set = tonumber(set_count)
 local first_delete = changes_from + 2 * n_set
 -- A whole-map update replaces the caller's labels; those the service sets (a fork's forked_from)
@@ -360,6 +400,8 @@ class DeleteArgs:
     owners: str
     index_key_head: str
     """'' in a cluster: the caller removes the index entry in a second step"""
+    app_index_head: str
+    """'' in a cluster: the caller removes the app's index entries in steps of their own"""
     session_id: str
     publish_command: str
     channel: str
@@ -369,13 +411,21 @@ DELETE = LuaScript(
     ("chat", "meta", "reqs", "summary", "state"),
     DeleteArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE)
+local m = redis.call('HMGET', meta, F_USER_ID, F_LAST_ACTIVE, F_APP)
 local uid = m[1]
-if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
+if not uid or not owned(owners, uid, meta) then return {ST_NOT_FOUND} end
 redis.call('DEL', chat, meta, reqs, summary, state)
-if index_key_head ~= '' then redis.call('ZREM', owner_key(index_key_head, uid), session_id) end
+local app = m[3] or ''
+if index_key_head ~= '' then
+  local index = owner_key(index_key_head, uid)
+  redis.call('ZREM', index, session_id)
+  if app ~= '' then
+    redis.call('ZREM', index .. ':' .. app, session_id)
+    redis.call('ZREM', owner_key(app_index_head, app), session_id)
+  end
+end
 redis.call(publish_command, channel, PUBLISH_DELETED)
-return {ST_OK, uid, m[2]}
+return {ST_OK, uid, m[2], app}
 """,
 )
 
@@ -400,7 +450,7 @@ FORK_READ = LuaScript(
     ForkReadArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local mc, pinned = tonumber(m[2]), tonumber(m[3] or '0')
 local len = redis.call('LLEN', chat)
 -- Checked before reading anything: copying more would hold Valkey (this script, then FORK_WRITE)
@@ -451,6 +501,10 @@ class ForkWriteArgs:
     """'' in a cluster: the caller counts the new session in a second step"""
     model: str
     usage_days: str
+    app: str
+    """the source's ('' for none)"""
+    app_index_head: str
+    """'' in a cluster: the caller enters the app's indexes in a step of their own"""
     summary_json: str
     """'' for none"""
     state_copy: str
@@ -469,16 +523,21 @@ FORK_WRITE = LuaScript(
     ForkWriteArgs,
     USAGE_LUA
     + STATE_LUA
+    + APP_INDEX_LUA
     + r"""
-local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE)
+local existing = redis.call('HMGET', meta, F_USER_ID, F_CREATE_REQUEST_ID, F_FORK_ORIGIN, F_LAST_ACTIVE,
+                           F_APP)
 if existing[1] then
   if request_id ~= '' and existing[2] == request_id and existing[3] == origin
-      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1]) then
-    if index then redis.call('ZADD', index, 'NX', existing[4], session_id) end
+      and (probe == '1' or existing[1] == user_id) and owned(owners, existing[1], meta) then
+    if index then
+      redis.call('ZADD', index, 'NX', existing[4], session_id)
+      index_app(index, app_index_head, existing[5] or '', 'NX', existing[4], session_id)
+    end
     return {ST_REPLAYED, describe(chat, meta)}
   end
   if probe == '1' then return {ST_NOT_FOUND} end
-  return {ST_EXISTS, existing[1], existing[4]}
+  return {ST_EXISTS, existing[1], existing[4], existing[5] or ''}
 end
 if probe == '1' then return {ST_NOT_FOUND} end
 -- Leftovers of an expired namesake (keys expire a moment apart) must not leak in.
@@ -491,7 +550,10 @@ end
 if summary_json ~= '' then redis.call('SET', summary, summary_json) end
 apply_state_delta(state, state_copy, 0, 0)  -- no cap: the source held it
 expire_together(ttl, chat, meta, summary, state)
-if index then redis.call('ZADD', index, now, session_id) end
+if index then
+  redis.call('ZADD', index, now, session_id)
+  index_app(index, app_index_head, app, 'CH', now, session_id)
+end
 if usage_key_head ~= '' then count_usage(owner_key(usage_key_head, user_id), model, usage_days, 0, 0, 1) end
 return {ST_CREATED, describe(chat, meta)}
 """,
@@ -517,7 +579,7 @@ GET_CONTEXT = LuaScript(
     ContextArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_PINNED, F_PAYLOADS)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local pinned = tonumber(m[2] or '0')
 local size_of = m[3] and reply_size or string.len
 local head = pinned > 0 and redis.call('LRANGE', chat, 0, pinned - 1) or {}
@@ -590,7 +652,7 @@ COMPACT = LuaScript(
     CompactArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_STORED_BYTES, F_HOLES)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local replayed = recorded_request(reqs, request_id, fingerprint)
 if replayed == false then return {ST_REQUEST_ID_REUSED} end
 if replayed then return {ST_REPLAYED, redis.call('GET', summary) or '', describe(chat, meta)} end
@@ -651,7 +713,7 @@ CLEAR = LuaScript(
     ClearArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local replayed = recorded_request(reqs, request_id, fingerprint)
 if replayed == false then return {ST_REQUEST_ID_REUSED} end
 if replayed then return {ST_REPLAYED, describe(chat, meta)} end
@@ -708,7 +770,7 @@ TRUNCATE = LuaScript(
     TruncateArgs,
     r"""
 local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED)
-if not m[1] or not owned(owners, m[1]) then return {ST_NOT_FOUND} end
+if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local recorded_after, recorded_removed = recorded_request(reqs, request_id, fingerprint)
 if recorded_after == false then return {ST_REQUEST_ID_REUSED} end
 if recorded_after then return {ST_REPLAYED, recorded_after, recorded_removed, {}, describe(chat, meta)} end

@@ -85,7 +85,7 @@ GET_STATE = LuaScript(
     r"""
 if meta then
   local uid = redis.call('HGET', meta, F_USER_ID)
-  if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
+  if not uid or not owned(owners, uid, meta) then return {ST_NOT_FOUND} end
 end
 if #ARGV < keys_from then return {ST_OK, redis.call('HGETALL', state)} end
 return {ST_OK, redis.call('HMGET', state, unpack(ARGV, keys_from))}
@@ -113,7 +113,7 @@ UPDATE_STATE = LuaScript(
     + r"""
 if meta then
   local uid = redis.call('HGET', meta, F_USER_ID)
-  if not uid or not owned(owners, uid) then return {ST_NOT_FOUND} end
+  if not uid or not owned(owners, uid, meta) then return {ST_NOT_FOUND} end
 end
 local refused = apply_state_delta(state, delta, max_keys, max_bytes)
 if refused then return refused end

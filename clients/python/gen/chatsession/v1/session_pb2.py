@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hatsession/v1/session.proto\x12\x0e\x63hatsession.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.chatsession.v1.Session.LabelsEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0blast_active\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x08 \x01(\x03\x12\x13\n\x0btoken_count\x18\t \x01(\x03\x12\x17\n\x0fmessages_stored\x18\n \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x0b \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x0c \x01(\x03\x12\x14\n\x0cmax_messages\x18\r \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x9e\x03\n\x07Message\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.chatsession.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.chatsession.v1.Message.MetadataEntry\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\ntool_calls\x18\x08 \x03(\x0b\x32\x18.chatsession.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\t \x01(\t\x12,\n\nsummarizes\x18\n \x01(\x0b\x32\x18.chatsession.v1.SeqRange\x12\'\n\x07payload\x18\x0b \x01(\x0b\x32\x16.google.protobuf.Value\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x08SeqRange\x12\x11\n\tfirst_seq\x18\x01 \x01(\x03\x12\x10\n\x08last_seq\x18\x02 \x01(\x03*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63hatsession/v1/session.proto\x12\x0e\x63hatsession.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x03\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.chatsession.v1.Session.LabelsEntry\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0blast_active\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x08 \x01(\x03\x12\x13\n\x0btoken_count\x18\t \x01(\x03\x12\x17\n\x0fmessages_stored\x18\n \x01(\x03\x12\x1a\n\x12\x65xpires_in_seconds\x18\x0b \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x0c \x01(\x03\x12\x14\n\x0cmax_messages\x18\r \x01(\x05\x12\x0b\n\x03\x61pp\x18\x0e \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x9e\x03\n\x07Message\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\"\n\x04role\x18\x02 \x01(\x0e\x32\x14.chatsession.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x0e\n\x06tokens\x18\x04 \x01(\x03\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x37\n\x08metadata\x18\x06 \x03(\x0b\x32%.chatsession.v1.Message.MetadataEntry\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\ntool_calls\x18\x08 \x03(\x0b\x32\x18.chatsession.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\t \x01(\t\x12,\n\nsummarizes\x18\n \x01(\x0b\x32\x18.chatsession.v1.SeqRange\x12\'\n\x07payload\x18\x0b \x01(\x0b\x32\x16.google.protobuf.Value\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"/\n\x08SeqRange\x12\x11\n\tfirst_seq\x18\x01 \x01(\x03\x12\x10\n\x08last_seq\x18\x02 \x01(\x03*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,18 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSION_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_MESSAGE_METADATAENTRY']._loaded_options = None
   _globals['_MESSAGE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1050
-  _globals['_ROLE']._serialized_end=1145
+  _globals['_ROLE']._serialized_start=1063
+  _globals['_ROLE']._serialized_end=1158
   _globals['_SESSION']._serialized_start=112
-  _globals['_SESSION']._serialized_end=525
-  _globals['_SESSION_LABELSENTRY']._serialized_start=480
-  _globals['_SESSION_LABELSENTRY']._serialized_end=525
-  _globals['_TOOLCALL']._serialized_start=527
-  _globals['_TOOLCALL']._serialized_end=582
-  _globals['_MESSAGE']._serialized_start=585
-  _globals['_MESSAGE']._serialized_end=999
-  _globals['_MESSAGE_METADATAENTRY']._serialized_start=952
-  _globals['_MESSAGE_METADATAENTRY']._serialized_end=999
-  _globals['_SEQRANGE']._serialized_start=1001
-  _globals['_SEQRANGE']._serialized_end=1048
+  _globals['_SESSION']._serialized_end=538
+  _globals['_SESSION_LABELSENTRY']._serialized_start=493
+  _globals['_SESSION_LABELSENTRY']._serialized_end=538
+  _globals['_TOOLCALL']._serialized_start=540
+  _globals['_TOOLCALL']._serialized_end=595
+  _globals['_MESSAGE']._serialized_start=598
+  _globals['_MESSAGE']._serialized_end=1012
+  _globals['_MESSAGE_METADATAENTRY']._serialized_start=965
+  _globals['_MESSAGE_METADATAENTRY']._serialized_end=1012
+  _globals['_SEQRANGE']._serialized_start=1014
+  _globals['_SEQRANGE']._serialized_end=1061
 # @@protoc_insertion_point(module_scope)

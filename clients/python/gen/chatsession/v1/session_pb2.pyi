@@ -98,6 +98,7 @@ class Session(_message.Message):
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Unique id of the session: 1-128 characters from [A-Za-z0-9_.:/-]. An id with '/' is
     '<user_id>/<name>', a session of the user before its first '/'.
@@ -129,6 +130,11 @@ class Session(_message.Message):
     max_messages: _builtins.int
     """Sliding window: keep only the newest `max_messages` messages (the leading system
     prompt always stays). 0 means the server's default; -1 means keep everything.
+    """
+    app: _builtins.str
+    """The app (namespace) the session belongs to, e.g. an agent framework's app name: 1-128
+    characters from [A-Za-z0-9_.:-], or empty for none. Set by CreateSession, copied by
+    ForkSession, immutable. ListSessions lists an app's sessions, of one user or of all.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -163,10 +169,11 @@ class Session(_message.Message):
         expires_in_seconds: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
         max_messages: _builtins.int = ...,
+        app: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active", b"last_active"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_in_seconds", b"expires_in_seconds", "labels", b"labels", "last_active", b"last_active", "max_messages", b"max_messages", "message_count", b"message_count", "messages_stored", b"messages_stored", "model", b"model", "session_id", b"session_id", "title", b"title", "token_count", b"token_count", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "created_at", b"created_at", "expires_in_seconds", b"expires_in_seconds", "labels", b"labels", "last_active", b"last_active", "max_messages", b"max_messages", "message_count", b"message_count", "messages_stored", b"messages_stored", "model", b"model", "session_id", b"session_id", "title", b"title", "token_count", b"token_count", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -55,6 +55,7 @@ class CreateSessionRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional id chosen by the caller, 1-128 characters from [A-Za-z0-9_.:/-]. An id with '/'
     is '<user_id>/<name>': a session of this `user_id` (INVALID_ARGUMENT otherwise). With auth
@@ -78,6 +79,11 @@ class CreateSessionRequest(_message.Message):
     the same `request_id` and `user_id` returns the session the first call created
     instead of ALREADY_EXISTS.
     """
+    app: _builtins.str
+    """Optional app (namespace) of the session, 1-128 characters from [A-Za-z0-9_.:-]; it never
+    changes (UpdateSession refuses it). With auth on, a caller whose grant names apps may
+    create sessions only in those apps (PERMISSION_DENIED otherwise).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels, as in Session.labels (keys from [A-Za-z0-9._/-], `forked_from` reserved)."""
@@ -93,10 +99,11 @@ class CreateSessionRequest(_message.Message):
         ttl_seconds: _builtins.int = ...,
         max_messages: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        app: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "max_messages", b"max_messages", "model", b"model", "request_id", b"request_id", "session_id", b"session_id", "title", b"title", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "labels", b"labels", "max_messages", b"max_messages", "model", b"model", "request_id", b"request_id", "session_id", b"session_id", "title", b"title", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,7 +147,7 @@ class GetSessionRequest(_message.Message):
     def read_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields of the session to read (AIP-157): any of `session_id`, `user_id`, `model`, `title`,
         `labels`, `labels.<key>`, `created_at`, `last_active`, `message_count`, `token_count`,
-        `messages_stored`, `expires_in_seconds`, `ttl_seconds`, `max_messages`, or `*`. Only
+        `messages_stored`, `expires_in_seconds`, `ttl_seconds`, `max_messages`, `app`, or `*`. Only
         those are read and returned; the others are left unset. Absent: every field.
         """
 
@@ -292,24 +299,31 @@ class ListSessionsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """Owner whose sessions to list. Required."""
+    """Owner whose sessions to list. Required unless `app` is set: without it, every user's
+    sessions of the app are listed (with auth on, only for a caller granted that app and
+    every user).
+    """
     page_size: _builtins.int
     """Most sessions to return; 0 means 50, larger than 1000 means 1000. Negative is rejected."""
     page_token: _builtins.str
     """`next_page_token` of the previous page; empty for the first page. It must come with
-    the same `user_id`.
+    the same `user_id` and `app`.
     """
+    app: _builtins.str
+    """Optional app: only sessions of this app (1-128 characters from [A-Za-z0-9_.:-])."""
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        app: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,7 +341,9 @@ class ListSessionsResponse(_message.Message):
     """Token for the next page; empty on the last page."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[_session_pb2.Session]:
-        """The user's live sessions, most recently active first."""
+        """The live sessions listed (the user's, of the app if one is given; or the app's), most
+        recently active first.
+        """
 
     def __init__(
         self,
@@ -1162,31 +1178,37 @@ Global___ClearMessagesResponse: _TypeAlias = ClearMessagesResponse  # noqa: Y015
 
 @_typing.final
 class StateScope(_message.Message):
-    """Whose state: one session's, or the state every session of a user shares. (Field 3 is
-    left free for the state of an app, which is to come with apps.)
+    """Whose state: one session's, the state every session of a user shares, or the state every
+    session of an app shares.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """A session's own state: it expires, is deleted and forked with the session, and is kept
     by ClearMessages and CompactMessages.
     """
     user_id: _builtins.str
     """The state shared by every session of a user; it never expires."""
+    app: _builtins.str
+    """The state shared by every session of an app (Session.app), whoever's; it never expires.
+    With auth on, only for a caller whose grant names the app (`apps=`).
+    """
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        app: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "scope", b"scope", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_scope: _TypeAlias = _typing.Literal["session_id", "user_id"]  # noqa: Y015
+    _WhichOneofReturnType_scope: _TypeAlias = _typing.Literal["session_id", "user_id", "app"]  # noqa: Y015
     _WhichOneofArgType_scope: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_scope) -> _WhichOneofReturnType_scope | None: ...
 

@@ -162,7 +162,8 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists a user's live sessions, most recently active first, a page at a time.
+        """Lists a user's live sessions (of one app, with `app`), or an app's sessions across its
+        users, most recently active first, a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -32,7 +32,9 @@ class SessionServiceStub:
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]
     """Deletes a session, its messages and its entry in the owner's index."""
     ListSessions: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListSessionsRequest, _session_service_pb2.ListSessionsResponse]
-    """Lists a user's live sessions, most recently active first, a page at a time."""
+    """Lists a user's live sessions (of one app, with `app`), or an app's sessions across its
+    users, most recently active first, a page at a time.
+    """
     AppendMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.AppendMessagesRequest, _session_service_pb2.AppendMessagesResponse]
     """Appends messages atomically: counters, sliding window and expiry change in the same step."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_session_service_pb2.ListMessagesRequest, _session_service_pb2.ListMessagesResponse]
@@ -124,7 +126,9 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _session_service_pb2.ListSessionsRequest,
         context: _aio.ServicerContext[_session_service_pb2.ListSessionsRequest, _abc.Awaitable[_session_service_pb2.ListSessionsResponse]],
     ) -> _abc.Awaitable[_session_service_pb2.ListSessionsResponse]:
-        """Lists a user's live sessions, most recently active first, a page at a time."""
+        """Lists a user's live sessions (of one app, with `app`), or an app's sessions across its
+        users, most recently active first, a page at a time.
+        """
 
     @_abc_1.abstractmethod
     def AppendMessages(
