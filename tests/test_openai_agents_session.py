@@ -30,13 +30,24 @@ from agents.testing import ScriptedModel, assistant_message, function_call
 from chatsession_client import (
     NO_RETRY,
     InvalidArgumentError,
+    PermissionDeniedError,
     SessionClient,
     assistant,
     tool,
     user,
 )
 from chatsession_client.openai_agents import ChatsessionSession
-from tests.helpers import meta, raises, stored_messages, violated_fields
+from tests.helpers import (
+    ALICE,
+    ALICE_TOKEN,
+    BOB,
+    BOB_TOKEN,
+    meta,
+    raises,
+    serving,
+    stored_messages,
+    violated_fields,
+)
 
 # Responses API input items of every kind an agent run stores, as the SDK hands them over.
 ITEMS: list[dict[str, Any]] = [
@@ -479,3 +490,24 @@ async def test_a_session_made_to_never_expire_keeps_no_ttl(
     assert (stored.expires_in_seconds, stored.max_messages) == (-1, -1)
     assert await raw.ttl(f"meta:{{{session.session_id}}}") == -1
     assert await raw.ttl(f"chat:{{{session.session_id}}}") == -1
+
+
+async def test_with_auth_a_callers_sessions_are_its_own(
+    settings: Any, valkey_url: str, tokens_file: Any
+) -> None:
+    # A caller limited to some users names its sessions <user_id>/<name> (the server's rule);
+    # another caller finds such a session empty and cannot write into it.
+    async with serving(settings, valkey_url, auth_tokens_file=str(tokens_file)) as running:
+        target = f"127.0.0.1:{running.port}"
+        mine = ChatsessionSession(f"{ALICE}/trip", target=target, user_id=ALICE, token=ALICE_TOKEN)
+        await mine.add_items(items("alice's"))
+        assert contents(await mine.get_items()) == ["alice's"]
+        outside = ChatsessionSession(f"{ALICE}-trip", target=target, user_id=ALICE, token=ALICE_TOKEN)
+        await raises(PermissionDeniedError, outside.add_items(items("no namespace")))
+        bob = ChatsessionSession(f"{ALICE}/trip", target=target, user_id=BOB, token=BOB_TOKEN, retry=NO_RETRY)
+        assert await bob.get_items() == []
+        assert await bob.pop_item() is None
+        await raises(InvalidArgumentError, bob.add_items(items("bob's")))
+        assert contents(await mine.get_items()) == ["alice's"]
+        for s in (mine, outside, bob):
+            await s.close()

@@ -1,6 +1,6 @@
 """The README is true where a test can tell: its generated tables are current (`make docs` writes
-them) and its Python snippets (the first, and those of the payload and never-expire sections) run as
-written."""
+them) and its Python snippets (the first, and those of the payload, never-expire and
+removing-the-tail sections) run as written."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ async def test_the_first_session_snippet_runs_as_a_script(target: str) -> None:
     assert out.splitlines()[0] == "['You are a travel agent.', 'Hotels?']"
 
 
-@pytest.mark.parametrize("heading", ["## Message payloads", "## Sessions that never expire"])
+@pytest.mark.parametrize(
+    "heading", ["## Message payloads", "## Sessions that never expire", "## Removing the tail"]
+)
 async def test_a_sections_python_snippet_runs_as_a_script(target: str, heading: str) -> None:
     await run_snippet(target, heading)

@@ -28,6 +28,7 @@ from chatsession_client import (
     SessionClient,
     SyncSessionClient,
     assistant,
+    payload_of,
     system,
     user,
 )
@@ -630,3 +631,37 @@ async def test_a_clear_after_a_truncation_leaves_no_holes(
     assert await all_messages(client, sid) == [1, 7, 8]
     page = await client.list_messages(sid, before_seq=8, page_size=1)
     assert (seqs(page.messages), page.window_start_seq) == ([7], 7)
+
+
+async def test_removed_messages_keep_their_payloads_and_count_them_in_the_reply(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = (await client.create_session(uid, max_messages=-1)).session_id
+    kept = {"type": "function_call", "arguments": '{"city":"Oslo"}', "n": 0.1 + 0.2, "big": 2**53}
+    await client.append(sid, [user("call", payload=kept), assistant("done", payload=[1, -0.0, None])])
+    popped = await client.pop_message(sid)
+    assert popped is not None
+    assert payload_of(popped) == [1, -0.0, None]
+    cut = await client.truncate_messages(sid, 0, return_removed=True)
+    assert [payload_of(m) for m in cut.removed_messages] == [kept]
+
+    # A payload of many small values takes more in a reply than stored: the bound counts that.
+    for _ in range(6):
+        await client.append(sid, [user("nulls", payload=[None] * 9_999)])
+    stored = int((await meta(raw, sid))["stored_bytes"])
+    assert stored < 1024 * 1024  # far below the 3 MiB a reply holds...
+    error = await raises(RemovedTooLargeError, client.truncate_messages(sid, 0, return_removed=True))
+    assert "bytes of them" in error.message  # ...but not what they take in one
+    assert (await client.truncate_messages(sid, 0)).removed_count == 6
+
+
+async def test_a_session_that_never_expires_stays_so_after_a_truncation(
+    client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    sid = (await client.create_session(uid, ttl_seconds=-1, max_messages=-1)).session_id
+    await client.append(sid, [user("a"), user("b"), user("c")])
+    await client.truncate_messages(sid, 1, request_id="cut-1")
+    keys = [f"{prefix}:{{{sid}}}" for prefix in ("chat", "meta", "reqs")]
+    assert [await raw.ttl(key) for key in keys] == [-1, -1, -1]
+    assert (await client.get_session(sid)).expires_in_seconds == -1
+    await client.delete_session(sid)

@@ -8,7 +8,7 @@ Layout of a session (see also keys.py):
              holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [app] [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] [holes truncated] [payloads]
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [payloads] [holes truncated]
              label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0"), clears ("fingerprint last_seq 0") and
@@ -249,12 +249,12 @@ LIST_MESSAGES = LuaScript(
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
-                     F_HOLES, F_TRUNCATED, F_PAYLOADS)
+                     F_PAYLOADS, F_HOLES, F_TRUNCATED)
 if not m[1] or not owned(owners, m[3], meta) then return {ST_NOT_FOUND} end
-local size_of = m[8] and reply_size or string.len
+local size_of = m[6] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
 local len = redis.call('LLEN', chat)
-local w = window_of(chat, mc, len, pinned, m[6])
+local w = window_of(chat, mc, len, pinned, m[7])
 local base = w.base
 local limit = tonumber(limit)
 local forward = after_seq ~= ''
@@ -327,7 +327,7 @@ end
 -- (With a summary, the seqs up to its own stand compacted, not trimmed.)
 local trimmed = (math.max(span_lo, (s_seq or pinned) + 1) <= math.min(span_hi, base)) and 1 or 0
 return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
-        m[7] or ''}
+        m[8] or ''}
 """,
     read_only=True,
 )
@@ -769,7 +769,7 @@ TRUNCATE = LuaScript(
     ("chat", "meta", "reqs", "summary"),
     TruncateArgs,
     r"""
-local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED)
+local m = redis.call('HMGET', meta, F_USER_ID, F_MESSAGE_COUNT, F_PINNED, F_HOLES, F_TRUNCATED, F_PAYLOADS)
 if not m[1] or not owned(owners, m[1], meta) then return {ST_NOT_FOUND} end
 local recorded_after, recorded_removed = recorded_request(reqs, request_id, fingerprint)
 if recorded_after == false then return {ST_REQUEST_ID_REUSED} end
@@ -800,13 +800,16 @@ if removed > 0 and after > pinned and after <= w.base and after ~= s_seq then
 end
 local items, listed = {}, nil
 if return_removed == '1' and removed > 0 then
-  -- Checked before a write: a refusal leaves the session as it was.
+  -- Checked before a write: a refusal leaves the session as it was. The reply's budget counts
+  -- what a payload takes encoded, as a page's does.
   if removed > tonumber(max_removed_messages) then return {ST_TOO_LARGE, removed, -1} end
+  local size_of = m[6] and reply_size or string.len
+  local reply = drop_summary and size_of(summary_item) or 0
   listed = drop_summary and #summary_item or 0
   for at = cut, len - 1, 64 do
     for _, item in ipairs(redis.call('LRANGE', chat, at, math.min(at + 63, len - 1))) do
-      listed = listed + #item
-      if listed > tonumber(max_removed_bytes) then return {ST_TOO_LARGE, removed, listed} end
+      listed, reply = listed + #item, reply + size_of(item)
+      if reply > tonumber(max_removed_bytes) then return {ST_TOO_LARGE, removed, reply} end
       items[#items + 1] = item
     end
   end

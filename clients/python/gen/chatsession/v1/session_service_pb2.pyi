@@ -615,7 +615,8 @@ class WatchMessagesResponse(_message.Message):
     @_builtins.property
     def truncated(self) -> Global___Truncated:
         """TruncateMessages removed the messages after a seq; delivery goes on with the messages
-        appended next (their seqs follow `last_seq`: removed seqs are never reused).
+        appended next (their seqs follow `last_seq`: removed seqs are never reused). Sent once when
+        it happens, and first to a watch resumed with `after_seq` among the seqs it removed.
         """
 
     def __init__(
