@@ -10,6 +10,7 @@ conversation survives a restart of the application."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import subprocess
@@ -29,15 +30,17 @@ from google.adk.tools.tool_confirmation import ToolConfirmation
 from google.genai import types
 
 from chatsession.v1 import session_pb2
-from chatsession_client import NO_RETRY, SessionClient, payload_of, user
+from chatsession_client import NO_RETRY, PermissionDeniedError, SessionClient, payload_of, user
 from chatsession_client.adk import (
     APP_LABEL,
     SESSION_LABEL,
     USER_LABEL,
     ChatsessionSessionService,
+    app_id_for,
     session_id_for,
     user_id_for,
 )
+from tests.adk.conftest import serve
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -198,6 +201,83 @@ async def test_state_keys_go_to_the_session_the_user_of_the_app_or_nowhere(
     assert other.state == {"user:lang": "nb", "user:tz": "CET"}
 
 
+async def test_app_keys_are_the_state_every_user_of_the_app_shares_and_only_that_app(
+    service: ChatsessionSessionService, client: SessionClient, uid: str
+) -> None:
+    app = f"{uid}app"
+    ada = await service.create_session(app_name=app, user_id=f"{uid}ada", state={"app:motd": "hi"})
+    await service.append_event(
+        ada, Event(author="user", invocation_id="i", actions=EventActions(state_delta={"app:cfg": {"v": 2}}))
+    )
+
+    bob = await service.create_session(app_name=app, user_id=f"{uid}bob")
+    other = await service.create_session(app_name=f"{app}2", user_id=f"{uid}ada")
+
+    assert bob.state == {"app:motd": "hi", "app:cfg": {"v": 2}}
+    assert other.state == {}
+    assert ada.state == {"app:motd": "hi", "app:cfg": {"v": 2}}
+    assert await client.get_state(app=app) == {"motd": "hi", "cfg": {"v": 2}}
+    assert await client.get_state(ada_id := session_id_for(app, f"{uid}ada", ada.id)) == {}
+    assert (await client.get_session(ada_id)).app == app
+
+
+async def test_list_sessions_without_a_user_lists_every_users_sessions_of_the_app(
+    service: ChatsessionSessionService, uid: str
+) -> None:
+    app = f"{uid}app"
+    for user_id, name in ((f"{uid}ada", "a1"), (f"{uid}ada", "a2"), (f"{uid}bob", "b1")):
+        await service.create_session(
+            app_name=app, user_id=user_id, session_id=name, state={"user:u": user_id}
+        )
+    await service.create_session(app_name=f"{app}2", user_id=f"{uid}ada", session_id="elsewhere")
+
+    listed = (await service.list_sessions(app_name=app)).sessions
+
+    assert [(s.user_id, s.id) for s in listed] == [
+        (f"{uid}ada", "a1"),
+        (f"{uid}ada", "a2"),
+        (f"{uid}bob", "b1"),
+    ]
+    assert [s.state for s in listed] == [{"user:u": s.user_id} for s in listed]
+
+
+async def test_a_token_not_allowed_the_user_or_the_app_is_refused(uid: str, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ada-token-0123456789 ada apps=travel\nops-token-0123456789 * apps=travel\n")
+    proc, target = serve("--auth-tokens-file", str(tokens))
+    try:
+        async with (
+            ChatsessionSessionService(target, token="ada-token-0123456789", retry=NO_RETRY) as ada,
+            ChatsessionSessionService(target, token="ops-token-0123456789", retry=NO_RETRY) as ops,
+        ):
+            session = await ada.create_session(app_name="travel", user_id="ada", session_id="trip")
+            await ada.append_event(
+                session,
+                Event(
+                    author="user",
+                    invocation_id="i",
+                    actions=EventActions(state_delta={"app:k": 1, "user:k": 2}),
+                ),
+            )
+            with pytest.raises(PermissionDeniedError):
+                await ada.create_session(app_name="support", user_id="ada")
+            with pytest.raises(PermissionDeniedError):
+                await ada.create_session(app_name="travel", user_id="bob")
+            with pytest.raises(PermissionDeniedError):
+                await ada.list_sessions(app_name="travel")  # every user's: not ada's to list
+            with pytest.raises(PermissionDeniedError):
+                await ada.get_user_state(app_name="travel", user_id="bob")
+            await ops.create_session(app_name="travel", user_id="bob", session_id="trip")
+            listed = await ops.list_sessions(app_name="travel")
+            assert [(s.user_id, s.id, s.state) for s in listed.sessions] == [
+                ("ada", "trip", {"app:k": 1, "user:k": 2}),
+                ("bob", "trip", {"app:k": 1}),
+            ]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def test_the_event_time_is_the_sessions_last_update_time(
     service: ChatsessionSessionService, client: SessionClient, uid: str
 ) -> None:
@@ -263,6 +343,7 @@ async def test_any_ids_map_to_chatsession_ids_and_come_back(
     session = await service.create_session(app_name=app, user_id=adk_user, session_id=adk_id, state={"k": 1})
     await service.append_event(session, Event(author="user", invocation_id="i"))
 
+    assert app_id_for(app) == "b32." + base64.b32encode(app.encode()).decode().lower().rstrip("=")
     cs_user = user_id_for(adk_user)
     assert re.fullmatch(r"b32\.[a-z2-7]+", cs_user)
     cs_id = session_id_for(app, adk_user, adk_id)

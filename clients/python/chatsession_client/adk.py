@@ -36,7 +36,8 @@ How ADK maps onto chatsession (see the README's "Google ADK" section):
   [A-Za-z0-9_.:-] that do not start with `b32.`, else `b32.` and the id's UTF-8 in lowercase
   base32 without padding (so any user id has a chatsession user of its own; it must then be
   at most 76 bytes). The ADK ids are kept in the session's labels `adk/app`, `adk/user_id` and
-  `adk/session_id`, which listings read back.
+  `adk/session_id`, which listings read back. The session belongs to the chatsession app
+  named by the ADK app name, encoded as a user id is; `app:` keys are that app's state.
 - Each event is one message whose `payload` is the event's `model_dump(mode="json")` (read back
   with `Event.model_validate_json`, so bytes, function calls and responses, actions and
   metadata come back equal); its role is user for the user's events, tool for function
@@ -89,12 +90,20 @@ from chatsession_client._payload import payload_of
 from chatsession_client.client import SessionClient
 from chatsession_client.errors import AlreadyExistsError, NotFoundError, SeqMismatchError
 
-__all__ = ["ChatsessionSessionService", "event_message", "message_event", "session_id_for", "user_id_for"]
+__all__ = [
+    "ChatsessionSessionService",
+    "app_id_for",
+    "event_message",
+    "message_event",
+    "session_id_for",
+    "user_id_for",
+]
 
 APP_LABEL = "adk/app"
 USER_LABEL = "adk/user_id"
 SESSION_LABEL = "adk/session_id"
-_ENCODED_USER = "b32."
+_ENCODED = "b32."
+_MAX_ID = 128
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _APP = re.compile(r"[A-Za-z0-9_.-]+")
 _MAX_SESSION_ID = 128
@@ -105,12 +114,23 @@ _USER_KEY_SEPARATOR = "/"
 
 def user_id_for(user_id: str) -> str:
     """The chatsession user of an ADK user id (see the module docstring)."""
-    if _ID.fullmatch(user_id) and not user_id.startswith(_ENCODED_USER):
-        return user_id
-    encoded = _ENCODED_USER + base64.b32encode(user_id.encode()).decode().lower().rstrip("=")
-    if not user_id or len(encoded) > 128:
+    return _encoded(user_id, "user_id")
+
+
+def app_id_for(app_name: str) -> str:
+    """The chatsession app of an ADK app name, encoded as a user id is."""
+    return _encoded(app_name, "app_name")
+
+
+def _encoded(name: str, field: str) -> str:
+    """`name` itself when it is a valid chatsession id that does not start with "b32.", else
+    "b32." and its UTF-8 in lowercase base32 without padding: one id per name, never another's."""
+    if _ID.fullmatch(name) and not name.startswith(_ENCODED):
+        return name
+    encoded = _ENCODED + base64.b32encode(name.encode()).decode().lower().rstrip("=")
+    if not name or len(encoded) > _MAX_ID:
         raise ValueError(
-            f"user_id must be 1-76 bytes of UTF-8 (or 128 characters of [A-Za-z0-9_.:-]): {user_id!r}"
+            f"{field} must be 1-76 bytes of UTF-8 (or 1-128 characters of [A-Za-z0-9_.:-]): {name!r}"
         )
     return encoded
 
@@ -205,6 +225,7 @@ class ChatsessionSessionService(BaseSessionService):
             created = await client.create_session(
                 user_id_for(user_id),
                 session_id=cs_id,
+                app=app_id_for(app_name),
                 labels=labels,
                 ttl_seconds=self._ttl_seconds,
                 max_messages=self._max_messages,
@@ -322,10 +343,12 @@ class ChatsessionSessionService(BaseSessionService):
             ) from exc
         # After the event, as ADK's database services write them: a retry applies them again,
         # which is harmless (each key is set to its value).
-        await asyncio.gather(
-            self._write_user_state(session.app_name, session.user_id, deltas.user),
-            self._write_app_state(session.app_name, deltas.app),
-        )
+        writes = []
+        if deltas.user:
+            writes.append(self._write_user_state(session.app_name, session.user_id, deltas.user))
+        if deltas.app:
+            writes.append(self._write_app_state(session.app_name, deltas.app))
+        await asyncio.gather(*writes)
         session.last_update_time = reply.session.last_active.ToMicroseconds() / 1e6
         session._storage_update_marker = str(reply.session.message_count)
         return self._commit_event_to_session(session, event)
@@ -346,10 +369,10 @@ class ChatsessionSessionService(BaseSessionService):
         return events
 
     async def _app_sessions(self, client: SessionClient, app_name: str, user_id: str | None) -> Any:
-        if user_id is None:
-            raise NotImplementedError("listing every user's sessions of an app needs apps in the server")
-        async for s in client.iter_sessions(user_id_for(user_id), page_size=_adapters.PAGE):
-            if s.labels.get(APP_LABEL) == app_name and SESSION_LABEL in s.labels:
+        owner = user_id_for(user_id) if user_id is not None else None
+        async for s in client.iter_sessions(owner, app=app_id_for(app_name), page_size=_adapters.PAGE):
+            # Sessions of the app that other clients created are not ADK's.
+            if s.labels.get(APP_LABEL) == app_name and USER_LABEL in s.labels and SESSION_LABEL in s.labels:
                 yield s
 
     async def _user_state(self, app_name: str, user_id: str) -> dict[str, Any]:
@@ -369,12 +392,12 @@ class ChatsessionSessionService(BaseSessionService):
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
     async def _app_state(self, app_name: str) -> dict[str, Any]:
-        return {}
+        return await self._client().get_state(app=app_id_for(app_name))
 
     async def _write_app_state(self, app_name: str, delta: Mapping[str, Any]) -> dict[str, Any]:
-        if delta:
-            raise NotImplementedError("app: state needs apps in the server")
-        return {}
+        if not delta:
+            return await self._app_state(app_name)
+        return await self._client().update_state(app=app_id_for(app_name), values=dict(delta))
 
     async def _write_session_state(self, cs_id: str, delta: Mapping[str, Any]) -> dict[str, Any]:
         if not delta:
