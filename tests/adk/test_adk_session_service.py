@@ -30,7 +30,14 @@ from google.adk.tools.tool_confirmation import ToolConfirmation
 from google.genai import types
 
 from chatsession.v1 import session_pb2
-from chatsession_client import NO_RETRY, PermissionDeniedError, SessionClient, payload_of, user
+from chatsession_client import (
+    NO_RETRY,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    SessionClient,
+    payload_of,
+    user,
+)
 from chatsession_client.adk import (
     APP_LABEL,
     SESSION_LABEL,
@@ -276,6 +283,54 @@ async def test_a_token_not_allowed_the_user_or_the_app_is_refused(uid: str, tmp_
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("delta", "error"),
+    [
+        ({"user:" + "k" * 300: 1}, ValueError),  # past 256 bytes once stored under "<app>/"
+        ({"app:bad\x07key": 1}, ValueError),
+        ({"app:big": 2**60}, ValueError),  # not exact as a JSON number
+        ({"ok": 1, "user:big": [2**60]}, ValueError),
+        ({"big": "x" * 300_000}, InvalidArgumentError),  # the server's value limit (256 KiB)
+    ],
+)
+async def test_a_state_delta_that_would_be_refused_stores_neither_the_event_nor_any_state(
+    service: ChatsessionSessionService,
+    client: SessionClient,
+    uid: str,
+    delta: dict[str, Any],
+    error: type[Exception],
+) -> None:
+    app = f"{uid}app"
+    session = await service.create_session(app_name=app, user_id=uid, session_id="s1")
+
+    with pytest.raises(error):
+        await service.append_event(
+            session, Event(author="user", invocation_id="i", actions=EventActions(state_delta=delta))
+        )
+
+    cs_id = session_id_for(app, uid, "s1")
+    assert (await client.list_messages(cs_id)).messages == []
+    assert await client.get_state(cs_id) == {}
+    assert await client.get_state(user_id=uid) == {}
+    assert await client.get_state(app=app) == {}
+
+
+async def test_a_value_that_is_not_json_is_stored_as_its_str(
+    service: ChatsessionSessionService, uid: str
+) -> None:
+    class Opaque:
+        def __str__(self) -> str:
+            return "<opaque>"
+
+    session = await service.create_session(
+        app_name=f"{uid}app", user_id=uid, session_id="s1", state={"o": Opaque()}
+    )
+    got = await service.get_session(app_name=f"{uid}app", user_id=uid, session_id="s1")
+    assert got is not None
+    assert got.state == {"o": "<opaque>"}
+    assert session.state == {"o": "<opaque>"}
 
 
 async def test_the_event_time_is_the_sessions_last_update_time(

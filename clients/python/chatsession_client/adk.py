@@ -84,7 +84,7 @@ from pydantic_core import to_jsonable_python
 from typing_extensions import override
 
 from chatsession.v1 import session_pb2
-from chatsession_client import _adapters
+from chatsession_client import _adapters, _state
 from chatsession_client._calls import Message, message
 from chatsession_client._payload import payload_of
 from chatsession_client.client import SessionClient
@@ -107,6 +107,10 @@ _MAX_ID = 128
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _APP = re.compile(r"[A-Za-z0-9_.-]+")
 _MAX_SESSION_ID = 128
+# The server's rule for state keys (checked here too for the keys written after an append: see
+# _check_shared).
+_MAX_STATE_KEY_BYTES = 256
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A user's state holds the `user:` keys of every app: each under `<app_name>/` (ADK keys user
 # state by app and user).
 _USER_KEY_SEPARATOR = "/"
@@ -219,6 +223,7 @@ class ChatsessionSessionService(BaseSessionService):
         adk_id = session_id.strip() if session_id and session_id.strip() else str(uuid.uuid4())
         cs_id = session_id_for(app_name, user_id, adk_id)
         deltas = _split_state(state or {})
+        _check_shared(app_name, deltas)
         client = self._client()
         labels = {**self._labels, APP_LABEL: app_name, USER_LABEL: user_id, SESSION_LABEL: adk_id}
         try:
@@ -324,6 +329,7 @@ class ChatsessionSessionService(BaseSessionService):
         self._apply_temp_state(session, event)
         event = self._trim_temp_delta_state(event)
         deltas = _split_state(event.actions.state_delta if event.actions else {})
+        _check_shared(session.app_name, deltas)
         cs_id = session_id_for(session.app_name, session.user_id, session.id)
         marker = session._storage_update_marker
         client = self._client()
@@ -444,6 +450,22 @@ def _split_state(state: Mapping[str, Any]) -> _Deltas:
         elif not key.startswith(State.TEMP_PREFIX):
             out.session[key] = value
     return out
+
+
+def _check_shared(app_name: str, deltas: _Deltas) -> None:
+    """Refuse (ValueError, TypeError) before anything is written a `user:` or `app:` key or value
+    the server would refuse: those are written after the event, which would then be stored
+    without them. (The session's keys travel with the event and are refused with it.)"""
+    keys = [(f"user:{k}", _USER_KEY_SEPARATOR.join((app_name, k))) for k in deltas.user]
+    keys += [(f"app:{k}", k) for k in deltas.app]
+    for given, stored in keys:
+        if not 1 <= len(stored.encode()) <= _MAX_STATE_KEY_BYTES or _CONTROL_CHARACTER.search(stored):
+            raise ValueError(
+                f"state key {given!r}: stored as {stored!r}, it must be 1-{_MAX_STATE_KEY_BYTES} bytes"
+                " of UTF-8 without control characters"
+            )
+    for value in (*deltas.user.values(), *deltas.app.values()):
+        _state.to_value(value)
 
 
 def _merge(session: Mapping[str, Any], user: Mapping[str, Any], app: Mapping[str, Any]) -> dict[str, Any]:
