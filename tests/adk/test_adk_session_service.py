@@ -317,6 +317,19 @@ async def test_a_state_delta_that_would_be_refused_stores_neither_the_event_nor_
     assert await client.get_state(app=app) == {}
 
 
+async def test_a_create_whose_state_is_refused_leaves_no_session(
+    service: ChatsessionSessionService, client: SessionClient, uid: str
+) -> None:
+    app = f"{uid}app"
+    with pytest.raises(InvalidArgumentError):
+        await service.create_session(app_name=app, user_id=uid, session_id="s1", state={"big": "x" * 300_000})
+
+    assert await service.get_session(app_name=app, user_id=uid, session_id="s1") is None
+    assert [s async for s in client.iter_sessions(uid)] == []
+    # The id is free again.
+    await service.create_session(app_name=app, user_id=uid, session_id="s1")
+
+
 async def test_a_value_that_is_not_json_is_stored_as_its_str(
     service: ChatsessionSessionService, uid: str
 ) -> None:

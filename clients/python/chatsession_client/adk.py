@@ -60,12 +60,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import re
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from google.adk.errors import StaleSessionError
@@ -174,7 +175,7 @@ class ChatsessionSessionService(BaseSessionService):
         ttl_seconds: int = -1,
         max_messages: int = -1,
         labels: Mapping[str, str] | None = None,
-        count_tokens: Any = None,
+        count_tokens: Callable[[Event], int] | None = None,
         **client_options: Any,
     ) -> None:
         self._connection = _adapters.Connection(target, token, client_options)
@@ -237,11 +238,18 @@ class ChatsessionSessionService(BaseSessionService):
             )
         except AlreadyExistsError as exc:
             raise AdkAlreadyExistsError(f"Session with id {adk_id} already exists.") from exc
-        session_state, user_state, app_state = await asyncio.gather(
-            self._write_session_state(cs_id, deltas.session),
-            self._write_user_state(app_name, user_id, deltas.user),
-            self._write_app_state(app_name, deltas.app),
-        )
+        try:
+            session_state, user_state, app_state = await asyncio.gather(
+                self._write_session_state(cs_id, deltas.session),
+                self._write_user_state(app_name, user_id, deltas.user),
+                self._write_app_state(app_name, deltas.app),
+            )
+        except BaseException:
+            # A state the server refused (a value past its limits, a full state): no session
+            # without the state it was asked for.
+            with contextlib.suppress(Exception):
+                await client.delete_session(cs_id, allow_missing=True)
+            raise
         session = Session(
             id=adk_id,
             app_name=app_name,
@@ -479,7 +487,7 @@ def _merge(session: Mapping[str, Any], user: Mapping[str, Any], app: Mapping[str
 # --- Events as messages ------------------------------------------------------------------------
 
 
-def event_message(event: Event, count_tokens: Any = None) -> Message:
+def event_message(event: Event, count_tokens: Callable[[Event], int] | None = None) -> Message:
     """The chatsession message that stores `event` (its JSON form in the payload); see the
     module docstring for its role, content, tool calls and tokens."""
     parts: Sequence[types.Part] = (event.content.parts or []) if event.content else []
