@@ -270,7 +270,10 @@ async def test_many_sessions_subscribe_in_batches_and_leave_nothing_behind(
                 # feed still hands GLIDE the whole batch in one call per round.
                 assert calls_made <= len(ids), calls_made
             else:
-                assert 1 <= calls_made <= 150, calls_made  # one per channel would be 500
+                # One per channel would be 500. Watches that arrive while a batch is on its way
+                # wait for the next round, so how many rounds 500 arrivals take depends on the
+                # machine's load (up to 174 seen on 2 busy cores); a half proves the batching.
+                assert 1 <= calls_made <= len(ids) // 2, calls_made
             assert [await subscribers(raw, f"watch:{{{i}}}") for i in ids[::50]] == [1] * 10
             await c.append(ids[123], [user("live")])
             event = await asyncio.wait_for(next_event(calls[123]), 5)

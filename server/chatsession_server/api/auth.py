@@ -480,11 +480,6 @@ class AuthorizedStorage(StorageLayer):
             session_id, keep_system_prompt=keep_system_prompt, request_id=request_id, owners=_owners(owners)
         )
 
-    async def truncate(
-        self, session_id: str, truncation: Truncation, *, owners: Owned = None
-    ) -> TruncateResult:
-        return await super().truncate(session_id, truncation, owners=_owners(owners))
-
     async def get_state(
         self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
@@ -494,6 +489,11 @@ class AuthorizedStorage(StorageLayer):
         self, scope: StateScope, delta: StateDelta, *, owners: Owned = None
     ) -> dict[str, str]:
         return await super().update_state(scope, delta, owners=_state_owners(scope, owners))
+
+    async def truncate(
+        self, session_id: str, truncation: Truncation, *, owners: Owned = None
+    ) -> TruncateResult:
+        return await super().truncate(session_id, truncation, owners=_owners(owners))
 
 
 def _state_owners(scope: StateScope, asked: Owned) -> Owned:
