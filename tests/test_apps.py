@@ -408,6 +408,7 @@ async def test_a_grant_with_apps_touches_only_its_apps_sessions(apps_target: str
             await raises(NotFoundError, confined.list_messages(sid))
             await raises(NotFoundError, confined.get_state(sid))
             await raises(NotFoundError, confined.fork_session(sid))
+            await raises(NotFoundError, confined.pop_message(sid))
             await raises(NotFoundError, confined.delete_session(sid))
         in_app = [s async for s in confined.iter_sessions(ALICE, app=APP)]
         assert travel.session_id in {s.session_id for s in in_app}

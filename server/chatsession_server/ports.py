@@ -33,9 +33,10 @@ T = TypeVar("T")
 
 
 class SessionStorage(Protocol):
-    """`owners`, where taken: the user ids whose sessions the caller may touch (None: anyone's).
-    A session of another user is SessionNotFound (delete: False), checked in the same atomic step
-    as the operation, so no owner can change in between."""
+    """`owners`, where taken: the user ids whose sessions the caller may touch (None: anyone's),
+    or an `Owners` (those users' sessions of some apps only). A session of another user (or
+    app) is SessionNotFound (delete: False), checked in the same atomic step as the operation, so
+    no owner can change in between."""
 
     async def create(self, new: NewSession) -> tuple[Session, bool]: ...
 
@@ -93,8 +94,8 @@ class SessionStorage(Protocol):
     async def get_state(
         self, scope: StateScope, keys: Sequence[str] = (), *, owners: Owned = None
     ) -> dict[str, str]:
-        """A session's state or a user's (key -> the value's JSON text); with `keys`, those it
-        holds. `owners` is checked for a session's state only."""
+        """A session's state, a user's or an app's (key -> the value's JSON text); with `keys`,
+        those it holds. `owners` is checked for a session's state only."""
         ...
 
     async def update_state(
