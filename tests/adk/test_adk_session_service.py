@@ -248,6 +248,23 @@ async def test_list_sessions_without_a_user_lists_every_users_sessions_of_the_ap
     assert [s.state for s in listed] == [{"user:u": s.user_id} for s in listed]
 
 
+async def test_a_listing_of_many_sessions_reads_every_state(
+    service: ChatsessionSessionService, uid: str
+) -> None:
+    app = f"{uid}app"
+    made = {(f"{uid}u{i % 3}", f"s{i:02}") for i in range(70)}
+    await asyncio.gather(
+        *(service.create_session(app_name=app, user_id=u, session_id=n, state={"n": n}) for u, n in made)
+    )
+
+    listed = (await service.list_sessions(app_name=app)).sessions
+
+    assert {(s.user_id, s.id) for s in listed} == made
+    assert all(s.state == {"n": s.id} for s in listed)
+    times = [s.last_update_time for s in listed]
+    assert times == sorted(times)
+
+
 async def test_a_token_not_allowed_the_user_or_the_app_is_refused(uid: str, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("ada-token-0123456789 ada apps=travel\nops-token-0123456789 * apps=travel\n")

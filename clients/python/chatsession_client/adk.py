@@ -66,8 +66,8 @@ import json
 import re
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from google.adk.errors import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError as AdkAlreadyExistsError
@@ -115,6 +115,7 @@ _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A user's state holds the `user:` keys of every app: each under `<app_name>/` (ADK keys user
 # state by app and user).
 _USER_KEY_SEPARATOR = "/"
+T = TypeVar("T")
 
 
 def user_id_for(user_id: str) -> str:
@@ -298,11 +299,11 @@ class ChatsessionSessionService(BaseSessionService):
         client = self._client()
         listed = [s async for s in self._app_sessions(client, app_name, user_id)]
         user_ids = {s.labels[USER_LABEL] for s in listed}
-        app_state, *user_states = await asyncio.gather(
-            self._app_state(app_name), *(self._user_state(app_name, u) for u in sorted(user_ids))
+        app_state, *user_states = await _bounded(
+            [self._app_state(app_name), *(self._user_state(app_name, u) for u in sorted(user_ids))]
         )
         by_user = dict(zip(sorted(user_ids), user_states, strict=True))
-        states = await asyncio.gather(*(_state_or_none(client, s.session_id) for s in listed))
+        states = await _bounded([_state_or_none(client, s.session_id) for s in listed])
         sessions = []
         for stored, session_state in zip(listed, states, strict=True):
             if session_state is None:  # deleted since the listing
@@ -417,6 +418,21 @@ class ChatsessionSessionService(BaseSessionService):
         if not delta:
             return {}
         return await self._client().update_state(cs_id, dict(delta))
+
+
+# A listing reads each session's state and each user's: at most this many calls in flight.
+_LISTING_CALLS = 32
+
+
+async def _bounded(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """The results of `calls`, in order, with at most _LISTING_CALLS of them running at once."""
+    limit = asyncio.Semaphore(_LISTING_CALLS)
+
+    async def one(call: Awaitable[T]) -> T:
+        async with limit:
+            return await call
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
 
 
 async def _state_or_none(client: SessionClient, cs_id: str) -> dict[str, Any] | None:
