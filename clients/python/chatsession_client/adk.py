@@ -65,7 +65,6 @@ import hashlib
 import json
 import re
 import uuid
-import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -179,31 +178,18 @@ class ChatsessionSessionService(BaseSessionService):
         count_tokens: Callable[[Event], int] | None = None,
         **client_options: Any,
     ) -> None:
-        self._connection = _adapters.Connection(target, token, client_options)
-        self._given = client
-        self._own: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SessionClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients = _adapters.LoopClients(_adapters.Connection(target, token, client_options), client)
         self._ttl_seconds = ttl_seconds
         self._max_messages = max_messages
         self._labels = dict(labels or {})
         self._count_tokens = count_tokens
 
     def _client(self) -> SessionClient:
-        if self._given is not None:
-            return self._given
-        loop = asyncio.get_running_loop()
-        own = self._own.get(loop)
-        if own is None:
-            c = self._connection
-            own = self._own[loop] = SessionClient(c.target, token=c.token, **c.options)
-        return own
+        return self._clients.get()
 
     async def close(self) -> None:
         """Close the client this service opened for the running loop (not a `client` it was given)."""
-        own = self._own.pop(asyncio.get_running_loop(), None)
-        if own is not None:
-            await own.close()
+        await self._clients.close()
 
     async def __aenter__(self) -> ChatsessionSessionService:
         return self
