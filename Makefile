@@ -22,7 +22,20 @@ $(BIN)/chatsession-server: pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet -e './clients/python[openai-agents,langchain]' -e '.[dev]'
 	touch $@
 
-venv: $(BIN)/chatsession-server
+# google-adk pins opentelemetry-api<=1.44 and the server needs 1.45: the ADK adapter's tests and
+# type check run in a virtualenv of their own with the client, the [adk] extra (its release pinned
+# here) and the test tools at the server's dev pins. tests/test_adk.py runs tests/adk/ in it.
+ADK_VENV ?= .venv-adk
+ADK_BIN := $(ADK_VENV)/bin
+ADK_PINS := google-adk==2.13.0 pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 mypy==2.4.1 \
+	types-protobuf==7.35.1.20260906 types-grpcio==1.85.0.20261028
+$(ADK_BIN)/adk-ready: clients/python/pyproject.toml Makefile
+	$(PYTHON) -m venv $(ADK_VENV)
+	$(ADK_BIN)/python -m pip install --quiet --upgrade pip
+	$(ADK_BIN)/python -m pip install --quiet -e './clients/python[adk]' $(ADK_PINS)
+	touch $@
+
+venv: $(BIN)/chatsession-server $(ADK_BIN)/adk-ready
 
 run: venv  ## run the server with an embedded Valkey on 127.0.0.1:50051
 	$(BIN)/chatsession-server
@@ -50,6 +63,7 @@ lint: venv  ## ruff, mypy --strict, buf lint, buf format
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(ADK_BIN)/mypy clients/python/chatsession_client/adk.py tests/adk/*.py
 	$(BIN)/buf lint
 	$(BIN)/buf format -d --exit-code
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
@@ -101,4 +115,4 @@ soak-short: venv  ## the soak at small counts (about a minute), checking SOAK_SH
 check: lint gen-check lock-check test
 
 clean:
-	rm -rf $(VENV) .gen-check .lock-check .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ADK_VENV) .gen-check .lock-check .pytest_cache .mypy_cache .ruff_cache

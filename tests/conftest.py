@@ -55,6 +55,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+# tests/adk/ needs google-adk, which lives in .venv-adk: tests/test_adk.py runs it there.
+collect_ignore = ["adk"]
+
+
 @pytest.fixture(scope="session")
 def valkey_cluster(pytestconfig: pytest.Config) -> bool:
     return bool(pytestconfig.getoption("--valkey-cluster"))

@@ -2,7 +2,8 @@
 runner with a custom offline Model, a LangChain RunnableWithMessageHistory with
 GenericFakeChatModel) run as processes against the suite's server, and a second process, the
 application restarted, goes on with the conversation the first one stored. The client installed
-with both extras beside google-adk 2.13 passes `pip check` and runs the same examples."""
+with its three extras beside google-adk 2.13 passes `pip check` and runs the same examples, and
+the ADK one (whose own tests run in .venv-adk: tests/adk/)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def example(readme: Path, heading: str) -> str:
 
 AGENTS = example(README, "### OpenAI Agents SDK")
 LANGCHAIN = example(README, "### LangChain")
+ADK = example(README, "### Google ADK")
 
 
 def as_run_here(script: str, target: str, uid: str) -> str:
@@ -69,6 +71,7 @@ async def langchain_conversation(python: str | Path, target: str, uid: str, cwd:
 def test_both_readmes_show_the_same_examples() -> None:
     assert example(CLIENT_README, "### OpenAI Agents SDK") == AGENTS
     assert example(CLIENT_README, "### LangChain") == LANGCHAIN
+    assert example(CLIENT_README, "### Google ADK") == ADK
     assert "Runner.run(agent" in AGENTS
     assert "session=session" in AGENTS
     assert "RunnableWithMessageHistory(" in LANGCHAIN
@@ -97,10 +100,14 @@ async def test_the_adapters_install_beside_google_adk_and_run_from_the_install(
         fresh_venv,
         tmp_path / "venv",
         "google-adk==2.13.0",
-        client=f"{CLIENT}[openai-agents,langchain]",
+        client=f"{CLIENT}[openai-agents,langchain,adk]",
         timeout=420,
     )
     python = venv / "bin" / "python"
     run_in(venv, python, "-m", "pip", "check")
     await agents_conversation(python, target, f"{uid}a", venv)
     await langchain_conversation(python, target, f"{uid}l", venv)
+    # The ADK session service from the install too (tests/adk/ runs it from .venv-adk, editable).
+    adk = ADK.replace("localhost:50051", target).replace('"ada"', f'"{uid}k"')
+    assert await run_app(python, adk, "My name is Ada.", venv) == "Nice to meet you."
+    assert await run_app(python, adk, "What is my name?", venv) == "You first said: My name is Ada."

@@ -94,6 +94,7 @@ def test_the_client_installs_with_grpc_and_protobuf_only(venv: Path) -> None:
     assert extras == {
         ('extra == "openai-agents"', "openai-agents"),
         ('extra == "langchain"', "langchain-core"),
+        ('extra == "adk"', "google-adk"),
     }
     expected = {"chatsession-client"} | closure(CLIENT_DEPENDENCIES, requires)
     assert set(requires) - VENV_OWN == expected

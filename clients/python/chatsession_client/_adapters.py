@@ -94,25 +94,19 @@ async def finish_despite_cancel(write: Awaitable[T]) -> T:
     return task.result()
 
 
-class AsyncHistory:
-    """One session through a SessionClient: the client given, or one of its own per event loop
-    (a grpc.aio channel belongs to the loop it was made on, and `Runner.run_sync` or
-    `asyncio.run` per request give each call a loop of its own)."""
+class LoopClients:
+    """The SessionClient given, or one of its own per event loop that asks (a grpc.aio channel
+    belongs to the loop it was made on); a loop that is gone takes its client (and the channel)
+    with it."""
 
-    def __init__(
-        self, session_id: str, creation: Creation, connection: Connection, client: SessionClient | None
-    ) -> None:
-        self.session_id = session_id
-        self._creation = creation
+    def __init__(self, connection: Connection, given: SessionClient | None) -> None:
         self._connection = connection
-        self._given = client
-        # Its own clients, one per event loop that used it; a loop that is gone takes its client
-        # (and the channel) with it.
+        self._given = given
         self._own: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SessionClient] = (
             weakref.WeakKeyDictionary()
         )
 
-    def client(self) -> SessionClient:
+    def get(self) -> SessionClient:
         if self._given is not None:
             return self._given
         loop = asyncio.get_running_loop()
@@ -123,11 +117,31 @@ class AsyncHistory:
         return own
 
     async def close(self) -> None:
-        """Close the client this history made for the running loop (a client it was given stays
-        open: its owner closes it)."""
+        """Close the running loop's own client (one given stays open: its owner closes it)."""
         own = self._own.pop(asyncio.get_running_loop(), None)
         if own is not None:
             await own.close()
+
+
+class AsyncHistory:
+    """One session through a SessionClient: the client given, or one of its own per event loop
+    (a grpc.aio channel belongs to the loop it was made on, and `Runner.run_sync` or
+    `asyncio.run` per request give each call a loop of its own)."""
+
+    def __init__(
+        self, session_id: str, creation: Creation, connection: Connection, client: SessionClient | None
+    ) -> None:
+        self.session_id = session_id
+        self._creation = creation
+        self._clients = LoopClients(connection, client)
+
+    def client(self) -> SessionClient:
+        return self._clients.get()
+
+    async def close(self) -> None:
+        """Close the client this history made for the running loop (a client it was given stays
+        open: its owner closes it)."""
+        await self._clients.close()
 
     async def append(self, messages: Sequence[Message]) -> None:
         """Append in one AppendMessages; the session is created first when it does not exist
