@@ -26,11 +26,13 @@ def payload_value(value: Any) -> struct_pb2.Value:
     """A JSON-able Python value as the Value a Message's payload holds; ValueError (TypeError for
     a type JSON has not) when it would not come back the same."""
     out = struct_pb2.Value()
-    _set(out, value, "payload")
+    fill_value(out, value, "payload")
     return out
 
 
-def _set(target: struct_pb2.Value, value: Any, where: str) -> None:
+def fill_value(target: struct_pb2.Value, value: Any, where: str) -> None:
+    """Sets `target` (a fresh Value, such as a map entry) to `value`, by the rules above (a state
+    value follows them too); errors name the place as `where` and the path below it."""
     if value is None:
         target.null_value = struct_pb2.NULL_VALUE
     elif value is True or value is False:
@@ -40,7 +42,7 @@ def _set(target: struct_pb2.Value, value: Any, where: str) -> None:
     elif isinstance(value, int):
         if abs(value) > MAX_EXACT_INTEGER:
             raise ValueError(
-                f"{where}: {value} is beyond +-2^53, which a payload's numbers (doubles) cannot hold "
+                f"{where}: {value} is beyond +-2^53 (2**53), which JSON numbers (doubles) cannot hold "
                 "exactly; send it as a string"
             )
         target.number_value = value
@@ -54,12 +56,12 @@ def _set(target: struct_pb2.Value, value: Any, where: str) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"{where}: object keys must be strings, not {type(key).__name__}")
-            _set(struct.fields[key], item, f"{where}[{key!r}]")
+            fill_value(struct.fields[key], item, f"{where}[{key!r}]")
     elif isinstance(value, list | tuple):
         values = target.list_value.values
         target.list_value.SetInParent()
         for i, item in enumerate(value):
-            _set(values.add(), item, f"{where}[{i}]")
+            fill_value(values.add(), item, f"{where}[{i}]")
     else:
         raise TypeError(f"{where}: a {type(value).__name__} is not a JSON value")
 

@@ -1,7 +1,7 @@
 """State requests and values: Python values in, Python values out.
 
-A state value is any JSON value; on the wire it is a google.protobuf.Value, whose numbers are
-doubles: a number that holds an integer comes back as an int (3, not 3.0), as JSON readers give it.
+A state value is any JSON value; on the wire it is a google.protobuf.Value, converted as a
+message's payload is (chatsession_client._payload: integral numbers come back as int).
 """
 
 from __future__ import annotations
@@ -12,61 +12,21 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from chatsession.v1 import session_service_pb2
+from chatsession_client._payload import fill_value, value_to_python
 
 StateDelta = session_service_pb2.StateDelta
-MAX_EXACT_INTEGER = 2**53
-"""Integers beyond this are not exact as doubles: sending one is a ValueError, not a silent change."""
 
 
 def to_value(obj: Any, target: struct_pb2.Value | None = None) -> struct_pb2.Value:
-    """`obj` (None, bool, int, float, str, and lists, tuples and str-keyed mappings of them) as a
-    Value, filled into `target` (a fresh Value, such as a map entry) when given."""
+    """`obj` as a Value, by the payload's rules (chatsession_client._payload), filled into `target`
+    (a fresh Value, such as a map entry) when given."""
     value = struct_pb2.Value() if target is None else target
-    if obj is None:
-        value.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(obj, bool):
-        value.bool_value = obj
-    elif isinstance(obj, int):
-        if abs(obj) > MAX_EXACT_INTEGER:
-            raise ValueError(f"{obj} is beyond the integers a JSON number keeps exactly (2**53)")
-        value.number_value = obj
-    elif isinstance(obj, float):
-        value.number_value = obj
-    elif isinstance(obj, str):
-        value.string_value = obj
-    elif isinstance(obj, Mapping):
-        value.struct_value.SetInParent()  # an empty object is still an object
-        fields = value.struct_value.fields
-        for key, item in obj.items():
-            if not isinstance(key, str):
-                raise TypeError(f"object keys must be str, not {type(key).__name__}")
-            to_value(item, fields[key])
-    elif isinstance(obj, list | tuple):
-        value.list_value.SetInParent()
-        values = value.list_value.values
-        for item in obj:
-            to_value(item, values.add())
-    else:
-        raise TypeError(f"a state value is JSON: {type(obj).__name__} is not")
+    fill_value(value, obj, "state value")
     return value
 
 
-def from_value(value: struct_pb2.Value) -> Any:
-    """A Value as a Python value: dict, list, str, int (a number holding an integer), float,
-    bool or None."""
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) <= MAX_EXACT_INTEGER else number
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {key: from_value(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [from_value(item) for item in value.list_value.values]
-    return None
+from_value = value_to_python
+"""A Value as a Python value, by the payload's rules."""
 
 
 def state_delta(values: Mapping[str, Any] | None = None, remove: Iterable[str] = ()) -> StateDelta:

@@ -1,5 +1,5 @@
-"""A message's payload: the caller's google.protobuf.Value, as the JSON text the store keeps, and
-back.
+"""A message's payload (and a state's value): the caller's google.protobuf.Value, as the JSON text
+the store keeps, and back.
 
 The store keeps the payload as JSON text written here, once, and never parses it: the scripts
 handle it as an opaque string (Lua's cjson would print numbers with 14 significant digits). A
@@ -89,6 +89,12 @@ def _number(number: float) -> int | float:
     if number.is_integer() and abs(number) <= MAX_EXACT_INTEGER and not negative_zero:
         return int(number)
     return number
+
+
+def fill_value(target: struct_pb2.Value, text: str) -> None:
+    """Sets `target` (a field or map entry of a reply, filled in place) to the JSON text the store
+    keeps, merged from its encoding (see payload_field)."""
+    target.MergeFromString(_encode(json.loads(text)))
 
 
 def payload_field(text: str, field_number: int) -> bytes:

@@ -21,7 +21,7 @@ from chatsession_server.api.convert import (
 )
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.page_token import PageTokens
-from chatsession_server.api.state_values import fill_value
+from chatsession_server.api.payload import fill_value
 from chatsession_server.api.watch import Watch
 from chatsession_server.errors import SessionNotFound
 from chatsession_server.ports import MessageFeed, SessionStorage

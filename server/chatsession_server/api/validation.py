@@ -4,6 +4,7 @@ naming every bad field. Nothing reaches the store before it passes here."""
 from __future__ import annotations
 
 import re
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -15,7 +16,6 @@ from chatsession.v1 import session_pb2, session_service_pb2
 from chatsession_server.api import limits as L
 from chatsession_server.api.limits import Limits
 from chatsession_server.api.payload import PayloadError, PayloadTooLarge, payload_json
-from chatsession_server.api.state_values import BadValue, value_to_json
 from chatsession_server.domain import (
     NEVER_EXPIRES,
     RESERVED_LABELS,
@@ -646,8 +646,9 @@ def state_delta(v: Violations, field: str, delta: session_service_pb2.StateDelta
         name = f"{field}.set[{key!r}]"
         _state_key(v, name, key)
         try:
-            text = value_to_json(value, L.MAX_STATE_DEPTH)
-        except BadValue as exc:
+            # Not counted: a state value is bounded by its bytes (below) instead.
+            text, _ = payload_json(value, max_depth=L.MAX_STATE_DEPTH, max_values=sys.maxsize)
+        except PayloadError as exc:
             v.add(name, str(exc))
             continue
         size = len(text.encode())
