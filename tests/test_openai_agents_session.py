@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
 import pytest
 from agents import Agent, Runner, function_tool
+from agents.extensions.memory.redis_session import RedisSession
 from agents.items import TResponseInputItem
-from agents.memory import Session, SessionSettings
+from agents.memory import Session, SessionSettings, SQLiteSession
 from agents.testing import ScriptedModel, assistant_message, function_call
 
 from chatsession_client import (
@@ -130,6 +131,53 @@ def new_session(target: str, uid: str) -> Callable[..., ChatsessionSession]:
     return make
 
 
+# The SDK's own stores, for the tests of behaviour every Session owes its caller: each such test
+# runs against SQLiteSession (on a file, so that two sessions share a database) and RedisSession (on
+# the suite's Valkey) too, so that it proves the SDK's contract, not our reading of it. Standalone
+# pass only: RedisSession's client is not a cluster client.
+STORES = ["chatsession", "sqlite", "redis"]
+
+
+@pytest.fixture(params=STORES)
+async def any_session(
+    request: pytest.FixtureRequest,
+    new_session: Callable[..., ChatsessionSession],
+    valkey_cluster: bool,
+    valkey_url: str,
+    uid: str,
+    tmp_path: Any,
+) -> AsyncIterator[Callable[..., Session]]:
+    store: str = request.param
+    if store != "chatsession" and valkey_cluster:
+        pytest.skip("the SDK's stores run in the standalone pass")
+    made: list[Any] = []
+
+    def make(name: str = "conv", *, session_settings: Any = None) -> Session:
+        if store == "chatsession":
+            return new_session(name, session_settings=session_settings)
+        session: Any
+        if store == "sqlite":
+            session = SQLiteSession(
+                f"{uid}-{name}", tmp_path / "agents.db", session_settings=session_settings
+            )
+        else:
+            # redis-py names its scheme redis://; the suite's URL may say valkey://.
+            url = "redis://" + valkey_url.partition("://")[2]
+            session = RedisSession.from_url(f"{uid}-{name}", url=url, session_settings=session_settings)
+        made.append(session)
+        return cast(Session, session)
+
+    yield make
+    for session in made:
+        result = session.close()
+        if asyncio.iscoroutine(result):
+            await result
+
+
+def store_of(request: pytest.FixtureRequest) -> str:
+    return str(request.node.callspec.params["any_session"])
+
+
 async def test_a_chatsession_session_is_an_agents_session(
     new_session: Callable[..., ChatsessionSession],
 ) -> None:
@@ -190,16 +238,21 @@ async def test_a_token_counter_gives_each_items_tokens(
 
 
 async def test_get_items_limit_gives_the_newest_oldest_first(
-    new_session: Callable[..., ChatsessionSession],
+    any_session: Callable[..., Session],
+    request: pytest.FixtureRequest,
 ) -> None:
-    session = new_session()
+    session = any_session()
     await session.add_items(items("1", "2", "3", "4", "5", "6"))
     assert contents(await session.get_items(limit=2)) == ["5", "6"]
     assert contents(await session.get_items(limit=4)) == ["3", "4", "5", "6"]
     assert contents(await session.get_items(limit=10)) == ["1", "2", "3", "4", "5", "6"]
     assert contents(await session.get_items()) == ["1", "2", "3", "4", "5", "6"]
     assert await session.get_items(limit=0) == []
-    assert await session.get_items(limit=-1) == []  # RedisSession's answer
+    # A negative limit: RedisSession gives none, as ours does; SQLite's LIMIT -1 gives all.
+    everything = ["1", "2", "3", "4", "5", "6"]
+    assert contents(await session.get_items(limit=-1)) == (
+        everything if store_of(request) == "sqlite" else []
+    )
 
 
 async def test_get_items_limit_beyond_one_page_reads_back_page_by_page(
@@ -214,22 +267,22 @@ async def test_get_items_limit_beyond_one_page_reads_back_page_by_page(
 
 
 async def test_session_settings_limit_is_the_default_and_an_explicit_limit_wins(
-    new_session: Callable[..., ChatsessionSession],
+    any_session: Callable[..., Session],
 ) -> None:
-    session = new_session(session_settings=SessionSettings(limit=3))
+    session = any_session(session_settings=SessionSettings(limit=3))
     await session.add_items(items("1", "2", "3", "4", "5"))
     assert contents(await session.get_items()) == ["3", "4", "5"]
     assert contents(await session.get_items(limit=5)) == ["1", "2", "3", "4", "5"]
-    as_dict = new_session(session_settings={"limit": 2})
+    as_dict = any_session(session_settings={"limit": 2})
     assert as_dict.session_settings == SessionSettings(limit=2)
     await as_dict.add_items(items("a", "b", "c"))
     assert contents(await as_dict.get_items()) == ["b", "c"]
 
 
 async def test_the_runner_reads_only_the_session_settings_limit_of_history(
-    new_session: Callable[..., ChatsessionSession],
+    any_session: Callable[..., Session],
 ) -> None:
-    session = new_session(session_settings=SessionSettings(limit=2))
+    session = any_session(session_settings=SessionSettings(limit=2))
     await session.add_items(items("1", "2", "3", "4"))
     model = ScriptedModel([[assistant_message("ok")]])
     await Runner.run(Agent(name="a", model=model), "5", session=session)
@@ -274,8 +327,8 @@ async def test_pop_item_is_one_round_trip(target: str, uid: str) -> None:
     await channel.close()
 
 
-async def test_pop_item_leaves_other_sessions_alone(new_session: Callable[..., ChatsessionSession]) -> None:
-    one, two = new_session("one"), new_session("two")
+async def test_pop_item_leaves_other_sessions_alone(any_session: Callable[..., Session]) -> None:
+    one, two = any_session("one"), any_session("two")
     await one.add_items(items("one"))
     await two.add_items(items("two 1", "two 2"))
     assert contents([await two.pop_item()]) == ["two 2"]  # type: ignore[list-item]
@@ -332,9 +385,9 @@ async def test_racing_first_adds_create_one_session_and_keep_every_item(
 
 
 async def test_concurrent_adds_keep_every_item_and_each_call_together(
-    new_session: Callable[..., ChatsessionSession],
+    any_session: Callable[..., Session],
 ) -> None:
-    session = new_session()
+    session = any_session()
     await session.add_items(items("first"))
     batches = [
         [{"role": "user", "content": f"Message {start + i}"} for i in range(5)] for start in (0, 5, 10)
@@ -350,8 +403,8 @@ async def test_concurrent_adds_keep_every_item_and_each_call_together(
         assert found[at : at + 5] == texts
 
 
-async def test_sessions_are_isolated(new_session: Callable[..., ChatsessionSession]) -> None:
-    cats, dogs = new_session("cats"), new_session("dogs")
+async def test_sessions_are_isolated(any_session: Callable[..., Session]) -> None:
+    cats, dogs = any_session("cats"), any_session("dogs")
     await cats.add_items(items("I like cats."))
     await dogs.add_items(items("I like dogs."))
     assert contents(await cats.get_items()) == ["I like cats."]
