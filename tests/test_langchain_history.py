@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from langchain_core.chat_history import BaseChatMessageHistory
+from langchain_core.chat_history import BaseChatMessageHistory, InMemoryChatMessageHistory
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -266,10 +266,23 @@ async def test_concurrent_adds_keep_every_message_and_each_call_together(
 
 # langchain-core 1.x deprecates it (for LangGraph's persistence), and it is what LangChain code uses.
 @pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
+@pytest.mark.filterwarnings("ignore:The class `InMemoryChatMessageHistory` was deprecated")
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+# Also with LangChain's own InMemoryChatMessageHistory: the test holds for the framework's reference
+# store, so it proves LangChain's contract and not our reading of it.
+@pytest.mark.parametrize("store", ["chatsession", "in_memory"])
 async def test_runnable_with_message_history_remembers_the_conversation(
-    target: str, uid: str, mode: str
+    target: str, uid: str, mode: str, store: str, valkey_cluster: bool
 ) -> None:
+    if store == "in_memory" and valkey_cluster:
+        pytest.skip("the reference store runs in the standalone pass")
+    in_memory: dict[str, InMemoryChatMessageHistory] = {}
+
+    def history_of(session_id: str) -> BaseChatMessageHistory:
+        if store == "in_memory":
+            return in_memory.setdefault(session_id, InMemoryChatMessageHistory())
+        return ChatsessionChatMessageHistory(session_id, target=target, user_id=uid)
+
     prompt = ChatPromptTemplate.from_messages(
         [("system", "Be brief."), MessagesPlaceholder("history"), ("human", "{question}")]
     )
@@ -284,7 +297,7 @@ async def test_runnable_with_message_history_remembers_the_conversation(
 
     chain = RunnableWithMessageHistory(
         prompt | record | model,
-        lambda session_id: ChatsessionChatMessageHistory(session_id, target=target, user_id=uid),
+        history_of,
         input_messages_key="question",
         history_messages_key="history",
     )
@@ -301,5 +314,5 @@ async def test_runnable_with_message_history_remembers_the_conversation(
         "Oslo is in Norway.",
         "How many people live there?",
     ]
-    stored = ChatsessionChatMessageHistory(f"{uid}-{mode}", target=target, user_id=uid)
+    stored = history_of(f"{uid}-{mode}")
     assert [type(m) for m in await stored.aget_messages()] == [HumanMessage, AIMessage] * 2
