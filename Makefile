@@ -104,7 +104,7 @@ bench-smoke: venv  ## every benchmark row once with tiny counts (seconds); check
 # Hostile but legal load on loopback (bench/soak.py): the watch fan-out, stalled watchers and
 # unauthenticated bytes, with figures and their targets. The short form (CI) checks the targets of
 # SOAK_SHORT_CHECKS only; the others are printed.
-SOAK_SHORT_CHECKS ?= unauthenticated,stalled
+SOAK_SHORT_CHECKS ?= unauthenticated,stalled,fanout
 
 soak: venv  ## every soak scenario at the full counts (about a minute); exit 1 when a target is missed
 	$(BIN)/python bench/soak.py --check $(SOAK_ARGS)

@@ -268,3 +268,32 @@ def run_in(venv: Path, *argv: str | Path) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+@contextlib.asynccontextmanager
+async def reading_watchers(
+    running: RunningServer, session_id: str, n: int, *, over: int = 3
+) -> AsyncIterator[Callable[[int], bool]]:
+    """`n` watches of `session_id` over `over` connections, live, each read by a task of its
+    own; yields `all_reached(seq)`: every watch has received every seq up to `seq`, each once, in
+    order (a watch that received anything else never reaches it)."""
+    seen: list[list[int]] = [[] for _ in range(n)]
+    async with connections(f"127.0.0.1:{running.port}", over) as stubs:
+        calls = [await watch(stubs[i % over], session_id) for i in range(n)]
+
+        async def read(i: int) -> None:
+            while isinstance(event := await calls[i].read(), pb.WatchMessagesResponse):
+                if event.WhichOneof("event") == "message":
+                    seen[i].append(event.message.seq)
+
+        tasks = [asyncio.create_task(read(i)) for i in range(n)]
+
+        def all_reached(seq: int) -> bool:
+            return all(s == list(range(1, seq + 1)) for s in seen)
+
+        try:
+            yield all_reached
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

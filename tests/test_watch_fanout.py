@@ -13,9 +13,7 @@ again, reads them back by seq: every message once, in order, none lost."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -31,7 +29,16 @@ from chatsession_server.domain import Appended, Heartbeat, StoredMessage
 from chatsession_server.settings import Settings
 from chatsession_server.store import session_store
 from chatsession_server.store.subscription import EVENT_OVERHEAD, Subscription
-from tests.helpers import as_is, command_counts, connections, eventually, new_session, serving, watch
+from tests.helpers import (
+    as_is,
+    command_counts,
+    connections,
+    eventually,
+    new_session,
+    reading_watchers,
+    serving,
+    watch,
+)
 
 WATCHERS = 24
 CONNECTIONS = 3
@@ -44,35 +51,6 @@ BIG_MESSAGES = {"max_content_bytes": 256 * 1024}  # the suite's settings allow 1
 async def script_calls(raw: Any) -> int:
     """Scripts Valkey has run (appends and LIST reads alike), over every primary."""
     return (await command_counts(raw)).get("evalsha", 0)
-
-
-@contextlib.asynccontextmanager
-async def reading_watchers(
-    running: RunningServer, session_id: str, n: int
-) -> AsyncIterator[Callable[[int], bool]]:
-    """`n` watches of `session_id` over CONNECTIONS connections, live, each read by a task of its
-    own; yields `all_reached(seq)`: every watch has received every seq up to `seq`, each once, in
-    order (a watch that received anything else never reaches it)."""
-    seen: list[list[int]] = [[] for _ in range(n)]
-    async with connections(f"127.0.0.1:{running.port}", CONNECTIONS) as stubs:
-        calls = [await watch(stubs[i % CONNECTIONS], session_id) for i in range(n)]
-
-        async def read(i: int) -> None:
-            while isinstance(event := await calls[i].read(), pb.WatchMessagesResponse):
-                if event.WhichOneof("event") == "message":
-                    seen[i].append(event.message.seq)
-
-        tasks = [asyncio.create_task(read(i)) for i in range(n)]
-
-        def all_reached(seq: int) -> bool:
-            return all(s == list(range(1, seq + 1)) for s in seen)
-
-        try:
-            yield all_reached
-        finally:
-            for call in calls:
-                call.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def scripts_run_by_appends(running: RunningServer, raw: Any, uid: str) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from chatsession_server.api.convert import SharedWatchReplies, serialized_or
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
 from chatsession_server.api.observer import CallObserver, access_log
+from chatsession_server.api.pacing import WritePacer
 from chatsession_server.api.page_token import PageTokens
 from chatsession_server.api.quotas import SessionQuota, WatchQuota
 from chatsession_server.api.servicer import SessionServicer
@@ -177,6 +178,7 @@ class RunningServer:
     auth: AuthInterceptor | None = None
     telemetry: Telemetry | None = None
     watch_replies: SharedWatchReplies | None = None
+    pacer: WritePacer | None = None
 
     async def stop(self, grace: float) -> None:
         # NOT_SERVING first, so load balancers stop sending new calls while we drain.
@@ -199,6 +201,7 @@ class ListeningServer:
     slot: _SessionServiceSlot
     auth: AuthInterceptor | None
     watch_quota: WatchQuota
+    pacer: WritePacer
     telemetry: Telemetry | None = None
 
     async def abandon(self) -> None:
@@ -252,6 +255,7 @@ class ListeningServer:
             self.auth,
             self.telemetry,
             servicer.watch_replies,
+            self.pacer,
         )
 
 
@@ -314,7 +318,8 @@ async def _listen(
     if metrics is not None or log_calls:
         # Outermost: it sees the code the caller gets, whatever set it.
         interceptors.append(CallObserver(metrics, access_log=log_calls))
-    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/"))
+    pacer = WritePacer(settings.watch_write_bytes_per_pass)
+    interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/", pacer))
     if telemetry is not None:
         interceptors.extend(telemetry.tracing_interceptors(SERVICE_NAME))
     if auth is not None:
@@ -347,7 +352,7 @@ async def _listen(
     except RuntimeError as exc:
         raise RuntimeError(f"cannot listen on {settings.listen}: {exc}") from exc
     await server.start()
-    return ListeningServer(server, port, health_servicer, slot, auth, watch_quota, telemetry)
+    return ListeningServer(server, port, health_servicer, slot, auth, watch_quota, pacer, telemetry)
 
 
 async def start_server(

@@ -168,6 +168,15 @@ class Settings:
             "back from Valkey, by seq, when its client reads again"
         ),
     )
+    # How much of the event loop's time stream writes may take before unary calls get theirs
+    # (api/pacing.py): smaller keeps other calls' latency lower under a large fan-out.
+    watch_write_bytes_per_pass: int = field(
+        default=1024 * 1024,
+        metadata=_meta(
+            "bytes of watch replies the server starts writing in one pass of its event loop; the rest "
+            "wait for the next, so a large fan-out does not hold up other calls"
+        ),
+    )
     log_level: str = field(default="INFO", metadata=_meta("DEBUG, INFO, WARNING or ERROR"))
     # Transport security and caller authorization (README "Security"); the files are read at start-up.
     tls_cert: str = field(default="", metadata=_meta("PEM certificate chain: serve TLS (with --tls-key)"))
@@ -369,6 +378,7 @@ class Settings:
             "max_messages_per_append",
             "idempotency_keys_per_session",
             "watch_buffer_bytes",
+            "watch_write_bytes_per_pass",
             "watch_heartbeat_seconds",
             "watch_poll_seconds",
             "max_pending_calls",

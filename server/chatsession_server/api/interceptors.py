@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
+from chatsession_server.api.pacing import WritePacer
 from chatsession_server.api.status import to_grpc_status
 from chatsession_server.errors import ChatSessionError, FieldViolation, InvalidArgument
 from chatsession_server.logs import loggable
@@ -99,9 +100,10 @@ class ErrorMappingInterceptor(WrappingInterceptor):
     """Maps ChatSessionError to its status; anything unexpected becomes a bare INTERNAL (logged
     here with its traceback, never sent to the caller)."""
 
-    def __init__(self, service_prefix: str) -> None:
+    def __init__(self, service_prefix: str, pacer: WritePacer | None = None) -> None:
         super().__init__()
         self._prefix = service_prefix
+        self._pacer = pacer
 
     def applies(self, method: str, handler: Handler) -> bool:
         return method.startswith(self._prefix)
@@ -110,7 +112,7 @@ class ErrorMappingInterceptor(WrappingInterceptor):
         return self.rebuilt(
             handler,
             unary=lambda respond: _wrap_unary(respond, method),
-            stream=lambda produce: _wrap_stream(produce, method),
+            stream=lambda produce: _wrap_stream(produce, method, self._pacer),
             request_deserializer=_tolerant,
         )
 
@@ -172,7 +174,7 @@ def _wrap_unary(behaviour: Any, method: str) -> Any:
     return unary
 
 
-def _wrap_stream(behaviour: Any, method: str) -> Any:
+def _wrap_stream(behaviour: Any, method: str, pacer: WritePacer | None) -> Any:
     # A coroutine that writes, not a generator that yields: one frame less per open stream.
     async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         try:
@@ -180,6 +182,11 @@ def _wrap_stream(behaviour: Any, method: str) -> Any:
             items = behaviour(request, context)
             try:
                 async for item in items:
+                    if pacer is not None:
+                        # A reply serialized once for many watchers is bytes; other replies are small.
+                        turn = pacer.turn(len(item) if isinstance(item, bytes) else 0)
+                        if turn is not None:
+                            await turn
                     try:
                         await context.write(item)
                     except asyncio.CancelledError:

@@ -1,0 +1,70 @@
+"""Stream writes paced per pass of the event loop, so that unary calls keep their turn.
+
+grpc.aio writes a stream's message to its socket inline, on the loop's thread: 300 watchers of a
+session woken by one append each start a write in the same pass of the loop, and 300 writes of
+200 KB keep the loop from everything else for about 40 ms. A unary call needs three or four
+passes (its request, its Valkey reply, its own write), so another user's GetSession waited behind
+every watcher's write three or four times over. The pacer lets the writes of one pass start only
+up to a budget in bytes; the rest wait, in order, for the next passes. The work is the same; what
+changes is that no pass of the loop holds more than about one budget of stream writes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+# A small write (a heartbeat, a compaction notice) counts as this many bytes: a pass starts a
+# bounded number of them, as each costs a syscall whatever its size.
+SMALLEST_WRITE = 4096
+
+
+class WritePacer:
+    """Admits stream writes up to `bytes_per_pass` bytes a pass of the loop (always at least one),
+    the rest first come, first served in later passes. `turn(size)` returns None when the write
+    may start now, else a future to await. One per server (it holds the loop it first ran on)."""
+
+    __slots__ = ("_budget", "_loop", "_resetting", "_spent", "_waiting")
+
+    def __init__(self, bytes_per_pass: int) -> None:
+        self._budget = bytes_per_pass
+        self._spent = 0  # bytes admitted in the current pass
+        self._waiting: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._resetting = False  # a _next_pass is scheduled
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def turn(self, size: int) -> asyncio.Future[None] | None:
+        size = max(size, SMALLEST_WRITE)
+        if not self._waiting and self._spent < self._budget:
+            self._spent += size
+            self._schedule()
+            return None
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((future, size))
+        self._schedule()
+        return future
+
+    def _schedule(self) -> None:
+        if not self._resetting:
+            self._resetting = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            # Runs in the next pass: callbacks scheduled during a pass wait for the one after it.
+            self._loop.call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        self._resetting = False
+        self._spent = 0
+        waiting = self._waiting
+        while waiting and self._spent < self._budget:
+            future, size = waiting.popleft()
+            if future.done():  # its call was cancelled meanwhile
+                continue
+            future.set_result(None)  # its write starts in the next pass, counted in this one's
+            self._spent += size
+        if waiting or self._spent:
+            self._schedule()
