@@ -41,7 +41,6 @@ from tests.helpers import (
 )
 
 WATCHERS = 24
-CONNECTIONS = 3
 APPENDS = 4
 # Larger than the 64 KiB an append once had to stay under to travel inside its publish.
 LARGE = "x" * 100_000

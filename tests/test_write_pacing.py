@@ -11,7 +11,7 @@ import asyncio
 import functools
 
 from chatsession_client import SessionClient, user
-from chatsession_server.api.pacing import SMALLEST_WRITE, WritePacer
+from chatsession_server.api.pacing import WRITE_OVERHEAD, WritePacer
 from chatsession_server.settings import Settings
 from tests.helpers import connections, eventually, reading_watchers, serving, watch
 
@@ -65,8 +65,8 @@ async def test_a_write_larger_than_the_budget_still_gets_a_pass_of_its_own() -> 
     assert len(set(started)) == 3  # one a pass: none waits for ever
 
 
-async def test_small_writes_count_as_the_smallest_write() -> None:
-    pacer = WritePacer(bytes_per_pass=10 * SMALLEST_WRITE)
+async def test_a_write_counts_its_overhead_so_a_pass_starts_a_bounded_number_of_small_ones() -> None:
+    pacer = WritePacer(bytes_per_pass=10 * (1 + WRITE_OVERHEAD))
     started = await writes_started(pacer, [1] * 25)
     per_pass = [started.count(p) for p in sorted(set(started))]
     assert per_pass == [10, 10, 5]
@@ -85,7 +85,7 @@ async def test_a_writer_cancelled_while_it_waits_gives_its_turn_to_the_next() ->
 
 async def test_without_contention_a_write_never_waits() -> None:
     """Each write takes a whole pass's budget, and each, a pass after the one before, starts at once."""
-    pacer = WritePacer(bytes_per_pass=SMALLEST_WRITE)
+    pacer = WritePacer(bytes_per_pass=1000 + WRITE_OVERHEAD)
     for _ in range(5):
         assert pacer.turn(1000) is None
         await asyncio.sleep(0)  # a pass later: a new budget

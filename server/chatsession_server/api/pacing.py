@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-# A small write (a heartbeat, a compaction notice) counts as this many bytes: a pass starts a
-# bounded number of them, as each costs a syscall whatever its size.
-SMALLEST_WRITE = 4096
+# What a write costs beyond its bytes (a syscall, gRPC's framing, a task step), counted as this
+# many bytes: a pass starts a bounded number of even the smallest writes (a heartbeat, a short
+# message), yet the 1000 watchers of a session are still written a short message in one pass.
+WRITE_OVERHEAD = 512
 
 
 class WritePacer:
@@ -37,7 +38,7 @@ class WritePacer:
         return len(self._waiting)
 
     def turn(self, size: int) -> asyncio.Future[None] | None:
-        size = max(size, SMALLEST_WRITE)
+        size += WRITE_OVERHEAD
         if not self._waiting and self._spent < self._budget:
             self._spent += size
             self._schedule()
