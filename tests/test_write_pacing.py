@@ -14,6 +14,7 @@ from chatsession_client import SessionClient, user
 from chatsession_server.api.pacing import WRITE_OVERHEAD, WritePacer
 from chatsession_server.settings import Settings
 from tests.helpers import connections, eventually, reading_watchers, serving, watch
+from tests.test_observability import scrape, value
 
 
 class PassCounter:
@@ -135,3 +136,23 @@ async def test_a_watcher_that_leaves_while_waiting_its_turn_holds_up_nobody(
             pacer = running.pacer
             assert pacer is not None
             await eventually(lambda: pacer.waiting == 0)
+
+
+async def test_writes_that_waited_their_turn_are_counted_in_the_metrics(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    options = {**PACED, "metrics_listen": "127.0.0.1:0"}
+    async with (
+        serving(settings, valkey_url, **options) as running,
+        SessionClient(f"127.0.0.1:{running.port}") as client,
+    ):
+        assert running.telemetry is not None
+        before = value(await scrape(running), "chatsession_watch_writes_paced_total")
+        session_id = (await client.create_session(uid)).session_id
+        async with reading_watchers(running, session_id, WATCHERS) as all_reached:
+            await client.append(session_id, [user(f"m{j}") for j in range(5)])
+            await eventually(functools.partial(all_reached, 5))
+        pacer = running.pacer
+        assert pacer is not None
+        assert pacer.paced > 0
+        assert value(await scrape(running), "chatsession_watch_writes_paced_total") == before + pacer.paced

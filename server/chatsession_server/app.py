@@ -241,7 +241,7 @@ class ListeningServer:
         )
         self.slot.fill(servicer)
         if self.telemetry is not None:
-            self.telemetry.observe(self.watch_quota, feed, connection)
+            self.telemetry.observe(self.watch_quota, feed, connection, self.pacer)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return RunningServer(

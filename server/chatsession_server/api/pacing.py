@@ -24,7 +24,7 @@ class WritePacer:
     the rest first come, first served in later passes. `turn(size)` returns None when the write
     may start now, else a future to await. One per server (it holds the loop it first ran on)."""
 
-    __slots__ = ("_budget", "_loop", "_resetting", "_spent", "_waiting")
+    __slots__ = ("_budget", "_loop", "_resetting", "_spent", "_waiting", "paced")
 
     def __init__(self, bytes_per_pass: int) -> None:
         self._budget = bytes_per_pass
@@ -32,6 +32,7 @@ class WritePacer:
         self._waiting: deque[tuple[asyncio.Future[None], int]] = deque()
         self._resetting = False  # a _next_pass is scheduled
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.paced = 0  # writes that waited for a later pass (telemetry reads it)
 
     @property
     def waiting(self) -> int:
@@ -46,6 +47,7 @@ class WritePacer:
         loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._waiting.append((future, size))
+        self.paced += 1
         self._schedule()
         return future
 

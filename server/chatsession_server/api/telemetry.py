@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
     Exporter = OTLPMetricExporter | OTLPSpanExporter
+    from chatsession_server.api.pacing import WritePacer
     from chatsession_server.api.quotas import WatchQuota
     from chatsession_server.settings import Settings
     from chatsession_server.store.feed import SessionFeed
@@ -161,7 +162,9 @@ class Telemetry:
         )
         return [spans, SpanStatus(prefix)]
 
-    def observe(self, watch_quota: WatchQuota, feed: SessionFeed, connection: ValkeyConnection) -> None:
+    def observe(
+        self, watch_quota: WatchQuota, feed: SessionFeed, connection: ValkeyConnection, pacer: WritePacer
+    ) -> None:
         """Instruments that read the server's parts (once connected to Valkey)."""
         if self.meter_provider is None:
             return
@@ -188,6 +191,12 @@ class Telemetry:
             callbacks=[gauge(lambda: feed.resyncs)],
             unit="{resync}",
             description="times watchers of a session were sent back to the LIST for appends pub/sub missed",
+        )
+        meter.create_observable_counter(
+            "chatsession.watch.writes_paced",
+            callbacks=[gauge(lambda: pacer.paced)],
+            unit="{write}",
+            description="watch replies that waited a pass of the event loop for their turn to be written",
         )
         meter.create_observable_gauge(
             "chatsession.valkey.up",
