@@ -601,12 +601,6 @@ async def test_a_slow_watch_whose_inbox_dropped_a_clear_is_still_told_of_it(
         assert event.seq == 24
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read shows a compaction only through its summary in the range read: one of seqs the "
-    "watch delivered already (summary seq <= cursor) whose event its full inbox dropped goes untold "
-    "(the page would need the summary's range and rewrite)",
-)
 async def test_a_slow_watch_whose_inbox_dropped_a_compaction_is_still_told_of_it(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:

@@ -257,6 +257,11 @@ class MessagePage:
     """(after, last): the seqs after+1..last the latest truncations removed (None: none)"""
     truncation_rewrite: int = 0
     """the rewrite (see Truncated.rewrite) of the latest truncation (0: none, or not recorded)"""
+    compacted: tuple[int, int] | None = None
+    """(first, last): the range the stored summary replaced, as its compaction recorded it (None:
+    no summary, or one compacted before the record was kept)"""
+    compaction_rewrite: int = 0
+    """the rewrite (see Compacted.rewrite) of the compaction that stored the summary (0: none)"""
 
 
 # --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------

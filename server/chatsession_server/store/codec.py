@@ -74,6 +74,13 @@ class MetaField(enum.StrEnum):
     (merged with the earlier ones it reaches into), the session's rewrite that one was: a watch
     resumed within that range missed it, and one that reads past it knows whether it was told
     (a record written before the rewrite was kept has none)"""
+    COMPACTED = "compacted"
+    """"<first> <last> <rewrite>": the range the summary stored now replaces (its seq is last) and
+    the session's rewrite the compaction that wrote it was. A later compaction rewrites it (its
+    range takes the earlier one in); a clear, or a truncation that removes the summary, deletes it;
+    a fork does not copy it (the fork's summary is none of its own compactions). A watch that
+    reads past it later (its event dropped from a full inbox) knows whether it was told. A session
+    compacted before the record was kept has none."""
     HOLES = "holes"
     """"1" once a truncation left the window's seqs short of message_count: its seqs may have holes
     (removed seqs are never reused), so the scripts read them from the items instead of counting
