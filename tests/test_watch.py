@@ -33,7 +33,15 @@ from chatsession_client import (
 )
 from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer, start_server
-from chatsession_server.domain import Appended, Cleared, Compacted, FeedEvent, Heartbeat, StoredMessage
+from chatsession_server.domain import (
+    Appended,
+    Behind,
+    Cleared,
+    Compacted,
+    FeedEvent,
+    Heartbeat,
+    StoredMessage,
+)
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store.subscription import Subscription
@@ -627,6 +635,173 @@ async def test_a_slow_watch_whose_inbox_dropped_a_compaction_is_still_told_of_it
         finally:
             await events.aclose()
         assert after == [("compacted", 1, 3)] + [("message", seq) for seq in range(4, 24)]
+
+
+def told(event: Any) -> tuple[Any, ...] | None:
+    """What a watch told, in short (None for a heartbeat)."""
+    if isinstance(event, Compacted):
+        return ("compacted", event.first_seq, event.last_seq)
+    if isinstance(event, Cleared):
+        return ("cleared", event.last_seq)
+    if isinstance(event, StoredMessage):
+        return ("message", event.seq)
+    return None
+
+
+async def told_until(events: Watch[Any], last: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """What `events` tells (heartbeats left out) up to and with `last`."""
+    seen: list[tuple[Any, ...]] = []
+    while not seen or seen[-1] != last:
+        event = told(await asyncio.wait_for(anext(events), 10))
+        if event is not None:
+            seen.append(event)
+    return seen
+
+
+def inbox(events: Watch[Any]) -> list[FeedEvent]:
+    """The events waiting in a watch's inbox, oldest first."""
+    subscription = events._subscription
+    assert isinstance(subscription, Subscription)
+    return [event for event, _ in subscription._events or ()]
+
+
+async def test_a_dropped_compaction_whose_publish_is_still_queued_behind_the_read_is_told_once(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that delivered 1..3, then read nothing while appends overflowed its inbox and 1..3
+    were compacted: its inbox holds the compaction's publish behind the `Behind` that sends it to
+    the LIST. The read tells of the compaction (before 4..23); the publish, taken after it, does
+    not tell of it again."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=3)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            assert await told_until(events, ("message", 3)) == [("message", seq) for seq in (1, 2, 3)]
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])
+                await client.compact_messages(session_id, 3, assistant("Summary."))
+                await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted])
+                after = await told_until(events, ("message", 23))
+                await client.append(session_id, [user("after")])
+                after += await told_until(events, ("message", 24))
+        finally:
+            await events.aclose()
+        assert after == [("compacted", 1, 3)] + [("message", seq) for seq in range(4, 25)]
+
+
+async def test_a_compaction_then_a_clear_both_dropped_tell_only_the_clear(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that delivered 1..3 and read nothing while 1..3 were compacted, then cleared, then
+    appended to past its inbox: the summary went with the clear, so the read tells of the clear
+    alone, before the messages after it."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=3)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            await told_until(events, ("message", 3))
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                await client.compact_messages(session_id, 3, assistant("Summary."))
+                await client.clear_messages(session_id)
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])
+                after = await told_until(events, ("message", 23))
+        finally:
+            await events.aclose()
+        assert after == [("cleared", 3)] + [("message", seq) for seq in range(4, 24)]
+
+
+async def test_a_compaction_and_a_clear_queued_behind_a_read_tell_only_the_clear(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """As above, with both publishes still in the inbox behind a `Behind` (appends overflowed it
+    first): the read tells of the clear; the compaction's publish, taken after it, is of a summary
+    the clear removed and tells nothing (not a compaction after the clear)."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=1000) as running:
+        session_id = await new_session(running, uid, messages=3)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            await told_until(events, ("message", 3))
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])
+                await client.compact_messages(session_id, 3, assistant("Summary."))
+                await client.clear_messages(session_id)
+                await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted, Cleared])
+                after = await told_until(events, ("cleared", 23))
+                await client.append(session_id, [user("after")])
+                after += await told_until(events, ("message", 24))
+        finally:
+            await events.aclose()
+        assert after == [("cleared", 23), ("message", 24)]
+
+
+async def test_two_dropped_compactions_are_told_once_as_the_newest_range(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that delivered 1..5 and read nothing while 1..2, then 1..4 were compacted (the
+    second summary takes the first in) and appends overflowed its inbox: told of 1..4 once."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=5)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            await told_until(events, ("message", 5))
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                await client.compact_messages(session_id, 2, assistant("Summary of two."))
+                await client.compact_messages(session_id, 4, assistant("Summary of four."))
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])
+                after = await told_until(events, ("message", 25))
+                await client.append(session_id, [user("after")])
+                after += await told_until(events, ("message", 26))
+        finally:
+            await events.aclose()
+        assert after == [("compacted", 1, 4)] + [("message", seq) for seq in range(6, 27)]
+
+
+async def test_a_watch_resumed_past_a_summary_is_not_told_of_it_even_when_its_inbox_overflows(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """Resumed after 4, past the summary of 1..3 compacted before it began: not told of that
+    compaction (nothing tells it from one the client saw), neither by its first read nor by the
+    read its overflowing inbox sends it to later."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=5)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            await client.compact_messages(session_id, 3, assistant("Summary."))
+            events = Watch(running.store, running.feed, session_id, 4, heartbeat_seconds=60, present=as_is)
+            try:
+                assert await told_until(events, ("message", 5)) == [("message", 5)]
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])
+                await eventually(lambda: Behind in map(type, inbox(events)))
+                after = await told_until(events, ("message", 25))
+            finally:
+                await events.aclose()
+        assert after == [("message", seq) for seq in range(6, 26)]
+
+
+async def test_a_compaction_made_after_a_resumed_watch_joined_is_told_from_its_publish(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """Resumed after 4; 1..3 are compacted once it has joined the feed but before its first read.
+    That read finds the compaction (at or below the cursor, so not told there), and the publish
+    waiting in the inbox tells of it: a compaction while the watch was live is told."""
+    async with serving(settings, valkey_url) as running:
+        session_id = await new_session(running, uid, messages=5)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            events = Watch(running.store, running.feed, session_id, 4, heartbeat_seconds=60, present=as_is)
+            try:
+                assert await asyncio.wait_for(anext(events), 10) == Heartbeat(4)  # joined; read next
+                await client.compact_messages(session_id, 3, assistant("Summary."))
+                await eventually(lambda: Compacted in map(type, inbox(events)))
+                after = await told_until(events, ("compacted", 1, 3))
+                await client.append(session_id, [user("after")])
+                after += await told_until(events, ("message", 6))
+            finally:
+                await events.aclose()
+        assert after == [("message", 5), ("compacted", 1, 3), ("message", 6)]
 
 
 # -- never another user's messages
