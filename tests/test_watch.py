@@ -41,6 +41,7 @@ from chatsession_server.domain import (
     FeedEvent,
     Heartbeat,
     StoredMessage,
+    Truncated,
 )
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
@@ -643,6 +644,8 @@ def told(event: Any) -> tuple[Any, ...] | None:
         return ("compacted", event.first_seq, event.last_seq)
     if isinstance(event, Cleared):
         return ("cleared", event.last_seq)
+    if isinstance(event, Truncated):
+        return ("truncated", event.after_seq, event.last_seq)
     if isinstance(event, StoredMessage):
         return ("message", event.seq)
     return None
@@ -780,6 +783,43 @@ async def test_a_watch_resumed_past_a_summary_is_not_told_of_it_even_when_its_in
             finally:
                 await events.aclose()
         assert after == [("message", seq) for seq in range(6, 26)]
+
+
+@pytest.mark.parametrize("change", ["compaction", "clear", "truncation"])
+async def test_a_watch_from_the_tail_whose_inbox_dropped_a_change_is_told_of_it(
+    settings: Settings, valkey_url: str, uid: str, change: str
+) -> None:
+    """The common watch, from the tail (no after_seq): it reads the LIST first when its inbox
+    overflows, not at its start. A compaction, clear or truncation made before it began is not
+    told (the session as it joined is its baseline); one whose event that overflow dropped is,
+    before the messages after it."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=5)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            # Before the watch: each kind once, which it must not be told of.
+            await client.compact_messages(session_id, 2, assistant("Old summary."))
+            await client.truncate_messages(session_id, 4)
+            await client.clear_messages(session_id)
+            for i in range(3):
+                await client.append(session_id, [user(f"m{i}")])  # 6..8
+            events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=60, present=as_is)
+            try:
+                assert await asyncio.wait_for(anext(events), 10) == Heartbeat(8)
+                if change == "compaction":
+                    await client.compact_messages(session_id, 7, assistant("Summary."))
+                    expected: list[tuple[Any, ...]] = [("compacted", 1, 7)]
+                elif change == "clear":
+                    await client.clear_messages(session_id)
+                    expected = [("cleared", 8)]
+                else:
+                    await client.truncate_messages(session_id, 7)
+                    expected = [("truncated", 7, 8)]
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])  # 9..28
+                after = await told_until(events, ("message", 28))
+            finally:
+                await events.aclose()
+        assert after == expected + [("message", seq) for seq in range(9, 29)]
 
 
 async def test_a_compaction_made_after_a_resumed_watch_joined_is_told_from_its_publish(

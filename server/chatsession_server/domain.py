@@ -100,6 +100,11 @@ class Session:
     max_messages: int
     app: str = ""
     """the app (namespace) it belongs to; '' for none"""
+    rewrites: int = 0
+    """its compactions, clears and truncations so far (see Compacted.rewrite); not in the API's
+    Session: what a watch starting now takes as already told"""
+    cleared_at_seq: int = 0
+    """its last seq when it was last cleared (0: never); as `rewrites`, for a watch"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,9 @@ truncation or a compaction it was not told of (its event dropped from a full inb
 then, once, before the messages after it: a compaction from the session's record of the latest
 one (its range takes in the earlier ones), while its summary is stored and at or below the
 cursor (one after it is met in the read); a compaction whose summary a clear or truncation
-removed since is not told. What the watch's first read shows is its baseline, told only as
-above. Announcements come from publishes and reads, so one
+removed since is not told. What the session held when the watch began (as its first read shows
+it, or as it joined for a watch from the tail, whose first read may come only when its inbox
+overflows) is not told by a later read. Announcements come from publishes and reads, so one
 published while Valkey was unreachable may not be made; the messages never miss.
 """
 
@@ -70,9 +71,9 @@ class Watch(Generic[T]):
 
     __slots__ = (
         "_after_seq",
+        "_baseline",
         "_clear_seen",
         "_cleared_at",
-        "_compaction_baseline",
         "_compaction_seen",
         "_cursor",
         "_feed",
@@ -119,10 +120,11 @@ class Watch(Generic[T]):
         # The newest rewrite (see the module docstring) of each kind announced, or read past: a
         # publish numbered at or below it is not announced (again).
         self._compaction_seen = self._clear_seen = self._truncation_seen = 0
-        # The rewrite of the compaction whose summary the first read found stored: one before this
-        # watch's time (a resumed watch past its summary is not told of it), or whose publish,
-        # queued behind that read, tells of it; so a later read does not.
-        self._compaction_baseline = 0
+        # The session's rewrites as this watch began (its first read, or its start at the tail):
+        # a later read tells of no compaction or truncation numbered at or below it, one made
+        # before the watch (a watch resumed past a summary is not told of it) or whose publish,
+        # in the inbox, tells of it.
+        self._baseline = 0
         self._cleared_at = 0  # the session's cleared_at_seq as of the last clear this watch knows of
         self._ready: deque[WatchEvent] | None = None  # events to deliver, in order; None when none
 
@@ -198,6 +200,11 @@ class Watch(Generic[T]):
         # A resumed watch reads even at the tail: it may have missed a clear there.
         self._resumed = after_seq is not None and after_seq > 0
         self._must_read = self._cursor < last_seq or self._resumed
+        if not self._must_read:
+            # From the tail: the session as it joined is the baseline a first read would be (its
+            # first read may come only when its inbox overflows, after what it must be told of).
+            self._first_read = False
+            self._baseline, self._cleared_at = session.rewrites, session.cleared_at_seq
         self._emit(Heartbeat(self._cursor))  # live from here: the resume point
 
     async def _read(self, feed: MessageFeed, subscription: FeedSubscription) -> None:
@@ -216,8 +223,7 @@ class Watch(Generic[T]):
         if self._first_read:
             self._first_read = False
             # This read shows every clear and truncation so far, and the latest compaction.
-            self._clear_seen = self._truncation_seen = page.rewrites
-            self._compaction_baseline = page.compaction_rewrite
+            self._clear_seen = self._truncation_seen = self._baseline = page.rewrites
             self._cleared_at = page.cleared_at_seq
             if self._resumed and cursor <= page.cleared_at_seq:
                 self._emit(Cleared(page.cleared_at_seq))
@@ -231,7 +237,7 @@ class Watch(Generic[T]):
             compaction = None
             if (
                 page.compacted
-                and page.compaction_rewrite > max(self._compaction_seen, self._compaction_baseline)
+                and page.compaction_rewrite > max(self._compaction_seen, self._baseline)
                 and page.compacted[1] <= cursor  # (one after the cursor: its summary is in the read)
             ):
                 compaction = Compacted(*page.compacted)
@@ -245,7 +251,7 @@ class Watch(Generic[T]):
                     self._emit(Cleared(page.cleared_at_seq))
                     cleared_to = page.cleared_at_seq
             truncation = None
-            if page.truncated and page.truncation_rewrite > self._truncation_seen:
+            if page.truncated and page.truncation_rewrite > max(self._truncation_seen, self._baseline):
                 self._truncation_seen = page.truncation_rewrite
                 if page.truncated[0] < cursor:
                     truncation = Truncated(*page.truncated)

@@ -337,6 +337,8 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
         max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
         app=_text(meta, MetaField.APP),
+        rewrites=int(_text(meta, MetaField.REWRITES, "0")),
+        cleared_at_seq=int(_text(meta, MetaField.CLEARED_AT_SEQ, "0")),
     )
 
 
