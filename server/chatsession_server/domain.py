@@ -255,7 +255,7 @@ class MessagePage:
     window_start_seq: int
     history_trimmed: bool
     rewrites: int = 0
-    """the session's compactions and clears so far, as of this read (see Compacted.rewrite)"""
+    """the session's compactions, clears and truncations so far, as of this read (see Compacted.rewrite)"""
     cleared_at_seq: int = 0
     """the session's last seq when it was last cleared (0: never)"""
     truncated: tuple[int, int] | None = None

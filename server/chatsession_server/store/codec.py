@@ -337,9 +337,14 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
         max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
         app=_text(meta, MetaField.APP),
-        rewrites=int(_text(meta, MetaField.REWRITES, "0")),
-        cleared_at_seq=int(_text(meta, MetaField.CLEARED_AT_SEQ, "0")),
+        rewrites=int(meta.get(_REWRITES_KEY) or 0),
+        cleared_at_seq=int(meta.get(_CLEARED_AT_SEQ_KEY) or 0),
     )
+
+
+# (Encoded once: every session read decodes these two, which only a watch uses.)
+_REWRITES_KEY = MetaField.REWRITES.encode()
+_CLEARED_AT_SEQ_KEY = MetaField.CLEARED_AT_SEQ.encode()
 
 
 def decode_described(session_id: str, described: Any) -> Session:
