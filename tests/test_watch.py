@@ -668,6 +668,25 @@ def inbox(events: Watch[Any]) -> list[FeedEvent]:
     return [event for event, _ in subscription._events or ()]
 
 
+@asynccontextmanager
+async def stalled_watch(
+    settings: Settings, valkey_url: str, uid: str, *, messages: int, buffer_bytes: int = 600
+) -> AsyncIterator[tuple[Watch[Any], SessionClient, str]]:
+    """A watch from seq 0 of a new session of `messages` messages, on a server of its own whose
+    watch inboxes hold `buffer_bytes`: handed over once it has delivered them, to read nothing
+    more until the test asks; with a client of that server and the session's id."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=buffer_bytes) as running:
+        session_id = await new_session(running, uid, messages=messages)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            delivered = await told_until(events, ("message", messages))
+            assert delivered == [("message", seq) for seq in range(1, messages + 1)]
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                yield events, client, session_id
+        finally:
+            await events.aclose()
+
+
 async def test_a_dropped_compaction_whose_publish_is_still_queued_behind_the_read_is_told_once(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
@@ -675,22 +694,15 @@ async def test_a_dropped_compaction_whose_publish_is_still_queued_behind_the_rea
     were compacted: its inbox holds the compaction's publish behind the `Behind` that sends it to
     the LIST. The read tells of the compaction (before 4..23); the publish, taken after it, does
     not tell of it again."""
-    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
-        session_id = await new_session(running, uid, messages=3)
-        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
-        try:
-            assert await told_until(events, ("message", 3)) == [("message", seq) for seq in (1, 2, 3)]
-            async with SessionClient(f"127.0.0.1:{running.port}") as client:
-                for i in range(20):
-                    await client.append(session_id, [user(f"s{i}")])
-                await client.compact_messages(session_id, 3, assistant("Summary."))
-                await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted])
-                after = await told_until(events, ("message", 23))
-                await client.append(session_id, [user("after")])
-                after += await told_until(events, ("message", 24))
-        finally:
-            await events.aclose()
-        assert after == [("compacted", 1, 3)] + [("message", seq) for seq in range(4, 25)]
+    async with stalled_watch(settings, valkey_url, uid, messages=3) as (events, client, session_id):
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        await client.compact_messages(session_id, 3, assistant("Summary."))
+        await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted])
+        after = await told_until(events, ("message", 23))
+        await client.append(session_id, [user("after")])
+        after += await told_until(events, ("message", 24))
+    assert after == [("compacted", 1, 3)] + [("message", seq) for seq in range(4, 25)]
 
 
 async def test_a_compaction_then_a_clear_both_dropped_tell_only_the_clear(
@@ -699,20 +711,13 @@ async def test_a_compaction_then_a_clear_both_dropped_tell_only_the_clear(
     """A watch that delivered 1..3 and read nothing while 1..3 were compacted, then cleared, then
     appended to past its inbox: the summary went with the clear, so the read tells of the clear
     alone, before the messages after it."""
-    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
-        session_id = await new_session(running, uid, messages=3)
-        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
-        try:
-            await told_until(events, ("message", 3))
-            async with SessionClient(f"127.0.0.1:{running.port}") as client:
-                await client.compact_messages(session_id, 3, assistant("Summary."))
-                await client.clear_messages(session_id)
-                for i in range(20):
-                    await client.append(session_id, [user(f"s{i}")])
-                after = await told_until(events, ("message", 23))
-        finally:
-            await events.aclose()
-        assert after == [("cleared", 3)] + [("message", seq) for seq in range(4, 24)]
+    async with stalled_watch(settings, valkey_url, uid, messages=3) as (events, client, session_id):
+        await client.compact_messages(session_id, 3, assistant("Summary."))
+        await client.clear_messages(session_id)
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        after = await told_until(events, ("message", 23))
+    assert after == [("cleared", 3)] + [("message", seq) for seq in range(4, 24)]
 
 
 async def test_a_compaction_and_a_clear_queued_behind_a_read_tell_only_the_clear(
@@ -721,23 +726,20 @@ async def test_a_compaction_and_a_clear_queued_behind_a_read_tell_only_the_clear
     """As above, with both publishes still in the inbox behind a `Behind` (appends overflowed it
     first): the read tells of the clear; the compaction's publish, taken after it, is of a summary
     the clear removed and tells nothing (not a compaction after the clear)."""
-    async with serving(settings, valkey_url, watch_buffer_bytes=1000) as running:
-        session_id = await new_session(running, uid, messages=3)
-        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
-        try:
-            await told_until(events, ("message", 3))
-            async with SessionClient(f"127.0.0.1:{running.port}") as client:
-                for i in range(20):
-                    await client.append(session_id, [user(f"s{i}")])
-                await client.compact_messages(session_id, 3, assistant("Summary."))
-                await client.clear_messages(session_id)
-                await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted, Cleared])
-                after = await told_until(events, ("cleared", 23))
-                await client.append(session_id, [user("after")])
-                after += await told_until(events, ("message", 24))
-        finally:
-            await events.aclose()
-        assert after == [("cleared", 23), ("message", 24)]
+    async with stalled_watch(settings, valkey_url, uid, messages=3, buffer_bytes=1000) as (
+        events,
+        client,
+        session_id,
+    ):
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        await client.compact_messages(session_id, 3, assistant("Summary."))
+        await client.clear_messages(session_id)
+        await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted, Cleared])
+        after = await told_until(events, ("cleared", 23))
+        await client.append(session_id, [user("after")])
+        after += await told_until(events, ("message", 24))
+    assert after == [("cleared", 23), ("message", 24)]
 
 
 async def test_two_dropped_compactions_are_told_once_as_the_newest_range(
@@ -745,22 +747,15 @@ async def test_two_dropped_compactions_are_told_once_as_the_newest_range(
 ) -> None:
     """A watch that delivered 1..5 and read nothing while 1..2, then 1..4 were compacted (the
     second summary takes the first in) and appends overflowed its inbox: told of 1..4 once."""
-    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
-        session_id = await new_session(running, uid, messages=5)
-        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
-        try:
-            await told_until(events, ("message", 5))
-            async with SessionClient(f"127.0.0.1:{running.port}") as client:
-                await client.compact_messages(session_id, 2, assistant("Summary of two."))
-                await client.compact_messages(session_id, 4, assistant("Summary of four."))
-                for i in range(20):
-                    await client.append(session_id, [user(f"s{i}")])
-                after = await told_until(events, ("message", 25))
-                await client.append(session_id, [user("after")])
-                after += await told_until(events, ("message", 26))
-        finally:
-            await events.aclose()
-        assert after == [("compacted", 1, 4)] + [("message", seq) for seq in range(6, 27)]
+    async with stalled_watch(settings, valkey_url, uid, messages=5) as (events, client, session_id):
+        await client.compact_messages(session_id, 2, assistant("Summary of two."))
+        await client.compact_messages(session_id, 4, assistant("Summary of four."))
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        after = await told_until(events, ("message", 25))
+        await client.append(session_id, [user("after")])
+        after += await told_until(events, ("message", 26))
+    assert after == [("compacted", 1, 4)] + [("message", seq) for seq in range(6, 27)]
 
 
 async def test_a_watch_resumed_past_a_summary_is_not_told_of_it_even_when_its_inbox_overflows(
