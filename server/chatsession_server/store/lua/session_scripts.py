@@ -659,7 +659,7 @@ class CompactArgs:
 
 # Removes the window's items with seq <= up_to_seq (the pinned prompt stays), stores the summary
 # with seq = up_to_seq and its range, and publishes "C<first> <last> <owner> <rewrite>" (the
-# session's count of compactions and clears, this one included), which meta's `compacted` keeps
+# session's count of compactions, clears and truncations, this one included), which meta's `compacted` keeps
 # as "<first> <last> <rewrite>" for a watch whose inbox drops the publish. The range starts
 # right after the prompt: the prompt cannot grow once a message follows it, and an earlier
 # summary (which started there too) is folded in.
