@@ -40,7 +40,7 @@ from chatsession_client import (
 from chatsession_client.errors import from_rpc_error
 from chatsession_server.api.validation import READABLE_FIELDS
 from chatsession_server.app import RunningServer
-from chatsession_server.domain import Cleared, Compacted, NewMessage, NewSession, Role
+from chatsession_server.domain import Cleared, Compacted, MessageQuery, NewMessage, NewSession, Role
 from chatsession_server.settings import Settings
 from chatsession_server.store.codec import MAX_PINNED
 from chatsession_server.store.feed import _parse as parse_publish
@@ -628,6 +628,55 @@ async def test_two_server_processes_announce_compactions_and_clears_alike(
     assert streams[0] == streams[1] == [("compacted", 4), ("cleared", 6), ("message", 7)]
 
 
+async def test_meta_records_the_latest_compaction_while_its_summary_is_stored(
+    server: RunningServer, client: SessionClient, raw: GlideClient, uid: str
+) -> None:
+    """meta's `compacted` ("<first> <last> <rewrite>") is what a watch that reads past a summary
+    is told of: the latest compaction's range (taking in the earlier), kept while its summary is
+    stored, gone with it; and the LIST read returns it only while it names the stored summary."""
+
+    async def record(session_id: str) -> str | None:
+        return (await meta(raw, session_id)).get("compacted")
+
+    async def page_record(session_id: str) -> tuple[tuple[int, int] | None, int]:
+        page = await server.store.list_messages(session_id, MessageQuery(limit=1, after_seq=6))
+        return page.compacted, page.compaction_rewrite
+
+    sid = await conversation(client, uid)  # prompt 1, then 2..6
+    assert await record(sid) is None
+    assert await page_record(sid) == (None, 0)
+    await client.compact_messages(sid, 3, system("S.", tokens=1))
+    assert await record(sid) == "2 3 1"
+    await client.compact_messages(sid, 4, system("S2.", tokens=1), request_id="c-4")
+    assert await record(sid) == "2 4 2"
+    assert await page_record(sid) == ((2, 4), 2)
+    await client.compact_messages(sid, 4, system("S2.", tokens=1), request_id="c-4")  # a replay
+    assert await record(sid) == "2 4 2"
+    # A fork's summary is none of its own compactions: no record, as a session never compacted.
+    fork = (await client.fork_session(sid)).session.session_id
+    assert "compacted" not in await meta(raw, fork)
+    # A truncation that keeps the summary keeps the record; one that removes it removes it.
+    await client.truncate_messages(sid, 5)
+    assert (await record(sid), (await meta(raw, sid))["rewrites"]) == ("2 4 2", "3")
+    await client.truncate_messages(sid, 1)  # back to the prompt: the summary goes
+    assert await record(sid) is None
+    await client.append(sid, [user("seven"), user("eight")])
+    await client.compact_messages(sid, 7, system("S3.", tokens=1))
+    assert await record(sid) == "2 7 5"
+    await client.clear_messages(sid, keep_system_prompt=True)
+    assert await record(sid) is None
+    assert await page_record(sid) == (None, 0)
+
+    # A record a server from before it was kept left behind (it cleared, or re-compacted, without
+    # touching it) names no stored summary: the read leaves it out.
+    await raw.hset(f"meta:{{{sid}}}", {"compacted": "2 7 5"})
+    assert await page_record(sid) == (None, 0)
+    await client.append(sid, [user("nine")])
+    await client.compact_messages(sid, 9, system("S4.", tokens=1))
+    await raw.hset(f"meta:{{{sid}}}", {"compacted": "2 7 5"})
+    assert await page_record(sid) == (None, 0)
+
+
 def test_publishes_carry_their_rewrite_number_and_older_ones_parse_without() -> None:
     assert parse_publish(b"C2 4 alice 3") == Compacted(2, 4, "alice", 3)
     assert parse_publish(b"X6 alice 4") == Cleared(6, "alice", 4)
@@ -656,6 +705,10 @@ class Model:
     message_count: int = 0
     token_count: int = 0
     summary: Row | None = None
+    rewrites: int = 0
+    """compactions and clears so far (meta's `rewrites`)"""
+    compaction_rewrite: int = 0
+    """the rewrite the summary's compaction was"""
 
     def append(self, rows: list[tuple[int, str, int]]) -> None:
         for role, content, tokens in rows:
@@ -690,12 +743,22 @@ class Model:
     def compact(self, up_to: int, content: str, tokens: int) -> None:
         self.stored = self.stored[: self.pinned] + [r for r in self.stored[self.pinned :] if r.seq > up_to]
         self.summary = Row(up_to, ROLE_SYSTEM, content, tokens, (self.pinned + 1, up_to))
+        self.rewrites += 1
+        self.compaction_rewrite = self.rewrites
+
+    def compaction_record(self) -> str | None:
+        """meta's `compacted`: the summary's range and its compaction's rewrite, while it is stored."""
+        if self.summary is None or self.summary.summarizes is None:
+            return None
+        first, last = self.summary.summarizes
+        return f"{first} {last} {self.compaction_rewrite}"
 
     def clear(self, keep: bool) -> None:
         self.stored = self.stored[: self.pinned] if keep else []
         if not keep:
             self.pinned = 0
         self.summary = None
+        self.rewrites += 1
 
     def listed(self) -> list[Row]:
         head = self.stored[: self.pinned]
@@ -917,6 +980,9 @@ class ContextMachine(RuleBasedStateMachine):
         )
         self.call(stored_bytes_match(self.raw, self.sid))
         self.call(self.expiries_agree())
+        stored_meta = self.call(meta(self.raw, self.sid))
+        assert stored_meta.get("compacted") == m.compaction_record()
+        assert int(stored_meta.get("rewrites", "0")) == m.rewrites
 
     async def expiries_agree(self) -> None:
         """The session's keys expire together: none lives on without an expiry."""

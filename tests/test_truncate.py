@@ -594,6 +594,7 @@ async def test_model_of_appends_truncations_pops_and_compactions(
 
     watcher = asyncio.create_task(follow())
     await eventually(lambda: watched == [("live",)])
+    rewrites, compaction_record = 0, None  # meta's `rewrites` and `compacted`, as the service promises
     for step in range(45):
         op = rng.choice(["append", "append", "truncate", "pop", "compact"])
         if op == "append":
@@ -625,6 +626,9 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             assert await usage(raw, uid) == usage_now
             if removed:
                 expected_events.append(("truncated", after, model.message_count))
+                rewrites += 1
+                if model.summary is None:  # removed with the summary
+                    compaction_record = None
         else:
             low = max(len(model.prompt) + 1, model.summary[0] if model.summary else 0)
             if low > model.message_count:
@@ -634,6 +638,8 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             expected_events.append(("compacted", len(model.prompt) + 1, up_to))
             model.summary = (up_to, len(model.prompt) + 1)
             model.window = [s for s in model.window if s > up_to]
+            rewrites += 1
+            compaction_record = f"{len(model.prompt) + 1} {up_to} {rewrites}"
 
         expected_items = model.items()
         assert await all_messages(client, sid) == expected_items, (step, op, model)
@@ -665,6 +671,11 @@ async def test_model_of_appends_truncations_pops_and_compactions(
             iter(model.prompt + model.window), None
         )
         await stored_bytes_match(raw, sid)
+        stored_meta = await meta(raw, sid)
+        assert (stored_meta.get("compacted"), int(stored_meta.get("rewrites", "0"))) == (
+            compaction_record,
+            rewrites,
+        ), (step, op, model)
         assert await client.get_state(sid) == state
         # Every key the session has expires with meta, or none does (ttl -1).
         for prefix in ("chat", "reqs", "summary", "state"):

@@ -33,7 +33,16 @@ from chatsession_client import (
 )
 from chatsession_server.api.watch import Watch
 from chatsession_server.app import RunningServer, start_server
-from chatsession_server.domain import Appended, Cleared, Compacted, FeedEvent, Heartbeat, StoredMessage
+from chatsession_server.domain import (
+    Appended,
+    Behind,
+    Cleared,
+    Compacted,
+    FeedEvent,
+    Heartbeat,
+    StoredMessage,
+    Truncated,
+)
 from chatsession_server.embedded import EmbeddedValkey
 from chatsession_server.settings import Settings, ValkeyAddress
 from chatsession_server.store.subscription import Subscription
@@ -601,12 +610,6 @@ async def test_a_slow_watch_whose_inbox_dropped_a_clear_is_still_told_of_it(
         assert event.seq == 24
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read shows a compaction only through its summary in the range read: one of seqs the "
-    "watch delivered already (summary seq <= cursor) whose event its full inbox dropped goes untold "
-    "(the page would need the summary's range and rewrite)",
-)
 async def test_a_slow_watch_whose_inbox_dropped_a_compaction_is_still_told_of_it(
     settings: Settings, valkey_url: str, uid: str
 ) -> None:
@@ -633,6 +636,207 @@ async def test_a_slow_watch_whose_inbox_dropped_a_compaction_is_still_told_of_it
         finally:
             await events.aclose()
         assert after == [("compacted", 1, 3)] + [("message", seq) for seq in range(4, 24)]
+
+
+def told(event: Any) -> tuple[Any, ...] | None:
+    """What a watch told, in short (None for a heartbeat)."""
+    if isinstance(event, Compacted):
+        return ("compacted", event.first_seq, event.last_seq)
+    if isinstance(event, Cleared):
+        return ("cleared", event.last_seq)
+    if isinstance(event, Truncated):
+        return ("truncated", event.after_seq, event.last_seq)
+    if isinstance(event, StoredMessage):
+        return ("message", event.seq)
+    return None
+
+
+async def told_until(events: Watch[Any], last: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """What `events` tells (heartbeats left out) up to and with `last`."""
+    seen: list[tuple[Any, ...]] = []
+    while not seen or seen[-1] != last:
+        event = told(await asyncio.wait_for(anext(events), 10))
+        if event is not None:
+            seen.append(event)
+    return seen
+
+
+def inbox(events: Watch[Any]) -> list[FeedEvent]:
+    """The events waiting in a watch's inbox, oldest first."""
+    subscription = events._subscription
+    assert isinstance(subscription, Subscription)
+    return [event for event, _ in subscription._events or ()]
+
+
+@asynccontextmanager
+async def stalled_watch(
+    settings: Settings, valkey_url: str, uid: str, *, messages: int, buffer_bytes: int = 600
+) -> AsyncIterator[tuple[Watch[Any], SessionClient, str]]:
+    """A watch from seq 0 of a new session of `messages` messages, on a server of its own whose
+    watch inboxes hold `buffer_bytes`: handed over once it has delivered them, to read nothing
+    more until the test asks; with a client of that server and the session's id."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=buffer_bytes) as running:
+        session_id = await new_session(running, uid, messages=messages)
+        events = Watch(running.store, running.feed, session_id, 0, heartbeat_seconds=60, present=as_is)
+        try:
+            delivered = await told_until(events, ("message", messages))
+            assert delivered == [("message", seq) for seq in range(1, messages + 1)]
+            async with SessionClient(f"127.0.0.1:{running.port}") as client:
+                yield events, client, session_id
+        finally:
+            await events.aclose()
+
+
+async def test_a_dropped_compaction_whose_publish_is_still_queued_behind_the_read_is_told_once(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that delivered 1..3, then read nothing while appends overflowed its inbox and 1..3
+    were compacted: its inbox holds the compaction's publish behind the `Behind` that sends it to
+    the LIST. The read tells of the compaction (before 4..23); the publish, taken after it, does
+    not tell of it again."""
+    async with stalled_watch(settings, valkey_url, uid, messages=3) as (events, client, session_id):
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        await client.compact_messages(session_id, 3, assistant("Summary."))
+        await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted])
+        after = await told_until(events, ("message", 23))
+        await client.append(session_id, [user("after")])
+        after += await told_until(events, ("message", 24))
+    assert after == [("compacted", 1, 3)] + [("message", seq) for seq in range(4, 25)]
+
+
+async def test_a_compaction_then_a_clear_both_dropped_tell_only_the_clear(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that delivered 1..3 and read nothing while 1..3 were compacted, then cleared, then
+    appended to past its inbox: the summary went with the clear, so the read tells of the clear
+    alone, before the messages after it."""
+    async with stalled_watch(settings, valkey_url, uid, messages=3) as (events, client, session_id):
+        await client.compact_messages(session_id, 3, assistant("Summary."))
+        await client.clear_messages(session_id)
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        after = await told_until(events, ("message", 23))
+    assert after == [("cleared", 3)] + [("message", seq) for seq in range(4, 24)]
+
+
+async def test_a_compaction_and_a_clear_queued_behind_a_read_tell_only_the_clear(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """As above, with both publishes still in the inbox behind a `Behind` (appends overflowed it
+    first): the read tells of the clear; the compaction's publish, taken after it, is of a summary
+    the clear removed and tells nothing (not a compaction after the clear)."""
+    async with stalled_watch(settings, valkey_url, uid, messages=3, buffer_bytes=1000) as (
+        events,
+        client,
+        session_id,
+    ):
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        await client.compact_messages(session_id, 3, assistant("Summary."))
+        await client.clear_messages(session_id)
+        await eventually(lambda: [type(e) for e in inbox(events)] == [Behind, Compacted, Cleared])
+        after = await told_until(events, ("cleared", 23))
+        await client.append(session_id, [user("after")])
+        after += await told_until(events, ("message", 24))
+    assert after == [("cleared", 23), ("message", 24)]
+
+
+async def test_two_dropped_compactions_are_told_once_as_the_newest_range(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """A watch that delivered 1..5 and read nothing while 1..2, then 1..4 were compacted (the
+    second summary takes the first in) and appends overflowed its inbox: told of 1..4 once."""
+    async with stalled_watch(settings, valkey_url, uid, messages=5) as (events, client, session_id):
+        await client.compact_messages(session_id, 2, assistant("Summary of two."))
+        await client.compact_messages(session_id, 4, assistant("Summary of four."))
+        for i in range(20):
+            await client.append(session_id, [user(f"s{i}")])
+        after = await told_until(events, ("message", 25))
+        await client.append(session_id, [user("after")])
+        after += await told_until(events, ("message", 26))
+    assert after == [("compacted", 1, 4)] + [("message", seq) for seq in range(6, 27)]
+
+
+async def test_a_watch_resumed_past_a_summary_is_not_told_of_it_even_when_its_inbox_overflows(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """Resumed after 4, past the summary of 1..3 compacted before it began: not told of that
+    compaction (nothing tells it from one the client saw), neither by its first read nor by the
+    read its overflowing inbox sends it to later."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=5)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            await client.compact_messages(session_id, 3, assistant("Summary."))
+            events = Watch(running.store, running.feed, session_id, 4, heartbeat_seconds=60, present=as_is)
+            try:
+                assert await told_until(events, ("message", 5)) == [("message", 5)]
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])
+                await eventually(lambda: Behind in map(type, inbox(events)))
+                after = await told_until(events, ("message", 25))
+            finally:
+                await events.aclose()
+        assert after == [("message", seq) for seq in range(6, 26)]
+
+
+@pytest.mark.parametrize("change", ["compaction", "clear", "truncation"])
+async def test_a_watch_from_the_tail_whose_inbox_dropped_a_change_is_told_of_it(
+    settings: Settings, valkey_url: str, uid: str, change: str
+) -> None:
+    """The common watch, from the tail (no after_seq): it reads the LIST first when its inbox
+    overflows, not at its start. A compaction, clear or truncation made before it began is not
+    told (the session as it joined is its baseline); one whose event that overflow dropped is,
+    before the messages after it."""
+    async with serving(settings, valkey_url, watch_buffer_bytes=600) as running:
+        session_id = await new_session(running, uid, messages=5)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            # Before the watch: each kind once, which it must not be told of.
+            await client.compact_messages(session_id, 2, assistant("Old summary."))
+            await client.truncate_messages(session_id, 4)
+            await client.clear_messages(session_id)
+            for i in range(3):
+                await client.append(session_id, [user(f"m{i}")])  # 6..8
+            events = Watch(running.store, running.feed, session_id, None, heartbeat_seconds=60, present=as_is)
+            try:
+                assert await asyncio.wait_for(anext(events), 10) == Heartbeat(8)
+                if change == "compaction":
+                    await client.compact_messages(session_id, 7, assistant("Summary."))
+                    expected: list[tuple[Any, ...]] = [("compacted", 1, 7)]
+                elif change == "clear":
+                    await client.clear_messages(session_id)
+                    expected = [("cleared", 8)]
+                else:
+                    await client.truncate_messages(session_id, 7)
+                    expected = [("truncated", 7, 8)]
+                for i in range(20):
+                    await client.append(session_id, [user(f"s{i}")])  # 9..28
+                after = await told_until(events, ("message", 28))
+            finally:
+                await events.aclose()
+        assert after == expected + [("message", seq) for seq in range(9, 29)]
+
+
+async def test_a_compaction_made_after_a_resumed_watch_joined_is_told_from_its_publish(
+    settings: Settings, valkey_url: str, uid: str
+) -> None:
+    """Resumed after 4; 1..3 are compacted once it has joined the feed but before its first read.
+    That read finds the compaction (at or below the cursor, so not told there), and the publish
+    waiting in the inbox tells of it: a compaction while the watch was live is told."""
+    async with serving(settings, valkey_url) as running:
+        session_id = await new_session(running, uid, messages=5)
+        async with SessionClient(f"127.0.0.1:{running.port}") as client:
+            events = Watch(running.store, running.feed, session_id, 4, heartbeat_seconds=60, present=as_is)
+            try:
+                assert await asyncio.wait_for(anext(events), 10) == Heartbeat(4)  # joined; read next
+                await client.compact_messages(session_id, 3, assistant("Summary."))
+                await eventually(lambda: Compacted in map(type, inbox(events)))
+                after = await told_until(events, ("compacted", 1, 3))
+                await client.append(session_id, [user("after")])
+                after += await told_until(events, ("message", 6))
+            finally:
+                await events.aclose()
+        assert after == [("message", 5), ("compacted", 1, 3), ("message", 6)]
 
 
 # -- never another user's messages

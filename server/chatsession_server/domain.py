@@ -100,6 +100,11 @@ class Session:
     max_messages: int
     app: str = ""
     """the app (namespace) it belongs to; '' for none"""
+    rewrites: int = 0
+    """its compactions, clears and truncations so far (see Compacted.rewrite); not in the API's
+    Session: what a watch starting now takes as already told"""
+    cleared_at_seq: int = 0
+    """its last seq when it was last cleared (0: never); as `rewrites`, for a watch"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,13 +255,18 @@ class MessagePage:
     window_start_seq: int
     history_trimmed: bool
     rewrites: int = 0
-    """the session's compactions and clears so far, as of this read (see Compacted.rewrite)"""
+    """the session's compactions, clears and truncations so far, as of this read (see Compacted.rewrite)"""
     cleared_at_seq: int = 0
     """the session's last seq when it was last cleared (0: never)"""
     truncated: tuple[int, int] | None = None
     """(after, last): the seqs after+1..last the latest truncations removed (None: none)"""
     truncation_rewrite: int = 0
     """the rewrite (see Truncated.rewrite) of the latest truncation (0: none, or not recorded)"""
+    compacted: tuple[int, int] | None = None
+    """(first, last): the range the stored summary replaced, as its compaction recorded it (None:
+    no summary, or one compacted before the record was kept)"""
+    compaction_rewrite: int = 0
+    """the rewrite (see Compacted.rewrite) of the compaction that stored the summary (0: none)"""
 
 
 # --- Live watch: what the feed tells a watcher, and what a watch yields -------------------------

@@ -15,9 +15,14 @@ seq meets the summary in its read, but one resumed past it is not told of a comp
 missed (nothing tells it from one it saw). A truncation is announced as `Truncated` from its
 publish; a read passes the holes it left in the window silently (unlike the seqs the window
 trimmed), but a watch resumed within the seqs the latest truncation removed (and those of earlier
-ones it reached into) is told of it first, as of a clear. A watch that later reads past a clear or a
-truncation it was not told of (its event dropped from a full inbox) is told of it then, once.
-Announcements come from publishes and reads, so one
+ones it reached into) is told of it first, as of a clear. A watch that later reads past a clear, a
+truncation or a compaction it was not told of (its event dropped from a full inbox) is told of it
+then, once, before the messages after it: a compaction from the session's record of the latest
+one (its range takes in the earlier ones), while its summary is stored and at or below the
+cursor (one after it is met in the read); a compaction whose summary a clear or truncation
+removed since is not told. What the session held when the watch began (as its first read shows
+it, or as it joined for a watch from the tail, whose first read may come only when its inbox
+overflows) is not told by a later read. Announcements come from publishes and reads, so one
 published while Valkey was unreachable may not be made; the messages never miss.
 """
 
@@ -66,6 +71,7 @@ class Watch(Generic[T]):
 
     __slots__ = (
         "_after_seq",
+        "_baseline",
         "_clear_seen",
         "_cleared_at",
         "_compaction_seen",
@@ -114,6 +120,11 @@ class Watch(Generic[T]):
         # The newest rewrite (see the module docstring) of each kind announced, or read past: a
         # publish numbered at or below it is not announced (again).
         self._compaction_seen = self._clear_seen = self._truncation_seen = 0
+        # The session's rewrites as this watch began (its first read, or its start at the tail):
+        # a later read tells of no compaction or truncation numbered at or below it, one made
+        # before the watch (a watch resumed past a summary is not told of it) or whose publish,
+        # in the inbox, tells of it.
+        self._baseline = 0
         self._cleared_at = 0  # the session's cleared_at_seq as of the last clear this watch knows of
         self._ready: deque[WatchEvent] | None = None  # events to deliver, in order; None when none
 
@@ -189,6 +200,11 @@ class Watch(Generic[T]):
         # A resumed watch reads even at the tail: it may have missed a clear there.
         self._resumed = after_seq is not None and after_seq > 0
         self._must_read = self._cursor < last_seq or self._resumed
+        if not self._must_read:
+            # From the tail: the session as it joined is the baseline a first read would be (its
+            # first read may come only when its inbox overflows, after what it must be told of).
+            self._first_read = False
+            self._baseline, self._cleared_at = session.rewrites, session.cleared_at_seq
         self._emit(Heartbeat(self._cursor))  # live from here: the resume point
 
     async def _read(self, feed: MessageFeed, subscription: FeedSubscription) -> None:
@@ -206,8 +222,8 @@ class Watch(Generic[T]):
         cleared_to = 0
         if self._first_read:
             self._first_read = False
-            # This read shows every clear and truncation so far.
-            self._clear_seen = self._truncation_seen = page.rewrites
+            # This read shows every clear and truncation so far, and the latest compaction.
+            self._clear_seen = self._truncation_seen = self._baseline = page.rewrites
             self._cleared_at = page.cleared_at_seq
             if self._resumed and cursor <= page.cleared_at_seq:
                 self._emit(Cleared(page.cleared_at_seq))
@@ -215,20 +231,41 @@ class Watch(Generic[T]):
             elif self._resumed and page.truncated and page.truncated[0] < cursor <= page.truncated[1]:
                 self._emit(Truncated(*page.truncated))
         else:
-            # A clear or truncation this watch was not told of (its event dropped from a full
-            # inbox, or still queued behind this read): told now, before the messages after it,
-            # and its event (numbered at or below what this read shows) not again.
+            # A clear, truncation or compaction this watch was not told of (its event dropped from
+            # a full inbox, or still queued behind this read): told now, before the messages after
+            # it, and its event (numbered at or below what this read shows) not again.
+            compaction = None
+            if (
+                page.compacted
+                and page.compaction_rewrite > max(self._compaction_seen, self._baseline)
+                and page.compacted[1] <= cursor  # (one after the cursor: its summary is in the read)
+            ):
+                compaction = Compacted(*page.compacted)
             if page.cleared_at_seq > self._cleared_at:
                 self._cleared_at = page.cleared_at_seq
                 self._clear_seen = max(self._clear_seen, page.rewrites)
+                # A compaction before the clear lost its summary to it: its event, queued behind
+                # this read, is not told after the clear (one since is the record above).
+                self._compaction_seen = max(self._compaction_seen, page.rewrites)
                 if cursor <= page.cleared_at_seq:
                     self._emit(Cleared(page.cleared_at_seq))
                     cleared_to = page.cleared_at_seq
-            if page.truncated and page.truncation_rewrite > self._truncation_seen:
+            truncation = None
+            if page.truncated and page.truncation_rewrite > max(self._truncation_seen, self._baseline):
                 self._truncation_seen = page.truncation_rewrite
                 if page.truncated[0] < cursor:
-                    self._emit(Truncated(*page.truncated))
+                    truncation = Truncated(*page.truncated)
                     cursor = max(cursor, page.truncated[1])
+            # (A clear deletes the compaction record, so the record's is after it; a truncation and
+            # a compaction are told in the order they were made.)
+            if compaction is not None:
+                self._compaction_seen = max(self._compaction_seen, page.compaction_rewrite)
+                if truncation is not None and page.truncation_rewrite < page.compaction_rewrite:
+                    self._emit(truncation)
+                    truncation = None
+                self._emit(compaction)
+            if truncation is not None:
+                self._emit(truncation)
         for message in page.messages:
             if message.seq > cleared_to:  # past the kept prompt: the clear emptied the rest
                 cursor = max(cursor, cleared_to)

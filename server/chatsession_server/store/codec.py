@@ -74,6 +74,13 @@ class MetaField(enum.StrEnum):
     (merged with the earlier ones it reaches into), the session's rewrite that one was: a watch
     resumed within that range missed it, and one that reads past it knows whether it was told
     (a record written before the rewrite was kept has none)"""
+    COMPACTED = "compacted"
+    """"<first> <last> <rewrite>": the range the summary stored now replaces (its seq is last) and
+    the session's rewrite the compaction that wrote it was. A later compaction rewrites it (its
+    range takes the earlier one in); a clear, or a truncation that removes the summary, deletes it;
+    a fork does not copy it (the fork's summary is none of its own compactions). A watch that
+    reads past it later (its event dropped from a full inbox) knows whether it was told. A session
+    compacted before the record was kept has none."""
     HOLES = "holes"
     """"1" once a truncation left the window's seqs short of message_count: its seqs may have holes
     (removed seqs are never reused), so the scripts read them from the items instead of counting
@@ -330,7 +337,14 @@ def decode_session(session_id: str, meta: Mapping[bytes, bytes], stored: int, tt
         ttl_seconds=int(_text(meta, MetaField.TTL_SECONDS, "0")),
         max_messages=int(_text(meta, MetaField.MAX_MESSAGES, "-1")),
         app=_text(meta, MetaField.APP),
+        rewrites=int(meta.get(_REWRITES_KEY) or 0),
+        cleared_at_seq=int(meta.get(_CLEARED_AT_SEQ_KEY) or 0),
     )
+
+
+# (Encoded once: every session read decodes these two, which only a watch uses.)
+_REWRITES_KEY = MetaField.REWRITES.encode()
+_CLEARED_AT_SEQ_KEY = MetaField.CLEARED_AT_SEQ.encode()
 
 
 def decode_described(session_id: str, described: Any) -> Session:

@@ -366,8 +366,20 @@ class SessionStore:
         )
         if status is Status.NOT_FOUND:
             raise SessionNotFound(session_id)
-        _, items, has_more, last_seq, window_start, trimmed, rewrites, cleared_at_seq, truncated = reply
+        (
+            _,
+            items,
+            has_more,
+            last_seq,
+            window_start,
+            trimmed,
+            rewrites,
+            cleared_at_seq,
+            truncated,
+            compacted,
+        ) = reply
         removed = truncated.split() if truncated else []
+        summarized = compacted.split() if compacted else []
         return MessagePage(
             messages=codec.decode_messages(items),
             has_more=bool(has_more),
@@ -378,6 +390,8 @@ class SessionStore:
             cleared_at_seq=int(cleared_at_seq),
             truncated=(int(removed[0]), int(removed[1])) if removed else None,
             truncation_rewrite=int(removed[2]) if len(removed) > 2 else 0,
+            compacted=(int(summarized[0]), int(summarized[1])) if summarized else None,
+            compaction_rewrite=int(summarized[2]) if summarized else 0,
         )
 
     async def fork(self, fork: NewFork, *, owners: Owned = None) -> tuple[Session, bool]:

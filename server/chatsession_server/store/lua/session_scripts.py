@@ -8,7 +8,8 @@ Layout of a session (see also keys.py):
              holes, and base is the seq before its first item (prelude's window_of).
   meta:{id}  HASH (codec.MetaField): user_id model title created_at last_active message_count
              token_count ttl_seconds max_messages pinned stored_bytes [app] [create_request_id]
-             [fork_origin usage_base] [rewrites] [cleared_at_seq] [payloads] [holes truncated]
+             [fork_origin usage_base] [rewrites] [cleared_at_seq] [compacted] [payloads]
+             [holes truncated]
              label:<key>...
   reqs:{id}  HASH request_id -> "fingerprint first_seq count": the records of appends,
              compactions ("fingerprint up_to_seq 0"), clears ("fingerprint last_seq 0") and
@@ -249,7 +250,7 @@ LIST_MESSAGES = LuaScript(
     ListMessagesArgs,
     r"""
 local m = redis.call('HMGET', meta, F_MESSAGE_COUNT, F_PINNED, F_USER_ID, F_REWRITES, F_CLEARED_AT_SEQ,
-                     F_PAYLOADS, F_HOLES, F_TRUNCATED)
+                     F_PAYLOADS, F_HOLES, F_TRUNCATED, F_COMPACTED)
 if not m[1] or not owned(owners, m[3], meta) then return {ST_NOT_FOUND} end
 local size_of = m[6] and reply_size or string.len
 local mc, pinned = tonumber(m[1]), tonumber(m[2] or '0')
@@ -330,8 +331,14 @@ local t_lo, t_hi = math.max(span_lo, (s_seq or pinned) + 1), math.min(span_hi, b
 local trimmed = (t_lo <= t_hi) and 1 or 0
 local cut_from, cut_last = string.match(m[8] or '', '^(%d+) (%d+)')
 if trimmed == 1 and cut_from and t_lo > tonumber(cut_from) and t_hi <= tonumber(cut_last) then trimmed = 0 end
+-- The latest compaction, for a watch that reads past its summary (see watch.py), only while the
+-- summary it wrote is the one stored: a server from before the record was kept clears or
+-- re-compacts without touching it.
+local compacted = m[9] or ''
+local _, c_last = string.match(compacted, '^(%d+) (%d+)')
+if not (c_last and s_seq and tonumber(c_last) == s_seq) then compacted = '' end
 return {ST_OK, items, has_more, mc, base + 1, trimmed, tonumber(m[4] or '0'), tonumber(m[5] or '0'),
-        m[8] or ''}
+        m[8] or '', compacted}
 """,
     read_only=True,
 )
@@ -652,7 +659,8 @@ class CompactArgs:
 
 # Removes the window's items with seq <= up_to_seq (the pinned prompt stays), stores the summary
 # with seq = up_to_seq and its range, and publishes "C<first> <last> <owner> <rewrite>" (the
-# session's count of compactions and clears, this one included). The range starts
+# session's count of compactions, clears and truncations, this one included), which meta's `compacted` keeps
+# as "<first> <last> <rewrite>" for a watch whose inbox drops the publish. The range starts
 # right after the prompt: the prompt cannot grow once a message follows it, and an earlier
 # summary (which started there too) is folded in.
 COMPACT = LuaScript(
@@ -692,9 +700,10 @@ if request_id ~= '' then
 end
 -- A compaction is no activity of the user's.
 expire_with_meta(meta, chat, reqs, summary)
-local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
-redis.call(publish_command, channel, PUBLISH_COMPACTED .. string.format('%d', pinned + 1) .. ' '
-           .. string.format('%d', up_to) .. ' ' .. m[1] .. ' ' .. string.format('%d', rewrite))
+local rewrite = string.format('%d', redis.call('HINCRBY', meta, F_REWRITES, 1))
+local range = string.format('%d', pinned + 1) .. ' ' .. string.format('%d', up_to)
+redis.call('HSET', meta, F_COMPACTED, range .. ' ' .. rewrite)
+redis.call(publish_command, channel, PUBLISH_COMPACTED .. range .. ' ' .. m[1] .. ' ' .. rewrite)
 return {ST_OK, item, describe(chat, meta)}
 """,
 )
@@ -735,7 +744,8 @@ if old then
   redis.call('DEL', summary)
 end
 redis.call('HSET', meta, F_PINNED, keep, F_CLEARED_AT_SEQ, m[2])
-redis.call('HDEL', meta, F_HOLES)  -- the window is empty: no hole is left in it
+-- The window is empty: no hole is left in it, and no summary for a compaction record to tell of.
+redis.call('HDEL', meta, F_HOLES, F_COMPACTED)
 local rewrite = redis.call('HINCRBY', meta, F_REWRITES, 1)
 if request_id ~= '' then
   remember_request(reqs, request_id, fingerprint .. ' ' .. m[2] .. ' 0', idempotency_limit)
@@ -832,7 +842,10 @@ end
 if removed > 0 then
   unstore(meta, listed or (bytes_of(chat, cut, len - 1) + (drop_summary and #summary_item or 0)))
   if cut == 0 then redis.call('DEL', chat) else redis.call('LTRIM', chat, 0, cut - 1) end
-  if drop_summary then redis.call('DEL', summary) end
+  if drop_summary then
+    redis.call('DEL', summary)
+    redis.call('HDEL', meta, F_COMPACTED)  -- no summary left for it to tell of
+  end
   if cut < pinned then redis.call('HSET', meta, F_PINNED, cut) end
   -- A window left (cut beyond the prompt) now ends short of message_count.
   if cut > pinned then redis.call('HSET', meta, F_HOLES, '1') else redis.call('HDEL', meta, F_HOLES) end
