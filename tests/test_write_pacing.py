@@ -50,7 +50,9 @@ async def writes_started(pacer: WritePacer, sizes: list[int]) -> list[int]:
     return started
 
 
-async def test_a_pass_starts_writes_up_to_its_budget_and_the_rest_in_later_passes_in_order() -> None:
+async def test_a_pass_starts_writes_up_to_its_budget_and_the_one_crossing_it_the_rest_later_in_order() -> (
+    None
+):
     pacer = WritePacer(bytes_per_pass=1_000_000)
     started = await writes_started(pacer, [300_000] * 10)
     # The first pass admits four (the one that crosses the budget included), and so does each after.
@@ -58,6 +60,46 @@ async def test_a_pass_starts_writes_up_to_its_budget_and_the_rest_in_later_passe
     per_pass = [started.count(p) for p in sorted(set(started))]
     assert per_pass == [4, 4, 2]
     assert pacer.waiting == 0
+
+
+async def test_writes_handed_their_turn_count_against_the_pass_they_start_in() -> None:
+    """Waiting writes handed their turn start a pass later; writers woken in that pass (handlers
+    woken by I/O, here plain callbacks) must find its budget spent by them, not a fresh one: no
+    pass starts more than a budget and the write that crosses it."""
+    budget = 1_000_000
+    size = budget // 10 - WRITE_OVERHEAD  # ten writes a budget
+    pacer = WritePacer(budget)
+    counter = PassCounter()
+    started: dict[int, int] = {}  # pass -> bytes started in it
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+
+    def start(last: bool) -> None:
+        started[counter.passes] = started.get(counter.passes, 0) + size + WRITE_OVERHEAD
+        if last:
+            finished.set_result(None)
+
+    def write(last: bool = False) -> None:
+        turn = pacer.turn(size)
+        if turn is None:
+            start(last)
+        else:  # a done callback runs a pass after the result is set, as a task's wake-up does
+            turn.add_done_callback(lambda _: start(last))
+
+    def burst() -> None:
+        for _ in range(20):
+            write()  # ten start now, ten wait: handed their turn next pass, started the one after
+        loop.call_soon(lambda: loop.call_soon(late))
+
+    def late() -> None:  # writers woken in the pass where the handed ones start
+        for i in range(10):
+            write(last=i == 9)
+
+    loop.call_soon(burst)
+    await asyncio.wait_for(finished, 5)
+    counter.stop()
+    assert sum(started.values()) == 30 * (size + WRITE_OVERHEAD)
+    assert max(started.values()) <= budget + size + WRITE_OVERHEAD, started
 
 
 async def test_a_write_larger_than_the_budget_still_gets_a_pass_of_its_own() -> None:
@@ -129,12 +171,13 @@ async def test_a_watcher_that_leaves_while_waiting_its_turn_holds_up_nobody(
         ):
             leaving = [await watch(stub, session_id) for _ in range(WATCHERS)]
             await client.append(session_id, [user(f"first.{j}") for j in range(20)])
+            pacer = running.pacer
+            assert pacer is not None
+            await eventually(lambda: pacer.waiting >= WATCHERS)  # most of them waiting their turn
             for call in leaving:
                 call.cancel()
             await client.append(session_id, [user(f"second.{j}") for j in range(20)])
             await eventually(functools.partial(all_reached, 40))
-            pacer = running.pacer
-            assert pacer is not None
             await eventually(lambda: pacer.waiting == 0)
 
 

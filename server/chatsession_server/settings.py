@@ -173,8 +173,9 @@ class Settings:
     watch_write_bytes_per_pass: int = field(
         default=1024 * 1024,
         metadata=_meta(
-            "bytes of watch replies the server starts writing in one pass of its event loop; the rest "
-            "wait for the next, so a large fan-out does not hold up other calls"
+            "bytes of watch replies the server starts writing in one pass of its event loop (and the "
+            "reply that crosses it); the rest wait for the next, so a large fan-out does not hold up "
+            "other calls"
         ),
     )
     log_level: str = field(default="INFO", metadata=_meta("DEBUG, INFO, WARNING or ERROR"))

@@ -6,7 +6,8 @@ session woken by one append each start a write in the same pass of the loop, and
 passes (its request, its Valkey reply, its own write), so another user's GetSession waited behind
 every watcher's write three or four times over. The pacer lets the writes of one pass start only
 up to a budget in bytes; the rest wait, in order, for the next passes. The work is the same; what
-changes is that no pass of the loop holds more than about one budget of stream writes."""
+changes is that no pass of the loop holds more than one budget of stream writes and the write
+that crosses it."""
 
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ WRITE_OVERHEAD = 512
 
 
 class WritePacer:
-    """Admits stream writes up to `bytes_per_pass` bytes a pass of the loop (always at least one),
-    the rest first come, first served in later passes. `turn(size)` returns None when the write
+    """Admits stream writes up to `bytes_per_pass` bytes a pass of the loop, the write that
+    crosses it included (so always at least one), the rest first come, first served in later
+    passes. `turn(size)` returns None when the write
     may start now, else a future to await. One per server (it holds the loop it first ran on)."""
 
-    __slots__ = ("_budget", "_loop", "_resetting", "_spent", "_waiting", "paced")
+    __slots__ = ("_budget", "_handed", "_loop", "_resetting", "_spent", "_waiting", "paced")
 
     def __init__(self, bytes_per_pass: int) -> None:
         self._budget = bytes_per_pass
         self._spent = 0  # bytes admitted in the current pass
+        self._handed = 0  # bytes of waiting writes handed their turn: they start in the next pass
         self._waiting: deque[tuple[asyncio.Future[None], int]] = deque()
         self._resetting = False  # a _next_pass is scheduled
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,13 +64,16 @@ class WritePacer:
 
     def _next_pass(self) -> None:
         self._resetting = False
-        self._spent = 0
+        # The writes handed their turn by the previous call start in this pass (their wake-ups
+        # were scheduled before this call): they are this pass's spending.
+        self._spent, handed = self._handed, 0
         waiting = self._waiting
-        while waiting and self._spent < self._budget:
+        while waiting and handed < self._budget:
             future, size = waiting.popleft()
             if future.done():  # its call was cancelled meanwhile
                 continue
-            future.set_result(None)  # its write starts in the next pass, counted in this one's
-            self._spent += size
-        if waiting or self._spent:
+            future.set_result(None)  # its write starts in the next pass
+            handed += size
+        self._handed = handed
+        if waiting or handed or self._spent:
             self._schedule()
