@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -262,25 +261,60 @@ async def fanout(c: Counts, valkey: EmbeddedValkey, report: Report) -> None:
         f"{c.fanout_appends} appends of {c.messages_per_append} x {c.fanout_message_bytes:,} B"
     )
     # Twice: the load generator (the watchers' client, which parses every byte they are sent, and
-    # the appender) first at the server's own CPU priority, then at a lower one. On two cores
-    # shared by the server, Valkey, the load generator and the probe, the first measures how the
-    # kernel shares the cores as much as the server; the second stands for watchers on other hosts,
-    # where the target applies. The probe (another user's client) is a process of its own, at the
-    # server's priority, in both.
+    # the appender) first in this process, at the server's own CPU priority, then in a process of
+    # its own at nice 10. On two cores shared by the server, Valkey, the load generator and the
+    # probe, the first measures how the kernel shares the cores as much as the server; the second
+    # stands for watchers on other hosts, where the target applies. The probe (another user's
+    # client) is a process of its own at the server's priority in both.
     for lowered in (False, True):
         async with server(valkey.url) as (port, _):
-            await fan_out_once(c, valkey, port, report, lowered=lowered)
+            async with channel(port) as control:
+                stub = session_service_pb2_grpc.SessionServiceStub(control)
+                other = (await stub.CreateSession(pb.CreateSessionRequest(user_id="soak-other"))).session
+            async with GetSessionProbe(port, other.session_id) as probe:
+                if lowered:
+                    load = await fan_out_load_niced(c, valkey.port, port)
+                else:
+                    load = await fan_out_load(c, valkey.port, port)
+        if lowered:
+            ratio = load.valkey_sent / load.appended if load.appended else float("inf")
+            report.add("fanout", "Valkey bytes sent / bytes appended", ratio, "x", 2.0)
+            report.add("fanout", "appends failed", load.append_failures, "", 0)
+            report.add("fanout", "watches ended early", load.ended_early, "", 0)
+            report.add("fanout", "watchers without every message once, in order", load.short, "", 0)
+            report.add("fanout", "another user's GetSession failures", probe.failures, "", 0)
+            report.add(
+                "fanout",
+                "another user's GetSession p99 (load generator at nice 10)",
+                probe.p99,
+                "ms",
+                100,
+                timing=True,
+            )
+        else:
+            report.add("fanout", "another user's GetSession p99 (load generator at nice 0)", probe.p99, "ms")
+            failed = probe.failures + load.append_failures + load.ended_early + load.short
+            report.add("fanout", "calls failed, watchers short (load generator at nice 0)", failed, "", 0)
 
 
-async def fan_out_once(
-    c: Counts, valkey: EmbeddedValkey, port: int, report: Report, *, lowered: bool
-) -> None:
+@dataclass(frozen=True)
+class FanOutLoad:
+    """What the fan-out's load generator saw."""
+
+    valkey_sent: int  # Valkey's bytes sent meanwhile
+    appended: int  # bytes of content appended
+    append_failures: int
+    ended_early: int  # watches that ended before they had every message
+    short: int  # watchers without every message once, in order
+
+
+async def fan_out_load(c: Counts, valkey_port: int, port: int) -> FanOutLoad:
+    """The fan-out's watchers and appends, in this process."""
     channels = [channel(port) for _ in range(c.fanout_connections)]
     control = channel(port)
     try:
         stub = session_service_pb2_grpc.SessionServiceStub(control)
         watched = (await stub.CreateSession(pb.CreateSessionRequest(user_id="soak-watched"))).session
-        other = (await stub.CreateSession(pb.CreateSessionRequest(user_id="soak-other"))).session
         watchers = [
             Watcher(
                 session_service_pb2_grpc.SessionServiceStub(channels[i % len(channels)]),
@@ -290,54 +324,61 @@ async def fan_out_once(
         ]
         await asyncio.gather(*(w.open() for w in watchers))
         last_seq = c.fanout_appends * c.messages_per_append
-        sent_before = valkey_bytes_sent(valkey.port)
-        async with GetSessionProbe(port, other.session_id) as probe, lowered_priority(lowered):
-            reading = [asyncio.create_task(w.read_until(last_seq, resume=False)) for w in watchers]
-            appended = append_failures = 0
-            for a in range(c.fanout_appends):
-                batch = messages(c.messages_per_append, c.fanout_message_bytes, f"a{a}")
-                try:
-                    await stub.AppendMessages(
-                        pb.AppendMessagesRequest(session_id=watched.session_id, messages=batch), timeout=30
-                    )
-                    appended += sum(len(m.content.encode()) for m in batch)
-                except grpc.aio.AioRpcError:
-                    append_failures += 1
-            await asyncio.wait(reading, timeout=c.deadline_seconds)
+        sent_before = valkey_bytes_sent(valkey_port)
+        reading = [asyncio.create_task(w.read_until(last_seq, resume=False)) for w in watchers]
+        appended = append_failures = 0
+        for a in range(c.fanout_appends):
+            batch = messages(c.messages_per_append, c.fanout_message_bytes, f"a{a}")
+            try:
+                await stub.AppendMessages(
+                    pb.AppendMessagesRequest(session_id=watched.session_id, messages=batch), timeout=30
+                )
+                appended += sum(len(m.content.encode()) for m in batch)
+            except grpc.aio.AioRpcError:
+                append_failures += 1
+        await asyncio.wait(reading, timeout=c.deadline_seconds)
         for task in reading:
             task.cancel()
-        sent = valkey_bytes_sent(valkey.port) - sent_before
+        sent = valkey_bytes_sent(valkey_port) - sent_before
         for w in watchers:
             w.call.cancel()
     finally:
         for ch in [*channels, control]:
             await ch.close()
-    if lowered:
-        ratio = sent / appended if appended else float("inf")
-        report.add("fanout", "Valkey bytes sent / bytes appended", ratio, "x", 2.0)
-        report.add("fanout", "appends failed", append_failures, "", 0)
-        report.add("fanout", "watches ended early", sum(bool(w.ended) for w in watchers), "", 0)
-        report.add(
-            "fanout",
-            "watchers without every message once, in order",
-            sum(not w.in_order_once(last_seq) for w in watchers),
-            "",
-            0,
-        )
-        report.add("fanout", "another user's GetSession failures", probe.failures, "", 0)
-        report.add(
-            "fanout",
-            "another user's GetSession p99 (load generator at nice 10)",
-            probe.p99,
-            "ms",
-            100,
-            timing=True,
-        )
-    else:
-        report.add("fanout", "another user's GetSession p99 (load generator at nice 0)", probe.p99, "ms")
-        short = sum(not w.in_order_once(last_seq) for w in watchers)
-        failed = probe.failures + append_failures + sum(bool(w.ended) for w in watchers)
-        report.add("fanout", "calls failed, watchers short (load generator at nice 0)", failed + short, "", 0)
+    return FanOutLoad(
+        valkey_sent=sent,
+        appended=appended,
+        append_failures=append_failures,
+        ended_early=sum(bool(w.ended) for w in watchers),
+        short=sum(not w.in_order_once(last_seq) for w in watchers),
+    )
+
+
+async def fan_out_load_niced(c: Counts, valkey_port: int, port: int) -> FanOutLoad:
+    """fan_out_load in a process of its own, 10 nicer than this one (relative: nothing to restore)."""
+    proc = await asyncio.create_subprocess_exec(
+        "nice",
+        "-n",
+        "10",
+        sys.executable,
+        __file__,
+        "--fanout-load",
+        f"{port} {valkey_port}",
+        *(["--short"] if c == SHORT else []),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    try:
+        out = await asyncio.wait_for(proc.stdout.read(), 2 * c.deadline_seconds)
+        await proc.wait()
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"the fan-out's load generator exited {proc.returncode}")
+    return FanOutLoad(**json.loads(out))
 
 
 class GetSessionProbe:
@@ -361,9 +402,14 @@ class GetSessionProbe:
             cwd=ROOT,
         )
         assert self._proc.stdout is not None
-        ready = await asyncio.wait_for(self._proc.stdout.readline(), 60)
-        if ready.strip() != b"ready":
-            raise RuntimeError(f"the GetSession probe did not start: {ready!r}")
+        try:
+            ready = await asyncio.wait_for(self._proc.stdout.readline(), 60)
+            if ready.strip() != b"ready":
+                raise RuntimeError(f"the GetSession probe did not start: {ready!r}")
+        except BaseException:
+            self._proc.kill()
+            await self._proc.wait()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -402,24 +448,6 @@ async def probe_get_session(port: int, session_id: str) -> None:
             latencies.append((time.perf_counter() - start) * 1000)
             await asyncio.sleep(0.01)
     print(json.dumps({"latencies_ms": latencies, "failures": failures}), flush=True)
-
-
-@asynccontextmanager
-async def lowered_priority(lowered: bool) -> AsyncIterator[None]:
-    """This process's threads at nice 10 while entered (when `lowered`), then as they were."""
-    if not lowered:
-        yield
-        return
-    threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    before = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in threads}
-    for tid in threads:
-        os.setpriority(os.PRIO_PROCESS, tid, 10)
-    try:
-        yield
-    finally:
-        for tid, nice in before.items():
-            with contextlib.suppress(OSError):  # gone, or not allowed to raise it again
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 async def stalled(c: Counts, valkey: EmbeddedValkey, report: Report) -> None:
@@ -585,10 +613,16 @@ async def main() -> int:
         "--server-args", default="", help="more flags for every server, e.g. '--memory-trim-seconds 0'"
     )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # "<port> <session_id>": the probe process
+    parser.add_argument("--fanout-load", help=argparse.SUPPRESS)  # "<port> <valkey port>": the niced load
     args = parser.parse_args()
     if args.probe:
         port, session_id = args.probe.split(" ", 1)
         await probe_get_session(int(port), session_id)
+        return 0
+    if args.fanout_load:
+        port, valkey_port = args.fanout_load.split()
+        load = await fan_out_load(SHORT if args.short else FULL, int(valkey_port), int(port))
+        print(json.dumps(load.__dict__), flush=True)
         return 0
     counts = SHORT if args.short else FULL
     SERVER_ARGS.extend(args.server_args.split())
