@@ -295,6 +295,31 @@ async def test_a_certificate_no_line_names_is_refused_before_its_request_is_read
             assert await client.list_sessions(ALICE) is not None  # the server is still well
 
 
+async def test_a_certificate_call_that_sends_no_request_is_answered_as_grpc_answers_a_unary_one(
+    settings: Settings, valkey_url: str, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call ended by its client without a message (possible on the wire, not from a stub): with
+    a token gRPC's own unary path reads it and never answers; read by the certificate gate it is
+    the same, and neither leaves an error in the log."""
+    caplog.set_level(logging.DEBUG)
+    async with (
+        gated_server(settings, valkey_url, pki, tmp_path / "tokens") as gated,
+        mtls_channel(gated.target, pki, pki.alice) as alice,
+    ):
+        for token in (BOB_TOKEN, None):
+            metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+            for method in ("GetSession", "WatchMessages"):
+                nothing: Any = alice.stream_unary(f"/{SERVICE}/{method}")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await nothing(iter(()), metadata=metadata, timeout=0.5)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (token, method)
+        # And the server goes on serving that connection.
+        await session_service_pb2_grpc.SessionServiceStub(alice).ListSessions(
+            pb.ListSessionsRequest(user_id=ALICE)
+        )
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 async def test_a_listed_certificate_works_for_every_kind_of_call(
     settings: Settings, valkey_url: str, pki: Pki, tmp_path: Path, uid: str
 ) -> None:

@@ -4,7 +4,9 @@ A tokens file says which users each caller may act for. `AuthInterceptor` authen
 but health and reflection (UNAUTHENTICATED otherwise) and puts the caller's `Grant` in `CALLER` for
 that call; `AuthorizedStorage` is the servicer's storage as that caller sees it: a session of another
 user does not exist for it (NOT_FOUND), and listing, creating or reading the usage for another user
-is PERMISSION_DENIED.
+is PERMISSION_DENIED. A call is refused before its request is read when its metadata already
+says it has no caller (`_refuse`), or under mTLS when no `cert:` line names its certificate
+(`CertificateGate`, which goes before every other interceptor).
 
 Tokens are kept only as SHA-256 digests: a lookup by digest takes no time that depends on how much
 of a guessed token is right, and the plaintext is dropped as soon as a line is parsed. Never logged.
