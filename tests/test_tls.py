@@ -289,6 +289,11 @@ async def test_a_certificate_no_line_names_is_refused_before_its_request_is_read
             for channel, token in ((alice, None), (nobody, BOB_TOKEN)):
                 read = await raw_call(channel, method, too_large, token=token)
                 assert read.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (method, token, read)
+            # A token decides over any certificate: an unknown one is refused from the metadata.
+            for channel in (alice, nobody):
+                unknown = await raw_call(channel, method, too_large, token="not-a-token-of-this-server")
+                assert unknown.code() == grpc.StatusCode.UNAUTHENTICATED, (method, unknown)
+                assert "unknown token" in (unknown.details() or "")
         # A refused watch never held a place.
         assert gated.running.watch_quota.watchers == 0
         async with tls_client(gated.target, pki, pki.alice) as client:
