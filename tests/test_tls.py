@@ -35,6 +35,7 @@ from chatsession_client import (
     UnavailableError,
     user,
 )
+from chatsession_server.api.auth import AuthInterceptor, CertificateGate
 from chatsession_server.api.observer import ACCESS_LOGGER
 from chatsession_server.api.telemetry import Telemetry
 from chatsession_server.api.tls import exposure_warnings, server_credentials
@@ -468,6 +469,20 @@ async def test_certificate_callers_watches_hold_places_in_the_watch_quota(
             assert gated.running.watch_quota.watchers == 1
             held.cancel()
             await eventually(lambda: gated.running.watch_quota.watchers == 0)
+
+
+def test_the_certificate_gate_will_not_take_a_stream_it_would_have_to_iterate(tmp_path: Path) -> None:
+    """It runs a stream as the coroutine that writes it (the error mapping's): one made another
+    way fails the call rather than pass unread or unauthenticated."""
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens)
+    gate = CertificateGate(AuthInterceptor(str(tokens), (), client_certificates=True))
+
+    async def iterated(request: Any, context: Any) -> AsyncIterator[Any]:
+        yield request
+
+    with pytest.raises(TypeError, match="written by a coroutine"):
+        gate.wrap(grpc.unary_stream_rpc_method_handler(iterated), f"/{SERVICE}/WatchMessages")
 
 
 # --- start-up errors ---------------------------------------------------------------------------
