@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from chatsession.v1 import session_service_pb2, session_service_pb2_grpc
-from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage
+from chatsession_server.api.auth import AuthInterceptor, AuthorizedStorage, CertificateGate
 from chatsession_server.api.convert import SharedWatchReplies, serialized_or
 from chatsession_server.api.interceptors import ErrorMappingInterceptor
 from chatsession_server.api.limits import MAX_LABELS, Limits
@@ -312,11 +312,15 @@ async def _listen(
     share_port: bool,
 ) -> ListeningServer:
     interceptors: list[aio.ServerInterceptor] = []
+    if auth is not None and settings.tls_client_ca:
+        # Before all the others: a call that only its client certificate can authenticate is
+        # checked before its request is read, then handed to the handler they build, unchanged.
+        interceptors.append(CertificateGate(auth))
     metrics = telemetry.calls if telemetry is not None else None
     # Access-log lines are INFO: below that level the observer is not installed for them.
     log_calls = settings.access_log and access_log.isEnabledFor(logging.INFO)
     if metrics is not None or log_calls:
-        # Outermost: it sees the code the caller gets, whatever set it.
+        # Outermost of those that wrap a call: it sees the code the caller gets, whatever set it.
         interceptors.append(CallObserver(metrics, access_log=log_calls))
     pacer = WritePacer(settings.watch_write_bytes_per_pass)
     interceptors.append(ErrorMappingInterceptor(f"/{SERVICE_NAME}/", pacer))

@@ -4,7 +4,9 @@ A tokens file says which users each caller may act for. `AuthInterceptor` authen
 but health and reflection (UNAUTHENTICATED otherwise) and puts the caller's `Grant` in `CALLER` for
 that call; `AuthorizedStorage` is the servicer's storage as that caller sees it: a session of another
 user does not exist for it (NOT_FOUND), and listing, creating or reading the usage for another user
-is PERMISSION_DENIED.
+is PERMISSION_DENIED. A call is refused before its request is read when its metadata already
+says it has no caller (`_refuse`), or under mTLS when no `cert:` line names its certificate
+(`CertificateGate`, which goes before every other interceptor).
 
 Tokens are kept only as SHA-256 digests: a lookup by digest takes no time that depends on how much
 of a guessed token is right, and the plaintext is dropped as soon as a line is parsed. Never logged.
@@ -12,7 +14,9 @@ of a guessed token is right, and the plaintext is dropped as soon as a line is p
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -219,7 +223,7 @@ def refused_before_reading(
     if token is not None:
         return None if _digest(token) in callers.by_token_digest else Unauthenticated("unknown token")
     if callers.has_certificates and client_certificates:
-        return None  # the certificate is known only to the call's context: checked in the handler
+        return None  # the certificate is known only to the call's context: see CertificateGate
     return Unauthenticated("no credentials: send 'authorization: Bearer <token>'")
 
 
@@ -273,7 +277,20 @@ class AuthInterceptor(WrappingInterceptor):
         log.info("auth tokens file %s reloaded: %d callers", self._path, len(callers))
         return True
 
-    async def _authenticate(self, context: aio.ServicerContext[Any, Any]) -> None:
+    def certificate_decides(self, handler_call_details: grpc.HandlerCallDetails) -> bool:
+        """Whether the call's client certificate alone can say who it is: mTLS on, `cert:` lines
+        in the file, a method that needs credentials, and no `authorization` header (with one,
+        the token decides, from the metadata)."""
+        if not (self._client_certificates and self._callers.has_certificates):
+            return False
+        method: str = handler_call_details.method
+        if method.startswith(self._open):
+            return False
+        return not any(key == "authorization" for key, _ in handler_call_details.invocation_metadata or ())
+
+    async def _authenticate(self, request: Any, context: aio.ServicerContext[Any, Any]) -> None:
+        if isinstance(request, Unread):  # turned away by the certificate gate, its request unread
+            await context.abort_with_status(to_grpc_status(request.refusal))
         try:
             CALLER.set(authenticate(self._callers, context))
         except Unauthenticated as exc:
@@ -307,14 +324,14 @@ class AuthInterceptor(WrappingInterceptor):
     # The behaviours are the servicer's coroutines and async generators; grpc's stubs type them as sync.
     def _authenticated_unary(self, respond: Any) -> Any:
         async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-            await self._authenticate(context)
+            await self._authenticate(request, context)
             return await respond(request, context)
 
         return unary
 
     def _authenticated_stream(self, produce: Any) -> Any:
         async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            await self._authenticate(context)
+            await self._authenticate(request, context)
             items = produce(request, context)
             try:
                 async for item in items:
@@ -324,6 +341,92 @@ class AuthInterceptor(WrappingInterceptor):
                 await items.aclose()
 
         return stream
+
+
+@dataclass(frozen=True, slots=True)
+class Unread:
+    """Stands in for the request of a call `CertificateGate` turned away: its interceptors see
+    this in the request's place (no session_id to log, nothing to parse) and auth refuses it."""
+
+    refusal: Unauthenticated
+
+
+class CertificateGate(WrappingInterceptor):
+    """With mTLS, a call without a token is authenticated from its client certificate before its
+    request is read: a certificate that no `cert:` line names is refused UNAUTHENTICATED with at
+    most its HTTP/2 window taken in, as a bad token is (`_refuse`), however large its request.
+
+    gRPC shows interceptors the call's metadata only; the verified certificate is in the call's
+    context, which a unary or server-streaming handler gets after gRPC has read and parsed the
+    request. So for such calls the gate, the outermost interceptor, gives gRPC the method as a
+    client stream (which gRPC reads only when asked), holding the handler every other interceptor
+    built: it asks for the one request message once the certificate names a caller, then runs
+    that handler with it, so access log, metrics, error mapping (undecodable requests included),
+    spans, auth and the watch quota see the call exactly as gRPC would have shown it to them. A
+    certificate that names nobody runs the same handler with `Unread` for the request: auth
+    refuses it, and the refusal is logged, counted and traced like any other."""
+
+    def __init__(self, auth: AuthInterceptor) -> None:
+        super().__init__()
+        self._auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        if not self._auth.certificate_decides(handler_call_details):
+            return await continuation(handler_call_details)
+        return await super().intercept_service(continuation, handler_call_details)
+
+    def applies(self, method: str, handler: Handler) -> bool:
+        # A client-streaming handler (auth's refusal is one) reads nothing before it runs: it
+        # needs no gate.
+        return handler.unary_unary is not None or handler.unary_stream is not None
+
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        if handler.unary_stream is not None and not inspect.iscoroutinefunction(handler.unary_stream):
+            # Fail closed: the gate runs a stream as the coroutine that writes it (the error
+            # mapping's); one it would have to iterate must not pass unread or unauthenticated.
+            raise TypeError(f"{method}: CertificateGate runs only streams written by a coroutine")
+        if handler.unary_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _request(self, context: aio.ServicerContext[Any, Any]) -> Any:
+        """The call's request, read only once its certificate names a caller; else `Unread`."""
+        try:
+            authenticate(self._auth.callers, context)
+        except Unauthenticated as exc:
+            return Unread(exc)
+        request = await context.read()
+        if request is aio.EOF:
+            # No message: one over --max-request-bytes (gRPC has answered RESOURCE_EXHAUSTED
+            # already), or a client that closed its side without sending one. gRPC answers a
+            # unary call nothing then; ending as a cancelled call does the same here.
+            raise asyncio.CancelledError
+        return request
+
+    # The behaviours are coroutines; grpc's stubs type them as sync.
+    def _unary(self, respond: Any) -> Any:
+        async def unary(requests: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            return await respond(await self._request(context), context)
+
+        return unary
+
+    def _stream(self, produce: Any) -> Any:
+        async def written(requests: Any, context: aio.ServicerContext[Any, Any]) -> None:
+            await produce(await self._request(context), context)
+
+        return written
 
 
 def _caller() -> Grant:

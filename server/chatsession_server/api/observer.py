@@ -1,7 +1,8 @@
 """CallObserver: times every call to its status, for the RPC metrics and the access log.
 
-One interceptor, outermost, so it sees the code the caller gets (after the error mapping and
-auth) and one clock serves both. A stream is one line and one measurement, when it ends.
+One interceptor, the outermost that wraps a call (auth's CertificateGate, before it under mTLS,
+only hands it calls), so it sees the code the caller gets (after the error mapping and auth) and
+one clock serves both. A stream is one line and one measurement, when it ends.
 
 An access-log line holds the method, code, duration, the request's `session_id` and `request_id`
 (ids the caller chose, never message contents), the peer, the users an authenticated caller may
