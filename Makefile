@@ -109,7 +109,7 @@ SOAK_SHORT_CHECKS ?= unauthenticated,stalled,fanout
 soak: venv  ## every soak scenario at the full counts (about a minute); exit 1 when a target is missed
 	$(BIN)/python bench/soak.py --check $(SOAK_ARGS)
 
-soak-short: venv  ## the soak at small counts (about a minute), checking SOAK_SHORT_CHECKS' targets
+soak-short: venv  ## the soak at small counts (about 15 seconds), checking SOAK_SHORT_CHECKS' targets
 	$(BIN)/python bench/soak.py --short --check $(SOAK_SHORT_CHECKS) $(SOAK_ARGS)
 
 check: lint gen-check lock-check test

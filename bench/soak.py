@@ -598,7 +598,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--short", action="store_true", help="small counts (CI): about a minute")
+    parser.add_argument("--short", action="store_true", help="small counts (CI): about 15 seconds")
     parser.add_argument("--only", type=scenario_list, default=list(SCENARIOS), help="scenarios to run, a,b")
     parser.add_argument(
         "--check",
