@@ -172,7 +172,6 @@ async def test_a_watcher_that_leaves_while_waiting_its_turn_holds_up_nobody(
             leaving = [await watch(stub, session_id) for _ in range(WATCHERS)]
             await client.append(session_id, [user(f"first.{j}") for j in range(20)])
             pacer = running.pacer
-            assert pacer is not None
             await eventually(lambda: pacer.waiting >= WATCHERS)  # most of them waiting their turn
             for call in leaving:
                 call.cancel()
@@ -196,6 +195,5 @@ async def test_writes_that_waited_their_turn_are_counted_in_the_metrics(
             await client.append(session_id, [user(f"m{j}") for j in range(5)])
             await eventually(functools.partial(all_reached, 5))
         pacer = running.pacer
-        assert pacer is not None
         assert pacer.paced > 0
         assert value(await scrape(running), "chatsession_watch_writes_paced_total") == before + pacer.paced

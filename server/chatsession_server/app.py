@@ -175,10 +175,10 @@ class RunningServer:
     store: SessionStore
     feed: SessionFeed
     watch_quota: WatchQuota
+    pacer: WritePacer
     auth: AuthInterceptor | None = None
     telemetry: Telemetry | None = None
     watch_replies: SharedWatchReplies | None = None
-    pacer: WritePacer | None = None
 
     async def stop(self, grace: float) -> None:
         # NOT_SERVING first, so load balancers stop sending new calls while we drain.
@@ -252,10 +252,10 @@ class ListeningServer:
             store,
             feed,
             self.watch_quota,
+            self.pacer,
             self.auth,
             self.telemetry,
             servicer.watch_replies,
-            self.pacer,
         )
 
 

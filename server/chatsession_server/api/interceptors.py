@@ -98,9 +98,10 @@ class WrappingInterceptor(aio.ServerInterceptor):
 
 class ErrorMappingInterceptor(WrappingInterceptor):
     """Maps ChatSessionError to its status; anything unexpected becomes a bare INTERNAL (logged
-    here with its traceback, never sent to the caller)."""
+    here with its traceback, never sent to the caller). Writes a stream's replies, each once
+    `pacer` gives it its turn (api/pacing.py)."""
 
-    def __init__(self, service_prefix: str, pacer: WritePacer | None = None) -> None:
+    def __init__(self, service_prefix: str, pacer: WritePacer) -> None:
         super().__init__()
         self._prefix = service_prefix
         self._pacer = pacer
@@ -174,7 +175,7 @@ def _wrap_unary(behaviour: Any, method: str) -> Any:
     return unary
 
 
-def _wrap_stream(behaviour: Any, method: str, pacer: WritePacer | None) -> Any:
+def _wrap_stream(behaviour: Any, method: str, pacer: WritePacer) -> Any:
     # A coroutine that writes, not a generator that yields: one frame less per open stream.
     async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> None:
         try:
@@ -182,11 +183,10 @@ def _wrap_stream(behaviour: Any, method: str, pacer: WritePacer | None) -> Any:
             items = behaviour(request, context)
             try:
                 async for item in items:
-                    if pacer is not None:
-                        # A reply serialized once for many watchers is bytes; other replies are small.
-                        turn = pacer.turn(len(item) if isinstance(item, bytes) else 0)
-                        if turn is not None:
-                            await turn
+                    # A reply serialized once for many watchers is bytes; other replies are small.
+                    turn = pacer.turn(len(item) if isinstance(item, bytes) else 0)
+                    if turn is not None:
+                        await turn
                     try:
                         await context.write(item)
                     except asyncio.CancelledError:
